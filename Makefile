@@ -1,0 +1,33 @@
+# The two set-up commands in the README: `make demo` (main job) and `make test`.
+# Both create a local virtual environment in .venv on first use (torch 2.13.0 CPU wheel + extras).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hero-installed
+
+.PHONY: demo test install bench compile-report clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel first: any later torch requirement it satisfies installs nothing more.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,train,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+compile-report: $(STAMP)
+	$(PY) -m benchmarks.compile_report
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

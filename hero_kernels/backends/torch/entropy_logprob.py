@@ -1,0 +1,67 @@
+"""impl="torch": the reference math from ``hero_kernels.reference`` run over row chunks.
+
+Peak extra memory is O(chunk x V) (a few fp32 [chunk, V] temporaries), never O(N x V). Used on machines
+without a compiled backend and as the readable baseline. fp32 math (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ... import reference
+from ...options import RowOptions
+
+#: elements of one [chunk, V] temporary (16M fp32 = 64 MiB)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    """logits [N, V], labels [N] int64 -> (logp, H, lse) float32 [N]; masked rows 0."""
+    N, V = logits.shape
+    outs = [torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    cdt = _compute_dtype(logits.dtype)
+    step = _chunk_rows(V)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        res = reference.entropy_logprob(logits[s:e], labels[s:e], opts.temperature, opts.ignore_index, dtype=cdt)
+        for o, r in zip(outs, res):
+            o[s:e] = r
+    return outs[0], outs[1], outs[2]
+
+
+def backward(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Tensor,
+    grad_H: Tensor,
+    opts: RowOptions,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """dlogits [N, V] in logits.dtype (into ``out`` if given; ``out`` may alias ``logits``).
+
+    The reference recomputes lse and H per chunk, so the saved ``lse``/``H`` are not needed here.
+    """
+    N, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits)
+    cdt = _compute_dtype(logits.dtype)
+    step = _chunk_rows(V)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        dz = reference.entropy_logprob_backward(
+            logits[s:e], labels[s:e], grad_logp[s:e], grad_H[s:e], opts.temperature, opts.ignore_index, dtype=cdt
+        )
+        out[s:e].copy_(dz)  # reads of logits[s:e] are done before this write, so out may alias logits
+    return out

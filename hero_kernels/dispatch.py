@@ -1,0 +1,97 @@
+"""Which backend runs an op: resolves ``impl`` and imports backend modules lazily (no work at import)."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from .options import IMPLS
+
+__all__ = ["resolve_impl", "backend_module", "triton_interpreter_on"]
+
+# dtypes each backend accepts for the big float inputs
+_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32),
+    "cuda": (torch.float16, torch.bfloat16, torch.float32),
+    "cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "torch": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cpp():
+    from . import _cpp_build
+
+    return _cpp_build
+
+
+def _cpp_ok(kind: str) -> bool:
+    """Is the compiled C++ backend (kind "cpu" / "cuda") loadable? Builds it on first use (cached)."""
+    if os.environ.get("HERO_KERNELS_NO_CPP", "0") == "1":
+        return False
+    try:
+        mod = _cpp()
+    except ImportError:
+        return False
+    return mod.cpu_available() if kind == "cpu" else mod.cuda_available()
+
+
+def _cpp_error() -> str:
+    if os.environ.get("HERO_KERNELS_NO_CPP", "0") == "1":
+        return "disabled by HERO_KERNELS_NO_CPP=1"
+    try:
+        return str(_cpp().build_error())
+    except ImportError as e:
+        return f"C++ extension loader missing ({e})"
+
+
+# Run once at trace time under torch.compile; the chosen backend is a constant of the graph.
+@torch.compiler.assume_constant_result
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str = "logits") -> str:
+    """Map ``impl`` (one of IMPLS) to a concrete backend for tensors on ``device``; raise if impossible."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        if device.type == "cuda" and dtype in _DTYPES["triton"] and _has_triton():
+            impl = "triton"
+        elif device.type == "cpu" and _cpp_ok("cpu"):
+            impl = "cpu"
+        else:
+            impl = "torch"
+        return impl
+    if impl == "triton":
+        if not _has_triton():
+            raise RuntimeError("impl='triton' needs the triton package (pip install 'hero-kernels[triton]')")
+        if device.type != "cuda" and not triton_interpreter_on():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors, but {arg} is on {device}; move it to a GPU, use impl='cpu'/'torch', "
+                "or set TRITON_INTERPRET=1 (before importing hero_kernels) to run the Triton interpreter on CPU"
+            )
+    elif impl == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"impl='cuda' needs CUDA tensors, but {arg} is on {device}")
+        if not _cpp_ok("cuda"):
+            raise RuntimeError(f"impl='cuda' is unavailable: {_cpp_error()}")
+    elif impl == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"impl='cpu' needs CPU tensors, but {arg} is on {device}")
+        if not _cpp_ok("cpu"):
+            raise RuntimeError(f"impl='cpu' is unavailable: {_cpp_error()}")
+    if dtype not in _DTYPES[impl]:
+        raise TypeError(f"impl={impl!r} does not support {arg} dtype {str(dtype).replace('torch.', '')}")
+    return impl
+
+
+def backend_module(impl: str, op: str) -> ModuleType:
+    """hero_kernels.backends.<impl>.<op>, imported on first use."""
+    return importlib.import_module(f"hero_kernels.backends.{impl}.{op}")

@@ -1,0 +1,146 @@
+"""Public op: entropy + log-prob straight from hidden states and the LM head (fused linear).
+
+``logp, H = linear_entropy_logprob(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100)``
+
+The [tokens x vocab] logits are never materialized by the Triton backend (forward or backward); the
+``torch`` / ``cpu`` / ``cuda`` backends hold at most one [chunk x V] tile. Registered with torch.library.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .dispatch import backend_module, resolve_impl
+from .options import RowOptions
+
+__all__ = ["linear_entropy_logprob"]
+
+
+def linear_entropy_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """entropy_logprob(hidden @ weight.T + bias, labels) without building the logits.
+
+    Args:
+        hidden: [N, D] or [B, T, D], float16 / bfloat16 / float32 (float64 on CPU).
+        weight: [V, D] LM-head weight, same dtype as hidden.
+        labels: [N] or [B, T] integer ids; ``ignore_index`` rows cost no GEMM work and get zero grad.
+        bias: optional [V].
+        temperature, ignore_index, impl: as in ``entropy_logprob``.
+
+    Returns:
+        (logp, H), float32, shaped like ``labels``; differentiable w.r.t. hidden, weight and bias.
+    """
+    opts = RowOptions(temperature, ignore_index)
+    _checks.check_tensor("hidden", hidden, _checks.FLOAT_DTYPES, min_dim=1)
+    _checks.check_tensor("weight", weight, _checks.FLOAT_DTYPES)
+    _checks.check_tensor("labels", labels, _checks.INDEX_DTYPES)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    D = hidden.shape[-1]
+    if weight.shape[1] != D:
+        raise ValueError(f"weight must be [V, D] with D = hidden.shape[-1] = {D}, got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        _checks.check_tensor("bias", bias, _checks.FLOAT_DTYPES)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    _checks.check_labels_shape(labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    impl = resolve_impl(impl, hidden.device, hidden.dtype, "hidden")
+    h = hidden.reshape(-1, D)
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = labels.reshape(-1).long()
+    logp, H, _ = torch.ops.hero_kernels.linear_entropy_logprob(h, w, b, y, opts.temperature, opts.ignore_index, impl)
+    return logp.view(labels.shape), H.view(labels.shape)
+
+
+@torch.library.custom_op("hero_kernels::linear_entropy_logprob", mutates_args=())
+def _fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    temperature: float,
+    ignore_index: int,
+    impl: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _checks.check_label_values(labels, weight.shape[0], ignore_index)
+    _checks.check_finite(hidden=hidden, weight=weight, bias=bias)
+    if hidden.shape[0] == 0:
+        e = hidden.new_empty(0, dtype=torch.float32)
+        return e, e.clone(), e.clone()
+    mod = backend_module(impl, "linear_entropy_logprob")
+    return mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index))
+
+
+@_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, impl):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("hero_kernels::linear_entropy_logprob_backward", mutates_args=())
+def _bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Tensor,
+    grad_H: Tensor,
+    temperature: float,
+    ignore_index: int,
+    impl: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_hidden, grad_weight, grad_bias); grad_bias is an empty [0] tensor when bias is None."""
+    if hidden.shape[0] == 0:
+        db = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
+        return torch.zeros_like(hidden), torch.zeros_like(weight), db
+    mod = backend_module(impl, "linear_entropy_logprob")
+    dh, dW, db = mod.backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index))
+    return dh, dW, (weight.new_empty(0) if db is None else db)
+
+
+@_bwd.register_fake
+def _(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, temperature, ignore_index, impl):
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, impl = inputs
+    _, H, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, H)
+    ctx.args = (temperature, ignore_index, impl)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, grad_H, _grad_lse):
+    hidden, weight, bias, labels, lse, H = ctx.saved_tensors
+    temperature, ignore_index, impl = ctx.args
+    g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(torch.float32).contiguous()
+    k = torch.zeros_like(lse) if grad_H is None else grad_H.to(torch.float32).contiguous()
+    dh, dW, db = torch.ops.hero_kernels.linear_entropy_logprob_backward(
+        hidden, weight, bias, labels, lse, H, g, k, temperature, ignore_index, impl
+    )
+    return dh, dW, (db if bias is not None else None), None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)

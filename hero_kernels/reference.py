@@ -1,0 +1,260 @@
+"""The spec: plain PyTorch references for every op in hero_kernels (../shared/DESIGN.md section 1).
+
+Everything here is written for clarity, not speed. Tests, benchmarks and the chunked CPU fallback
+(``impl="torch"``) import these functions; no other file re-derives the math.
+
+Conventions shared by all backends
+----------------------------------
+* Rows are flattened tokens: logits ``[N, V]`` (or ``[..., V]``), labels ``[N]`` (or ``[...]``).
+* All quantities use ``x = z / temperature``.
+* A row whose label equals ``ignore_index`` is *masked*: its ``logp``, ``H`` and ``lse`` are 0 and it
+  receives zero gradient. Kernels may skip it entirely.
+* Outputs are float32 in the kernels; here they come out in ``dtype`` (float64 by default).
+* Online partials ``(m, s, t)`` over a set of columns: ``m = max x``, ``s = sum e^{x-m}``,
+  ``t = sum x e^{x-m}``. They merge associatively (``merge_partials``) and finalize to
+  ``lse = m + log s`` and ``H = lse - t / s``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "entropy_logprob",
+    "entropy_logprob_backward",
+    "linear_entropy_logprob",
+    "linear_entropy_logprob_backward",
+    "row_partials",
+    "merge_partials",
+    "finalize_partials",
+    "entropy_weights",
+    "grpo_token_loss",
+    "aggregate_loss",
+    "hero_loss",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# entropy + log-prob from logits
+# ----------------------------------------------------------------------------------------------
+def entropy_logprob(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row log-prob of the label, entropy and log-sum-exp.
+
+    logits: [..., V] any float dtype; labels: [...] integer.
+    Returns (logp, H, lse), each [...] in ``dtype``; masked rows are 0.
+    """
+    x = logits.to(dtype) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logq = x - lse.unsqueeze(-1)
+    p = logq.exp()
+    # p * logq is 0 * (-huge) where p underflows; define it as 0 (the limit), never NaN.
+    H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero)
+
+
+def entropy_logprob_backward(
+    logits: Tensor,
+    labels: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Closed-form dL/dlogits (DESIGN.md): (1/tau) [g (1[j=y] - p) - k p (log p + H)].
+
+    logits: [..., V]; labels, grad_logp (g), grad_entropy (k): [...]. None means zero.
+    Returns [..., V] in ``dtype``; masked rows are 0.
+    """
+    x = logits.to(dtype) / temperature
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    logq = x - lse
+    p = logq.exp()
+    H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1, keepdim=True)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    g = torch.zeros_like(H) if grad_logp is None else grad_logp.to(dtype).unsqueeze(-1)
+    k = torch.zeros_like(H) if grad_entropy is None else grad_entropy.to(dtype).unsqueeze(-1)
+    onehot = torch.zeros_like(p).scatter_(-1, safe.unsqueeze(-1), 1.0)
+    dz = g * (onehot - p) - k * torch.where(p > 0, p * (logq + H), torch.zeros_like(p))
+    dz = dz / temperature
+    return torch.where(valid.unsqueeze(-1), dz, torch.zeros_like(dz))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused LM head: hidden @ weight.T (+ bias), never needed materialized by the kernels
+# ----------------------------------------------------------------------------------------------
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """hidden [..., D], weight [V, D], bias [V] -> logits [..., V] in ``dtype``."""
+    z = hidden.to(dtype) @ weight.to(dtype).t()
+    return z if bias is None else z + bias.to(dtype)
+
+
+def linear_entropy_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """entropy_logprob of ``hidden @ weight.T + bias``. hidden [..., D], weight [V, D] -> 3 x [...]."""
+    return entropy_logprob(linear_logits(hidden, weight, bias, dtype), labels, temperature, ignore_index, dtype)
+
+
+def linear_entropy_logprob_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(grad_hidden [..., D], grad_weight [V, D], grad_bias [V] or None) in ``dtype``."""
+    z = linear_logits(hidden, weight, bias, dtype)
+    dz = entropy_logprob_backward(z, labels, grad_logp, grad_entropy, temperature, ignore_index, dtype)
+    dz2 = dz.reshape(-1, dz.shape[-1])
+    h2 = hidden.to(dtype).reshape(-1, hidden.shape[-1])
+    dh = (dz2 @ weight.to(dtype)).reshape(hidden.shape)
+    dW = dz2.t() @ h2
+    db = None if bias is None else dz2.sum(0)
+    return dh, dW, db
+
+
+# ----------------------------------------------------------------------------------------------
+# online partials (vocab sharding / tensor parallel)
+# ----------------------------------------------------------------------------------------------
+def row_partials(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(m, s, t) of already temperature-scaled rows x [..., V]. An empty or all -inf set gives (-inf, 0, 0)."""
+    m = x.max(dim=-1).values if x.shape[-1] > 0 else x.new_full(x.shape[:-1], float("-inf"))
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m_safe.unsqueeze(-1))
+    s = e.sum(-1)
+    t = torch.where(e > 0, x * e, torch.zeros_like(e)).sum(-1)
+    return m, s, t
+
+
+def merge_partials(a: Tuple[Tensor, Tensor, Tensor], b: Tuple[Tensor, Tensor, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Associative merge of two (m, s, t) partials over disjoint column sets."""
+    m1, s1, t1 = a
+    m2, s2, t2 = b
+    m = torch.maximum(m1, m2)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # exp(-inf - finite) = 0 handles an empty side; both empty keeps (-inf, 0, 0).
+    a1 = torch.where(torch.isfinite(m1), torch.exp(m1 - m_safe), torch.zeros_like(m1))
+    a2 = torch.where(torch.isfinite(m2), torch.exp(m2 - m_safe), torch.zeros_like(m2))
+    return m, s1 * a1 + s2 * a2, t1 * a1 + t2 * a2
+
+
+def finalize_partials(m: Tensor, s: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """(lse, H) from merged partials."""
+    lse = m + torch.log(s)
+    return lse, lse - t / s
+
+
+# ----------------------------------------------------------------------------------------------
+# HERO: entropy weights and the weighted GRPO objective
+# ----------------------------------------------------------------------------------------------
+def entropy_weights(
+    H: Tensor,
+    seq_ids: Tensor,
+    kappa: float = 1.0,
+    weight_on: str = "all",
+    advantages: Optional[Tensor] = None,
+) -> Tensor:
+    """w_i = L_s * softmax_{j in s}(-H_j / kappa)_i over each response s (mean 1 within s).
+
+    H: [N] entropies; seq_ids: [N] int, the response of each token, negative = masked (w = 0).
+    weight_on="negative": tokens with advantage >= 0 get w = 1 (advantages [N] required).
+    Straightforward loop over responses: the reference, not fast.
+    """
+    H = H.to(torch.float64)
+    w = torch.zeros_like(H)
+    for s in torch.unique(seq_ids[seq_ids >= 0]).tolist():
+        idx = seq_ids == s
+        w[idx] = idx.sum() * torch.softmax(-H[idx] / kappa, dim=0)
+    if weight_on == "negative":
+        if advantages is None:
+            raise ValueError("weight_on='negative' needs advantages")
+        w = torch.where((advantages.to(torch.float64) < 0) | (seq_ids < 0), w, torch.ones_like(w))
+    elif weight_on != "all":
+        raise ValueError(f"weight_on must be 'all' or 'negative', got {weight_on!r}")
+    return w
+
+
+def grpo_token_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token loss_i = w_i pg_i + beta kl_i (DESIGN.md). All inputs [N].
+
+    Returns (loss, pg, kl, ratio), each [N].
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    pg = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+    else:
+        kl = torch.zeros_like(logp)
+    w = torch.ones_like(logp) if weights is None else weights
+    return w * pg + beta * kl, pg, kl, ratio
+
+
+def aggregate_loss(
+    loss: Tensor,
+    seq_ids: Tensor,
+    loss_agg: str = "seq-mean-token-mean",
+    normalizer: Optional[float] = None,
+    max_len: Optional[int] = None,
+) -> Tensor:
+    """Reduce per-token losses [N] to a scalar.
+
+    token-mean:               sum_i loss_i / (normalizer or #valid tokens)
+    seq-mean-token-mean:      sum_s mean_{t in s} loss_t / (normalizer or #non-empty responses)
+    seq-mean-token-sum-norm:  sum_i loss_i / max_len / (normalizer or #responses)   (Dr. GRPO)
+    Masked tokens (seq_ids < 0) contribute nothing. Passing the global normalizer makes the sum
+    of micro-batch losses equal to the full-batch loss (gradient accumulation).
+    """
+    valid = seq_ids >= 0
+    ids = seq_ids[valid]
+    lv = loss[valid]
+    if loss_agg == "token-mean":
+        den = normalizer if normalizer is not None else max(int(valid.sum()), 1)
+        return lv.sum() / den
+    if loss_agg == "seq-mean-token-mean":
+        total = lv.new_zeros(())
+        uniq = torch.unique(ids).tolist()
+        for s in uniq:
+            total = total + lv[ids == s].mean()
+        den = normalizer if normalizer is not None else max(len(uniq), 1)
+        return total / den
+    if loss_agg == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError("seq-mean-token-sum-norm needs max_len")
+        den = normalizer if normalizer is not None else max(len(torch.unique(ids).tolist()), 1)
+        return lv.sum() / max_len / den
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")

@@ -1,0 +1,146 @@
+"""Public-layer tests: argument errors, shapes, autograd, torch.compile, impl='torch' vs the float64 spec."""
+import math
+
+import pytest
+import torch
+
+import hero_kernels as hk
+from hero_kernels import reference as R
+
+
+def _inputs(shape=(3, 5), V=37, dtype=torch.float32, ignore=True):
+    x = (torch.randn(*shape, V) * 3).to(dtype)
+    y = torch.randint(0, V, shape)
+    if ignore:
+        y.view(-1)[::4] = -100
+    return x, y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_torch_impl_values_and_grads_match_reference(temperature):
+    x, y = _inputs()
+    x.requires_grad_(True)
+    logp, H = hk.entropy_logprob(x, y, temperature, impl="torch")
+    assert logp.dtype == H.dtype == torch.float32 and logp.shape == y.shape
+    rl, rH, _ = R.entropy_logprob(x.detach(), y, temperature)
+    torch.testing.assert_close(logp.double(), rl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(H.double(), rH, atol=1e-5, rtol=1e-5)
+    g, k = torch.randn_like(logp), torch.randn_like(H)
+    torch.autograd.backward((logp, H), (g, k))
+    rg = R.entropy_logprob_backward(x.detach(), y, g, k, temperature)
+    torch.testing.assert_close(x.grad.double(), rg, atol=1e-6, rtol=1e-5)
+
+
+def test_reference_backward_matches_autograd_in_float64():
+    x, y = _inputs(V=23)
+    x = x.double().requires_grad_(True)
+    lp, H, _ = R.entropy_logprob(x, y, 1.3)
+    g, k = torch.randn_like(lp), torch.randn_like(H)
+    torch.autograd.backward((lp, H), (g, k))
+    torch.testing.assert_close(x.grad, R.entropy_logprob_backward(x.detach(), y, g, k, 1.3))
+
+
+def test_invariants_and_masked_rows():
+    x, y = _inputs(V=101)
+    logp, H = hk.entropy_logprob(x, y, impl="torch")
+    m = y != -100
+    assert (logp[m] <= 0).all() and (H[m] >= 0).all() and (H[m] <= math.log(101) + 1e-5).all()
+    assert (logp[~m] == 0).all() and (H[~m] == 0).all()
+
+
+def test_partials_merge_matches_full_row():
+    x = torch.randn(4, 50, dtype=torch.float64) * 5
+    full = R.finalize_partials(*R.row_partials(x))
+    merged = R.merge_partials(R.row_partials(x[:, :17]), R.row_partials(x[:, 17:]))
+    for a, b in zip(full, R.finalize_partials(*merged)):
+        torch.testing.assert_close(a, b)
+    lse, H = R.finalize_partials(*R.merge_partials(R.row_partials(x), R.row_partials(x[:, :0])))
+    torch.testing.assert_close(lse, full[0])
+
+
+def test_empty_and_all_ignored():
+    x = torch.randn(0, 9, requires_grad=True)
+    lp, H = hk.entropy_logprob(x, torch.zeros(0, dtype=torch.long), impl="torch")
+    assert lp.shape == (0,)
+    (lp.sum() + H.sum()).backward()
+    x = torch.randn(4, 9, requires_grad=True)
+    lp, H = hk.entropy_logprob(x, torch.full((4,), -100), impl="torch")
+    (lp.sum() + H.sum()).backward()
+    assert (lp == 0).all() and (x.grad == 0).all()
+
+
+def test_inplace_backward_matches():
+    x, y = _inputs(V=19)
+    a = x.clone().requires_grad_(True)
+    lp, H = hk.entropy_logprob(a, y, 0.9, impl="torch")
+    (lp.sum() + 0.5 * H.sum()).backward()
+    base = (x.clone() * 1.0).requires_grad_(True)
+    z = base * 1.0  # a non-leaf buffer that may be overwritten
+    lp2, H2 = hk.entropy_logprob(z, y, 0.9, impl="torch", inplace_backward=True)
+    (lp2.sum() + 0.5 * H2.sum()).backward()
+    torch.testing.assert_close(base.grad, a.grad)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, y = _inputs(V=29)
+
+    def f(x, y):
+        lp, H = hk.entropy_logprob(x, y, 0.8, impl="torch")
+        return (lp * 2 + H * H).sum()
+
+    a = x.clone().requires_grad_(True)
+    f(a, y).backward()
+    b = x.clone().requires_grad_(True)
+    out = torch.compile(f, fullgraph=True)(b, y)
+    out.backward()
+    torch.testing.assert_close(out, f(x, y))
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+# ---- errors name the argument ----------------------------------------------------------------
+def test_label_out_of_range():
+    x, y = _inputs(V=10)
+    y.view(-1)[3] = 10
+    with pytest.raises(ValueError, match=r"labels out of range: labels\[3\] = 10"):
+        hk.entropy_logprob(x, y, impl="torch")
+    y.view(-1)[3] = -5
+    with pytest.raises(ValueError, match="labels out of range"):
+        hk.entropy_logprob(x, y, impl="torch")
+
+
+@pytest.mark.parametrize("t", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_temperature(t):
+    x, y = _inputs()
+    with pytest.raises(ValueError, match="temperature"):
+        hk.entropy_logprob(x, y, t)
+
+
+def test_bad_dtypes_and_shapes():
+    x, y = _inputs()
+    with pytest.raises(TypeError, match="logits must have dtype"):
+        hk.entropy_logprob(x.long(), y)
+    with pytest.raises(TypeError, match="labels must have dtype"):
+        hk.entropy_logprob(x, y.float())
+    with pytest.raises(ValueError, match="labels must have shape"):
+        hk.entropy_logprob(x, y[:, :-1])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        hk.entropy_logprob(x, y, impl="fast")
+    with pytest.raises(TypeError, match="temperature must be a Python float"):
+        hk.entropy_logprob(x, y, torch.tensor(1.0))
+
+
+def test_triton_on_cpu_outside_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, y = _inputs()
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors, but logits is on cpu"):
+        hk.entropy_logprob(x, y, impl="triton")
+
+
+def test_nan_check_when_enabled():
+    x, y = _inputs()
+    x[1, 2, 3] = float("nan")
+    with hk.checks(finite=True):
+        with pytest.raises(ValueError, match="logits contains 1 NaN/Inf"):
+            hk.entropy_logprob(x, y, impl="torch")
+    assert not hk.get_checks().finite
