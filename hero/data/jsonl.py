@@ -1,0 +1,192 @@
+"""JSONL format for ``hero diagnose`` on real data, with a loader and a writer.
+
+Format: UTF-8, one JSON object per line (blank lines are skipped)::
+
+    {"image": "images/0001.png", "question": "Is there a dog in the image?", "answer": "yes",
+     "split": "adversarial", "id": "coco-42"}
+
+* ``image`` (required, str): path to an image file PIL can open; relative paths are resolved against the
+  folder that contains the JSONL file, absolute paths are used as is.
+* ``question`` (required, str).
+* ``answer`` (required, str): "yes"/"no" for POPE-style scoring (case-insensitive, normalized to lower
+  case), or any free text for other tasks.
+* ``split`` (optional, str): e.g. "random" / "popular" / "adversarial"; default "default".
+* ``id`` (optional, str): default ``"line<N>"`` (1-based line number); ids must be unique.
+* any other field is kept as is (e.g. ``digits`` for the digits task).
+
+Loaded examples are dicts with the same keys plus ``image`` = uint8 array ([H, W] for grayscale files,
+[H, W, 3] otherwise, or per ``mode``) and ``image_path`` = the resolved absolute path.
+Errors raise ``JSONLFormatError`` naming the file and line number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Iterable, List, Optional
+
+import numpy as np
+
+__all__ = ["JSONLFormatError", "load_jsonl", "write_jsonl", "load_image", "save_image_png"]
+
+
+class JSONLFormatError(ValueError):
+    """A malformed line or an unloadable image in a JSONL dataset (message names file and line)."""
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:  # pillow is in the [train]/[test] extras
+        raise ImportError("reading/writing JSONL images needs pillow: pip install pillow") from e
+    return Image
+
+
+def load_image(path: str, mode: Optional[str] = None) -> np.ndarray:
+    """Open an image as a uint8 array. mode None: grayscale ("L") files stay [H, W], everything else is
+    converted to RGB [H, W, 3]; otherwise any PIL mode ("L", "RGB")."""
+    Image = _pil()
+    with Image.open(path) as im:
+        im.load()
+        if mode is None:
+            mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+        if im.mode != mode:
+            im = im.convert(mode)
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def load_jsonl(path: str, *, load_images: bool = True, mode: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
+    """Load a JSONL dataset (format in the module docstring).
+
+    load_images: False keeps ``image`` as the resolved path (still checked to exist).
+    mode: PIL mode for loaded images (None: gray stays gray, else RGB).
+    limit: stop after this many examples.
+    """
+    path = os.fspath(path)
+    root = os.path.dirname(os.path.abspath(path))
+    out: List[dict] = []
+    seen_ids = {}
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JSONLFormatError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise JSONLFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            for field in ("image", "question", "answer"):
+                if field not in obj:
+                    raise JSONLFormatError(f"{where}: missing required field '{field}'")
+                if not isinstance(obj[field], str) or not obj[field].strip():
+                    raise JSONLFormatError(f"{where}: field '{field}' must be a non-empty string")
+            for field in ("split", "id"):
+                if field in obj and not isinstance(obj[field], str):
+                    raise JSONLFormatError(f"{where}: field '{field}' must be a string")
+            ex = dict(obj)
+            ans = ex["answer"].strip()
+            ex["answer"] = ans.lower() if ans.lower() in ("yes", "no") else ans
+            ex.setdefault("split", "default")
+            ex.setdefault("id", f"line{lineno}")
+            if ex["id"] in seen_ids:
+                raise JSONLFormatError(f"{where}: duplicate id {ex['id']!r} (first on line {seen_ids[ex['id']]})")
+            seen_ids[ex["id"]] = lineno
+            img_path = ex["image"] if os.path.isabs(ex["image"]) else os.path.join(root, ex["image"])
+            img_path = os.path.normpath(img_path)
+            if not os.path.isfile(img_path):
+                raise JSONLFormatError(f"{where}: image file not found: {img_path}")
+            ex["image_path"] = img_path
+            if load_images:
+                try:
+                    ex["image"] = load_image(img_path, mode)
+                except ImportError:
+                    raise
+                except Exception as e:  # PIL raises several types for corrupt/unsupported files
+                    raise JSONLFormatError(f"{where}: cannot load image {img_path}: {e}") from None
+            else:
+                ex["image"] = img_path
+            out.append(ex)
+    return out
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_image_png(image: np.ndarray, path: str) -> None:
+    """Write a uint8 [H, W] or [H, W, 3] array as PNG atomically (temp file + os.replace)."""
+    import io
+
+    Image = _pil()
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"image must be uint8 [H, W] or [H, W, C], got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def _jsonable(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def write_jsonl(examples: Iterable[dict], path: str, image_dir: Optional[str] = None) -> str:
+    """Dump examples (e.g. ``build_digits_pope(...)``) to the JSONL format, images as PNG files.
+
+    image_dir: folder for the PNGs (default ``<jsonl stem>_images`` next to the JSONL file); image paths in
+    the JSONL are relative to the JSONL's folder when possible. Each PNG and the JSONL itself are written
+    atomically (temp file, then os.replace), so a crash never leaves a half-written file.
+    Extra fields (digits, subset, query, sigma, ...) are written too; ``image`` arrays are replaced by paths.
+    Returns the JSONL path.
+    """
+    path = os.fspath(path)
+    root = os.path.dirname(os.path.abspath(path))
+    os.makedirs(root, exist_ok=True)
+    if image_dir is None:
+        image_dir = os.path.join(root, os.path.splitext(os.path.basename(path))[0] + "_images")
+    os.makedirs(image_dir, exist_ok=True)
+    lines = []
+    seen = set()
+    for i, ex in enumerate(examples):
+        for field in ("image", "question", "answer"):
+            if field not in ex:
+                raise ValueError(f"examples[{i}] is missing field '{field}'")
+        ex_id = str(ex.get("id", f"ex{i:06d}"))
+        if ex_id in seen:
+            raise ValueError(f"examples[{i}] has a duplicate id {ex_id!r}")
+        seen.add(ex_id)
+        img = ex["image"]
+        if isinstance(img, (str, os.PathLike)):
+            img_path = os.path.abspath(os.fspath(img))
+        else:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in ex_id)
+            img_path = os.path.join(os.path.abspath(image_dir), f"{safe}.png")
+            save_image_png(img, img_path)
+        rel = os.path.relpath(img_path, root)
+        rec = {"image": rel if not rel.startswith("..") else img_path, "question": ex["question"], "answer": ex["answer"]}
+        rec["id"] = ex_id
+        for key, v in ex.items():
+            if key not in rec and key not in ("image", "image_path"):
+                rec[key] = _jsonable(v)
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    _atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+    return path

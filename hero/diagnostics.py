@@ -1,0 +1,508 @@
+"""The confidence-trap diagnosis: does a VLM stay confident (low answer-token entropy) while its accuracy
+collapses as the image gets noisier?
+
+For each noise level sigma (Gaussian pixel noise, 0..255 scale, seeded per example) the model answers every
+question; at the *answer token position* we take the full next-token distribution (whole vocabulary, raw
+logits, temperature 1) and record its entropy H in nats and the confidence (probability of the emitted
+answer token). Per sigma we report: accuracy, mean/median H, accuracy per entropy bin (``H <= 0.3`` ...),
+ECE with a reliability table, POPE metrics per split (when answers are yes/no), the unparsed count, and
+"trap" indicators: the share of answers with H <= ``low_entropy`` and the share of *errors* made at
+H <= ``low_entropy`` (confidently wrong).
+
+Models plug in through an adapter with one method::
+
+    adapter.answer_token_distribution(images, questions) -> AnswerBatch
+
+``TinyVLMAdapter`` wraps ``hero.tiny_vlm.TinyVLM`` (tested); ``HFVLMAdapter`` wraps any Hugging Face
+image-text-to-text model + processor (AutoModelForImageTextToText / AutoModelForVision2Seq), for GPU users
+(only import-tested here).
+
+Entropy uses ``hero_kernels.reference.entropy_logprob`` (float64) by default, imported lazily, or any
+callable ``entropy_fn(logits [B, V]) -> H [B]``. Nothing here imports triton.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .metrics import (
+    ENTROPY_EDGES,
+    UNPARSED,
+    accuracy_by_entropy_bin,
+    chair,
+    expected_calibration_error,
+    mentioned_digits,
+    normalize_yes_no,
+    parse_answer,
+    pope_metrics_by_split,
+    reliability_bins,
+)
+
+__all__ = [
+    "AnswerBatch",
+    "VLMAdapter",
+    "TinyVLMAdapter",
+    "HFVLMAdapter",
+    "Diagnosis",
+    "diagnose",
+    "reference_entropy",
+]
+
+EntropyFn = Callable[[Tensor], Tensor]
+
+
+def reference_entropy(logits: Tensor) -> Tensor:
+    """Entropy in nats of softmax(logits) per row: logits [B, V] -> [B] float64 (hero_kernels reference)."""
+    from hero_kernels.reference import entropy_logprob
+
+    labels = logits.argmax(-1)  # any valid label; only H is used
+    _, H, _ = entropy_logprob(logits, labels)
+    return H
+
+
+@dataclass
+class AnswerBatch:
+    """One adapter call's results, all of length B.
+
+    texts: generated text; predictions: parsed answers ("yes"/"no"/free text/"unparsed");
+    entropy: [B] nats of the full next-token distribution at the answer position;
+    confidence: [B] probability of the token emitted there (for a forced position: the max probability);
+    answer_found: [B] True when the answer position was found in the generated text, False when it was
+    forced (tiny VLM: "<answer>" appended to the output) or a fallback (HF: first generated token).
+    """
+
+    texts: List[str]
+    predictions: List[str]
+    entropy: np.ndarray
+    confidence: np.ndarray
+    answer_found: np.ndarray
+
+
+class VLMAdapter(Protocol):
+    name: str
+
+    def answer_token_distribution(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> AnswerBatch:
+        ...
+
+
+def _entropy_np(fn: Optional[EntropyFn], logits: Tensor) -> np.ndarray:
+    H = (fn or reference_entropy)(logits.detach())
+    H = np.asarray(H.detach().double().cpu().numpy() if isinstance(H, Tensor) else H, dtype=np.float64)
+    if H.shape != (logits.shape[0],):
+        raise ValueError(f"entropy_fn must return shape [{logits.shape[0]}], got {H.shape}")
+    return H
+
+
+class TinyVLMAdapter:
+    """Adapter for ``hero.tiny_vlm.TinyVLM`` trained on ``<think>...</think><answer>...</answer>`` outputs.
+
+    Greedy decoding (or sampling with ``temperature`` > 0 and a seeded generator). The answer position is the
+    token right after the last ``<answer>`` token in the output; when the output has none (or ends on it),
+    the output (without eos) + ``<answer>`` is run through the model and its next-token distribution is
+    used (the prediction stays whatever ``parse_answer`` says, usually "unparsed", so it counts as wrong).
+    """
+
+    name = "tiny-vlm"
+
+    def __init__(self, model, processor, *, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 entropy_fn: Optional[EntropyFn] = None, parse_mode: str = "tag"):
+        self.model = model
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.entropy_fn = entropy_fn
+        self.parse_mode = parse_mode
+        self.answer_id = processor.tokenizer.convert_tokens_to_ids("<answer>")
+
+    @torch.no_grad()
+    def answer_token_distribution(self, images, questions) -> AnswerBatch:
+        model, proc, tok = self.model, self.processor, self.processor.tokenizer
+        dev = model.device
+        inputs = {k: v.to(dev) for k, v in proc(images, questions).items()}
+        gen = None
+        if self.temperature > 0:
+            gen = torch.Generator(device=dev).manual_seed(self.seed)
+        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                             temperature=self.temperature or 1.0, generator=gen, output_logits=True)
+        B = len(questions)
+        V = out.logits.shape[-1]
+        ans_logits = torch.empty(B, V, dtype=torch.float32, device=dev)
+        emitted = torch.full((B,), -1, dtype=torch.long, device=dev)
+        found = np.zeros(B, dtype=bool)
+        texts, forced_rows, forced_seqs = [], [], []
+        lengths = out.completion_mask.sum(1).tolist()
+        for i in range(B):
+            seq = out.sequences[i, : lengths[i]].tolist()
+            texts.append(tok.decode(seq, skip_special_tokens=True))
+            pos = [t for t, x in enumerate(seq) if x == self.answer_id and t + 1 < len(seq)]
+            if pos:
+                t = pos[-1] + 1
+                ans_logits[i] = out.logits[i, t]
+                emitted[i] = seq[t]
+                found[i] = True
+            else:
+                # drop eos, and any sampled <image> token: as input it would be taken for an image placeholder
+                body = [x for x in seq if x not in (tok.eos_token_id, tok.image_token_id)]
+                if not body or body[-1] != self.answer_id:
+                    body = body + [self.answer_id]
+                forced_rows.append(i)
+                forced_seqs.append(proc.prompt_ids(questions[i]) + body)
+        if forced_rows:
+            ids, mask = tok.pad(forced_seqs, "left")
+            pix = inputs["pixel_values"][forced_rows]
+            h = model.hidden_states(ids.to(dev), mask.to(dev), pix)[:, -1]
+            ans_logits[forced_rows] = model.get_output_embeddings()(h).float()
+        probs = ans_logits.double().softmax(-1)
+        conf = torch.where(emitted >= 0, probs.gather(1, emitted.clamp_min(0)[:, None])[:, 0], probs.max(-1).values)
+        return AnswerBatch(
+            texts=texts,
+            predictions=[parse_answer(t, self.parse_mode) for t in texts],
+            entropy=_entropy_np(self.entropy_fn, ans_logits),
+            confidence=conf.cpu().numpy().astype(np.float64),
+            answer_found=found,
+        )
+
+
+class HFVLMAdapter:
+    """Adapter for a Hugging Face vision-language model + processor (e.g. Qwen2.5-VL, LLaVA, idefics).
+
+    prompt: format string with ``{question}``; with ``use_chat_template`` (default) it is wrapped in the
+    processor's chat template as one user turn [image, text]. Greedy generation of ``max_new_tokens``.
+    answer_mode="first_token": the answer position is the first generated token that decodes to non-blank
+    text (typical "Answer yes or no." prompting); predictions parsed with ``parse_mode="yesno"``.
+    answer_mode="tag": the first token after the text "<answer>" appears (for models trained with the tag);
+    predictions parsed with ``parse_mode="tag"``. If the position is not found, step 0 is used and
+    ``answer_found`` is False. Untested here beyond import: needs a real model (GPU).
+    """
+
+    def __init__(self, model, processor, *, prompt: str = "{question} Answer the question with yes or no.",
+                 max_new_tokens: int = 8, answer_mode: str = "first_token", use_chat_template: bool = True,
+                 parse_mode: Optional[str] = None, entropy_fn: Optional[EntropyFn] = None, name: Optional[str] = None):
+        if answer_mode not in ("first_token", "tag"):
+            raise ValueError(f"answer_mode must be 'first_token' or 'tag', got {answer_mode!r}")
+        self.model = model
+        self.processor = processor
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.answer_mode = answer_mode
+        self.use_chat_template = use_chat_template
+        self.parse_mode = parse_mode or ("tag" if answer_mode == "tag" else "yesno")
+        self.entropy_fn = entropy_fn
+        self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "hf-vlm") or "hf-vlm"
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if hasattr(self.tokenizer, "padding_side"):
+            self.tokenizer.padding_side = "left"  # batched generation needs left padding
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device: str = "cuda", dtype=torch.bfloat16, **kwargs) -> "HFVLMAdapter":
+        """Load model + processor with transformers (AutoModelForImageTextToText, else AutoModelForVision2Seq)."""
+        import transformers
+
+        auto = getattr(transformers, "AutoModelForImageTextToText", None) or getattr(transformers, "AutoModelForVision2Seq")
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
+        model = auto.from_pretrained(name_or_path, **{dtype_kw: dtype}).to(device).eval()
+        processor = transformers.AutoProcessor.from_pretrained(name_or_path)
+        return cls(model, processor, name=name_or_path, **kwargs)
+
+    def _texts(self, questions: Sequence[str]) -> List[str]:
+        out = []
+        for q in questions:
+            text = self.prompt.format(question=q)
+            if self.use_chat_template and hasattr(self.processor, "apply_chat_template"):
+                msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            out.append(text)
+        return out
+
+    def _answer_step(self, ids: List[int]) -> Optional[int]:
+        dec = self.tokenizer.decode
+        if self.answer_mode == "first_token":
+            for t in range(len(ids)):
+                if dec(ids[t : t + 1], skip_special_tokens=True).strip():
+                    return t
+            return None
+        for t in range(len(ids)):
+            if "<answer>" in dec(ids[: t + 1], skip_special_tokens=False):
+                for u in range(t + 1, len(ids)):  # skip blank tokens after the tag
+                    if dec(ids[u : u + 1], skip_special_tokens=True).strip():
+                        return u
+                return None
+        return None
+
+    @torch.no_grad()
+    def answer_token_distribution(self, images, questions) -> AnswerBatch:
+        from PIL import Image
+
+        pil = [Image.fromarray(np.asarray(im)).convert("RGB") for im in images]
+        inputs = self.processor(images=pil, text=self._texts(questions), return_tensors="pt", padding=True)
+        inputs = inputs.to(self.model.device)
+        gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+        steps = len(gen.logits)
+        new = gen.sequences[:, -steps:].cpu()  # works for decoder-only and encoder-decoder outputs
+        B = new.shape[0]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        sel, found = [], np.zeros(B, dtype=bool)
+        for i in range(B):
+            t = self._answer_step(new[i].tolist())
+            found[i] = t is not None
+            sel.append(t if t is not None else 0)
+        # gen.logits: one [B, V] tensor per step; pick each row's answer step (never stack all steps).
+        ans_logits = torch.stack([gen.logits[sel[i]][i].float().cpu() for i in range(B)])
+        probs = ans_logits.double().softmax(-1)
+        emitted = torch.tensor([int(new[i, sel[i]]) for i in range(B)], dtype=torch.long)
+        conf = probs.gather(1, emitted[:, None])[:, 0]
+        return AnswerBatch(
+            texts=texts,
+            predictions=[parse_answer(t, self.parse_mode) for t in texts],
+            entropy=_entropy_np(self.entropy_fn, ans_logits),
+            confidence=conf.cpu().numpy().astype(np.float64),
+            answer_found=found,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# the diagnosis
+# ----------------------------------------------------------------------------------------------
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")  # strict JSON has no inf/nan
+    return x
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Diagnosis:
+    """Result of ``diagnose``. per_sigma[str(sigma)] is a plain dict (keys in ``diagnose``'s docstring)."""
+
+    sigmas: List[float]
+    per_sigma: Dict[str, dict]
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _jsonable({"sigmas": self.sigmas, "per_sigma": self.per_sigma, "meta": self.meta})
+
+    def save_json(self, path: str) -> str:
+        """Write the report as strict JSON (inf written as "inf") atomically; returns path."""
+        _atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode("utf-8"))
+        return path
+
+    def table(self) -> str:
+        """Markdown summary, one row per sigma."""
+        rows = ["| sigma | n | accuracy | mean H (nats) | H<=low frac | errors at H<=low | ECE | unparsed |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for s in self.sigmas:
+            r = self.per_sigma[_key(s)]
+            rows.append(
+                f"| {s:g} | {r['n']} | {r['accuracy']:.3f} | {r['mean_entropy']:.3f} | {r['low_entropy_frac']:.3f} | "
+                f"{r['confident_error_frac']:.3f} | {r['ece']:.3f} | {r['unparsed']} |"
+            )
+        return "\n".join(rows)
+
+    def save_plots(self, out_dir: str, prefix: str = "") -> List[str]:
+        """reliability.png (per sigma), entropy_vs_sigma.png (mean H and accuracy vs sigma) and
+        entropy_bins.png (accuracy per entropy bin per sigma); matplotlib Agg canvas, atomic writes."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        os.makedirs(out_dir, exist_ok=True)
+        paths = []
+
+        def _save(fig, name):
+            FigureCanvasAgg(fig)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+            p = os.path.join(out_dir, prefix + name)
+            _atomic_write_bytes(p, buf.getvalue())
+            paths.append(p)
+
+        fig = Figure(figsize=(4.8, 4.4))
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
+        for s in self.sigmas:
+            bins = [b for b in self.per_sigma[_key(s)]["reliability"] if b["count"]]
+            ax.plot([b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
+                    label=f"sigma={s:g} (ECE {self.per_sigma[_key(s)]['ece']:.3f})")
+        ax.set_xlabel("confidence (p of answer token)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Reliability diagram")
+        ax.legend(fontsize=7)
+        _save(fig, "reliability.png")
+
+        fig = Figure(figsize=(5.2, 3.8))
+        ax = fig.add_subplot(1, 1, 1)
+        xs = list(self.sigmas)
+        ax.plot(xs, [self.per_sigma[_key(s)]["mean_entropy"] for s in xs], marker="o", color="tab:red", label="mean H")
+        ax.set_xlabel("noise sigma (0..255 scale)")
+        ax.set_ylabel("answer-token entropy (nats)", color="tab:red")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [self.per_sigma[_key(s)]["accuracy"] for s in xs], marker="s", color="tab:blue", label="accuracy")
+        ax2.plot(xs, [self.per_sigma[_key(s)]["low_entropy_frac"] for s in xs], marker="^", ls=":", color="tab:gray",
+                 label=f"frac H<={self.meta.get('low_entropy', 0.3):g}")
+        ax2.set_ylabel("accuracy / fraction", color="tab:blue")
+        ax2.set_ylim(0, 1.02)
+        ax.set_title("Confidence trap: entropy vs. noise")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
+        _save(fig, "entropy_vs_sigma.png")
+
+        fig = Figure(figsize=(5.2, 3.8))
+        ax = fig.add_subplot(1, 1, 1)
+        labels = [b["label"] for b in self.per_sigma[_key(self.sigmas[0])]["entropy_bins"]]
+        width = 0.8 / max(len(self.sigmas), 1)
+        for j, s in enumerate(self.sigmas):
+            bins = self.per_sigma[_key(s)]["entropy_bins"]
+            acc = [b["accuracy"] if b["accuracy"] is not None else 0.0 for b in bins]
+            ax.bar(np.arange(len(labels)) + j * width, acc, width, label=f"sigma={s:g}")
+        ax.set_xticks(np.arange(len(labels)) + width * (len(self.sigmas) - 1) / 2)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Accuracy per answer-token entropy bin")
+        ax.legend(fontsize=7)
+        _save(fig, "entropy_bins.png")
+        return paths
+
+
+def _key(sigma: float) -> str:
+    return f"{float(sigma):g}"
+
+
+def _score(predictions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    out = np.zeros(len(answers), dtype=bool)
+    for i, (p, a) in enumerate(zip(predictions, answers)):
+        g = normalize_yes_no(str(a))
+        out[i] = p != UNPARSED and p == g
+    return out
+
+
+def diagnose(adapter: VLMAdapter, examples: Sequence[dict], sigmas: Sequence[float] = (0.0, 30.0, 50.0), *,
+             seed: int = 0, batch_size: int = 32, n_bins: int = 10, entropy_edges: Sequence[float] = ENTROPY_EDGES,
+             low_entropy: float = 0.3, keep_records: bool = False,
+             progress: Optional[Callable[[float, int, int], None]] = None) -> Diagnosis:
+    """Run the confidence-trap diagnosis.
+
+    examples: dicts with image (uint8 array), question, answer; optional split, id (digits-POPE examples
+    or ``hero.data.jsonl.load_jsonl`` output). Each sigma adds fresh seeded noise to the given images
+    (``with_noise(examples, sigma, seed)``; sigma 0 = the images as given).
+    progress(sigma, done, total) is called after each batch.
+
+    per_sigma[str(sigma)] keys: n, accuracy, mean_entropy, median_entropy, mean_entropy_correct,
+    mean_entropy_wrong (None if no such answers), mean_confidence, ece, reliability (bins),
+    entropy_bins (accuracy per entropy bin), low_entropy_frac (share with H <= low_entropy),
+    low_entropy_accuracy, confident_error_frac (share of errors made with H <= low_entropy), unparsed,
+    answer_found_frac, pope (per split, only when every answer is yes/no; else None), chair (CHAIR_i/CHAIR_s of
+    the digits named in ``<think>`` vs. ``digits``, only when every example has ``digits``), and with keep_records
+    a list of per-example records (id, split, answer, prediction, text, entropy, confidence).
+    """
+    from .data.digits_pope import with_noise
+
+    if not len(examples):
+        raise ValueError("examples is empty")
+    for i, ex in enumerate(examples):
+        for k in ("image", "question", "answer"):
+            if k not in ex:
+                raise ValueError(f"examples[{i}] is missing '{k}'")
+        if not isinstance(ex["image"], np.ndarray):
+            raise ValueError(f"examples[{i}]['image'] must be a uint8 array (load_jsonl with load_images=True)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    answers = [str(ex["answer"]) for ex in examples]
+    yes_no = all(a.strip().lower() in ("yes", "no") for a in answers)
+    splits = [str(ex.get("split", "default")) for ex in examples]
+    has_digits = all("digits" in ex for ex in examples)
+    per_sigma = {}
+    for sigma in sigmas:
+        noisy = with_noise(examples, float(sigma), seed) if sigma else list(examples)
+        texts, preds, H, conf, found = [], [], [], [], []
+        for start in range(0, len(noisy), batch_size):
+            chunk = noisy[start : start + batch_size]
+            res = adapter.answer_token_distribution([e["image"] for e in chunk], [e["question"] for e in chunk])
+            if len(res.predictions) != len(chunk):
+                raise ValueError(f"adapter returned {len(res.predictions)} answers for a batch of {len(chunk)}")
+            texts += res.texts
+            preds += res.predictions
+            H.append(np.asarray(res.entropy, dtype=np.float64))
+            conf.append(np.asarray(res.confidence, dtype=np.float64))
+            found.append(np.asarray(res.answer_found, dtype=bool))
+            if progress is not None:
+                progress(float(sigma), min(start + batch_size, len(noisy)), len(noisy))
+        H, conf, found = np.concatenate(H), np.concatenate(conf), np.concatenate(found)
+        if not np.all(np.isfinite(H)) or not np.all(np.isfinite(conf)):
+            raise FloatingPointError(f"non-finite entropy/confidence at sigma={sigma}")
+        correct = _score(preds, answers)
+        low = H <= low_entropy
+        wrong = ~correct
+        r = {
+            "sigma": float(sigma),
+            "n": len(noisy),
+            "accuracy": float(correct.mean()),
+            "mean_entropy": float(H.mean()),
+            "median_entropy": float(np.median(H)),
+            "mean_entropy_correct": float(H[correct].mean()) if correct.any() else None,
+            "mean_entropy_wrong": float(H[wrong].mean()) if wrong.any() else None,
+            "mean_confidence": float(conf.mean()),
+            "ece": expected_calibration_error(conf, correct, n_bins),
+            "reliability": reliability_bins(conf, correct, n_bins),
+            "entropy_bins": accuracy_by_entropy_bin(H, correct, entropy_edges),
+            "low_entropy_frac": float(low.mean()),
+            "low_entropy_accuracy": float(correct[low].mean()) if low.any() else None,
+            "confident_error_frac": float((low & wrong).sum() / wrong.sum()) if wrong.any() else 0.0,
+            "unparsed": int(sum(p == UNPARSED for p in preds)),
+            "answer_found_frac": float(found.mean()),
+            "pope": pope_metrics_by_split(preds, answers, splits) if yes_no else None,
+            # digits-POPE only: CHAIR of the digits named in <think> vs. the digits really in the image
+            "chair": chair([mentioned_digits(t) for t in texts], [ex["digits"] for ex in noisy]) if has_digits else None,
+        }
+        if keep_records:
+            r["records"] = [
+                {"id": str(ex.get("id", i)), "split": splits[i], "answer": answers[i], "prediction": preds[i],
+                 "text": texts[i], "entropy": float(H[i]), "confidence": float(conf[i])}
+                for i, ex in enumerate(noisy)
+            ]
+        per_sigma[_key(sigma)] = r
+    meta = {
+        "adapter": getattr(adapter, "name", type(adapter).__name__),
+        "n_examples": len(examples),
+        "seed": seed,
+        "n_bins": n_bins,
+        "entropy_edges": [float(e) for e in entropy_edges],
+        "low_entropy": low_entropy,
+        "entropy_units": "nats",
+    }
+    return Diagnosis(sigmas=[float(s) for s in sigmas], per_sigma=per_sigma, meta=meta)
