@@ -55,8 +55,16 @@ def _cpp_error() -> str:
         return f"C++ extension loader missing ({e})"
 
 
-# Run once at trace time under torch.compile; the chosen backend is a constant of the graph.
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """Same as ``torch.compiler.assume_constant_result``: Dynamo runs ``fn`` once at trace time and treats
+    the result (the backend name) as a graph constant. That decorator only sets this marker but imports
+    torch._dynamo (2-4 s) to do so; setting it here keeps ``import hero_kernels`` cheap.
+    tests/test_api.py checks the marker is still what torch uses."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str = "logits") -> str:
     """Map ``impl`` (one of IMPLS) to a concrete backend for tensors on ``device``; raise if impossible."""
     if impl not in IMPLS:

@@ -144,3 +144,18 @@ def test_nan_check_when_enabled():
         with pytest.raises(ValueError, match="logits contains 1 NaN/Inf"):
             hk.entropy_logprob(x, y, impl="torch")
     assert not hk.get_checks().finite
+
+
+def test_constant_marker_matches_torch():
+    # dispatch._constant_under_compile mirrors torch.compiler.assume_constant_result without importing dynamo
+    fn = torch.compiler.assume_constant_result(lambda: 0)
+    assert getattr(fn, "_dynamo_marked_constant", False) is True
+
+
+def test_import_does_not_load_dynamo_or_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, hero_kernels; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"], out
