@@ -29,30 +29,18 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _cpp():
-    from . import _cpp_build
-
-    return _cpp_build
-
-
 def _cpp_ok(kind: str) -> bool:
     """Is the compiled C++ backend (kind "cpu" / "cuda") loadable? Builds it on first use (cached)."""
-    if os.environ.get("HERO_KERNELS_NO_CPP", "0") == "1":
-        return False
-    try:
-        mod = _cpp()
-    except ImportError:
-        return False
-    return mod.cpu_available() if kind == "cpu" else mod.cuda_available()
+    from . import _cpp_build
+
+    return _cpp_build.cpu_available() if kind == "cpu" else _cpp_build.cuda_available()
 
 
-def _cpp_error() -> str:
-    if os.environ.get("HERO_KERNELS_NO_CPP", "0") == "1":
-        return "disabled by HERO_KERNELS_NO_CPP=1"
-    try:
-        return str(_cpp().build_error())
-    except ImportError as e:
-        return f"C++ extension loader missing ({e})"
+def _cpp_error(kind: str) -> str:
+    from . import _cpp_build
+
+    err = _cpp_build.build_error() if kind == "cpu" else _cpp_build.cuda_build_error()
+    return str(err or f"the {kind} extension is not available")
 
 
 def _constant_under_compile(fn):
@@ -89,12 +77,12 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
         if device.type != "cuda":
             raise ValueError(f"impl='cuda' needs CUDA tensors, but {arg} is on {device}")
         if not _cpp_ok("cuda"):
-            raise RuntimeError(f"impl='cuda' is unavailable: {_cpp_error()}")
+            raise RuntimeError(f"impl='cuda' is unavailable: {_cpp_error('cuda')}")
     elif impl == "cpu":
         if device.type != "cpu":
             raise ValueError(f"impl='cpu' needs CPU tensors, but {arg} is on {device}")
         if not _cpp_ok("cpu"):
-            raise RuntimeError(f"impl='cpu' is unavailable: {_cpp_error()}")
+            raise RuntimeError(f"impl='cpu' is unavailable: {_cpp_error('cpu')}")
     if dtype not in _DTYPES[impl]:
         raise TypeError(f"impl={impl!r} does not support {arg} dtype {str(dtype).replace('torch.', '')}")
     return impl

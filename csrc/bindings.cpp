@@ -1,0 +1,248 @@
+// torch.library registration of the fused row kernels: namespace hero_kernels_cpp.
+//
+//   entropy_logprob_fwd(logits [N, V], labels [N] int64, inv_temperature, ignore_index)
+//       -> (logp, H, lse), each fp32 [N]; rows with label == ignore_index give 0.
+//   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!)
+//       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
+//
+// logits / out need unit column stride; any row stride is fine. Implementations: CPU (always), CUDA
+// (when built with HK_WITH_CUDA), Meta (shapes only). No autograd here: the public ops in
+// hero_kernels/ own it. Every check names the argument it rejects.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "hero_kernels.h"
+
+#ifdef HK_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+int dtype_code(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return hk::kF32;
+    case at::kBFloat16:
+      return hk::kBF16;
+    case at::kHalf:
+      return hk::kF16;
+    case at::kDouble:
+      return hk::kF64;
+    default:
+      TORCH_CHECK(false, "hero_kernels_cpp: ", name, " must be float32, bfloat16, float16 or float64, got ",
+                  t.scalar_type());
+  }
+  return -1;
+}
+
+// Checks shared by forward and backward. Returns the dtype code of logits.
+int check_logits_labels(const Tensor& logits, const Tensor& labels, c10::DeviceType dev, const char* op) {
+  TORCH_CHECK(logits.device().type() == dev, op, ": logits must be on ", c10::DeviceTypeName(dev),
+              ", got ", logits.device());
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have V >= 1 columns, got shape ", logits.sizes());
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, op,
+              ": logits must be contiguous in the last dim (stride 1), got strides ", logits.strides());
+  TORCH_CHECK(logits.stride(0) >= 0, op, ": logits must have a non-negative row stride, got ", logits.strides());
+  TORCH_CHECK(labels.device() == logits.device(), op, ": labels must be on the device of logits (",
+              logits.device(), "), got ", labels.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [",
+              logits.size(0), "], got shape ", labels.sizes());
+  return dtype_code(logits, "logits");
+}
+
+void check_vec(const Tensor& t, const Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name, " must be [N] = [", logits.size(0),
+              "], got shape ", t.sizes());
+}
+
+void check_out(const Tensor& out, const Tensor& logits, const char* op) {
+  TORCH_CHECK(out.device() == logits.device(), op, ": out must be on ", logits.device(), ", got ", out.device());
+  TORCH_CHECK(out.sizes() == logits.sizes(), op, ": out must have the shape of logits ", logits.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == logits.scalar_type() || out.scalar_type() == at::kFloat, op,
+              ": out must have the dtype of logits (", logits.scalar_type(), ") or float32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.stride(1) == 1 || out.size(1) == 1, op,
+              ": out must be contiguous in the last dim (stride 1), got strides ", out.strides());
+  TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= out.size(1), op,
+              ": out rows must not overlap (row stride >= V), got strides ", out.strides());
+  if (out.is_same(logits) || out.data_ptr() == logits.data_ptr()) {
+    TORCH_CHECK(out.scalar_type() == logits.scalar_type() && out.strides() == logits.strides(), op,
+                ": in-place out must be logits itself (same dtype and strides)");
+  }
+}
+
+// Out-of-range labels would read outside the row: refuse them (the CPU check costs one pass over N ints).
+void check_label_range_cpu(const Tensor& labels, int64_t V, int64_t ignore_index, const char* op) {
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t n = labels.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(y[i] == ignore_index || (y[i] >= 0 && y[i] < V), op, ": labels[", i, "] = ", y[i],
+                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+// Rows per task: enough columns per task that OpenMP overhead is negligible.
+int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
+
+// ------------------------------------------------------------------------------------------------
+// CPU
+// ------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
+                                           int64_t ignore_index) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const Tensor labels = labels_in.contiguous();
+  check_label_range_cpu(labels, V, ignore_index, op);
+  auto opts = logits.options().dtype(at::kFloat);
+  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
+  if (N == 0) return {logp, H, lse};
+  const void* z = logits.data_ptr();
+  const int64_t rs = logits.stride(0);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  float *lp = logp.data_ptr<float>(), *h = H.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
+    hk::cpu_fwd_rows(dt, z, rs, y, b, e, V, inv_temperature, ignore_index, lp, h, ls);
+  });
+  return {logp, H, lse};
+}
+
+void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
+             const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
+             const Tensor& out) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
+  check_vec(lse_in, logits, "lse", op);
+  check_vec(H_in, logits, "H", op);
+  check_vec(grad_logp_in, logits, "grad_logp", op);
+  check_vec(grad_H_in, logits, "grad_H", op);
+  check_out(out, logits, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return;
+  const Tensor labels = labels_in.contiguous(), lse = lse_in.contiguous(), H = H_in.contiguous();
+  const Tensor g = grad_logp_in.contiguous(), k = grad_H_in.contiguous();
+  check_label_range_cpu(labels, V, ignore_index, op);
+  const int odt = dtype_code(out, "out");
+  const void* z = logits.data_ptr();
+  void* o = out.data_ptr();
+  const int64_t rs = logits.stride(0), ors = out.stride(0);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const float *pl = lse.data_ptr<float>(), *ph = H.data_ptr<float>();
+  const float *pg = g.data_ptr<float>(), *pk = k.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
+    hk::cpu_bwd_rows(dt, z, rs, y, pl, ph, pg, pk, b, e, V, inv_temperature, ignore_index, odt, o, ors);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Meta (shape propagation for FakeTensor / torch.compile tracing)
+// ------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t) {
+  TORCH_CHECK(logits.dim() == 2, "hero_kernels_cpp.entropy_logprob_fwd: logits must be 2-D [N, V], got shape ",
+              logits.sizes());
+  auto opts = logits.options().dtype(at::kFloat);
+  const int64_t N = logits.size(0);
+  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts)};
+}
+
+void bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+              int64_t, const Tensor&) {}
+
+// ------------------------------------------------------------------------------------------------
+// CUDA
+// ------------------------------------------------------------------------------------------------
+#ifdef HK_WITH_CUDA
+void check_cuda(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
+                                            int64_t ignore_index) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
+  TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  c10::cuda::CUDAGuard guard(logits.device());
+  const Tensor labels = labels_in.contiguous();
+  auto opts = logits.options().dtype(at::kFloat);
+  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
+  if (N == 0) return {logp, H, lse};
+  auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  check_cuda(hk_cuda_entropy_logprob_fwd(dt, logits.data_ptr(), logits.stride(0), labels.data_ptr<int64_t>(), N, V,
+                                         static_cast<float>(inv_temperature), ignore_index, logp.data_ptr<float>(),
+                                         H.data_ptr<float>(), lse.data_ptr<float>(), stream),
+             op);
+  return {logp, H, lse};
+}
+
+void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
+              const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
+              const Tensor& out) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
+  TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
+  check_vec(lse_in, logits, "lse", op);
+  check_vec(H_in, logits, "H", op);
+  check_vec(grad_logp_in, logits, "grad_logp", op);
+  check_vec(grad_H_in, logits, "grad_H", op);
+  check_out(out, logits, op);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return;
+  c10::cuda::CUDAGuard guard(logits.device());
+  const Tensor labels = labels_in.contiguous(), lse = lse_in.contiguous(), H = H_in.contiguous();
+  const Tensor g = grad_logp_in.contiguous(), k = grad_H_in.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
+  check_cuda(hk_cuda_entropy_logprob_bwd(dt, logits.data_ptr(), logits.stride(0), labels.data_ptr<int64_t>(),
+                                         lse.data_ptr<float>(), H.data_ptr<float>(), g.data_ptr<float>(),
+                                         k.data_ptr<float>(), N, V, static_cast<float>(inv_temperature),
+                                         ignore_index, dtype_code(out, "out"), out.data_ptr(), out.stride(0), stream),
+             op);
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY(hero_kernels_cpp, m) {
+  m.def("entropy_logprob_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("entropy_logprob_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor H, Tensor grad_logp, "
+        "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out) -> ()");
+  // Lets Python ask what this build contains without touching a device.
+  m.def("built_with_cuda() -> bool", []() -> bool {
+#ifdef HK_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}
+
+TORCH_LIBRARY_IMPL(hero_kernels_cpp, CPU, m) {
+  m.impl("entropy_logprob_fwd", &fwd_cpu);
+  m.impl("entropy_logprob_bwd", &bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(hero_kernels_cpp, Meta, m) {
+  m.impl("entropy_logprob_fwd", &fwd_meta);
+  m.impl("entropy_logprob_bwd", &bwd_meta);
+}
+
+#ifdef HK_WITH_CUDA
+TORCH_LIBRARY_IMPL(hero_kernels_cpp, CUDA, m) {
+  m.impl("entropy_logprob_fwd", &fwd_cuda);
+  m.impl("entropy_logprob_bwd", &bwd_cuda);
+}
+#endif

@@ -1,0 +1,301 @@
+// Fused CPU backend of entropy_logprob: per-row forward (logp, H, lse) and backward (dlogits).
+//
+// Torch-free on purpose (raw pointers, see hero_kernels.h): it compiles in a few seconds and the
+// bindings parallelize over rows with at::parallel_for (OpenMP, torch's own thread count). The math
+// comes from hero_rowmath.h, the header the CUDA kernels use.
+//
+// Memory: no [N, V] intermediate. Forward walks each row once in blocks of kBlock columns: the block
+// is converted/scaled into a small stack buffer (L1) while taking its max, then e^{x - max} is summed
+// from the buffer, and the block partial (m, r, u) is merged into a double-precision row partial.
+// Backward walks each row once, writing dz (optionally in place over the logits).
+//
+// Vectorization: the inner loops are plain `#pragma omp simd` loops over floats with selects, so gcc
+// vectorizes them (exp is the branch-free polynomial of hero_rowmath.h). On x86-64 each row function is
+// built three times (baseline SSE2, x86-64-v3 = AVX2+FMA, x86-64-v4 = AVX-512) and picked at load time
+// (target_clones), so one binary is both portable and fast.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "hero_kernels.h"
+#include "hero_rowmath.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 12) && \
+    !defined(HK_NO_CLONES)
+#define HK_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define HK_CLONES
+#endif
+
+namespace hk {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// storage types and branch-free (vectorizable) conversions, round-to-nearest-even like torch
+// ---------------------------------------------------------------------------------------------
+struct bf16_t {
+  uint16_t x;
+};
+struct f16_t {
+  uint16_t x;
+};
+
+template <typename T>
+struct AccOf {
+  using type = float;  // fp32 math for fp32 / bf16 / fp16 storage
+};
+template <>
+struct AccOf<double> {
+  using type = double;  // fp64 inputs keep fp64 math
+};
+
+HK_HD float to_acc(float v) { return v; }
+HK_HD double to_acc(double v) { return v; }
+HK_HD float to_acc(bf16_t v) { return bits_f32(static_cast<uint32_t>(v.x) << 16); }
+
+// Half -> float: shift the 15 exponent+mantissa bits into float position and multiply by 2^112 to
+// rebias the exponent; this is exact for normal AND subnormal halves. Inf/NaN get an all-ones exponent.
+HK_HD float to_acc(f16_t v) {
+  const uint32_t h = v.x;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t shifted = em << 13;
+  const float scaled = bits_f32(shifted) * 5.192296858534828e33f;  // 2^112
+  const uint32_t mag = em >= 0x7c00u ? (shifted | 0x7f800000u) : f32_bits(scaled);
+  return bits_f32(sign | mag);
+}
+
+template <typename O>
+HK_HD O from_acc(float v);
+template <typename O>
+HK_HD O from_acc(double v);
+
+template <>
+HK_HD float from_acc<float>(float v) {
+  return v;
+}
+template <>
+HK_HD double from_acc<double>(double v) {
+  return v;
+}
+template <>
+HK_HD bf16_t from_acc<bf16_t>(float v) {
+  const uint32_t u = f32_bits(v);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16_t{static_cast<uint16_t>(nan ? ((u >> 16) | 0x40u) : rounded)};
+}
+
+// Float -> half, round to nearest even:
+//  |v| >= 65520 (after rounding) -> inf; NaN -> quiet NaN;
+//  normal range: rebias the exponent and round the 13 dropped mantissa bits (0xfff + lsb trick);
+//  subnormal range (|v| < 2^-14): adding 0.5f puts |v| at the ulp of 0.5 (= 2^-24, the half subnormal
+//  step) so the FPU does the rounding; the low bits of the sum are the half's bits.
+template <>
+HK_HD f16_t from_acc<f16_t>(float v) {
+  const uint32_t u = f32_bits(v);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // 0xc8000000 = (15 - 127) << 23
+  const float sub_f = bits_f32(a) + 0.5f;
+  const uint32_t sub = f32_bits(sub_f) - 0x3f000000u;
+  uint32_t h = a < 0x38800000u ? sub : normal;
+  h = a >= 0x47800000u ? 0x7c00u : h;  // >= 65536: overflow (65520..65536 already rounds to 0x7c00)
+  h = a > 0x7f800000u ? 0x7e00u : h;   // NaN
+  return f16_t{static_cast<uint16_t>(sign | h)};
+}
+
+constexpr int kBlock = 1024;  // columns per forward block: 4 KB of fp32 scratch, stays in L1
+
+// ---------------------------------------------------------------------------------------------
+// one row
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64_t y, float* out_logp,
+                   float* out_H, float* out_lse) {
+  using A = typename AccOf<T>::type;
+  alignas(64) A buf[kBlock];
+  Partial<double> acc = empty_partial<double>();
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, V - j0));
+    const T* zb = z + j0;
+    A bm = neg_inf<A>();
+#pragma omp simd reduction(max : bm)
+    for (int j = 0; j < n; ++j) {
+      const A x = to_acc(zb[j]) * inv_tau;
+      buf[j] = x;
+      bm = bm > x ? bm : x;
+    }
+    if (bm == neg_inf<A>()) continue;  // every column -inf: no mass, and x - m would be NaN
+    // Block partial (bm, br, bu): br leaves out one argmax (ties counted separately, exact), so a
+    // dominant logit's tiny remaining mass is not rounded away against 1.
+    A br = A(0), bt = A(0), bu = A(0);
+#pragma omp simd reduction(+ : br, bt, bu)
+    for (int j = 0; j < n; ++j) {
+      const A d = buf[j] - bm;
+      const A e = exp_(d);
+      const bool tie = d == A(0);
+      br += tie ? A(0) : e;
+      bt += tie ? A(1) : A(0);
+      bu += shifted_term(d, e);
+    }
+    acc = merge(acc, Partial<double>{static_cast<double>(bm), static_cast<double>(br) + (static_cast<double>(bt) - 1.0),
+                                     static_cast<double>(bu)});
+  }
+  double lse, H;
+  finalize(acc, lse, H);
+  // Same float product as in the loop, so x_y - m is exactly 0 when y is the argmax.
+  const A x_y = to_acc(z[y]) * inv_tau;
+  *out_logp = static_cast<float>(logprob(acc, static_cast<double>(x_y)));
+  *out_H = static_cast<float>(H);
+  *out_lse = static_cast<float>(lse);
+}
+
+template <typename T, typename O>
+HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_tau, int64_t y, float lse_f,
+                   float H_f, float g_f, float k_f) {
+  using A = typename AccOf<T>::type;
+  const A lse = lse_f, H = H_f, g = g_f, k = k_f;
+  const A x_y = to_acc(z[y]) * inv_tau;  // read before the loop: out may alias z
+  double q = 0.0;                        // sum_{j != y} p_j, block sums in A, total in double
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, V - j0));
+    const T* zb = z + j0;
+    O* ob = out + j0;
+    const int64_t yb = y - j0;  // label position inside this block (may be outside [0, n))
+    A bq = A(0);
+    // Same-index read-then-write, so in-place (ob == zb) is safe under simd.
+#pragma omp simd reduction(+ : bq)
+    for (int j = 0; j < n; ++j) {
+      const A x = to_acc(zb[j]) * inv_tau;
+      const A p = prob(x, lse);
+      bq += j != yb ? p : A(0);
+      ob[j] = from_acc<O>(grad_other(x, p, lse, H, g, k, inv_tau));
+    }
+    q += static_cast<double>(bq);
+  }
+  out[y] = from_acc<O>(grad_label(x_y, static_cast<A>(q), lse, H, g, k, inv_tau));
+}
+
+template <typename O>
+HK_HD void zero_row(O* out, int64_t V) {
+  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(V) * sizeof(O));  // all-zero bits == +0
+}
+
+// ---------------------------------------------------------------------------------------------
+// row ranges (the multiversioned entry points)
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+HK_HD void fwd_range(const T* logits, int64_t row_stride, const int64_t* labels, int64_t b, int64_t e, int64_t V,
+                     double inv_tau, int64_t ignore_index, float* logp, float* H, float* lse) {
+  using A = typename AccOf<T>::type;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t y = labels[i];
+    if (y == ignore_index) {
+      logp[i] = 0.f;
+      H[i] = 0.f;
+      lse[i] = 0.f;
+      continue;
+    }
+    fwd_row<T>(logits + i * row_stride, V, static_cast<A>(inv_tau), y, logp + i, H + i, lse + i);
+  }
+}
+
+template <typename T, typename O>
+HK_HD void bwd_range(const T* logits, int64_t row_stride, const int64_t* labels, const float* lse, const float* H,
+                     const float* g, const float* k, int64_t b, int64_t e, int64_t V, double inv_tau,
+                     int64_t ignore_index, O* out, int64_t out_row_stride) {
+  using A = typename AccOf<T>::type;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t y = labels[i];
+    O* o = out + i * out_row_stride;
+    if (y == ignore_index) {
+      zero_row<O>(o, V);
+      continue;
+    }
+    bwd_row<T, O>(logits + i * row_stride, o, V, static_cast<A>(inv_tau), y, lse[i], H[i], g[i], k[i]);
+  }
+}
+
+#define HK_FWD_ENTRY(NAME, T)                                                                                   \
+  HK_CLONES void NAME(const T* logits, int64_t rs, const int64_t* labels, int64_t b, int64_t e, int64_t V,     \
+                      double it, int64_t ig, float* logp, float* H, float* lse) {                              \
+    fwd_range<T>(logits, rs, labels, b, e, V, it, ig, logp, H, lse);                                            \
+  }
+HK_FWD_ENTRY(fwd_f32, float)
+HK_FWD_ENTRY(fwd_bf16, bf16_t)
+HK_FWD_ENTRY(fwd_f16, f16_t)
+HK_FWD_ENTRY(fwd_f64, double)
+
+#define HK_BWD_ENTRY(NAME, T, O)                                                                                \
+  HK_CLONES void NAME(const T* logits, int64_t rs, const int64_t* labels, const float* lse, const float* H,    \
+                      const float* g, const float* k, int64_t b, int64_t e, int64_t V, double it, int64_t ig,  \
+                      O* out, int64_t ors) {                                                                    \
+    bwd_range<T, O>(logits, rs, labels, lse, H, g, k, b, e, V, it, ig, out, ors);                               \
+  }
+HK_BWD_ENTRY(bwd_f32, float, float)
+HK_BWD_ENTRY(bwd_bf16, bf16_t, bf16_t)
+HK_BWD_ENTRY(bwd_f16, f16_t, f16_t)
+HK_BWD_ENTRY(bwd_f64, double, double)
+HK_BWD_ENTRY(bwd_bf16_f32, bf16_t, float)
+HK_BWD_ENTRY(bwd_f16_f32, f16_t, float)
+
+}  // namespace
+
+void cpu_fwd_rows(int dtype, const void* logits, int64_t row_stride, const int64_t* labels, int64_t row_begin,
+                  int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,
+                  float* lse) {
+  switch (dtype) {
+    case kF32:
+      return fwd_f32(static_cast<const float*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+                     ignore_index, logp, H, lse);
+    case kBF16:
+      return fwd_bf16(static_cast<const bf16_t*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+                      ignore_index, logp, H, lse);
+    case kF16:
+      return fwd_f16(static_cast<const f16_t*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+                     ignore_index, logp, H, lse);
+    case kF64:
+      return fwd_f64(static_cast<const double*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+                     ignore_index, logp, H, lse);
+    default:
+      return;  // unreachable: the bindings check the dtype
+  }
+}
+
+void cpu_bwd_rows(int dtype, const void* logits, int64_t row_stride, const int64_t* labels, const float* lse,
+                  const float* H, const float* grad_logp, const float* grad_H, int64_t row_begin, int64_t row_end,
+                  int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
+                  int64_t out_row_stride) {
+#define HK_CALL_BWD(FN, T, O)                                                                                  \
+  return FN(static_cast<const T*>(logits), row_stride, labels, lse, H, grad_logp, grad_H, row_begin, row_end, \
+            V, inv_tau, ignore_index, static_cast<O*>(out), out_row_stride)
+  if (out_dtype == dtype) {
+    switch (dtype) {
+      case kF32:
+        HK_CALL_BWD(bwd_f32, float, float);
+      case kBF16:
+        HK_CALL_BWD(bwd_bf16, bf16_t, bf16_t);
+      case kF16:
+        HK_CALL_BWD(bwd_f16, f16_t, f16_t);
+      case kF64:
+        HK_CALL_BWD(bwd_f64, double, double);
+      default:
+        return;
+    }
+  }
+  if (out_dtype == kF32) {
+    switch (dtype) {
+      case kBF16:
+        HK_CALL_BWD(bwd_bf16_f32, bf16_t, float);
+      case kF16:
+        HK_CALL_BWD(bwd_f16_f32, f16_t, float);
+      default:
+        return;
+    }
+  }
+#undef HK_CALL_BWD
+}
+
+}  // namespace hk

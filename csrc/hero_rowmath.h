@@ -1,0 +1,239 @@
+// Per-row math shared by the CUDA kernels (entropy_logprob_cuda.cu) and the fused CPU backend
+// (entropy_logprob_cpu.cpp). The spec is hero_kernels/reference.py (DESIGN.md section 1); this header
+// only states it in a form that compiles under both nvcc and g++, so the CPU build exercises the same
+// formulas in CI that the GPU runs.
+//
+// Online partial over a set of columns (all x already divided by the temperature), stored as
+//   m = max x,  r = s - 1 = sum_{j != one argmax} e^{x_j - m},  u = sum (x-m) e^{x-m}
+// for the public (m, s, t) of DESIGN.md: s = sum e^{x-m} = 1 + r, t = sum x e^{x-m} = u + m*s.
+// * r instead of s: with a dominant logit s = 1 + 1e-10 is exactly 1 in fp32, so log s, logp and H
+//   lose everything; r keeps the small mass and log1p(r) is accurate.
+// * u instead of t: H = log s - u/s never subtracts two numbers of size |m| (large common offsets).
+// An empty set (or a set of -inf columns) is (m=-inf, r=0, u=0) and merges as the identity, so masked or
+// padded vocabulary columns contribute nothing. A NaN logit propagates (no silent wrong numbers).
+//
+// Backward, per column j of a row with label y (DESIGN.md):
+//   dz_j = inv_tau * [ g (1[j=y] - p_j) - k p_j (log p_j + H) ],  p_j = exp(x_j - lse)
+// When p_y > 1/2 the label column uses 1 - p_y = sum_{j != y} p_j and log p_y = log1p(-that): with
+// only an fp32 lse available, x_y - lse carries an absolute error of ulp(lse)/2, which would make
+// 1 - p_y wrong by tens of percent when p_y -> 1 (the Liger #1329 bug class). The sum of the other
+// probabilities has a small RELATIVE error instead.
+#pragma once
+
+#if defined(__CUDACC__)
+#define HK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define HK_HD inline __attribute__((always_inline))
+#else
+#define HK_HD inline
+#endif
+
+#include <math.h>
+#include <stdint.h>
+#if !defined(__CUDACC__)
+#include <cstring>
+#endif
+
+namespace hk {
+
+template <typename A>
+HK_HD A neg_inf() {
+  return static_cast<A>(-INFINITY);
+}
+
+// ----------------------------------------------------------------------------------------------
+// elementary functions: device uses the CUDA math library (accurate expf, not __expf); host float
+// uses a branch-free polynomial that gcc/clang auto-vectorize (std::exp calls block vectorization).
+// ----------------------------------------------------------------------------------------------
+#if !defined(__CUDA_ARCH__)
+HK_HD uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+HK_HD float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// e^x for x <= 88 (our arguments are x - max <= 0 or x - lse ~<= 0). Error <= 2 ulp (1.7 measured):
+// n = round(x log2 e) via the 1.5*2^23 trick (no float->int conversion, no UB on NaN), two-constant
+// Cody-Waite reduction (ln2_hi has 9 trailing zero bits so n*ln2_hi is exact for |n| <= 2^8), then a
+// degree-7 Taylor polynomial on |r| <= ln2/2 (truncation 5e-9 relative). x < -87.33 (incl. -inf)
+// returns exactly 0; NaN returns NaN.
+HK_HD float exp_poly(float x) {
+  float xc = x > 88.0f ? 88.0f : x;
+  xc = xc < -87.0f ? -87.0f : xc;  // NaN compares false twice and stays NaN
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  float big = xc * 1.44269504088896341f + magic;
+  float n = big - magic;
+  int32_t ni = static_cast<int32_t>(f32_bits(big) - f32_bits(magic));  // == n, exactly, as an integer
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.4286068203094172321e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  float scale = bits_f32(static_cast<uint32_t>(ni + 127) << 23);
+  float res = p * scale;
+  return x < -87.0f ? 0.0f : res;
+}
+#endif
+
+HK_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_poly(x);
+#endif
+}
+HK_HD double exp_(double x) { return exp(x); }
+HK_HD float log_(float x) { return logf(x); }
+HK_HD double log_(double x) { return log(x); }
+HK_HD float log1p_(float x) { return log1pf(x); }
+HK_HD double log1p_(double x) { return log1p(x); }
+
+// ----------------------------------------------------------------------------------------------
+// online partials
+// ----------------------------------------------------------------------------------------------
+template <typename A>
+struct Partial {
+  A m;  // max x (-inf when empty)
+  A r;  // s - 1 = sum of e^{x-m} over every column but ONE argmax (0 when empty)
+  A u;  // sum (x-m) e^{x-m}
+};
+
+template <typename A>
+HK_HD Partial<A> empty_partial() {
+  return Partial<A>{neg_inf<A>(), A(0), A(0)};
+}
+
+// s = 1 + r (0 when empty).
+template <typename A>
+HK_HD A partial_s(const Partial<A>& p) {
+  return p.m == neg_inf<A>() ? A(0) : A(1) + p.r;
+}
+
+// (x - m) e^{x-m} given d = x - m and e = e^d; a -inf column (e == 0, d == -inf) adds exactly 0.
+template <typename A>
+HK_HD A shifted_term(A d, A e) {
+  return e > A(0) ? d * e : A(0);
+}
+
+// Associative, commutative merge of two partials over disjoint column sets. The side with the larger max
+// keeps its designated argmax; the other side's whole mass (1 + r) is scaled onto it, so r never goes
+// through 1 + tiny - 1. Equal maxima add exactly 1 (a tie). A NaN max poisons the result.
+template <typename A>
+HK_HD Partial<A> merge(Partial<A> a, Partial<A> b) {
+  if (a.m < b.m) {
+    const Partial<A> t = a;
+    a = b;
+    b = t;
+  }
+  if (b.m == neg_inf<A>()) return a;  // b empty (or both): explicit, since (-inf - m) * 0 is NaN
+  const A d = b.m - a.m;
+  const A f = exp_(d);
+  const A sb = A(1) + b.r;
+  return Partial<A>{a.m, a.r + sb * f, a.u + f * (b.u + d * sb)};
+}
+
+// Re-express p with a larger max M > p.m whose (designated) column is NOT in p: callers then add the
+// chunk holding M with add_column and settle ties with settle_ties(designated = 1).
+template <typename A>
+HK_HD Partial<A> raise_max(const Partial<A>& p, A M) {
+  if (p.m == neg_inf<A>()) return Partial<A>{M, A(0), A(0)};
+  const A d = p.m - M;
+  const A f = exp_(d);
+  const A s = A(1) + p.r;
+  return Partial<A>{M, s * f, f * (p.u + d * s)};
+}
+
+// One column x <= p.m (p.m finite). Columns equal to the max are counted in `ties` instead of adding
+// e = 1 to r; NaN columns land in r (x == m is false) and poison it, as they should.
+template <typename A>
+HK_HD void add_column(Partial<A>& p, A x, A& ties) {
+  const A d = x - p.m;
+  const A e = exp_(d);
+  const bool tie = d == A(0);
+  p.r += tie ? A(0) : e;
+  ties += tie ? A(1) : A(0);
+  p.u += shifted_term(d, e);
+}
+
+// After a chunk: every tie adds 1 to r except the designated argmax when the chunk raised the max.
+template <typename A>
+HK_HD void settle_ties(Partial<A>& p, A ties, A designated) {
+  p.r += ties - designated;
+}
+
+// Add one column x of any size (scalar heads/tails).
+template <typename A>
+HK_HD void push(Partial<A>& p, A x) {
+  p = merge(p, Partial<A>{x, A(0), A(0)});
+}
+
+// Public (m, s, t) <-> internal (m, r, u) for vocab-sharded callers (s = sum e^{x-m}, t = sum x e^{x-m}).
+template <typename A>
+HK_HD A public_t(const Partial<A>& p) {
+  return p.m == neg_inf<A>() ? A(0) : p.u + p.m * (A(1) + p.r);
+}
+template <typename A>
+HK_HD Partial<A> from_public(A m, A s, A t) {
+  return m == neg_inf<A>() ? empty_partial<A>() : Partial<A>{m, s - A(1), t - m * s};
+}
+
+// lse = m + log1p(r), H = log1p(r) - u/(1 + r) (>= 0 mathematically: rounding below 0 is clamped, NaN
+// kept). log1p keeps log s accurate when s = 1 + tiny (a dominant logit), where log(s) would be 0.
+template <typename A>
+HK_HD void finalize(const Partial<A>& p, A& lse, A& H) {
+  const A ls = log1p_(p.r);
+  lse = p.m + ls;
+  const A h = ls - p.u / (A(1) + p.r);
+  H = h < A(0) ? A(0) : h;
+}
+
+// log p_y = (x_y - m) - log1p(r): no rounding of the (possibly large) lse in between.
+template <typename A>
+HK_HD A logprob(const Partial<A>& p, A x_y) {
+  return (x_y - p.m) - log1p_(p.r);
+}
+
+// ----------------------------------------------------------------------------------------------
+// backward
+// ----------------------------------------------------------------------------------------------
+// p_j for a column j (x scaled by 1/tau). Returned separately so callers can sum sum_{j != y} p_j.
+template <typename A>
+HK_HD A prob(A x, A lse) {
+  return exp_(x - lse);
+}
+
+// dz_j for j != y, given p = prob(x, lse). p == 0 (underflow, -inf logit) gives exactly 0.
+template <typename A>
+HK_HD A grad_other(A x, A p, A lse, A H, A g, A k, A inv_tau) {
+  A ent = p > A(0) ? p * ((x - lse) + H) : A(0);
+  return inv_tau * (-(g * p) - k * ent);
+}
+
+// dz_y for the label column. q = sum_{j != y} p_j (= 1 - p_y with a small relative error).
+// p_y <= 1/2: 1 - p_y from p_y directly (its absolute error is p_y * ulp(lse), small);
+// p_y  > 1/2: 1 - p_y = q and log p_y = log1p(-q), which stay accurate as p_y -> 1.
+template <typename A>
+HK_HD A grad_label(A x_y, A q, A lse, A H, A g, A k, A inv_tau) {
+  A lp = x_y - lse;
+  A p = exp_(lp);
+  A one_minus_p = A(1) - p;
+  if (p > A(0.5)) {
+    one_minus_p = q;
+    lp = log1p_(-q);
+    p = A(1) - q;
+  }
+  A ent = p > A(0) ? p * (lp + H) : A(0);
+  return inv_tau * (g * one_minus_p - k * ent);
+}
+
+}  // namespace hk

@@ -1,0 +1,44 @@
+"""CPU fused entropy + log-prob rows: launchers over torch.ops.hero_kernels_cpp (no autograd here).
+
+forward(logits [N, V], labels [N] int64, opts) -> (logp, H, lse), each fp32 [N]
+backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits [N, V] in logits.dtype
+
+logits: last-dim stride 1, any row stride; bf16 / fp16 / fp32 / fp64. Masked rows (label ==
+opts.ignore_index) give 0 outputs and 0 gradient. ``out`` may be ``logits`` itself (in-place backward),
+or a float32 [N, V] tensor (used by the fused LM-head path to keep dlogits in fp32).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hero_kernels._cpp_build import require_cpu
+from hero_kernels.options import RowOptions
+
+__all__ = ["forward", "backward"]
+
+
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    ops = require_cpu()
+    return ops.entropy_logprob_fwd(logits, labels, opts.inv_temperature, opts.ignore_index)
+
+
+def backward(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Tensor,
+    grad_H: Tensor,
+    opts: RowOptions,
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    ops = require_cpu()
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ops.entropy_logprob_bwd(
+        logits, labels, lse, H, grad_logp, grad_H, opts.inv_temperature, opts.ignore_index, out
+    )
+    return out

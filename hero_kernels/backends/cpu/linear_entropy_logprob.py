@@ -1,0 +1,105 @@
+"""CPU fused LM head + entropy + log-prob: token chunks through torch.matmul, then the fused C++ rows.
+
+forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64, opts) -> (logp, H, lse) fp32 [N]
+backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
+    -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] | None)
+
+Memory: logits never exist for all N rows at once; a [chunk, V] buffer (about CHUNK_ELEMENTS elements) is
+computed, consumed by the row kernel, and (backward) recomputed and turned into dlogits in place.
+Masked rows (label == ignore_index) are dropped before any GEMM. grad_weight / grad_bias accumulate
+across chunks in fp32 (fp64 for fp64 weights): summing bf16 partials skews training (axolotl #1601).
+No autograd here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hero_kernels._cpp_build import require_cpu
+from hero_kernels.options import RowOptions
+
+__all__ = ["forward", "backward", "CHUNK_ELEMENTS"]
+
+#: Target size of the [chunk, V] logits buffer, in elements (16 MiB of fp32): big enough for efficient
+#: GEMMs, small enough to stay near the caches.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk_rows(n: int, V: int) -> int:
+    return max(1, min(n, CHUNK_ELEMENTS // max(V, 1)))
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """h [c, D] @ weight.T (+ bias) -> [c, V] in h.dtype (torch's CPU GEMMs accumulate in fp32)."""
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def _valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.nonzero(labels != ignore_index).flatten()
+
+
+def forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
+) -> Tuple[Tensor, Tensor, Tensor]:
+    ops = require_cpu()
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
+    rows = _valid_rows(labels, opts.ignore_index)
+    step = _chunk_rows(rows.numel(), V)
+    for s in range(0, rows.numel(), step):
+        idx = rows[s : s + step]
+        z = _logits(hidden.index_select(0, idx), weight, bias)
+        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
+        logp.index_copy_(0, idx, lp)
+        H.index_copy_(0, idx, h)
+        lse.index_copy_(0, idx, ls)
+    return logp, H, lse
+
+
+def backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Tensor,
+    grad_H: Tensor,
+    opts: RowOptions,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    ops = require_cpu()
+    V, D = weight.shape
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_hidden = torch.zeros_like(hidden)
+    dW = torch.zeros((V, D), dtype=acc, device=weight.device)
+    db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    rows = _valid_rows(labels, opts.ignore_index)
+    step = _chunk_rows(rows.numel(), V)
+    for s in range(0, rows.numel(), step):
+        idx = rows[s : s + step]
+        h = hidden.index_select(0, idx)
+        z = _logits(h, weight, bias)
+        # fp32/fp64 logits: dlogits overwrite them in place. bf16/fp16: dlogits go to an fp32 buffer so the
+        # grad_weight GEMM sees unrounded values (dh still uses the weight's dtype).
+        dz = z if z.dtype in (torch.float32, torch.float64) else torch.empty(z.shape, dtype=torch.float32)
+        ops.entropy_logprob_bwd(
+            z,
+            labels.index_select(0, idx),
+            lse.index_select(0, idx),
+            H.index_select(0, idx),
+            grad_logp.index_select(0, idx),
+            grad_H.index_select(0, idx),
+            opts.inv_temperature,
+            opts.ignore_index,
+            dz,
+        )
+        dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
+        grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
+        dW.addmm_(dz.t().to(acc), h.to(acc))
+        if db is not None:
+            db += dz.sum(0, dtype=acc)
+    return grad_hidden, dW.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
