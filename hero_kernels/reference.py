@@ -33,6 +33,7 @@ __all__ = [
     "grpo_token_loss",
     "aggregate_loss",
     "hero_loss",
+    "hero_metrics",
 ]
 
 
@@ -72,22 +73,35 @@ def entropy_logprob_backward(
     temperature: float = 1.0,
     ignore_index: int = -100,
     dtype: torch.dtype = torch.float64,
+    *,
+    lse: Optional[Tensor] = None,
+    H: Optional[Tensor] = None,
+    vocab_start: int = 0,
 ) -> Tensor:
     """Closed-form dL/dlogits (DESIGN.md): (1/tau) [g (1[j=y] - p) - k p (log p + H)].
 
     logits: [..., V]; labels, grad_logp (g), grad_entropy (k): [...]. None means zero.
     Returns [..., V] in ``dtype``; masked rows are 0.
+
+    Vocab shards (tensor parallel): pass the GLOBAL ``lse`` and ``H`` ([...]) and the shard's first column
+    ``vocab_start``; ``logits`` are then the shard's columns and ``labels`` stay global ids (the one-hot
+    term appears only in the shard that holds the label). By default lse and H come from ``logits``.
     """
     x = logits.to(dtype) / temperature
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    logq = x - lse
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1)
+    logq = x - lse.to(dtype).unsqueeze(-1)
     p = logq.exp()
-    H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1, keepdim=True)
+    if H is None:
+        H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+    H = H.to(dtype).unsqueeze(-1)
     valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    local = labels.long() - vocab_start
+    inside = valid & (local >= 0) & (local < x.shape[-1])
+    safe = torch.where(inside, local, torch.zeros_like(local))
     g = torch.zeros_like(H) if grad_logp is None else grad_logp.to(dtype).unsqueeze(-1)
     k = torch.zeros_like(H) if grad_entropy is None else grad_entropy.to(dtype).unsqueeze(-1)
-    onehot = torch.zeros_like(p).scatter_(-1, safe.unsqueeze(-1), 1.0)
+    onehot = torch.zeros_like(p).scatter_(-1, safe.unsqueeze(-1), inside.to(dtype).unsqueeze(-1))
     dz = g * (onehot - p) - k * torch.where(p > 0, p * (logq + H), torch.zeros_like(p))
     dz = dz / temperature
     return torch.where(valid.unsqueeze(-1), dz, torch.zeros_like(dz))
@@ -258,3 +272,99 @@ def aggregate_loss(
         den = normalizer if normalizer is not None else max(len(torch.unique(ids).tolist()), 1)
         return lv.sum() / max_len / den
     raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+def hero_loss(
+    hidden_or_logits: Tensor,
+    labels: Tensor,
+    advantages: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    temperature: float = 1.0,
+    kappa: float = 1.0,
+    entropy_weighting: bool = True,
+    entropy_grad: bool = False,
+    weight_on: str = "all",
+    loss_agg: str = "seq-mean-token-mean",
+    seq_ids: Optional[Tensor] = None,
+    normalizer: Optional[float] = None,
+    max_len: Optional[int] = None,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, dict]:
+    """The unfused HERO objective: entropy_logprob -> entropy_weights -> grpo_token_loss -> aggregate_loss.
+
+    Same arguments as ``hero_kernels.hero_loss``: logits [B, T, V] (or hidden [B, T, D] with ``weight``)
+    and labels [B, T] with one response per row, or any shape plus ``seq_ids`` shaped like labels.
+    advantages [B] (per row) or shaped like labels. Differentiable (float64 autograd) w.r.t. the inputs.
+    Returns (loss, parts) with parts = flat [N] tensors logp, H, w, pg, kl, ratio, seq_ids (-1 = masked),
+    advantages, and the scalar metrics of ``hero_metrics``.
+    """
+    if weight is not None:
+        logp, H, _ = linear_entropy_logprob(hidden_or_logits, weight, labels, bias, temperature, ignore_index, dtype)
+    else:
+        logp, H, _ = entropy_logprob(hidden_or_logits, labels, temperature, ignore_index, dtype)
+    valid = (labels != ignore_index).reshape(-1)
+    if seq_ids is None:
+        B, T = labels.shape
+        ids = torch.arange(B, device=labels.device).unsqueeze(1).expand(B, T).reshape(-1)
+        if max_len is None:
+            max_len = T
+    else:
+        ids = seq_ids.reshape(-1).long()
+    ids = torch.where(valid & (ids >= 0), ids, torch.full_like(ids, -1))
+    A = advantages.to(dtype)
+    if seq_ids is None and A.dim() == 1:
+        A = A.unsqueeze(1).expand(labels.shape)
+    A = A.reshape(-1)
+    logp, H = logp.reshape(-1), H.reshape(-1)
+    if entropy_weighting:
+        w = entropy_weights(H if entropy_grad else H.detach(), ids, kappa, weight_on, A)
+    else:
+        w = (ids >= 0).to(dtype)
+    old = None if old_logp is None else old_logp.reshape(-1).to(dtype)
+    ref = None if ref_logp is None else ref_logp.reshape(-1).to(dtype)
+    loss_tok, pg, kl, ratio = grpo_token_loss(logp, A, old, ref, w, beta, eps_low, eps_high)
+    loss = aggregate_loss(loss_tok, ids, loss_agg, normalizer, max_len)
+    parts = dict(logp=logp, H=H, w=w, pg=pg, kl=kl, ratio=ratio, seq_ids=ids, advantages=A)
+    parts.update(hero_metrics(H, w, ratio, kl, A, ids, eps_low, eps_high))
+    return loss, parts
+
+
+def hero_metrics(
+    H: Tensor, w: Tensor, ratio: Tensor, kl: Tensor, advantages: Tensor, seq_ids: Tensor, eps_low: float, eps_high: float
+) -> dict:
+    """The logged statistics of one hero_loss call (Python floats), from flat [N] tensors; seq_ids < 0 masked.
+
+    Means are over valid tokens; weights/effective_tokens is 1 / sum_i (w_i / L_s)^2 averaged over responses.
+    Clip fractions follow TRL / verl: low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0.
+    """
+    valid = seq_ids >= 0
+    n = int(valid.sum())
+    if n == 0:
+        keys = ("entropy/mean", "entropy/min", "entropy/max", "weights/max", "weights/effective_tokens",
+                "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "tokens", "responses")
+        return {k: 0.0 for k in keys}
+    Hv, wv, rv, kv, Av = (t.detach()[valid].double() for t in (H, w, ratio, kl, advantages))
+    eff = []
+    for s in torch.unique(seq_ids[valid]).tolist():
+        ws = w.detach()[seq_ids == s].double()
+        eff.append(float(1.0 / ((ws / ws.numel()) ** 2).sum()))
+    return {
+        "entropy/mean": float(Hv.mean()),
+        "entropy/min": float(Hv.min()),
+        "entropy/max": float(Hv.max()),
+        "weights/max": float(wv.max()),
+        "weights/effective_tokens": sum(eff) / len(eff),
+        "clip_ratio/low_mean": float(((rv < 1 - eps_low) & (Av < 0)).double().mean()),
+        "clip_ratio/high_mean": float(((rv > 1 + eps_high) & (Av > 0)).double().mean()),
+        "kl": float(kv.mean()),
+        "tokens": float(n),
+        "responses": float(len(eff)),
+    }

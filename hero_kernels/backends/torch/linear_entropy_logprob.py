@@ -1,0 +1,145 @@
+"""Fused LM head, chunked PyTorch path (``impl="torch"``): the reference math, one row chunk at a time.
+
+Shapes: hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp, H, lse) fp32 [N];
+backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, grad_bias [V] | None).
+
+Each chunk of C valid rows builds its fp32 logits [C, V] with ``reference.linear_logits`` and calls
+``reference.entropy_logprob`` / ``reference.entropy_logprob_backward`` (dtype=float32) on it; nothing
+re-derives the formulas here. Masked rows (``ignore_index``) are dropped before any GEMM. Gradients
+accumulate in fp32 over chunks and are cast to the input dtypes at the end. float64 inputs (CPU only)
+are computed in float64 throughout (outputs logp / H / lse still fp32, per the backend interface).
+
+Memory: the reference functions hold ~10 fp32 [C, V] temporaries, so the peak extra memory is
+O(C * V) for the chunk plus the fp32 copies / accumulators O(N * D + V * D) (fp32 weight copy when the
+weight is 16-bit, fp32 grad_weight and grad_hidden accumulators), never O(N * V). C is chosen so one fp32
+[C, V] chunk stays under ``TorchChunkConfig.max_chunk_bytes``.
+
+The backward takes the saved (lse, H) for interface parity but recomputes them inside the reference
+backward from the chunk's logits; both are the same quantities of the same row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hero_kernels import reference
+from hero_kernels.options import RowOptions
+
+__all__ = ["TorchChunkConfig", "forward", "backward", "chunk_rows"]
+
+
+@dataclass(frozen=True)
+class TorchChunkConfig:
+    """max_chunk_bytes: budget of ONE fp32 [rows, V] chunk tensor; min_rows: lower bound on rows per chunk."""
+
+    max_chunk_bytes: int = 16 << 20
+    min_rows: int = 8
+
+    def __post_init__(self):
+        if self.max_chunk_bytes <= 0 or self.min_rows < 1:
+            raise ValueError(f"TorchChunkConfig needs max_chunk_bytes > 0 and min_rows >= 1, got {self}")
+
+
+_DEFAULT = TorchChunkConfig()
+
+
+def chunk_rows(V: int, config: Optional[TorchChunkConfig] = None) -> int:
+    """Rows per chunk so that an fp32 [rows, V] tensor fits the budget."""
+    cfg = config or _DEFAULT
+    return max(cfg.min_rows, cfg.max_chunk_bytes // (4 * max(V, 1)))
+
+
+def _valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.nonzero(labels != ignore_index).squeeze(1)
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """fp32 math for 16/32-bit inputs; float64 inputs (CPU) keep float64 so gradcheck-level accuracy holds."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _cast(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if x is None else x.to(dtype)
+
+
+def forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    opts: RowOptions,
+    config: Optional[TorchChunkConfig] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp, H, lse), each fp32 [N]; masked rows 0."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    # Three separate tensors: the public custom op may not return outputs that alias each other.
+    out = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    idx = _valid_rows(labels, opts.ignore_index)
+    if idx.numel() == 0:
+        return out
+    cd = _compute_dtype(hidden)
+    # One fp32 copy of the (possibly 16-bit) weight, reused by every chunk (no-op for fp32).
+    w32, b32 = weight.to(cd), _cast(bias, cd)
+    C = chunk_rows(V, config)
+    for start in range(0, idx.numel(), C):
+        rows = idx[start:start + C]
+        z = reference.linear_logits(hidden.index_select(0, rows), w32, b32, cd)
+        res = reference.entropy_logprob(z, labels.index_select(0, rows), opts.temperature, opts.ignore_index, dtype=cd)
+        del z
+        for o, r in zip(out, res):
+            o.index_copy_(0, rows, r.to(torch.float32))
+    return out
+
+
+def backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_H: Optional[Tensor],
+    opts: RowOptions,
+    config: Optional[TorchChunkConfig] = None,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients accumulated in fp32 over row chunks, cast to the input dtypes at the end."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    idx = _valid_rows(labels, opts.ignore_index)
+    if idx.numel() == 0:
+        return (torch.zeros_like(hidden), torch.zeros_like(weight),
+                None if bias is None else torch.zeros_like(bias))
+    cd = _compute_dtype(hidden)
+    w32, b32 = weight.to(cd), _cast(bias, cd)
+    dh = torch.zeros((N, D), dtype=cd, device=dev)
+    dw = torch.zeros((V, D), dtype=cd, device=dev)
+    db = torch.zeros((V,), dtype=cd, device=dev) if bias is not None else None
+    g_all, k_all = _cast(grad_logp, cd), _cast(grad_H, cd)
+    C = chunk_rows(V, config)
+    for start in range(0, idx.numel(), C):
+        rows = idx[start:start + C]
+        h32 = hidden.index_select(0, rows).to(cd)
+        z = reference.linear_logits(h32, w32, b32, cd)
+        dz = reference.entropy_logprob_backward(
+            z,
+            labels.index_select(0, rows),
+            None if g_all is None else g_all.index_select(0, rows),
+            None if k_all is None else k_all.index_select(0, rows),
+            opts.temperature,
+            opts.ignore_index,
+            dtype=cd,
+        )
+        del z
+        dh.index_copy_(0, rows, dz @ w32)
+        dw.addmm_(dz.t(), h32)  # in place: no [V, D] temporary per chunk
+        if db is not None:
+            db += dz.sum(0)
+        del dz
+    grad_bias = None if db is None else db.to(bias.dtype)
+    return dh.to(hidden.dtype), dw.to(weight.dtype), grad_bias

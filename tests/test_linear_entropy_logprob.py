@@ -1,0 +1,327 @@
+"""Fused LM head backends (Triton, chunked torch) against the float64 reference (hero_kernels/reference.py).
+
+Without a GPU the Triton kernels run in the interpreter on CPU tensors (TRITON_INTERPRET=1, set by
+tests/conftest.py and, defensively, here before triton is imported).
+
+Acceptance rule (developers' guide): error vs float64 <= 2 x the error of the same-dtype PyTorch
+computation + a small floor. The same-dtype PyTorch computation is autograd through the reference
+functions with the matmul in the input dtype and the softmax math in fp32, i.e. eager
+``(hidden @ W.T).float()`` then log_softmax / entropy / gather. Gradients use random upstream gradients
+on both logp and H.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hero_kernels import reference as R  # noqa: E402
+from hero_kernels.backends.torch import linear_entropy_logprob as TB  # noqa: E402
+from hero_kernels.options import RowOptions  # noqa: E402
+
+try:
+    from hero_kernels.backends.triton import linear_entropy_logprob as K
+except ImportError:  # triton not installed: only the torch path is tested
+    K = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_triton = pytest.mark.skipif(K is None or (DEVICE == "cpu" and not INTERPRET),
+                                  reason="triton missing, or no GPU and TRITON_INTERPRET unset")
+
+# Discarded branches (log 0 on padded lanes) can raise numpy warnings in the interpreter.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+def _problem(N, D, V, dtype, bias=True, n_masked=3, seed=0, confident_row=True):
+    """Random LM-head problem. One row is made very confident (p(label) -> 1) to catch the low-precision
+    cancellation in 1 - p; a few rows are masked."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen)
+    W = torch.randn(V, D, generator=gen) / math.sqrt(D) * 3.0
+    b = torch.randn(V, generator=gen) if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    if n_masked:
+        y[torch.randperm(N, generator=gen)[:n_masked]] = IGNORE
+    if confident_row and N > 1:
+        r = int(torch.nonzero(y != IGNORE)[0])
+        h[r] = W[y[r]] * 4.0  # logit of the label far above the rest
+    g = torch.randn(N, generator=gen)
+    k = torch.randn(N, generator=gen)
+    to = lambda x: None if x is None else x.to(dtype).to(DEVICE)  # noqa: E731
+    return to(h), to(W), to(b), y.to(DEVICE), g.to(DEVICE), k.to(DEVICE)
+
+
+def _reference(h, W, b, y, g, k, tau):
+    vals = R.linear_entropy_logprob(h, W, y, b, tau, IGNORE)
+    grads = R.linear_entropy_logprob_backward(h, W, y, g, k, b, tau, IGNORE)
+    return vals, grads
+
+
+def _same_dtype_torch(h, W, b, y, g, k, tau):
+    """Eager PyTorch in the input dtype: matmul in h.dtype, softmax math in fp32, autograd backward."""
+    h_ = h.detach().clone().requires_grad_()
+    W_ = W.detach().clone().requires_grad_()
+    b_ = None if b is None else b.detach().clone().requires_grad_()
+    z = R.linear_logits(h_, W_, b_, h.dtype)
+    logp, H, lse = R.entropy_logprob(z, y, tau, IGNORE, dtype=torch.float32)
+    (logp * g + H * k).sum().backward()
+    return (logp.detach(), H.detach(), lse.detach()), (h_.grad, W_.grad, None if b is None else b_.grad)
+
+
+def _err(x, ref):
+    return (x.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+def _check(name, got, ref, base, floor):
+    e, eb = _err(got, ref), _err(base, ref)
+    scale = ref.abs().max().item()
+    assert e <= 2.0 * eb + floor * max(scale, 1.0), f"{name}: error {e:.3e} vs same-dtype torch {eb:.3e}"
+
+
+def _check_all(fwd, bwd, h, W, b, y, g, k, tau):
+    vals_ref, grads_ref = _reference(h, W, b, y, g, k, tau)
+    vals_base, grads_base = _same_dtype_torch(h, W, b, y, g, k, tau)
+    logp, H, lse = fwd
+    for name, got, ref, base in zip(("logp", "H", "lse"), (logp, H, lse), vals_ref, vals_base):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        _check(name, got, ref, base, 2e-6)
+    valid = (y != IGNORE).cpu()
+    # Invariants on valid rows; masked rows are exactly 0.
+    V = W.shape[0]
+    assert (H.cpu()[valid] >= -1e-5).all() and (H.cpu()[valid] <= math.log(V) + 1e-4).all()
+    assert (logp.cpu()[valid] <= 1e-5).all()
+    for x in (logp, H, lse):
+        assert (x.cpu()[~valid] == 0).all()
+    dh, dW, db = bwd
+    assert dh.dtype == h.dtype and dW.dtype == W.dtype and dh.shape == h.shape and dW.shape == W.shape
+    assert (db is None) == (b is None)
+    for name, got, ref, base in zip(("grad_hidden", "grad_weight", "grad_bias"), bwd, grads_ref, grads_base):
+        if ref is None:
+            continue
+        _check(name, got, ref, base, 2e-6)
+    assert (dh.cpu()[~valid] == 0).all()
+
+
+# Small tiles: several row blocks, vocab tiles, K steps and D chunks even at N=37, D=96, V=1003.
+def _small_config(dtype, **kw):
+    small = dict(fwd=K.Tile(16, 64, 32), dh=K.Tile(16, 64, 32, 32), dw=K.Tile(16, 64, 32, 32),
+                 atomic=K.Tile(16, 64, 32, 32))
+    return replace(K.default_config(dtype), **small, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize(
+    "dtype,bias,tau,small",
+    [
+        (torch.float32, True, 0.7, True),
+        (torch.float32, False, 1.0, False),
+        (torch.bfloat16, True, 1.3, False),
+        (torch.bfloat16, False, 0.7, True),
+    ],
+)
+def test_triton_matches_reference(dtype, bias, tau, small):
+    """N=37, D=96, V=1003: V and D are multiples of no block, masked rows, temperature != 1.
+    ``small`` uses 16x64 tiles with 3 vocab splits in the forward and 2 in the dh kernel."""
+    h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
+    cfg = _small_config(dtype, vocab_splits=3, dh_splits=2) if small else None
+    opts = RowOptions(temperature=tau, ignore_index=IGNORE)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
+
+
+@needs_triton
+def test_triton_fp16_odd_hidden_size_strided_input():
+    """D=50 (padded to 64 inside the launcher), fp16, hidden a strided view, no bias."""
+    h, W, b, y, g, k = _problem(21, 50, 300, torch.float16, bias=False, n_masked=2)
+    big = torch.zeros(21, 80, dtype=h.dtype, device=h.device)
+    big[:, 7:57] = h
+    hv = big[:, 7:57]  # row stride 80, misaligned base
+    opts = RowOptions(temperature=0.9)
+    logp, H, lse = K.forward(hv, W, None, y, opts)
+    bwd = K.backward(hv, W, None, y, lse, H, g, k, opts)
+    _check_all((logp, H, lse), bwd, h, W, None, y, g, k, 0.9)
+
+
+@needs_triton
+def test_triton_atomic_backward_matches_reference():
+    h, W, b, y, g, k = _problem(37, 96, 1003, torch.float32)
+    cfg = replace(K.default_config(torch.float32), deterministic=False)
+    opts = RowOptions(temperature=0.8)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    _check_all((logp, H, lse), bwd, h, W, b, y, g, k, 0.8)
+
+
+@needs_triton
+def test_triton_backward_is_deterministic():
+    h, W, b, y, g, k = _problem(37, 96, 1003, torch.bfloat16)
+    cfg = replace(K.default_config(torch.bfloat16), dh_splits=3)
+    opts = RowOptions()
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    first = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    second = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@needs_triton
+def test_triton_padding_columns_contribute_nothing():
+    """All logits very negative and V a multiple of no block: a padded column counted as logit 0 would
+    dominate lse and the entropy (the verl V=151936 bug)."""
+    h, W, _, y, g, k = _problem(19, 32, 1003, torch.float32, n_masked=0, confident_row=False)
+    b = torch.full((1003,), -60.0, device=h.device)
+    opts = RowOptions()
+    logp, H, lse = K.forward(h, W * 0.1, b, y, opts)
+    ref = R.linear_entropy_logprob(h, W * 0.1, y, b)
+    assert (lse < -50).all()
+    for got, r in zip((logp, H, lse), ref):
+        assert _err(got, r) < 1e-4
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [0, 5])
+def test_triton_empty_and_all_masked(n):
+    h, W, b, y, g, k = _problem(max(n, 1), 32, 100, torch.float32, n_masked=0)
+    h, y, g, k = h[:n], torch.full((n,), IGNORE, device=h.device), g[:n], k[:n]
+    opts = RowOptions()
+    logp, H, lse = K.forward(h, W, b, y, opts)
+    assert logp.shape == (n,) and not logp.any() and not H.any() and not lse.any()
+    dh, dW, db = K.backward(h, W, b, y, lse, H, g, k, opts)
+    assert dh.shape == h.shape and dW.shape == W.shape and db.shape == b.shape
+    assert not dh.any() and not dW.any() and not db.any()
+
+
+@needs_triton
+def test_triton_rejects_bad_input():
+    h, W, b, y, g, k = _problem(4, 32, 50, torch.float32, n_masked=0)
+    with pytest.raises(TypeError, match="weight"):
+        K.forward(h, W.double(), b, y, RowOptions())
+    with pytest.raises(ValueError, match="bias"):
+        K.forward(h, W, b[:10], y, RowOptions())
+    with pytest.raises(ValueError, match="block_v"):
+        K.Tile(16, 48, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# chunked torch path
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype,bias,tau",
+    [(torch.float32, True, 0.7), (torch.float32, False, 1.0),
+     (torch.bfloat16, True, 1.3), (torch.bfloat16, False, 0.7)],
+)
+def test_torch_chunked_matches_reference(dtype, bias, tau):
+    """8 rows per chunk, so the 37 rows span several chunks."""
+    h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
+    cfg = TB.TorchChunkConfig(max_chunk_bytes=8 * 4 * 1003, min_rows=1)
+    assert TB.chunk_rows(1003, cfg) == 8
+    opts = RowOptions(temperature=tau)
+    logp, H, lse = TB.forward(h, W, b, y, opts, cfg)
+    bwd = TB.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
+
+
+def test_torch_chunked_empty_and_none_grads():
+    h, W, b, y, g, k = _problem(6, 16, 40, torch.float32, n_masked=0)
+    opts = RowOptions()
+    logp, H, lse = TB.forward(h[:0], W, b, y[:0], opts)
+    assert logp.shape == (0,)
+    dh, dW, db = TB.backward(h[:0], W, b, y[:0], lse, H, g[:0], k[:0], opts)
+    assert dh.shape == (0, 16) and not dW.any() and not db.any()
+    # None upstream gradient = 0.
+    logp, H, lse = TB.forward(h, W, b, y, opts)
+    dh, dW, db = TB.backward(h, W, b, y, lse, H, None, k, opts)
+    ref = R.linear_entropy_logprob_backward(h, W, y, None, k, b)
+    assert _err(dh, ref[0]) < 1e-4 and _err(dW, ref[1]) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU compile check (no GPU needed): every config for sm_80 and sm_90a, no spills
+# ----------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import json, sys
+from hero_kernels.backends.triton import linear_entropy_logprob as K
+print(json.dumps(K.compile_resource_report((int(sys.argv[1]),))))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(K is None, reason="triton missing")
+def test_gpu_compile_no_spills():
+    """Every KERNEL_CONFIGS entry for sm_80 and sm_90a (one subprocess per arch, in parallel), compiled with
+    the launchers' alignment attributes. triton.compile needs real JIT functions, which TRITON_INTERPRET=1
+    replaces, so the subprocesses run without that variable. Spills show up as STACK (LOCAL stays 0)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from hero_kernels.gpu_compile import cuobjdump_path
+
+    if cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(cc)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for cc in (80, 90)]
+    rows = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-4000:]
+        rows += json.loads(out.strip().splitlines()[-1])
+    assert len(rows) == 2 * len(K.KERNEL_CONFIGS)
+    for u in rows:
+        print(f"{u['config']:86s} {u['arch']:7s} registers={u['registers']:3d} shared={u['shared_bytes']:6d} "
+              f"local={u['local_bytes']} stack={u['stack_bytes']}")
+    spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
+    assert not spills, f"register spills: {spills}"
+
+
+# ----------------------------------------------------------------------------------------------
+# memory: chunked torch path vs eager PyTorch (benchmarks/bench_linear_memory.py, fresh subprocesses)
+# ----------------------------------------------------------------------------------------------
+def _memory(**kw):
+    from benchmarks.bench_linear_memory import measure
+
+    try:
+        return measure(**kw)
+    except RuntimeError as e:
+        if "cannot be measured" in str(e):
+            pytest.skip(str(e).splitlines()[-1])
+        raise
+
+
+def test_chunked_memory_within_15_percent_of_eager_small():
+    """N=2048, D=256, V=16000 with 2 MiB chunks (the default is 16 MiB for the full-size shape below)."""
+    from benchmarks.bench_linear_memory import MAX_RATIO
+
+    res = _memory(N=2048, D=256, V=16000, chunk_bytes=2 << 20)
+    print({v: res[v]["peak_extra_bytes"] for v in ("eager", "chunked")}, res["ratio"])
+    assert res["eager"]["peak_extra_bytes"] > 3 * 2048 * 16000 * 4  # eager holds several [N, V] fp32
+    assert res["ratio"] <= MAX_RATIO
+
+
+@pytest.mark.slow
+def test_chunked_memory_within_15_percent_of_eager_full_size():
+    """The benchmark's shape, N=8192, D=512, V=32000 fp32, default chunk size (a few minutes on 2 cores)."""
+    from benchmarks.bench_linear_memory import MAX_RATIO
+
+    res = _memory(N=8192, D=512, V=32000)
+    print({v: res[v]["peak_extra_bytes"] for v in ("eager", "chunked")}, res["ratio"])
+    assert res["ratio"] <= MAX_RATIO

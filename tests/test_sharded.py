@@ -1,0 +1,194 @@
+"""Vocab-sharded (tensor-parallel) fused LM head: two shards (V = 500 + 503) against the unsharded float64
+reference, simulated in one process (torch path and Triton path) and with two real gloo processes."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hero_kernels import reference as R  # noqa: E402
+from hero_kernels import sharded as S  # noqa: E402
+from hero_kernels.options import RowOptions  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAVE_TRITON or (DEVICE == "cpu" and not INTERPRET), reason="triton missing, or no GPU and no interpreter"))]
+
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
+IGNORE = -100
+N, D, V, SPLIT = 37, 96, 1003, 500
+
+
+def _problem(dtype=torch.float32, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen)
+    W = torch.randn(V, D, generator=gen) / math.sqrt(D) * 3.0
+    b = torch.randn(V, generator=gen) if bias else None
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[:3] = torch.tensor([5, SPLIT + 7, V - 1])  # labels in both shards, incl. the last column
+    y[[4, 20]] = IGNORE
+    g, k = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    to = lambda x: None if x is None else x.to(dtype).to(DEVICE)  # noqa: E731
+    return to(h), to(W), to(b), y.to(DEVICE), g.to(DEVICE), k.to(DEVICE)
+
+
+def _shards(W, b):
+    """[(weight shard, bias shard, vocab_start)] for V = 500 + 503."""
+    cut = [(0, SPLIT), (SPLIT, V)]
+    return [(W[a:e], None if b is None else b[a:e], a) for a, e in cut]
+
+
+def _err(x, ref):
+    return (x.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_two_shards_match_unsharded(impl, bias):
+    h, W, b, y, g, k = _problem(bias=bias)
+    opts = RowOptions(temperature=0.8, ignore_index=IGNORE)
+    parts = [S.shard_partials(h, Ws, y, start, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    valid = (y != IGNORE).cpu()
+
+    # Each shard's partials are reference.row_partials of its own columns (label_x: x[label] or 0).
+    for (Ws, bs, start), p in zip(_shards(W, b), parts):
+        x = R.linear_logits(h, Ws, bs, torch.float64) / 0.8
+        m, s, t = R.row_partials(x)
+        for got, ref in zip(p[:3], (m, s, t)):
+            assert _err(got[valid], ref.cpu()[valid]) < 1e-4 * (1 + ref.abs().max().item())
+        assert torch.isinf(p.m.cpu()[~valid]).all() and not p.s.cpu()[~valid].any()
+
+    merged = S.merge_stacked_partials(S.stack_partials(parts))
+    logp, H, lse = S.finalize(merged, y, opts)
+    ref_vals = R.linear_entropy_logprob(h, W, y, b, 0.8, IGNORE)
+    for got, ref in zip((logp, H, lse), ref_vals):
+        assert got.dtype == torch.float32
+        assert _err(got, ref) < 2e-5 * (1 + ref.abs().max().item())
+    assert not logp.cpu()[~valid].any() and not H.cpu()[~valid].any()
+
+    # Backward per shard with the GLOBAL lse / H: shard grads concatenate, grad_hidden shares sum.
+    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    dh = sum(o[0] for o in outs)
+    dW = torch.cat([o[1] for o in outs])
+    ref_dh, ref_dW, ref_db = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 0.8, IGNORE)
+    assert outs[0][0].dtype == torch.float32 and dW.dtype == W.dtype
+    assert _err(dh, ref_dh) < 2e-5 * (1 + ref_dh.abs().max().item())
+    assert _err(dW, ref_dW) < 2e-5 * (1 + ref_dW.abs().max().item())
+    if bias:
+        db = torch.cat([o[2] for o in outs])
+        assert _err(db, ref_db) < 2e-5 * (1 + ref_db.abs().max().item())
+    else:
+        assert all(o[2] is None for o in outs)
+
+
+def _same_dtype_torch(h, W, b, y, g, k, tau):
+    """Eager PyTorch in the input dtype (matmul in h.dtype, softmax math in fp32, autograd) for the
+    "<= 2x same-dtype PyTorch error" rule."""
+    h_, W_ = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    b_ = None if b is None else b.detach().clone().requires_grad_()
+    logp, H, lse = R.entropy_logprob(R.linear_logits(h_, W_, b_, h.dtype), y, tau, IGNORE, dtype=torch.float32)
+    (logp * g + H * k).sum().backward()
+    return (logp.detach(), H.detach(), lse.detach()), (h_.grad, W_.grad, None if b is None else b_.grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_two_shards_bf16(impl):
+    """bf16 weights: error vs float64 within 2x the same-dtype eager PyTorch error (+ a small floor)."""
+    h, W, b, y, g, k = _problem(torch.bfloat16)
+    opts = RowOptions(temperature=1.2)
+    parts = [S.shard_partials(h, Ws, y, start, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    logp, H, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), y, opts)
+    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    dh = sum(o[0] for o in outs).to(torch.bfloat16)
+    dW = torch.cat([o[1] for o in outs])
+    db = torch.cat([o[2] for o in outs])
+    assert dW.dtype == torch.bfloat16 and db.dtype == torch.bfloat16
+    ref_vals = R.linear_entropy_logprob(h, W, y, b, 1.2)
+    ref_grads = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.2)
+    base_vals, base_grads = _same_dtype_torch(h, W, b, y, g, k, 1.2)
+    for got, ref, base in zip((logp, H, lse, dh, dW, db), ref_vals + ref_grads, base_vals + base_grads):
+        assert _err(got, ref) <= 2 * _err(base, ref) + 2e-6 * (1 + ref.abs().max().item())
+
+
+def test_merge_order_and_empty_shards():
+    """merge_stacked_partials == folding reference.merge_partials; an empty (all -inf) shard is neutral."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    pieces = [x[:, :10], x[:, 10:25], x[:, 25:]]
+    parts = [S.Partials(*R.row_partials(p), torch.zeros(5, dtype=torch.float64)) for p in pieces]
+    zero = torch.zeros(5, dtype=torch.float64)
+    empty = S.Partials(torch.full((5,), float("-inf"), dtype=torch.float64), zero, zero, zero)
+    merged = S.merge_stacked_partials(S.stack_partials(parts + [empty]))
+    m, s, t = R.row_partials(x)
+    assert torch.allclose(merged.m, m) and torch.allclose(merged.s, s) and torch.allclose(merged.t, t)
+    lse, H = R.finalize_partials(merged.m, merged.s, merged.t)
+    ref_logp, ref_H, ref_lse = R.entropy_logprob(x, torch.zeros(5, dtype=torch.long))
+    assert torch.allclose(lse, ref_lse) and torch.allclose(H, ref_H)
+
+
+def test_bad_arguments():
+    h, W, b, y, g, k = _problem()
+    with pytest.raises(ValueError, match="vocab_start"):
+        S.shard_partials(h, W, y, -1, b)
+    with pytest.raises(ValueError, match="impl"):
+        S.shard_partials(h, W, y, 0, b, impl="cuda")
+    with pytest.raises(ValueError, match="bias"):
+        S.shard_partials(h, W, y, 0, b[:3])
+    # Without a process group the collective helpers are no-ops.
+    p = S.shard_partials(h, W, y, 0, b)
+    assert S.all_reduce_partials(p) is p
+
+
+# ----------------------------------------------------------------------------------------------
+# two real processes (gloo): one collective merges the partials
+# ----------------------------------------------------------------------------------------------
+def _gloo_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        h, W, b, y, g, k = (None if x is None else x.cpu() for x in _problem())
+        Ws, bs, start = _shards(W, b)[rank]
+        opts = RowOptions(temperature=0.8)
+        logp, H, lse = S.sharded_linear_entropy_logprob(h, Ws, y, start, bs, opts, impl="torch")
+        dh, dW, db = S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl="torch")
+        S.all_reduce_grad_hidden(dh)
+        torch.save({"vals": (logp, H, lse), "dh": dh, "dW": dW, "db": db}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gloo_two_processes(tmp_path):
+    """Two spawned processes (~10-25 s on 2 busy cores, mostly importing torch twice)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    h, W, b, y, g, k = (None if x is None else x.cpu() for x in _problem())
+    ref_vals = R.linear_entropy_logprob(h, W, y, b, 0.8)
+    for a, c, ref in zip(r0["vals"], r1["vals"], ref_vals):
+        assert torch.equal(a, c)  # every rank merges the same gathered tensor in the same order
+        assert _err(a, ref) < 2e-5 * (1 + ref.abs().max().item())
+    ref_dh, ref_dW, ref_db = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 0.8)
+    assert torch.equal(r0["dh"], r1["dh"])
+    assert _err(r0["dh"], ref_dh) < 2e-5 * (1 + ref_dh.abs().max().item())
+    assert _err(torch.cat([r0["dW"], r1["dW"]]), ref_dW) < 2e-5 * (1 + ref_dW.abs().max().item())
+    assert _err(torch.cat([r0["db"], r1["db"]]), ref_db) < 2e-5 * (1 + ref_db.abs().max().item())
