@@ -1,0 +1,181 @@
+"""Atomic checkpoints and RNG state capture for exact resume.
+
+Layout under the run's ``output_dir``::
+
+    checkpoint-000002/state.pt     model, optimizer, scheduler, KL controller, RNG states, data position, step,
+                                   (reference model when it is a frozen copy of the initial policy)
+    checkpoint-000002/config.json  the run's config (for humans; the trainer's own config wins on resume)
+    latest                         text file naming the newest complete checkpoint directory
+
+Atomicity: a checkpoint is written into ``.tmp-checkpoint-...`` (files fsynced), then renamed into place with
+``os.replace`` (one atomic rename on POSIX), and only then is ``latest`` updated (temp file + ``os.replace``).
+A crash at any point leaves either the previous checkpoint or the new one, never a partial one; leftover
+``.tmp-*`` directories are ignored by ``find_checkpoint`` and removed by the next save.
+
+``state.pt`` is a pickle (it holds NumPy RNG state): only load checkpoints you wrote yourself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "capture_rng",
+    "restore_rng",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_checkpoint",
+    "list_checkpoints",
+    "atomic_write_text",
+    "atomic_export",
+]
+
+STATE_FILE = "state.pt"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def capture_rng() -> Dict[str, Any]:
+    """RNG states of python ``random``, NumPy's global generator, torch CPU and every CUDA device."""
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def restore_rng(st: Dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory + os.replace."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Atomically move directory ``tmp`` to ``final`` (an existing ``final`` is swapped out first)."""
+    if os.path.exists(final):
+        old = final + f".old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def list_checkpoints(output_dir: str) -> List[str]:
+    """Complete checkpoint directories (with state.pt), oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CKPT_RE.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(output_dir: str, step: int, state: Dict[str, Any], config: Optional[dict] = None,
+                    keep: int = 0) -> str:
+    """Write ``state`` (anything torch.save can pickle) as checkpoint ``step`` atomically; returns its path.
+
+    keep > 0 deletes the oldest complete checkpoints beyond ``keep`` (never the one just written).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # leftovers of a crashed save
+        if name.startswith(".tmp-checkpoint-") or ".old-" in name:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    name = f"checkpoint-{step:06d}"
+    final = os.path.join(output_dir, name)
+    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        path = os.path.join(tmp, STATE_FILE)
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if config is not None:
+            with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(os.path.join(output_dir, "latest"), name + "\n")
+    if keep > 0:
+        ckpts = [p for p in list_checkpoints(output_dir) if os.path.abspath(p) != os.path.abspath(final)]
+        for p in ckpts[: max(0, len(ckpts) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(output_dir: str) -> Optional[str]:
+    """Newest complete checkpoint: the one ``latest`` names if it is complete, else the highest step."""
+    latest = os.path.join(output_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest, encoding="utf-8") as f:
+            cand = os.path.join(output_dir, f.read().strip())
+        if os.path.isfile(os.path.join(cand, STATE_FILE)):
+            return cand
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint directory (or its state.pt) written by save_checkpoint."""
+    f = os.path.join(path, STATE_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"no checkpoint state at {f}")
+    # weights_only=False: the state holds NumPy/python RNG states; these files are our own.
+    return torch.load(f, map_location=map_location, weights_only=False)
+
+
+def atomic_export(path: str, write_fn) -> str:
+    """Run ``write_fn(tmp_dir)`` then move tmp_dir to ``path`` atomically (e.g. save_pretrained)."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write_fn(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,489 @@
+"""Trainer configuration: one dataclass tree, loadable from YAML, overridable from the command line.
+
+``TrainConfig`` holds the run-level fields (lr, steps, batch_size, ...) and one sub-dataclass per concern
+(``model``, ``data``, ``generation``, ``rewards``, ``advantages``, ``gate``, ``kl``, ``loss``). Every field has a
+comment saying what it does; the YAML file and the CLI use the same names, nested with dots::
+
+    hero train --config configs/tiny.yaml --lr 1e-5 --loss.kappa 0.5 --gate.keep_frac=0.8
+
+Values are typed by the dataclass field types (``int``, ``float``, ``bool``, ``str``, ``list[...]``): strings
+from YAML or the CLI are converted ("1e-5" is a float even though YAML 1.1 reads it as a string); a key that
+is not a field raises ``ConfigError`` naming the full dotted key; a value that does not convert raises naming
+the key and the expected type. ``validate()`` checks ranges and choices (also naming the field).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "GenerationConfig",
+    "RewardConfig",
+    "AdvantageConfig",
+    "GateConfig",
+    "KLConfig",
+    "LossConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "load_config",
+    "parse_override_args",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    # "tiny-llama": random-init LlamaForCausalLM built from the sizes below + an offline word-level tokenizer;
+    # "tiny-vlm": hero.tiny_vlm's random-init vision-language model; anything else: a local HF path / hub id.
+    name: str = "tiny-llama"
+    # tiny-llama / tiny-vlm only: transformer width.
+    hidden_size: int = 64
+    # tiny-llama / tiny-vlm only: number of decoder layers.
+    num_layers: int = 2
+    # tiny-llama / tiny-vlm only: attention heads.
+    num_heads: int = 4
+    # tiny-llama / tiny-vlm only: MLP width.
+    intermediate_size: int = 128
+    # tiny-llama only: LM-head rows; 0 = the offline tokenizer's size. Larger pads the vocabulary (e.g. to see
+    # the loss cost of a 32k vocab); sampled padding ids decode to nothing.
+    vocab_size: int = 0
+    # Parameter dtype: "float32" or "bfloat16" (bf16 also works on CPU for the torch backends).
+    dtype: str = "float32"
+    # "auto": flash_attention_2 when flash_attn is importable and the device is CUDA, else "sdpa";
+    # or any transformers attn_implementation ("sdpa", "eager", "flash_attention_2").
+    attn_implementation: str = "auto"
+    # Recompute decoder activations in backward (transformers' gradient checkpointing): less memory, ~30% slower.
+    gradient_checkpointing: bool = False
+    # Reference model for the KL term: "" = a frozen copy of the initial policy (saved in checkpoints);
+    # otherwise a path / id loaded like ``name``. Only built when the KL term is on (kl.beta > 0).
+    ref_model: str = ""
+
+
+@dataclass
+class DataConfig:
+    # "digits_pope" (hero.data.digits_pope, built offline) or "jsonl" (hero.data.jsonl rows from ``path``).
+    name: str = "digits_pope"
+    # JSONL file for name="jsonl".
+    path: str = ""
+    # Prompt text: a str.format template over the row's fields.
+    prompt_template: str = "{question}"
+    # Fields every row must have (rows without them are bad rows, see TrainConfig.on_bad_row).
+    required_fields: List[str] = field(default_factory=lambda: ["question", "answer"])
+    # Field holding the image for a vision-language model ("" = text-only: images are ignored).
+    image_field: str = "image"
+    # digits_pope: examples per POPE split (random / popular / adversarial).
+    n_per_split: int = 64
+    # digits_pope: Gaussian pixel-noise std on the 0..255 scale.
+    sigma: float = 0.0
+    # digits_pope: which splits to train on.
+    splits: List[str] = field(default_factory=lambda: ["random", "popular", "adversarial"])
+    # Reshuffle the rows every epoch (a deterministic permutation from seed + epoch, so resume is exact).
+    shuffle: bool = True
+
+
+@dataclass
+class GenerationConfig:
+    # G: sampled completions per prompt (a GRPO group); >= 2 (the group std needs two samples).
+    num_generations: int = 4
+    # Completion length cap; a completion without EOS by then is "clipped" (completions/clipped_ratio).
+    max_new_tokens: int = 32
+    # Sampling temperature; the loss uses the same value (log-probs of the distribution actually sampled).
+    temperature: float = 1.0
+    # Nucleus sampling (1.0 = off). Note: the loss scores the full tempered softmax, not the truncated one.
+    top_p: float = 1.0
+    # Top-k sampling (0 = off). Same caveat as top_p.
+    top_k: int = 0
+
+
+@dataclass
+class RewardConfig:
+    # Reward functions, summed with ``weights``: names from hero.rewards.REWARDS ("yes_no", "exact_match",
+    # "format", "nli") or "package.module:function". The FIRST one defines correctness for the gate's
+    # all-correct / all-wrong counts.
+    funcs: List[str] = field(default_factory=lambda: ["yes_no", "format"])
+    # One weight per function; empty = all 1.0.
+    weights: List[float] = field(default_factory=list)
+    # A first-reward value >= this counts as "correct" (gate/all_correct, gate/all_wrong).
+    correct_threshold: float = 0.5
+    # nli reward: local path / id of an AutoModelForSequenceClassification NLI model (+ its tokenizer).
+    nli_model: str = ""
+    # nli reward: row field holding the reference description (the premise).
+    nli_reference_field: str = "description"
+    # nli reward: "mean" or "min" of P(entail) - P(contradict) over the response's sentences.
+    nli_reduce: str = "mean"
+
+
+@dataclass
+class AdvantageConfig:
+    # A = (r - mean_group) / (std + eps); "group": std of the group, "batch": std of the whole batch,
+    # "none": A = r - mean_group (Dr. GRPO). std is Bessel-corrected (ddof=1), as in TRL.
+    scale: str = "group"
+    # eps added to the std (TRL's 1e-4).
+    eps: float = 1e-4
+
+
+@dataclass
+class GateConfig:
+    # Variance gate (VG-HNM): drop zero-variance groups, keep the top keep_frac of groups by reward variance.
+    # False = plain GRPO (every group trains, zero-variance ones only through the KL term).
+    enabled: bool = True
+    # Fraction of ALL groups in the batch to keep, ceil(keep_frac * n_groups), capped at the number of
+    # non-zero-variance groups; in (0, 1].
+    keep_frac: float = 0.6
+
+
+@dataclass
+class KLConfig:
+    # Initial KL coefficient beta on the k3 KL term (0 = no KL term, no reference model).
+    beta: float = 0.0
+    # Dynamic balancer: target KL per token; > 0 turns on the adaptive controller (Ziegler et al. 2019)
+    # e = clip(KL/target - 1, -clip, clip), beta <- beta * (1 + e * n / horizon). 0 = fixed beta.
+    target: float = 0.0
+    # Adaptive controller horizon (in samples; n = completions per step).
+    horizon: int = 10000
+    # Adaptive controller error clip.
+    clip: float = 0.2
+
+
+@dataclass
+class LossConfig:
+    # HERO weight temperature kappa: w ~ exp(-H / kappa) within a response (smaller = sharper).
+    kappa: float = 1.0
+    # Turn the entropy weights on (HERO) or off (plain GRPO token weights of 1).
+    entropy_weighting: bool = True
+    # Let gradient flow through the entropy inside the weights (default: weights detached, like advantages).
+    entropy_grad: bool = False
+    # "all": weight every token; "negative": weight only tokens of negative-advantage responses.
+    weight_on: str = "all"
+    # "token-mean" | "seq-mean-token-mean" (HERO) | "seq-mean-token-sum-norm" (Dr. GRPO, divides by
+    # generation.max_new_tokens).
+    loss_agg: str = "seq-mean-token-mean"
+    # PPO clip range below 1: ratios under 1 - eps_low stop the gradient of negative-advantage tokens.
+    eps_low: float = 0.2
+    # PPO clip range above 1 (DAPO's clip-higher uses 0.28).
+    eps_high: float = 0.2
+    # hero_kernels backend: "auto" | "triton" | "cuda" | "cpu" | "torch".
+    impl: str = "auto"
+    # How the loss sees the LM head: "fused" (last hidden states + lm_head weight: no [tokens x vocab] logits),
+    # "logits" (materialized logits into hero_loss; for comparison), "reference" (materialized logits into the
+    # float64 reference from hero_kernels.reference; tests only, slow).
+    path: str = "fused"
+
+
+@dataclass
+class TrainConfig:
+    # Policy model (and reference model) construction.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Dataset and prompt template.
+    data: DataConfig = field(default_factory=DataConfig)
+    # Sampling of the G completions per prompt.
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # Reward functions and their weights.
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    # Group-advantage normalization.
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    # Variance gate (VG-HNM) on groups.
+    gate: GateConfig = field(default_factory=GateConfig)
+    # KL term and the adaptive KL controller (dynamic balancer).
+    kl: KLConfig = field(default_factory=KLConfig)
+    # HERO loss options (entropy weights, clipping, aggregation, kernel backend).
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Training steps to run (total, including steps done before a resume). One step = one rollout batch and
+    # num_iterations optimizer updates on it.
+    steps: int = 10
+    # Prompts per step (each gets generation.num_generations completions).
+    batch_size: int = 4
+    # Completions per forward/backward pass (gradient accumulation inside a step); 0 = all at once.
+    micro_batch_size: int = 0
+    # Optimizer passes over each rollout (PPO epochs); > 1 computes old log-probs once, without grad.
+    num_iterations: int = 1
+    # AdamW learning rate.
+    lr: float = 1e-5
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # AdamW beta1 (first-moment decay).
+    adam_beta1: float = 0.9
+    # AdamW beta2 (second-moment decay).
+    adam_beta2: float = 0.999
+    # Gradient-norm clip (0 = off).
+    max_grad_norm: float = 1.0
+    # "constant" | "linear" (decay to 0 at `steps`) | "cosine"; all after `warmup_steps` of linear warmup.
+    lr_schedule: str = "constant"
+    # Linear warmup steps.
+    warmup_steps: int = 0
+    # Seed for model init, data order and sampling.
+    seed: int = 0
+    # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    # bf16 autocast for the forward passes (CUDA; on CPU autocast bf16 is used where the ops support it).
+    bf16: bool = False
+    # Where logs (metrics.jsonl, TensorBoard) and checkpoints go.
+    output_dir: str = "runs/hero"
+    # Save a checkpoint every N steps (0 = only at the end).
+    save_steps: int = 0
+    # Keep at most this many checkpoints (oldest deleted first; 0 = keep all).
+    save_total_limit: int = 2
+    # "" = start fresh; "auto" = latest checkpoint in output_dir (fresh if none); or a checkpoint directory.
+    resume: str = ""
+    # After training, save_pretrained the policy (+ tokenizer) into <output_dir>/final (atomically).
+    export: bool = True
+    # Also write TensorBoard events when torch.utils.tensorboard is importable.
+    tensorboard: bool = False
+    # Show a tqdm progress bar.
+    progress: bool = True
+    # A row missing required fields, with an image that does not load, or whose reward is NaN:
+    # "skip" (warn naming the row, go on without it) or "stop" (raise BadRowError naming the row;
+    # checkpoints already written stay intact).
+    on_bad_row: str = "skip"
+
+    def validate(self) -> "TrainConfig":
+        """Check ranges and choices; raise ConfigError naming the field. Returns self."""
+        _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
+        _choice("data.name", self.data.name, ("digits_pope", "jsonl"))
+        if self.data.name == "jsonl" and not self.data.path:
+            raise ConfigError("data.path must be set when data.name is 'jsonl'")
+        _positive("data.n_per_split", self.data.n_per_split)
+        if self.generation.num_generations < 2:
+            raise ConfigError(
+                f"generation.num_generations must be >= 2 (a group std needs two samples), got {self.generation.num_generations}"
+            )
+        _positive("generation.max_new_tokens", self.generation.max_new_tokens)
+        _positive("generation.temperature", self.generation.temperature)
+        if not 0 < self.generation.top_p <= 1:
+            raise ConfigError(f"generation.top_p must be in (0, 1], got {self.generation.top_p}")
+        if self.generation.top_k < 0:
+            raise ConfigError(f"generation.top_k must be >= 0, got {self.generation.top_k}")
+        if not self.rewards.funcs:
+            raise ConfigError("rewards.funcs must name at least one reward function")
+        if self.rewards.weights and len(self.rewards.weights) != len(self.rewards.funcs):
+            raise ConfigError(
+                f"rewards.weights has {len(self.rewards.weights)} entries but rewards.funcs has {len(self.rewards.funcs)}"
+            )
+        _choice("rewards.nli_reduce", self.rewards.nli_reduce, ("mean", "min"))
+        _choice("advantages.scale", self.advantages.scale, ("group", "batch", "none"))
+        if self.advantages.eps < 0:
+            raise ConfigError(f"advantages.eps must be >= 0, got {self.advantages.eps}")
+        if not 0 < self.gate.keep_frac <= 1:
+            raise ConfigError(f"gate.keep_frac must be in (0, 1], got {self.gate.keep_frac}")
+        if self.kl.beta < 0:
+            raise ConfigError(f"kl.beta must be >= 0, got {self.kl.beta}")
+        if self.kl.target < 0:
+            raise ConfigError(f"kl.target must be >= 0, got {self.kl.target}")
+        if self.kl.target > 0 and self.kl.beta == 0:
+            raise ConfigError("kl.target > 0 (adaptive KL) needs kl.beta > 0: the controller scales beta multiplicatively")
+        _positive("kl.horizon", self.kl.horizon)
+        if self.kl.clip <= 0:
+            raise ConfigError(f"kl.clip must be > 0, got {self.kl.clip}")
+        _positive("loss.kappa", self.loss.kappa)
+        _choice("loss.weight_on", self.loss.weight_on, ("all", "negative"))
+        _choice("loss.loss_agg", self.loss.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        _choice("loss.impl", self.loss.impl, ("auto", "triton", "cuda", "cpu", "torch"))
+        _choice("loss.path", self.loss.path, ("fused", "logits", "reference"))
+        if self.loss.eps_low < 0 or self.loss.eps_high < 0:
+            raise ConfigError("loss.eps_low and loss.eps_high must be >= 0")
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        _positive("batch_size", self.batch_size)
+        if self.micro_batch_size < 0:
+            raise ConfigError(f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        _positive("num_iterations", self.num_iterations)
+        _positive("lr", self.lr)
+        _choice("lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        if self.warmup_steps < 0 or self.save_steps < 0 or self.save_total_limit < 0:
+            raise ConfigError("warmup_steps, save_steps and save_total_limit must be >= 0")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _choice("on_bad_row", self.on_bad_row, ("skip", "stop"))
+        return self
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _positive(key: str, value) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# typed conversion
+# ----------------------------------------------------------------------------------------------
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``; ConfigError names ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (elem,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            s = value.strip()
+            if s.startswith("["):
+                import yaml
+
+                value = yaml.safe_load(s)
+            else:
+                value = [v.strip() for v in s.split(",") if v.strip()] if s else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            return int(str(value).strip())
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{key} must be {name}, got {value!r}") from None
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _update(obj, d: Dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from nested dict ``d`` (typed); unknown keys raise naming the key."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
+    hints = _hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r} (known at this level: {', '.join(sorted(names))})")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _update(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def config_from_dict(d: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """TrainConfig from a nested dict (e.g. parsed YAML); unknown keys raise ConfigError naming the key."""
+    cfg = TrainConfig()
+    _update(cfg, d or {})
+    return cfg
+
+
+def config_to_dict(cfg) -> Dict[str, Any]:
+    """Nested plain dict (YAML/JSON-serializable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(cfg: TrainConfig, key: str, raw: Any) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for i, p in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(obj)}
+        # accept dashes on the command line: --max-new-tokens == --max_new_tokens
+        if p not in names and p.replace("-", "_") in names:
+            p = p.replace("-", "_")
+        dotted = ".".join(parts[: i + 1])
+        if p not in names:
+            raise ConfigError(f"unknown config key {dotted!r} (known at this level: {', '.join(sorted(names))})")
+        if i == len(parts) - 1:
+            cur = getattr(obj, p)
+            if dataclasses.is_dataclass(cur):
+                raise ConfigError(f"{dotted!r} is a section; set one of its fields, e.g. --{dotted}.<field> VALUE")
+            setattr(obj, p, _coerce(raw, _hints(type(obj))[p], dotted))
+        else:
+            obj = getattr(obj, p)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"{dotted!r} is not a section (cannot set {key!r})")
+
+
+def parse_override_args(args: Sequence[str]) -> List[tuple]:
+    """``["--lr", "1e-5", "--loss.kappa=0.5", "--progress"]`` -> [("lr", "1e-5"), ("loss.kappa", "0.5"), ...].
+
+    A flag with no value (followed by another ``--flag`` or nothing) means "true" (for bool fields).
+    """
+    out = []
+    i = 0
+    args = list(args)
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or len(a) == 2:
+            raise ConfigError(f"expected --key value, got {a!r}")
+        body = a[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2 and not _is_number(args[i + 1])):
+            k, v = body, args[i + 1]
+            i += 2
+        else:
+            k, v = body, "true"
+            i += 1
+        out.append((k, v))
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence) -> TrainConfig:
+    """Apply CLI overrides: a list of ``--key value`` strings or of (dotted_key, raw_value) pairs."""
+    pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
+    for k, v in pairs:
+        _set_dotted(cfg, k, v)
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence = ()) -> TrainConfig:
+    """YAML file (optional) + CLI overrides -> validated TrainConfig."""
+    d: Dict[str, Any] = {}
+    if path:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    cfg = config_from_dict(d)
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
