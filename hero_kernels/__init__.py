@@ -9,13 +9,21 @@ Importing is cheap: no device probing, no compilation; backends load on first us
 from .config import checks, get_checks, set_checks
 from .entropy_logprob import entropy_logprob
 from .linear_entropy_logprob import linear_entropy_logprob
+from .loss import HEROLoss, HEROLossConfig, hero_loss, loss_normalizer, metrics_to_floats
 from .options import IMPLS, RowOptions
+from .weights import entropy_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "entropy_logprob",
     "linear_entropy_logprob",
+    "hero_loss",
+    "HEROLoss",
+    "HEROLossConfig",
+    "entropy_weights",
+    "loss_normalizer",
+    "metrics_to_floats",
     "RowOptions",
     "IMPLS",
     "checks",
@@ -23,10 +31,3 @@ __all__ = [
     "set_checks",
 ]
 
-try:  # the loss module lands separately; keep the kernels importable without it
-    from .loss import HEROLoss, entropy_weights, hero_loss  # noqa: F401
-
-    __all__ += ["hero_loss", "HEROLoss", "entropy_weights"]
-except ImportError as _e:  # pragma: no cover
-    if "loss" not in str(_e):
-        raise
