@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hero-installed
 
-.PHONY: demo test install bench compile-report clean
+.PHONY: demo test install bench compile-report quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m hero demo --config configs/demo.yaml --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests
+
+quickstart: $(STAMP)
+	$(PY) examples/quickstart.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -158,7 +158,8 @@ class KLConfig:
 
 @dataclass
 class LossConfig:
-    # HERO weight temperature kappa: w ~ exp(-H / kappa) within a response (smaller = sharper).
+    # HERO weight temperature kappa: w ~ exp(-H / kappa) within a response (smaller |kappa| = sharper;
+    # kappa < 0 favours high-entropy tokens instead, the 80/20 / GTPO direction, for ablations).
     kappa: float = 1.0
     # Turn the entropy weights on (HERO) or off (plain GRPO token weights of 1).
     entropy_weighting: bool = True
@@ -285,7 +286,8 @@ class TrainConfig:
         _positive("kl.horizon", self.kl.horizon)
         if self.kl.clip <= 0:
             raise ConfigError(f"kl.clip must be > 0, got {self.kl.clip}")
-        _positive("loss.kappa", self.loss.kappa)
+        if not math.isfinite(self.loss.kappa) or self.loss.kappa == 0:
+            raise ConfigError(f"loss.kappa must be finite and non-zero (< 0 favours high-entropy tokens), got {self.loss.kappa}")
         _choice("loss.weight_on", self.loss.weight_on, ("all", "negative"))
         _choice("loss.loss_agg", self.loss.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
         _choice("loss.impl", self.loss.impl, ("auto", "triton", "cuda", "cpu", "torch"))

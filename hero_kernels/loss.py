@@ -242,7 +242,8 @@ def hero_loss(
         beta: KL coefficient (Python float, or a 0-dim tensor so an adaptive value never recompiles).
         eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (DAPO: eps_high = 0.28).
         temperature: sampling temperature; logp and H use logits / temperature.
-        kappa: weight temperature; w_i = L_s softmax(-H / kappa)_i. Large kappa -> w -> 1.
+        kappa: weight temperature; w_i = L_s softmax(-H / kappa)_i. Large |kappa| -> w -> 1; kappa < 0
+            favours high-entropy tokens instead (ablation of HERO's direction).
         entropy_weighting: False gives plain GRPO (w = 1).
         entropy_grad: let the gradient flow through H inside the weights (default: weights are
             detached coefficients, like advantages).

@@ -100,8 +100,8 @@ def check_kappa(kappa) -> None:
         return  # a tensor kappa is trusted (checking it would sync the device)
     if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
         raise TypeError(f"kappa must be a Python float, got {type(kappa).__name__}")
-    if not math.isfinite(kappa) or kappa <= 0:
-        raise ValueError(f"kappa must be finite and > 0, got {kappa}")
+    if not math.isfinite(kappa) or kappa == 0:
+        raise ValueError(f"kappa must be finite and non-zero, got {kappa}")
 
 
 def check_weight_on(weight_on) -> None:
@@ -126,7 +126,9 @@ def entropy_weights(
         mask_or_seq_ids: with H [B, T], a mask [B, T] (bool or 0/1; nonzero = valid token).
             With H [N], integer seq_ids [N] naming each token's response (any ids, need not be
             contiguous); a negative id masks the token.
-        kappa: weight temperature > 0; large kappa -> uniform weights (w -> 1).
+        kappa: weight temperature, finite and non-zero; large |kappa| -> uniform weights (w -> 1).
+            kappa > 0 up-weights confident (low-entropy) tokens, as HERO does; kappa < 0 up-weights
+            uncertain (high-entropy) tokens, the direction of the 80/20 paper and GTPO, for ablations.
         weight_on: "all" or "negative" (w applies only where advantage < 0; elsewhere w = 1).
         advantages: needed for weight_on="negative": [B] or [B, T] with H [B, T]; [N] with H [N].
 

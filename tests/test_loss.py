@@ -1,9 +1,7 @@
 """HERO loss: entropy_weights, hero_loss, HEROLoss against hand-computed cases and the float64 reference.
 
-Fast CPU tests (impl="torch"; one Triton-interpreter test). The fused LM-head (hidden + weight) tests need
-hero_kernels/backends/torch/linear_entropy_logprob.py and skip with a reason while it is missing.
+Fast CPU tests (impl="torch"; one Triton-interpreter test), logits and fused LM-head (hidden + weight) paths.
 """
-import importlib.util
 import itertools
 import math
 
@@ -14,11 +12,6 @@ import hero_kernels as hk
 from hero_kernels import reference as R
 from hero_kernels.loss import LOSS_AGGS, METRIC_KEYS, HEROLoss, HEROLossConfig, loss_normalizer, metrics_to_floats
 
-HAS_LINEAR_TORCH = importlib.util.find_spec("hero_kernels.backends.torch.linear_entropy_logprob") is not None
-needs_linear = pytest.mark.skipif(
-    not HAS_LINEAR_TORCH, reason="hero_kernels/backends/torch/linear_entropy_logprob.py not written yet"
-)
-HAS_TRITON_EL = importlib.util.find_spec("hero_kernels.backends.triton.entropy_logprob") is not None
 
 LN3 = math.log(3.0)
 
@@ -120,6 +113,16 @@ def test_weights_negative_gating():
     _close(w, torch.tensor([[1.0, 1.0], [1.5, 0.5]]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="advantages"):
         hk.entropy_weights(H, mask, weight_on="negative")
+
+
+def test_negative_kappa_favours_high_entropy():
+    # H = [0, ln 3]: kappa = -1 gives softmax(+H) = [1/4, 3/4], w = [0.5, 1.5] (mirror of kappa = +1)
+    H = torch.tensor([[0.0, math.log(3.0)]])
+    w = hk.entropy_weights(H, torch.ones(1, 2), kappa=-1.0)
+    _close(w, torch.tensor([[0.5, 1.5]]), atol=1e-6, rtol=0)
+    ids = torch.tensor([0, 0, 0, 1, 1])
+    Hs = torch.rand(5)
+    _close(hk.entropy_weights(Hs, ids, kappa=-0.5), R.entropy_weights(Hs, ids, kappa=-0.5).float(), atol=1e-6, rtol=0)
 
 
 def test_weights_errors_name_argument():
@@ -361,7 +364,6 @@ def test_several_responses_per_row_with_seq_ids():
 # ----------------------------------------------------------------------------------------------
 # fused LM head path (hidden + weight [+ bias])
 # ----------------------------------------------------------------------------------------------
-@needs_linear
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_fused_linear_matches_reference(loss_agg, use_bias):
@@ -380,7 +382,6 @@ def test_fused_linear_matches_reference(loss_agg, use_bias):
                             entropy_grad=egrad, loss_agg=loss_agg, weight_on="negative" if egrad else "all")
 
 
-@needs_linear
 def test_fused_linear_equals_logits_path():
     B, T, D, V = 2, 4, 6, 10
     h = torch.randn(B, T, D, requires_grad=True)
@@ -469,7 +470,6 @@ def test_torch_compile_fullgraph_matches_eager():
         _close(cm[k], m[k], atol=1e-5, rtol=1e-5)
 
 
-@needs_linear
 def test_torch_compile_fullgraph_fused_linear():
     B, T, D, V = 2, 4, 8, 12
     h, W = torch.randn(B, T, D), torch.randn(V, D) * 0.5
@@ -493,7 +493,6 @@ def test_torch_compile_fullgraph_fused_linear():
     _close(W2.grad, W1.grad, atol=1e-7, rtol=1e-4)
 
 
-@pytest.mark.skipif(not HAS_TRITON_EL, reason="hero_kernels/backends/triton/entropy_logprob.py missing")
 def test_triton_interpreter_matches_torch(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -544,7 +543,8 @@ def test_hero_loss_errors_name_argument():
     cases = [
         (dict(loss_agg="mean"), ValueError, "loss_agg"),
         (dict(weight_on="pos"), ValueError, "weight_on"),
-        (dict(kappa=-1.0), ValueError, "kappa"),
+        (dict(kappa=0.0), ValueError, "kappa"),
+        (dict(kappa=float("inf")), ValueError, "kappa"),
         (dict(eps_low=1.5), ValueError, "eps_low"),
         (dict(eps_high=-0.1), ValueError, "eps_high"),
         (dict(beta=0.1), ValueError, "ref_logp"),
