@@ -159,3 +159,18 @@ def test_import_does_not_load_dynamo_or_triton():
     code = "import sys, hero_kernels; print('torch._dynamo' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"], out
+
+
+def test_readme_quickstart_example_runs():
+    """examples/quickstart.py is the README's runnable example: it must run and match the reference."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "quickstart.py")], capture_output=True,
+                       text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    errs = [float(tok) for line in r.stdout.splitlines() if "max |logp - ref|" in line
+            for tok in line.replace("=", " ").split() if "e-" in tok or tok.startswith("0.")]
+    assert len(errs) == 4 and max(errs) < 1e-4, r.stdout
