@@ -7,8 +7,9 @@ Layout under the run's ``output_dir``::
     checkpoint-000002/config.json  the run's config (for humans; the trainer's own config wins on resume)
     latest                         text file naming the newest complete checkpoint directory
 
-Atomicity: a checkpoint is written into ``.tmp-checkpoint-...`` (files fsynced), then renamed into place with
-``os.replace`` (one atomic rename on POSIX), and only then is ``latest`` updated (temp file + ``os.replace``).
+Atomicity (``hero.io``): a checkpoint is written into ``.tmp-checkpoint-...`` (files fsynced), then renamed into
+place with ``os.replace`` (one atomic rename on POSIX), and only then is ``latest`` updated (temp file +
+``os.replace``).
 A crash at any point leaves either the previous checkpoint or the new one, never a partial one; leftover
 ``.tmp-*`` directories are ignored by ``find_checkpoint`` and removed by the next save.
 
@@ -26,6 +27,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .io import atomic_dir, atomic_write_text
+
 __all__ = [
     "capture_rng",
     "restore_rng",
@@ -33,8 +36,6 @@ __all__ = [
     "load_checkpoint",
     "find_checkpoint",
     "list_checkpoints",
-    "atomic_write_text",
-    "atomic_export",
 ]
 
 STATE_FILE = "state.pt"
@@ -55,43 +56,6 @@ def restore_rng(st: Dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + os.replace."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(d)
-
-
-def _replace_dir(tmp: str, final: str) -> None:
-    """Atomically move directory ``tmp`` to ``final`` (an existing ``final`` is swapped out first)."""
-    if os.path.exists(final):
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
 def list_checkpoints(output_dir: str) -> List[str]:
@@ -118,24 +82,12 @@ def save_checkpoint(output_dir: str, step: int, state: Dict[str, Any], config: O
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     name = f"checkpoint-{step:06d}"
     final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
-    os.makedirs(tmp)
-    try:
-        path = os.path.join(tmp, STATE_FILE)
-        with open(path, "wb") as f:
+    with atomic_dir(final) as tmp:  # .tmp-checkpoint-...: files fsynced, then renamed into place
+        with open(os.path.join(tmp, STATE_FILE), "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
         if config is not None:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(os.path.join(output_dir, "latest"), name + "\n")
     if keep > 0:
         ckpts = [p for p in list_checkpoints(output_dir) if os.path.abspath(p) != os.path.abspath(final)]
@@ -163,19 +115,3 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint state at {f}")
     # weights_only=False: the state holds NumPy/python RNG states; these files are our own.
     return torch.load(f, map_location=map_location, weights_only=False)
-
-
-def atomic_export(path: str, write_fn) -> str:
-    """Run ``write_fn(tmp_dir)`` then move tmp_dir to ``path`` atomically (e.g. save_pretrained)."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        write_fn(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path

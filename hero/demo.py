@@ -404,6 +404,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
     import torch
 
     from hero import report as R
+    from hero.io import atomic_write_text
 
     cfg.validate()
     out_dir = os.path.abspath(out_dir)
@@ -416,7 +417,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
     try:
         import yaml
 
-        R.atomic_write_text(os.path.join(out_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
+        atomic_write_text(os.path.join(out_dir, "config.yaml"), yaml.safe_dump(cfg_dict, sort_keys=False))
         clock.say(f"out={out_dir} threads={cfg.threads} load average {load_start} "
                   f"runs={','.join(cfg.runs)} (sft {cfg.sft.steps} steps, rl {cfg.rl.get('steps')} steps/run)")
 
@@ -507,7 +508,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
         "not_run": [],
     }
     summary = _finite(summary)
-    R.atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
     R.write_report(summary, out_dir)
     clock.say(f"wrote {os.path.join(out_dir, 'report.md')} (total {clock.timings['total']:.1f}s, load average "
               f"{_loadavg()})")

@@ -210,6 +210,7 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
 
     from hero import report as R
     from hero.diagnostics import diagnose
+    from hero.io import atomic_write_text
 
     out = opts["--out"]
     os.makedirs(out, exist_ok=True)
@@ -239,7 +240,7 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
                               plots=[os.path.basename(p) for p in plots], level=1)
     md += (f"\nData: `{opts['--data']}` ({len(examples)} questions), sigmas {sigmas}, seed {seed}, "
            f"{diag.meta['seconds']:.1f}s.\n")
-    R.atomic_write_text(os.path.join(out, "diagnosis.md"), md)
+    atomic_write_text(os.path.join(out, "diagnosis.md"), md)
     log(diag.table())
     log(f"[diagnose] wrote {os.path.join(out, 'diagnosis.json')}, diagnosis.md and {len(plots)} plots")
     return 0

@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .io import atomic_write_bytes
 from .metrics import (
     ENTROPY_EDGES,
     UNPARSED,
@@ -289,20 +289,6 @@ def _jsonable(x):
     return x
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class Diagnosis:
     """Result of ``diagnose``. per_sigma[str(sigma)] is a plain dict (keys in ``diagnose``'s docstring)."""
@@ -316,7 +302,7 @@ class Diagnosis:
 
     def save_json(self, path: str) -> str:
         """Write the report as strict JSON (inf written as "inf") atomically; returns path."""
-        _atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode("utf-8"))
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode("utf-8"))
         return path
 
     def table(self) -> str:
@@ -345,7 +331,7 @@ class Diagnosis:
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
             p = os.path.join(out_dir, prefix + name)
-            _atomic_write_bytes(p, buf.getvalue())
+            atomic_write_bytes(p, buf.getvalue())
             paths.append(p)
 
         fig = Figure(figsize=(4.8, 4.4))

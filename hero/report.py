@@ -17,7 +17,7 @@ computed from the tables with the tolerances below (stated in the report itself)
   loss" (the noise was not strong enough to test the trap on this model). A calibrated model's confidence
   falls as much as its accuracy. The sentence also gives the mean-entropy change.
 
-All files are written atomically (temp file + ``os.replace``).
+All files are written atomically with ``hero.io`` (temp file + ``os.replace``).
 """
 from __future__ import annotations
 
@@ -25,14 +25,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ENTROPY_TOL",
     "TRACK_FRAC",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "accuracy_change",
     "trend_sentence",
     "trap_verdict",
@@ -54,36 +53,8 @@ TRACK_FRAC = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
-# atomic files
+# figures
 # ----------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> str:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace`` (never half-written).
-    The file gets the usual permissions (0666 & ~umask), not mkstemp's private 0600."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str, text: str) -> str:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _save_fig(fig, path: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .io import atomic_write_bytes
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -67,19 +68,6 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<think>", "</t
 _CONTROL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
 TASK_PIECES = ("Is there a ", " in the image?", "I see ", "yes", "no", ", ")
 _CHARS = "".join(chr(c) for c in range(32, 127)) + "\n\t"
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +184,7 @@ class TinyTokenizer:
         os.makedirs(path, exist_ok=True)
         data = {"type": "hero-tiny-tokenizer", "version": 1, "pieces": list(self.pieces), "chars": self.chars,
                 "vocab": self._id_to_token}
-        _atomic_write_bytes(os.path.join(path, "tokenizer.json"), json.dumps(data, indent=1).encode("utf-8"))
+        atomic_write_bytes(os.path.join(path, "tokenizer.json"), json.dumps(data, indent=1).encode("utf-8"))
 
     @classmethod
     def from_pretrained(cls, path: str) -> "TinyTokenizer":
@@ -579,8 +567,8 @@ class TinyVLM(nn.Module):
         os.makedirs(path, exist_ok=True)
         cfg = dict(self.config.to_dict(), model_type="hero-tiny-vlm")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write_bytes(os.path.join(path, "model.safetensors"), save(state, metadata={"format": "pt"}))
-        _atomic_write_bytes(os.path.join(path, "config.json"), json.dumps(cfg, indent=1).encode("utf-8"))
+        atomic_write_bytes(os.path.join(path, "model.safetensors"), save(state, metadata={"format": "pt"}))
+        atomic_write_bytes(os.path.join(path, "config.json"), json.dumps(cfg, indent=1).encode("utf-8"))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from hero import checkpoint as ckpt
 from hero.config import TrainConfig, config_to_dict
 from hero.grpo import AdaptiveKLController, group_advantages, variance_gate
+from hero.io import atomic_dir, atomic_write_text
 from hero.rewards import check_rewards, get_reward, reward_name
 from hero.rollout import (BadRowError, ModelAdapter, build_policy, completion_hidden, frozen_copy, row_name)
 
@@ -96,7 +97,7 @@ class MetricsLogger:
                             keep.append(ln if ln.endswith("\n") else ln + "\n")
                     except json.JSONDecodeError:  # a line cut short by the kill
                         continue
-            ckpt.atomic_write_text(self.path, "".join(keep))
+            atomic_write_text(self.path, "".join(keep))
         elif resume_step is None and os.path.isfile(self.path):
             os.replace(self.path, self.path + ".prev")  # a fresh run never mixes with an old log
         self._f = open(self.path, "a", encoding="utf-8")
@@ -665,4 +666,6 @@ class Trainer:
     def export(self, path: Optional[str] = None) -> str:
         """save_pretrained of the policy (+ tokenizer) into ``path`` (default <output_dir>/final), atomically."""
         path = path or os.path.join(self.cfg.output_dir, "final")
-        return ckpt.atomic_export(path, lambda tmp: self.adapter.save_pretrained(self.model, tmp))
+        with atomic_dir(path) as tmp:
+            self.adapter.save_pretrained(self.model, tmp)
+        return path

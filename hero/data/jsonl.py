@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Iterable, List, Optional
 
 import numpy as np
+
+from ..io import atomic_write_bytes
 
 __all__ = ["JSONLFormatError", "load_jsonl", "write_jsonl", "load_image", "save_image_png"]
 
@@ -113,19 +114,6 @@ def load_jsonl(path: str, *, load_images: bool = True, mode: Optional[str] = Non
     return out
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_image_png(image: np.ndarray, path: str) -> None:
     """Write a uint8 [H, W] or [H, W, 3] array as PNG atomically (temp file + os.replace)."""
     import io
@@ -136,7 +124,7 @@ def save_image_png(image: np.ndarray, path: str) -> None:
         raise ValueError(f"image must be uint8 [H, W] or [H, W, C], got {arr.dtype} {arr.shape}")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _jsonable(v):
@@ -188,5 +176,5 @@ def write_jsonl(examples: Iterable[dict], path: str, image_dir: Optional[str] = 
             if key not in rec and key not in ("image", "image_path"):
                 rec[key] = _jsonable(v)
         lines.append(json.dumps(rec, ensure_ascii=False))
-    _atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
+    atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
     return path

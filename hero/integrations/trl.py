@@ -74,6 +74,7 @@ except ImportError as _e:  # pragma: no cover - exercised only without trl
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hero.grpo import AdaptiveKLController, variance_gate
+from hero.io import atomic_write_text
 from hero_kernels.loss import LOSS_AGGS, hero_loss
 from hero_kernels.options import IMPLS
 
@@ -245,11 +246,7 @@ class HEROGRPOTrainer(GRPOTrainer):
         if self.args.should_save:
             name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder = os.path.join(self._get_output_dir(trial=trial), name)
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, HERO_STATE_NAME + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(self.hero_state_dict(), f)
-            os.replace(tmp, os.path.join(folder, HERO_STATE_NAME))
+            atomic_write_text(os.path.join(folder, HERO_STATE_NAME), json.dumps(self.hero_state_dict()))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
