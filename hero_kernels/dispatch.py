@@ -10,7 +10,7 @@ import torch
 
 from .options import IMPLS
 
-__all__ = ["resolve_impl", "backend_module", "triton_interpreter_on"]
+__all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on"]
 
 # dtypes each backend accepts for the big float inputs
 _DTYPES = {
@@ -91,3 +91,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
 def backend_module(impl: str, op: str) -> ModuleType:
     """hero_kernels.backends.<impl>.<op>, imported on first use."""
     return importlib.import_module(f"hero_kernels.backends.{impl}.{op}")
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device while a backend launches: Triton launches on the current device
+    and its stream, so tensors on cuda:1 with cuda:0 current would otherwise run on the wrong GPU."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

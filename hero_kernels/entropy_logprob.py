@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .dispatch import backend_module, resolve_impl
+from .dispatch import backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
 __all__ = ["entropy_logprob"]
@@ -54,7 +54,8 @@ def entropy_logprob(
     impl = resolve_impl(impl, logits.device, logits.dtype, "logits")
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
+    if x.stride(-1) != 1 or (inplace_backward and x.shape[0] > 1 and x.stride(0) < V):
+        # rows must not overlap when dlogits is written into them (an expanded view has row stride 0)
         x = x.contiguous()
     y = labels.reshape(-1).long()
     logp, H, _ = torch.ops.hero_kernels.entropy_logprob(
@@ -75,7 +76,8 @@ def _fwd(
     if logits.shape[0] == 0:
         e = logits.new_empty(0, dtype=torch.float32)
         return e, e.clone(), e.clone()
-    return backend_module(impl, "entropy_logprob").forward(logits, labels, RowOptions(temperature, ignore_index))
+    with device_guard(logits):
+        return backend_module(impl, "entropy_logprob").forward(logits, labels, RowOptions(temperature, ignore_index))
 
 
 @_fwd.register_fake
@@ -99,7 +101,8 @@ def _bwd(
     if logits.shape[0] == 0:
         return torch.empty_like(logits)
     mod = backend_module(impl, "entropy_logprob")
-    return mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index))
+    with device_guard(logits):
+        return mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index))
 
 
 @_bwd.register_fake
@@ -122,7 +125,8 @@ def _bwd_inplace(
     if logits.shape[0] == 0:
         return
     mod = backend_module(impl, "entropy_logprob")
-    mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), out=logits)
+    with device_guard(logits):
+        mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), out=logits)
 
 
 @_bwd_inplace.register_fake

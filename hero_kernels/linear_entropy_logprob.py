@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .dispatch import backend_module, resolve_impl
+from .dispatch import backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
 __all__ = ["linear_entropy_logprob"]
@@ -57,6 +57,8 @@ def linear_entropy_logprob(
         _checks.check_tensor("bias", bias, _checks.FLOAT_DTYPES)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
     _checks.check_labels_shape(labels, hidden.shape[:-1], "hidden.shape[:-1]")
     _checks.check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     impl = resolve_impl(impl, hidden.device, hidden.dtype, "hidden")
@@ -86,7 +88,8 @@ def _fwd(
         e = hidden.new_empty(0, dtype=torch.float32)
         return e, e.clone(), e.clone()
     mod = backend_module(impl, "linear_entropy_logprob")
-    return mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index))
+    with device_guard(hidden):
+        return mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index))
 
 
 @_fwd.register_fake
@@ -101,6 +104,7 @@ def _bwd(
     weight: Tensor,
     bias: Optional[Tensor],
     labels: Tensor,
+    logp: Tensor,
     lse: Tensor,
     H: Tensor,
     grad_logp: Tensor,
@@ -109,36 +113,42 @@ def _bwd(
     ignore_index: int,
     impl: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_hidden, grad_weight, grad_bias); grad_bias is an empty [0] tensor when bias is None."""
+    """Returns (grad_hidden, grad_weight, grad_bias); grad_bias is an empty [0] tensor when bias is None.
+
+    ``logp`` is the forward's (accurate) output: tiled backends that never see a whole row take the label
+    column's 1 - p_y from it (-expm1(logp)) instead of cancelling 1 - exp(x_y - lse)."""
     if hidden.shape[0] == 0:
         db = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
         return torch.zeros_like(hidden), torch.zeros_like(weight), db
     mod = backend_module(impl, "linear_entropy_logprob")
-    dh, dW, db = mod.backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index))
+    with device_guard(hidden):
+        dh, dW, db = mod.backward(
+            hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), logp=logp
+        )
     return dh, dW, (weight.new_empty(0) if db is None else db)
 
 
 @_bwd.register_fake
-def _(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, temperature, ignore_index, impl):
+def _(hidden, weight, bias, labels, logp, lse, H, grad_logp, grad_H, temperature, ignore_index, impl):
     db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
     return torch.empty_like(hidden), torch.empty_like(weight), db
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, impl = inputs
-    _, H, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, lse, H)
+    logp, H, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, logp, lse, H)
     ctx.args = (temperature, ignore_index, impl)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_logp, grad_H, _grad_lse):
-    hidden, weight, bias, labels, lse, H = ctx.saved_tensors
+    hidden, weight, bias, labels, logp, lse, H = ctx.saved_tensors
     temperature, ignore_index, impl = ctx.args
     g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(torch.float32).contiguous()
     k = torch.zeros_like(lse) if grad_H is None else grad_H.to(torch.float32).contiguous()
     dh, dW, db = torch.ops.hero_kernels.linear_entropy_logprob_backward(
-        hidden, weight, bias, labels, lse, H, g, k, temperature, ignore_index, impl
+        hidden, weight, bias, labels, logp.detach(), lse, H, g, k, temperature, ignore_index, impl
     )
     return dh, dW, (db if bias is not None else None), None, None, None, None
 

@@ -40,6 +40,34 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # entropy + log-prob from logits
 # ----------------------------------------------------------------------------------------------
+def _label_split(x: Tensor, safe: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """For rows x [..., V] and label ids ``safe`` [...]: (is_label [..., V], e_y, s_o) where, with m the row max,
+    e_y = e^{x_y - m} and s_o = sum_{j != y} e^{x_j - m} (the label's term kept apart).
+
+    When the label dominates (p_y -> 1), 1 - p_y = s_o / (s_o + e_y) and log p_y = -log1p(s_o / e_y) are
+    accurate, while 1 - exp(x_y - lse) and x_y - lse cancel to rounding noise (Liger #1329 in fp32)."""
+    e = torch.exp(x - x.max(dim=-1, keepdim=True).values)
+    is_label = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, safe.unsqueeze(-1), True)
+    e_y = e.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    s_o = torch.where(is_label, torch.zeros_like(e), e).sum(-1)
+    return is_label, e_y, s_o
+
+
+def _lse_entropy(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(lse, H) of rows x [..., V] in forms that keep their accuracy when one column dominates.
+
+    With m the row max and e = e^{x - m}: lse = m + log1p(s_r), s_r = the sum of e over the other columns
+    (log of a sum near 1 loses its digits), and H = log s - sum (x - m) e / s: both terms >= 0, no
+    cancellation against |lse| as in lse - sum p x."""
+    m = x.max(dim=-1, keepdim=True)
+    e = torch.exp(x - m.values)
+    at_max = torch.zeros_like(e, dtype=torch.bool).scatter_(-1, m.indices, True)
+    s_r = torch.where(at_max, torch.zeros_like(e), e).sum(-1)
+    log_s = torch.log1p(s_r)
+    t = torch.where(e > 0, (x - m.values) * e, torch.zeros_like(e)).sum(-1)
+    return m.values.squeeze(-1) + log_s, log_s - t / (1 + s_r)
+
+
 def entropy_logprob(
     logits: Tensor,
     labels: Tensor,
@@ -53,14 +81,14 @@ def entropy_logprob(
     Returns (logp, H, lse), each [...] in ``dtype``; masked rows are 0.
     """
     x = logits.to(dtype) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    logq = x - lse.unsqueeze(-1)
-    p = logq.exp()
-    # p * logq is 0 * (-huge) where p underflows; define it as 0 (the limit), never NaN.
-    H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+    lse, H = _lse_entropy(x)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = logq.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    logp = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
+    # p_y >= 1/2: log p_y = -log1p(s_o / e_y) keeps its relative accuracy as p_y -> 1
+    _, e_y, s_o = _label_split(x, safe)
+    dominant = e_y >= s_o
+    logp = torch.where(dominant, -torch.log1p(s_o / torch.where(dominant, e_y, torch.ones_like(e_y))), logp)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero)
 
@@ -81,15 +109,18 @@ def entropy_logprob_backward(
     """Closed-form dL/dlogits (DESIGN.md): (1/tau) [g (1[j=y] - p) - k p (log p + H)].
 
     logits: [..., V]; labels, grad_logp (g), grad_entropy (k): [...]. None means zero.
-    Returns [..., V] in ``dtype``; masked rows are 0.
+    Returns [..., V] in ``dtype``; masked rows are 0. With the whole row at hand, the label column's
+    1 - p_y is computed as the sum of the other probabilities (no cancellation when p_y -> 1).
 
     Vocab shards (tensor parallel): pass the GLOBAL ``lse`` and ``H`` ([...]) and the shard's first column
     ``vocab_start``; ``logits`` are then the shard's columns and ``labels`` stay global ids (the one-hot
     term appears only in the shard that holds the label). By default lse and H come from ``logits``.
     """
     x = logits.to(dtype) / temperature
-    if lse is None:
-        lse = torch.logsumexp(x, dim=-1)
+    full_row = lse is None
+    if full_row:
+        lse, H_row = _lse_entropy(x)
+        H = H_row if H is None else H
     logq = x - lse.to(dtype).unsqueeze(-1)
     p = logq.exp()
     if H is None:
@@ -101,8 +132,18 @@ def entropy_logprob_backward(
     safe = torch.where(inside, local, torch.zeros_like(local))
     g = torch.zeros_like(H) if grad_logp is None else grad_logp.to(dtype).unsqueeze(-1)
     k = torch.zeros_like(H) if grad_entropy is None else grad_entropy.to(dtype).unsqueeze(-1)
-    onehot = torch.zeros_like(p).scatter_(-1, safe.unsqueeze(-1), inside.to(dtype).unsqueeze(-1))
-    dz = g * (onehot - p) - k * torch.where(p > 0, p * (logq + H), torch.zeros_like(p))
+    is_label = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, safe.unsqueeze(-1), inside.unsqueeze(-1))
+    if full_row:
+        _, e_y, s_o = _label_split(x, safe)
+        one_minus_py = (s_o / (s_o + e_y)).unsqueeze(-1)
+        # the label column's log p_y and p_y in their accurate forms (log p_y = log1p(-(1 - p_y)))
+        logp_y = torch.log1p(-one_minus_py)
+        logq = torch.where(is_label, logp_y, logq)
+        p = torch.where(is_label, torch.exp(logp_y), p)
+    else:  # a shard sees only its columns: the plain form
+        one_minus_py = 1 - p
+    d_onehot = torch.where(is_label, one_minus_py, -p)  # 1[j=y] - p_j
+    dz = g * d_onehot - k * torch.where(p > 0, p * (logq + H), torch.zeros_like(p))
     dz = dz / temperature
     return torch.where(valid.unsqueeze(-1), dz, torch.zeros_like(dz))
 

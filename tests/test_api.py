@@ -174,3 +174,38 @@ def test_readme_quickstart_example_runs():
     errs = [float(tok) for line in r.stdout.splitlines() if "max |logp - ref|" in line
             for tok in line.replace("=", " ").split() if "e-" in tok or tok.startswith("0.")]
     assert len(errs) == 4 and max(errs) < 1e-4, r.stdout
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_dominant_label_keeps_relative_accuracy(impl):
+    # 1 - p_y from 1e-2 down to ~1e-8: logp and the gradient must keep their relative accuracy (Liger #1329
+    # class in fp32): 1 - p_y is the sum of the other probabilities, log p_y = -log1p(s_o / e_y).
+    N, V = 6, 1003
+    x = torch.randn(N, V)
+    y = torch.randint(0, V, (N,))
+    x[torch.arange(N), y] = x.max(-1).values + torch.tensor([8.0, 10.0, 12.0, 14.0, 16.0, 18.0])
+    rl, _, _ = R.entropy_logprob(x, y)
+    g, k = torch.randn(N), torch.randn(N)
+    rg = R.entropy_logprob_backward(x, y, g, k)
+    xx = x.clone().requires_grad_(True)
+    lp, H = hk.entropy_logprob(xx, y, impl=impl)
+    torch.autograd.backward((lp, H), (g, k))
+    assert ((lp.double() - rl).abs() / rl.abs()).max() < 1e-5
+    assert ((xx.grad.double() - rg).norm(dim=-1) / rg.norm(dim=-1)).max() < 1e-4
+
+
+def test_bias_dtype_must_match_weight():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(TypeError, match="bias dtype"):
+        hk.linear_entropy_logprob(h, w, torch.zeros(3, dtype=torch.long).clamp(0, 4), bias=torch.zeros(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_inplace_backward_on_expanded_rows_is_correct(impl):
+    row = torch.randn(1, 11)
+    y = torch.randint(0, 11, (4,))
+    base = row.clone().requires_grad_(True)
+    lp, H = hk.entropy_logprob(base.expand(4, 11), y, impl=impl, inplace_backward=True)
+    (lp.sum() + H.sum()).backward()
+    ref = R.entropy_logprob_backward(row.expand(4, 11), y, torch.ones(4), torch.ones(4)).sum(0, keepdim=True)
+    torch.testing.assert_close(base.grad.double(), ref, atol=1e-5, rtol=1e-5)

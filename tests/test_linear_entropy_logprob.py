@@ -145,13 +145,14 @@ def test_triton_matches_reference(dtype, bias, tau, small):
     cfg = _small_config(dtype, vocab_splits=3, dh_splits=2) if small else None
     opts = RowOptions(temperature=tau, ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
 
 
 @needs_triton
 def test_triton_fp16_odd_hidden_size_strided_input():
-    """D=50 (padded to 64 inside the launcher), fp16, hidden a strided view, no bias."""
+    """D=50 (padded to 64 inside the launcher), fp16, hidden a strided view, no bias; backward without
+    logp (the vocab-shard form of the label column)."""
     h, W, b, y, g, k = _problem(21, 50, 300, torch.float16, bias=False, n_masked=2)
     big = torch.zeros(21, 80, dtype=h.dtype, device=h.device)
     big[:, 7:57] = h
@@ -168,7 +169,7 @@ def test_triton_atomic_backward_matches_reference():
     cfg = replace(K.default_config(torch.float32), deterministic=False)
     opts = RowOptions(temperature=0.8)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, 0.8)
 
 
@@ -178,8 +179,8 @@ def test_triton_backward_is_deterministic():
     cfg = replace(K.default_config(torch.bfloat16), dh_splits=3)
     opts = RowOptions()
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    first = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
-    second = K.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    first = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    second = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
@@ -220,6 +221,130 @@ def test_triton_rejects_bad_input():
         K.forward(h, W, b[:10], y, RowOptions())
     with pytest.raises(ValueError, match="block_v"):
         K.Tile(16, 48, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# dominant label: p(label) -> 1 (1 - p_y in ~[1e-7, 1e-3]), the Liger #1329 bug class
+# ----------------------------------------------------------------------------------------------
+def _dominant_problem(dtype, bias, N=10, D=48, V=300, seed=1):
+    """Rows whose label logit sits log(V / q) above the rest, q = 1e-7 ... 1e-3 (1 - p_y ~ q); one row
+    masked. Only dominant rows, so the label columns' dW rows are not swamped by ordinary rows.
+    h, W, b in ``dtype`` on DEVICE; the float64 reference takes these same rounded values."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=gen)
+    W = torch.randn(V, D, generator=gen) * 0.05
+    y = torch.randperm(V, generator=gen)[:N]  # distinct labels: each label row of W belongs to one row
+    target = math.log(V) - torch.linspace(math.log(1e-7), math.log(1e-3), N)
+    W[y] = h * (target / h.pow(2).sum(1))[:, None]  # h_i . W[y_i] = target_i
+    b = torch.randn(V, generator=gen) * 0.1 if bias else None
+    y[N // 2] = IGNORE
+    g = torch.randn(N, generator=gen)
+    k = torch.randn(N, generator=gen)
+    to = lambda x: None if x is None else x.to(dtype).to(DEVICE)  # noqa: E731
+    return to(h), to(W), to(b), y.to(DEVICE), g.to(DEVICE), k.to(DEVICE)
+
+
+def _dominant_check(dtype, logp, H, dh, dW, db, h, W, b, y, g, k, check_H=True):
+    """Relative errors vs float64 on the SAME inputs: logp (and H) per row, grad_hidden per row, grad_weight
+    per vocab row, grad_bias. fp32: 1e-4 (measured ~3e-6; the bug gives ~1e-1 on grad_hidden and logp = 0
+    exactly). bf16: the gradients are rounded to bf16 (2^-9 relative) and dz is rounded to bf16 before the
+    dh / dW dots, as in eager PyTorch's bf16 backward, so 2e-2 (measured ~7e-3; the bug ~1.5e-1, eager
+    bf16 PyTorch ~9e-2); logp / H are fp32 outputs of exact bf16 products: 1e-4 both."""
+    h, W, b, y, g, k, logp, H = (None if x is None else x.cpu() for x in (h, W, b, y, g, k, logp, H))
+    valid = y != IGNORE
+    logp64, H64, _ = R.linear_entropy_logprob(h, W, y, b, 1.0, IGNORE)
+    q = -torch.expm1(logp64[valid])
+    assert q.min() < 1e-6 and q.max() > 1e-4 and q.max() < 1e-2, q  # the regime under test
+    rel = lambda got, ref: ((got.double() - ref).abs() / ref.abs()).max().item()  # noqa: E731
+    assert rel(logp[valid], logp64[valid]) < 1e-4, "logp"
+    assert (logp[~valid] == 0).all() and (logp[valid] < 0).all()
+    if check_H:
+        assert rel(H[valid], H64[valid]) < 1e-4, "H"
+    dh64, dW64, db64 = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.0, IGNORE)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+
+    def row_rel(got, ref):
+        got, ref_n = got.double().cpu(), ref.norm(dim=1)
+        keep = ref_n > 0
+        assert (got[~keep] == 0).all()
+        return ((got - ref)[keep].norm(dim=1) / ref_n[keep]).max().item()
+
+    assert dh.dtype == h.dtype and dW.dtype == W.dtype
+    e_h, e_w = row_rel(dh, dh64), row_rel(dW, dW64)
+    assert e_h < tol, f"grad_hidden row relative error {e_h:.3e}"
+    assert e_w < tol, f"grad_weight row relative error {e_w:.3e}"
+    if b is not None:
+        e_b = ((db.double().cpu() - db64).norm() / db64.norm()).item()
+        assert e_b < tol, f"grad_bias relative error {e_b:.3e}"
+
+
+def _public_op(impl, h, W, b, y, g, k):
+    """Forward + autograd backward of the public op with upstream gradients g on logp and k on H."""
+    from hero_kernels import linear_entropy_logprob
+
+    hh = h.clone().requires_grad_()
+    WW = W.clone().requires_grad_()
+    bb = None if b is None else b.clone().requires_grad_()
+    logp, H = linear_entropy_logprob(hh, WW, y, bias=bb, impl=impl)
+    (logp * g + H * k).sum().backward()
+    return logp.detach(), H.detach(), hh.grad, WW.grad, None if bb is None else bb.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_triton_dominant_label_public_op(dtype, bias):
+    """The public op (impl="triton") hands the forward's accurate logp to the backward."""
+    h, W, b, y, g, k = _dominant_problem(dtype, bias)
+    _dominant_check(dtype, *_public_op("triton", h, W, b, y, g, k), h, W, b, y, g, k)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["splits", "atomic"])
+def test_triton_dominant_label_backend(variant):
+    """Backend functions directly: 3 forward vocab splits (so / t / xl merged across splits, the label in
+    one of them) and 2 dh splits, or the atomic backward."""
+    h, W, b, y, g, k = _dominant_problem(torch.float32, True)
+    cfg = _small_config(torch.float32, vocab_splits=3, dh_splits=2, deterministic=(variant == "splits"))
+    opts = RowOptions(ignore_index=IGNORE)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    dh, dW, db = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    _dominant_check(torch.float32, logp, H, dh, dW, db, h, W, b, y, g, k)
+
+
+@needs_triton
+def test_triton_dominant_label_without_logp_is_the_old_formula():
+    """Without logp (vocab shards) the label column uses the tile's 1 - e^{x_y - lse}: same result as with
+    logp on ordinary rows, rounding noise on dominant ones (why the public op passes logp)."""
+    h, W, b, y, g, k = _problem(37, 96, 1003, torch.float32, n_masked=3, confident_row=False)
+    opts = RowOptions(temperature=0.8)
+    logp, H, lse = K.forward(h, W, b, y, opts)
+    with_lp = K.backward(h, W, b, y, lse, H, g, k, opts, logp=logp)
+    without = K.backward(h, W, b, y, lse, H, g, k, opts)
+    for a, c in zip(with_lp, without):
+        assert _err(a, c) <= 1e-5 * max(1.0, c.abs().max().item())
+    h, W, b, y, g, k = _dominant_problem(torch.float32, False)
+    logp, H, lse = K.forward(h, W, b, y, RowOptions())
+    dh, _, _ = K.backward(h, W, b, y, lse, H, g, None, RowOptions())
+    dh64 = R.linear_entropy_logprob_backward(h, W, y, g, None)[0]
+    valid = y != IGNORE
+    assert ((dh.double() - dh64).norm(dim=1)[valid] / dh64.norm(dim=1)[valid]).max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_torch_dominant_label_public_op(dtype, bias):
+    """impl="torch": whole rows per chunk, the reference's own accurate label column (H: see
+    test_torch_dominant_label_entropy)."""
+    h, W, b, y, g, k = _dominant_problem(dtype, bias)
+    _dominant_check(dtype, *_public_op("torch", h, W, b, y, g, k), h, W, b, y, g, k, check_H=False)
+
+
+def test_torch_dominant_label_entropy():
+    """H of dominant rows, impl='torch', fp32: relative error vs float64 (the Triton path is < 1e-5)."""
+    h, W, b, y, g, k = _dominant_problem(torch.float32, False)
+    _, H, _, _, _ = _public_op("torch", h, W, b, y, g, k)
+    H64 = R.linear_entropy_logprob(h, W, y, b, 1.0, IGNORE)[1]
+    valid = y != IGNORE
+    assert ((H.double() - H64).abs()[valid] / H64[valid]).max().item() < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def backward(
     grad_logp: Tensor,
     grad_H: Tensor,
     opts: RowOptions,
+    *,
+    logp: Optional[Tensor] = None,  # unused: the row kernels see whole rows and get 1 - p_y right themselves
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     ops = require_cpu()
     V, D = weight.shape

@@ -106,8 +106,13 @@ def backward(
     grad_H: Optional[Tensor],
     opts: RowOptions,
     config: Optional[TorchChunkConfig] = None,
+    *,
+    logp: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Gradients accumulated in fp32 over row chunks, cast to the input dtypes at the end."""
+    """Gradients accumulated in fp32 over row chunks, cast to the input dtypes at the end.
+
+    ``logp`` (the forward's output) is not needed: each chunk holds whole rows, so the reference computes
+    the label column's 1 - p_y accurately from them."""
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device

@@ -13,16 +13,21 @@ Kernels (block sizes are constexpr, every shape / stride is a runtime int, offse
 ------------------------------------------------------------------------------------------
 ``_fwd_partials_kernel``  grid (row blocks, vocab splits). Each program streams the vocab tiles of its
     split: the logits tile [BLOCK_N, BLOCK_V] is ``tl.dot`` of hidden and weight tiles over a masked K
-    loop (fp32 accumulate), then the online (m, s, t) update and the label logit are taken from the
-    tile while it is in registers. It writes four fp32 partials per (split, row); nothing [N, V].
+    loop (fp32 accumulate), then the online update and the label logit are taken from the tile while it
+    is in registers. It writes five fp32 partials per (split, row): m, s, so (s over the NON-label
+    columns), t = sum (x - m) e^{x-m} (shifted), x_label; nothing [N, V].
     Vocab splits only exist to fill the GPU when there are few row blocks.
 ``_merge_partials_kernel``  grid (row blocks). Merges the per-split partials in a fixed order and
-    writes (logp, H, lse) or, for a vocab shard (``hero_kernels.sharded``), the merged partials.
+    writes (logp, H, lse) or, for a vocab shard (``hero_kernels.sharded``), the merged (m, s, t, x_label).
+    Dominant label (p_y -> 1, the low-entropy rows HERO up-weights): x_y - lse and 1 - p_y cancel to
+    O(eps |lse|) noise in fp32, so with e_y = e^{x_y - m} >= so (p_y >= 1/2) the kernel writes
+    logp = -log1p(so / e_y) and log s = (x_y - m) + log1p(so / e_y); H = log s - t / s adds two
+    non-negative terms. logp and H keep their relative accuracy down to 1 - p_y ~ 1e-7.
 ``_bwd_dh_kernel``  grid (row blocks, vocab splits). Recomputes each logits tile from the saved lse and
-    H, forms dz = (1/tau)[g(1[j=y] - p) - k p (log p + H)] in fp32 and accumulates dz @ W into an fp32
-    dh buffer that only this program writes (read-modify-write over D chunks): deterministic, no
-    atomics. With several vocab splits each split owns its own fp32 [N, D] slice and the slices are
-    summed in a fixed order.
+    H, forms dz = (1/tau)[g(1[j=y] - p) - k p (log p + H)] in fp32 (the label column from the forward's
+    accurate logp, see ``backward``) and accumulates dz @ W into an fp32 dh buffer that only this
+    program writes (read-modify-write over D chunks): deterministic, no atomics. With several vocab
+    splits each split owns its own fp32 [N, D] slice and the slices are summed in a fixed order.
 ``_bwd_dw_kernel``  grid (vocab blocks). Same recompute, looping over row blocks; accumulates
     dz^T @ h into the fp32 dW rows it owns and db in registers. Deterministic.
 ``_bwd_atomic_kernel``  (option ``deterministic=False``, off by default) grid (row blocks, vocab blocks):
@@ -31,7 +36,7 @@ Kernels (block sizes are constexpr, every shape / stride is a runtime int, offse
 
 Cost model (bytes / FLOPs), N valid rows: forward 2*N*D*V FLOPs; deterministic backward 8*N*D*V
 (2 recomputes + dh + dW), atomic backward 6*N*D*V. Extra memory: O(N*D + V*D) fp32 accumulators plus
-per-row partials (4 * splits * N floats); never O(N*V).
+per-row partials (5 * splits * N floats); never O(N*V).
 
 Bytes: each forward program re-reads its hidden rows once per vocab tile and every weight tile once per
 row block (L2-resident re-reads, as in any tiled GEMM); HBM traffic is ~N*D + V*D elements per pass
@@ -198,15 +203,26 @@ def _logits_tile(
 
 
 @triton.jit
-def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, ent, g, k, inv_temp):
-    """dz = (1/tau)[g (1[j=y] - p) - k p (log p + H)] in fp32; 0 on padded columns and padded rows."""
+def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS: tl.constexpr):
+    """dz = (1/tau)[g (1[j=y] - p) - k p (log p + H)] in fp32; 0 on padded columns and padded rows.
+
+    Per row: k, c = g + k H and lab. Off the label, dz = -(1/tau) p (k log p + c): two tile ops fewer
+    than the textbook form (registers). The label column: with LABEL_STATS it is replaced by
+    lab = g (1 - p_y) - k p_y (log p_y + H), formed by the launcher from the forward's accurate logp; from
+    the tile, 1 - e^{x_y - lse} and x_y - lse are rounding noise when p_y -> 1 (an O(eps |lse|) error
+    against values ~ 1 - p_y: the Liger #1329 class, in the low-entropy rows HERO up-weights). Without
+    (vocab shards), lab = g is added to the tile's value: the plain form.
+    """
     valid = row_mask[:, None] & col_mask[None, :]
     # Padded columns are -inf: use log q = 0 there (p = 0 anyway) so no (-inf) * 0 = NaN appears.
     logq = tl.where(valid, x - lse[:, None], 0.0)
     p = tl.where(valid, tl.exp(logq), 0.0)
-    # 1[j=y] - p in fp32 (no low-precision cancellation when p(y) -> 1).
-    onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
-    dz = g[:, None] * (onehot - p) - k[:, None] * (p * (logq + ent[:, None]))
+    dz = -p * (k[:, None] * logq + c[:, None])
+    is_label = cols[None, :] == labels[:, None]
+    if LABEL_STATS:
+        dz = tl.where(is_label, lab[:, None], dz)
+    else:
+        dz = tl.where(is_label, dz + lab[:, None], dz)
     # Padded rows must give exactly 0: dW sums dz over rows.
     return tl.where(valid, dz * inv_temp, 0.0)
 
@@ -214,15 +230,17 @@ def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, ent, g, k, inv_temp)
 @triton.jit
 def _fwd_partials_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr,
-    m_ptr, s_ptr, t_ptr, xl_ptr,
+    m_ptr, s_ptr, so_ptr, t_ptr, xl_ptr,
     N, D, V, stride_h, stride_w, cols_per_split, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partials of one (row block, vocab split). Outputs m, s, t, xl: fp32 [splits, N] (row stride N).
+    """Partials of one (row block, vocab split). Outputs m, s, so, t, xl: fp32 [splits, N] (row stride N).
 
-    m = max x, s = sum e^{x-m}, t = sum x e^{x-m} over the split's columns; xl = x[label] when the
-    label falls in this split, else 0 (so partials of disjoint splits merge by a plain sum).
+    m = max x, s = sum e^{x-m}, so = the same sum over the NON-label columns, t = sum (x - m) e^{x-m}
+    (shifted: every term <= 0, so H = log s - t / s has no cancellation against |lse| when p_y -> 1);
+    xl = x[label] when the label falls in this split, else 0 (so partials of disjoint splits merge by a
+    plain sum).
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -233,8 +251,10 @@ def _fwd_partials_kernel(
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
 
+    # s is not carried through the loop (registers: the 16-bit tiles sit at the sm_80 limit): the label's
+    # term is added back to so from xl whenever s is needed, s = so + e^{xl - m} once the label was seen.
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
+    so = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     xl = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -242,31 +262,61 @@ def _fwd_partials_kernel(
         col_mask = cols < v_end
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, tl.minimum(cols, v_end - 1), col_mask, D, stride_h,
                          stride_w, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-        # Every tile holds >= 1 real column, so m_new is finite and alpha = e^{-inf} = 0 on the first tile.
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        # x is -inf on padded columns where e = 0: zero x first so no (-inf) * 0 = NaN appears.
-        t = t * alpha + tl.sum(tl.where(col_mask[None, :], x, 0.0) * e, axis=1)
+        # Rebasing t from m to m_new adds (m - m_new) s (<= 0); s before this tile, 0 on the first one.
+        seen = (labels >= v_begin) & (labels < v0)
+        s_prev = so + tl.where(seen, tl.exp(tl.where(seen, xl - m, 0.0)), 0.0)
         # Mask the padded columns too: for a vocab shard a label of the NEXT shard can equal one of them.
         is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
         xl += tl.sum(tl.where(is_label, x, 0.0), axis=1)
+        # Every tile holds >= 1 real column, so m_new is finite and alpha = e^{-inf} = 0 on the first tile.
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        alpha = tl.exp(m - m_new)
+        shift = tl.where(m > float("-inf"), m - m_new, 0.0) * s_prev
+        xs = x - m_new[:, None]
+        e = tl.exp(xs)
+        so = so * alpha + tl.sum(tl.where(is_label, 0.0, e), axis=1)
+        # xs is -inf on padded columns where e = 0: zero it there so no (-inf) * 0 = NaN appears.
+        t = (t + shift) * alpha + tl.sum(tl.where(col_mask[None, :], xs, 0.0) * e, axis=1)
         m = m_new
+    in_split = (labels >= v_begin) & (labels < v_end)
+    s = so + tl.where(in_split, tl.exp(tl.where(in_split, xl - m, 0.0)), 0.0)
 
     out = pid_s.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
     tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(so_ptr + out, so, mask=row_mask)
     tl.store(t_ptr + out, t, mask=row_mask)
     tl.store(xl_ptr + out, xl, mask=row_mask)
 
 
 @triton.jit
+def _log1p_unit(r):
+    """log(1 + r) for 0 <= r <= 1 to fp32 relative accuracy, from basic ops only (the interpreter has no
+    libdevice, and tl.log near 1 is an approximation with an ABSOLUTE error bound, useless for tiny r):
+    log1p(r) = 2 atanh(w), w = r / (2 + r) <= 1/3, by its odd series; 8 terms leave < 2e-9 relative."""
+    w = r / (2.0 + r)
+    w2 = w * w
+    acc = 1.0 / 15.0
+    acc = acc * w2 + 1.0 / 13.0
+    acc = acc * w2 + 1.0 / 11.0
+    acc = acc * w2 + 1.0 / 9.0
+    acc = acc * w2 + 1.0 / 7.0
+    acc = acc * w2 + 1.0 / 5.0
+    acc = acc * w2 + 1.0 / 3.0
+    acc = acc * w2 + 1.0
+    return 2.0 * w * acc
+
+
+@triton.jit
 def _merge_partials_kernel(
-    m_ptr, s_ptr, t_ptr, xl_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, N, S,
+    m_ptr, s_ptr, so_ptr, t_ptr, xl_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, N, S,
     FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Merge [S, N] partials in split order. FINAL: o0..o2 = (logp, H, lse); else o0..o3 = merged (m, s, t, xl)."""
+    """Merge [S, N] partials in split order.
+
+    FINAL: o0..o2 = (logp, H, lse). Else o0..o3 = merged (m, s, t, xl) in the vocab-shard format of
+    ``hero_kernels.sharded`` (t UNshifted: sum x e^{x-m}).
+    """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
     M = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -277,45 +327,59 @@ def _merge_partials_kernel(
     # Rows whose partials are all empty keep (-inf, 0, 0); never exp(-inf - (-inf)).
     M_safe = tl.where(M > float("-inf"), M, 0.0)
     s = tl.zeros((BLOCK,), tl.float32)
+    so = tl.zeros((BLOCK,), tl.float32)
     t = tl.zeros((BLOCK,), tl.float32)
     xl = tl.zeros((BLOCK,), tl.float32)
     off = rows.to(tl.int64)
     for _ in range(0, S):
         mk = tl.load(m_ptr + off, mask=mask, other=float("-inf"))
-        a = tl.where(mk > float("-inf"), tl.exp(mk - M_safe), 0.0)
-        s += a * tl.load(s_ptr + off, mask=mask, other=0.0)
-        t += a * tl.load(t_ptr + off, mask=mask, other=0.0)
+        live = mk > float("-inf")
+        a = tl.where(live, tl.exp(mk - M_safe), 0.0)
+        sk = tl.load(s_ptr + off, mask=mask, other=0.0)
+        s += a * sk
+        so += a * tl.load(so_ptr + off, mask=mask, other=0.0)
+        # Rebase the split's shifted t from mk to M: + (mk - M) sk, same sign as t (no cancellation).
+        t += a * (tl.load(t_ptr + off, mask=mask, other=0.0) + tl.where(live, mk - M_safe, 0.0) * sk)
         xl += tl.load(xl_ptr + off, mask=mask, other=0.0)
         off += N
     if FINAL:
         # Padded lanes (rows >= N) are never stored; s = 1 there keeps log / divide finite.
         s = tl.where(mask, s, 1.0)
-        lse = M + tl.log(s)
-        tl.store(o0_ptr + rows, xl - lse, mask=mask)
-        tl.store(o1_ptr + rows, lse - t / s, mask=mask)
-        tl.store(o2_ptr + rows, lse, mask=mask)
+        # The label's own term e_y = e^{x_y - M}. When it dominates (e_y >= so, i.e. p_y >= 1/2, and then
+        # the label is the row max), log p_y = -log1p(so / e_y) and log s = (x_y - M) + log1p(so / e_y)
+        # keep their relative accuracy as p_y -> 1, where x_y - lse and log(s ~ 1) are rounding noise.
+        dy = xl - M_safe
+        e_y = tl.exp(dy)
+        dom = e_y >= so
+        l1p = _log1p_unit(tl.where(dom, so / tl.where(dom, e_y, 1.0), 0.0))
+        log_s = tl.where(dom, dy + l1p, tl.log(s))
+        # H = log s - t / s: both terms >= 0, so H >= 0 and accurate even when H -> 0.
+        tl.store(o0_ptr + rows, tl.where(dom, -l1p, dy - log_s), mask=mask)
+        tl.store(o1_ptr + rows, log_s - t / s, mask=mask)
+        tl.store(o2_ptr + rows, M + log_s, mask=mask)
     else:
         tl.store(o0_ptr + rows, M, mask=mask)
         tl.store(o1_ptr + rows, s, mask=mask)
-        tl.store(o2_ptr + rows, t, mask=mask)
+        tl.store(o2_ptr + rows, t + M_safe * s, mask=mask)
         tl.store(o3_ptr + rows, xl, mask=mask)
 
 
 @triton.jit
-def _row_stats(labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, rows_c, label_offset):
-    """Per-row labels (shard-local), lse, H, g, k of the clamped rows."""
+def _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset):
+    """Per-row labels (shard-local), lse, k, c = g + k H and the label-column value (see _dlogits_tile) of
+    the clamped rows."""
     labels = tl.load(labels_ptr + rows_c) - label_offset
     lse = tl.load(lse_ptr + rows_c)
-    ent = tl.load(ent_ptr + rows_c)
-    return labels, lse, ent, tl.load(g_ptr + rows_c), tl.load(k_ptr + rows_c)
+    return labels, lse, tl.load(k_ptr + rows_c), tl.load(c_ptr + rows_c), tl.load(lab_ptr + rows_c)
 
 
 @triton.jit
 def _bwd_dh_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, dh_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dh_ptr,
     N, D, V, stride_h, stride_w, cols_per_split, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    LABEL_STATS: tl.constexpr,
 ):
     """dh[split] rows of this block += dz @ W over the split's vocab. dh: fp32 [splits, N, D], zero-filled."""
     pid_n = tl.program_id(0)
@@ -323,7 +387,7 @@ def _bwd_dh_kernel(
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows_c = tl.minimum(rows, N - 1)
-    labels, lse, ent, g, k = _row_stats(labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, rows_c, label_offset)
+    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
     ds = tl.arange(0, BLOCK_D)
     dh_rows = dh_ptr + pid_s.to(tl.int64) * N * D + rows_c.to(tl.int64)[:, None] * D + ds[None, :]
     v_begin = pid_s * cols_per_split
@@ -334,7 +398,8 @@ def _bwd_dh_kernel(
         cols_c = tl.minimum(cols, v_end - 1)
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
                          inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-        dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, ent, g, k, inv_temp)
+        dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
+                           LABEL_STATS)
         dz = dz.to(w_ptr.dtype.element_ty)
         w_ptrs = w_ptr + cols_c.to(tl.int64)[:, None] * stride_w + ds[None, :]
         dh_ptrs = dh_rows
@@ -352,10 +417,11 @@ def _bwd_dh_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dw_ptr, db_ptr,
     N, D, V, stride_h, stride_w, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    LABEL_STATS: tl.constexpr,
 ):
     """dW rows of this vocab block += dz^T @ h over all rows; db = column sums of dz.
 
@@ -372,10 +438,11 @@ def _bwd_dw_kernel(
         rows = n0 + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         rows_c = tl.minimum(rows, N - 1)
-        labels, lse, ent, g, k = _row_stats(labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, rows_c, label_offset)
+        labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
         x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
                          inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-        dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, ent, g, k, inv_temp)
+        dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
+                           LABEL_STATS)
         if HAS_BIAS:
             db += tl.sum(dz, axis=0)
         dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
@@ -396,10 +463,11 @@ def _bwd_dw_kernel(
 
 @triton.jit
 def _bwd_atomic_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, dh_ptr, dw_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dh_ptr, dw_ptr, db_ptr,
     N, D, V, stride_h, stride_w, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    LABEL_STATS: tl.constexpr,
 ):
     """One (row block, vocab block) tile: dh, dW, db via fp32 atomic_add (NOT deterministic).
 
@@ -413,10 +481,11 @@ def _bwd_atomic_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     cols_c = tl.minimum(cols, V - 1)
-    labels, lse, ent, g, k = _row_stats(labels_ptr, lse_ptr, ent_ptr, g_ptr, k_ptr, rows_c, label_offset)
+    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
                      inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, ent, g, k, inv_temp)
+    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
+                       LABEL_STATS)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
     dz_c = dz.to(w_ptr.dtype.element_ty)
@@ -546,16 +615,16 @@ def _prepare(hidden, weight, bias, labels, ignore_index):
 
 
 def _launch_partials(h, weight, bias, labels, inv_temp, label_offset, cfg):
-    """Unmerged partials (m, s, t, xl), each fp32 [splits, n], for compact rows h [n, D]."""
+    """Unmerged partials (m, s, so, t, xl), each fp32 [splits, n], for compact rows h [n, D]."""
     n, D = h.shape
     V = weight.shape[0]
     t_ = cfg.fwd
     row_blocks = triton.cdiv(n, t_.block_n)
     per, splits = _split_columns(V, _num_splits(cfg.vocab_splits, row_blocks, V, t_.block_v, h.device), t_.block_v)
-    parts = torch.empty((4, splits, n), dtype=torch.float32, device=h.device)
+    parts = torch.empty((5, splits, n), dtype=torch.float32, device=h.device)
     _fwd_partials_kernel[(row_blocks, splits)](
         h, weight, bias if bias is not None else weight, labels,
-        parts[0], parts[1], parts[2], parts[3],
+        parts[0], parts[1], parts[2], parts[3], parts[4],
         n, D, V, h.stride(0), weight.stride(0), per, label_offset, inv_temp,
         HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
         BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k,
@@ -574,7 +643,7 @@ def _merge(parts: Tensor, splits: int, final: bool) -> Tuple[Tensor, ...]:
     out = tuple(torch.empty(n, dtype=torch.float32, device=parts.device) for _ in range(3 if final else 4))
     o3 = out[0] if final else out[3]
     _merge_partials_kernel[(triton.cdiv(n, _MERGE_BLOCK),)](
-        parts[0], parts[1], parts[2], parts[3], out[0], out[1], out[2], o3, n, splits,
+        parts[0], parts[1], parts[2], parts[3], parts[4], out[0], out[1], out[2], o3, n, splits,
         FINAL=final, BLOCK=_MERGE_BLOCK, num_warps=4,
     )
     return out
@@ -647,6 +716,8 @@ def backward(
     config: Optional[LinearEntropyConfig] = None,
     vocab_start: int = 0,
     grad_hidden_dtype: Optional[torch.dtype] = None,
+    *,
+    logp: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_hidden [N, D], grad_weight [V, D] in weight.dtype, grad_bias [V] | None).
 
@@ -654,6 +725,9 @@ def backward(
     ``vocab_start``; then grad_hidden is this shard's share, to be summed over shards).
     grad_logp, grad_H: fp32 [N] upstream gradients (None = 0). Accumulation is fp32 throughout; results
     are cast at the end. grad_hidden_dtype: defaults to hidden.dtype (pass torch.float32 for shards).
+    logp: fp32 [N], the forward's (accurate) log p(label), GLOBAL like lse / H. Given, the label column
+    takes 1 - p_y = -expm1(logp) and log p_y = logp from it (accurate as p_y -> 1); None (e.g. vocab
+    shards without it) keeps the tile's 1 - e^{x_y - lse}, which is rounding noise when p_y -> 1.
     """
     _check(hidden, weight, bias, labels)
     cfg = config or default_config(hidden.dtype)
@@ -661,16 +735,22 @@ def backward(
     V = weight.shape[0]
     dev = hidden.device
     gh_dtype = grad_hidden_dtype or hidden.dtype
-    idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    idx, h, w, b, labs = _prepare(hidden, weight, bias, labels, opts.ignore_index)
     n, D_pad = h.shape
     if n == 0:
         return (torch.zeros((N, D), dtype=gh_dtype, device=dev), torch.zeros_like(weight),
                 torch.zeros_like(bias) if bias is not None else None)
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
-    rows = (lse, H, grad_logp if grad_logp is not None else zeros, grad_H if grad_H is not None else zeros)
+    label_stats = logp is not None
+    rows = (lse, H, grad_logp if grad_logp is not None else zeros, grad_H if grad_H is not None else zeros,
+            logp if label_stats else zeros)
     if idx is not None:
         rows = tuple(x.index_select(0, idx) for x in rows)
-    lse, H, g, k = (_aligned_1d(x.to(torch.float32)) for x in rows)
+    lse, H, g, k, lp = (_aligned_1d(x.to(torch.float32)) for x in rows)
+    # Per-row terms of dz, O(n) (see _dlogits_tile): c = g + k H and the label column's value, with
+    # logp: g (1 - p_y) - k p_y (log p_y + H), 1 - p_y = -expm1(logp) (no cancellation as p_y -> 1).
+    c = torch.addcmul(g, k, H)
+    lab = torch.expm1(lp).mul_(g).neg_().sub_(torch.exp(lp).mul_(lp + H).mul_(k)) if label_stats else g
     inv_temp = float(opts.inv_temperature)
     prec = _dot_precision(h.dtype, cfg)
     has_bias = b is not None
@@ -689,32 +769,32 @@ def backward(
         per, splits = _split_columns(V, splits, t_.block_v)
         dh32 = torch.zeros((splits, n, D_pad), dtype=torch.float32, device=dev)
         _bwd_dh_kernel[(row_blocks, splits)](
-            h, w, b_arg, lab, lse, H, g, k, dh32,
+            h, w, b_arg, labs, lse, k, c, lab, dh32,
             n, D_pad, V, h.stride(0), w.stride(0), per, int(vocab_start), inv_temp,
             HAS_BIAS=has_bias, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(h.dtype),
             BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
-            num_warps=t_.num_warps, num_stages=t_.num_stages,
+            LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
         )
         # Fixed-order reduction over splits: deterministic.
         dh = dh32[0] if splits == 1 else dh32.sum(0)
         del dh32
         t_ = cfg.dw
         _bwd_dw_kernel[(triton.cdiv(V, t_.block_v),)](
-            h, w, b_arg, lab, lse, H, g, k, dw32, db32,
+            h, w, b_arg, labs, lse, k, c, lab, dw32, db32,
             n, D_pad, V, h.stride(0), w.stride(0), int(vocab_start), inv_temp,
             HAS_BIAS=has_bias, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(h.dtype),
             BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
-            num_warps=t_.num_warps, num_stages=t_.num_stages,
+            LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
         )
     else:
         t_ = cfg.atomic
         dh = torch.zeros((n, D_pad), dtype=torch.float32, device=dev)
         _bwd_atomic_kernel[(triton.cdiv(n, t_.block_n), triton.cdiv(V, t_.block_v))](
-            h, w, b_arg, lab, lse, H, g, k, dh, dw32, db32,
+            h, w, b_arg, labs, lse, k, c, lab, dh, dw32, db32,
             n, D_pad, V, h.stride(0), w.stride(0), int(vocab_start), inv_temp,
             HAS_BIAS=has_bias, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(h.dtype),
             BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
-            num_warps=t_.num_warps, num_stages=t_.num_stages,
+            LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
         )
 
     dh = dh[:, :D]
@@ -737,12 +817,12 @@ def _signature(kernel: str, dt: str, bias_dt: str) -> Dict[str, str]:
     f32 = "*fp32"
     common_in = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{bias_dt}", "labels_ptr": "*i64"}
     if kernel == "fwd":
-        sig = dict(common_in, m_ptr=f32, s_ptr=f32, t_ptr=f32, xl_ptr=f32,
+        sig = dict(common_in, m_ptr=f32, s_ptr=f32, so_ptr=f32, t_ptr=f32, xl_ptr=f32,
                    N="i32", D="i32", V="i32", stride_h="i32", stride_w="i32", cols_per_split="i32",
                    label_offset="i64", inv_temp="fp32")
         const = ("HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "BLOCK_N", "BLOCK_V", "BLOCK_K")
     else:
-        grads = {"lse_ptr": f32, "ent_ptr": f32, "g_ptr": f32, "k_ptr": f32}
+        grads = {"lse_ptr": f32, "k_ptr": f32, "c_ptr": f32, "lab_ptr": f32}
         if kernel == "dh":
             outs = {"dh_ptr": f32}
         elif kernel == "dw":
@@ -753,7 +833,7 @@ def _signature(kernel: str, dt: str, bias_dt: str) -> Dict[str, str]:
         if kernel == "dh":
             sig["cols_per_split"] = "i32"
         sig.update(label_offset="i64", inv_temp="fp32")
-        const = ("HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_D")
+        const = ("HAS_BIAS", "DOT_PRECISION", "UPCAST_DOT", "BLOCK_N", "BLOCK_V", "BLOCK_K", "BLOCK_D", "LABEL_STATS")
     for c in const:
         sig[c] = "constexpr"
     return sig
@@ -771,15 +851,18 @@ def _kernel_configs() -> List[tuple]:
             for has_bias in (False, True):
                 for name, fn in kernels.items():
                     tile = getattr(cfg, name)
-                    const = {"HAS_BIAS": has_bias, "DOT_PRECISION": prec, "UPCAST_DOT": False, "BLOCK_N": tile.block_n,
-                             "BLOCK_V": tile.block_v, "BLOCK_K": tile.block_k}
-                    if name != "fwd":
-                        const["BLOCK_D"] = tile.block_d
-                    desc = (f"{fn.__name__} {dt} bias={has_bias} {prec} BN={tile.block_n} BV={tile.block_v} "
-                            f"BK={tile.block_k}" + ("" if name == "fwd" else f" BD={tile.block_d}")
-                            + f" w={tile.num_warps} s={tile.num_stages}")
-                    out.append((fn, _signature(name, dt, dt), const, tile.num_warps, tile.num_stages, desc))
-    merge_sig = {f"{p}_ptr": "*fp32" for p in ("m", "s", "t", "xl", "o0", "o1", "o2", "o3")}
+                    # Backward kernels: LABEL_STATS=True (the public op, logp given), False (vocab shards).
+                    for label_stats in ((None,) if name == "fwd" else (True, False)):
+                        const = {"HAS_BIAS": has_bias, "DOT_PRECISION": prec, "UPCAST_DOT": False,
+                                 "BLOCK_N": tile.block_n, "BLOCK_V": tile.block_v, "BLOCK_K": tile.block_k}
+                        if name != "fwd":
+                            const.update(BLOCK_D=tile.block_d, LABEL_STATS=label_stats)
+                        desc = (f"{fn.__name__} {dt} bias={has_bias} {prec} BN={tile.block_n} BV={tile.block_v} "
+                                f"BK={tile.block_k}"
+                                + ("" if name == "fwd" else f" BD={tile.block_d} label_stats={int(label_stats)}")
+                                + f" w={tile.num_warps} s={tile.num_stages}")
+                        out.append((fn, _signature(name, dt, dt), const, tile.num_warps, tile.num_stages, desc))
+    merge_sig = {f"{p}_ptr": "*fp32" for p in ("m", "s", "so", "t", "xl", "o0", "o1", "o2", "o3")}
     merge_sig.update(N="i32", S="i32", FINAL="constexpr", BLOCK="constexpr")
     for final in (True, False):
         out.append((_merge_partials_kernel, dict(merge_sig), {"FINAL": final, "BLOCK": _MERGE_BLOCK}, 4, 1,
