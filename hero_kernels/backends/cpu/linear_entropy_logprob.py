@@ -31,33 +31,38 @@ def _chunk_rows(n: int, V: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(V, 1)))
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def logits_chunk(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """h [c, D] @ weight.T (+ bias) -> [c, V] in h.dtype (torch's CPU GEMMs accumulate in fp32)."""
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-def _valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
+def valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
     return torch.nonzero(labels != ignore_index).flatten()
 
 
-def forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
-) -> Tuple[Tensor, Tensor, Tensor]:
-    ops = require_cpu()
+def rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
+                 step: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The chunk loop shared with the CUDA backend: valid rows in chunks of ``step``, each chunk's logits
+    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd``."""
     N = hidden.shape[0]
-    V = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
-    rows = _valid_rows(labels, opts.ignore_index)
-    step = _chunk_rows(rows.numel(), V)
+    rows = valid_rows(labels, opts.ignore_index)
     for s in range(0, rows.numel(), step):
         idx = rows[s : s + step]
-        z = _logits(hidden.index_select(0, idx), weight, bias)
+        z = logits_chunk(hidden.index_select(0, idx), weight, bias)
         lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
         logp.index_copy_(0, idx, lp)
         H.index_copy_(0, idx, h)
         lse.index_copy_(0, idx, ls)
     return logp, H, lse
+
+
+def forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
+) -> Tuple[Tensor, Tensor, Tensor]:
+    n_valid = int((labels != opts.ignore_index).sum())
+    return rows_forward(require_cpu(), hidden, weight, bias, labels, opts, _chunk_rows(n_valid, weight.shape[0]))
 
 
 def backward(
@@ -79,12 +84,12 @@ def backward(
     grad_hidden = torch.zeros_like(hidden)
     dW = torch.zeros((V, D), dtype=acc, device=weight.device)
     db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
-    rows = _valid_rows(labels, opts.ignore_index)
+    rows = valid_rows(labels, opts.ignore_index)
     step = _chunk_rows(rows.numel(), V)
     for s in range(0, rows.numel(), step):
         idx = rows[s : s + step]
         h = hidden.index_select(0, idx)
-        z = _logits(h, weight, bias)
+        z = logits_chunk(h, weight, bias)
         # fp32/fp64 logits: dlogits overwrite them in place. bf16/fp16: dlogits go to an fp32 buffer so the
         # grad_weight GEMM sees unrounded values (dh still uses the weight's dtype).
         dz = z if z.dtype in (torch.float32, torch.float64) else torch.empty(z.shape, dtype=torch.float32)

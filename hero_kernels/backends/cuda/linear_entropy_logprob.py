@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
+from hero_kernels.backends.cpu.linear_entropy_logprob import logits_chunk, rows_forward, valid_rows
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "CHUNK_BYTES"]
@@ -37,10 +38,6 @@ def _chunk_rows(n: int, V: int, elem: int) -> int:
     if rows >= 256:
         rows -= rows % 128  # GEMM-friendly multiple
     return max(1, min(n, rows))
-
-
-def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
 def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
@@ -76,21 +73,9 @@ def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    ops = require_cuda()
-    N = hidden.shape[0]
-    V = weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
-    rows = torch.nonzero(labels != opts.ignore_index).flatten()
-    step = _chunk_rows(rows.numel(), V, hidden.element_size())
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        z = _logits(hidden.index_select(0, idx), weight, bias)
-        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
-        logp.index_copy_(0, idx, lp)
-        H.index_copy_(0, idx, h)
-        lse.index_copy_(0, idx, ls)
-    return logp, H, lse
+    n_valid = int((labels != opts.ignore_index).sum())  # one host sync, as the compaction needs anyway
+    step = _chunk_rows(n_valid, weight.shape[0], hidden.element_size())
+    return rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step)
 
 
 def backward(
@@ -112,12 +97,12 @@ def backward(
     grad_hidden = torch.zeros_like(hidden)
     dW = torch.zeros((V, D), dtype=acc, device=weight.device)
     db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
-    rows = torch.nonzero(labels != opts.ignore_index).flatten()
+    rows = valid_rows(labels, opts.ignore_index)
     step = _chunk_rows(rows.numel(), V, hidden.element_size())
     for s in range(0, rows.numel(), step):
         idx = rows[s : s + step]
         h = hidden.index_select(0, idx)
-        z = _logits(h, weight, bias)
+        z = logits_chunk(h, weight, bias)
         ops.entropy_logprob_bwd(
             z,
             labels.index_select(0, idx),
