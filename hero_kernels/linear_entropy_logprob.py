@@ -112,26 +112,47 @@ def _bwd(
     temperature: float,
     ignore_index: int,
     impl: str,
+    need_dh: bool = True,
+    need_dw: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (grad_hidden, grad_weight, grad_bias); grad_bias is an empty [0] tensor when bias is None.
+    """Returns (grad_hidden, grad_weight, grad_bias).
+
+    A custom op cannot return None, so a gradient that is not computed is an empty [0] tensor:
+    grad_hidden when ``need_dh`` is False, grad_weight and grad_bias when ``need_dw`` is False (grad_bias
+    follows the weight flag: the backends get dW and db from the same pass), grad_bias when bias is None.
+    Skipping saves the backends' dh GEMM or the fp32 [V, D] grad_weight accumulation (frozen LM head,
+    detached hidden).
 
     ``logp`` is the forward's (accurate) output: tiled backends that never see a whole row take the label
     column's 1 - p_y from it (-expm1(logp)) instead of cancelling 1 - exp(x_y - lse)."""
+    if not (need_dh or need_dw):
+        return hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
     if hidden.shape[0] == 0:
-        db = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
-        return torch.zeros_like(hidden), torch.zeros_like(weight), db
+        dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty(0)
+        dW = torch.zeros_like(weight) if need_dw else weight.new_empty(0)
+        db = torch.zeros_like(bias) if (bias is not None and need_dw) else weight.new_empty(0)
+        return dh, dW, db
     mod = backend_module(impl, "linear_entropy_logprob")
     with device_guard(hidden):
         dh, dW, db = mod.backward(
-            hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), logp=logp
+            hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index),
+            logp=logp, need_dh=need_dh, need_dw=need_dw,
         )
-    return dh, dW, (weight.new_empty(0) if db is None else db)
+    return (
+        hidden.new_empty(0) if dh is None else dh,
+        weight.new_empty(0) if dW is None else dW,
+        weight.new_empty(0) if db is None else db,
+    )
 
 
 @_bwd.register_fake
-def _(hidden, weight, bias, labels, logp, lse, H, grad_logp, grad_H, temperature, ignore_index, impl):
-    db = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(hidden), torch.empty_like(weight), db
+def _(hidden, weight, bias, labels, logp, lse, H, grad_logp, grad_H, temperature, ignore_index, impl,
+      need_dh=True, need_dw=True):
+    # Mirrors _bwd exactly: empty [0] tensors for the gradients that are not computed.
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
+    dW = torch.empty_like(weight) if need_dw else weight.new_empty(0)
+    db = torch.empty_like(bias) if (bias is not None and need_dw) else weight.new_empty(0)
+    return dh, dW, db
 
 
 def _setup_context(ctx, inputs, output):
@@ -147,10 +168,17 @@ def _backward(ctx, grad_logp, grad_H, _grad_lse):
     temperature, ignore_index, impl = ctx.args
     g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(torch.float32).contiguous()
     k = torch.zeros_like(lse) if grad_H is None else grad_H.to(torch.float32).contiguous()
+    # Only the gradients autograd asks for: a frozen LM head (LoRA) skips the fp32 [V, D] grad_weight
+    # accumulation, a detached hidden skips the dh GEMM. The bias gradient comes from the weight pass.
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = bool(need_b and bias is not None)
+    need_dh, need_dw = bool(need_h), bool(need_w or need_b)
     dh, dW, db = torch.ops.hero_kernels.linear_entropy_logprob_backward(
-        hidden, weight, bias, labels, logp.detach(), lse, H, g, k, temperature, ignore_index, impl
+        hidden, weight, bias, labels, logp.detach(), lse, H, g, k, temperature, ignore_index, impl,
+        need_dh, need_dw,
     )
-    return dh, dW, (db if bias is not None else None), None, None, None, None
+    return (dh if need_h else None, dW if need_w else None, db if need_b else None,
+            None, None, None, None)
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -450,3 +450,188 @@ def test_chunked_memory_within_15_percent_of_eager_full_size():
     res = _memory(N=8192, D=512, V=32000)
     print({v: res[v]["peak_extra_bytes"] for v in ("eager", "chunked")}, res["ratio"])
     assert res["ratio"] <= MAX_RATIO
+
+
+# ----------------------------------------------------------------------------------------------
+# skipped gradients: frozen LM head (LoRA) / detached hidden
+# ----------------------------------------------------------------------------------------------
+_SKIP_IMPLS = ["torch", "cpu", pytest.param("triton", marks=needs_triton)]
+
+
+def _public_grads(impl, h, W, b, y, g, k, grad_h=True, grad_w=True):
+    """Autograd through the public op; grad_w also decides the bias's requires_grad."""
+    from hero_kernels import linear_entropy_logprob
+
+    hh = h.clone().requires_grad_(grad_h)
+    WW = W.clone().requires_grad_(grad_w)
+    bb = None if b is None else b.clone().requires_grad_(grad_w)
+    logp, H = linear_entropy_logprob(hh, WW, y, bias=bb, impl=impl)
+    (logp * g + H * k).sum().backward()
+    return hh.grad, WW.grad, None if bb is None else bb.grad
+
+
+@pytest.mark.parametrize("impl", _SKIP_IMPLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_frozen_weight_and_detached_hidden_skip_grads(impl, bias):
+    h, W, b, y, g, k = _problem(21, 32, 301, torch.float32, bias=bias)
+    full = _public_grads(impl, h, W, b, y, g, k)
+    # Frozen LM head: grad_hidden identical, no weight / bias grad.
+    dh, dW, db = _public_grads(impl, h, W, b, y, g, k, grad_w=False)
+    assert dW is None and db is None
+    assert torch.equal(dh, full[0])
+    # Detached hidden: weight / bias grads identical, no hidden grad.
+    dh, dW, db = _public_grads(impl, h, W, b, y, g, k, grad_h=False)
+    assert dh is None
+    assert torch.equal(dW, full[1])
+    if bias:
+        assert torch.equal(db, full[2])
+    # Bias trainable, weight frozen: the weight pass still runs (db comes from it); weight.grad stays None.
+    if bias:
+        from hero_kernels import linear_entropy_logprob
+
+        WW = W.clone()
+        bb = b.clone().requires_grad_()
+        logp, H = linear_entropy_logprob(h, WW, y, bias=bb, impl=impl)
+        (logp * g + H * k).sum().backward()
+        assert WW.grad is None and torch.equal(bb.grad, full[2])
+
+
+@pytest.mark.parametrize("need_dh,need_dw", [(True, False), (False, True)])
+def test_public_op_passes_need_flags_to_backend(need_dh, need_dw):
+    """_backward maps ctx.needs_input_grad to the backend's need_dh / need_dw (and back to None)."""
+    from unittest import mock
+
+    h, W, b, y, g, k = _problem(9, 16, 50, torch.float32)
+    with mock.patch.object(TB, "backward", wraps=TB.backward) as spy:
+        dh, dW, db = _public_grads("torch", h, W, b, y, g, k, grad_h=need_dh, grad_w=need_dw)
+    assert spy.call_count == 1
+    kw = spy.call_args.kwargs
+    assert kw["need_dh"] is need_dh and kw["need_dw"] is need_dw
+    assert (dh is not None) == need_dh and (dW is not None) == need_dw and (db is not None) == need_dw
+
+
+def test_torch_backend_skips_the_skipped_gemms():
+    """Count GEMMs and [V, D] allocations of the torch backend's backward with each flag off."""
+    from torch.overrides import TorchFunctionMode
+
+    N, D, V = 30, 16, 64
+    h, W, b, y, g, k = _problem(N, D, V, torch.float32, n_masked=0)
+    opts = RowOptions()
+    cfg = TB.TorchChunkConfig(max_chunk_bytes=4 * V * 8, min_rows=8)  # 4 chunks of 8 rows
+    logp, H, lse = TB.forward(h, W, b, y, opts, cfg)
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.gemm = 0
+            self.big_zeros = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if name in ("matmul", "__matmul__", "mm", "addmm", "addmm_"):
+                self.gemm += 1
+            if name == "zeros" and args and tuple(args[0]) in ((V, D), (N, D)):
+                self.big_zeros += 1
+            return func(*args, **kwargs)
+
+    def run(**flags):
+        with Count() as c:
+            out = TB.backward(h, W, b, y, lse, H, g, k, opts, cfg, **flags)
+        return c, out
+
+    full, (dh, dW, db) = run()
+    no_dw, (dh2, dW2, db2) = run(need_dw=False)
+    no_dh, (dh3, dW3, db3) = run(need_dh=False)
+    chunks = 4
+    # Per chunk: logits GEMM + dh GEMM + dW GEMM; each flag removes one GEMM per chunk and one buffer.
+    assert full.gemm == 3 * chunks and full.big_zeros == 2
+    assert no_dw.gemm == 2 * chunks and no_dw.big_zeros == 1 and dW2 is None and db2 is None
+    assert no_dh.gemm == 2 * chunks and no_dh.big_zeros == 1 and dh3 is None
+    assert torch.equal(dh2, dh) and torch.equal(dW3, dW) and torch.equal(db3, db)
+    assert TB.backward(h, W, b, y, lse, H, g, k, opts, cfg, need_dh=False, need_dw=False) == (None, None, None)
+
+
+class _LaunchCounter:
+    """Stands in for a @triton.jit kernel: counts ``kernel[grid](...)`` launches and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_triton_backend_skips_kernel_launches(deterministic, monkeypatch):
+    h, W, b, y, g, k = _problem(21, 32, 301, torch.float32)
+    cfg = _small_config(torch.float32, deterministic=deterministic)
+    opts = RowOptions(temperature=0.9)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    counters = {name: _LaunchCounter(getattr(K, name))
+                for name in ("_bwd_dh_kernel", "_bwd_dw_kernel", "_bwd_atomic_kernel")}
+    for name, c in counters.items():
+        monkeypatch.setattr(K, name, c)
+
+    def run(**flags):
+        for c in counters.values():
+            c.launches = 0
+        out = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp, **flags)
+        return out, {n[5:-7]: c.launches for n, c in counters.items()}
+
+    (dh, dW, db), n_full = run()
+    assert n_full == ({"dh": 1, "dw": 1, "atomic": 0} if deterministic else {"dh": 0, "dw": 0, "atomic": 1})
+    (dh2, dW2, db2), n = run(need_dw=False)
+    assert n == {"dh": 1, "dw": 0, "atomic": 0} and dW2 is None and db2 is None
+    (dh3, dW3, db3), n = run(need_dh=False)
+    assert n == {"dh": 0, "dw": 1, "atomic": 0} and dh3 is None
+    if deterministic:
+        assert torch.equal(dh2, dh) and torch.equal(dW3, dW) and torch.equal(db3, db)
+    else:
+        # The atomic variant falls back to the deterministic single kernel: same math, other summation order.
+        _check_all((logp, H, lse), (dh2, dW3, db3), h, W, b, y, g, k, 0.9)
+
+
+def test_backward_op_fake_mirrors_skipped_shapes():
+    """The registered fake returns [0] tensors exactly where the real op skips a gradient."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import hero_kernels  # noqa: F401  (registers the ops)
+
+    h, W, b, y, g, k = _problem(9, 16, 50, torch.float32)
+    logp, H, lse = TB.forward(h, W, b, y, RowOptions())
+    for need_dh, need_dw in [(True, True), (True, False), (False, True)]:
+        for bias in (b, None):
+            args = (h, W, bias, y, logp, lse, H, g, k, 1.0, IGNORE, "torch", need_dh, need_dw)
+            real = torch.ops.hero_kernels.linear_entropy_logprob_backward(*args)
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = torch.ops.hero_kernels.linear_entropy_logprob_backward(*args)
+            assert [tuple(t.shape) for t in real] == [tuple(t.shape) for t in fake]
+            assert [t.dtype for t in real] == [t.dtype for t in fake]
+            assert real[0].numel() == (h.numel() if need_dh else 0)
+            assert real[1].numel() == (W.numel() if need_dw else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_launcher_need_flags_on_cpu(dtype, monkeypatch):
+    """The CUDA launcher's need_dh / need_dw logic, run against the CPU row kernels (as in
+    tests/test_cpu_backend.py): skipped grads are None, the others identical to the full backward."""
+    from hero_kernels import _cpp_build
+    from hero_kernels.backends.cuda import linear_entropy_logprob as cuda_lin
+
+    monkeypatch.setattr(cuda_lin, "require_cuda", _cpp_build.require_cpu)
+    monkeypatch.setattr(cuda_lin, "CHUNK_BYTES", 5 * 301 * 4)
+    monkeypatch.setitem(cuda_lin._OUT_DTYPE_MM, "ok", None)
+    h, W, b, y, g, k = _problem(21, 32, 301, dtype)
+    opts = RowOptions(temperature=1.1)
+    logp, H, lse = cuda_lin.forward(h, W, b, y, opts)
+    dh, dW, db = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts)
+    dh2, dW2, db2 = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts, need_dw=False)
+    assert dW2 is None and db2 is None and torch.equal(dh2, dh)
+    dh3, dW3, db3 = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts, need_dh=False)
+    assert dh3 is None and torch.equal(dW3, dW) and torch.equal(db3, db)

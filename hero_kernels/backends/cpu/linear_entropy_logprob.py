@@ -3,6 +3,8 @@
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64, opts) -> (logp, H, lse) fp32 [N]
 backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
     -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] | None)
+    need_dh=False / need_dw=False (keywords): that gradient is None and its GEMM (dz @ W, or the fp32
+    dz^T h accumulation with db) is skipped.
 
 Memory: logits never exist for all N rows at once; a [chunk, V] buffer (about CHUNK_ELEMENTS elements) is
 computed, consumed by the row kernel, and (backward) recomputed and turned into dlogits in place.
@@ -77,13 +79,17 @@ def backward(
     opts: RowOptions,
     *,
     logp: Optional[Tensor] = None,  # unused: the row kernels see whole rows and get 1 - p_y right themselves
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    if not (need_dh or need_dw):
+        return None, None, None
     ops = require_cpu()
     V, D = weight.shape
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_hidden = torch.zeros_like(hidden)
-    dW = torch.zeros((V, D), dtype=acc, device=weight.device)
-    db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    grad_hidden = torch.zeros_like(hidden) if need_dh else None
+    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
     rows = valid_rows(labels, opts.ignore_index)
     step = _chunk_rows(rows.numel(), V)
     for s in range(0, rows.numel(), step):
@@ -104,9 +110,12 @@ def backward(
             opts.ignore_index,
             dz,
         )
-        dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
-        grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
-        dW.addmm_(dz.t().to(acc), h.to(acc))
+        if grad_hidden is not None:
+            dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
+            grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
+        if dW is not None:
+            dW.addmm_(dz.t().to(acc), h.to(acc))
         if db is not None:
             db += dz.sum(0, dtype=acc)
-    return grad_hidden, dW.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+    return (grad_hidden, None if dW is None else dW.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

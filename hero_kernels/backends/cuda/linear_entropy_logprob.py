@@ -4,6 +4,8 @@
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64, opts) -> (logp, H, lse) fp32 [N]
 backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
     -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] | None)
+    need_dh=False / need_dw=False (keywords): that gradient is None and GEMM 2 / GEMM 3 (with db and the
+    fp32 grad_weight buffer) is skipped.
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulation: cuBLAS with an fp32 output when
@@ -90,13 +92,17 @@ def backward(
     opts: RowOptions,
     *,
     logp: Optional[Tensor] = None,  # unused: the row kernels see whole rows and get 1 - p_y right themselves
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    if not (need_dh or need_dw):
+        return None, None, None
     ops = require_cuda()
     V, D = weight.shape
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_hidden = torch.zeros_like(hidden)
-    dW = torch.zeros((V, D), dtype=acc, device=weight.device)
-    db = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    grad_hidden = torch.zeros_like(hidden) if need_dh else None
+    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
     rows = valid_rows(labels, opts.ignore_index)
     step = _chunk_rows(rows.numel(), V, hidden.element_size())
     for s in range(0, rows.numel(), step):
@@ -114,8 +120,11 @@ def backward(
             opts.ignore_index,
             z,  # in place: z becomes dlogits
         )
-        grad_hidden.index_copy_(0, idx, (z @ weight).to(hidden.dtype))
-        _accumulate_dw(dW, z, h)
+        if grad_hidden is not None:
+            grad_hidden.index_copy_(0, idx, (z @ weight).to(hidden.dtype))
+        if dW is not None:
+            _accumulate_dw(dW, z, h)
         if db is not None:
             db += z.sum(0, dtype=acc)
-    return grad_hidden, dW.to(weight.dtype), (db.to(bias.dtype) if db is not None else None)
+    return (grad_hidden, None if dW is None else dW.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

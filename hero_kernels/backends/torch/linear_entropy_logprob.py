@@ -1,7 +1,8 @@
 """Fused LM head, chunked PyTorch path (``impl="torch"``): the reference math, one row chunk at a time.
 
 Shapes: hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp, H, lse) fp32 [N];
-backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, grad_bias [V] | None).
+backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, grad_bias [V] | None);
+``need_dh=False`` / ``need_dw=False`` skip the dh GEMM / the fp32 dW (and db) accumulation, returning None.
 
 Each chunk of C valid rows builds its fp32 logits [C, V] with ``reference.linear_logits`` and calls
 ``reference.entropy_logprob`` / ``reference.entropy_logprob_backward`` (dtype=float32) on it; nothing
@@ -108,23 +109,30 @@ def backward(
     config: Optional[TorchChunkConfig] = None,
     *,
     logp: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients accumulated in fp32 over row chunks, cast to the input dtypes at the end.
 
+    need_dh=False: grad_hidden is None and the dz @ W GEMM is skipped. need_dw=False: grad_weight and
+    grad_bias are None and neither the fp32 [V, D] accumulator nor the dz^T h GEMM exists.
     ``logp`` (the forward's output) is not needed: each chunk holds whole rows, so the reference computes
     the label column's 1 - p_y accurately from them."""
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
+    need_db = need_dw and bias is not None
+    if not (need_dh or need_dw):
+        return None, None, None
     idx = _valid_rows(labels, opts.ignore_index)
     if idx.numel() == 0:
-        return (torch.zeros_like(hidden), torch.zeros_like(weight),
-                None if bias is None else torch.zeros_like(bias))
+        return (torch.zeros_like(hidden) if need_dh else None, torch.zeros_like(weight) if need_dw else None,
+                torch.zeros_like(bias) if need_db else None)
     cd = _compute_dtype(hidden)
     w32, b32 = weight.to(cd), _cast(bias, cd)
-    dh = torch.zeros((N, D), dtype=cd, device=dev)
-    dw = torch.zeros((V, D), dtype=cd, device=dev)
-    db = torch.zeros((V,), dtype=cd, device=dev) if bias is not None else None
+    dh = torch.zeros((N, D), dtype=cd, device=dev) if need_dh else None
+    dw = torch.zeros((V, D), dtype=cd, device=dev) if need_dw else None
+    db = torch.zeros((V,), dtype=cd, device=dev) if need_db else None
     g_all, k_all = _cast(grad_logp, cd), _cast(grad_H, cd)
     C = chunk_rows(V, config)
     for start in range(0, idx.numel(), C):
@@ -141,10 +149,12 @@ def backward(
             dtype=cd,
         )
         del z
-        dh.index_copy_(0, rows, dz @ w32)
-        dw.addmm_(dz.t(), h32)  # in place: no [V, D] temporary per chunk
+        if dh is not None:
+            dh.index_copy_(0, rows, dz @ w32)
+        if dw is not None:
+            dw.addmm_(dz.t(), h32)  # in place: no [V, D] temporary per chunk
         if db is not None:
             db += dz.sum(0)
         del dz
-    grad_bias = None if db is None else db.to(bias.dtype)
-    return dh.to(hidden.dtype), dw.to(weight.dtype), grad_bias
+    return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))

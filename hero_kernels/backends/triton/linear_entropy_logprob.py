@@ -34,6 +34,11 @@ Kernels (block sizes are constexpr, every shape / stride is a runtime int, offse
     one recompute per tile, dh / dW / db through fp32 ``atomic_add`` (order-dependent rounding). This is
     the 4-GEMM schedule (forward, recompute, dh, dW); the deterministic one pays one more recompute.
 
+Skipped gradients (``backward(..., need_dh=False)`` for a detached hidden, ``need_dw=False`` for a frozen
+LM head): the deterministic schedule does not launch that gradient's kernel (no dh buffer / no fp32 [V, D]
+dW buffer). The atomic kernel always writes both, so when only one gradient is wanted the launcher runs
+the single deterministic kernel for it instead (same recompute + one GEMM, and deterministic).
+
 Cost model (bytes / FLOPs), N valid rows: forward 2*N*D*V FLOPs; deterministic backward 8*N*D*V
 (2 recomputes + dh + dW), atomic backward 6*N*D*V. Extra memory: O(N*D + V*D) fp32 accumulators plus
 per-row partials (5 * splits * N floats); never O(N*V).
@@ -718,8 +723,14 @@ def backward(
     grad_hidden_dtype: Optional[torch.dtype] = None,
     *,
     logp: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_hidden [N, D], grad_weight [V, D] in weight.dtype, grad_bias [V] | None).
+
+    need_dh=False: grad_hidden is None and ``_bwd_dh_kernel`` is not launched. need_dw=False: grad_weight
+    and grad_bias are None and ``_bwd_dw_kernel`` is not launched. With ``deterministic=False`` and only one
+    gradient wanted, that gradient's deterministic kernel runs instead of the atomic one (which writes both).
 
     lse, H: fp32 [N] saved by the forward (GLOBAL values when weight is a vocab shard starting at
     ``vocab_start``; then grad_hidden is this shard's share, to be summed over shards).
@@ -730,6 +741,8 @@ def backward(
     shards without it) keeps the tile's 1 - e^{x_y - lse}, which is rounding noise when p_y -> 1.
     """
     _check(hidden, weight, bias, labels)
+    if not (need_dh or need_dw):
+        return None, None, None
     cfg = config or default_config(hidden.dtype)
     N, D = hidden.shape
     V = weight.shape[0]
@@ -738,8 +751,9 @@ def backward(
     idx, h, w, b, labs = _prepare(hidden, weight, bias, labels, opts.ignore_index)
     n, D_pad = h.shape
     if n == 0:
-        return (torch.zeros((N, D), dtype=gh_dtype, device=dev), torch.zeros_like(weight),
-                torch.zeros_like(bias) if bias is not None else None)
+        return (torch.zeros((N, D), dtype=gh_dtype, device=dev) if need_dh else None,
+                torch.zeros_like(weight) if need_dw else None,
+                torch.zeros_like(bias) if (bias is not None and need_dw) else None)
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
     label_stats = logp is not None
     rows = (lse, H, grad_logp if grad_logp is not None else zeros, grad_H if grad_H is not None else zeros,
@@ -756,10 +770,22 @@ def backward(
     has_bias = b is not None
     b_arg = b if has_bias else w
 
-    dw32 = torch.zeros((V, D_pad), dtype=torch.float32, device=dev)
-    db32 = torch.zeros((V,), dtype=torch.float32, device=dev) if has_bias else lse
+    dw32 = torch.zeros((V, D_pad), dtype=torch.float32, device=dev) if need_dw else None
+    db32 = torch.zeros((V,), dtype=torch.float32, device=dev) if (has_bias and need_dw) else lse
 
-    if cfg.deterministic:
+    dh = None
+    if not cfg.deterministic and need_dh and need_dw:
+        t_ = cfg.atomic
+        dh = torch.zeros((n, D_pad), dtype=torch.float32, device=dev)
+        _bwd_atomic_kernel[(triton.cdiv(n, t_.block_n), triton.cdiv(V, t_.block_v))](
+            h, w, b_arg, labs, lse, k, c, lab, dh, dw32, db32,
+            n, D_pad, V, h.stride(0), w.stride(0), int(vocab_start), inv_temp,
+            HAS_BIAS=has_bias, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(h.dtype),
+            BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
+            LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
+        )
+        need_dh = need_dw = False  # both done
+    if need_dh:
         t_ = cfg.dh
         row_blocks = triton.cdiv(n, t_.block_n)
         splits = _num_splits(cfg.dh_splits, row_blocks, V, t_.block_v, dev)
@@ -778,6 +804,7 @@ def backward(
         # Fixed-order reduction over splits: deterministic.
         dh = dh32[0] if splits == 1 else dh32.sum(0)
         del dh32
+    if need_dw:
         t_ = cfg.dw
         _bwd_dw_kernel[(triton.cdiv(V, t_.block_v),)](
             h, w, b_arg, labs, lse, k, c, lab, dw32, db32,
@@ -786,28 +813,22 @@ def backward(
             BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
             LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
         )
-    else:
-        t_ = cfg.atomic
-        dh = torch.zeros((n, D_pad), dtype=torch.float32, device=dev)
-        _bwd_atomic_kernel[(triton.cdiv(n, t_.block_n), triton.cdiv(V, t_.block_v))](
-            h, w, b_arg, labs, lse, k, c, lab, dh, dw32, db32,
-            n, D_pad, V, h.stride(0), w.stride(0), int(vocab_start), inv_temp,
-            HAS_BIAS=has_bias, DOT_PRECISION=prec, UPCAST_DOT=_upcast_dot(h.dtype),
-            BLOCK_N=t_.block_n, BLOCK_V=t_.block_v, BLOCK_K=t_.block_k, BLOCK_D=t_.block_d,
-            LABEL_STATS=label_stats, num_warps=t_.num_warps, num_stages=t_.num_stages,
-        )
 
-    dh = dh[:, :D]
-    if idx is None:
-        grad_hidden = dh.to(gh_dtype) if (gh_dtype != torch.float32 or D_pad != D) else dh
-    else:
-        grad_hidden = torch.zeros((N, D), dtype=gh_dtype, device=dev).index_copy_(0, idx, dh.to(gh_dtype))
-    if weight.dtype == torch.float32 and D_pad == D:
-        grad_weight = dw32
-    else:
-        grad_weight = dw32[:, :D].to(weight.dtype, memory_format=torch.contiguous_format)
-    grad_bias = db32.to(bias.dtype) if has_bias else None
-    return grad_hidden.contiguous(), grad_weight, grad_bias
+    grad_hidden = grad_weight = grad_bias = None
+    if dh is not None:
+        dh = dh[:, :D]
+        if idx is None:
+            grad_hidden = dh.to(gh_dtype) if (gh_dtype != torch.float32 or D_pad != D) else dh
+        else:
+            grad_hidden = torch.zeros((N, D), dtype=gh_dtype, device=dev).index_copy_(0, idx, dh.to(gh_dtype))
+        grad_hidden = grad_hidden.contiguous()
+    if dw32 is not None:
+        if weight.dtype == torch.float32 and D_pad == D:
+            grad_weight = dw32
+        else:
+            grad_weight = dw32[:, :D].to(weight.dtype, memory_format=torch.contiguous_format)
+        grad_bias = db32.to(bias.dtype) if has_bias else None
+    return grad_hidden, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------------------------
