@@ -32,8 +32,9 @@ def entropy_logprob(
 
     Args:
         logits: [N, V] or [B, T, V] (any leading dims), float16 / bfloat16 / float32 (float64 on CPU).
-            The last dim must be the vocabulary; any row stride is fine (no copy when the last dim is
-            contiguous).
+            The last dim must be the vocabulary and contiguous; then no copy is made for any row stride,
+            nor for a [B, T, V] view whose batch stride is not T x row stride (the causal shift
+            ``logits[:, :-1]``): the op walks the batch instead.
         labels: [N] or [B, T] integer token ids; ``ignore_index`` masks a row.
         temperature: sampling temperature tau > 0 (Python float); every quantity uses logits / tau.
         ignore_index: masked rows return logp = H = 0 and get zero gradient.
@@ -53,15 +54,44 @@ def entropy_logprob(
         raise ValueError("logits has an empty vocabulary dimension (V = 0)")
     impl = resolve_impl(impl, logits.device, logits.dtype, "logits")
     V = logits.shape[-1]
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1 or (inplace_backward and x.shape[0] > 1 and x.stride(0) < V):
+    x = logits if _walk_batch(logits) else logits.reshape(-1, V)
+    if x.stride(-1) != 1 or (inplace_backward and _rows_overlap(x)):
         # rows must not overlap when dlogits is written into them (an expanded view has row stride 0)
         x = x.contiguous()
-    y = labels.reshape(-1).long()
+    y = labels.reshape(x.shape[:-1]).long()
     logp, H, _ = torch.ops.hero_kernels.entropy_logprob(
         x, y, opts.temperature, opts.ignore_index, impl, bool(inplace_backward)
     )
     return logp.view(labels.shape), H.view(labels.shape)
+
+
+def _walk_batch(logits: Tensor) -> bool:
+    """[B, T, V] with a contiguous vocab dim whose rows are not evenly strided (batch stride != T x row
+    stride, e.g. logits[:, :-1]): flattening to [N, V] would copy it all, so the op loops over B instead."""
+    if logits.dim() != 3 or logits.stride(-1) != 1:
+        return False
+    B, T, _ = logits.shape
+    return B > 1 and T > 1 and logits.stride(0) != T * logits.stride(1)
+
+
+def _rows_overlap(x: Tensor) -> bool:
+    """Do two rows of x ([N, V] or [B, T, V]) share memory (e.g. an expanded view)?"""
+    V = x.shape[-1]
+    if x.dim() == 2:
+        return x.shape[0] > 1 and x.stride(0) < V
+    B, T, _ = x.shape
+    return (T > 1 and x.stride(1) < V) or (B > 1 and x.stride(0) < T * x.stride(1))
+
+
+def _blocks(logits: Tensor, labels: Tensor, *per_row: Tensor):
+    """(logits [n, V], labels [n], per-row slices) per block: one block for [N, V], one per batch row for
+    [B, T, V] (each block is evenly strided, so backends take it as is)."""
+    if logits.dim() == 2:
+        yield (logits, labels) + per_row
+        return
+    T = logits.shape[1]
+    for b in range(logits.shape[0]):
+        yield (logits[b], labels[b]) + tuple(t[b * T:(b + 1) * T] for t in per_row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,16 +103,21 @@ def _fwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     _checks.check_label_values(labels, logits.shape[-1], ignore_index)
     _checks.check_finite(logits=logits)
-    if logits.shape[0] == 0:
+    if labels.numel() == 0:
         e = logits.new_empty(0, dtype=torch.float32)
         return e, e.clone(), e.clone()
+    mod = backend_module(impl, "entropy_logprob")
+    opts = RowOptions(temperature, ignore_index)
     with device_guard(logits):
-        return backend_module(impl, "entropy_logprob").forward(logits, labels, RowOptions(temperature, ignore_index))
+        outs = [mod.forward(x, y, opts) for x, y in _blocks(logits, labels)]
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
 @_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, impl, inplace_backward):
-    n = logits.shape[0]
+    n = labels.numel()
     return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
@@ -98,11 +133,20 @@ def _bwd(
     ignore_index: int,
     impl: str,
 ) -> Tensor:
-    if logits.shape[0] == 0:
-        return torch.empty_like(logits)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_into(out, logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), impl)
+    return out
+
+
+def _backward_into(out, logits, labels, lse, H, grad_logp, grad_H, opts: RowOptions, impl: str) -> None:
+    """dlogits of every block into ``out`` (which may be ``logits`` itself: in-place)."""
+    if labels.numel() == 0:
+        return
     mod = backend_module(impl, "entropy_logprob")
     with device_guard(logits):
-        return mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index))
+        for (x, y, l, h, g, k), (o, _) in zip(_blocks(logits, labels, lse, H, grad_logp, grad_H),
+                                             _blocks(out, labels)):
+            mod.backward(x, y, l, h, g, k, opts, out=o)
 
 
 @_bwd.register_fake
@@ -122,11 +166,7 @@ def _bwd_inplace(
     ignore_index: int,
     impl: str,
 ) -> None:
-    if logits.shape[0] == 0:
-        return
-    mod = backend_module(impl, "entropy_logprob")
-    with device_guard(logits):
-        mod.backward(logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), out=logits)
+    _backward_into(logits, logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), impl)
 
 
 @_bwd_inplace.register_fake

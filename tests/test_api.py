@@ -209,3 +209,50 @@ def test_inplace_backward_on_expanded_rows_is_correct(impl):
     (lp.sum() + H.sum()).backward()
     ref = R.entropy_logprob_backward(row.expand(4, 11), y, torch.ones(4), torch.ones(4)).sum(0, keepdim=True)
     torch.testing.assert_close(base.grad.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
+def test_causal_shift_view_values_grads_and_inplace_without_copy(impl):
+    """logits[:, :-1] of [B, T+1, V] is not [N, V]-flattenable without a copy: the op walks the batch."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    B, T, V = 3, 5, 37
+    full = torch.randn(B, T + 1, V) * 2
+    y = torch.randint(0, V, (B, T))
+    y[1, 2] = -100
+    g, k = torch.randn(B, T), torch.randn(B, T)
+    rl, rH, _ = R.entropy_logprob(full[:, :-1], y, 0.9)
+    rg = R.entropy_logprob_backward(full[:, :-1], y, g, k, 0.9)
+
+    leaf = full.clone().requires_grad_(True)
+    lp, H = hk.entropy_logprob(leaf[:, :-1], y, 0.9, impl=impl)
+    torch.testing.assert_close(lp.double(), rl, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(H.double(), rH, atol=2e-5, rtol=2e-5)
+    torch.autograd.backward((lp, H), (g, k))
+    torch.testing.assert_close(leaf.grad[:, :-1].double(), rg, atol=2e-5, rtol=2e-5)
+    assert (leaf.grad[:, -1] == 0).all()
+
+    # in place: dlogits land in the caller's buffer itself (proof that no [N, V] copy was made)
+    base = full.clone().requires_grad_(True)
+    buf = base * 1.0  # non-leaf buffer the backward may overwrite
+    last = buf[:, -1].detach().clone()
+    lp2, H2 = hk.entropy_logprob(buf[:, :-1], y, 0.9, impl=impl, inplace_backward=True)
+    torch.autograd.backward((lp2, H2), (g, k))
+    torch.testing.assert_close(buf.detach()[:, :-1].double(), rg, atol=2e-5, rtol=2e-5)
+    assert torch.equal(buf.detach()[:, -1], last)
+    torch.testing.assert_close(base.grad[:, :-1], leaf.grad[:, :-1])
+
+
+def test_torch_compile_with_causal_shift_view():
+    full = torch.randn(2, 6, 19)
+    y = torch.randint(0, 19, (2, 5))
+
+    def f(z):
+        lp, H = hk.entropy_logprob(z[:, :-1], y, impl="torch")
+        return (lp + 0.5 * H).sum()
+
+    a = full.clone().requires_grad_(True)
+    f(a).backward()
+    b = full.clone().requires_grad_(True)
+    torch.compile(f, fullgraph=True)(b).backward()
+    torch.testing.assert_close(b.grad, a.grad)
