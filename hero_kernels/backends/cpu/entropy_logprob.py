@@ -20,9 +20,22 @@ from hero_kernels.options import RowOptions
 __all__ = ["forward", "backward"]
 
 
-def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    ops = require_cpu()
+def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend."""
     return ops.entropy_logprob_fwd(logits, labels, opts.inv_temperature, opts.ignore_index)
+
+
+def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
+                  opts: RowOptions, out: Optional[Tensor] = None) -> Tensor:
+    """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ops.entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, opts.inv_temperature, opts.ignore_index, out)
+    return out
+
+
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    return rows_forward(require_cpu(), logits, labels, opts)
 
 
 def backward(
@@ -35,10 +48,4 @@ def backward(
     opts: RowOptions,
     out: Optional[Tensor] = None,
 ) -> Tensor:
-    ops = require_cpu()
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.entropy_logprob_bwd(
-        logits, labels, lse, H, grad_logp, grad_H, opts.inv_temperature, opts.ignore_index, out
-    )
-    return out
+    return rows_backward(require_cpu(), logits, labels, lse, H, grad_logp, grad_H, opts, out)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
+from hero_kernels.backends.cpu.entropy_logprob import rows_backward, rows_forward
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward"]
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    ops = require_cuda()
-    return ops.entropy_logprob_fwd(logits, labels, opts.inv_temperature, opts.ignore_index)
+    return rows_forward(require_cuda(), logits, labels, opts)
 
 
 def backward(
@@ -37,10 +36,4 @@ def backward(
     opts: RowOptions,
     out: Optional[Tensor] = None,
 ) -> Tensor:
-    ops = require_cuda()
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.entropy_logprob_bwd(
-        logits, labels, lse, H, grad_logp, grad_H, opts.inv_temperature, opts.ignore_index, out
-    )
-    return out
+    return rows_backward(require_cuda(), logits, labels, lse, H, grad_logp, grad_H, opts, out)

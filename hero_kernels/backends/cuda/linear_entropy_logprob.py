@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
-from hero_kernels.backends.cpu.linear_entropy_logprob import logits_chunk, rows_forward, valid_rows
+from hero_kernels.backends.cpu.linear_entropy_logprob import rows_backward, rows_forward
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "CHUNK_BYTES"]
@@ -97,34 +97,7 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
-    ops = require_cuda()
-    V, D = weight.shape
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_hidden = torch.zeros_like(hidden) if need_dh else None
-    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
-    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
-    rows = valid_rows(labels, opts.ignore_index)
-    step = _chunk_rows(rows.numel(), V, hidden.element_size())
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        h = hidden.index_select(0, idx)
-        z = logits_chunk(h, weight, bias)
-        ops.entropy_logprob_bwd(
-            z,
-            labels.index_select(0, idx),
-            lse.index_select(0, idx),
-            H.index_select(0, idx),
-            grad_logp.index_select(0, idx),
-            grad_H.index_select(0, idx),
-            opts.inv_temperature,
-            opts.ignore_index,
-            z,  # in place: z becomes dlogits
-        )
-        if grad_hidden is not None:
-            grad_hidden.index_copy_(0, idx, (z @ weight).to(hidden.dtype))
-        if dW is not None:
-            _accumulate_dw(dW, z, h)
-        if db is not None:
-            db += z.sum(0, dtype=acc)
-    return (grad_hidden, None if dW is None else dW.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    step = _chunk_rows(int((labels != opts.ignore_index).sum()), weight.shape[0], hidden.element_size())
+    # dlogits in place in the logits chunk; _accumulate_dw keeps grad_weight's partial sums in fp32
+    return rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
+                         need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw)
