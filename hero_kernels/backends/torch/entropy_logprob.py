@@ -1,4 +1,4 @@
-"""impl="torch": the reference math from ``hero_kernels.reference`` run over row chunks.
+"""impl="torch": the fp32 row math of ``rowmath`` run over row chunks (the readable baseline).
 
 Peak extra memory is O(chunk x V) (a few fp32 [chunk, V] temporaries), never O(N x V). Used on machines
 without a compiled backend and as the readable baseline. fp32 math (fp64 for fp64 inputs).
@@ -10,8 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ... import reference
 from ...options import RowOptions
+from .rowmath import row_dlogits, row_outputs, scaled_logits
 
 #: elements of one [chunk, V] temporary (16M fp32 = 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -33,7 +33,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     step = _chunk_rows(V)
     for s in range(0, N, step):
         e = min(N, s + step)
-        res = reference.entropy_logprob(logits[s:e], labels[s:e], opts.temperature, opts.ignore_index, dtype=cdt)
+        res = row_outputs(scaled_logits(logits[s:e], opts.temperature, cdt), labels[s:e], opts.ignore_index)
         for o, r in zip(outs, res):
             o[s:e] = r
     return outs[0], outs[1], outs[2]
@@ -51,7 +51,7 @@ def backward(
 ) -> Tensor:
     """dlogits [N, V] in logits.dtype (into ``out`` if given; ``out`` may alias ``logits``).
 
-    The reference recomputes lse and H per chunk, so the saved ``lse``/``H`` are not needed here.
+    Each chunk holds whole rows, so lse and H are recomputed from them; the saved ``lse``/``H`` are not needed.
     """
     N, V = logits.shape
     if out is None:
@@ -60,8 +60,7 @@ def backward(
     step = _chunk_rows(V)
     for s in range(0, N, step):
         e = min(N, s + step)
-        dz = reference.entropy_logprob_backward(
-            logits[s:e], labels[s:e], grad_logp[s:e], grad_H[s:e], opts.temperature, opts.ignore_index, dtype=cdt
-        )
+        x = scaled_logits(logits[s:e], opts.temperature, cdt)
+        dz = row_dlogits(x, labels[s:e], grad_logp[s:e], grad_H[s:e], opts.temperature, opts.ignore_index)
         out[s:e].copy_(dz)  # reads of logits[s:e] are done before this write, so out may alias logits
     return out

@@ -1,22 +1,21 @@
-"""Fused LM head, chunked PyTorch path (``impl="torch"``): the reference math, one row chunk at a time.
+"""Fused LM head, chunked PyTorch path (``impl="torch"``): the fp32 row math of ``rowmath``, one row chunk at a time.
 
 Shapes: hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64 -> (logp, H, lse) fp32 [N];
 backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, grad_bias [V] | None);
 ``need_dh=False`` / ``need_dw=False`` skip the dh GEMM / the fp32 dW (and db) accumulation, returning None.
 
-Each chunk of C valid rows builds its fp32 logits [C, V] with ``reference.linear_logits`` and calls
-``reference.entropy_logprob`` / ``reference.entropy_logprob_backward`` (dtype=float32) on it; nothing
-re-derives the formulas here. Masked rows (``ignore_index``) are dropped before any GEMM. Gradients
+Each chunk of C valid rows builds its fp32 logits [C, V] (``_chunk_logits``) and calls
+``rowmath.row_outputs`` / ``rowmath.row_dlogits`` on them; nothing re-derives the formulas here. Masked rows (``ignore_index``) are dropped before any GEMM. Gradients
 accumulate in fp32 over chunks and are cast to the input dtypes at the end. float64 inputs (CPU only)
 are computed in float64 throughout (outputs logp / H / lse still fp32, per the backend interface).
 
-Memory: the reference functions hold ~10 fp32 [C, V] temporaries, so the peak extra memory is
+Memory: the row functions hold a few fp32 [C, V] temporaries, so the peak extra memory is
 O(C * V) for the chunk plus the fp32 copies / accumulators O(N * D + V * D) (fp32 weight copy when the
 weight is 16-bit, fp32 grad_weight and grad_hidden accumulators), never O(N * V). C is chosen so one fp32
 [C, V] chunk stays under ``TorchChunkConfig.max_chunk_bytes``.
 
-The backward takes the saved (lse, H) for interface parity but recomputes them inside the reference
-backward from the chunk's logits; both are the same quantities of the same row.
+The backward takes the saved (lse, H) for interface parity but recomputes them from the chunk's logits;
+both are the same quantities of the same row.
 """
 from __future__ import annotations
 
@@ -26,8 +25,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from hero_kernels import reference
 from hero_kernels.options import RowOptions
+
+from .rowmath import row_dlogits, row_outputs, scaled_logits
 
 __all__ = ["TorchChunkConfig", "forward", "backward", "chunk_rows"]
 
@@ -66,6 +66,12 @@ def _cast(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if x is None else x.to(dtype)
 
 
+def _chunk_logits(h: Tensor, w: Tensor, b: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """h [C, D] @ w.T (+ b) -> [C, V] in ``dtype`` (w, b already in ``dtype``)."""
+    h = h.to(dtype)
+    return torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+
+
 def forward(
     hidden: Tensor,
     weight: Tensor,
@@ -88,8 +94,8 @@ def forward(
     C = chunk_rows(V, config)
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
-        z = reference.linear_logits(hidden.index_select(0, rows), w32, b32, cd)
-        res = reference.entropy_logprob(z, labels.index_select(0, rows), opts.temperature, opts.ignore_index, dtype=cd)
+        z = scaled_logits(_chunk_logits(hidden.index_select(0, rows), w32, b32, cd), opts.temperature, cd)
+        res = row_outputs(z, labels.index_select(0, rows), opts.ignore_index)
         del z
         for o, r in zip(out, res):
             o.index_copy_(0, rows, r.to(torch.float32))
@@ -116,7 +122,7 @@ def backward(
 
     need_dh=False: grad_hidden is None and the dz @ W GEMM is skipped. need_dw=False: grad_weight and
     grad_bias are None and neither the fp32 [V, D] accumulator nor the dz^T h GEMM exists.
-    ``logp`` (the forward's output) is not needed: each chunk holds whole rows, so the reference computes
+    ``logp`` (the forward's output) is not needed: each chunk holds whole rows, so the row math computes
     the label column's 1 - p_y accurately from them."""
     N, D = hidden.shape
     V = weight.shape[0]
@@ -138,15 +144,14 @@ def backward(
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
         h32 = hidden.index_select(0, rows).to(cd)
-        z = reference.linear_logits(h32, w32, b32, cd)
-        dz = reference.entropy_logprob_backward(
+        z = scaled_logits(_chunk_logits(h32, w32, b32, cd), opts.temperature, cd)
+        dz = row_dlogits(
             z,
             labels.index_select(0, rows),
             None if g_all is None else g_all.index_select(0, rows),
             None if k_all is None else k_all.index_select(0, rows),
             opts.temperature,
             opts.ignore_index,
-            dtype=cd,
         )
         del z
         if dh is not None:
