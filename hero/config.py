@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from hero_kernels.options import HEROLossConfig, loss_option_field
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "GateConfig",
     "KLConfig",
     "LossConfig",
+    "LOSS_OPTION_KEYS",
     "TrainConfig",
     "config_from_dict",
     "config_to_dict",
@@ -156,30 +159,36 @@ class KLConfig:
     clip: float = 0.2
 
 
+#: LossConfig fields that are hero_kernels loss options (same name); the other three come from kl.beta,
+#: generation.temperature and generation.max_new_tokens (``LossConfig.hero_loss_config``).
+LOSS_OPTION_KEYS = ("kappa", "entropy_weighting", "entropy_grad", "weight_on", "loss_agg", "eps_low", "eps_high", "impl")
+
+
 @dataclass
 class LossConfig:
-    # HERO weight temperature kappa: w ~ exp(-H / kappa) within a response (smaller |kappa| = sharper;
-    # kappa < 0 favours high-entropy tokens instead, the 80/20 / GTPO direction, for ablations).
-    kappa: float = 1.0
-    # Turn the entropy weights on (HERO) or off (plain GRPO token weights of 1).
-    entropy_weighting: bool = True
-    # Let gradient flow through the entropy inside the weights (default: weights detached, like advantages).
-    entropy_grad: bool = False
-    # "all": weight every token; "negative": weight only tokens of negative-advantage responses.
-    weight_on: str = "all"
-    # "token-mean" | "seq-mean-token-mean" (HERO) | "seq-mean-token-sum-norm" (Dr. GRPO, divides by
-    # generation.max_new_tokens).
-    loss_agg: str = "seq-mean-token-mean"
-    # PPO clip range below 1: ratios under 1 - eps_low stop the gradient of negative-advantage tokens.
-    eps_low: float = 0.2
-    # PPO clip range above 1 (DAPO's clip-higher uses 0.28).
-    eps_high: float = 0.2
-    # hero_kernels backend: "auto" | "triton" | "cuda" | "cpu" | "torch".
-    impl: str = "auto"
+    # HERO loss options: defaults, accepted values and meaning come from hero_kernels.HEROLossConfig
+    # (``HEROLossConfig.doc("kappa")``): kappa (weight temperature; < 0 favours high-entropy tokens),
+    # entropy_weighting, entropy_grad, weight_on ("all" | "negative"), loss_agg ("token-mean" |
+    # "seq-mean-token-mean" | "seq-mean-token-sum-norm", the last divides by generation.max_new_tokens),
+    # eps_low / eps_high (clip range; DAPO's clip-higher uses eps_high 0.28), impl (kernel backend).
+    kappa: float = loss_option_field("kappa")
+    entropy_weighting: bool = loss_option_field("entropy_weighting")
+    entropy_grad: bool = loss_option_field("entropy_grad")
+    weight_on: str = loss_option_field("weight_on")
+    loss_agg: str = loss_option_field("loss_agg")
+    eps_low: float = loss_option_field("eps_low")
+    eps_high: float = loss_option_field("eps_high")
+    impl: str = loss_option_field("impl")
     # How the loss sees the LM head: "fused" (last hidden states + lm_head weight: no [tokens x vocab] logits),
     # "logits" (materialized logits into hero_loss; for comparison), "reference" (materialized logits into the
     # float64 reference from hero_kernels.reference; tests only, slow).
     path: str = "fused"
+
+    def hero_loss_config(self, beta: float, temperature: float, max_len: int) -> HEROLossConfig:
+        """The hero_kernels options of this run (beta = kl.beta or the controller's current value,
+        temperature = generation.temperature, max_len = generation.max_new_tokens); validated."""
+        return HEROLossConfig(beta=beta, temperature=temperature, max_len=max_len,
+                              **{k: getattr(self, k) for k in LOSS_OPTION_KEYS})
 
 
 @dataclass
@@ -260,7 +269,7 @@ class TrainConfig:
                 f"generation.num_generations must be >= 2 (a group std needs two samples), got {self.generation.num_generations}"
             )
         _positive("generation.max_new_tokens", self.generation.max_new_tokens)
-        _positive("generation.temperature", self.generation.temperature)
+        _loss_option("generation.temperature", "temperature", self.generation.temperature)
         if not 0 < self.generation.top_p <= 1:
             raise ConfigError(f"generation.top_p must be in (0, 1], got {self.generation.top_p}")
         if self.generation.top_k < 0:
@@ -277,8 +286,7 @@ class TrainConfig:
             raise ConfigError(f"advantages.eps must be >= 0, got {self.advantages.eps}")
         if not 0 < self.gate.keep_frac <= 1:
             raise ConfigError(f"gate.keep_frac must be in (0, 1], got {self.gate.keep_frac}")
-        if self.kl.beta < 0:
-            raise ConfigError(f"kl.beta must be >= 0, got {self.kl.beta}")
+        _loss_option("kl.beta", "beta", self.kl.beta)
         if self.kl.target < 0:
             raise ConfigError(f"kl.target must be >= 0, got {self.kl.target}")
         if self.kl.target > 0 and self.kl.beta == 0:
@@ -286,14 +294,9 @@ class TrainConfig:
         _positive("kl.horizon", self.kl.horizon)
         if self.kl.clip <= 0:
             raise ConfigError(f"kl.clip must be > 0, got {self.kl.clip}")
-        if not math.isfinite(self.loss.kappa) or self.loss.kappa == 0:
-            raise ConfigError(f"loss.kappa must be finite and non-zero (< 0 favours high-entropy tokens), got {self.loss.kappa}")
-        _choice("loss.weight_on", self.loss.weight_on, ("all", "negative"))
-        _choice("loss.loss_agg", self.loss.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-        _choice("loss.impl", self.loss.impl, ("auto", "triton", "cuda", "cpu", "torch"))
+        for k in LOSS_OPTION_KEYS:
+            _loss_option(f"loss.{k}", k, getattr(self.loss, k))
         _choice("loss.path", self.loss.path, ("fused", "logits", "reference"))
-        if self.loss.eps_low < 0 or self.loss.eps_high < 0:
-            raise ConfigError("loss.eps_low and loss.eps_high must be >= 0")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         _positive("batch_size", self.batch_size)
@@ -308,6 +311,14 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _choice("on_bad_row", self.on_bad_row, ("skip", "stop"))
         return self
+
+
+def _loss_option(key: str, name: str, value) -> None:
+    """hero_kernels' own check of loss option ``name`` (one range for every front end), as a ConfigError."""
+    try:
+        HEROLossConfig.check(name, value, key)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _choice(key: str, value: str, choices: Sequence[str]) -> None:

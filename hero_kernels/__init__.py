@@ -1,6 +1,6 @@
 """hero-kernels: fused entropy / log-prob / HERO-GRPO kernels.
 
-Public API (../shared/DESIGN.md section 2)::
+Public API (docs/design.md, "API")::
 
     from hero_kernels import entropy_logprob, linear_entropy_logprob, hero_loss, HEROLoss, entropy_weights
 
@@ -9,8 +9,8 @@ Importing is cheap: no device probing, no compilation; backends load on first us
 from .config import checks, get_checks, set_checks
 from .entropy_logprob import entropy_logprob
 from .linear_entropy_logprob import linear_entropy_logprob
-from .loss import HEROLoss, HEROLossConfig, hero_loss, loss_normalizer, metrics_to_floats
-from .options import IMPLS, RowOptions
+from .loss import HEROLoss, hero_loss, loss_normalizer, metrics_to_floats
+from .options import IMPLS, LOSS_AGGS, WEIGHT_ON, HEROLossConfig, RowOptions
 from .weights import entropy_weights
 
 __version__ = "0.1.0"
@@ -26,6 +26,8 @@ __all__ = [
     "metrics_to_floats",
     "RowOptions",
     "IMPLS",
+    "LOSS_AGGS",
+    "WEIGHT_ON",
     "checks",
     "get_checks",
     "set_checks",

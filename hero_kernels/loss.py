@@ -2,7 +2,7 @@
 
 ``loss, metrics = hero_loss(hidden_or_logits, labels, advantages, *, weight=None, ...)``
 
-Per token i of response s (DESIGN.md section 1):
+Per token i of response s (docs/design.md, "The loss"):
     rho_i  = exp(logp_i - old_logp_i)
     pg_i   = -min(rho_i A_i, clip(rho_i, 1 - eps_low, 1 + eps_high) A_i)
     kl_i   = exp(ref_i - logp_i) - (ref_i - logp_i) - 1                 (k3, only with ref_logp)
@@ -12,24 +12,23 @@ then one of three aggregations (``loss_agg``). Everything after the fused op is 
 segment (scatter) ops with static shapes: no ``.item()``, no Python loop over responses, so
 ``torch.compile(hero_loss, fullgraph=True)`` traces it. Python-float options are turned into float32
 0-dim tensors first, so nothing is promoted to float64 under Inductor.
+
+The options (names, defaults, ranges, meaning) are declared once, in ``hero_kernels.options.HEROLossConfig``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import reference
 from .entropy_logprob import entropy_logprob
 from .linear_entropy_logprob import linear_entropy_logprob
+from .options import LOSS_AGGS, WEIGHT_ON, HEROLossConfig, check_real
 from .weights import (
     Segments,
     broadcast_advantages,
-    check_kappa,
-    check_weight_on,
     entropy_weights,
     gate_negative,
     segment_weights,
@@ -42,13 +41,13 @@ __all__ = [
     "HEROLoss",
     "HEROLossConfig",
     "entropy_weights",
+    "clipped_token_loss",
     "loss_normalizer",
     "metrics_to_floats",
     "LOSS_AGGS",
+    "WEIGHT_ON",
     "METRIC_KEYS",
 ]
-
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 #: keys of the metrics dict, in order
 METRIC_KEYS = (
@@ -65,41 +64,6 @@ METRIC_KEYS = (
 )
 
 Scalar = Union[float, Tensor]
-
-
-# ----------------------------------------------------------------------------------------------
-# option checks (Python-level, free under torch.compile)
-# ----------------------------------------------------------------------------------------------
-def _check_float(name: str, v, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-    if isinstance(v, Tensor):
-        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
-            raise TypeError(f"{name} given as a tensor must be a real scalar, got {v.dtype} shape {tuple(v.shape)}")
-        return  # value not checked: that would sync the device
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
-    bad = not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo)
-    if bad:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{']' if math.isfinite(hi) else ')'}"
-        raise ValueError(f"{name} must be in {rng}, got {v}")
-
-
-def _check_options(
-    beta, eps_low, eps_high, kappa, entropy_weighting, entropy_grad, weight_on, loss_agg, max_len, ignore_index
-) -> None:
-    _check_float("beta", beta, 0.0)
-    _check_float("eps_low", eps_low, 0.0, 1.0)
-    _check_float("eps_high", eps_high, 0.0)
-    check_kappa(kappa)
-    check_weight_on(weight_on)
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    for name, v in (("entropy_weighting", entropy_weighting), ("entropy_grad", entropy_grad)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0):
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def _scalar(v: Scalar, device) -> Tensor:
@@ -135,6 +99,36 @@ def _structure(labels: Tensor, seq_ids: Optional[Tensor], ignore_index: int) -> 
     if seq_ids.device != labels.device:
         raise ValueError(f"seq_ids is on {seq_ids.device} but labels is on {labels.device}")
     return segments_from_ids(seq_ids, extra_valid=labels.reshape(-1) != ignore_index), False
+
+
+def clipped_token_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    weights: Optional[Tensor] = None,
+    beta: Scalar = 0.0,
+    eps_low: Scalar = 0.2,
+    eps_high: Scalar = 0.2,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token (loss, pg, kl, ratio), each shaped like ``logp`` (all inputs alike; None old_logp = logp.detach()).
+
+    ratio = exp(logp - old), pg = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A), kl = the k3 estimator
+    exp(d) - d - 1 with d = ref - logp (0 without ref_logp), loss = w pg + beta kl. k3 is formed as expm1(d) - d:
+    near the reference policy (|d| small) exp(d) - 1 would round away the d^2 / 2 it is made of.
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    pg = -torch.minimum(unclipped, clipped)
+    if ref_logp is None:
+        kl = torch.zeros_like(logp)
+    else:
+        d = ref_logp - logp
+        kl = torch.expm1(d) - d
+    weighted = pg if weights is None else weights * pg
+    return weighted + beta * kl, pg, kl, ratio
 
 
 def _aggregate(loss_tok: Tensor, segs: Segments, loss_agg: str, normalizer: Optional[Tensor], max_len) -> Tensor:
@@ -211,21 +205,11 @@ def hero_loss(
     bias: Optional[Tensor] = None,
     old_logp: Optional[Tensor] = None,
     ref_logp: Optional[Tensor] = None,
-    beta: Scalar = 0.0,
-    eps_low: Scalar = 0.2,
-    eps_high: Scalar = 0.2,
-    temperature: float = 1.0,
-    kappa: Scalar = 1.0,
-    entropy_weighting: bool = True,
-    entropy_grad: bool = False,
-    weight_on: str = "all",
-    loss_agg: str = "seq-mean-token-mean",
-    impl: str = "auto",
     seq_ids: Optional[Tensor] = None,
     normalizer: Optional[Scalar] = None,
-    max_len: Optional[int] = None,
-    ignore_index: int = -100,
+    config: Optional[HEROLossConfig] = None,
     float_metrics: bool = False,
+    **options: Any,
 ) -> Tuple[Tensor, Dict[str, Union[Tensor, float]]]:
     """HERO (entropy-weighted) GRPO / DAPO loss straight from logits or from hidden states + LM head.
 
@@ -238,26 +222,19 @@ def hero_loss(
             (shaped like labels).
         weight, bias: LM head [V, D] and optional [V] (fused path; bias needs weight).
         old_logp: behaviour-policy log-probs shaped like labels (default: logp.detach(), ratio = 1).
-        ref_logp: reference-policy log-probs for the k3 KL term; required when beta > 0.
-        beta: KL coefficient (Python float, or a 0-dim tensor so an adaptive value never recompiles).
-        eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] (DAPO: eps_high = 0.28).
-        temperature: sampling temperature; logp and H use logits / temperature.
-        kappa: weight temperature; w_i = L_s softmax(-H / kappa)_i. Large |kappa| -> w -> 1; kappa < 0
-            favours high-entropy tokens instead (ablation of HERO's direction).
-        entropy_weighting: False gives plain GRPO (w = 1).
-        entropy_grad: let the gradient flow through H inside the weights (default: weights are
-            detached coefficients, like advantages).
-        weight_on: "all", or "negative" (w only on tokens with A < 0; others w = 1).
-        loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum-norm" (see below).
-        impl: kernel backend of the fused op ("auto" | "triton" | "cuda" | "cpu" | "torch").
+        ref_logp: reference-policy log-probs for the k3 KL term; required when beta > 0 or beta is a tensor.
         seq_ids: integer response id of each token (negative = masked), shaped like labels; needed
             for packed inputs. A response must not be split across micro-batches.
         normalizer: global denominator for gradient accumulation (see below); Python number or
-            0-dim tensor (e.g. an all-reduced count). Default: this call's own count.
-        max_len: the constant length L_max of "seq-mean-token-sum-norm" (default T in the [B, T]
-            layout; required with seq_ids). Use the generation budget so it is the same in every step.
-        ignore_index: label value of masked tokens.
+            0-dim tensor (e.g. an all-reduced count), > 0. Default: this call's own count.
+        config: a ``HEROLossConfig`` holding the loss options (default: all defaults).
         float_metrics: return metrics as Python floats (one device sync; breaks fullgraph compile).
+        **options: any ``HEROLossConfig`` option, overriding ``config``: beta, eps_low, eps_high,
+            temperature, kappa, entropy_weighting, entropy_grad, weight_on, loss_agg ("token-mean" |
+            "seq-mean-token-mean" | "seq-mean-token-sum-norm", see below), impl, max_len (the constant
+            L_max of "seq-mean-token-sum-norm": default T in the [B, T] layout, required with seq_ids; use
+            the generation budget), ignore_index. ``HEROLossConfig.doc(name)`` gives each one's meaning and
+            range. beta, eps_low, eps_high and kappa may be 0-dim tensors (checked asynchronously on a GPU).
 
     Aggregation (tokens i of non-empty responses s; masked tokens never count):
         token-mean:              sum_i loss_i / D,  D = #valid tokens
@@ -279,25 +256,28 @@ def hero_loss(
         (ratio > 1 + eps_high with A > 0) as fractions of valid tokens, kl (mean k3 over valid
         tokens; 0 without ref_logp), tokens (valid tokens) and responses (non-empty responses).
     """
-    _check_options(beta, eps_low, eps_high, kappa, entropy_weighting, entropy_grad, weight_on, loss_agg, max_len,
-                   ignore_index)
+    cfg = HEROLossConfig.resolve(config, options)
+    beta, kappa, loss_agg, max_len, ignore_index = cfg.beta, cfg.kappa, cfg.loss_agg, cfg.max_len, cfg.ignore_index
+    if ref_logp is None and isinstance(beta, Tensor):
+        raise ValueError("beta given as a tensor needs ref_logp (a tensor beta means a KL term); pass beta=0.0 "
+                         "(a float) to train without it")
+    if ref_logp is None and not isinstance(beta, Tensor) and beta > 0:
+        raise ValueError(f"beta = {beta} > 0 needs ref_logp (the k3 KL is taken against the reference policy)")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if weight is not None:
-        logp, H = linear_entropy_logprob(hidden_or_logits, weight, labels, bias=bias, temperature=temperature,
-                                         ignore_index=ignore_index, impl=impl)
+        logp, H = linear_entropy_logprob(hidden_or_logits, weight, labels, bias=bias, temperature=cfg.temperature,
+                                         ignore_index=ignore_index, impl=cfg.impl)
     else:
         if bias is not None:
             raise ValueError("bias is only used with weight= (hidden states + LM head); add it to the logits instead")
-        logp, H = entropy_logprob(hidden_or_logits, labels, temperature=temperature, ignore_index=ignore_index,
-                                  impl=impl)
+        logp, H = entropy_logprob(hidden_or_logits, labels, temperature=cfg.temperature, ignore_index=ignore_index,
+                                  impl=cfg.impl)
     segs, per_row = _structure(labels, seq_ids, ignore_index)
     if max_len is None and loss_agg == "seq-mean-token-sum-norm":
         if not per_row:
             raise ValueError("loss_agg='seq-mean-token-sum-norm' with seq_ids needs max_len (the constant L_max)")
         max_len = labels.shape[1]
-    if ref_logp is None and not isinstance(beta, Tensor) and beta > 0:
-        raise ValueError(f"beta = {beta} > 0 needs ref_logp (the k3 KL is taken against the reference policy)")
     dev = labels.device
     valid = segs.valid
     logp, H = logp.reshape(-1), H.reshape(-1)
@@ -312,17 +292,17 @@ def hero_loss(
     ref = _per_token("ref_logp", ref_logp, labels)
     ref = None if ref is None else torch.where(valid, ref, logp.detach())
     if normalizer is not None:
-        _check_float("normalizer", normalizer, 0.0, lo_open=True)
+        check_real("normalizer", normalizer, 0.0, lo_open=True)
         normalizer = _scalar(normalizer, dev)
 
-    if entropy_weighting:
-        w = segment_weights(H if entropy_grad else H.detach(), segs, _scalar(kappa, dev))
-        if weight_on == "negative":
+    if cfg.entropy_weighting:
+        w = segment_weights(H if cfg.entropy_grad else H.detach(), segs, _scalar(kappa, dev))
+        if cfg.weight_on == "negative":
             w = gate_negative(w, A, valid)
     else:
         w = valid.to(torch.float32)
-    eps_low_t, eps_high_t = _scalar(eps_low, dev), _scalar(eps_high, dev)
-    loss_tok, pg, kl, ratio = reference.grpo_token_loss(
+    eps_low_t, eps_high_t = _scalar(cfg.eps_low, dev), _scalar(cfg.eps_high, dev)
+    loss_tok, pg, kl, ratio = clipped_token_loss(
         logp, A, old_logp=old, ref_logp=ref, weights=w, beta=_scalar(beta, dev), eps_low=eps_low_t, eps_high=eps_high_t
     )
     loss_tok = torch.where(valid, loss_tok, zero)
@@ -344,8 +324,7 @@ def loss_normalizer(
     total as ``normalizer=`` to every micro-batch's ``hero_loss``: #valid tokens for "token-mean",
     #non-empty responses for the two seq-mean aggregations.
     """
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    HEROLossConfig.check("loss_agg", loss_agg)
     segs, _ = _structure(labels, seq_ids, ignore_index)
     if loss_agg == "token-mean":
         return segs.count.sum()
@@ -355,53 +334,20 @@ def loss_normalizer(
 # ----------------------------------------------------------------------------------------------
 # nn.Module wrapper
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class HEROLossConfig:
-    """Options of ``HEROLoss`` (same meaning as the keyword arguments of ``hero_loss``).
-
-    Mutable on purpose: an adaptive KL controller may update ``beta`` between steps (or pass
-    ``beta=`` per call).
-    """
-
-    beta: float = 0.0
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    temperature: float = 1.0
-    kappa: float = 1.0
-    entropy_weighting: bool = True
-    entropy_grad: bool = False
-    weight_on: str = "all"
-    loss_agg: str = "seq-mean-token-mean"
-    impl: str = "auto"
-    ignore_index: int = -100
-    max_len: Optional[int] = None
-    float_metrics: bool = True
-
-    def __post_init__(self):
-        _check_options(self.beta, self.eps_low, self.eps_high, self.kappa, self.entropy_weighting, self.entropy_grad,
-                       self.weight_on, self.loss_agg, self.max_len, self.ignore_index)
-        _check_float("temperature", self.temperature, 0.0, lo_open=True)
-        if not isinstance(self.float_metrics, bool):
-            raise TypeError(f"float_metrics must be a bool, got {type(self.float_metrics).__name__}")
-
-
 class HEROLoss(nn.Module):
     """``loss, metrics = HEROLoss(loss_agg="token-mean")(logits, labels, advantages, old_logp=...)``.
 
-    Holds a ``HEROLossConfig`` and calls ``hero_loss``. Metrics are Python floats by default
-    (``float_metrics=True``, one device sync per call); set ``float_metrics=False`` to get 0-dim tensors
-    (needed inside ``torch.compile(fullgraph=True)``) and convert later with ``metrics_to_floats``.
+    Holds a ``HEROLossConfig`` (``config`` and/or option keywords) and calls ``hero_loss``. Metrics are Python
+    floats by default (``float_metrics=True``, one device sync per call); set ``float_metrics=False`` to get 0-dim
+    tensors (needed inside ``torch.compile(fullgraph=True)``) and convert later with ``metrics_to_floats``.
     """
 
-    def __init__(self, config: Optional[HEROLossConfig] = None, **overrides):
+    def __init__(self, config: Optional[HEROLossConfig] = None, *, float_metrics: bool = True, **overrides):
         super().__init__()
-        if config is None:
-            config = HEROLossConfig(**overrides)
-        elif overrides:
-            config = replace(config, **overrides)
-        if not isinstance(config, HEROLossConfig):
-            raise TypeError(f"config must be a HEROLossConfig, got {type(config).__name__}")
-        self.config = config
+        if not isinstance(float_metrics, bool):
+            raise TypeError(f"float_metrics must be a bool, got {type(float_metrics).__name__}")
+        self.config = HEROLossConfig.resolve(config, overrides, caller="HEROLoss")
+        self.float_metrics = float_metrics
 
     def forward(
         self,
@@ -418,11 +364,11 @@ class HEROLoss(nn.Module):
         beta: Optional[Scalar] = None,
     ) -> Tuple[Tensor, Dict[str, Union[Tensor, float]]]:
         """Same arguments as ``hero_loss``; ``beta`` (if given) overrides ``config.beta`` for this call."""
-        opts = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
-        if beta is not None:
-            opts["beta"] = beta
+        extra = {} if beta is None else {"beta": beta}
         return hero_loss(hidden_or_logits, labels, advantages, weight=weight, bias=bias, old_logp=old_logp,
-                         ref_logp=ref_logp, seq_ids=seq_ids, normalizer=normalizer, **opts)
+                         ref_logp=ref_logp, seq_ids=seq_ids, normalizer=normalizer, config=self.config,
+                         float_metrics=self.float_metrics, **extra)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in fields(self.config))
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.config.options().items())
+        return f"{opts}, float_metrics={self.float_metrics!r}"

@@ -3,20 +3,19 @@
 ``w = entropy_weights(H, mask_or_seq_ids, kappa=1.0, weight_on="all", advantages=None)``
 
 Vectorized with segment (scatter) ops: no Python loop over responses, no ``.item()``, no data-dependent
-shapes, so it traces under ``torch.compile(fullgraph=True)``. The float64 loop version in
-``hero_kernels.reference.entropy_weights`` is the spec these functions are tested against.
+shapes, so it traces under ``torch.compile(fullgraph=True)``. The tests compare these functions against a
+float64 loop over responses (the test oracle, never used here).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["entropy_weights", "Segments", "segments_from_mask", "segments_from_ids", "segment_weights"]
+from .options import HEROLossConfig
 
-WEIGHT_ON = ("all", "negative")
+__all__ = ["entropy_weights", "Segments", "segments_from_mask", "segments_from_ids", "segment_weights"]
 
 
 class Segments(NamedTuple):
@@ -95,20 +94,6 @@ def gate_negative(w: Tensor, A: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid & ~(A < 0), one, w)
 
 
-def check_kappa(kappa) -> None:
-    if isinstance(kappa, Tensor):
-        return  # a tensor kappa is trusted (checking it would sync the device)
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
-        raise TypeError(f"kappa must be a Python float, got {type(kappa).__name__}")
-    if not math.isfinite(kappa) or kappa == 0:
-        raise ValueError(f"kappa must be finite and non-zero, got {kappa}")
-
-
-def check_weight_on(weight_on) -> None:
-    if weight_on not in WEIGHT_ON:
-        raise ValueError(f"weight_on must be one of {WEIGHT_ON}, got {weight_on!r}")
-
-
 def entropy_weights(
     H: Tensor,
     mask_or_seq_ids: Tensor,
@@ -141,8 +126,8 @@ def entropy_weights(
         raise TypeError(f"H must be a floating-point torch.Tensor, got {getattr(H, 'dtype', type(H).__name__)}")
     if not isinstance(mask_or_seq_ids, Tensor):
         raise TypeError(f"mask_or_seq_ids must be a torch.Tensor, got {type(mask_or_seq_ids).__name__}")
-    check_kappa(kappa)
-    check_weight_on(weight_on)
+    HEROLossConfig.check("kappa", kappa)
+    HEROLossConfig.check("weight_on", weight_on)
     if mask_or_seq_ids.device != H.device:
         raise ValueError(f"mask_or_seq_ids is on {mask_or_seq_ids.device} but H is on {H.device}")
     if H.dim() == 2:

@@ -422,7 +422,7 @@ def test_verl_policy_loss_entropy_sources_and_errors():
                                               _plain_cfg(hero_entropy_weighting=False))
     _close(loss_off, _reference_loss(logp, old, A, mask, H, "token-mean", weighting=False), atol=1e-10, rtol=1e-7)
     with pytest.raises(ValueError, match="hero_kappa"):
-        hv.compute_policy_loss_hero(old, logp, A, mask, "token-mean", _plain_cfg(hero_kappa=-1.0), entropy=H)
+        hv.compute_policy_loss_hero(old, logp, A, mask, "token-mean", _plain_cfg(hero_kappa=0.0), entropy=H)
     with pytest.raises(ValueError, match="advantages must have the shape"):
         hv.compute_policy_loss_hero(old, logp, A[:, :3], mask, "token-mean", _plain_cfg(), entropy=H)
 
@@ -585,3 +585,98 @@ def test_verl_hero_ppo_loss_passes_exact_entropy():
     assert "actor/hero_entropy_mean" in metrics
     with pytest.raises(ValueError, match="calculate_entropy"):
         hv.hero_ppo_loss(cfg, {"log_probs": lp}, data)
+
+
+# ==============================================================================================
+# one declaration of the loss options: every value hero_kernels accepts reaches the loss through each front end
+# ==============================================================================================
+def _accepted_values():
+    """{option: values HEROLossConfig accepts}, read from its own declaration (range edges, a negative value where
+    the range allows one, e.g. kappa < 0, every choice, both bools)."""
+    from dataclasses import fields
+
+    from hero_kernels.options import HEROLossConfig
+
+    out = {}
+    for f in fields(HEROLossConfig):
+        m = f.metadata
+        if m["kind"] == "bool":
+            vals = [True, False]
+        elif m["kind"] == "choice":
+            vals = list(m["choices"])
+        elif m["kind"] == "int":
+            vals = [1 if "lo" in m else -1, 3] + ([None] if m.get("optional") else [])
+        else:
+            lo, hi, lo_open = m.get("lo", -math.inf), m.get("hi", math.inf), m.get("lo_open", False)
+            vals = [v for v in (lo, hi, -2.5, 0.37, 7.0) if math.isfinite(v) and (lo < v or (v == lo and not lo_open))
+                    and v <= hi and not (m.get("nonzero") and v == 0)]
+        for v in vals:
+            HEROLossConfig.check(f.name, v)  # the core accepts each one
+        out[f.name] = list(dict.fromkeys(vals))
+    assert -2.5 in out["kappa"]  # the high-entropy ablation (kappa < 0) is among them
+    return out
+
+
+def test_loss_options_round_trip_core():
+    """hero_loss(**{opt: v}) and HEROLoss(**{opt: v}) accept every value and carry it unchanged."""
+    from hero_kernels import HEROLoss, HEROLossConfig, hero_loss
+
+    x, y, A = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), torch.randn(2)
+    ref = torch.randn(2, 3)
+    for name, vals in _accepted_values().items():
+        for v in vals:
+            assert HEROLossConfig.resolve(None, {name: v}).options()[name] == v
+            assert HEROLoss(**{name: v}).config.options()[name] == v
+            if name != "impl" or v in ("auto", "torch"):  # the other backends need their hardware
+                loss, _ = hero_loss(x, y, A, ref_logp=ref, **{"impl": "torch", name: v})
+                assert torch.isfinite(loss), (name, v)
+
+
+def test_loss_options_round_trip_trainer_config():
+    """The trainer's YAML / CLI keys: every accepted value survives the string round trip into hero_loss's config."""
+    from hero.config import LOSS_OPTION_KEYS, TrainConfig, apply_overrides
+
+    where = {k: f"loss.{k}" for k in LOSS_OPTION_KEYS}
+    where.update(beta="kl.beta", temperature="generation.temperature", max_len="generation.max_new_tokens")
+    values = _accepted_values()
+    assert set(values) - set(where) == {"ignore_index"}  # the trainer masks with its own -100
+    for name, key in where.items():
+        for v in values[name]:
+            if v is None:
+                continue  # max_len None: the trainer always has a generation budget
+            cfg = apply_overrides(TrainConfig(), [(key, str(v))]).validate()
+            got = cfg.loss.hero_loss_config(cfg.kl.beta, cfg.generation.temperature, cfg.generation.max_new_tokens)
+            assert got.options()[name] == v, (key, v)
+
+
+@needs_trl
+def test_loss_options_round_trip_trl(tmp_path):
+    from hero.integrations.trl import LOSS_OPTION_NAMES
+
+    values = _accepted_values()
+    assert set(values) - set(LOSS_OPTION_NAMES) == {"ignore_index"}  # TRL masks with its own -100
+    for name, arg in LOSS_OPTION_NAMES.items():
+        for v in values[name]:
+            if v is None:
+                continue
+            extra = {"loss_type": "dr_grpo"} if name == "max_len" else {}  # max_len only exists for Dr. GRPO
+            a = _args(tmp_path, **{arg: v, **extra})
+            assert a.hero_loss_config().options()[name] == v, (arg, v)
+
+
+def test_loss_options_round_trip_verl():
+    """Without verl: HEROPolicyLossConfig (one declaration, verl's base class when verl imports) and verl's clip
+    keys carry every accepted value of the options verl leaves to HERO."""
+    values = _accepted_values()
+    assert set(hv.LOSS_OPTION_NAMES) == {"kappa", "entropy_weighting", "weight_on", "entropy_grad", "eps_low",
+                                         "eps_high"}
+    for name, path in hv.LOSS_OPTION_NAMES.items():
+        for v in values[name]:
+            if path.startswith("policy_loss."):
+                cfg = {"policy_loss": hv.HEROPolicyLossConfig(**{path.split(".", 1)[1]: v})}
+            else:
+                cfg = {path: v, "policy_loss": hv.HEROPolicyLossConfig()}
+            opts, _ = hv.hero_options(cfg)
+            assert opts[name] == v, (path, v)
+    with pytest.raises(ValueError, match="policy_loss.hero_kappa"):
+        hv.HEROPolicyLossConfig(hero_kappa=0.0)

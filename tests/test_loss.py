@@ -568,3 +568,60 @@ def test_hero_loss_errors_name_argument():
     with pytest.raises(ValueError, match="max_len"):
         hk.hero_loss(x.reshape(6, 5), y.reshape(-1), torch.randn(6), seq_ids=torch.zeros(6, dtype=torch.long),
                      loss_agg="seq-mean-token-sum-norm", impl="torch")
+
+
+def test_tensor_options_are_checked_like_numbers():
+    """A 0-dim tensor option is checked by value (CPU: at once, like a float); a tensor beta is a KL term."""
+    x, y = _batch(B=2, T=3, V=5, ignore=False)
+    A = torch.randn(2)
+    _, ref = _old_ref(x, y)
+    t = torch.tensor
+    cases = [(dict(beta=t(0.1)), "needs ref_logp"), (dict(beta=t(0.0)), "needs ref_logp"),
+             (dict(kappa=t(0.0), ref_logp=ref), "kappa"), (dict(eps_low=t(-0.1)), "eps_low"),
+             (dict(eps_high=t(float("nan"))), "eps_high"), (dict(normalizer=t(0.0)), "normalizer"),
+             (dict(beta=t(-1.0), ref_logp=ref), "beta")]
+    for kw, name in cases:
+        with pytest.raises(ValueError, match=name):
+            hk.hero_loss(x, y, A, impl="torch", **kw)
+    with pytest.raises(TypeError, match="real scalar"):
+        hk.hero_loss(x, y, A, impl="torch", kappa=torch.ones(2))
+    with pytest.raises(TypeError, match="temperature must be a Python float"):
+        hk.hero_loss(x, y, A, impl="torch", temperature=torch.tensor(1.0))
+    # valid tensors give the float results; kappa < 0 (high-entropy ablation) is a valid value
+    for kw in (dict(beta=0.05, kappa=-0.7, eps_low=0.1), dict(beta=t(0.05), kappa=t(-0.7), eps_low=t(0.1))):
+        loss, _ = hk.hero_loss(x, y, A, ref_logp=ref, impl="torch", **kw)
+        _close(loss, hk.hero_loss(x, y, A, ref_logp=ref, impl="torch", beta=0.05, kappa=-0.7, eps_low=0.1)[0])
+
+
+def test_tensor_option_device_assert_under_compile():
+    """On an accelerator (or while torch.compile traces) a tensor option is checked by an asynchronous device
+    assert, no host sync: traced here with the eager backend, where the assert fires at once."""
+    from hero_kernels.options import check_real
+
+    def f(kappa):
+        check_real("kappa", kappa, nonzero=True)
+        return kappa * 2
+
+    torch._dynamo.reset()
+    g = torch.compile(f, fullgraph=True, backend="eager")
+    assert float(g(torch.tensor(-0.5))) == -1.0
+    with pytest.raises(RuntimeError, match="kappa must be finite and non-zero"):
+        g(torch.tensor(0.0))
+
+
+def test_config_and_overrides():
+    """hero_loss(config=cfg, **overrides) == the same options as keywords; unknown options are named."""
+    x, y = _batch(B=3)
+    A = torch.randn(3)
+    old, ref = _old_ref(x, y)
+    cfg = HEROLossConfig(kappa=0.5, eps_high=0.28, loss_agg="token-mean", impl="torch")
+    l1, _ = hk.hero_loss(x, y, A, old_logp=old, ref_logp=ref, config=cfg, beta=0.02)
+    l2, _ = hk.hero_loss(x, y, A, old_logp=old, ref_logp=ref, kappa=0.5, eps_high=0.28, loss_agg="token-mean",
+                         impl="torch", beta=0.02)
+    _close(l1, l2, atol=0, rtol=0)
+    assert cfg.beta == 0.0  # overrides never change the caller's config
+    with pytest.raises(TypeError, match="unknown option.*'kapa'"):
+        hk.hero_loss(x, y, A, kapa=0.5)
+    with pytest.raises(TypeError, match="config must be a HEROLossConfig"):
+        hk.hero_loss(x, y, A, config={"kappa": 0.5})
+    assert "weight temperature" in HEROLossConfig.doc("kappa")

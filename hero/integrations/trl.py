@@ -75,15 +75,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hero.grpo import AdaptiveKLController, variance_gate
 from hero.io import atomic_write_text
-from hero_kernels.loss import LOSS_AGGS, hero_loss
-from hero_kernels.options import IMPLS
+from hero_kernels.loss import hero_loss
+from hero_kernels.options import HEROLossConfig, loss_option_field
 
 try:  # private helper of TRL (stable across 0.2x-1.x); without it the loss runs outside the wrapper's forward
     from trl.models.utils import _ForwardRedirection
 except ImportError:  # pragma: no cover
     _ForwardRedirection = None
 
-__all__ = ["HEROGRPOConfig", "HEROGRPOTrainer", "HERO_STATE_NAME", "LOSS_TYPE_TO_AGG", "TESTED_TRL_VERSION"]
+__all__ = ["HEROGRPOConfig", "HEROGRPOTrainer", "HERO_STATE_NAME", "LOSS_TYPE_TO_AGG", "TESTED_TRL_VERSION",
+           "LOSS_OPTION_NAMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,12 @@ LOSS_TYPE_TO_AGG = {
     "dr_grpo": "seq-mean-token-sum-norm",
 }
 LM_HEAD_PATHS = ("auto", "fused", "logits")
+#: hero_kernels loss option -> the HEROGRPOConfig field that sets it (TRL's own names where TRL has the option;
+#: max_len is max_completion_length, used by dr_grpo's seq-mean-token-sum-norm)
+LOSS_OPTION_NAMES = {"beta": "beta", "eps_low": "epsilon", "eps_high": "epsilon_high", "temperature": "temperature",
+                     "kappa": "kappa", "entropy_weighting": "entropy_weighting", "entropy_grad": "entropy_grad",
+                     "weight_on": "weight_on", "loss_agg": "loss_agg", "impl": "hero_impl",
+                     "max_len": "max_completion_length"}
 
 # multimodal inputs TRL's batch may carry; passed through to the model unchanged (one micro-batch = one chunk)
 _MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
@@ -113,17 +120,14 @@ class HEROGRPOConfig(GRPOConfig):
     # TRL 1.13 defaults this to True (KL term times the differentiable ratio); HERO's KL term is the plain k3
     use_bias_correction_kl: bool = field(default=False, metadata={
         "help": "Must stay False when beta != 0: HERO's KL term is the plain k3 estimator (no ratio factor)."})
-    kappa: float = field(default=1.0, metadata={"help": "HERO weight temperature: w ~ exp(-H / kappa) within a "
-                                                        "response (smaller = sharper; large = plain GRPO)."})
-    entropy_weighting: bool = field(default=True, metadata={"help": "Entropy weights on (HERO) or off (GRPO)."})
-    entropy_grad: bool = field(default=False, metadata={"help": "Let the gradient flow through the entropy inside "
-                                                                "the weights (default: detached coefficients)."})
-    weight_on: str = field(default="all", metadata={"help": "'all' or 'negative' (weights only on tokens of "
-                                                            "negative-advantage responses)."})
+    # HERO loss options: defaults and help texts from hero_kernels.HEROLossConfig (checked by it too)
+    kappa: float = loss_option_field("kappa")
+    entropy_weighting: bool = loss_option_field("entropy_weighting")
+    entropy_grad: bool = loss_option_field("entropy_grad")
+    weight_on: str = loss_option_field("weight_on")
     loss_agg: Optional[str] = field(default=None, metadata={
-        "help": "hero_loss aggregation: 'token-mean' | 'seq-mean-token-mean' | 'seq-mean-token-sum-norm'; "
-                "None derives it from loss_type (grpo -> seq-mean-token-mean, dapo/bnpo -> token-mean, "
-                "dr_grpo -> seq-mean-token-sum-norm)."})
+        "help": HEROLossConfig.doc("loss_agg") + " None derives it from loss_type (grpo -> seq-mean-token-mean, "
+                "dapo/bnpo -> token-mean, dr_grpo -> seq-mean-token-sum-norm)."})
     variance_gate: bool = field(default=True, metadata={"help": "VG-HNM: drop zero-variance groups and keep the "
                                                                 "keep_frac groups with the largest reward variance."})
     keep_frac: float = field(default=0.6, metadata={"help": "Variance gate: fraction of ALL groups kept, in (0, 1]."})
@@ -134,8 +138,7 @@ class HEROGRPOConfig(GRPOConfig):
                                                             "Ziegler et al. controller; needs beta > 0)."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL horizon in samples."})
     kl_clip: float = field(default=0.2, metadata={"help": "Adaptive KL error clip."})
-    hero_impl: str = field(default="auto", metadata={"help": "hero_kernels backend: auto | triton | cuda | cpu | "
-                                                             "torch."})
+    hero_impl: str = loss_option_field("impl")
     lm_head_path: str = field(default="auto", metadata={
         "help": "'fused': last hidden states + lm_head weight (no logits); 'logits': full model forward then "
                 "hero_loss on the logits; 'auto': fused unless DeepSpeed ZeRO-3 or an MoE aux loss needs logits."})
@@ -148,18 +151,25 @@ class HEROGRPOConfig(GRPOConfig):
     def hero_loss_agg(self) -> str:
         return self.loss_agg if self.loss_agg is not None else LOSS_TYPE_TO_AGG[self.loss_type]
 
+    def hero_loss_config(self, beta: Optional[float] = None) -> HEROLossConfig:
+        """The hero_kernels loss options these arguments set (``beta``: the adaptive controller's current value,
+        default ``self.beta``)."""
+        agg = self.hero_loss_agg
+        return HEROLossConfig(
+            beta=float(self.beta if beta is None else beta), eps_low=float(self.epsilon),
+            eps_high=float(self.epsilon if self.epsilon_high is None else self.epsilon_high),
+            temperature=float(self.temperature), kappa=self.kappa, entropy_weighting=self.entropy_weighting,
+            entropy_grad=self.entropy_grad, weight_on=self.weight_on, loss_agg=agg, impl=self.hero_impl,
+            max_len=int(self.max_completion_length) if agg == "seq-mean-token-sum-norm" else None)
+
 
 def _check_hero_args(a: HEROGRPOConfig) -> None:
     """Range / choice checks and the TRL options HERO's loss does not implement; each error names the field."""
-    if isinstance(a.kappa, bool) or not isinstance(a.kappa, (int, float)) or not math.isfinite(a.kappa) or a.kappa <= 0:
-        raise ValueError(f"kappa must be a finite float > 0, got {a.kappa!r}")
-    if a.weight_on not in ("all", "negative"):
-        raise ValueError(f"weight_on must be 'all' or 'negative', got {a.weight_on!r}")
     if a.loss_type not in LOSS_TYPE_TO_AGG:
         raise ValueError(f"loss_type={a.loss_type!r} is not supported by HEROGRPOTrainer; use one of "
                          f"{sorted(LOSS_TYPE_TO_AGG)}")
-    if a.loss_agg is not None and a.loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be None or one of {LOSS_AGGS}, got {a.loss_agg!r}")
+    # every loss option through hero_kernels' own checks (the same ranges as hero_loss), named as TRL names it
+    a.hero_loss_config().validate(LOSS_OPTION_NAMES)
     if not 0 < a.keep_frac <= 1:
         raise ValueError(f"keep_frac must be in (0, 1], got {a.keep_frac}")
     if not (math.isfinite(a.kl_target) and a.kl_target >= 0):
@@ -170,8 +180,6 @@ def _check_hero_args(a: HEROGRPOConfig) -> None:
         raise ValueError(f"kl_horizon must be > 0, got {a.kl_horizon}")
     if a.kl_clip <= 0:
         raise ValueError(f"kl_clip must be > 0, got {a.kl_clip}")
-    if a.hero_impl not in IMPLS:
-        raise ValueError(f"hero_impl must be one of {IMPLS}, got {a.hero_impl!r}")
     if a.lm_head_path not in LM_HEAD_PATHS:
         raise ValueError(f"lm_head_path must be one of {LM_HEAD_PATHS}, got {a.lm_head_path!r}")
     unsupported = [
@@ -372,18 +380,8 @@ class HEROGRPOTrainer(GRPOTrainer):
         opts = dict(
             old_logp=inputs.get("old_per_token_logps"),
             ref_logp=inputs.get("ref_per_token_logps") if beta != 0.0 else None,
-            beta=beta,
-            eps_low=float(self.epsilon_low),
-            eps_high=float(self.epsilon_high),
-            temperature=float(self.temperature),
-            kappa=float(self.args.kappa),
-            entropy_weighting=bool(self.args.entropy_weighting),
-            entropy_grad=bool(self.args.entropy_grad),
-            weight_on=self.args.weight_on,
-            loss_agg=self.hero_loss_agg,
-            impl=self.args.hero_impl,
             normalizer=self._hero_normalizer(inputs, mask, mode),
-            max_len=int(self.max_completion_length) if self.hero_loss_agg == "seq-mean-token-sum-norm" else None,
+            config=self.args.hero_loss_config(beta),
         )
         aux_loss = None
         if self.hero_lm_head_path == "fused":

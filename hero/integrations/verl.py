@@ -29,9 +29,10 @@ verl computes per-token entropy in the actor when ``actor_rollout_ref.actor.calc
   ``actor/hero_entropy_sampled = 1``.
 A call without entropy under ``exact`` raises a ValueError saying so (never a silent fallback).
 
-Options (read from ``config.policy_loss``; defaults apply when absent): ``hero_kappa`` (1.0),
-``hero_entropy_weighting`` (True), ``hero_weight_on`` ("all" | "negative"), ``hero_entropy_grad`` (False),
-``hero_entropy_source`` ("exact" | "sampled"). Set them on the command line through ``HEROPolicyLossConfig``::
+Options (read from ``config.policy_loss``; hero_kernels' defaults apply when absent, and hero_kernels'
+``HEROLossConfig`` checks them, so every value ``hero_loss`` accepts works here too): ``hero_kappa`` (1.0; < 0
+favours high-entropy tokens), ``hero_entropy_weighting`` (True), ``hero_weight_on`` ("all" | "negative"),
+``hero_entropy_grad`` (False), ``hero_entropy_source`` ("exact" | "sampled"). Set them on the command line through ``HEROPolicyLossConfig``::
 
     actor_rollout_ref.actor.policy_loss._target_=hero.integrations.verl.HEROPolicyLossConfig \\
     actor_rollout_ref.actor.policy_loss.loss_mode=hero +actor_rollout_ref.actor.policy_loss.hero_kappa=0.5
@@ -41,13 +42,14 @@ Options (read from ``config.policy_loss``; defaults apply when absent): ``hero_k
 from __future__ import annotations
 
 import contextvars
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from hero_kernels.loss import clipped_token_loss
+from hero_kernels.options import HEROLossConfig, loss_option_field
 from hero_kernels.weights import entropy_weights
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "VERL_AVAILABLE",
     "VERL_IMPORT_ERROR",
     "HEROPolicyLossConfig",
+    "LOSS_OPTION_NAMES",
+    "hero_options",
     "compute_policy_loss_hero",
     "hero_ppo_loss",
     "agg_loss",
@@ -100,61 +104,63 @@ class entropy_context:
 # ----------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------
-_HERO_FIELDS = dict(hero_kappa=1.0, hero_entropy_weighting=True, hero_weight_on="all", hero_entropy_grad=False,
-                    hero_entropy_source="exact")
+#: hero_kernels loss option -> where verl's actor config holds it (``policy_loss.*`` are ours; clip_ratio_low /
+#: clip_ratio_high are verl's own, both defaulting to ``clip_ratio``)
+LOSS_OPTION_NAMES = {"kappa": "policy_loss.hero_kappa", "entropy_weighting": "policy_loss.hero_entropy_weighting",
+                     "weight_on": "policy_loss.hero_weight_on", "entropy_grad": "policy_loss.hero_entropy_grad",
+                     "eps_low": "clip_ratio_low", "eps_high": "clip_ratio_high"}
+_POLICY_LOSS_FIELDS = {name: path.split(".", 1)[1] for name, path in LOSS_OPTION_NAMES.items()
+                       if path.startswith("policy_loss.")}
 
 
-def _check_options(kappa, entropy_weighting, weight_on, entropy_grad, entropy_source) -> None:
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa <= 0:
-        raise ValueError(f"policy_loss.hero_kappa must be a finite float > 0, got {kappa!r}")
-    if weight_on not in ("all", "negative"):
-        raise ValueError(f"policy_loss.hero_weight_on must be 'all' or 'negative', got {weight_on!r}")
+@dataclass
+class _PolicyLossConfigStandIn:
+    """Base of HEROPolicyLossConfig when verl is not importable: the dict-like ``get`` verl's configs have."""
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+
+@dataclass
+class HEROPolicyLossConfig(_VerlPolicyLossConfig if VERL_AVAILABLE else _PolicyLossConfigStandIn):
+    """verl's ``PolicyLossConfig`` plus HERO's options (see the module docstring); without verl, a plain dataclass
+    with the same HERO fields. Defaults, help texts and checks of the loss options come from hero_kernels'
+    ``HEROLossConfig``."""
+
+    loss_mode: str = HERO_LOSS_NAME
+    hero_kappa: float = loss_option_field("kappa")
+    hero_entropy_weighting: bool = loss_option_field("entropy_weighting")
+    hero_weight_on: str = loss_option_field("weight_on")
+    hero_entropy_grad: bool = loss_option_field("entropy_grad")
+    hero_entropy_source: str = field(default="exact", metadata={
+        "help": "'exact': the actor's entropy (hero_ppo_loss); 'sampled': the sampled token's surprisal."})
+
+    def __post_init__(self):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        _check_options({k: getattr(self, f) for k, f in _POLICY_LOSS_FIELDS.items()}, self.hero_entropy_source)
+
+
+def _check_options(options: Mapping[str, Any], entropy_source) -> None:
+    """hero_kernels' checks of the HERO options (``{core name: value}``), named as verl's config names them."""
+    for name, value in options.items():
+        HEROLossConfig.check(name, value, LOSS_OPTION_NAMES[name])
     if entropy_source not in ENTROPY_SOURCES:
         raise ValueError(f"policy_loss.hero_entropy_source must be one of {ENTROPY_SOURCES}, got {entropy_source!r}")
-    for name, v in (("hero_entropy_weighting", entropy_weighting), ("hero_entropy_grad", entropy_grad)):
-        if not isinstance(v, bool):
-            raise ValueError(f"policy_loss.{name} must be a bool, got {v!r}")
 
 
-if VERL_AVAILABLE:
-
-    @dataclass
-    class HEROPolicyLossConfig(_VerlPolicyLossConfig):
-        """verl's ``PolicyLossConfig`` plus HERO's options (see the module docstring)."""
-
-        loss_mode: str = HERO_LOSS_NAME
-        hero_kappa: float = 1.0
-        hero_entropy_weighting: bool = True
-        hero_weight_on: str = "all"
-        hero_entropy_grad: bool = False
-        hero_entropy_source: str = "exact"
-
-        def __post_init__(self):
-            parent = getattr(super(), "__post_init__", None)
-            if parent is not None:
-                parent()
-            _check_options(self.hero_kappa, self.hero_entropy_weighting, self.hero_weight_on, self.hero_entropy_grad,
-                           self.hero_entropy_source)
-
-else:
-
-    @dataclass
-    class HEROPolicyLossConfig:  # type: ignore[no-redef]
-        """HERO's policy-loss options (verl not importable: a plain dataclass with the same HERO fields)."""
-
-        loss_mode: str = HERO_LOSS_NAME
-        hero_kappa: float = 1.0
-        hero_entropy_weighting: bool = True
-        hero_weight_on: str = "all"
-        hero_entropy_grad: bool = False
-        hero_entropy_source: str = "exact"
-
-        def __post_init__(self):
-            _check_options(self.hero_kappa, self.hero_entropy_weighting, self.hero_weight_on, self.hero_entropy_grad,
-                           self.hero_entropy_source)
-
-        def get(self, key, default=None):
-            return getattr(self, key, default)
+def hero_options(config) -> Tuple[Dict[str, Any], str]:
+    """({core option name: value}, entropy source) that ``config`` (verl's ActorConfig, a mapping or None) sets
+    for the HERO policy loss; absent options take hero_kernels' defaults. Checked."""
+    pl = _get(config, "policy_loss", None)
+    opts = {k: _get(pl, f, HEROLossConfig.default(k)) for k, f in _POLICY_LOSS_FIELDS.items()}
+    clip = _get(config, "clip_ratio", HEROLossConfig.default("eps_low"))
+    opts["eps_low"] = _get(config, "clip_ratio_low", clip)
+    opts["eps_high"] = _get(config, "clip_ratio_high", clip)
+    source = _get(pl, "hero_entropy_source", "exact")
+    _check_options(opts, source)
+    return opts, source
 
 
 def _get(cfg, key: str, default):
@@ -245,8 +251,6 @@ def compute_policy_loss_hero(
     ``actor/hero_weights_effective_tokens`` (1 / sum (w/L)^2 per response, averaged) and
     ``actor/hero_entropy_sampled``.
     """
-    from hero_kernels.reference import grpo_token_loss  # the spec's clipped objective, not re-derived here
-
     if rollout_log_probs is not None and (_get(config, "tis_imp_ratio_cap", -1) or -1) > 0:
         raise NotImplementedError("HERO policy loss: truncated importance sampling of older verl releases "
                                   "(tis_imp_ratio_cap > 0) is not supported; use rollout_is_weights (verl >= 0.6)")
@@ -256,16 +260,10 @@ def compute_policy_loss_hero(
             raise ValueError(f"{name} must have the shape of log_prob {shape}, got {tuple(t.shape)}")
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be [batch, response_length], got shape {shape}")
-    pl = _get(config, "policy_loss", None)
-    kappa = _get(pl, "hero_kappa", _HERO_FIELDS["hero_kappa"])
-    weighting = _get(pl, "hero_entropy_weighting", _HERO_FIELDS["hero_entropy_weighting"])
-    weight_on = _get(pl, "hero_weight_on", _HERO_FIELDS["hero_weight_on"])
-    entropy_grad = _get(pl, "hero_entropy_grad", _HERO_FIELDS["hero_entropy_grad"])
-    source = _get(pl, "hero_entropy_source", _HERO_FIELDS["hero_entropy_source"])
-    _check_options(kappa, weighting, weight_on, entropy_grad, source)
-    clip = _get(config, "clip_ratio", 0.2)
-    eps_low = _get(config, "clip_ratio_low", clip)
-    eps_high = _get(config, "clip_ratio_high", clip)
+    opts, source = hero_options(config)
+    kappa, weighting, weight_on, entropy_grad = (opts[k] for k in ("kappa", "entropy_weighting", "weight_on",
+                                                                   "entropy_grad"))
+    eps_low, eps_high = opts["eps_low"], opts["eps_high"]
     clip_c = _get(config, "clip_ratio_c", 3.0)
     if not clip_c > 1.0:
         raise ValueError(f"clip_ratio_c (dual-clip bound) must be > 1, got {clip_c}")
@@ -277,7 +275,7 @@ def compute_policy_loss_hero(
     # (zero outside the band, one inside)
     log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
     old_eff = log_prob - log_ratio
-    _, pg, _, ratio = grpo_token_loss(log_prob, advantages, old_logp=old_eff, eps_low=eps_low, eps_high=eps_high)
+    _, pg, _, ratio = clipped_token_loss(log_prob, advantages, old_logp=old_eff, eps_low=eps_low, eps_high=eps_high)
     # dual clip: for A < 0 the loss is capped at -A * clip_ratio_c
     capped = torch.minimum(pg, -advantages * clip_c)
     pg_final = torch.where(advantages < 0, capped, pg)
