@@ -5,21 +5,29 @@ Each rank holds a weight shard ``W_r`` [V_r, D] with the global vocabulary rows
 [N, D] and global labels [N].
 
 Forward
-    1. ``shard_partials``: per row, over the shard's columns of x = (h W_r^T + b_r) / tau, the online
-       partials ``m = max x``, ``s = sum e^{x-m}``, ``t = sum x e^{x-m}`` and ``label_x`` = x[label] if the
-       label lies in the shard, else 0. fp32 [N] each; masked rows give (-inf, 0, 0, 0). On CUDA (or
-       under TRITON_INTERPRET) the Triton kernel computes them with no [N, V_r] tensor; on CPU a chunked
-       torch loop over ``reference.row_partials``.
-    2. ONE collective: ``all_reduce_partials`` all-gathers the [4, N] partials of every rank and each rank
-       merges them in rank order with ``reference.merge_partials`` semantics (``merge_stacked_partials``),
-       so every rank holds identical merged partials. (A max-then-sum all-reduce would need two steps.)
-    3. ``finalize``: ``reference.finalize_partials`` -> (lse, H); logp = label_x - lse; masked rows 0.
+    1. ``shard_partials``: per row, over the shard's columns of x = (h W_r^T + b_r) / tau, with m = max x:
+       ``s = sum e^{x-m}``, ``so`` = the same sum over the columns that are NOT the label, ``t = sum (x - m)
+       e^{x-m}`` (shifted: every term <= 0) and ``label_x`` = x[label] if the label lies in the shard, else 0.
+       fp32 [N] each; masked rows give (-inf, 0, 0, 0, 0). On CUDA (or under TRITON_INTERPRET) the Triton
+       kernel computes them with no [N, V_r] tensor (its vocab splits merged like shards); on CPU a chunked
+       torch loop.
+    2. ONE collective: ``all_reduce_partials`` all-gathers the [5, N] partials of every rank and each rank
+       merges them in rank order (``merge_stacked_partials``), so every rank holds identical merged partials.
+       (A max-then-sum all-reduce would need two steps.) Merging rebases each shard to the global max M:
+       s += a s_k, so += a so_k, t += a (t_k + (m_k - M) s_k) with a = e^{m_k - M}: sums of like-signed terms.
+    3. ``finalize`` -> (logp, H, lse); masked rows 0. With e_y = e^{x_y - M} >= so (p_y >= 1/2; then the label
+       is the row max) log p_y = -log1p(so / e_y) and log s = (x_y - M) + log1p(so / e_y): both keep their
+       relative accuracy as p_y -> 1, where x_y - lse and log(s ~ 1) are rounding noise; otherwise the plain
+       x_y - M - log s. H = log s - t / s adds two non-negative terms (no cancellation against |lse| at
+       large logit offsets). Accuracy note: when a column OTHER than the label dominates, log s ~ 0 is taken
+       as log(s), so H -> 0 there keeps an absolute (not relative) accuracy of ~eps.
 
-Backward (``shard_backward``), given the GLOBAL lse and H from the forward:
+Backward (``shard_backward``), given the GLOBAL lse, H and (for the label column) logp from the forward:
     dz_ij = (1/tau) [g_i (1[j=y_i] - p_ij) - k_i p_ij (log p_ij + H_i)],  p_ij = exp(x_ij - lse_i)
-    for the shard's columns only. grad_weight / grad_bias are the shard's own (no communication);
-    grad_hidden is this shard's share sum_{j in shard} dz_ij W_j in fp32, to be summed over ranks
-    (``all_reduce_grad_hidden``) and then cast to the hidden dtype.
+    for the shard's columns only; the label column takes 1 - p_y = -expm1(logp) and log p_y = logp (accurate
+    as p_y -> 1). grad_weight / grad_bias are the shard's own (no communication); grad_hidden is this shard's
+    share sum_{j in shard} dz_ij W_j in fp32, to be summed over ranks (``all_reduce_grad_hidden``) and then cast
+    to the hidden dtype.
 """
 from __future__ import annotations
 
@@ -28,7 +36,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from hero_kernels import reference
 from hero_kernels.options import RowOptions
 
 __all__ = [
@@ -45,10 +52,14 @@ __all__ = [
 
 
 class Partials(NamedTuple):
-    """Per-row online partials of one vocab shard (or merged), each fp32 [N] (or [K, N] stacked)."""
+    """Per-row online partials of one vocab shard (or merged), each fp32 [N] (or [K, N] stacked).
+
+    m = max x, s = sum e^{x-m}, so = sum over the non-label columns, t = sum (x - m) e^{x-m} (<= 0),
+    label_x = x[label] in the shard holding the label, else 0."""
 
     m: Tensor
     s: Tensor
+    so: Tensor
     t: Tensor
     label_x: Tensor
 
@@ -99,24 +110,58 @@ def shard_partials(
 ) -> Partials:
     """Partials of the shard ``weight`` [V_local, D] (global rows from ``vocab_start``). Each fp32 [N]."""
     _check_shard(hidden, weight, bias, labels, vocab_start)
-    if _resolve_impl(impl, hidden) == "triton":
-        from hero_kernels.backends.triton.linear_entropy_logprob import forward_partials
-
-        return Partials(*forward_partials(hidden, weight, bias, labels, opts, vocab_start=vocab_start))
     N, V_local = hidden.shape[0], weight.shape[0]
-    out = torch.zeros((4, N), dtype=torch.float32, device=hidden.device)
+    out = torch.zeros((5, N), dtype=torch.float32, device=hidden.device)
     out[0].fill_(float("-inf"))
+    if _resolve_impl(impl, hidden) == "triton":
+        return _triton_partials(hidden, weight, bias, labels, vocab_start, opts, out)
     idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
     w32 = weight.to(torch.float32)
     b32 = None if bias is None else bias.to(torch.float32)
     C = _chunk_rows(V_local, max_chunk_bytes)
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
-        x = reference.linear_logits(hidden.index_select(0, rows), w32, b32, torch.float32) / opts.temperature
-        m, s, t = reference.row_partials(x)
+        x = _shard_logits(hidden.index_select(0, rows), w32, b32) / opts.temperature
         loc, inside = _local_labels(labels.index_select(0, rows), vocab_start, V_local)
-        lx = torch.where(inside, x.gather(1, loc.unsqueeze(1)).squeeze(1), torch.zeros_like(m))
-        out.index_copy_(1, rows, torch.stack((m, s, t, lx)))
+        out.index_copy_(1, rows, torch.stack(_row_partials(x, loc, inside)))
+    return Partials(*out)
+
+
+def _shard_logits(h: Tensor, w32: Tensor, b32: Optional[Tensor]) -> Tensor:
+    """h [C, D] @ w32.T (+ b32) in fp32 -> [C, V_local]."""
+    h = h.to(torch.float32)
+    return torch.mm(h, w32.t()) if b32 is None else torch.addmm(b32, h, w32.t())
+
+
+def _row_partials(x: Tensor, loc: Tensor, inside: Tensor) -> Tuple[Tensor, ...]:
+    """(m, s, so, t, label_x) of rows x [C, V_local]; loc / inside: the shard-local label and whether it is here.
+    A row whose columns are all -inf gives (-inf, 0, 0, 0, label_x)."""
+    m = x.max(dim=-1).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d = x - m_safe.unsqueeze(-1)
+    e = torch.exp(d)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    t = torch.where(e > 0, d * e, zero).sum(-1)  # -inf columns: e = 0, skip (-inf) * 0
+    at = loc.unsqueeze(-1)
+    e_y = torch.where(inside, e.gather(-1, at).squeeze(-1), zero)
+    # the non-label sum is summed without the label's term, never s - e_y (which cancels as p_y -> 1)
+    so = e.scatter(-1, at, torch.where(inside, zero, e.gather(-1, at).squeeze(-1)).unsqueeze(-1)).sum(-1)
+    label_x = torch.where(inside, x.gather(-1, at).squeeze(-1), zero)
+    return m, so + e_y, so, t, label_x
+
+
+def _triton_partials(hidden, weight, bias, labels, vocab_start: int, opts: RowOptions, out: Tensor) -> Partials:
+    """The Triton fused-head kernel's per-split partials (the same five, split-local) merged like shards."""
+    from hero_kernels.backends.triton import linear_entropy_logprob as T
+
+    idx, h, w, b, lab = T._prepare(hidden, weight, bias, labels, opts.ignore_index)
+    if h.shape[0] > 0:
+        parts, _ = T._launch_partials(h, w, b, lab, float(opts.inv_temperature), int(vocab_start),
+                                      T.default_config(hidden.dtype))
+        merged = torch.stack(tuple(merge_stacked_partials(Partials(*parts))))
+        if idx is None:
+            return Partials(*merged)
+        out.index_copy_(1, idx, merged)
     return Partials(*out)
 
 
@@ -126,28 +171,40 @@ def stack_partials(parts: Sequence[Partials]) -> Partials:
 
 
 def merge_stacked_partials(stacked: Partials) -> Partials:
-    """Merge [K, N] partials over K disjoint shards in index order -> [N] (``reference.merge_partials``).
+    """Merge [K, N] partials over K disjoint shards -> [N], rebased to the global max (module docstring).
 
     Fixed order, so every rank that merges the same gathered tensor gets bitwise identical results.
     """
-    acc = (stacked.m[0], stacked.s[0], stacked.t[0])
-    for i in range(1, stacked.m.shape[0]):
-        acc = reference.merge_partials(acc, (stacked.m[i], stacked.s[i], stacked.t[i]))
+    M = stacked.m.amax(0)
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    live = torch.isfinite(stacked.m)  # an empty shard (m = -inf) adds nothing, never exp(-inf - (-inf))
+    gap = torch.where(live, stacked.m - M_safe, torch.zeros_like(stacked.m))
+    a = torch.where(live, torch.exp(gap), torch.zeros_like(gap))
+    s = (a * stacked.s).sum(0)
+    so = (a * stacked.so).sum(0)
+    t = (a * (stacked.t + gap * stacked.s)).sum(0)  # t_k rebased from m_k to M: like-signed terms
     # label_x is nonzero in at most one shard (the one holding the label): a plain sum.
-    return Partials(acc[0], acc[1], acc[2], stacked.label_x.sum(0))
+    return Partials(M, s, so, t, stacked.label_x.sum(0))
 
 
 def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H, lse) fp32 [N] from merged partials; masked rows 0."""
-    lse, H = reference.finalize_partials(parts.m, parts.s, parts.t)
-    logp = parts.label_x - lse
+    """(logp, H, lse) fp32 [N] from merged partials; masked rows 0 (accurate forms: module docstring)."""
+    M = parts.m
+    M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+    dy = parts.label_x - M_safe
+    e_y = torch.exp(dy)
+    dom = e_y >= parts.so
+    l1p = torch.log1p(torch.where(dom, parts.so / torch.where(dom, e_y, torch.ones_like(e_y)), torch.zeros_like(e_y)))
+    log_s = torch.where(dom, dy + l1p, torch.log(parts.s))
+    logp = torch.where(dom, -l1p, dy - log_s)
+    H = log_s - parts.t / parts.s
     valid = labels != opts.ignore_index
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero)
+    zero = torch.zeros((), dtype=M.dtype, device=M.device)
+    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, M + log_s, zero)
 
 
 def all_reduce_partials(parts: Partials, group=None) -> Partials:
-    """Merge this rank's partials with every other rank's in ONE collective (all_gather of [4, N]).
+    """Merge this rank's partials with every other rank's in ONE collective (all_gather of [5, N]).
 
     group: a torch.distributed process group, or None for the default group. Without an initialized
     process group (single process) the partials are returned unchanged.
@@ -162,7 +219,7 @@ def all_reduce_partials(parts: Partials, group=None) -> Partials:
     local = torch.stack(tuple(parts)).contiguous()
     gathered: List[Tensor] = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
-    stacked = torch.stack(gathered, dim=1)  # [4, world, N], rank order
+    stacked = torch.stack(gathered, dim=1)  # [5, world, N], rank order
     return merge_stacked_partials(Partials(*stacked))
 
 
@@ -179,10 +236,13 @@ def shard_backward(
     opts: RowOptions = RowOptions(),
     impl: str = "auto",
     max_chunk_bytes: int = 16 << 20,
+    *,
+    logp: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_hidden share fp32 [N, D], grad_weight [V_local, D] weight.dtype, grad_bias [V_local] | None).
 
-    lse, H: GLOBAL fp32 [N] from ``finalize``. grad_logp, grad_H: fp32 [N] or None (= 0).
+    lse, H, logp: GLOBAL fp32 [N] from ``finalize``; logp gives the label column its accurate 1 - p_y
+    (None: the plain 1 - exp(x_y - lse), rounding noise as p_y -> 1). grad_logp, grad_H: fp32 [N] or None (= 0).
     Sum grad_hidden over shards (``all_reduce_grad_hidden``) before casting it to hidden.dtype.
     """
     _check_shard(hidden, weight, bias, labels, vocab_start)
@@ -190,7 +250,7 @@ def shard_backward(
         from hero_kernels.backends.triton.linear_entropy_logprob import backward
 
         return backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts,
-                        vocab_start=vocab_start, grad_hidden_dtype=torch.float32)
+                        vocab_start=vocab_start, grad_hidden_dtype=torch.float32, logp=logp)
     N, D = hidden.shape
     V_local = weight.shape[0]
     dev = hidden.device
@@ -203,23 +263,38 @@ def shard_backward(
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
     g_all = zeros if grad_logp is None else grad_logp.to(torch.float32)
     k_all = zeros if grad_H is None else grad_H.to(torch.float32)
-    lse32, H32 = lse.to(torch.float32), H.to(torch.float32)
+    stats = torch.stack([lse.to(torch.float32), H.to(torch.float32), g_all, k_all,
+                         zeros if logp is None else logp.to(torch.float32)])
     C = _chunk_rows(V_local, max_chunk_bytes)
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
         h32 = hidden.index_select(0, rows).to(torch.float32)
-        z = reference.linear_logits(h32, w32, b32, torch.float32)
-        dz = reference.entropy_logprob_backward(
-            z, labels.index_select(0, rows), g_all.index_select(0, rows), k_all.index_select(0, rows),
-            opts.temperature, opts.ignore_index, torch.float32,
-            lse=lse32.index_select(0, rows), H=H32.index_select(0, rows), vocab_start=vocab_start,
-        )
-        del z
+        x = _shard_logits(h32, w32, b32) / opts.temperature
+        loc, inside = _local_labels(labels.index_select(0, rows), vocab_start, V_local)
+        dz = _shard_dlogits(x, loc, inside, *stats.index_select(1, rows), opts.temperature, logp is not None)
+        del x
         dh.index_copy_(0, rows, dz @ w32)
         dw.addmm_(dz.t(), h32)
         if db is not None:
             db += dz.sum(0)
     return dh, dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
+
+
+def _shard_dlogits(x: Tensor, loc: Tensor, inside: Tensor, lse: Tensor, H: Tensor, g: Tensor, k: Tensor,
+                   logp: Tensor, temperature: float, label_stats: bool) -> Tensor:
+    """dz [C, V_local] of the shard's columns x [C, V_local] (already / tau) from the GLOBAL row stats [C]."""
+    logq = x - lse.unsqueeze(-1)
+    p = torch.exp(logq)
+    # off the label: -p (k log p + c) with c = g + k H; -inf columns (p = 0) give 0, never (-inf) * 0
+    c = g + k * H
+    dz = torch.where(p > 0, -p * (k.unsqueeze(-1) * logq + c.unsqueeze(-1)), torch.zeros((), dtype=x.dtype))
+    at = loc.unsqueeze(-1)
+    if label_stats:  # g (1 - p_y) - k p_y (log p_y + H) from the forward's accurate logp
+        lab = -torch.expm1(logp) * g - torch.exp(logp) * (logp + H) * k
+    else:  # the plain form: the tile's value plus g
+        lab = dz.gather(-1, at).squeeze(-1) + g
+    dz = dz.scatter(-1, at, torch.where(inside, lab, dz.gather(-1, at).squeeze(-1)).unsqueeze(-1))
+    return dz / temperature
 
 
 def all_reduce_grad_hidden(grad_hidden: Tensor, group=None) -> Tensor:

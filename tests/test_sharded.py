@@ -1,5 +1,6 @@
 """Vocab-sharded (tensor-parallel) fused LM head: two shards (V = 500 + 503) against the unsharded float64
-reference, simulated in one process (torch path and Triton path) and with two real gloo processes."""
+reference, simulated in one process (torch path and Triton path) and with two real gloo processes; dominant
+labels (p_y -> 1) under a +1e3 logit offset over three shards against a float64 oracle written from the math."""
 import os
 
 import torch
@@ -64,12 +65,12 @@ def test_two_shards_match_unsharded(impl, bias):
     parts = [S.shard_partials(h, Ws, y, start, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
     valid = (y != IGNORE).cpu()
 
-    # Each shard's partials are reference.row_partials of its own columns (label_x: x[label] or 0).
+    # Each shard's partials are those of its own columns (label_x: x[label] or 0), from the definition.
     for (Ws, bs, start), p in zip(_shards(W, b), parts):
         x = R.linear_logits(h, Ws, bs, torch.float64) / 0.8
-        m, s, t = R.row_partials(x)
-        for got, ref in zip(p[:3], (m, s, t)):
-            assert _err(got[valid], ref.cpu()[valid]) < 1e-4 * (1 + ref.abs().max().item())
+        ref = _partials_from_definition(x.cpu(), y.cpu() - start)
+        for got, r in zip(p, ref):
+            assert _err(got[valid], r[valid]) < 1e-4 * (1 + r.abs().max().item())
         assert torch.isinf(p.m.cpu()[~valid]).all() and not p.s.cpu()[~valid].any()
 
     merged = S.merge_stacked_partials(S.stack_partials(parts))
@@ -81,7 +82,8 @@ def test_two_shards_match_unsharded(impl, bias):
     assert not logp.cpu()[~valid].any() and not H.cpu()[~valid].any()
 
     # Backward per shard with the GLOBAL lse / H: shard grads concatenate, grad_hidden shares sum.
-    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl, logp=logp)
+            for Ws, bs, start in _shards(W, b)]
     dh = sum(o[0] for o in outs)
     dW = torch.cat([o[1] for o in outs])
     ref_dh, ref_dW, ref_db = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 0.8, IGNORE)
@@ -93,6 +95,19 @@ def test_two_shards_match_unsharded(impl, bias):
         assert _err(db, ref_db) < 2e-5 * (1 + ref_db.abs().max().item())
     else:
         assert all(o[2] is None for o in outs)
+
+
+def _partials_from_definition(x, loc):
+    """(m, s, so, t, label_x) of float64 rows x [N, V_local] straight from their definitions; loc = label - start."""
+    V_local = x.shape[1]
+    m = x.max(1).values
+    e = torch.exp(x - m[:, None])
+    inside = (loc >= 0) & (loc < V_local)
+    is_label = torch.zeros_like(e, dtype=torch.bool)
+    is_label[inside, loc[inside]] = True
+    t = ((x - m[:, None]) * e).sum(1)
+    label_x = torch.where(inside, x.gather(1, loc.clamp(0, V_local - 1)[:, None])[:, 0], torch.zeros_like(m))
+    return m, e.sum(1), (e * ~is_label).sum(1), t, label_x
 
 
 def _same_dtype_torch(h, W, b, y, g, k, tau):
@@ -112,7 +127,8 @@ def test_two_shards_bf16(impl):
     opts = RowOptions(temperature=1.2)
     parts = [S.shard_partials(h, Ws, y, start, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
     logp, H, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), y, opts)
-    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
+    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl, logp=logp)
+            for Ws, bs, start in _shards(W, b)]
     dh = sum(o[0] for o in outs).to(torch.bfloat16)
     dW = torch.cat([o[1] for o in outs])
     db = torch.cat([o[2] for o in outs])
@@ -125,19 +141,100 @@ def test_two_shards_bf16(impl):
 
 
 def test_merge_order_and_empty_shards():
-    """merge_stacked_partials == folding reference.merge_partials; an empty (all -inf) shard is neutral."""
+    """Merging the partials of three column ranges (+ an empty, all -inf shard, which is neutral) gives the
+    partials of the whole row, and finalize gives its log-sum-exp, entropy and label log-prob."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 40, generator=gen, dtype=torch.float64)
-    pieces = [x[:, :10], x[:, 10:25], x[:, 25:]]
-    parts = [S.Partials(*R.row_partials(p), torch.zeros(5, dtype=torch.float64)) for p in pieces]
+    x = torch.randn(5, 40, generator=gen, dtype=torch.float64) * 3
+    y = torch.tensor([0, 12, 39, 24, 25])
+    cuts = [(0, 10), (10, 25), (25, 40)]
+    parts = [S.Partials(*_partials_from_definition(x[:, a:e], y - a)) for a, e in cuts]
     zero = torch.zeros(5, dtype=torch.float64)
-    empty = S.Partials(torch.full((5,), float("-inf"), dtype=torch.float64), zero, zero, zero)
+    empty = S.Partials(torch.full((5,), float("-inf"), dtype=torch.float64), zero, zero, zero, zero)
     merged = S.merge_stacked_partials(S.stack_partials(parts + [empty]))
-    m, s, t = R.row_partials(x)
-    assert torch.allclose(merged.m, m) and torch.allclose(merged.s, s) and torch.allclose(merged.t, t)
-    lse, H = R.finalize_partials(merged.m, merged.s, merged.t)
-    ref_logp, ref_H, ref_lse = R.entropy_logprob(x, torch.zeros(5, dtype=torch.long))
-    assert torch.allclose(lse, ref_lse) and torch.allclose(H, ref_H)
+    for got, ref in zip(merged, _partials_from_definition(x, y)):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
+    logp, H, lse = S.finalize(merged, y)
+    ref_lse = torch.logsumexp(x, 1)
+    p = torch.softmax(x, 1)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(H, -(p * torch.log(p)).sum(1), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(logp, x.gather(1, y[:, None])[:, 0] - ref_lse, atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# p(label) -> 1 under a large common logit offset, three shards, against a float64 oracle from the math
+# ----------------------------------------------------------------------------------------------
+def _offset_problem(dominant=True, offset=1e3, seed=3):
+    """All logits shifted by ``offset``; V = 301 (shards 100 + 100 + 101), distinct labels, D = 16. dominant:
+    each row's label leads the other logits by a margin (1 - p_y from ~1e-3 down to ~1e-15); else the logits
+    spread over a few units (H ~ log V) and the labels are arbitrary."""
+    gen = torch.Generator().manual_seed(seed)
+    Nd, Dd, Vd = 6, 16, 301
+    h = torch.randn(Nd, Dd, generator=gen) * 0.3
+    h[:, :Nd] = torch.eye(Nd)  # row i points along axis i (only) ...
+    W = torch.randn(Vd, Dd, generator=gen) / math.sqrt(Dd)
+    y = torch.tensor([3, 150, 299, 77, 201, 120])
+    margins = torch.tensor([12.0, 20.0, 40.0, 30.0, 16.0, 25.0]) if dominant else torch.zeros(Nd)
+    W[y, torch.arange(Nd)] += margins  # ... and its label's weight row along it: a lead of ~margin
+    b = offset + torch.randn(Vd, generator=gen) * (0.5 if dominant else 2.0)
+    g, k = torch.randn(Nd, generator=gen), torch.randn(Nd, generator=gen)
+    return h, W, b, y, g, k
+
+
+def _oracle(h, W, b, y, g, k, tau):
+    """float64 (logp, H, dz at the label column) from the definitions, in forms that stay accurate as p_y -> 1:
+    log p_j = (x_j - m) - log1p(sum_{j != argmax} e^{x_j - m}), H = -sum_j p_j log p_j (positive terms), and
+    1 - p_y = sum_{j != y} p_j."""
+    x = (h.double() @ W.double().t() + b.double()) / tau
+    m, a = x.max(1)
+    e = torch.exp(x - m[:, None])
+    e_other = e.scatter(1, a[:, None], 0.0)
+    logq = (x - m[:, None]) - torch.log1p(e_other.sum(1))[:, None]
+    p = torch.exp(logq)
+    H = -(p * logq).sum(1)
+    logp = logq.gather(1, y[:, None])[:, 0]
+    one_minus_py = p.scatter(1, y[:, None], 0.0).sum(1)
+    dz_y = (g.double() * one_minus_py - k.double() * torch.exp(logp) * (logp + H)) / tau
+    return logp, H, dz_y
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dominant", [True, False], ids=["p_y->1", "spread"])
+def test_offset_three_shards_match_unsharded_accuracy(impl, dominant):
+    """+1e3 on every logit, three shards: logp, H and the label column's gradient keep their relative accuracy
+    (also as p_y -> 1); errors within ~2x the unsharded fused op's (same impl) against the oracle."""
+    import hero_kernels as hk
+
+    tau = 0.9
+    h, W, b, y, g, k = (t.to(DEVICE) for t in _offset_problem(dominant))
+    ref_logp, ref_H, ref_dz = _oracle(h.cpu(), W.cpu(), b.cpu(), y.cpu(), g.cpu(), k.cpu(), tau)
+    if dominant:
+        assert ref_logp.abs().min() < 1e-14 and ref_H.min() < 1e-12  # the regime under test
+    opts = RowOptions(temperature=tau)
+    cuts = [(0, 100), (100, 200), (200, 301)]
+    parts = [S.shard_partials(h, W[a:e], y, a, b[a:e], opts, impl=impl) for a, e in cuts]
+    logp, H, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), y, opts)
+    bb = b.clone().requires_grad_(True)  # the unsharded op, same backend: its error is the yardstick
+    u_logp, u_H = hk.linear_entropy_logprob(h, W, y, bias=bb, temperature=tau, impl=impl)
+    # The label column's gradient dz_y of row i is the bias gradient at y_i when only row i has upstream
+    # gradients (any other row's dz there is ~e^-12 g, far above a dz_y of ~1e-15 g: one row at a time).
+    dz_y, u_dz_y = torch.zeros(len(y), dtype=torch.float64), torch.zeros(len(y), dtype=torch.float64)
+    for i in range(len(y)):
+        gi, ki = (torch.zeros_like(g).index_fill_(0, torch.tensor([i], device=g.device), 1.0) * v for v in (g, k))
+        db = torch.cat([S.shard_backward(h, W[a:e], y, a, lse, H, gi, ki, b[a:e], opts, impl=impl, logp=logp)[2]
+                        for a, e in cuts])
+        dz_y[i] = db[y[i]].double()
+        (gb,) = torch.autograd.grad((u_logp * gi + u_H * ki).sum(), bb, retain_graph=True)
+        u_dz_y[i] = gb[y[i]].double()
+
+    def rel(x, ref):
+        return ((x.double().cpu() - ref) / ref.abs()).abs().max().item()
+
+    for got, unsharded, ref in ((logp, u_logp, ref_logp), (H, u_H, ref_H), (dz_y, u_dz_y, ref_dz)):
+        err, yard = rel(got, ref), rel(unsharded, ref)
+        assert err <= 2 * yard + 1e-5, (err, yard)
+    for got, ref in ((logp, ref_logp), (H, ref_H), (dz_y, ref_dz)):
+        assert rel(got, ref) < 1e-3  # relative accuracy, not just absolute
 
 
 def test_bad_arguments():
@@ -165,7 +262,7 @@ def _gloo_worker(rank, world, init_file, out_dir):
         Ws, bs, start = _shards(W, b)[rank]
         opts = RowOptions(temperature=0.8)
         logp, H, lse = S.sharded_linear_entropy_logprob(h, Ws, y, start, bs, opts, impl="torch")
-        dh, dW, db = S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl="torch")
+        dh, dW, db = S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl="torch", logp=logp)
         S.all_reduce_grad_hidden(dh)
         torch.save({"vals": (logp, H, lse), "dh": dh, "dW": dW, "db": db}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
