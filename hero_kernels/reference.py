@@ -1,7 +1,13 @@
-"""The spec: plain PyTorch references for every op in hero_kernels (../shared/DESIGN.md section 1).
+"""The test oracle: plain float64 PyTorch versions of every op in hero_kernels (the math of docs/design.md).
 
-Everything here is written for clarity, not speed. Tests, benchmarks and the chunked CPU fallback
-(``impl="torch"``) import these functions; no other file re-derives the math.
+For tests and benchmarks ONLY. No production code path imports this module: the public ops, the backends
+(the chunked ``impl="torch"`` path has its own fp32 row math), ``hero_loss``, the sharded path and the
+integrations each carry their own implementation, so a slip in one of them shows up as a disagreement with
+this file instead of being copied into both sides. (The trainer's ``loss.path="reference"`` comparison mode,
+documented as tests-only, imports it lazily.) A test checks that importing hero_kernels and running every op
+on every CPU backend leaves ``hero_kernels.reference`` out of ``sys.modules``.
+
+Everything here is written for clarity, not speed (Python loops over responses, float64 throughout).
 
 Conventions shared by all backends
 ----------------------------------
@@ -106,7 +112,7 @@ def entropy_logprob_backward(
     H: Optional[Tensor] = None,
     vocab_start: int = 0,
 ) -> Tensor:
-    """Closed-form dL/dlogits (DESIGN.md): (1/tau) [g (1[j=y] - p) - k p (log p + H)].
+    """Closed-form dL/dlogits (docs/design.md): (1/tau) [g (1[j=y] - p) - k p (log p + H)].
 
     logits: [..., V]; labels, grad_logp (g), grad_entropy (k): [...]. None means zero.
     Returns [..., V] in ``dtype``; masked rows are 0. With the whole row at hand, the label column's
@@ -263,7 +269,7 @@ def grpo_token_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token loss_i = w_i pg_i + beta kl_i (DESIGN.md). All inputs [N].
+    """Per-token loss_i = w_i pg_i + beta kl_i (docs/design.md). All inputs [N].
 
     Returns (loss, pg, kl, ratio), each [N].
     """

@@ -625,3 +625,51 @@ def test_config_and_overrides():
     with pytest.raises(TypeError, match="config must be a HEROLossConfig"):
         hk.hero_loss(x, y, A, config={"kappa": 0.5})
     assert "weight temperature" in HEROLossConfig.doc("kappa")
+
+
+_NO_ORACLE_SCRIPT = r"""
+import importlib.util, os, sys
+import torch
+import hero_kernels as hk
+from hero_kernels import sharded
+from hero_kernels.dispatch import _cpp_ok
+from hero_kernels.options import RowOptions
+
+impls = ["torch"] + (["cpu"] if _cpp_ok("cpu") else []) + (["triton"] if importlib.util.find_spec("triton") else [])
+torch.manual_seed(0)
+B, T, V, D = 2, 3, 11, 8
+y = torch.randint(0, V, (B, T)); y[0, 2] = -100
+A, ref = torch.randn(B), torch.randn(B, T)
+for impl in impls:
+    x = torch.randn(B, T, V, requires_grad=True)
+    h, W = torch.randn(B, T, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    lp, H = hk.entropy_logprob(x, y, 0.9, impl=impl); (lp.sum() + H.sum()).backward()
+    lp, H = hk.linear_entropy_logprob(h, W, y, temperature=0.9, impl=impl); (lp.sum() + H.sum()).backward()
+    agg = hk.LOSS_AGGS[impls.index(impl) % 3]
+    loss, _ = hk.hero_loss(x, y, A, ref_logp=ref, beta=0.1, loss_agg=agg, impl=impl); loss.backward()
+    loss, _ = hk.HEROLoss(loss_agg=agg, impl=impl, weight_on="negative")(h, y, A, weight=W); loss.backward()
+    hk.loss_normalizer(y); hk.entropy_weights(H.detach(), y != -100, kappa=-0.5)
+    if impl in ("torch", "triton"):
+        opts = RowOptions(temperature=0.9)
+        hf, yf = h.detach().reshape(-1, D), y.reshape(-1)
+        parts = [sharded.shard_partials(hf, W.detach()[a:e], yf, a, None, opts, impl=impl) for a, e in ((0, 5), (5, V))]
+        lp, H, lse = sharded.finalize(sharded.merge_stacked_partials(sharded.stack_partials(parts)), yf, opts)
+        sharded.shard_backward(hf, W.detach()[:5], yf, 0, lse, H, torch.ones_like(lp), None, None, opts, impl=impl, logp=lp)
+print("impls", impls)
+assert "hero_kernels.reference" not in sys.modules, "production code imported the test oracle"
+"""
+
+
+def test_production_never_imports_the_reference():
+    """hero_kernels.reference is the tests' float64 oracle: importing hero_kernels and running every op (forward +
+    backward, the sharded path) on every CPU backend must not import it."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _NO_ORACLE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "'torch'" in r.stdout
