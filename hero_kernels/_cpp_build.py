@@ -2,9 +2,13 @@
 
 The extension registers ``torch.ops.hero_kernels_cpp.entropy_logprob_fwd`` / ``entropy_logprob_bwd`` with
 CPU (always), CUDA (when built with CUDA) and Meta kernels. It is compiled by
-``torch.utils.cpp_extension.load`` with ninja into a cached build directory:
-``$HERO_KERNELS_BUILD_DIR`` or ``~/.cache/hero_kernels``, one sub-directory per torch / python / variant,
-so later processes only re-link-check (ninja no-op, well under a second).
+``torch.utils.cpp_extension.load`` with ninja, once per distinct build, into a cache:
+``$HERO_KERNELS_BUILD_DIR`` or ``~/.cache/hero_kernels``, one sub-directory per KEY, a hash of the source
+contents, the build flags, the variant and the torch / python versions (never of the source's path, so every
+checkout or install with the same sources shares one build). A key whose library exists is loaded directly
+(no ninja, no compiler check); a missing one is built in a private temporary folder and published by an atomic
+rename, so concurrent processes never see a half-built library and never rebuild an existing key. While a
+build runs, one line says so on stderr.
 
 * CPU-only build (the CPU kernels, the bindings): whenever CUDA is not available.
 * CUDA build (adds ``entropy_logprob_cuda.cu``): only when ``torch.cuda.is_available()``, torch was built
@@ -41,6 +45,7 @@ __all__ = [
     "require_cpu",
     "require_cuda",
     "csrc_dir",
+    "cache_entry",
 ]
 
 _LOCK = threading.RLock()
@@ -51,6 +56,7 @@ _STATE = {
     "cuda_error": None,  # why the CUDA kernels are missing (str), when CUDA was wanted
     "seconds": None,  # wall time of the build/load call
     "path": None,  # the loaded shared library
+    "built": None,  # this process compiled it (False: loaded from the cache)
 }
 
 _CPU_SOURCES = ("entropy_logprob_cpu.cpp", "bindings.cpp")
@@ -72,14 +78,44 @@ def _build_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "hero_kernels"
 
 
-def _source_hash(src: Path) -> str:
-    h = hashlib.sha1()
+def _flags(with_cuda: bool) -> dict:
+    """Compiler / linker flags of one variant (part of the cache key)."""
+    cflags = ["-O3", "-fopenmp"] + (["-DHK_WITH_CUDA"] if with_cuda else [])
+    cuda_cflags = ["-O3", "-lineinfo", "-DHK_WITH_CUDA"] if with_cuda else []
+    return {"extra_cflags": cflags, "extra_cuda_cflags": cuda_cflags, "extra_ldflags": ["-fopenmp"]}
+
+
+def _cache_key(src: Path, with_cuda: bool) -> str:
+    """Hash of everything that makes one build differ from another: source contents (headers included), flags,
+    variant, torch / CUDA / python versions and the compiler / arch settings read from the environment."""
+    import torch
+
+    h = hashlib.sha256()
     for name in _ALL_FILES:
         p = src / name
         if p.is_file():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:12]
+            h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    env = {k: os.environ.get(k, "") for k in ("CXX", "CC", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME")} if with_cuda \
+        else {k: os.environ.get(k, "") for k in ("CXX", "CC")}
+    h.update(repr((with_cuda, _flags(with_cuda), torch.__version__, torch.version.cuda, sys.version_info[:2],
+                   sorted(env.items()))).encode())
+    return h.hexdigest()[:16]
+
+
+def _lib_ext() -> str:
+    return ".pyd" if sys.platform == "win32" else ".so"
+
+
+def _remove_stale_builds(root: Path) -> None:
+    """Temporary build folders of processes that no longer run (killed mid-build) are removed."""
+    for d in root.glob(".tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # raises if the process is gone
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
 
 
 def _ensure_ninja() -> None:
@@ -123,36 +159,58 @@ def _short(exc: BaseException, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[:1000] + "\n...\n" + text[-(limit - 1000):]
 
 
+def cache_entry(src: Path, with_cuda: bool) -> tuple:
+    """(folder, library path) of this build in the cache; the folder exists only once the build is complete."""
+    import torch
+
+    variant = "cuda" if with_cuda else "cpu"
+    tag = f"{variant}-torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
+    final = _build_root() / f"{tag}-{_cache_key(src, with_cuda)}"
+    return final, final / f"hero_kernels_cpp_{variant}{_lib_ext()}"
+
+
 def _build(with_cuda: bool, src: Path) -> str:
+    """Load the cached library of this (sources, flags, variant) key, building it first when it is missing.
+    Returns the library path."""
     import torch
     from torch.utils import cpp_extension
 
-    variant = "cuda" if with_cuda else "cpu"
-    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{variant}"
-    tag = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
-    bdir = _build_root() / tag
-    bdir.mkdir(parents=True, exist_ok=True)
-    # The source hash as a define: any edit (headers included) changes the command line, so ninja rebuilds.
-    src_hash = f"-DHK_SRC_HASH={_source_hash(src)}"
-    cflags = ["-O3", "-fopenmp", src_hash]
-    sources = [str(src / s) for s in _CPU_SOURCES]
-    cuda_cflags = []
-    if with_cuda:
-        cflags.append("-DHK_WITH_CUDA")
-        sources += [str(src / s) for s in _CUDA_SOURCES]
-        cuda_cflags = ["-O3", "-lineinfo", "-DHK_WITH_CUDA", src_hash]
-    return cpp_extension.load(
-        name=f"hero_kernels_cpp_{variant}",
-        sources=sources,
-        extra_cflags=cflags,
-        extra_cuda_cflags=cuda_cflags,
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(src)],
-        build_directory=str(bdir),
-        verbose=os.environ.get("HERO_KERNELS_VERBOSE_BUILD") == "1",
-        with_cuda=with_cuda,
-        is_python_module=False,
-    )
+    final, lib = cache_entry(src, with_cuda)
+    name = lib.name[: -len(_lib_ext())]
+    root = final.parent
+    if lib.is_file():  # published only after a complete build: never rebuilt, not even checked by ninja
+        torch.ops.load_library(str(lib))
+        _STATE["built"] = False
+        return str(lib)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    what = "CUDA" if with_cuda else "CPU"
+    print(f"building the hero_kernels {what} extension (first use, ~{'3' if with_cuda else '1'} min)...",
+          file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())],
+            extra_include_paths=[str(src)],
+            build_directory=str(tmp),
+            verbose=os.environ.get("HERO_KERNELS_VERBOSE_BUILD") == "1",
+            with_cuda=with_cuda,
+            is_python_module=False,
+            **_flags(with_cuda),
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _STATE["built"] = True
+    try:
+        os.rename(tmp, final)  # atomic publish (the loaded library stays mapped under its old name)
+    except OSError:  # another process published the same key first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(lib)
 
 
 def load():
@@ -231,7 +289,8 @@ def cuda_build_error() -> Optional[str]:
 
 
 def build_info() -> dict:
-    """Facts about the last load: seconds (build + load wall time), path, cuda, errors."""
+    """Facts about the last load: seconds (build + load wall time), path, built (compiled in this process,
+    False when loaded from the cache), cuda, errors."""
     return {k: v for k, v in _STATE.items() if k != "ops"}
 
 
