@@ -4,7 +4,7 @@
 // pointers, strides, sizes and the current stream, and tests compile this file alone with nvcc for
 // sm_80 / sm_90a to check registers and spills (hero_kernels.gpu_compile.nvcc_resource_usage).
 //
-// Memory traffic is the floor of DESIGN.md section 4: the forward reads each row once, the backward reads
+// Memory traffic is the floor of docs/design.md section 5: the forward reads each row once, the backward reads
 // it once and writes dlogits once (in place allowed). Per row:
 //  * the row is walked with 16-byte vector loads (8 bf16/fp16 or 4 fp32 per load), two loads in flight
 //    per thread; a scalar head reaches the first 16-byte boundary (any row stride works) and a scalar

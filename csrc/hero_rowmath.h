@@ -1,18 +1,18 @@
 // Per-row math shared by the CUDA kernels (entropy_logprob_cuda.cu) and the fused CPU backend
-// (entropy_logprob_cpu.cpp). The spec is hero_kernels/reference.py (DESIGN.md section 1); this header
-// only states it in a form that compiles under both nvcc and g++, so the CPU build exercises the same
-// formulas in CI that the GPU runs.
+// (entropy_logprob_cpu.cpp). The math is docs/design.md section 1 (tests hold it to the float64 oracle
+// hero_kernels/reference.py); this header only states it in a form that compiles under both nvcc and g++,
+// so the CPU build exercises the same formulas in CI that the GPU runs.
 //
 // Online partial over a set of columns (all x already divided by the temperature), stored as
 //   m = max x,  r = s - 1 = sum_{j != one argmax} e^{x_j - m},  u = sum (x-m) e^{x-m}
-// for the public (m, s, t) of DESIGN.md: s = sum e^{x-m} = 1 + r, t = sum x e^{x-m} = u + m*s.
+// i.e. s = sum e^{x-m} = 1 + r and the shifted t = u of docs/design.md section 1.4 (unshifted: u + m*s).
 // * r instead of s: with a dominant logit s = 1 + 1e-10 is exactly 1 in fp32, so log s, logp and H
 //   lose everything; r keeps the small mass and log1p(r) is accurate.
 // * u instead of t: H = log s - u/s never subtracts two numbers of size |m| (large common offsets).
 // An empty set (or a set of -inf columns) is (m=-inf, r=0, u=0) and merges as the identity, so masked or
 // padded vocabulary columns contribute nothing. A NaN logit propagates (no silent wrong numbers).
 //
-// Backward, per column j of a row with label y (DESIGN.md):
+// Backward, per column j of a row with label y (docs/design.md section 1.3):
 //   dz_j = inv_tau * [ g (1[j=y] - p_j) - k p_j (log p_j + H) ],  p_j = exp(x_j - lse)
 // When p_y > 1/2 the label column uses 1 - p_y = sum_{j != y} p_j and log p_y = log1p(-that): with
 // only an fp32 lse available, x_y - lse carries an absolute error of ulp(lse)/2, which would make

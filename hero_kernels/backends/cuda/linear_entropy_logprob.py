@@ -10,7 +10,7 @@ backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulation: cuBLAS with an fp32 output when
 torch offers ``out_dtype``, else an fp32 GEMM on upcast slices). With the forward GEMM that is the 4-GEMM
-floor of DESIGN.md section 4; peak extra memory is one [chunk, V] buffer plus the fp32 grad_weight.
+floor of docs/design.md section 5; peak extra memory is one [chunk, V] buffer plus the fp32 grad_weight.
 Masked rows are compacted away first (one host sync for the count). No autograd here.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton backend of ``entropy_logprob``: per-row log-prob of the label, entropy and log-sum-exp.
 
-Math: ../../../shared/DESIGN.md section 1 (spec in ``hero_kernels/reference.py``). With ``x = z / tau``:
+Math: docs/design.md section 1 (tests compare with the float64 oracle). With ``x = z / tau``:
 ``lse = log sum_j e^{x_j}``, ``logp = x_y - lse``, ``H = lse - sum_j p_j x_j``, and the backward
 ``dz_j = (1/tau) [g (1[j=y] - p_j) - k p_j (log p_j + H)]``.
 
