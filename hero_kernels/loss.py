@@ -101,16 +101,9 @@ def _structure(labels: Tensor, seq_ids: Optional[Tensor], ignore_index: int) -> 
     return segments_from_ids(seq_ids, extra_valid=labels.reshape(-1) != ignore_index), False
 
 
-def clipped_token_loss(
-    logp: Tensor,
-    advantages: Tensor,
-    old_logp: Optional[Tensor] = None,
-    ref_logp: Optional[Tensor] = None,
-    weights: Optional[Tensor] = None,
-    beta: Scalar = 0.0,
-    eps_low: Scalar = 0.2,
-    eps_high: Scalar = 0.2,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def clipped_token_loss(logp: Tensor, advantages: Tensor, *, old_logp: Optional[Tensor] = None,
+                       ref_logp: Optional[Tensor] = None, weights: Optional[Tensor] = None, beta: Scalar = 0.0,
+                       eps_low: Scalar = 0.2, eps_high: Scalar = 0.2) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token (loss, pg, kl, ratio), each shaped like ``logp`` (all inputs alike; None old_logp = logp.detach()).
 
     ratio = exp(logp - old), pg = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A), kl = the k3 estimator

@@ -151,10 +151,10 @@ class HEROGRPOConfig(GRPOConfig):
     def hero_loss_agg(self) -> str:
         return self.loss_agg if self.loss_agg is not None else LOSS_TYPE_TO_AGG[self.loss_type]
 
-    def hero_loss_config(self, beta: Optional[float] = None) -> HEROLossConfig:
+    def hero_loss_config(self, beta: Optional[float] = None, loss_agg: Optional[str] = None) -> HEROLossConfig:
         """The hero_kernels loss options these arguments set (``beta``: the adaptive controller's current value,
-        default ``self.beta``)."""
-        agg = self.hero_loss_agg
+        default ``self.beta``; ``loss_agg``: the trainer's, default ``hero_loss_agg``)."""
+        agg = loss_agg or self.hero_loss_agg
         return HEROLossConfig(
             beta=float(self.beta if beta is None else beta), eps_low=float(self.epsilon),
             eps_high=float(self.epsilon if self.epsilon_high is None else self.epsilon_high),
@@ -381,7 +381,7 @@ class HEROGRPOTrainer(GRPOTrainer):
             old_logp=inputs.get("old_per_token_logps"),
             ref_logp=inputs.get("ref_per_token_logps") if beta != 0.0 else None,
             normalizer=self._hero_normalizer(inputs, mask, mode),
-            config=self.args.hero_loss_config(beta),
+            config=self.args.hero_loss_config(beta, self.hero_loss_agg),
         )
         aux_loss = None
         if self.hero_lm_head_path == "fused":
