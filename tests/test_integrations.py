@@ -680,3 +680,78 @@ def test_loss_options_round_trip_verl():
             assert opts[name] == v, (path, v)
     with pytest.raises(ValueError, match="policy_loss.hero_kappa"):
         hv.HEROPolicyLossConfig(hero_kappa=0.0)
+
+
+def _verl_stand_in(monkeypatch):
+    """Just enough of verl 0.9.1 for hero.integrations.verl's import branch: its registry and a PolicyLossConfig
+    with the semantics of verl's BaseConfig (a read-only Mapping dataclass), so the verl branch of the one
+    HEROPolicyLossConfig declaration is tested in this venv, where verl itself does not install."""
+    import collections.abc
+    import types
+    from dataclasses import FrozenInstanceError, dataclass, field, fields
+
+    @dataclass
+    class BaseConfig(collections.abc.Mapping):
+        _mutable_fields = {"extra"}
+        extra: dict = field(default_factory=dict)
+
+        def __setattr__(self, name, value):
+            if name in self.__dict__ and name not in getattr(self, "_mutable_fields", set()):
+                raise FrozenInstanceError(f"Field '{name}' is frozen and cannot be modified")
+            super().__setattr__(name, value)
+
+        def get(self, key, default=None):
+            return getattr(self, key, default)
+
+        def __getitem__(self, key):
+            return getattr(self, key)
+
+        def __iter__(self):
+            return (f.name for f in fields(self))
+
+        def __len__(self):
+            return len(fields(self))
+
+    @dataclass
+    class PolicyLossConfig(BaseConfig):
+        loss_mode: str = "vanilla"
+        clip_cov_ratio: float = 0.0002
+
+    registry = {}
+    mods = {name: types.ModuleType(name) for name in ("verl", "verl.trainer", "verl.trainer.ppo",
+                                                       "verl.trainer.ppo.core_algos", "verl.workers",
+                                                       "verl.workers.config")}
+    mods["verl.trainer.ppo.core_algos"].register_policy_loss = lambda name: (lambda fn: registry.setdefault(name, fn))
+    mods["verl.workers.config"].PolicyLossConfig = PolicyLossConfig
+    mods["verl.trainer.ppo"].core_algos = mods["verl.trainer.ppo.core_algos"]
+    mods["verl.workers"].config = mods["verl.workers.config"]
+    for name, m in mods.items():
+        monkeypatch.setitem(sys.modules, name, m)
+    return PolicyLossConfig, registry
+
+
+def test_verl_config_declared_once_on_verls_base(monkeypatch):
+    """With verl importable, the same single HEROPolicyLossConfig declaration sits on verl's PolicyLossConfig:
+    a read-only Mapping with verl's fields and ours, registered as loss_mode=hero, carrying every value."""
+    import dataclasses
+    import importlib.util
+
+    base, registry = _verl_stand_in(monkeypatch)
+    spec = importlib.util.spec_from_file_location("_hero_verl_with_verl", hv.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    assert mod.VERL_AVAILABLE and issubclass(mod.HEROPolicyLossConfig, base)
+    assert registry["hero"] is mod.compute_policy_loss_hero
+    c = mod.HEROPolicyLossConfig(hero_kappa=-0.5)
+    assert dict(c)["hero_kappa"] == -0.5 and c["loss_mode"] == "hero" and c.clip_cov_ratio == 0.0002
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.hero_kappa = 2.0
+    values = _accepted_values()
+    for name, path in mod.LOSS_OPTION_NAMES.items():
+        if path.startswith("policy_loss."):
+            for v in values[name]:
+                cfg = {"policy_loss": mod.HEROPolicyLossConfig(**{path.split(".", 1)[1]: v})}
+                assert mod.hero_options(cfg)[0][name] == v
+    with pytest.raises(ValueError, match="policy_loss.hero_weight_on"):
+        mod.HEROPolicyLossConfig(hero_weight_on="positive")
