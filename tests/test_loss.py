@@ -607,6 +607,16 @@ def test_tensor_option_device_assert_under_compile():
     assert float(g(torch.tensor(-0.5))) == -1.0
     with pytest.raises(RuntimeError, match="kappa must be finite and non-zero"):
         g(torch.tensor(0.0))
+    # a module holding a config, with a per-call tensor beta, traces without a graph break
+    x, y = _batch(B=2, T=3, V=7, ignore=False)
+    A, (_, ref) = torch.randn(2), _old_ref(x, y)
+    mod = HEROLoss(kappa=torch.tensor(-0.5), impl="torch", float_metrics=False)
+
+    def step(x, beta):
+        return mod(x, y, A, ref_logp=ref, beta=beta)[0]
+
+    torch._dynamo.reset()
+    _close(torch.compile(step, fullgraph=True, backend="eager")(x, torch.tensor(0.1)), step(x, torch.tensor(0.1)))
 
 
 def test_config_and_overrides():
