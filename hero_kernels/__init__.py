@@ -8,6 +8,7 @@ Importing is cheap: no device probing, no compilation; backends load on first us
 """
 from .config import checks, get_checks, set_checks
 from .entropy_logprob import entropy_logprob
+from .grad_sketch import grad_sketch, linear_grad_sketch
 from .linear_entropy_logprob import linear_entropy_logprob
 from .loss import HEROLoss, hero_loss, loss_normalizer, metrics_to_floats
 from .options import IMPLS, LOSS_AGGS, WEIGHT_ON, HEROLossConfig, RowOptions
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "entropy_logprob",
     "linear_entropy_logprob",
+    "grad_sketch",
+    "linear_grad_sketch",
     "hero_loss",
     "HEROLoss",
     "HEROLossConfig",
