@@ -115,7 +115,8 @@ def linear_grad_sketch(hidden: Tensor, weight: Tensor, labels: Tensor, proj: Ten
 
 
 def _empty_out(n: int, k: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    return like.new_zeros((n, k), dtype=torch.float32), like.new_zeros(n, dtype=torch.float32)
+    """(a [n, k], stats [n, 2]): the sketch and the per-row softmax statistics (m, log s) the backward reuses."""
+    return like.new_zeros((n, k), dtype=torch.float32), like.new_zeros((n, 2), dtype=torch.float32)
 
 
 def _grad_f32(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -139,35 +140,35 @@ def _fwd(logits: Tensor, labels: Tensor, proj: Tensor, temperature: float, ignor
 @_fwd.register_fake
 def _(logits, labels, proj, temperature, ignore_index, impl):
     n = labels.numel()
-    return logits.new_empty((n, proj.shape[0]), dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    return logits.new_empty((n, proj.shape[0]), dtype=torch.float32), logits.new_empty((n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("hero_kernels::grad_sketch_backward", mutates_args=())
-def _bwd(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, lse: Tensor, grad_a: Tensor, temperature: float,
+def _bwd(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, temperature: float,
          ignore_index: int, impl: str) -> Tensor:
     if labels.numel() == 0:
         return torch.zeros_like(logits)
     with device_guard(logits):
-        return backend_module(impl, "grad_sketch").backward(logits, labels, proj, a, lse, grad_a,
+        return backend_module(impl, "grad_sketch").backward(logits, labels, proj, a, stats, grad_a,
                                                             RowOptions(temperature, ignore_index))
 
 
 @_bwd.register_fake
-def _(logits, labels, proj, a, lse, grad_a, temperature, ignore_index, impl):
+def _(logits, labels, proj, a, stats, grad_a, temperature, ignore_index, impl):
     return torch.empty_like(logits)
 
 
 def _setup(ctx, inputs, output):
     logits, labels, proj, temperature, ignore_index, impl = inputs
-    a, lse = output
-    ctx.save_for_backward(logits, labels, proj, a, lse)
+    a, stats = output
+    ctx.save_for_backward(logits, labels, proj, a, stats)
     ctx.args = (temperature, ignore_index, impl)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, grad_a, _grad_lse):
-    logits, labels, proj, a, lse = ctx.saved_tensors
-    dz = torch.ops.hero_kernels.grad_sketch_backward(logits, labels, proj, a, lse, _grad_f32(grad_a, a), *ctx.args)
+def _backward(ctx, grad_a, _grad_stats):
+    logits, labels, proj, a, stats = ctx.saved_tensors
+    dz = torch.ops.hero_kernels.grad_sketch_backward(logits, labels, proj, a, stats, _grad_f32(grad_a, a), *ctx.args)
     return dz, None, None, None, None, None
 
 
@@ -192,12 +193,12 @@ def _lfwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor
 @_lfwd.register_fake
 def _(hidden, weight, bias, labels, proj, temperature, ignore_index, impl):
     n = labels.numel()
-    return hidden.new_empty((n, proj.shape[0]), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return hidden.new_empty((n, proj.shape[0]), dtype=torch.float32), hidden.new_empty((n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("hero_kernels::linear_grad_sketch_backward", mutates_args=())
 def _lbwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, proj: Tensor, a: Tensor,
-          lse: Tensor, grad_a: Tensor, temperature: float, ignore_index: int, impl: str, need_dh: bool,
+          stats: Tensor, grad_a: Tensor, temperature: float, ignore_index: int, impl: str, need_dh: bool,
           need_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_hidden, grad_weight, grad_bias); a gradient that is not computed is an empty [0] tensor (a custom op
     cannot return None): grad_hidden without ``need_dh``, grad_weight / grad_bias without ``need_dw``, grad_bias
@@ -206,7 +207,7 @@ def _lbwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor
     if labels.numel() and (need_dh or need_dw):
         with device_guard(hidden):
             dh, dW, db = backend_module(impl, "linear_grad_sketch").backward(
-                hidden, weight, bias, labels, proj, a, lse, grad_a, RowOptions(temperature, ignore_index),
+                hidden, weight, bias, labels, proj, a, stats, grad_a, RowOptions(temperature, ignore_index),
                 need_dh=need_dh, need_dw=need_dw)
     elif labels.numel() == 0:
         dh = torch.zeros_like(hidden) if need_dh else None
@@ -217,7 +218,7 @@ def _lbwd(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor
 
 
 @_lbwd.register_fake
-def _(hidden, weight, bias, labels, proj, a, lse, grad_a, temperature, ignore_index, impl, need_dh, need_dw):
+def _(hidden, weight, bias, labels, proj, a, stats, grad_a, temperature, ignore_index, impl, need_dh, need_dw):
     dh = torch.empty_like(hidden) if need_dh else hidden.new_empty(0)
     dW = torch.empty_like(weight) if need_dw else weight.new_empty(0)
     db = torch.empty_like(bias) if (bias is not None and need_dw) else weight.new_empty(0)
@@ -226,18 +227,18 @@ def _(hidden, weight, bias, labels, proj, a, lse, grad_a, temperature, ignore_in
 
 def _lsetup(ctx, inputs, output):
     hidden, weight, bias, labels, proj, temperature, ignore_index, impl = inputs
-    a, lse = output
-    ctx.save_for_backward(hidden, weight, bias, labels, proj, a, lse)
+    a, stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, proj, a, stats)
     ctx.args = (temperature, ignore_index, impl)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _lbackward(ctx, grad_a, _grad_lse):
-    hidden, weight, bias, labels, proj, a, lse = ctx.saved_tensors
+def _lbackward(ctx, grad_a, _grad_stats):
+    hidden, weight, bias, labels, proj, a, stats = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = bool(need_b and bias is not None)
     dh, dW, db = torch.ops.hero_kernels.linear_grad_sketch_backward(
-        hidden, weight, bias, labels, proj, a, lse, _grad_f32(grad_a, a), *ctx.args, bool(need_h),
+        hidden, weight, bias, labels, proj, a, stats, _grad_f32(grad_a, a), *ctx.args, bool(need_h),
         bool(need_w or need_b))
     return (dh if need_h else None, dW if need_w else None, db if need_b else None, None, None, None, None, None)
 

@@ -1,7 +1,7 @@
 """Gradient sketch, chunked PyTorch path (``impl="torch"``; also what ``impl="cpu"`` runs).
 
-forward(logits [N, V], labels [N] int64, proj [k, V], opts) -> (a [N, k] fp32, lse [N] fp32)
-backward(logits, labels, proj, a, lse, grad_a [N, k], opts, out=None) -> dlogits [N, V] in out's dtype
+forward(logits [N, V], labels [N] int64, proj [k, V], opts) -> (a [N, k] fp32, stats [N, 2] fp32 = (max x, log s))
+backward(logits, labels, proj, a, stats, grad_a [N, k], opts, out=None) -> dlogits [N, V] in out's dtype
 (logits.dtype when out is None; ``out`` may be ``logits`` itself)
 
 With x = z / tau and p = softmax(x): a = (1/tau) (proj[:, y] - proj p), the projection of d log p_y / dz.
@@ -38,31 +38,35 @@ def _chunks(idx: Tensor, V: int):
 
 
 def _softmax(z: Tensor, inv_t: float, cd: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(p, lse) of rows z [C, V] at temperature 1 / inv_t, in ``cd``."""
+    """(p, stats) of rows z [C, V] at temperature 1 / inv_t, in ``cd``: stats [C, 2] = (m, log s), x = z * inv_t,
+    m = max x, s = sum e^{x - m}. p = e^{x - m} / s (not e^{x - lse}: lse's rounding at large logits would put a
+    relative error of ulp(lse) on every p)."""
     x = z.to(cd) * inv_t
-    lse = torch.logsumexp(x, dim=-1)
-    return torch.exp(x - lse.unsqueeze(-1)), lse
+    m = x.max(dim=-1, keepdim=True).values
+    e = torch.exp(x - m)
+    s = e.sum(-1, keepdim=True)
+    return e / s, torch.cat([m, torch.log(s)], dim=-1)
 
 
 def forward(logits: Tensor, labels: Tensor, proj: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor]:
     N, V = logits.shape
     k = proj.shape[0]
     a = torch.zeros((N, k), dtype=torch.float32, device=logits.device)
-    lse = torch.zeros(N, dtype=torch.float32, device=logits.device)
+    stats = torch.zeros((N, 2), dtype=torch.float32, device=logits.device)
     cd = compute_dtype(logits.dtype)
     P = proj.to(cd)
     inv_t = opts.inv_temperature
     for rows in _chunks(torch.nonzero(labels != opts.ignore_index).flatten(), V):
-        p, l = _softmax(logits.index_select(0, rows), inv_t, cd)
+        p, st = _softmax(logits.index_select(0, rows), inv_t, cd)
         sk = (P.index_select(1, labels.index_select(0, rows)).t() - p @ P.t()) * inv_t
         a.index_copy_(0, rows, sk.to(torch.float32))
-        lse.index_copy_(0, rows, l.to(torch.float32))
-    return a, lse
+        stats.index_copy_(0, rows, st.to(torch.float32))
+    return a, stats
 
 
-def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, lse: Tensor, grad_a: Tensor, opts: RowOptions,
+def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
              out: Optional[Tensor] = None) -> Tensor:
-    """The saved (a, lse) are not needed: each chunk holds whole rows and recomputes p in the compute dtype."""
+    """The saved (a, stats) are not needed: each chunk holds whole rows and recomputes p in the compute dtype."""
     N, V = logits.shape
     if out is None:
         out = torch.empty_like(logits)

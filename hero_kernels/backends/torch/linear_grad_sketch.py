@@ -2,8 +2,8 @@
 same loop with their own row kernels).
 
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64, proj [k, V], opts)
-    -> (a [N, k] fp32, lse [N] fp32)
-backward(hidden, weight, bias, labels, proj, a, lse, grad_a [N, k] fp32, opts, need_dh=True, need_dw=True)
+    -> (a [N, k] fp32, stats [N, 2] fp32: the row op's saved statistics)
+backward(hidden, weight, bias, labels, proj, a, stats, grad_a [N, k] fp32, opts, need_dh=True, need_dw=True)
     -> (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None)
 
 Masked rows are dropped before any GEMM. Per chunk of C valid rows: logits = h @ W^T (+ b) in the input
@@ -41,22 +41,22 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dtype) 
 
 def chunked_forward(rows: ModuleType, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                     proj: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor]:
-    """The chunk loop, with ``rows`` (a backend's grad_sketch module) turning each logits tile into (a, lse)."""
+    """The chunk loop, with ``rows`` (a backend's grad_sketch module) turning each logits tile into (a, stats)."""
     N, V, k = hidden.shape[0], weight.shape[0], proj.shape[0]
     cd = rows_torch.compute_dtype(hidden.dtype)
     a = torch.zeros((N, k), dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    stats = torch.zeros((N, 2), dtype=torch.float32, device=hidden.device)
     P = proj.to(cd)
     for idx in _chunks(labels, opts.ignore_index, V):
         z = _logits(hidden.index_select(0, idx), weight, bias, cd)
         ai, li = rows.forward(z, labels.index_select(0, idx), P, opts)
         a.index_copy_(0, idx, ai)
-        lse.index_copy_(0, idx, li)
-    return a, lse
+        stats.index_copy_(0, idx, li)
+    return a, stats
 
 
 def chunked_backward(rows: ModuleType, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                     proj: Tensor, a: Tensor, lse: Tensor, grad_a: Tensor, opts: RowOptions, need_dh: bool = True,
+                     proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions, need_dh: bool = True,
                      need_dw: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Recompute each chunk's logits, dz from ``rows.backward`` (compute dtype), then dh = dz @ W and
     dW += dz^T h, db += sum dz (accumulated in the compute dtype)."""
@@ -72,7 +72,7 @@ def chunked_backward(rows: ModuleType, hidden: Tensor, weight: Tensor, bias: Opt
         for idx in _chunks(labels, opts.ignore_index, V):
             h = hidden.index_select(0, idx)
             z = _logits(h, weight, bias, cd)
-            dz = rows.backward(z, labels.index_select(0, idx), P, a.index_select(0, idx), lse.index_select(0, idx),
+            dz = rows.backward(z, labels.index_select(0, idx), P, a.index_select(0, idx), stats.index_select(0, idx),
                                grad_a.index_select(0, idx), opts, out=z)  # dlogits overwrite the tile in place
             if dh is not None:
                 dh.index_copy_(0, idx, (dz.to(weight.dtype) @ weight).to(hidden.dtype))
@@ -87,5 +87,5 @@ def forward(hidden, weight, bias, labels, proj, opts):
     return chunked_forward(rows_torch, hidden, weight, bias, labels, proj, opts)
 
 
-def backward(hidden, weight, bias, labels, proj, a, lse, grad_a, opts, need_dh=True, need_dw=True):
-    return chunked_backward(rows_torch, hidden, weight, bias, labels, proj, a, lse, grad_a, opts, need_dh, need_dw)
+def backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh=True, need_dw=True):
+    return chunked_backward(rows_torch, hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw)

@@ -1,19 +1,22 @@
 """Triton backend of ``grad_sketch``: a = (1/tau) (proj[:, y] - proj p) per row, one pass over the vocabulary.
 
 Shapes: logits [N, V] (bf16 / fp16 / fp32, last-dim stride 1, any row stride), labels [N] int64, proj [k, V]
-(fp32 or the logits dtype; anything else is cast to fp32 by the launcher). Outputs a [N, k] fp32, lse [N] fp32.
+(fp32 or the logits dtype; anything else is cast to fp32 by the launcher). Outputs a [N, k] fp32 and the row
+statistics stats [N, 2] fp32 = (m, log s): the max of x = z / tau and log sum e^{x - m}, saved for the backward.
 
 Forward ``_fwd_kernel``, grid (row blocks of the VALID rows, k blocks): the launcher compacts the valid row ids
 (masked rows cost nothing and stay 0) and the kernel gathers its BLOCK_N rows through them. It streams the
 vocabulary in [BLOCK_N, BLOCK_V] tiles keeping, per row, the running max m, s = sum e^{x - m} and the k-vector
 u = sum_j proj[:, j] e^{x_j - m}: a new max rescales s and u by e^{m_old - m_new} (flash-attention style), and
 the tile's contribution to u is one ``tl.dot`` of e [BLOCK_N, BLOCK_V] with proj^T [BLOCK_V, BLOCK_K]. p is
-never stored. At the end proj p = u / s and lse = m + log s. One exp per logit; the running max starts at
+never stored. At the end proj p = u / s. One exp per logit; the running max starts at
 -FLT_MAX (finite) so -inf logits and padded lanes give e = 0, never NaN. k > BLOCK_K: each k block re-reads
 the row's logits (the softmax state is recomputed, so no cross-program reduction is needed).
 
 Backward ``_bwd_kernel``, grid (valid row blocks, vocab blocks): dz = -(p / tau^2) (w - c) with
-w = v @ proj over the k dimension (``tl.dot`` over k tiles) and p = exp(x / tau - lse) from the saved lse.
+w = v @ proj over the k dimension (``tl.dot`` over k tiles) and p = exp((x - m) - log s) from the saved stats:
+(m, log s) rather than lse = m + log s, whose fp32 rounding (ulp(1e4) ~ 1e-3) would put a relative error of
+that size on every p of a row with large logits, while x - m is exact.
 c = (proj p) . v is a per-row scalar the launcher computes from the forward output:
 proj p = proj[:, y] - tau a, so c = v . proj[:, y] - tau (v . a) ([N, k] work, no vocabulary pass). Every tile
 is independent (no loop-carried state), and each element is loaded and stored by the same program, so the
@@ -61,7 +64,7 @@ def _fwd_kernel(
     labels_ptr,  # [N] int64
     proj_ptr,  # [k, V], last-dim stride 1
     a_ptr,  # [N, k] fp32 out (pre-zeroed: masked rows stay 0)
-    lse_ptr,  # [N] fp32 out
+    stats_ptr,  # [N, 2] fp32 out: (m, log s)
     n_rows,
     V,
     K,
@@ -82,7 +85,7 @@ def _fwd_kernel(
     kmask = ks < K
     inv_t = tl.cast(inv_temp, tl.float32)
     base = logits_ptr + rows[:, None] * stride_row
-    pbase = proj_ptr + ks[None, :].to(tl.int64) * stride_pk
+    pbase = proj_ptr + ks[:, None].to(tl.int64) * stride_pk  # [BLOCK_K, 1]
 
     m = tl.full([BLOCK_N], -_FLT_MAX, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
@@ -95,17 +98,21 @@ def _fwd_kernel(
         m_new = tl.maximum(m, tl.max(x, axis=1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new[:, None])
-        pt = tl.load(pbase + cols[:, None], mask=cmask[:, None] & kmask[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
+        # proj tile loaded [BLOCK_K, BLOCK_V] (contiguous along V: vector loads), transposed for the dot
+        pk = tl.load(pbase + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         s = s * alpha + tl.sum(e, axis=1)
-        u = u * alpha[:, None] + _dot(e, pt, IEEE, UPCAST)
+        u = u * alpha[:, None] + _dot(e, tl.trans(pk), IEEE, UPCAST)
         m = m_new
 
     labels = tl.load(labels_ptr + rows, mask=nmask, other=0)
-    p_y = tl.load(pbase + labels[:, None], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    p_y = tl.load(proj_ptr + ks[None, :].to(tl.int64) * stride_pk + labels[:, None],
+                  mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
     a = (p_y - u / s[:, None]) * inv_t
     omask = nmask[:, None] & kmask[None, :]
     tl.store(a_ptr + rows[:, None] * stride_a + ks[None, :], a, mask=omask)
-    tl.store(lse_ptr + rows, m + tl.log(s), mask=nmask & (tl.program_id(1) == 0))
+    first = nmask & (tl.program_id(1) == 0)
+    tl.store(stats_ptr + 2 * rows, m, mask=first)
+    tl.store(stats_ptr + 2 * rows + 1, tl.log(s), mask=first)
 
 
 @triton.jit(do_not_specialize=["inv_temp"])
@@ -114,7 +121,7 @@ def _bwd_kernel(
     out_ptr,  # [N, V] dlogits (may alias logits), last-dim stride 1
     rows_ptr,  # [n] int64 valid row ids
     proj_ptr,  # [k, V]
-    lse_ptr,  # [N] fp32
+    stats_ptr,  # [N, 2] fp32 (m, log s) from the forward
     v_ptr,  # [n, k] fp32 upstream grads of the valid rows (compacted, contiguous)
     c_ptr,  # [n] fp32 (proj p) . v of the valid rows
     n_rows,
@@ -146,10 +153,11 @@ def _bwd_kernel(
                      mask=kmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_K, BLOCK_V]
         w += _dot(v, pk, IEEE, UPCAST)
     c = tl.load(c_ptr + offs_n, mask=nmask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=nmask, other=0.0)
+    m = tl.load(stats_ptr + 2 * rows, mask=nmask, other=0.0)
+    log_s = tl.load(stats_ptr + 2 * rows + 1, mask=nmask, other=0.0)
     mask = nmask[:, None] & cmask[None, :]
     x = tl.load(logits_ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=float("-inf"))
-    p = tl.exp(x.to(tl.float32) * inv_t - lse[:, None])
+    p = tl.exp((x.to(tl.float32) * inv_t - m[:, None]) - log_s[:, None])
     dz = -(p * (inv_t * inv_t)) * (w - c[:, None])
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], dz.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -167,9 +175,10 @@ class SketchTile:
     num_stages: int = 2
 
 
-TILES = {"fwd": SketchTile(32, 64), "bwd": SketchTile(32, 64)}
-#: k tile sizes; k above the largest is split over the grid (forward) or looped (backward)
-BLOCK_KS = (32, 64, 128)
+TILES = {"fwd": SketchTile(16, 64), "bwd": SketchTile(16, 64)}
+#: k tile sizes; k above the largest is split over the grid (forward: each k block re-reads the logits) or
+#: looped (backward). 16 x 64 tiles keep every build under the register limit without spills.
+BLOCK_KS = (32, 64)
 
 
 def block_k(k: int) -> int:
@@ -190,10 +199,10 @@ def _kernel_configs() -> List[tuple]:
             for bk in BLOCK_KS:
                 ieee = pdt == "fp32"
                 fwd = {"logits_ptr": f"*{dt}", "rows_ptr": "*i64", "labels_ptr": "*i64", "proj_ptr": f"*{pdt}",
-                       "a_ptr": "*fp32", "lse_ptr": "*fp32", "n_rows": "i32", "V": "i32", "K": "i32",
+                       "a_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32", "V": "i32", "K": "i32",
                        "stride_row": "i32", "stride_pk": "i32", "stride_a": "i32", "inv_temp": "fp32"}
                 bwd = {"logits_ptr": f"*{dt}", "out_ptr": f"*{dt}", "rows_ptr": "*i64", "proj_ptr": f"*{pdt}",
-                       "lse_ptr": "*fp32", "v_ptr": "*fp32", "c_ptr": "*fp32", "n_rows": "i32", "V": "i32",
+                       "stats_ptr": "*fp32", "v_ptr": "*fp32", "c_ptr": "*fp32", "n_rows": "i32", "V": "i32",
                        "K": "i32", "stride_row": "i32", "stride_out": "i32", "stride_pk": "i32", "inv_temp": "fp32"}
                 for name, fn, sig in (("fwd", _fwd_kernel, fwd), ("bwd", _bwd_kernel, bwd)):
                     t = TILES[name]
@@ -230,25 +239,26 @@ def _prepare(logits: Tensor, labels: Tensor, proj: Tensor, ignore_index: int) ->
 
 
 def forward(logits: Tensor, labels: Tensor, proj: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor]:
+    """(a [N, k] fp32, stats [N, 2] fp32); masked rows 0."""
     N, V = logits.shape
     K = proj.shape[0]
     proj, rows = _prepare(logits, labels, proj, opts.ignore_index)
     a = torch.zeros((N, K), dtype=torch.float32, device=logits.device)
-    lse = torch.zeros(N, dtype=torch.float32, device=logits.device)
+    stats = torch.zeros((N, 2), dtype=torch.float32, device=logits.device)
     n = rows.numel()
     if n == 0:
-        return a, lse
+        return a, stats
     t, bk = TILES["fwd"], block_k(K)
     grid = (triton.cdiv(n, t.block_n), triton.cdiv(K, bk))
     _fwd_kernel[grid](
-        logits, rows, labels.contiguous(), proj, a, lse, n, V, K, logits.stride(0), proj.stride(0), a.stride(0),
+        logits, rows, labels.contiguous(), proj, a, stats, n, V, K, logits.stride(0), proj.stride(0), a.stride(0),
         float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=bk,
         IEEE=proj.dtype == torch.float32, UPCAST=_upcast(proj), num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return a, lse
+    return a, stats
 
 
-def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, lse: Tensor, grad_a: Tensor, opts: RowOptions,
+def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
              out: Optional[Tensor] = None) -> Tensor:
     """dlogits [N, V] in logits.dtype (into ``out`` when given, which may be ``logits`` itself)."""
     N, V = logits.shape
@@ -270,7 +280,7 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, lse: Tenso
     t, bk = TILES["bwd"], block_k(K)
     grid = (triton.cdiv(n, t.block_n), triton.cdiv(V, t.block_v))
     _bwd_kernel[grid](
-        logits, out, rows, proj, lse, v, c, n, V, K, logits.stride(0), out.stride(0), proj.stride(0),
+        logits, out, rows, proj, stats, v, c, n, V, K, logits.stride(0), out.stride(0), proj.stride(0),
         float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=bk,
         IEEE=proj.dtype == torch.float32, UPCAST=_upcast(proj), num_warps=t.num_warps, num_stages=t.num_stages,
     )

@@ -14,5 +14,5 @@ def forward(hidden, weight, bias, labels, proj, opts):
     return chunked_forward(rows, hidden, weight, bias, labels, proj, opts)
 
 
-def backward(hidden, weight, bias, labels, proj, a, lse, grad_a, opts, need_dh=True, need_dw=True):
-    return chunked_backward(rows, hidden, weight, bias, labels, proj, a, lse, grad_a, opts, need_dh, need_dw)
+def backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh=True, need_dw=True):
+    return chunked_backward(rows, hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw)

@@ -1,0 +1,309 @@
+"""grad_sketch / linear_grad_sketch against a float64 oracle written here, on every backend that runs on this machine
+(Triton through the interpreter on CPU), with awkward inputs: odd V and k, -inf vocabulary columns, masked rows,
+temperature, huge logit offsets, a dominant label, non-contiguous views, random upstream gradients.
+
+Acceptance: error vs float64 <= 2 x the error of the same computation done by PyTorch in the input dtype, plus a
+small floor (outputs are fp32 for every input dtype, so the fp32 floor applies to bf16 inputs too).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hero_kernels as hk
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ["torch", "cpu", "triton"]
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # discarded tl.where branches (interpreter)
+
+
+# ----------------------------------------------------------------------------------------------
+# the oracle
+# ----------------------------------------------------------------------------------------------
+def oracle(z, y, P, tau=1.0, ignore_index=-100, dtype=torch.float64):
+    """a [N, k] = (1/tau)(P[:, y] - P softmax(z/tau)) in ``dtype``, masked rows 0; differentiable (autograd)."""
+    valid = y != ignore_index
+    x = z.to(dtype) / tau
+    p = torch.softmax(x, dim=-1)
+    Pd = P.to(dtype)
+    a = (Pd[:, torch.where(valid, y, 0)].t() - p @ Pd.t()) / tau
+    return torch.where(valid[:, None], a, torch.zeros_like(a))
+
+
+def oracle_grad(z, y, P, v, tau=1.0, ignore_index=-100):
+    """Closed form dz_l = -(p_l / tau^2)(P[:, l] . v - (P p) . v), float64, masked rows 0."""
+    x = z.double() / tau
+    p = torch.softmax(x, dim=-1)
+    w = v.double() @ P.double()
+    dz = -(p / tau**2) * (w - (p * w).sum(-1, keepdim=True))
+    return torch.where((y != ignore_index)[:, None], dz, torch.zeros_like(dz))
+
+
+def _case(N=13, V=301, k=37, dtype=torch.float32, n_masked=3, neg_inf_cols=(0, 7, 300), scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, V, generator=g) * scale
+    z[:, list(neg_inf_cols)] = float("-inf")
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.isin(y, torch.tensor(neg_inf_cols))] = 1  # a -inf label would have p_y = 0 (log p = -inf)
+    y[torch.randperm(N, generator=g)[:n_masked]] = -100
+    P = torch.randn(k, V, generator=g) / k**0.5
+    v = torch.randn(N, k, generator=g)
+    return z.to(dtype), y, P, v
+
+
+def _bound(ours, exact, same_dtype, floor):
+    err = (ours.double() - exact).abs().max().item()
+    ref = (same_dtype.double() - exact).abs().max().item()
+    assert err <= 2 * ref + floor, f"error {err:.3g} > 2 x same-dtype PyTorch error {ref:.3g} + {floor:g}"
+
+
+def _run(z, y, P, v, impl, **kw):
+    zz = z.detach().clone().requires_grad_(True)
+    a = hk.grad_sketch(zz, y, P, impl=impl, **kw)
+    (a * v).sum().backward()
+    return a, zz.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# the math
+# ----------------------------------------------------------------------------------------------
+def test_closed_form_backward_matches_float64_autograd():
+    """dz_l = -(p_l/tau^2)(P[:, l].v - (P p).v): no label term (P[:, y] does not depend on z)."""
+    z, y, P, v = _case(dtype=torch.float64, neg_inf_cols=())
+    z.requires_grad_(True)
+    (oracle(z, y, P, 0.6) * v.double()).sum().backward()
+    torch.testing.assert_close(z.grad, oracle_grad(z.detach(), y, P, v, 0.6), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# grad_sketch on every backend
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tau,k", [(1.0, 37), (0.7, 140)])  # k = 140 > 128: the Triton k split
+def test_values_and_grads(impl, dtype, tau, k):
+    z, y, P, v = _case(k=k, dtype=dtype)
+    a, dz = _run(z, y, P, v, impl, temperature=tau)
+    assert a.dtype == torch.float32 and a.shape == (13, k) and dz.dtype == dtype
+    exact = oracle(z, y, P, tau)
+    _bound(a, exact, oracle(z, y, P, tau, dtype=dtype), 2e-6)
+    g_exact = oracle_grad(z, y, P, v, tau)
+    zs = z.detach().clone().requires_grad_(True)
+    (oracle(zs, y, P, tau, dtype=dtype) * v.to(dtype)).sum().backward()
+    _bound(dz, g_exact, zs.grad, 4e-6 if dtype == torch.float32 else 2 * 2.0**-8 * g_exact.abs().max().item())
+    masked = y == -100
+    assert (a[masked] == 0).all() and (dz[masked] == 0).all()
+    assert torch.isfinite(dz).all() and (dz[:, [0, 7, 300]] == 0).all()  # -inf columns: p = 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_proj_and_temperature(impl):
+    """A 16-bit proj (the Triton kernel dots in bf16 with fp32 accumulation): within bf16 rounding of proj."""
+    z, y, P, v = _case(dtype=torch.bfloat16, k=64)
+    Pb = P.to(torch.bfloat16)
+    a, dz = _run(z, y, Pb, v, impl, temperature=1.3)
+    exact = oracle(z, y, Pb, 1.3)
+    scale = exact.abs().max().item()
+    assert (a.double() - exact).abs().max().item() <= 2 * 2.0**-8 * scale
+    g = oracle_grad(z, y, Pb, v, 1.3)
+    assert (dz.double() - g).abs().max().item() <= 4 * 2.0**-8 * g.abs().max().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_huge_offsets_and_dominant_label(impl):
+    z, y, P, v = _case(N=6, V=257, k=33, n_masked=1, neg_inf_cols=())
+    z = z + 1.0e4  # online rescaling must not overflow
+    valid = (y != -100).nonzero().flatten()
+    z[valid[0], y[valid[0]]] += 60.0  # p_y -> 1: a -> 0, dz -> 0
+    a, dz = _run(z, y, P, v, impl)
+    exact = oracle(z, y, P)
+    _bound(a, exact, oracle(z, y, P, dtype=torch.float32), 1e-5)
+    assert a[valid[0]].abs().max() < 1e-5
+    _bound(dz, oracle_grad(z, y, P, v), oracle_grad(z, y, P, v), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batched_non_contiguous_views(impl):
+    """[B, T, V] causal-shift view (not flattenable) and a non-unit last-dim stride."""
+    B, T, V, k = 3, 6, 129, 17
+    base = torch.randn(B, T + 1, V) * 2
+    y = torch.randint(0, V, (B, T))
+    y[0, :2] = -100
+    P = torch.randn(k, V)
+    v = torch.randn(B, T, k)
+    zz = base[:, :-1].requires_grad_(False)
+    x = zz.clone().requires_grad_(True)
+    a = hk.grad_sketch(base[:, :-1], y, P, impl=impl)
+    assert a.shape == (B, T, k)
+    torch.testing.assert_close(a.double(), oracle(zz.reshape(-1, V), y.reshape(-1), P).view(B, T, k), atol=2e-6,
+                               rtol=0)
+    (hk.grad_sketch(x, y, P, impl=impl) * v).sum().backward()
+    torch.testing.assert_close(x.grad.double().reshape(-1, V), oracle_grad(zz.reshape(-1, V), y.reshape(-1), P,
+                                                                           v.reshape(-1, k)), atol=4e-6, rtol=0)
+    wide = torch.randn(5, 2 * V)
+    a2 = hk.grad_sketch(wide[:, ::2], y[0, :5], P, impl=impl)  # last-dim stride 2: copied
+    torch.testing.assert_close(a2.double(), oracle(wide[:, ::2], y[0, :5], P), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_and_all_ignored(impl):
+    P = torch.randn(5, 11)
+    z = torch.randn(0, 11, requires_grad=True)
+    a = hk.grad_sketch(z, torch.zeros(0, dtype=torch.long), P, impl=impl)
+    assert a.shape == (0, 5)
+    z = torch.randn(4, 11, requires_grad=True)
+    a = hk.grad_sketch(z, torch.full((4,), -100), P, impl=impl)
+    a.sum().backward()
+    assert (a == 0).all() and (z.grad == 0).all()
+
+
+def test_float64_torch_path_is_float64_accurate():
+    z, y, P, v = _case(dtype=torch.float64)
+    for impl in ("torch", "cpu"):
+        a, dz = _run(z, y, P, v, impl, temperature=0.9)
+        torch.testing.assert_close(a.double(), oracle(z, y, P, 0.9), atol=1e-6, rtol=0)  # fp32 output
+        # upstream grads arrive as fp32 (the output's dtype); dz is computed in float64 from them
+        torch.testing.assert_close(dz, oracle_grad(z, y, P, v.float(), 0.9), atol=1e-12, rtol=1e-10)
+
+
+def test_torch_compile_fullgraph():
+    z, y, P, v = _case(V=29, k=8, neg_inf_cols=())
+
+    def f(z, h, W):
+        return (hk.grad_sketch(z, y, P, temperature=0.8, impl="torch") * v).sum() + \
+            (hk.linear_grad_sketch(h, W, y, P, temperature=0.8, impl="torch") * v).sum()
+
+    h, W = torch.randn(13, 6), torch.randn(29, 6)
+    args = [t.clone().requires_grad_(True) for t in (z, h, W)]
+    args_c = [t.clone().requires_grad_(True) for t in (z, h, W)]
+    f(*args).backward()
+    out = torch.compile(f, fullgraph=True)(*args_c)
+    out.backward()
+    torch.testing.assert_close(out, f(z, h, W))
+    for a, b in zip(args, args_c):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_grad_sketch
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_values_and_grads(impl, bias):
+    N, D, V, k = 11, 24, 203, 19
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(N, D, generator=g)
+    W = torch.randn(V, D, generator=g) / D**0.5 * 2
+    b = torch.randn(V, generator=g) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[[1, 6]] = -100
+    P = torch.randn(k, V, generator=g)
+    v = torch.randn(N, k, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (h, W) + ((b,) if bias else ())]
+    a = hk.linear_grad_sketch(leaves[0], leaves[1], y, P, bias=leaves[2] if bias else None, temperature=0.8,
+                              impl=impl)
+    (a * v).sum().backward()
+    ref_leaves = [t.double().requires_grad_(True) for t in (h, W) + ((b,) if bias else ())]
+    z = ref_leaves[0] @ ref_leaves[1].t() + (ref_leaves[2] if bias else 0)
+    exact = oracle(z, y, P, 0.8)
+    (exact * v.double()).sum().backward()
+    torch.testing.assert_close(a.double(), exact.detach(), atol=5e-6, rtol=0)
+    for ours, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=2e-5, rtol=1e-5)
+    assert (leaves[0].grad[[1, 6]] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_bf16_and_frozen_head(impl):
+    """bf16 hidden / weight (logits rounded to bf16 like the model's own matmul), a frozen LM head (no dW)."""
+    N, D, V, k = 9, 32, 130, 16
+    h = torch.randn(2, N, D).to(torch.bfloat16).requires_grad_(True)
+    W = (torch.randn(V, D) / D**0.5 * 2).to(torch.bfloat16)
+    y = torch.randint(0, V, (2, N))
+    P = torch.randn(k, V)
+    v = torch.randn(2, N, k)
+    a = hk.linear_grad_sketch(h, W, y, P, impl=impl)
+    (a * v).sum().backward()
+    assert a.shape == (2, N, k) and h.grad.dtype == torch.bfloat16 and W.grad is None
+    z = (h.detach() @ W.t()).reshape(-1, V)  # the bf16 logits the op sees
+    torch.testing.assert_close(a.double().reshape(-1, k), oracle(z, y.reshape(-1), P), atol=1e-5, rtol=0)
+    dz = oracle_grad(z, y.reshape(-1), P, v.reshape(-1, k))
+    dh = (dz @ W.double()).reshape(2, N, D)
+    assert (h.grad.double() - dh).abs().max() <= 2 * 2.0**-8 * dh.abs().max() + 1e-6
+
+
+def test_linear_float64_and_impl_agreement():
+    N, D, V, k = 7, 5, 33, 6
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    P = torch.randn(k, V, dtype=torch.float64)
+    v = torch.randn(N, k, dtype=torch.float64)
+    gs = torch.autograd.grad((hk.linear_grad_sketch(h, W, y, P, impl="torch") * v).sum(), (h, W))
+    gr = torch.autograd.grad((oracle(h @ W.t(), y, P) * v.float().double()).sum(), (h, W))
+    for a, b in zip(gs, gr):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_argument():
+    z, y = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="proj must be \\[k, V\\]"):
+        hk.grad_sketch(z, y, torch.randn(10, 4))
+    with pytest.raises(ValueError, match="proj must be \\[k, V\\]"):
+        hk.grad_sketch(z, y, torch.randn(10))
+    with pytest.raises(TypeError, match="proj must have dtype"):
+        hk.grad_sketch(z, y, torch.ones(3, 10, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        hk.grad_sketch(z, y[:3], torch.randn(3, 10))
+    with pytest.raises(ValueError, match="labels out of range"):
+        hk.grad_sketch(z, y + 10, torch.randn(3, 10))
+    with pytest.raises(ValueError, match="temperature"):
+        hk.grad_sketch(z, y, torch.randn(3, 10), temperature=0.0)
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        hk.grad_sketch(z, y, torch.randn(3, 10), impl="cuda")
+    with pytest.raises(ValueError, match="weight must be \\[V, D\\]"):
+        hk.linear_grad_sketch(torch.randn(4, 6), torch.randn(10, 5), y, torch.randn(3, 10))
+    with pytest.raises(ValueError, match="proj must be \\[k, V\\]"):
+        hk.linear_grad_sketch(torch.randn(4, 6), torch.randn(10, 6), y, torch.randn(3, 11))
+    with pytest.raises(ValueError, match="bias must be \\[V\\]"):
+        hk.linear_grad_sketch(torch.randn(4, 6), torch.randn(10, 6), y, torch.randn(3, 10), bias=torch.randn(9))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU compile check (no GPU needed): every Triton build for sm_80 and sm_90a, no spills
+# ----------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import json
+from hero_kernels.backends.triton import grad_sketch as K
+from hero_kernels.gpu_compile import triton_resource_usage
+rows = []
+for fn, sig, const, nw, ns, desc in K.KERNEL_CONFIGS:
+    for cc in (80, 90):
+        rows.append(triton_resource_usage(fn, sig, const, cc=cc, num_warps=nw, num_stages=ns, config=desc).as_dict())
+print(json.dumps(rows))
+"""
+
+
+def test_gpu_compile_no_spills():
+    """triton.compile needs real JIT functions (TRITON_INTERPRET=1 replaces them): run in a subprocess without it."""
+    pytest.importorskip("triton.backends.nvidia")
+    from hero_kernels.backends.triton import grad_sketch as K
+    from hero_kernels.gpu_compile import cuobjdump_path
+
+    if cuobjdump_path() is None:
+        pytest.skip("cuobjdump not found")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * len(K.KERNEL_CONFIGS)
+    spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
+    assert not spills, f"local-memory spills: {spills}"
