@@ -39,12 +39,14 @@ __all__ = [
 ]
 
 #: every op the suite benchmarks (linear_* = fused LM head; *hero_loss = the full HERO-GRPO loss)
-OPS = ("entropy_logprob", "linear_entropy_logprob", "hero_loss", "linear_hero_loss")
+OPS = ("entropy_logprob", "linear_entropy_logprob", "hero_loss", "linear_hero_loss", "grad_sketch", "linear_grad_sketch")
 #: fwd = no_grad forward (rollout / reference log-probs); fwd+bwd = training step of the op
 PASSES = ("fwd", "fwd+bwd")
 SIZES = ("tiny", "ci", "full")
 
-LINEAR_OPS = ("linear_entropy_logprob", "linear_hero_loss")
+LINEAR_OPS = ("linear_entropy_logprob", "linear_hero_loss", "linear_grad_sketch")
+SKETCH_OPS = ("grad_sketch", "linear_grad_sketch")
+SKETCH_K = 128  #: sketch size k (proj is [k, V]) of the grad_sketch benchmarks: hero.omnex's default k1
 LOSS_OPS = ("hero_loss", "linear_hero_loss")
 
 
@@ -85,10 +87,10 @@ class Case:
 def _grid(op: str, rows: Sequence[Tuple[int, ...]]) -> List[Case]:
     out = []
     for r in rows:
-        if op == "entropy_logprob":
+        if op in ("entropy_logprob", "grad_sketch"):
             N, V = r
             out.append(Case(op, N, V))
-        elif op == "linear_entropy_logprob":
+        elif op in ("linear_entropy_logprob", "linear_grad_sketch"):
             N, D, V = r
             out.append(Case(op, N, V, D=D))
         elif op == "hero_loss":
@@ -111,12 +113,14 @@ _SHAPES: Dict[str, Dict[str, list]] = {
         "linear_entropy_logprob": [(16, 32, 512), (32, 32, 512)],
         "hero_loss": [(2, 8, 512), (2, 16, 512)],
         "linear_hero_loss": [(2, 8, 32, 512), (2, 16, 32, 512)],
+        "grad_sketch": [(16, 512)], "linear_grad_sketch": [(16, 32, 512)],
     },
     "ci": {  # CPU default: a real vocabulary (32000) for the logits ops, small D x V for the fused head
         "entropy_logprob": [(64, 32000), (128, 32000), (256, 32000)],
         "linear_entropy_logprob": [(64, 128, 8192), (128, 128, 8192), (256, 128, 8192)],
         "hero_loss": [(4, 16, 32000), (4, 32, 32000), (4, 64, 32000)],
         "linear_hero_loss": [(4, 16, 128, 8192), (4, 32, 128, 8192), (4, 64, 128, 8192)],
+        "grad_sketch": [(128, 32000)], "linear_grad_sketch": [(128, 128, 8192)],
     },
     "full": {
         "entropy_logprob": [(16384, 128256), (4096, 128256), (16384, 32000), (16384, 151936), (65536, 128256)],
@@ -124,6 +128,7 @@ _SHAPES: Dict[str, Dict[str, list]] = {
                                    (65536, 4096, 128256)],
         "hero_loss": [(16, 1024, 128256), (16, 2048, 151936)],
         "linear_hero_loss": [(16, 1024, 4096, 128256), (8, 1024, 2048, 151936)],
+        "grad_sketch": [(16384, 128256)], "linear_grad_sketch": [(16384, 4096, 128256)],
     },
 }
 
@@ -142,6 +147,8 @@ def cases_for(op: str, size: str) -> List[Case]:
 def work_model(case: Case, pass_: str, elt: int) -> Dict[str, Any]:
     """Bytes and FLOPs the op must at least move / do (module docstring); 'formula' says which."""
     N, V, D = case.N, case.V, case.D
+    if case.op in SKETCH_OPS:
+        return _sketch_work_model(case, pass_, elt)
     if case.op in LINEAR_OPS:
         io = (N * D + V * D) * elt
         if pass_ == "fwd":
@@ -154,6 +161,22 @@ def work_model(case: Case, pass_: str, elt: int) -> Dict[str, Any]:
         return {"bytes": N * V * elt, "flops": 0, "formula": "bytes = N*V*elt (read logits once)"}
     return {"bytes": 3 * N * V * elt, "flops": 0,
             "formula": "bytes = 3*N*V*elt (fwd read + bwd read + bwd write of dlogits)"}
+
+
+def _sketch_work_model(case: Case, pass_: str, elt: int) -> Dict[str, Any]:
+    """grad_sketch: the [N, V] x [V, k] product (forward) and [N, k] x [k, V] (backward) on top of the logits
+    traffic; the linear variant adds the LM-head GEMMs of linear_entropy_logprob."""
+    N, V, D, k = case.N, case.V, case.D, SKETCH_K
+    lin = case.op in LINEAR_OPS
+    if pass_ == "fwd":
+        flops = 2 * N * V * k + (2 * N * D * V if lin else 0)
+        nbytes = (N * D + V * D) * elt if lin else N * V * elt
+        return {"bytes": nbytes, "flops": flops, "formula": "flops = 2*N*V*k (+ 2*N*D*V linear); bytes = logits "
+                "(N*V*elt) or h, W ((N*D + V*D)*elt) read once"}
+    flops = 4 * N * V * k + (8 * N * D * V if lin else 0)
+    nbytes = 3 * (N * D + V * D) * elt if lin else 3 * N * V * elt
+    return {"bytes": nbytes, "flops": flops, "formula": "flops = 4*N*V*k (+ 8*N*D*V linear); bytes as the "
+            "entropy ops' fwd+bwd"}
 
 
 def floor_seconds(model: Dict[str, Any], bandwidth: float, matmul_flops: float) -> float:

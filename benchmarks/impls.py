@@ -5,7 +5,8 @@ reason it cannot (the suite records it as skipped with that reason); ``build(op,
 ``Built``: a zero-argument ``fn`` returning a dict of output tensors plus the leaf tensors whose ``.grad``
 the harness clears. Output keys: ``logp`` and ``H`` (per-token [N], backward seeds them with the case's
 random upstream gradients g and k), ``loss`` (HERO-weighted scalar) or ``loss_grpo`` (an anchor's plain
-GRPO scalar, no entropy weighting), each seeded with 1. The harness compares shared keys against eager.
+GRPO scalar, no entropy weighting), each seeded with 1; ``sketch`` ([N, k] grad_sketch, seeded with the case's
+random [N, k] upstream v). The harness compares shared keys against eager.
 
 kinds: "ours" (hero_kernels, one per backend), "baseline" (eager PyTorch and torch.compile of the same
 code), "anchor" (other libraries, DESIGN.md section 4 / ANCHORS.md), each used only when importable.
@@ -25,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import LINEAR_OPS, LOSS_OPS, OPS, Case
+from .common import LINEAR_OPS, LOSS_OPS, OPS, SKETCH_K, SKETCH_OPS, Case
 
 __all__ = ["Impl", "Built", "Inputs", "IMPLS", "make_inputs", "get_impls", "impl_names", "OURS_PREFERENCE",
            "run_backward", "make_call"]
@@ -39,6 +40,8 @@ _OP_MODULE = {
     "linear_entropy_logprob": "linear_entropy_logprob",
     "hero_loss": "entropy_logprob",
     "linear_hero_loss": "linear_entropy_logprob",
+    "grad_sketch": "grad_sketch",
+    "linear_grad_sketch": "linear_grad_sketch",
 }
 
 #: HERO / GRPO options shared by every loss implementation (DESIGN.md defaults)
@@ -63,6 +66,8 @@ class Inputs:
     k: Tensor
     weight: Optional[Tensor] = None
     advantages: Optional[Tensor] = None
+    proj: Optional[Tensor] = None  # [k, V] (grad_sketch ops)
+    v: Optional[Tensor] = None  # [N, k] upstream gradient of the sketch (grad_sketch ops)
 
     @property
     def leaves(self) -> List[Tensor]:
@@ -94,7 +99,11 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     g = torch.randn(N, device=device, generator=gen)
     k = torch.randn(N, device=device, generator=gen)
     adv = torch.randn(case.B, device=device, generator=gen) if case.op in LOSS_OPS else None
-    return Inputs(case, x, labels, g, k, weight, adv)
+    inp = Inputs(case, x, labels, g, k, weight, adv)
+    if case.op in SKETCH_OPS:
+        inp.proj = torch.randn(SKETCH_K, V, device=device, generator=gen) / math.sqrt(SKETCH_K)
+        inp.v = torch.randn(N, SKETCH_K, device=device, generator=gen)
+    return inp
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +162,17 @@ def eager_hero_loss(logp: Tensor, H: Tensor, labels: Tensor, advantages: Tensor,
     return per_seq.sum() / (count.squeeze(1) > 0).sum().clamp(min=1)
 
 
+def eager_grad_sketch(logits: Tensor, labels: Tensor, proj: Tensor) -> Tensor:
+    """(proj[:, y] - proj softmax(logits.float())) per row: materializes the fp32 [N, V] probabilities."""
+    p = torch.softmax(logits.float(), dim=-1)
+    return proj.t()[labels] - p @ proj.t()
+
+
 def _eager_fn(op: str) -> Callable:
-    if op == "entropy_logprob":
+    if op in SKETCH_OPS:
+        def f(x, w, labels, proj):
+            return {"sketch": eager_grad_sketch(x @ w.t() if op in LINEAR_OPS else x, labels, proj)}
+    elif op == "entropy_logprob":
         def f(x, w, labels, adv):
             logp, H = eager_entropy_logprob(x, labels)
             return {"logp": logp, "H": H}
@@ -176,6 +194,8 @@ def _eager_fn(op: str) -> Callable:
 
 
 def _args(op: str, inp: Inputs):
+    if op in SKETCH_OPS:
+        return inp.x, inp.weight, inp.labels, inp.proj
     if op in LOSS_OPS:
         return inp.x3(), inp.weight, inp.labels2(), inp.advantages
     return inp.x, inp.weight, inp.labels, None
@@ -250,7 +270,13 @@ def _ours_build(impl: str):
     def build(op: str, inp: Inputs) -> Built:
         import hero_kernels as hk
 
-        if op == "entropy_logprob":
+        if op == "grad_sketch":
+            def fn():
+                return {"sketch": hk.grad_sketch(inp.x, inp.labels, inp.proj, impl=impl)}
+        elif op == "linear_grad_sketch":
+            def fn():
+                return {"sketch": hk.linear_grad_sketch(inp.x, inp.weight, inp.labels, inp.proj, impl=impl)}
+        elif op == "entropy_logprob":
             def fn():
                 logp, H = hk.entropy_logprob(inp.x, inp.labels, impl=impl)
                 return {"logp": logp, "H": H}
@@ -462,6 +488,8 @@ def run_backward(out: Dict[str, Tensor], inp: Inputs) -> None:
             gs.append(inp.g.view(v.shape).to(v.dtype))
         elif key == "H":
             gs.append(inp.k.view(v.shape).to(v.dtype))
+        elif key == "sketch":
+            gs.append(inp.v.to(v.dtype))
         elif key.startswith("loss"):
             gs.append(torch.ones_like(v))
         else:
@@ -511,6 +539,8 @@ IMPLS: Tuple[Impl, ...] = (
         "linear_entropy_logprob": "eager PyTorch: (hidden @ W.T).float() then log_softmax + gather + entropy",
         "hero_loss": "eager PyTorch entropy/logp, softmax(-H) weights per response, clipped objective",
         "linear_hero_loss": "eager PyTorch: (hidden @ W.T).float() then the eager HERO loss",
+        "grad_sketch": "eager PyTorch: proj[:, y] - softmax(logits.float()) @ proj.T (fp32 [N, V] probabilities)",
+        "linear_grad_sketch": "eager PyTorch: (hidden @ W.T) then the eager grad_sketch",
     }),
     Impl("compile", "baseline", OPS, _compile_check, _compile_build,
          {op: "torch.compile(eager, dynamic=True): one compile per op and grad mode, warm-up not timed" for op in OPS}),

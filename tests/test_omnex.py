@@ -146,7 +146,7 @@ def _exact_cosines(h, W, y):
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_sketched_cosine_tracks_exact_cosine(impl):
-    """Default k1 = k2 = 128: |sketched - exact cosine| <= 0.1 for every pair and <= 0.04 on average (the
+    """Default k1 = k2 = 128: |sketched - exact cosine| <= 0.1 for every pair and <= 0.03 on average (the
     sketch error is O(1 / sqrt(k1 k2)) per pair; measured here: see the assertion message)."""
     h, W, y = _responses()
     exact = _exact_cosines(h, W, y)
@@ -155,7 +155,7 @@ def test_sketched_cosine_tracks_exact_cosine(impl):
     iu = torch.triu_indices(8, 8, 1)
     err = (sk - exact)[iu[0], iu[1]].abs()
     assert exact[iu[0], iu[1]].max() > 0.5 and exact[iu[0], iu[1]].min() < 0.1  # a real spread of cosines
-    assert err.max() <= 0.1 and err.mean() <= 0.04, f"max {err.max():.3f} mean {err.mean():.3f}"
+    assert err.max() <= 0.1 and err.mean() <= 0.03, f"max {err.max():.3f} mean {err.mean():.3f}"
 
 
 def _loss_loop(sim, tau, groups=None):

@@ -8,9 +8,11 @@ With x = z / tau and p = softmax(x): a = (1/tau) (proj[:, y] - proj p), the proj
 Backward for an upstream v: w = proj^T v ([V] per row), dz = -(p / tau^2) (w - p . w). Here p . w is summed
 from the chunk's own p and w (it equals (proj p) . v), so no precision is lost reconstructing it.
 
-Rows are processed in chunks of C valid rows (masked rows are dropped first): peak extra memory is a few
+Rows are processed in contiguous ranges of C rows (views: no gather copy); masked rows in a range are computed
+and then zeroed (torch.where / masked_fill, so a NaN of an all -inf masked row cannot leak). Peak extra memory is a few
 [C, V] temporaries in the compute dtype (fp32; fp64 for fp64 logits), never [N, V]. The softmax is
-materialized per chunk here; the Triton backend is the one-pass kernel that never forms p.
+materialized per chunk here (torch.softmax, the fused kernel); the Triton backend is the one-pass kernel that
+never forms p.
 """
 from __future__ import annotations
 
@@ -31,53 +33,58 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(idx: Tensor, V: int):
+def _ranges(N: int, V: int):
     step = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for s in range(0, idx.numel(), step):
-        yield idx[s:s + step]
+    for s in range(0, N, step):
+        yield s, min(N, s + step)
 
 
 def _softmax(z: Tensor, inv_t: float, cd: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(p, stats) of rows z [C, V] at temperature 1 / inv_t, in ``cd``: stats [C, 2] = (m, log s), x = z * inv_t,
-    m = max x, s = sum e^{x - m}. p = e^{x - m} / s (not e^{x - lse}: lse's rounding at large logits would put a
-    relative error of ulp(lse) on every p)."""
-    x = z.to(cd) * inv_t
-    m = x.max(dim=-1, keepdim=True).values
-    e = torch.exp(x - m)
-    s = e.sum(-1, keepdim=True)
-    return e / s, torch.cat([m, torch.log(s)], dim=-1)
+    """(p, stats) of rows z [C, V] at temperature 1 / inv_t, in ``cd``: stats [C, 2] = (m, log s) with
+    x = z * inv_t, m = max x, s = sum e^{x - m}. log s = -log p_max (p_max = 1 / s exactly), so no second
+    exp pass and no lse rounding (at large logits ulp(lse) would put its relative error on every p)."""
+    x = z.to(cd)
+    x = x * inv_t if inv_t != 1.0 else x
+    p = torch.softmax(x, dim=-1)
+    m, j = x.max(dim=-1, keepdim=True)
+    return p, torch.cat([m, -torch.log(p.gather(-1, j))], dim=-1)
 
 
 def forward(logits: Tensor, labels: Tensor, proj: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor]:
     N, V = logits.shape
     k = proj.shape[0]
-    a = torch.zeros((N, k), dtype=torch.float32, device=logits.device)
-    stats = torch.zeros((N, 2), dtype=torch.float32, device=logits.device)
+    a = torch.empty((N, k), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((N, 2), dtype=torch.float32, device=logits.device)
     cd = compute_dtype(logits.dtype)
     P = proj.to(cd)
+    valid = (labels != opts.ignore_index).unsqueeze(-1)
+    safe = torch.where(valid.squeeze(-1), labels, 0)
     inv_t = opts.inv_temperature
-    for rows in _chunks(torch.nonzero(labels != opts.ignore_index).flatten(), V):
-        p, st = _softmax(logits.index_select(0, rows), inv_t, cd)
-        sk = (P.index_select(1, labels.index_select(0, rows)).t() - p @ P.t()) * inv_t
-        a.index_copy_(0, rows, sk.to(torch.float32))
-        stats.index_copy_(0, rows, st.to(torch.float32))
+    for s, e in _ranges(N, V):
+        p, st = _softmax(logits[s:e], inv_t, cd)
+        sk = (P.index_select(1, safe[s:e]).t() - p @ P.t()) * inv_t
+        del p
+        a[s:e] = torch.where(valid[s:e], sk, 0.0)
+        stats[s:e] = torch.where(valid[s:e], st, 0.0)
     return a, stats
 
 
 def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
              out: Optional[Tensor] = None) -> Tensor:
-    """The saved (a, stats) are not needed: each chunk holds whole rows and recomputes p in the compute dtype."""
+    """The saved (a, stats) are not needed: each chunk holds whole rows and recomputes p in the compute dtype.
+    Each range's logits are read before its rows of ``out`` are written, so ``out`` may alias ``logits``."""
     N, V = logits.shape
     if out is None:
         out = torch.empty_like(logits)
-    valid = labels != opts.ignore_index
-    out.index_fill_(0, torch.nonzero(~valid).flatten(), 0)  # masked rows only: ``out`` may alias ``logits``
     cd = compute_dtype(logits.dtype)
     P = proj.to(cd)
+    valid = (labels != opts.ignore_index).unsqueeze(-1)
     inv_t = opts.inv_temperature
-    for rows in _chunks(torch.nonzero(valid).flatten(), V):
-        p, _ = _softmax(logits.index_select(0, rows), inv_t, cd)
-        w = grad_a.index_select(0, rows).to(cd) @ P  # [C, V]
-        c = (p * w).sum(-1, keepdim=True)
-        out.index_copy_(0, rows, (p * (w - c) * (-inv_t * inv_t)).to(out.dtype))
+    for s, e in _ranges(N, V):
+        p, _ = _softmax(logits[s:e], inv_t, cd)
+        w = grad_a[s:e].to(cd) @ P  # [C, V]
+        c = torch.bmm(p.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # (proj p) . v, [C, 1]; no [C, V] temporary
+        dz = w.sub_(c).mul_(p).mul_(-inv_t * inv_t)
+        del p
+        out[s:e] = dz.masked_fill_(~valid[s:e], 0.0)  # in place: no extra [C, V] buffer
     return out
