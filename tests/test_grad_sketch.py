@@ -17,6 +17,24 @@ import hero_kernels as hk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ["torch", "cpu", "triton"]
+# Triton runs on CUDA when there is a GPU, else in the interpreter on CPU tensors (tests/conftest.py)
+_TRITON_DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
+
+def _dev(impl):
+    return _TRITON_DEV if impl == "triton" else "cpu"
+
+
+def sketch(z, y, P, impl, **kw):
+    """grad_sketch on the impl's device; inputs / output moved with differentiable .to (grads reach CPU leaves)."""
+    d = _dev(impl)
+    return hk.grad_sketch(z.to(d), y.to(d), P.to(d), impl=impl, **kw).cpu()
+
+
+def lsketch(h, W, y, P, impl, bias=None, **kw):
+    d = _dev(impl)
+    b = None if bias is None else bias.to(d)
+    return hk.linear_grad_sketch(h.to(d), W.to(d), y.to(d), P.to(d), bias=b, impl=impl, **kw).cpu()
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # discarded tl.where branches (interpreter)
 
 
@@ -62,7 +80,7 @@ def _bound(ours, exact, same_dtype, floor):
 
 def _run(z, y, P, v, impl, **kw):
     zz = z.detach().clone().requires_grad_(True)
-    a = hk.grad_sketch(zz, y, P, impl=impl, **kw)
+    a = sketch(zz, y, P, impl, **kw)
     (a * v).sum().backward()
     return a, zz.grad
 
@@ -129,33 +147,34 @@ def test_huge_offsets_and_dominant_label(impl):
 def test_batched_non_contiguous_views(impl):
     """[B, T, V] causal-shift view (not flattenable) and a non-unit last-dim stride."""
     B, T, V, k = 3, 6, 129, 17
-    base = torch.randn(B, T + 1, V) * 2
+    d = _dev(impl)
+    base = torch.randn(B, T + 1, V, device=d) * 2
     y = torch.randint(0, V, (B, T))
     y[0, :2] = -100
     P = torch.randn(k, V)
     v = torch.randn(B, T, k)
-    zz = base[:, :-1].requires_grad_(False)
+    zz = base[:, :-1].cpu()
     x = zz.clone().requires_grad_(True)
-    a = hk.grad_sketch(base[:, :-1], y, P, impl=impl)
+    a = hk.grad_sketch(base[:, :-1], y.to(d), P.to(d), impl=impl).cpu()  # the view itself, on the impl's device
     assert a.shape == (B, T, k)
     torch.testing.assert_close(a.double(), oracle(zz.reshape(-1, V), y.reshape(-1), P).view(B, T, k), atol=2e-6,
                                rtol=0)
-    (hk.grad_sketch(x, y, P, impl=impl) * v).sum().backward()
+    (sketch(x, y, P, impl) * v).sum().backward()
     torch.testing.assert_close(x.grad.double().reshape(-1, V), oracle_grad(zz.reshape(-1, V), y.reshape(-1), P,
                                                                            v.reshape(-1, k)), atol=4e-6, rtol=0)
-    wide = torch.randn(5, 2 * V)
-    a2 = hk.grad_sketch(wide[:, ::2], y[0, :5], P, impl=impl)  # last-dim stride 2: copied
-    torch.testing.assert_close(a2.double(), oracle(wide[:, ::2], y[0, :5], P), atol=2e-6, rtol=0)
+    wide = torch.randn(5, 2 * V, device=d)
+    a2 = hk.grad_sketch(wide[:, ::2], y[0, :5].to(d), P.to(d), impl=impl).cpu()  # last-dim stride 2: copied
+    torch.testing.assert_close(a2.double(), oracle(wide[:, ::2].cpu(), y[0, :5], P), atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_and_all_ignored(impl):
     P = torch.randn(5, 11)
     z = torch.randn(0, 11, requires_grad=True)
-    a = hk.grad_sketch(z, torch.zeros(0, dtype=torch.long), P, impl=impl)
+    a = sketch(z, torch.zeros(0, dtype=torch.long), P, impl)
     assert a.shape == (0, 5)
     z = torch.randn(4, 11, requires_grad=True)
-    a = hk.grad_sketch(z, torch.full((4,), -100), P, impl=impl)
+    a = sketch(z, torch.full((4,), -100), P, impl)
     a.sum().backward()
     assert (a == 0).all() and (z.grad == 0).all()
 
@@ -203,8 +222,7 @@ def test_linear_values_and_grads(impl, bias):
     P = torch.randn(k, V, generator=g)
     v = torch.randn(N, k, generator=g)
     leaves = [t.clone().requires_grad_(True) for t in (h, W) + ((b,) if bias else ())]
-    a = hk.linear_grad_sketch(leaves[0], leaves[1], y, P, bias=leaves[2] if bias else None, temperature=0.8,
-                              impl=impl)
+    a = lsketch(leaves[0], leaves[1], y, P, impl, bias=leaves[2] if bias else None, temperature=0.8)
     (a * v).sum().backward()
     ref_leaves = [t.double().requires_grad_(True) for t in (h, W) + ((b,) if bias else ())]
     z = ref_leaves[0] @ ref_leaves[1].t() + (ref_leaves[2] if bias else 0)
@@ -225,7 +243,7 @@ def test_linear_bf16_and_frozen_head(impl):
     y = torch.randint(0, V, (2, N))
     P = torch.randn(k, V)
     v = torch.randn(2, N, k)
-    a = hk.linear_grad_sketch(h, W, y, P, impl=impl)
+    a = lsketch(h, W, y, P, impl)
     (a * v).sum().backward()
     assert a.shape == (2, N, k) and h.grad.dtype == torch.bfloat16 and W.grad is None
     z = (h.detach() @ W.t()).reshape(-1, V)  # the bf16 logits the op sees
@@ -276,7 +294,7 @@ def test_bad_inputs_name_the_argument():
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU compile check (no GPU needed): every Triton build for sm_80 and sm_90a, no spills
+# GPU compile check (no GPU needed): every Triton build for sm_80 and sm_90a, aligned or not, no spills
 # ----------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import json
@@ -285,7 +303,9 @@ from hero_kernels.gpu_compile import triton_resource_usage
 rows = []
 for fn, sig, const, nw, ns, desc in K.KERNEL_CONFIGS:
     for cc in (80, 90):
-        rows.append(triton_resource_usage(fn, sig, const, cc=cc, num_warps=nw, num_stages=ns, config=desc).as_dict())
+        for attrs in (None, K.compile_attrs(fn, sig)):  # odd V (unaligned) and LM shapes (16-divisible)
+            rows.append(triton_resource_usage(fn, sig, const, cc=cc, num_warps=nw, num_stages=ns, config=desc,
+                                              attrs=attrs).as_dict())
 print(json.dumps(rows))
 """
 
@@ -304,6 +324,6 @@ def test_gpu_compile_no_spills():
                        timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(rows) == 2 * len(K.KERNEL_CONFIGS)
+    assert len(rows) == 4 * len(K.KERNEL_CONFIGS)
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"local-memory spills: {spills}"

@@ -2,6 +2,7 @@
 judge (built offline), and the NTK-conflict regularizer (sketched cosine vs exact float64 gradients, loss vs a
 direct loop, backprop to a tiny model)."""
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,14 @@ from hero.omnex import (CaptionJudge, CaptionReward, NTKRegularizer, answer_matc
 from hero.omnex.template import UNPARSED
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # Triton interpreter, discarded branches
+
+# Triton runs on CUDA when there is a GPU, else in the interpreter on CPU tensors (tests/conftest.py)
+_TRITON_DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+
+
+def _dev(impl):
+    return _TRITON_DEV if impl == "triton" else "cpu"
+
 
 GOOD = "<planning>top left</planning>\n<caption>a red cat on a mat</caption> <think>it is red</think><answer>yes</answer>"
 
@@ -150,7 +159,9 @@ def test_sketched_cosine_tracks_exact_cosine(impl):
     sketch error is O(1 / sqrt(k1 k2)) per pair; measured here: see the assertion message)."""
     h, W, y = _responses()
     exact = _exact_cosines(h, W, y)
-    f = response_features(h.float(), W.float(), y, make_sketch(W.shape[0], W.shape[1]), impl=impl)
+    d = _dev(impl)
+    f = response_features(h.float().to(d), W.float().to(d), y.to(d), make_sketch(W.shape[0], W.shape[1], device=d),
+                          impl=impl).cpu()
     sk = cosine_similarities(f).double()
     iu = torch.triu_indices(8, 8, 1)
     err = (sk - exact)[iu[0], iu[1]].abs()
@@ -214,7 +225,9 @@ def test_regularizer_backpropagates_to_the_model(impl):
         gaps = vals[1:] - vals[:-1]
         mid = len(gaps) // 4 + int(gaps[len(gaps) // 4: 3 * len(gaps) // 4].argmax())  # a clear gap: fp32 = fp64 sets
         reg.threshold = ((vals[mid] + vals[mid + 1]) / 2).item()
-    loss, metrics = reg(model.hidden(ids), model.head.weight, y)
+    d = _dev(impl)  # differentiable .to: the gradients come back to the CPU model
+    loss, metrics = reg(model.hidden(ids).to(d), model.head.weight.to(d), y.to(d))
+    loss, metrics = loss.cpu(), {k: v.cpu() for k, v in metrics.items()}
     loss.backward()
     assert 0 < metrics["positive_pairs"] < R * (R - 1) and loss > 0 and math.isclose(loss.item(), 0.5 * metrics["ntk_loss"].item(), rel_tol=1e-6)
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -29,7 +29,7 @@ PyTorch's fp32 matmul. Temperature is a runtime fp32 (one compiled kernel for ev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from hero_kernels.options import RowOptions
 
-__all__ = ["SketchTile", "TILES", "BLOCK_KS", "block_k", "KERNEL_CONFIGS", "forward", "backward"]
+__all__ = ["SketchTile", "TILES", "BLOCK_KS", "block_k", "KERNEL_CONFIGS", "compile_attrs", "forward", "backward"]
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -216,6 +216,17 @@ def _kernel_configs() -> List[tuple]:
 
 #: Every (kernel, dtype, tile) the launchers can run; consumed by the GPU compile check / report.
 KERNEL_CONFIGS: List[tuple] = _kernel_configs()
+
+# Integer arguments that are multiples of 16 for LM vocabularies (V = 32000, 128256, 151936, 262144) and k.
+_ALIGNED_INTS = ("V", "K", "stride_row", "stride_pk", "stride_a", "stride_out")
+
+
+def compile_attrs(fn, signature: Dict[str, str]) -> Dict[tuple, list]:
+    """ASTSource ``attrs`` of the variant Triton specializes at run time for LM shapes: tt.divisibility=16 on
+    every pointer (torch allocations) and on V, k and the row strides. The compile check builds both this
+    variant and the unaligned one (odd V)."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature.get(name, "").startswith("*") or name in _ALIGNED_INTS}
 
 
 # ----------------------------------------------------------------------------------------------
