@@ -168,6 +168,17 @@ def test_batched_non_contiguous_views(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_custom_ignore_index_and_k128(impl):
+    """ignore_index = 3 masks label-3 rows only; k = 128 is one Triton k block (hero.omnex's default k1)."""
+    z, y, P, v = _case(N=9, V=131, k=128, n_masked=0, neg_inf_cols=())
+    y[[0, 4]] = 3
+    a, dz = _run(z, y, P, v, impl, ignore_index=3)
+    torch.testing.assert_close(a.double(), oracle(z, y, P, ignore_index=3), atol=2e-6, rtol=0)
+    torch.testing.assert_close(dz.double(), oracle_grad(z, y, P, v, ignore_index=3), atol=4e-6, rtol=0)
+    assert (a[[0, 4]] == 0).all() and (a[1] != 0).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_empty_and_all_ignored(impl):
     P = torch.randn(5, 11)
     z = torch.randn(0, 11, requires_grad=True)

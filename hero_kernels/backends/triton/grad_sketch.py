@@ -178,8 +178,8 @@ class SketchTile:
 TILES = {"fwd": SketchTile(16, 64, num_warps=8), "bwd": SketchTile(16, 64)}
 #: k tile sizes; k above the largest is split over the grid (forward: each k block re-reads the logits) or
 #: looped (backward). 16 x 64 tiles (8 warps in the forward, whose fp32 k = 64 build spills with 4) keep every
-#: build under the register limit without spills.
-BLOCK_KS = (32, 64)
+#: build under the register limit without spills. k = 128 (hero.omnex's default) is one block: one logits pass.
+BLOCK_KS = (32, 64, 128)
 
 
 def block_k(k: int) -> int:
