@@ -264,6 +264,27 @@ def test_linear_bf16_and_frozen_head(impl):
     assert (h.grad.double() - dh).abs().max() <= 2 * 2.0**-8 * dh.abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_many_chunks(impl, monkeypatch):
+    """Tiny chunk budgets: the row ranges (torch) and the LM-head row chunks (every backend) split the rows."""
+    from hero_kernels.backends.torch import grad_sketch as rows_torch
+    from hero_kernels.backends.triton import linear_grad_sketch as lin_triton
+
+    monkeypatch.setattr(rows_torch, "CHUNK_ELEMENTS", 3 * 41)
+    monkeypatch.setattr(lin_triton, "CHUNK_ELEMENTS", 3 * 41)
+    z, y, P, v = _case(N=10, V=41, k=7, neg_inf_cols=())
+    a, dz = _run(z, y, P, v, impl)
+    torch.testing.assert_close(a.double(), oracle(z, y, P), atol=2e-6, rtol=0)
+    torch.testing.assert_close(dz.double(), oracle_grad(z, y, P, v), atol=4e-6, rtol=0)
+    h = torch.randn(10, 6, requires_grad=True)
+    W = torch.randn(41, 6, requires_grad=True)
+    (lsketch(h, W, y, P, impl) * v).sum().backward()
+    hd, Wd = h.detach().double().requires_grad_(True), W.detach().double().requires_grad_(True)
+    (oracle(hd @ Wd.t(), y, P) * v.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), hd.grad, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(W.grad.double(), Wd.grad, atol=2e-5, rtol=1e-5)
+
+
 def test_linear_float64_and_impl_agreement():
     N, D, V, k = 7, 5, 33, 6
     h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)

@@ -7,12 +7,16 @@ from hero_kernels.backends.torch.linear_grad_sketch import chunked_backward, chu
 
 from . import grad_sketch as rows
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "CHUNK_ELEMENTS"]
+
+#: elements of one fp32 [C, V] logits chunk (512 MiB): ~1000 rows per GEMM at V = 128k
+CHUNK_ELEMENTS = 1 << 27
 
 
 def forward(hidden, weight, bias, labels, proj, opts):
-    return chunked_forward(rows, hidden, weight, bias, labels, proj, opts)
+    return chunked_forward(rows, hidden, weight, bias, labels, proj, opts, CHUNK_ELEMENTS)
 
 
 def backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh=True, need_dw=True):
-    return chunked_backward(rows, hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw)
+    return chunked_backward(rows, hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw,
+                            CHUNK_ELEMENTS)
