@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 #: every op the suite benchmarks (linear_* = fused LM head; *hero_loss = the full HERO-GRPO loss)
-OPS = ("entropy_logprob", "linear_entropy_logprob", "hero_loss", "linear_hero_loss", "grad_sketch", "linear_grad_sketch")
+OPS = ("entropy_logprob", "linear_entropy_logprob", "hero_loss", "linear_hero_loss", "grad_sketch",
+       "linear_grad_sketch")
 #: fwd = no_grad forward (rollout / reference log-probs); fwd+bwd = training step of the op
 PASSES = ("fwd", "fwd+bwd")
 SIZES = ("tiny", "ci", "full")

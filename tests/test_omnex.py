@@ -21,7 +21,8 @@ def _dev(impl):
     return _TRITON_DEV if impl == "triton" else "cpu"
 
 
-GOOD = "<planning>top left</planning>\n<caption>a red cat on a mat</caption> <think>it is red</think><answer>yes</answer>"
+GOOD = ("<planning>top left</planning>\n<caption>a red cat on a mat</caption> <think>it is red</think>"
+        "<answer>yes</answer>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +230,8 @@ def test_regularizer_backpropagates_to_the_model(impl):
     loss, metrics = reg(model.hidden(ids).to(d), model.head.weight.to(d), y.to(d))
     loss, metrics = loss.cpu(), {k: v.cpu() for k, v in metrics.items()}
     loss.backward()
-    assert 0 < metrics["positive_pairs"] < R * (R - 1) and loss > 0 and math.isclose(loss.item(), 0.5 * metrics["ntk_loss"].item(), rel_tol=1e-6)
+    assert 0 < metrics["positive_pairs"] < R * (R - 1) and loss > 0
+    assert math.isclose(loss.item(), 0.5 * metrics["ntk_loss"].item(), rel_tol=1e-6)
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_model = _TinyLM().double()
