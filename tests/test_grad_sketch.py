@@ -298,6 +298,28 @@ def test_linear_float64_and_impl_agreement():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+_NO_ORACLE_SCRIPT = r"""
+import sys, torch, hero_kernels as hk
+for impl in ("torch", "cpu", "triton"):
+    z = torch.randn(5, 33, requires_grad=True); h = torch.randn(5, 4, requires_grad=True)
+    W = torch.randn(33, 4, requires_grad=True); y = torch.tensor([1, -100, 3, 4, 32]); P = torch.randn(6, 33)
+    (hk.grad_sketch(z, y, P, impl=impl).sum() + hk.linear_grad_sketch(h, W, y, P, impl=impl).sum()).backward()
+import hero.omnex
+assert "hero_kernels.reference" not in sys.modules, "production code imported the test oracle"
+assert "transformers" not in sys.modules, "import hero.omnex loaded transformers"
+print("ok")
+"""
+
+
+def test_production_never_imports_the_reference():
+    """Both ops on every CPU backend (forward + backward), and importing hero.omnex, load neither the float64
+    oracle (hero_kernels.reference) nor transformers."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _NO_ORACLE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------
