@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-__all__ = ["ResourceUsage", "triton_resource_usage", "nvcc_resource_usage", "cuobjdump_path", "nvcc_path"]
+__all__ = ["ResourceUsage", "triton_compile", "triton_resource_usage", "nvcc_resource_usage", "cuobjdump_path", "nvcc_path"]
 
 
 @dataclass
@@ -83,6 +83,19 @@ def _dump_cubin(cubin: bytes) -> str:
     return r.stdout
 
 
+def triton_compile(fn, signature: Dict[str, str], constexprs: Dict[str, object], cc: int, num_warps: int = 4,
+                   num_stages: int = 3, attrs: Optional[Dict[tuple, list]] = None):
+    """Compile a ``@triton.jit`` function for ``cc`` without a GPU; ``.asm`` holds "ttgir", "ptx", "cubin"
+    (e.g. to check that an sm_90a GEMM uses wgmma: ``"wgmma.mma_async" in compiled.asm["ptx"]``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
 def triton_resource_usage(
     fn,
     signature: Dict[str, str],
@@ -99,14 +112,7 @@ def triton_resource_usage(
     constexprs: values for the constexpr arguments.
     attrs: ASTSource attributes per argument index, e.g. divisibility hints (see the module docstring).
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    compiled = triton_compile(fn, signature, constexprs, cc, num_warps, num_stages, attrs)
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
     rows = _parse_cuobjdump(_dump_cubin(compiled.asm["cubin"]), arch, 0, config)
     if not rows:

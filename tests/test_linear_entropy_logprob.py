@@ -118,11 +118,11 @@ def _check_all(fwd, bwd, h, W, b, y, g, k, tau):
     assert (dh.cpu()[~valid] == 0).all()
 
 
-# Small tiles: several row blocks, vocab tiles, K steps and D chunks even at N=37, D=96, V=1003.
+# Small tiles and chunks: several row blocks, vocab tiles, K steps, D chunks and backward chunks (with a
+# tail) even at N=37, D=96, V=1003.
 def _small_config(dtype, **kw):
-    small = dict(fwd=K.Tile(16, 64, 32), dh=K.Tile(16, 64, 32, 32), dw=K.Tile(16, 64, 32, 32),
-                 atomic=K.Tile(16, 64, 32, 32))
-    return replace(K.default_config(dtype), **small, **kw)
+    small = dict(fwd=K.Tile(16, 64, 32), atomic=K.Tile(16, 64, 32, 32), chunk_rows=8)
+    return replace(K.default_config(dtype), **dict(small, **kw))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,9 +140,9 @@ def _small_config(dtype, **kw):
 )
 def test_triton_matches_reference(dtype, bias, tau, small):
     """N=37, D=96, V=1003: V and D are multiples of no block, masked rows, temperature != 1.
-    ``small`` uses 16x64 tiles with 3 vocab splits in the forward and 2 in the dh kernel."""
+    ``small`` uses 16x64 tiles with 3 vocab splits in the forward and backward chunks of 8 rows."""
     h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
-    cfg = _small_config(dtype, vocab_splits=3, dh_splits=2) if small else None
+    cfg = _small_config(dtype, vocab_splits=3) if small else None
     opts = RowOptions(temperature=tau, ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
     bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
@@ -176,7 +176,7 @@ def test_triton_atomic_backward_matches_reference():
 @needs_triton
 def test_triton_backward_is_deterministic():
     h, W, b, y, g, k = _problem(37, 96, 1003, torch.bfloat16)
-    cfg = replace(K.default_config(torch.bfloat16), dh_splits=3)
+    cfg = replace(K.default_config(torch.bfloat16), chunk_rows=16)
     opts = RowOptions()
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
     first = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
@@ -302,9 +302,9 @@ def test_triton_dominant_label_public_op(dtype, bias):
 @pytest.mark.parametrize("variant", ["splits", "atomic"])
 def test_triton_dominant_label_backend(variant):
     """Backend functions directly: 3 forward vocab splits (so / t / xl merged across splits, the label in
-    one of them) and 2 dh splits, or the atomic backward."""
+    one of them) and the chunked backward in chunks of 8 rows, or the atomic backward."""
     h, W, b, y, g, k = _dominant_problem(torch.float32, True)
-    cfg = _small_config(torch.float32, vocab_splits=3, dh_splits=2, deterministic=(variant == "splits"))
+    cfg = _small_config(torch.float32, vocab_splits=3, deterministic=(variant == "splits"))
     opts = RowOptions(ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
     dh, dW, db = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
@@ -416,6 +416,35 @@ def test_gpu_compile_no_spills():
               f"local={u['local_bytes']} stack={u['stack_bytes']}")
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"register spills: {spills}"
+
+
+_WGMMA_SCRIPT = r"""
+import json
+from hero_kernels.backends.triton import linear_entropy_logprob as K
+from hero_kernels.gpu_compile import triton_compile
+out = {}
+for fn, sig, const, w, s, desc in K.KERNEL_CONFIGS:
+    if " bf16 bias=False " in desc and "label_stats=0" not in desc and "atomic" not in desc:
+        asm = triton_compile(fn, sig, const, 90, w, s, K.compile_attrs(fn, sig)).asm
+        out[desc] = asm["ptx"].count("wgmma.mma_async")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(K is None, reason="triton missing")
+def test_gpu_compile_sm90_gemms_use_wgmma():
+    """The forward and dz GEMM kernels compile to Hopper's wgmma on sm_90a (bf16), not to mma.sync."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _WGMMA_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    print(counts)
+    assert {d.split()[0] for d in counts} == {"_fwd_partials_kernel", "_bwd_dz_kernel"}
+    assert all(n > 0 for n in counts.values()), counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -552,48 +581,62 @@ def test_torch_backend_skips_the_skipped_gemms():
     assert TB.backward(h, W, b, y, lse, H, g, k, opts, cfg, need_dh=False, need_dw=False) == (None, None, None)
 
 
-class _LaunchCounter:
-    """Stands in for a @triton.jit kernel: counts ``kernel[grid](...)`` launches and forwards them."""
+class _CallCounter:
+    """Stands in for a @triton.jit kernel (``kernel[grid](...)``) or a function, counting calls."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches += 1
-            return self.kernel[grid](*args, **kwargs)
+            self.calls += 1
+            return self.fn[grid](*args, **kwargs)
 
         return launch
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
 
 
 @needs_triton
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_triton_backend_skips_kernel_launches(deterministic, monkeypatch):
+    """Chunked backward: per chunk one dz-kernel launch, one dh GEMM (mm_into) and one dW GEMM (the first
+    chunk writes, the others accumulate); a skipped gradient skips its GEMMs. Atomic: one launch."""
+    from hero_kernels.backends.triton.linear import launch as L
+
     h, W, b, y, g, k = _problem(21, 32, 301, torch.float32)
-    cfg = _small_config(torch.float32, deterministic=deterministic)
+    cfg = _small_config(torch.float32, deterministic=deterministic, chunk_rows=8)
     opts = RowOptions(temperature=0.9)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    counters = {name: _LaunchCounter(getattr(K, name))
-                for name in ("_bwd_dh_kernel", "_bwd_dw_kernel", "_bwd_atomic_kernel")}
-    for name, c in counters.items():
-        monkeypatch.setattr(K, name, c)
+    counters = {"atomic": _CallCounter(L.K._bwd_atomic_kernel), "dz": _CallCounter(L.K._bwd_dz_kernel),
+                "mm": _CallCounter(L.gemm.mm_into), "acc": _CallCounter(L.gemm.accumulate_dw)}
+    monkeypatch.setattr(L.K, "_bwd_atomic_kernel", counters["atomic"])
+    monkeypatch.setattr(L.K, "_bwd_dz_kernel", counters["dz"])
+    monkeypatch.setattr(L.gemm, "mm_into", counters["mm"])
+    monkeypatch.setattr(L.gemm, "accumulate_dw", counters["acc"])
 
     def run(**flags):
         for c in counters.values():
-            c.launches = 0
+            c.calls = 0
         out = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp, **flags)
-        return out, {n[5:-7]: c.launches for n, c in counters.items()}
+        return out, {n: c.calls for n, c in counters.items()}
 
+    chunks = 3  # 18 valid rows in chunks of 8
     (dh, dW, db), n_full = run()
-    assert n_full == ({"dh": 1, "dw": 1, "atomic": 0} if deterministic else {"dh": 0, "dw": 0, "atomic": 1})
+    if deterministic:
+        assert n_full == {"atomic": 0, "dz": chunks, "mm": chunks + 1, "acc": chunks - 1}
+    else:
+        assert n_full == {"atomic": 1, "dz": 0, "mm": 0, "acc": 0}
     (dh2, dW2, db2), n = run(need_dw=False)
-    assert n == {"dh": 1, "dw": 0, "atomic": 0} and dW2 is None and db2 is None
+    assert n == {"atomic": 0, "dz": chunks, "mm": chunks, "acc": 0} and dW2 is None and db2 is None
     (dh3, dW3, db3), n = run(need_dh=False)
-    assert n == {"dh": 0, "dw": 1, "atomic": 0} and dh3 is None
+    assert n == {"atomic": 0, "dz": chunks, "mm": 1, "acc": chunks - 1} and dh3 is None
     if deterministic:
         assert torch.equal(dh2, dh) and torch.equal(dW3, dW) and torch.equal(db3, db)
     else:
-        # The atomic variant falls back to the deterministic single kernel: same math, other summation order.
+        # The atomic variant falls back to the chunked path: same math, other summation order.
         _check_all((logp, H, lse), (dh2, dW3, db3), h, W, b, y, g, k, 0.9)
 
 
@@ -635,3 +678,125 @@ def test_cuda_launcher_need_flags_on_cpu(dtype, monkeypatch):
     assert dW2 is None and db2 is None and torch.equal(dh2, dh)
     dh3, dW3, db3 = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts, need_dh=False)
     assert dh3 is None and torch.equal(dW3, dW) and torch.equal(db3, db)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite inputs: masked vocabulary tiles (-inf), NaN rows
+# ----------------------------------------------------------------------------------------------
+def _masked_oracle(h, W, b, y, tau=1.0):
+    """float64 from the math alone over the unmasked columns only (-inf columns have p = 0 exactly):
+    logp = x_y - lse, H = -sum p log p, over the finite logits of each row."""
+    x = (h.double() @ W.double().t() + b.double()) / tau
+    keep = torch.isfinite(x)
+    xf = torch.where(keep, x, torch.full_like(x, -1e300))
+    lse = torch.logsumexp(xf, dim=1)
+    p = torch.where(keep, torch.exp(xf - lse[:, None]), torch.zeros_like(x))
+    logq = torch.where(keep, xf - lse[:, None], torch.zeros_like(x))
+    return (x.gather(1, y[:, None]).squeeze(1) - lse), -(p * logq).sum(1)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu", pytest.param("triton", marks=needs_triton)])
+def test_masked_leading_vocab_tiles(impl):
+    """bias = -inf on columns [0, 300) of V=700: the first vocab tiles (and, with splits, whole splits) hold
+    no real column. logp, H and every gradient stay finite and match the oracle over the live columns."""
+    h, W, _, y, g, k = _problem(13, 32, 700, torch.float32, n_masked=2, confident_row=False)
+    b = torch.zeros(700, device=h.device)
+    b[:300] = float("-inf")
+    y = torch.where(y == IGNORE, y, 300 + y % 400)  # labels on live columns
+    logp, H, dh, dW, db = _public_op(impl, h, W, b, y, g, k)
+    valid = (y != IGNORE).cpu()
+    r_logp, r_H = _masked_oracle(h.cpu(), W.cpu(), b.cpu(), y.cpu().clamp(min=0))
+    assert torch.isfinite(logp).all() and torch.isfinite(H).all()
+    assert _err(logp.cpu()[valid], r_logp[valid]) < 1e-4 and _err(H.cpu()[valid], r_H[valid]) < 1e-4
+    for t in (dh, dW, db):
+        assert torch.isfinite(t).all()
+    assert (dW.cpu()[:300] == 0).all() and (db.cpu()[:300] == 0).all()
+    # Gradients over the live columns equal the unmasked problem restricted to them.
+    ref = _public_op("torch", h, W[300:].contiguous(), b[300:].contiguous(), torch.where(y == IGNORE, y, y - 300),
+                     g, k)
+    for got, want in ((logp, ref[0]), (H, ref[1]), (dh, ref[2]), (dW[300:], ref[3]), (db[300:], ref[4])):
+        assert _err(got, want) <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
+def test_triton_nan_input_gives_nan_rows(where):
+    """NaN in a hidden row -> that row's logp and H are NaN (the others finite); NaN in a weight row or a
+    bias entry is in every row's logits -> every valid row is NaN. Never H = 0 (the most confident value)."""
+    h, W, b, y, g, k = _problem(11, 32, 301, torch.float32, n_masked=2, confident_row=False)
+    cfg = _small_config(torch.float32, vocab_splits=3)
+    row = int(torch.nonzero(y != IGNORE)[0])
+    if where == "hidden":
+        h[row, 5] = float("nan")
+    elif where == "weight":
+        W[17, 3] = float("nan")
+    else:
+        b[200] = float("nan")
+    import warnings
+
+    with warnings.catch_warnings():  # numpy (the interpreter) warns on all-NaN rows: expected here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logp, H, _ = K.forward(h, W, b, y, RowOptions(), cfg)
+    valid = (y != IGNORE).cpu()
+    bad = torch.zeros_like(valid)
+    if where == "hidden":
+        bad[row] = True
+    else:
+        bad = valid.clone()
+    logp, H = logp.cpu(), H.cpu()
+    assert torch.isnan(logp[bad]).all() and torch.isnan(H[bad]).all()
+    assert torch.isfinite(logp[~bad]).all() and torch.isfinite(H[~bad]).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plans (no GPU): the model of what the launchers run
+# ----------------------------------------------------------------------------------------------
+@needs_triton
+def test_plan_flagship_shape_within_target():
+    """(16384, 4096, 128256) bf16 fwd+bwd: modeled <= 1.3x the 8 N D V floor on H100 and H200, the backward
+    chunk <= 2% of eager's materialized peak (a lower bound of it), no per-tile fp32 accumulator traffic."""
+    from hero_kernels.backends import gemm
+    from hero_kernels.backends.cuda import linear_entropy_logprob as CU
+    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds
+
+    N, D, V = 16384, 4096, 128256
+    floor = 8 * N * D * V / 989e12
+    for mod in (K, CU):
+        launches = mod.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd")
+        for gpu in ("h100", "h200"):
+            t = sum(modeled_seconds(x, GPU_SPECS[gpu]) for x in launches)
+            assert floor < t <= 1.3 * floor, (mod.__name__, gpu, t / floor)
+        C = next(x.meta["chunk_rows"] for x in launches if "chunk_rows" in x.meta)
+        assert C * (V + D) * 2 <= 0.02 * gemm.eager_peak_bytes(N, V, 2) and C >= 1181
+    fwd = K.plan(N, D, V, "bf16")
+    assert [x.name for x in fwd] == ["_fwd_partials_kernel", "_merge_partials_kernel"]
+    assert 8 <= fwd[0].meta["splits"] <= 16 and all(x.l2_note for x in fwd)
+    # Skipped gradients drop their GEMMs; the atomic path is one fused kernel.
+    names = [x.name for x in K.plan(N, D, V, "bf16", pass_="bwd", need_dw=False)]
+    assert "cublas_dw" not in names and "cublas_dh" in names
+    assert "_bwd_atomic_kernel" in [x.name for x in K.plan(N, D, V, "bf16", pass_="bwd", deterministic=False)]
+
+
+@needs_triton
+def test_launchers_use_the_plan(monkeypatch):
+    """The forward launches exactly the plan's grid and splits (the plan is the single source of truth)."""
+    from hero_kernels.backends.triton.linear import launch as L
+
+    h, W, b, y, g, k = _problem(21, 32, 301, torch.float32)
+    cfg = _small_config(torch.float32, vocab_splits=None)
+    grids = []
+    real = L.K._fwd_partials_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(L.K, "_fwd_partials_kernel", Spy())
+    K.forward(h, W, b, y, RowOptions(), cfg)
+    want = K.plan(int((y != IGNORE).sum()), 32, 301, torch.float32, config=cfg)[0]
+    assert grids == [want.grid] and want.grid[0] == triton_cdiv(18, 16) * want.meta["splits"]
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)

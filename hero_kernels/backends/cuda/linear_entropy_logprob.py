@@ -6,77 +6,95 @@ backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
     -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] | None)
     need_dh=False / need_dw=False (keywords): that gradient is None and GEMM 2 / GEMM 3 (with db and the
     fp32 grad_weight buffer) is skipped.
+plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> list[KernelLaunch]: what the
+    launchers run (chunk size included), for them and for ``benchmarks/roofline.py``.
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
-then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3, fp32 accumulation: cuBLAS with an fp32 output when
-torch offers ``out_dtype``, else an fp32 GEMM on upcast slices). With the forward GEMM that is the 4-GEMM
-floor of docs/design.md section 5; peak extra memory is one [chunk, V] buffer plus the fp32 grad_weight.
-Masked rows are compacted away first (one host sync for the count). No autograd here.
+then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3: cuBLAS with the fp32 grad_weight as its C operand,
+beta = 1, ``hero_kernels.backends.gemm.accumulate_dw``). With the forward GEMM that is the 4-GEMM floor
+8 N D V (docs/design.md section 5); the chunk C comes from the memory budget of ``hero_kernels.backends.gemm.chunk_rows`` (<= 2% of
+eager's materialized peak where that leaves >= 1280 rows), capped by CHUNK_BYTES. Masked rows are compacted
+away first (one host sync for the count). Deterministic (cuBLAS with a fixed configuration). No autograd here.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
+from hero_kernels.backends import gemm
 from hero_kernels.backends.cpu.linear_entropy_logprob import rows_backward, rows_forward
+from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 
-__all__ = ["forward", "backward", "CHUNK_BYTES"]
+__all__ = ["forward", "backward", "plan", "CHUNK_BYTES"]
 
-#: Size of the [chunk, V] logits buffer in bytes (bounded memory whatever N is).
+#: Cap on the [chunk, V] logits buffer in bytes (the memory budget usually asks for less).
 CHUNK_BYTES = 1 << 30
 
-#: Vocab rows per fp32 grad_weight update (bounds the fp32 GEMM output buffer to DW_SLICE x D).
+#: Vocab rows per upcast slice where torch has no fp32-output 16-bit GEMM (bounds that fallback's buffer).
 DW_SLICE = 16384
 
-_OUT_DTYPE_MM = {"ok": None}  # does torch.mm(..., out_dtype=float32) work here? None until first try
+_OUT_DTYPE_MM = gemm.OUT_DTYPE_MM  # does torch.mm(..., out_dtype=float32) work here? None until first try
+_ROW_THREADS = 256  # csrc row kernels: threads per row block
 
 
-def _chunk_rows(n: int, V: int, elem: int) -> int:
-    rows = max(1, CHUNK_BYTES // max(V * elem, 1))
-    if rows >= 256:
-        rows -= rows % 128  # GEMM-friendly multiple
-    return max(1, min(n, rows))
+def _chunk_rows(n: int, D: int, V: int, elem: int) -> int:
+    rows = gemm.chunk_rows(n, D, V, elem)
+    return max(1, min(rows, CHUNK_BYTES // max(V * elem, 1)))
 
 
-def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
-    """dW (fp32/fp64) += dz^T @ h without rounding partial sums to dz's dtype.
+def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
+         need_dw: bool = True, deterministic: bool = True) -> List[KernelLaunch]:
+    """Launches of ``pass_`` ("fwd", "bwd", "fwd+bwd") for N valid rows; the chunk rows are in each entry's
+    meta["chunk_rows"]. ``deterministic`` is accepted for a uniform signature: this path always is."""
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    e = torch.finfo(gemm.as_dtype(dtype)).bits // 8
+    out: List[KernelLaunch] = []
+    if N <= 0:
+        return out
+    C = _chunk_rows(N, D, V, e)
+    note = "the [C, V] chunk (far beyond 50 MB of L2) is written by the GEMM and read once by the row kernel"
+    if pass_ in ("fwd", "fwd+bwd"):
+        for c, reps in [(C, N // C)] + ([(N % C, 1)] if N % C else []):
+            if reps:
+                out.append(KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V,
+                                        c * D * e + V * D * e + c * V * e, note, meta={"chunk_rows": c},
+                                        external=True, repeats=reps))
+                out.append(KernelLaunch("entropy_logprob_fwd_kernel", (c,), "stream", 0.0, c * V * e + 20 * c,
+                                        note, num_warps=_ROW_THREADS // 32, meta={"chunk_rows": c}, repeats=reps))
+    if pass_ == "fwd" or not (need_dh or need_dw):
+        return out
+    if need_dw:
+        out.append(KernelLaunch("zero_fill", (), "stream", 0.0, 4 * V * D + (4 * V if has_bias else 0),
+                                "fp32 dW (and db) zeroed", external=True))
 
-    bf16/fp16: cuBLAS GEMM with bf16 inputs and an fp32 output (``torch.mm(..., out_dtype=float32)``),
-    vocab slice by slice into a bounded fp32 buffer, then added to dW. Where torch lacks ``out_dtype``
-    the slice is upcast and multiplied in fp32 (correct, slower).
-    """
-    if dz.dtype == dW.dtype:
-        dW.addmm_(dz.t(), h.to(dW.dtype))
-        return
-    V = dW.shape[0]
-    tmp = None
-    for v0 in range(0, V, DW_SLICE):
-        v1 = min(V, v0 + DW_SLICE)
-        a = dz[:, v0:v1].t()
-        if _OUT_DTYPE_MM["ok"] is not False:
-            try:
-                if tmp is None or tmp.shape[0] != v1 - v0:
-                    tmp = torch.empty((v1 - v0, dW.shape[1]), dtype=dW.dtype, device=dW.device)
-                torch.mm(a, h, out_dtype=dW.dtype, out=tmp)
-                _OUT_DTYPE_MM["ok"] = True
-                dW[v0:v1] += tmp
-                continue
-            except (RuntimeError, TypeError, NotImplementedError):
-                if _OUT_DTYPE_MM["ok"]:
-                    raise
-                _OUT_DTYPE_MM["ok"] = False
-        dW[v0:v1].addmm_(a.to(dW.dtype), h.to(dW.dtype))
+    def dz(c: int, reps: int) -> List[KernelLaunch]:
+        # Logits GEMM into the chunk, then the row kernel turns them into dz in place (read + write).
+        return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, c * D * e + V * D * e + c * V * e,
+                             note, meta={"chunk_rows": c}, external=True, repeats=reps),
+                KernelLaunch("entropy_logprob_bwd_kernel", (c,), "stream", 0.0, 2 * c * V * e + 20 * c, note,
+                             num_warps=_ROW_THREADS // 32, meta={"chunk_rows": c}, repeats=reps)]
+
+    return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
+                                            need_dw=need_dw, dw_zeroed=True)
+
+
+def _step(labels: Tensor, opts: RowOptions, weight: Tensor, elem: int, pass_: str) -> int:
+    """Chunk rows from the plan (one host sync for the valid-row count, as the compaction needs anyway)."""
+    n_valid = int((labels != opts.ignore_index).sum())
+    V, D = weight.shape
+    launches = plan(n_valid, D, V, weight.dtype, pass_=pass_)
+    return next((x.meta["chunk_rows"] for x in launches if "chunk_rows" in x.meta), 1)
 
 
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    n_valid = int((labels != opts.ignore_index).sum())  # one host sync, as the compaction needs anyway
-    step = _chunk_rows(n_valid, weight.shape[0], hidden.element_size())
+    step = _step(labels, opts, weight, hidden.element_size(), "fwd")
     return rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step)
 
 
@@ -97,7 +115,11 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
-    step = _chunk_rows(int((labels != opts.ignore_index).sum()), weight.shape[0], hidden.element_size())
-    # dlogits in place in the logits chunk; _accumulate_dw keeps grad_weight's partial sums in fp32
+    step = _step(labels, opts, weight, hidden.element_size(), "bwd")
+    # dlogits in place in the logits chunk; accumulate_dw keeps grad_weight's partial sums in fp32
     return rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
                          need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw)
+
+
+def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
+    gemm.accumulate_dw(dW, dz, h, DW_SLICE)

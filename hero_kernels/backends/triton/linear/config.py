@@ -1,0 +1,99 @@
+"""Launch configurations of the fused LM head on Triton: tiles, vocab splits, the backward's chunk size.
+
+Everything a launcher chooses from a shape lives here, so ``launch.plan`` (the single source of truth for
+what runs) and the compile checks (``compile.py``) read the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Block sizes of one kernel. block_k: K step of the logits GEMM; block_d: D chunk of the dh/dW update."""
+
+    block_n: int
+    block_v: int
+    block_k: int
+    block_d: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_k", "block_d"):
+            v = getattr(self, name)
+            # tl.dot needs every dimension >= 16 and power-of-two blocks.
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"Tile.{name} must be a power of two >= 16, got {v}")
+
+
+@dataclass(frozen=True)
+class LinearEntropyConfig:
+    """Launch configuration of the fused LM head.
+
+    fwd: tile of the forward partials kernel; atomic: tile of the opt-in atomic backward kernel.
+    deterministic: True (default) = chunked backward (GEMM recompute of [C, V] logits, the row kernel in
+        place, cuBLAS dh / dW GEMMs), bitwise reproducible; False = one fused kernel with fp32 atomics.
+    vocab_splits: None = from the SM count (``forward_splits``); an int forces the forward's split count.
+    chunk_rows: None = from the memory budget (``hero_kernels.backends.gemm.chunk_rows``); an int forces
+        the backward's chunk C.
+    allow_tf32: fp32 inputs only; TF32 tensor cores instead of IEEE fp32 dots (faster, ~1e-3 relative).
+    """
+
+    fwd: Tile
+    atomic: Tile
+    deterministic: bool = True
+    vocab_splits: Optional[int] = None
+    chunk_rows: Optional[int] = None
+    allow_tf32: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_splits", "chunk_rows"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"LinearEntropyConfig.{name} must be None or an int >= 1, got {v!r}")
+
+
+# 16-bit inputs: tensor-core tiles. fp32 inputs: IEEE fp32 dots run on FMA units, so smaller tiles keep
+# the register file free of spills (checked by compile_resource_report / tests for sm_80 and sm_90a).
+_CONFIG_16 = LinearEntropyConfig(
+    fwd=Tile(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=3),
+    atomic=Tile(block_n=64, block_v=128, block_k=64, block_d=32, num_warps=8, num_stages=2),
+)
+_CONFIG_32 = LinearEntropyConfig(
+    fwd=Tile(block_n=64, block_v=128, block_k=32, num_warps=8, num_stages=2),
+    atomic=Tile(block_n=64, block_v=64, block_k=16, block_d=16, num_warps=4, num_stages=2),
+)
+
+
+def default_config(dtype: torch.dtype) -> LinearEntropyConfig:
+    """The configuration the launchers use for ``dtype`` when none is given."""
+    return _CONFIG_32 if dtype == torch.float32 else _CONFIG_16
+
+
+#: Rows per program of the merge kernel.
+MERGE_BLOCK = 256
+#: Row blocks per group of the atomic backward's program order (their dh tiles stay in L2 together).
+GROUP_N = 8
+#: Forward vocab splits: at least this many (co-resident programs share their hidden block in L2).
+MIN_SPLITS, MAX_SPLITS = 8, 16
+
+
+def forward_splits(row_blocks: int, V: int, block_v: int, sms: int, forced: Optional[int] = None) -> int:
+    """Vocab splits S of the forward. Programs run in split-fastest order (pid -> (pid // S, pid % S)), so
+    a wave of ``sms`` programs covers ~sms / S row blocks x S splits: each hidden block is read by S
+    co-resident programs and each weight tile by sms / S of them. S ~ sqrt(sms) balances the two (8-16);
+    few row blocks raise S to fill two waves. Never more splits than vocab tiles."""
+    tiles = -(-V // block_v)
+    if forced is not None:
+        return max(1, min(forced, tiles))
+    s = MIN_SPLITS
+    while s * s < sms and s < MAX_SPLITS:
+        s += 1
+    s = max(s, -(-2 * sms // max(row_blocks, 1)))
+    return max(1, min(s, tiles))

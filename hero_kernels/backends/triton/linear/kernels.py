@@ -1,0 +1,343 @@
+"""Triton kernels of the fused LM head (no launch logic here: see ``launch.py``; tiles: ``config.py``).
+
+Shapes: hidden h [n, D] and weight w [V, D] in bf16 / fp16 / fp32 with last-dim stride 1, row strides and
+D multiples of 16 (the launchers pad / copy); bias [V] | None; labels [n] int64 (valid rows only).
+Block sizes are constexpr, every shape / stride is a runtime int, offsets are int64.
+
+``_fwd_partials_kernel``  1-D grid of row_blocks * S programs in split-fastest order: program pid owns row
+    block pid // S and vocab split pid % S, so the ~132 co-resident programs of a wave are ~132 / S row
+    blocks x S splits sweeping their splits in lockstep: a hidden block is shared by S programs and a
+    weight tile by 132 / S programs in L2 (see ``launch.plan`` for the traffic). Each logits tile
+    [BLOCK_N, BLOCK_V] is ``tl.dot`` over a masked K loop (fp32 accumulate); the online update and the
+    label logit are taken from the tile in registers. Five fp32 partials per (split, row): m, s, so (s over
+    the NON-label columns), t = sum (x - m) e^{x-m} (shifted), x_label; nothing [N, V].
+    Masked vocabulary (-inf logits) may fill whole tiles, even the first ones of a split: the running max
+    is then -inf and every exp / shift uses a finite stand-in (one scalar select per row and tile).
+    NaN anywhere in a row's inputs reaches so / t, so the row's logp and H are NaN.
+``_merge_partials_kernel``  grid (cdiv(n, BLOCK)). Merges the per-split partials in a fixed order and
+    writes (logp, H, lse) or, for a vocab shard (``hero_kernels.sharded``), the merged (m, s, t, x_label).
+    Dominant label (p_y -> 1): with e_y = e^{x_y - m} >= so, logp = -log1p(so / e_y) and
+    log s = (x_y - m) + log1p(so / e_y); H = log s - t / s adds two non-negative terms.
+``_bwd_dz_kernel``  1-D grid of row_blocks * vocab_blocks over ONE chunk of C rows (the deterministic
+    backward, see ``launch.py``): the logits tile in fp32 registers, dz in fp32 (the label column from the
+    forward's accurate logp), written once in the input dtype to a [C, V] buffer that cuBLAS then
+    multiplies (dh = dz @ W, dW += dz^T h). Row-block-fastest order: a W tile is shared by the wave.
+``_bwd_atomic_kernel``  (option ``deterministic=False``) 1-D grid of row_blocks * vocab_blocks in grouped
+    order (GROUP_N row blocks per group): one recompute per tile, dh / dW / db through relaxed fp32
+    ``atomic_add`` (order-dependent rounding).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Register pressure: padded rows / columns of a tile load a clamped, real row of hidden / weight instead
+# of carrying a 2-D mask through the K loop (their results are discarded or masked to -inf / 0), and the
+# K / D loops advance one int64 pointer block instead of recomputing addresses.
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST_DOT is set only under the Triton interpreter, whose dot
+    multiplies bf16 bit patterns as integers (np.matmul on uint16); products of 16-bit floats are exact in
+    fp32, so the upcast dot gives the tensor-core result up to summation order."""
+    if UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x = (h[rows_c] @ w[cols_c].T + b[cols_c]) / tau, fp32 [BLOCK_N, BLOCK_V]; -inf where ~col_mask.
+
+    rows_c / cols_c: row / vocab indices already clamped into range (padded lanes repeat a real one).
+    """
+    ks = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows_c.to(tl.int64)[:, None] * stride_h + ks[None, :]
+    w_ptrs = w_ptr + cols_c.to(tl.int64)[:, None] * stride_w + ks[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        # D need not be a multiple of BLOCK_K: the tail lanes load 0 and add nothing.
+        k_mask = ks[None, :] < D - k0
+        h = tl.load(h_ptrs, mask=k_mask, other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask, other=0.0)
+        acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
+    x = acc * inv_temp
+    # Padded vocab columns must contribute nothing: -inf, never a logit of 0.
+    return tl.where(col_mask[None, :], x, float("-inf"))
+
+
+@triton.jit
+def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS: tl.constexpr):
+    """dz = (1/tau)[g (1[j=y] - p) - k p (log p + H)] in fp32; 0 on padded columns and padded rows.
+
+    Per row: k, c = g + k H and lab. Off the label, dz = -(1/tau) p (k log p + c): two tile ops fewer
+    than the textbook form (registers). The label column: with LABEL_STATS it is replaced by
+    lab = g (1 - p_y) - k p_y (log p_y + H), formed by the launcher from the forward's accurate logp; from
+    the tile, 1 - e^{x_y - lse} and x_y - lse are rounding noise when p_y -> 1 (an O(eps |lse|) error
+    against values ~ 1 - p_y: the Liger #1329 class, in the low-entropy rows HERO up-weights). Without
+    (vocab shards), lab = g is added to the tile's value: the plain form.
+    -inf logits (masked vocabulary, and the padded columns, which _logits_tile sets to -inf) have p = 0
+    and log p is replaced by 0 there, so no 0 * inf = NaN; a masked LABEL column still gets g (1 - 0).
+    """
+    live = row_mask[:, None] & (x > float("-inf"))
+    logq = tl.where(live, x - lse[:, None], 0.0)
+    p = tl.where(live, tl.exp(logq), 0.0)
+    dz = -p * (k[:, None] * logq + c[:, None])
+    is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :] & row_mask[:, None]
+    if LABEL_STATS:
+        dz = tl.where(is_label, lab[:, None], dz)
+    else:
+        dz = tl.where(is_label, dz + lab[:, None], dz)
+    return dz * inv_temp
+
+
+@triton.jit
+def _fwd_partials_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr,
+    m_ptr, s_ptr, so_ptr, t_ptr, xl_ptr,
+    N, D, V, stride_h, stride_w, cols_per_split, splits, label_offset, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partials of one (row block, vocab split). Outputs m, s, so, t, xl: fp32 [splits, N] (row stride N).
+
+    m = max x, s = sum e^{x-m}, so = the same sum over the NON-label columns, t = sum (x - m) e^{x-m}
+    (shifted: every term <= 0, so H = log s - t / s has no cancellation against |lse| when p_y -> 1);
+    xl = x[label] when the label falls in this split, else 0 (so partials of disjoint splits merge by a
+    plain sum).
+    """
+    # Split-fastest order: the S programs of one row block run side by side and share its hidden rows.
+    pid = tl.program_id(0)
+    pid_n = pid // splits
+    pid_s = pid % splits
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows_c = tl.minimum(rows, N - 1)
+    labels = tl.load(labels_ptr + rows_c) - label_offset
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, V)
+
+    # s is not carried through the loop (registers: the 16-bit tiles sit at the sm_80 limit): the label's
+    # term is added back to so from xl whenever s is needed, s = so + e^{xl - m} once the label was seen.
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    so = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    xl = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, tl.minimum(cols, v_end - 1), col_mask, D, stride_h,
+                         stride_w, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+        # Rebasing t from m to m_new adds (m - m_new) s (<= 0); s before this tile, 0 on the first one.
+        seen = (labels >= v_begin) & (labels < v0)
+        s_prev = so + tl.where(seen, tl.exp(tl.where(seen, xl - tl.where(m > float("-inf"), m, 0.0), 0.0)), 0.0)
+        # Mask the padded columns too: for a vocab shard a label of the NEXT shard can equal one of them.
+        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        xl += tl.sum(tl.where(is_label, x, 0.0), axis=1)
+        # A tile (or every tile so far) may be all -inf (masked vocabulary): then m_new = -inf, and the
+        # exponents use the finite stand-in m_ref = 0 (e = 0, alpha = 0 or 1), never e^{-inf - (-inf)}.
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m - m_ref)
+        shift = tl.where(m > float("-inf"), m - m_ref, 0.0) * s_prev
+        xs = x - m_ref[:, None]
+        e = tl.exp(xs)
+        so = so * alpha + tl.sum(tl.where(is_label, 0.0, e), axis=1)
+        # xs is -inf where e = 0 (padded columns, -inf logits): zero it there, no (-inf) * 0 = NaN. A NaN
+        # logit fails e > 0 and gives 0 * NaN = NaN: it poisons t and so (and so the row's logp and H).
+        t = (t + shift) * alpha + tl.sum(tl.where(e > 0, xs, 0.0) * e, axis=1)
+        m = m_new
+    in_split = (labels >= v_begin) & (labels < v_end)
+    s = so + tl.where(in_split, tl.exp(tl.where(in_split, xl - tl.where(m > float("-inf"), m, 0.0), 0.0)), 0.0)
+
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(m_ptr + out, m, mask=row_mask)
+    tl.store(s_ptr + out, s, mask=row_mask)
+    tl.store(so_ptr + out, so, mask=row_mask)
+    tl.store(t_ptr + out, t, mask=row_mask)
+    tl.store(xl_ptr + out, xl, mask=row_mask)
+
+
+@triton.jit
+def _log1p_unit(r):
+    """log(1 + r) for 0 <= r <= 1 to fp32 relative accuracy, from basic ops only (the interpreter has no
+    libdevice, and tl.log near 1 is an approximation with an ABSOLUTE error bound, useless for tiny r):
+    log1p(r) = 2 atanh(w), w = r / (2 + r) <= 1/3, by its odd series; 8 terms leave < 2e-9 relative."""
+    w = r / (2.0 + r)
+    w2 = w * w
+    acc = 1.0 / 15.0
+    acc = acc * w2 + 1.0 / 13.0
+    acc = acc * w2 + 1.0 / 11.0
+    acc = acc * w2 + 1.0 / 9.0
+    acc = acc * w2 + 1.0 / 7.0
+    acc = acc * w2 + 1.0 / 5.0
+    acc = acc * w2 + 1.0 / 3.0
+    acc = acc * w2 + 1.0
+    return 2.0 * w * acc
+
+
+@triton.jit
+def _merge_partials_kernel(
+    m_ptr, s_ptr, so_ptr, t_ptr, xl_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, N, S,
+    FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Merge [S, N] partials in split order.
+
+    FINAL: o0..o2 = (logp, H, lse). Else o0..o3 = merged (m, s, t, xl) in the vocab-shard format of
+    ``hero_kernels.sharded`` (t UNshifted: sum x e^{x-m}).
+    """
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < N
+    M = tl.full((BLOCK,), float("-inf"), tl.float32)
+    off = rows.to(tl.int64)
+    for _ in range(0, S):
+        M = tl.maximum(M, tl.load(m_ptr + off, mask=mask, other=float("-inf")))
+        off += N
+    # Rows whose partials are all empty keep (-inf, 0, 0); never exp(-inf - (-inf)).
+    M_safe = tl.where(M > float("-inf"), M, 0.0)
+    s = tl.zeros((BLOCK,), tl.float32)
+    so = tl.zeros((BLOCK,), tl.float32)
+    t = tl.zeros((BLOCK,), tl.float32)
+    xl = tl.zeros((BLOCK,), tl.float32)
+    off = rows.to(tl.int64)
+    for _ in range(0, S):
+        mk = tl.load(m_ptr + off, mask=mask, other=float("-inf"))
+        live = mk > float("-inf")
+        a = tl.where(live, tl.exp(mk - M_safe), 0.0)
+        sk = tl.load(s_ptr + off, mask=mask, other=0.0)
+        s += a * sk
+        so += a * tl.load(so_ptr + off, mask=mask, other=0.0)
+        # Rebase the split's shifted t from mk to M: + (mk - M) sk, same sign as t (no cancellation).
+        t += a * (tl.load(t_ptr + off, mask=mask, other=0.0) + tl.where(live, mk - M_safe, 0.0) * sk)
+        xl += tl.load(xl_ptr + off, mask=mask, other=0.0)
+        off += N
+    if FINAL:
+        # Padded lanes (rows >= N) are never stored; s = 1 there keeps log / divide finite.
+        s = tl.where(mask, s, 1.0)
+        # The label's own term e_y = e^{x_y - M}. When it dominates (e_y >= so, i.e. p_y >= 1/2, and then
+        # the label is the row max), log p_y = -log1p(so / e_y) and log s = (x_y - M) + log1p(so / e_y)
+        # keep their relative accuracy as p_y -> 1, where x_y - lse and log(s ~ 1) are rounding noise.
+        dy = xl - M_safe
+        e_y = tl.exp(dy)
+        dom = e_y >= so
+        l1p = _log1p_unit(tl.where(dom, so / tl.where(dom, e_y, 1.0), 0.0))
+        log_s = tl.where(dom, dy + l1p, tl.log(s))
+        # H = log s - t / s: both terms >= 0, so H >= 0 and accurate even when H -> 0.
+        tl.store(o0_ptr + rows, tl.where(dom, -l1p, dy - log_s), mask=mask)
+        tl.store(o1_ptr + rows, log_s - t / s, mask=mask)
+        tl.store(o2_ptr + rows, M + log_s, mask=mask)
+    else:
+        tl.store(o0_ptr + rows, M, mask=mask)
+        tl.store(o1_ptr + rows, s, mask=mask)
+        tl.store(o2_ptr + rows, t + M_safe * s, mask=mask)
+        tl.store(o3_ptr + rows, xl, mask=mask)
+
+
+@triton.jit
+def _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset):
+    """Per-row labels (shard-local), lse, k, c = g + k H and the label-column value (see _dlogits_tile) of
+    the clamped rows."""
+    labels = tl.load(labels_ptr + rows_c) - label_offset
+    lse = tl.load(lse_ptr + rows_c)
+    return labels, lse, tl.load(k_ptr + rows_c), tl.load(c_ptr + rows_c), tl.load(lab_ptr + rows_c)
+
+
+@triton.jit
+def _bwd_dz_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dz_ptr,
+    N, D, V, stride_h, stride_w, stride_dz, label_offset, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, LABEL_STATS: tl.constexpr,
+):
+    """dz [N, V] (input dtype, row stride stride_dz) of one chunk of N rows: the logits GEMM with the dz
+    epilogue, so the logits exist only as fp32 registers and dz is written once, rounded once.
+
+    Row-block-fastest order: the programs of a wave share one W tile (read once from HBM) and the chunk's
+    hidden rows (N x D, ~12 MB at C = 1536, D = 4096) stay in L2.
+    """
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % row_blocks
+    pid_v = pid // row_blocks
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows_c = tl.minimum(rows, N - 1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols_c = tl.minimum(cols, V - 1)
+    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
+                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS)
+    out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _bwd_atomic_kernel(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, D, V, stride_h, stride_w, label_offset, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    LABEL_STATS: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    """One (row block, vocab block) tile: dh, dW, db via fp32 atomic_add (NOT deterministic).
+
+    dh: fp32 [N, D], dw: fp32 [V, D], db: fp32 [V]; all zero-filled and contiguous. Grouped order: a wave
+    covers GROUP_N row blocks x (wave / GROUP_N) vocab blocks, so the accumulator tiles being added to
+    are few enough to stay in L2. Relaxed atomics: no ordering is needed between the adds, only atomicity
+    (acq_rel would add a fence and an L1 invalidate per atomic).
+    """
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    vocab_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * vocab_blocks
+    first_n = (pid // per_group) * GROUP_N
+    group_rows = tl.minimum(row_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows_c = tl.minimum(rows, N - 1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols_c = tl.minimum(cols, V - 1)
+    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
+                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
+                       LABEL_STATS)
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    dz_c = dz.to(w_ptr.dtype.element_ty)
+    dz_t = tl.trans(dz_c)
+    ds = tl.arange(0, BLOCK_D)
+    w_ptrs = w_ptr + cols_c.to(tl.int64)[:, None] * stride_w + ds[None, :]
+    h_ptrs = h_ptr + rows_c.to(tl.int64)[:, None] * stride_h + ds[None, :]
+    dh_ptrs = dh_ptr + rows_c.to(tl.int64)[:, None] * D + ds[None, :]
+    dw_ptrs = dw_ptr + cols_c.to(tl.int64)[:, None] * D + ds[None, :]
+    zero = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    zero_t = tl.zeros((BLOCK_V, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_mask = ds[None, :] < D - d0
+        w = tl.load(w_ptrs, mask=d_mask, other=0.0)
+        h = tl.load(h_ptrs, mask=d_mask, other=0.0)
+        tl.atomic_add(dh_ptrs, _mma(dz_c, w, zero, DOT_PRECISION, UPCAST_DOT), mask=row_mask[:, None] & d_mask,
+                      sem="relaxed")
+        tl.atomic_add(dw_ptrs, _mma(dz_t, h, zero_t, DOT_PRECISION, UPCAST_DOT), mask=col_mask[:, None] & d_mask,
+                      sem="relaxed")
+        w_ptrs += BLOCK_D
+        h_ptrs += BLOCK_D
+        dh_ptrs += BLOCK_D
+        dw_ptrs += BLOCK_D
+
+
+#: Whether @triton.jit produced interpreter functions (TRITON_INTERPRET=1 when this module was imported).
+INTERPRETED = type(_fwd_partials_kernel).__name__ == "InterpretedFunction"

@@ -1,0 +1,425 @@
+"""Launchers of the fused LM head on Triton, and ``plan``: the one description of what they launch.
+
+``plan(N, D, V, dtype, ...)`` turns a shape into a list of ``KernelLaunch`` (grid, tiles, vocab splits,
+chunk size, FLOPs, HBM bytes under a stated L2 assumption); ``forward`` / ``forward_partials`` /
+``backward`` call it and launch exactly what it says, and ``benchmarks/roofline.py`` calls it without a
+GPU. Design and numbers: the package docstring (``hero_kernels/backends/triton/linear/__init__.py``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+
+from hero_kernels.backends import gemm
+from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch
+from hero_kernels.options import RowOptions
+
+from . import kernels as K
+from .config import GROUP_N, MERGE_BLOCK, LinearEntropyConfig, default_config, forward_splits
+
+__all__ = ["plan", "forward", "forward_partials", "backward"]
+
+_TL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# ----------------------------------------------------------------------------------------------
+# the plan
+# ----------------------------------------------------------------------------------------------
+def _forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig, sms: int,
+                  final: bool = True) -> List[KernelLaunch]:
+    t = cfg.fwd
+    row_blocks = triton.cdiv(N, t.block_n)
+    S = forward_splits(row_blocks, V, t.block_v, sms, cfg.vocab_splits)
+    per = triton.cdiv(triton.cdiv(V, S), t.block_v) * t.block_v
+    S = triton.cdiv(V, per)  # no empty split
+    # One CTA per SM (a 128 x 128 fp32 accumulator + the tile epilogue fill the register file), so a wave
+    # is `sms` programs: ~sms / S row blocks x S splits. Each wave reads its hidden blocks once (they stay
+    # in L2: (sms / S) x BLOCK_N x D x e bytes, 11 MB at the flagship shape) and streams W once, each W
+    # tile shared by the wave's row blocks in L2 (the programs sweep their splits in lockstep).
+    wave_rows = max(1, sms // S)
+    w_passes = triton.cdiv(row_blocks, wave_rows)
+    hbm = N * D * e + w_passes * V * D * e + (w_passes * V * e if has_bias else 0) + 8 * N + 20 * S * N
+    note = (f"hidden block of a row block shared by its S={S} co-resident split programs "
+            f"(wave working set {min(wave_rows, row_blocks) * t.block_n * D * e / 2**20:.1f} MiB of hidden "
+            f"+ in-flight W tiles, < 50 MB L2); W streamed from HBM once per wave of {wave_rows} row blocks "
+            f"({w_passes} passes)")
+    meta = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "splits": S,
+            "cols_per_split": per}
+    out = [KernelLaunch("_fwd_partials_kernel", (row_blocks * S,), "gemm", 2.0 * N * D * V, hbm, note,
+                        t.num_warps, t.num_stages, meta)]
+    out.append(KernelLaunch("_merge_partials_kernel", (triton.cdiv(N, MERGE_BLOCK),), "stream", 0.0,
+                            20 * S * N + (12 if final else 16) * N, "partials read once", 4, 1,
+                            {"BLOCK": MERGE_BLOCK, "splits": S, "FINAL": int(final)}))
+    return out
+
+
+def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig) -> List[KernelLaunch]:
+    t = cfg.atomic
+    rb, vb = triton.cdiv(N, t.block_n), triton.cdiv(V, t.block_v)
+    l2_atomic = 4.0 * N * V * D * (1.0 / t.block_v + 1.0 / t.block_n)
+    note = (f"grouped order ({GROUP_N} row blocks per group) keeps the dh / dW tiles being added to in L2; "
+            f"HBM: operands once per group + fp32 dh / dW written back once. NOT modeled: "
+            f"{l2_atomic / 1e9:.0f} GB of fp32 atomics into L2 (the real bound of this design)")
+    hbm = N * D * e * 2 + triton.cdiv(rb, GROUP_N) * V * D * e + 8 * (N * D + V * D) + (8 * V if has_bias else 0)
+    return [
+        KernelLaunch("zero_fill", (), "stream", 0.0, 4 * (N * D + V * D), "fp32 dh / dW zeroed", external=True),
+        KernelLaunch("_bwd_atomic_kernel", (rb * vb,), "gemm", 6.0 * N * D * V, hbm, note, t.num_warps,
+                     t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k,
+                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N}),
+        KernelLaunch("cast_grads", (), "stream", 0.0, (4 + e) * (N * D + V * D), "fp32 -> input dtype",
+                     external=True),
+    ]
+
+
+def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
+         need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
+         sms: Optional[int] = None) -> List[KernelLaunch]:
+    """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D
+    (a multiple of 16 after the launcher's padding) and V vocabulary rows.
+
+    deterministic=True (default): the chunked backward (``hero_kernels.backends.gemm``): per chunk of C
+    rows ``_bwd_dz_kernel`` (logits GEMM + dz epilogue, dz written once), cuBLAS dh and dW GEMMs. False
+    (with both gradients wanted): the fused atomic kernel. sms: SM count of the target (default: an H100's 132).
+    """
+    dt = gemm.as_dtype(dtype)
+    cfg = config or default_config(dt)
+    if config is not None:
+        deterministic = cfg.deterministic
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    e = torch.finfo(dt).bits // 8
+    sms = sms or GPU_SPECS["h100"].sms
+    out: List[KernelLaunch] = []
+    if N <= 0:
+        return out
+    if pass_ in ("fwd", "fwd+bwd"):
+        out += _forward_plan(N, D, V, e, has_bias, cfg, sms)
+    if pass_ == "fwd" or not (need_dh or need_dw):
+        return out
+    if not deterministic and need_dh and need_dw:
+        return out + _atomic_plan(N, D, V, e, has_bias, cfg)
+    C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
+    t = cfg.fwd
+
+    def dz(c: int, reps: int) -> List[KernelLaunch]:
+        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
+        # Row-block-fastest order: each W tile is read from HBM once per chunk, the chunk's hidden rows
+        # (c x D x e) stay in L2; dz is written once.
+        note = (f"W streamed once per chunk (a wave shares each tile), chunk hidden rows "
+                f"{c * D * e / 2**20:.1f} MiB L2-resident, dz [C, V] written once")
+        return [KernelLaunch("_bwd_dz_kernel", grid, "gemm", 2.0 * c * D * V,
+                             c * D * e + V * D * e + c * V * e + 20 * c + (V * e if has_bias else 0), note,
+                             t.num_warps, t.num_stages,
+                             {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c},
+                             repeats=reps)]
+
+    return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
+                                            need_dw=need_dw)
+
+
+def _entry(launches: List[KernelLaunch], name: str) -> KernelLaunch:
+    return next(x for x in launches if x.name == name)
+
+
+# ----------------------------------------------------------------------------------------------
+# input preparation
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> Optional[int]:
+    """SM count of a CUDA device; None elsewhere (the interpreter plans for an H100)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """True only under the Triton interpreter with bf16 inputs (see ``kernels._mma``)."""
+    return dtype == torch.bfloat16 and K.INTERPRETED
+
+
+def _dot_precision(dtype: torch.dtype, cfg: LinearEntropyConfig) -> str:
+    return "tf32" if (dtype == torch.float32 and cfg.allow_tf32) else "ieee"
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor) -> None:
+    if hidden.dtype not in _TL_DTYPES:
+        raise TypeError(f"hidden must be bf16, fp16 or fp32, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
+
+
+# Every forward launch keeps D, the row strides and the base addresses multiples of 16 (elements / bytes),
+# so Triton always picks its aligned specialization (vectorized 16-byte loads): the one the sm_80 / sm_90a
+# compile checks cover (``compile.compile_attrs``). Odd D is zero-padded, which adds nothing to any dot.
+_ALIGN = 16
+
+
+def _aligned_2d(x: Tensor, D_pad: int) -> Tensor:
+    """x [R, D] -> [R, D_pad]: last-dim stride 1, row stride % 16 == 0, 16-byte aligned base."""
+    if D_pad != x.shape[1]:
+        return torch.nn.functional.pad(x, (0, D_pad - x.shape[1]))
+    if x.stride(1) == 1 and (x.shape[0] <= 1 or x.stride(0) % _ALIGN == 0) and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _aligned_1d(x: Tensor) -> Tensor:
+    if x.stride(0) == 1 and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _prepare(hidden, weight, bias, labels, ignore_index, align: bool = True):
+    """(valid-row idx | None, h [n, D'], weight [V, D'], bias | None, labels [n]) ready for launch.
+    align: D' = D rounded up to 16 and 16-byte aligned rows (the Triton GEMM kernels); else only last-dim
+    stride 1 (cuBLAS and the row kernel need nothing more)."""
+    valid = labels != ignore_index
+    idx = torch.nonzero(valid).squeeze(1)
+    if idx.numel() == labels.numel():
+        idx, h, lab = None, hidden, labels
+    else:
+        h, lab = hidden.index_select(0, idx), labels.index_select(0, idx)
+    if align:
+        D_pad = triton.cdiv(hidden.shape[1], _ALIGN) * _ALIGN
+        h, weight = _aligned_2d(h, D_pad), _aligned_2d(weight, D_pad)
+        bias = _aligned_1d(bias) if bias is not None else None
+    else:
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+    return idx, h, weight, bias, _aligned_1d(lab.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final: bool):
+    """(logp, H, lse) when final, else merged (m, s, t, label_x): separate fp32 [n] tensors (the public
+    custom op may not return outputs that alias each other). h [n, D] compact rows."""
+    n, D = h.shape
+    V = weight.shape[0]
+    fwd, merge = _forward_plan(n, D, V, h.element_size(), bias is not None, cfg, _device_sms(h.device) or
+                               GPU_SPECS["h100"].sms, final)
+    S, t = fwd.meta["splits"], cfg.fwd
+    parts = torch.empty((5, S, n), dtype=torch.float32, device=h.device)
+    K._fwd_partials_kernel[fwd.grid](
+        h, weight, bias if bias is not None else weight, labels,
+        parts[0], parts[1], parts[2], parts[3], parts[4],
+        n, D, V, h.stride(0), weight.stride(0), fwd.meta["cols_per_split"], S, label_offset, inv_temp,
+        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
+        num_warps=fwd.num_warps, num_stages=fwd.num_stages,
+    )
+    out = tuple(torch.empty(n, dtype=torch.float32, device=h.device) for _ in range(3 if final else 4))
+    K._merge_partials_kernel[merge.grid](
+        parts[0], parts[1], parts[2], parts[3], parts[4], out[0], out[1], out[2], out[0] if final else out[3],
+        n, S, FINAL=final, BLOCK=merge.meta["BLOCK"], num_warps=merge.num_warps,
+    )
+    return out
+
+
+def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
+            config: Optional[LinearEntropyConfig] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp, H, lse), each fp32 [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None, labels [N]."""
+    _check(hidden, weight, bias, labels)
+    cfg = config or default_config(hidden.dtype)
+    N = hidden.shape[0]
+    idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    if h.shape[0] == 0:
+        return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
+    if idx is None:
+        return res
+    return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, r) for r in res)
+
+
+def forward_partials(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
+                     vocab_start: int = 0, config: Optional[LinearEntropyConfig] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row partials (m, s, t, label_x) of a vocab shard, each fp32 [N].
+
+    weight [V_local, D] holds global vocab rows [vocab_start, vocab_start + V_local); labels are global
+    ids. label_x is x[label] when the label is in the shard, else 0. Masked rows: (-inf, 0, 0, 0).
+    Merge shards with ``hero_kernels.sharded.merge_stacked_partials``.
+    """
+    _check(hidden, weight, bias, labels)
+    cfg = config or default_config(hidden.dtype)
+    N = hidden.shape[0]
+    idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    if h.shape[0] > 0:
+        res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), int(vocab_start), cfg, final=False)
+        if idx is None:
+            return res
+    out = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
+    out[0].fill_(float("-inf"))
+    if h.shape[0] > 0:
+        for o, r in zip(out, res):
+            o.index_copy_(0, idx, r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, gh_dtype,
+                      need_dh: bool, need_dw: bool):
+    """The deterministic backward: per chunk of C rows, ``_bwd_dz_kernel`` writes dz [C, V] (input dtype),
+    then cuBLAS dh_c = dz @ W (written once) and dW += dz^T h_c (fp32, see ``hero_kernels.backends.gemm``).
+    h [n, D] compact rows, w [V, D]; stats: fp32 [n] (lse, H, g, k, lab | None).
+    Returns (dh [n, D] gh_dtype | None, dW fp32 [V, D] | None, db fp32 [V] | None)."""
+    n, D = h.shape
+    V = w.shape[0]
+    lse, H, g, k, lab = stats
+    c_row = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
+    label_stats = lab is not None
+    dz_launch = _entry(launches, "_bwd_dz_kernel")
+    C, t = dz_launch.meta["chunk_rows"], cfg.fwd
+    V_pad = triton.cdiv(V, _ALIGN) * _ALIGN  # 16-aligned rows of the chunk buffer (vector stores, cuBLAS)
+    buf = torch.empty((min(C, n), V_pad), dtype=h.dtype, device=h.device)
+    dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
+    # The first chunk writes dW / db (beta = 0), the others accumulate: no zero-fill pass over [V, D].
+    dW = torch.empty((V, D), dtype=torch.float32, device=h.device) if need_dw else None
+    db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
+    for s in range(0, n, C):
+        e = min(n, s + C)
+        c, h_c = e - s, h[s:e]
+        z = buf[:c, :V]
+        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
+        K._bwd_dz_kernel[grid](
+            h_c, w, b if b is not None else w, labs[s:e], lse[s:e], k[s:e], c_row[s:e],
+            (lab if label_stats else g)[s:e], z,
+            c, D, V, h.stride(0), w.stride(0), buf.stride(0), int(vocab_start), float(opts.inv_temperature),
+            HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
+            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, LABEL_STATS=label_stats,
+            num_warps=dz_launch.num_warps, num_stages=dz_launch.num_stages,
+        )
+        if dh is not None:
+            gemm.mm_into(z, w, dh[s:e])
+        if dW is not None:
+            gemm.mm_into(z.t(), h_c, dW) if s == 0 else gemm.accumulate_dw(dW, z, h_c)
+        if db is not None:
+            torch.sum(z, 0, dtype=torch.float32, out=db) if s == 0 else db.add_(z.sum(0, dtype=torch.float32))
+    return dh, dW, db
+
+
+def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launch: KernelLaunch, cfg):
+    n, D = h.shape
+    V = w.shape[0]
+    lse, H, g, k, lab = stats
+    c = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
+    label_stats = lab is not None
+    dh = torch.zeros((n, D), dtype=torch.float32, device=h.device)
+    dW = torch.zeros((V, D), dtype=torch.float32, device=h.device)
+    db = torch.zeros((V,), dtype=torch.float32, device=h.device) if b is not None else None
+    t = cfg.atomic
+    K._bwd_atomic_kernel[launch.grid](
+        h, w, b if b is not None else w, labs, lse, k, c, lab if label_stats else g, dh, dW,
+        db if db is not None else lse,
+        n, D, V, h.stride(0), w.stride(0), int(vocab_start), float(opts.inv_temperature),
+        HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
+        LABEL_STATS=label_stats, GROUP_N=launch.meta["GROUP_N"], num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+    )
+    return dh, dW, db
+
+
+def backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    H: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_H: Optional[Tensor],
+    opts: RowOptions,
+    config: Optional[LinearEntropyConfig] = None,
+    vocab_start: int = 0,
+    grad_hidden_dtype: Optional[torch.dtype] = None,
+    *,
+    logp: Optional[Tensor] = None,
+    need_dh: bool = True,
+    need_dw: bool = True,
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_hidden [N, D], grad_weight [V, D] in weight.dtype, grad_bias [V] | None).
+
+    need_dh=False: grad_hidden is None and no dh GEMM runs. need_dw=False: grad_weight and grad_bias are
+    None, no fp32 [V, D] buffer and no dW GEMM. The atomic kernel (``deterministic=False``) writes both, so
+    with only one gradient wanted the chunked path runs instead.
+
+    lse, H: fp32 [N] saved by the forward (GLOBAL values when weight is a vocab shard starting at
+    ``vocab_start``; then grad_hidden is this shard's share, to be summed over shards).
+    grad_logp, grad_H: fp32 [N] upstream gradients (None = 0). grad_hidden_dtype: defaults to hidden.dtype
+    (pass torch.float32 for shards).
+    logp: fp32 [N], the forward's (accurate) log p(label), GLOBAL like lse / H. Given, the label column
+    takes 1 - p_y = -expm1(logp) and log p_y = logp from it (accurate as p_y -> 1); None (e.g. vocab
+    shards without it) keeps the tile's 1 - e^{x_y - lse}, which is rounding noise when p_y -> 1.
+    """
+    _check(hidden, weight, bias, labels)
+    if not (need_dh or need_dw):
+        return None, None, None
+    cfg = config or default_config(hidden.dtype)
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    gh_dtype = grad_hidden_dtype or hidden.dtype
+    atomic = not cfg.deterministic and need_dh and need_dw
+    idx, h, w, b, labs = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    n = h.shape[0]
+    if n == 0:
+        return (torch.zeros((N, D), dtype=gh_dtype, device=dev) if need_dh else None,
+                torch.zeros_like(weight) if need_dw else None,
+                torch.zeros_like(bias) if (bias is not None and need_dw) else None)
+    zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    label_stats = logp is not None
+    stats = (lse, H, grad_logp if grad_logp is not None else zeros, grad_H if grad_H is not None else zeros,
+             logp if label_stats else zeros)
+    if idx is not None:
+        stats = tuple(x.index_select(0, idx) for x in stats)
+    lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float32).contiguous()) for x in stats)
+    # The label column's value from the forward's accurate logp: g (1 - p_y) - k p_y (log p_y + H), with
+    # 1 - p_y = -expm1(logp) (no cancellation as p_y -> 1); p_y = 0 (a masked label) gives no 0 * inf.
+    lab = None
+    if label_stats:
+        p_y = torch.exp(lp)
+        lab = -torch.expm1(lp) * g - k * torch.where(p_y > 0, p_y * (lp + H_), torch.zeros_like(p_y))
+    stats = (lse_, H_, g, k, lab)
+    launches = plan(n, h.shape[1], V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
+                    need_dw=need_dw, config=cfg, sms=_device_sms(dev))
+    if atomic:
+        dh, dW, db = _atomic_backward(h, w, b, labs, stats, opts, vocab_start,
+                                      _entry(launches, "_bwd_atomic_kernel"), cfg)
+        dh = dh.to(gh_dtype)
+    else:
+        dh, dW, db = _chunked_backward(h, w, b, labs, stats, opts, vocab_start, launches, cfg, gh_dtype,
+                                       need_dh, need_dw)
+    grad_hidden = grad_weight = grad_bias = None
+    if dh is not None:
+        dh = dh[:, :D]
+        if idx is None:
+            grad_hidden = dh.contiguous()
+        else:
+            grad_hidden = torch.zeros((N, D), dtype=gh_dtype, device=dev).index_copy_(0, idx, dh)
+    if dW is not None:
+        dW = dW[:, :D]
+        grad_weight = dW if (weight.dtype == torch.float32 and dW.is_contiguous()) else \
+            dW.to(weight.dtype, memory_format=torch.contiguous_format)
+        grad_bias = db.to(bias.dtype) if bias is not None else None
+    return grad_hidden, grad_weight, grad_bias
