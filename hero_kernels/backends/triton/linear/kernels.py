@@ -250,6 +250,27 @@ def _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
 
 
 @triton.jit
+def _dz_tile(
+    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h, stride_w,
+    label_offset, inv_temp, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, LABEL_STATS: tl.constexpr,
+):
+    """(rows, row_mask, rows_c, cols, col_mask, cols_c, dz fp32 [BLOCK_N, BLOCK_V]) of tile (pid_n, pid_v):
+    the logits recomputed in registers, then ``_dlogits_tile``."""
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows_c = tl.minimum(rows, N - 1)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    cols_c = tl.minimum(cols, V - 1)
+    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
+    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
+                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS)
+    return rows, row_mask, rows_c, cols, col_mask, cols_c, dz
+
+
+@triton.jit
 def _bwd_dz_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, dz_ptr,
     N, D, V, stride_h, stride_w, stride_dz, label_offset, inv_temp,
@@ -266,16 +287,10 @@ def _bwd_dz_kernel(
     row_blocks = tl.cdiv(N, BLOCK_N)
     pid_n = pid % row_blocks
     pid_v = pid // row_blocks
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols_c = tl.minimum(cols, V - 1)
-    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
-    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
-                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS)
+    rows, row_mask, rows_c, cols, col_mask, cols_c, dz = _dz_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h,
+        stride_w, label_offset, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K,
+        LABEL_STATS)
     out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -303,17 +318,10 @@ def _bwd_atomic_kernel(
     group_rows = tl.minimum(row_blocks - first_n, GROUP_N)
     pid_n = first_n + (pid % per_group) % group_rows
     pid_v = (pid % per_group) // group_rows
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols_c = tl.minimum(cols, V - 1)
-    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
-    x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
-                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
-                       LABEL_STATS)
+    rows, row_mask, rows_c, cols, col_mask, cols_c, dz = _dz_tile(
+        h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h,
+        stride_w, label_offset, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K,
+        LABEL_STATS)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     dz_c = dz.to(w_ptr.dtype.element_ty)
