@@ -62,22 +62,24 @@ def chunk_rows(n: int, D: int, V: int, elem: int, forced: Optional[int] = None) 
     return min(c, -(-(-(-n // chunks)) // 16) * 16)
 
 
-#: Does this torch run a 16-bit GEMM with an fp32 output (``out_dtype``; CUDA builds only)? None = untried.
-OUT_DTYPE_MM = {"ok": None}
+#: Does this torch run a 16-bit GEMM with an fp32 output (``out_dtype``; CUDA builds only)? Per call form:
+#: "ok" = torch.mm(..., out_dtype), "addmm" = torch.addmm(C, ..., out_dtype, out=C). None = untried.
+OUT_DTYPE_MM = {"ok": None, "addmm": None}
 
 
-def _out_dtype_call(fn) -> bool:
-    """Run ``fn`` (a GEMM with out_dtype=float32) once it is known to work; False where torch lacks it."""
-    if OUT_DTYPE_MM["ok"] is False:
+def _out_dtype_call(key: str, fn) -> bool:
+    """Run ``fn`` (a GEMM with out_dtype=float32) unless it is known not to work; False where torch lacks
+    it (argument checks fail before any write). An error after a first success is a real error."""
+    if OUT_DTYPE_MM.get(key) is False:
         return False
     try:
         fn()
     except (RuntimeError, TypeError, NotImplementedError):
-        if OUT_DTYPE_MM["ok"]:
+        if OUT_DTYPE_MM.get(key):
             raise
-        OUT_DTYPE_MM["ok"] = False
+        OUT_DTYPE_MM[key] = False
         return False
-    OUT_DTYPE_MM["ok"] = True
+    OUT_DTYPE_MM[key] = True
     return True
 
 
@@ -92,7 +94,7 @@ def accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor, slice_rows: int = 16384) ->
         dW.addmm_(dz.t(), h.to(dW.dtype))
         return
     if dW.dtype == torch.float32 and _out_dtype_call(
-            lambda: torch.addmm(dW, dz.t(), h, out_dtype=torch.float32, out=dW)):
+            "addmm", lambda: torch.addmm(dW, dz.t(), h, out_dtype=torch.float32, out=dW)):
         return
     h_up = h.to(dW.dtype)
     for v0 in range(0, dW.shape[0], slice_rows):
@@ -104,7 +106,8 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     ``out`` where torch offers ``out_dtype``; else upcast operands)."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
-    elif out.dtype == torch.float32 and _out_dtype_call(lambda: torch.mm(a, b, out_dtype=torch.float32, out=out)):
+    elif out.dtype == torch.float32 and _out_dtype_call(
+            "ok", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out)):
         return
     else:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)

@@ -37,7 +37,7 @@ CHUNK_BYTES = 1 << 30
 #: Vocab rows per upcast slice where torch has no fp32-output 16-bit GEMM (bounds that fallback's buffer).
 DW_SLICE = 16384
 
-_OUT_DTYPE_MM = gemm.OUT_DTYPE_MM  # does torch.mm(..., out_dtype=float32) work here? None until first try
+_OUT_DTYPE_MM = gemm.OUT_DTYPE_MM  # which fp32-output 16-bit GEMM forms torch has here (None: untried)
 _ROW_THREADS = 256  # csrc row kernels: threads per row block
 
 

@@ -24,9 +24,10 @@ _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")
 _I64 = ("labels_ptr", "label_offset")
 #: Arguments every launch keeps divisible by 16 (see launch._prepare): pointers (16-byte aligned), D and
-#: the row strides (padded), cols_per_split (a multiple of BLOCK_V). Triton's runtime specializes on
-#: exactly this, so compiling with these attributes reproduces the code that runs on the GPU.
-_ALIGNED_INTS = ("D", "stride_h", "stride_w", "cols_per_split")
+#: the row strides (padded; the dz chunk buffer's rows too), cols_per_split (a multiple of BLOCK_V).
+#: Triton's runtime specializes on exactly this, so compiling with these attributes reproduces the code
+#: that runs on the GPU.
+_ALIGNED_INTS = ("D", "stride_h", "stride_w", "stride_dz", "cols_per_split")
 
 
 def _params(fn) -> List[tuple]:
