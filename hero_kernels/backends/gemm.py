@@ -101,16 +101,18 @@ def accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor, slice_rows: int = 16384) ->
         dW[v0:v0 + slice_rows].addmm_(dz[:, v0:v0 + slice_rows].t().to(dW.dtype), h_up)
 
 
-def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+def mm_into(a: Tensor, b: Tensor, out: Tensor, slice_rows: int = 16384) -> None:
     """out = a @ b with fp32 accumulation, written once in out.dtype (a 16-bit GEMM straight into an fp32
-    ``out`` where torch offers ``out_dtype``; else upcast operands)."""
+    ``out`` where torch offers ``out_dtype``; else upcast operands, ``slice_rows`` rows of a at a time)."""
     if out.dtype == a.dtype:
         torch.mm(a, b, out=out)
     elif out.dtype == torch.float32 and _out_dtype_call(
             "ok", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out)):
         return
     else:
-        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+        b_up = b.to(out.dtype)
+        for r0 in range(0, a.shape[0], slice_rows):
+            torch.mm(a[r0:r0 + slice_rows].to(out.dtype), b_up, out=out[r0:r0 + slice_rows])
 
 
 def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches, *, has_bias: bool,
