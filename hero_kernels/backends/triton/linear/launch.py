@@ -209,13 +209,13 @@ def _prepare(hidden, weight, bias, labels, ignore_index, align: bool = True):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final: bool):
-    """(logp, H, lse) when final, else merged (m, s, t, label_x): separate fp32 [n] tensors (the public
-    custom op may not return outputs that alias each other). h [n, D] compact rows."""
+def _launch_partials(h, weight, bias, labels, inv_temp, label_offset, cfg) -> Tuple[Tensor, int]:
+    """Unmerged per-split partials (m, s, so, t, xl) as fp32 [5, S, n], and S, for compact rows h [n, D]
+    (also used by ``hero_kernels.sharded``, which merges the splits like shards)."""
     n, D = h.shape
     V = weight.shape[0]
-    fwd, merge = _forward_plan(n, D, V, h.element_size(), bias is not None, cfg, _device_sms(h.device) or
-                               GPU_SPECS["h100"].sms, final)
+    fwd = _forward_plan(n, D, V, h.element_size(), bias is not None, cfg,
+                        _device_sms(h.device) or GPU_SPECS["h100"].sms)[0]
     S, t = fwd.meta["splits"], cfg.fwd
     parts = torch.empty((5, S, n), dtype=torch.float32, device=h.device)
     K._fwd_partials_kernel[fwd.grid](
@@ -226,6 +226,17 @@ def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final:
         BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
+    return parts, S
+
+
+def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final: bool):
+    """(logp, H, lse) when final, else merged (m, s, t, label_x): separate fp32 [n] tensors (the public
+    custom op may not return outputs that alias each other). h [n, D] compact rows."""
+    n = h.shape[0]
+    parts, S = _launch_partials(h, weight, bias, labels, inv_temp, label_offset, cfg)
+    merge = _forward_plan(n, h.shape[1], weight.shape[0], h.element_size(), bias is not None, cfg,
+                          _device_sms(h.device) or GPU_SPECS["h100"].sms, final)[1]
+    assert merge.meta["splits"] == S
     out = tuple(torch.empty(n, dtype=torch.float32, device=h.device) for _ in range(3 if final else 4))
     K._merge_partials_kernel[merge.grid](
         parts[0], parts[1], parts[2], parts[3], parts[4], out[0], out[1], out[2], out[0] if final else out[3],
