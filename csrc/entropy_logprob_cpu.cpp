@@ -123,11 +123,16 @@ HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64
     A bm = neg_inf<A>();
 #pragma omp simd reduction(max : bm)
     for (int j = 0; j < n; ++j) {
-      const A x = to_acc(zb[j]) * inv_tau;
+      const A x = scale_(to_acc(zb[j]), inv_tau);
       buf[j] = x;
       bm = bm > x ? bm : x;
     }
-    if (bm == neg_inf<A>()) continue;  // every column -inf: no mass, and x - m would be NaN
+    if (bm == neg_inf<A>()) {  // every column -inf (no mass; x - m would be NaN), or NaN among -inf
+      bool nan = false;        // rare path: a scalar scan, so NaN still reaches the result
+      for (int j = 0; j < n; ++j) nan = nan || buf[j] != buf[j];
+      if (nan) acc.r = static_cast<double>(NAN);
+      continue;
+    }
     // Block partial (bm, br, bu): br leaves out one argmax (ties counted separately, exact), so a
     // dominant logit's tiny remaining mass is not rounded away against 1.
     A br = A(0), bt = A(0), bu = A(0);
@@ -146,7 +151,7 @@ HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64
   double lse, H;
   finalize(acc, lse, H);
   // Same float product as in the loop, so x_y - m is exactly 0 when y is the argmax.
-  const A x_y = to_acc(z[y]) * inv_tau;
+  const A x_y = scale_(to_acc(z[y]), inv_tau);
   *out_logp = static_cast<float>(logprob(acc, static_cast<double>(x_y)));
   *out_H = static_cast<float>(H);
   *out_lse = static_cast<float>(lse);
@@ -157,7 +162,7 @@ HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_ta
                    float H_f, float g_f, float k_f) {
   using A = typename AccOf<T>::type;
   const A lse = lse_f, H = H_f, g = g_f, k = k_f;
-  const A x_y = to_acc(z[y]) * inv_tau;  // read before the loop: out may alias z
+  const A x_y = scale_(to_acc(z[y]), inv_tau);  // read before the loop: out may alias z
   double q = 0.0;                        // sum_{j != y} p_j, block sums in A, total in double
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - j0));
@@ -168,7 +173,7 @@ HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_ta
     // Same-index read-then-write, so in-place (ob == zb) is safe under simd.
 #pragma omp simd reduction(+ : bq)
     for (int j = 0; j < n; ++j) {
-      const A x = to_acc(zb[j]) * inv_tau;
+      const A x = scale_(to_acc(zb[j]), inv_tau);
       const A p = prob(x, lse);
       bq += j != yb ? p : A(0);
       ob[j] = from_acc<O>(grad_other(x, p, lse, H, g, k, inv_tau));
@@ -182,6 +187,16 @@ template <typename O>
 HK_HD void zero_row(O* out, int64_t V) {
   std::memset(static_cast<void*>(out), 0, static_cast<size_t>(V) * sizeof(O));  // all-zero bits == +0
 }
+
+template <typename O>
+HK_HD void nan_row(O* out, int64_t V) {
+  const O v = from_acc<O>(static_cast<typename AccOf<O>::type>(NAN));
+  for (int64_t j = 0; j < V; ++j) out[j] = v;
+}
+
+// A label outside [0, V) that is not ignore_index: NaN outputs / a NaN gradient row, never a wild read.
+// (The Python op raises on such labels first under hero_kernels.checks(labels=True), the default.)
+HK_HD bool bad_label(int64_t y, int64_t V) { return y < 0 || y >= V; }
 
 // ---------------------------------------------------------------------------------------------
 // row ranges (the multiversioned entry points)
@@ -198,6 +213,10 @@ HK_HD void fwd_range(const T* logits, int64_t row_stride, const int64_t* labels,
       lse[i] = 0.f;
       continue;
     }
+    if (bad_label(y, V)) {
+      logp[i] = H[i] = lse[i] = nan_();
+      continue;
+    }
     fwd_row<T>(logits + i * row_stride, V, static_cast<A>(inv_tau), y, logp + i, H + i, lse + i);
   }
 }
@@ -212,6 +231,10 @@ HK_HD void bwd_range(const T* logits, int64_t row_stride, const int64_t* labels,
     O* o = out + i * out_row_stride;
     if (y == ignore_index) {
       zero_row<O>(o, V);
+      continue;
+    }
+    if (bad_label(y, V)) {
+      nan_row<O>(o, V);
       continue;
     }
     bwd_row<T, O>(logits + i * row_stride, o, V, static_cast<A>(inv_tau), y, lse[i], H[i], g[i], k[i]);

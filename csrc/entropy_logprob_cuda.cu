@@ -116,15 +116,19 @@ __device__ __forceinline__ void fwd_chunk(hk::Partial<float>& st, const Pack<T, 
   float lm = hk::neg_inf<float>();
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    x[k] = to_f(v.v[k]) * inv_tau;
-    lm = fmaxf(lm, x[k]);
+    x[k] = hk::scale_(to_f(v.v[k]), inv_tau);
+    lm = fmaxf(lm, x[k]);  // fmaxf drops NaN: a NaN column poisons r through add_column instead
   }
   float designated = 0.f;  // 1 when this chunk raised the max: one of its ties is the partial's argmax
   if (lm > st.m) {         // rare after the first chunks: one extra exp, not one per element
     st = hk::raise_max(st, lm);
     designated = 1.f;
   }
-  if (st.m == hk::neg_inf<float>()) return;  // nothing but -inf so far
+  if (st.m == hk::neg_inf<float>()) {  // nothing but -inf (or NaN) so far: keep a NaN in r (poisoned)
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) st.r += x[k] == hk::neg_inf<float>() ? 0.f : nan_f();
+    return;
+  }
   float ties = 0.f;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) hk::add_column(st, x[k], ties);
@@ -153,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     const T* z = logits + row * row_stride;
     hk::Partial<float> st = hk::empty_partial<float>();
     const int64_t head = head_elems(z, V);
-    if (tid < head) hk::push(st, to_f(z[tid]) * inv_tau);
+    if (tid < head) hk::push(st, hk::scale_(to_f(z[tid]), inv_tau));
     const int64_t nvec = (V - head) / VEC;
     const Pack<T, VEC>* zv = reinterpret_cast<const Pack<T, VEC>*>(z + head);
     int64_t i = tid;
@@ -164,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       fwd_chunk<T, VEC>(st, b, inv_tau);
     }
     if (i < nvec) fwd_chunk<T, VEC>(st, zv[i], inv_tau);
-    for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads) hk::push(st, to_f(z[j]) * inv_tau);
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads) hk::push(st, hk::scale_(to_f(z[j]), inv_tau));
 
     st = block_merge<kThreads>(st, smem);
     if (tid == 0) {
@@ -172,7 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       hk::finalize(st, lse, H);
       out_lse[row] = lse;
       out_H[row] = H;
-      out_logp[row] = hk::logprob(st, to_f(z[y]) * inv_tau);
+      out_logp[row] = hk::logprob(st, hk::scale_(to_f(z[y]), inv_tau));
     }
     __syncthreads();  // smem is reused by the next row
   }
@@ -197,7 +201,7 @@ template <typename T, typename O, int VEC>
 __device__ __forceinline__ void bwd_chunk(const Pack<T, VEC>& v, Pack<O, VEC>& w, int64_t j0, const RowGrad& r,
                                           float& q) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) w.v[k] = grad_at<O>(to_f(v.v[k]) * r.inv_tau, j0 + k, r, q);
+  for (int k = 0; k < VEC; ++k) w.v[k] = grad_at<O>(hk::scale_(to_f(v.v[k]), r.inv_tau), j0 + k, r, q);
 }
 
 template <typename T, typename O, int kThreads>
@@ -220,14 +224,14 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       continue;
     }
     const T* z = logits + row * row_stride;
-    if (tid == 0) smem_xy = to_f(z[y]) * inv_tau;
+    if (tid == 0) smem_xy = hk::scale_(to_f(z[y]), inv_tau);
     __syncthreads();  // in place: z[y] is read before any thread overwrites it
     const RowGrad r{lse[row], H[row], grad_logp[row], grad_H[row], inv_tau, y};
     float q = 0.f;  // sum_{j != y} p_j
     const int64_t head = head_elems(z, V);
     const bool vec_ok = ((reinterpret_cast<uintptr_t>(o + head) & 15u) == 0);
     if (vec_ok) {
-      if (tid < head) o[tid] = grad_at<O>(to_f(z[tid]) * inv_tau, tid, r, q);
+      if (tid < head) o[tid] = grad_at<O>(hk::scale_(to_f(z[tid]), inv_tau), tid, r, q);
       const int64_t nvec = (V - head) / VEC;
       const Pack<T, VEC>* zv = reinterpret_cast<const Pack<T, VEC>*>(z + head);
       Pack<O, VEC>* ov = reinterpret_cast<Pack<O, VEC>*>(o + head);
@@ -247,9 +251,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         bwd_chunk<T, O, VEC>(a, wa, head + i * VEC, r, q);
         ov[i] = wa;
       }
-      for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads) o[j] = grad_at<O>(to_f(z[j]) * inv_tau, j, r, q);
+      for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads) o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), j, r, q);
     } else {  // out's 16-byte phase differs from the logits': coalesced scalar path
-      for (int64_t j = tid; j < V; j += kThreads) o[j] = grad_at<O>(to_f(z[j]) * inv_tau, j, r, q);
+      for (int64_t j = tid; j < V; j += kThreads) o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), j, r, q);
     }
     q = block_sum<kThreads>(q, smem);  // its barrier orders every thread's o[y] write before thread 0's
     if (tid == 0) o[y] = from_f<O>(hk::grad_label(smem_xy, q, r.lse, r.H, r.g, r.k, inv_tau));

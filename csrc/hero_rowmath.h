@@ -10,7 +10,17 @@
 //   lose everything; r keeps the small mass and log1p(r) is accurate.
 // * u instead of t: H = log s - u/s never subtracts two numbers of size |m| (large common offsets).
 // An empty set (or a set of -inf columns) is (m=-inf, r=0, u=0) and merges as the identity, so masked or
-// padded vocabulary columns contribute nothing. A NaN logit propagates (no silent wrong numbers).
+// padded vocabulary columns contribute nothing.
+//
+// Non-finite inputs (one contract for every backend, README "Numerics"): -inf masks a column; a NaN
+// anywhere in a row, a +inf, or a row with no finite column gives NaN logp, H and lse (finalize), and
+// the backward then writes a NaN row. A NaN seen while a partial is still empty is kept as
+// (m = -inf, r = NaN): merge and raise_max carry r and u of an "empty" side instead of dropping them.
+//
+// Rounding: x = z / tau is ONE separately rounded fp32 product (scale_) in the forward and the backward,
+// never contracted into an FMA with the following subtraction: the forward's lse is built from the
+// rounded x, so p_argmax = exp(x - lse) is exactly 1 in a one-hot row only if the backward rounds x the
+// same way. The CUDA side uses __fmul_rn; the CPU build passes -ffp-contract=off.
 //
 // Backward, per column j of a row with label y (docs/design.md section 1.3):
 //   dz_j = inv_tau * [ g (1[j=y] - p_j) - k p_j (log p_j + H) ],  p_j = exp(x_j - lse)
@@ -85,14 +95,29 @@ HK_HD float exp_poly(float x) {
 }
 #endif
 
+// e^x on the device: one MUFU.EX2 of x * log2(e) (ex2.approx, relative error ~2^-22; the ftz flush of
+// results below 2^-126 is harmless for probabilities), instead of expf's ~8-instruction accurate path.
+// Arguments are x - max or x - lse (<= ~0), so no overflow handling is needed.
 HK_HD float exp_(float x) {
 #if defined(__CUDA_ARCH__)
-  return expf(x);
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
 #else
   return exp_poly(x);
 #endif
 }
 HK_HD double exp_(double x) { return exp(x); }
+// x = z * inv_tau, rounded on its own (see the header comment): no FMA contraction with what follows.
+HK_HD float scale_(float z, float inv_tau) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(z, inv_tau);
+#else
+  return z * inv_tau;  // the CPU build passes -ffp-contract=off
+#endif
+}
+HK_HD double scale_(double z, double inv_tau) { return z * inv_tau; }
+HK_HD float nan_() { return static_cast<float>(NAN); }
 HK_HD float log_(float x) { return logf(x); }
 HK_HD double log_(double x) { return log(x); }
 HK_HD float log1p_(float x) { return log1pf(x); }
@@ -135,7 +160,8 @@ HK_HD Partial<A> merge(Partial<A> a, Partial<A> b) {
     a = b;
     b = t;
   }
-  if (b.m == neg_inf<A>()) return a;  // b empty (or both): explicit, since (-inf - m) * 0 is NaN
+  // b empty (or both): explicit, since (-inf - m) * 0 is NaN. b.r / b.u are 0, or NaN for a poisoned b.
+  if (b.m == neg_inf<A>()) return Partial<A>{a.m, a.r + b.r, a.u + b.u};
   const A d = b.m - a.m;
   const A f = exp_(d);
   const A sb = A(1) + b.r;
@@ -146,7 +172,7 @@ HK_HD Partial<A> merge(Partial<A> a, Partial<A> b) {
 // chunk holding M with add_column and settle ties with settle_ties(designated = 1).
 template <typename A>
 HK_HD Partial<A> raise_max(const Partial<A>& p, A M) {
-  if (p.m == neg_inf<A>()) return Partial<A>{M, A(0), A(0)};
+  if (p.m == neg_inf<A>()) return Partial<A>{M, p.r, p.u};  // 0, 0 (or NaN: poisoned) 
   const A d = p.m - M;
   const A f = exp_(d);
   const A s = A(1) + p.r;
@@ -187,20 +213,29 @@ HK_HD Partial<A> from_public(A m, A s, A t) {
   return m == neg_inf<A>() ? empty_partial<A>() : Partial<A>{m, s - A(1), t - m * s};
 }
 
+// A row has a distribution only when its max is finite (not every column -inf, no +inf, no NaN max).
+template <typename A>
+HK_HD bool row_defined(const Partial<A>& p) {
+  return p.m > neg_inf<A>() && p.m < -neg_inf<A>();
+}
+
 // lse = m + log1p(r), H = log1p(r) - u/(1 + r) (>= 0 mathematically: rounding below 0 is clamped, NaN
 // kept). log1p keeps log s accurate when s = 1 + tiny (a dominant logit), where log(s) would be 0.
+// A row without a distribution (row_defined false) gives NaN for both.
 template <typename A>
 HK_HD void finalize(const Partial<A>& p, A& lse, A& H) {
   const A ls = log1p_(p.r);
   lse = p.m + ls;
   const A h = ls - p.u / (A(1) + p.r);
   H = h < A(0) ? A(0) : h;
+  if (!row_defined(p)) lse = H = static_cast<A>(NAN);
 }
 
-// log p_y = (x_y - m) - log1p(r): no rounding of the (possibly large) lse in between.
+// log p_y = (x_y - m) - log1p(r): no rounding of the (possibly large) lse in between. NaN for a row
+// without a distribution; -inf for a masked (-inf) label in a defined row.
 template <typename A>
 HK_HD A logprob(const Partial<A>& p, A x_y) {
-  return (x_y - p.m) - log1p_(p.r);
+  return row_defined(p) ? (x_y - p.m) - log1p_(p.r) : static_cast<A>(NAN);
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -36,8 +36,13 @@ def check_labels_shape(labels: Tensor, expected, what: str) -> None:
 
 
 def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Data check (inside the op): every label in [0, V) or == ignore_index."""
-    if not get_checks().labels or labels.numel() == 0:
+    """Data check (inside the op): every label in [0, V) or == ignore_index.
+
+    ``checks(labels=True)`` always checks; ``labels=False`` never; the default (None) checks CPU tensors
+    only: on a GPU the check would sync the host, and the kernels write a NaN row for such a label instead.
+    """
+    mode = get_checks().labels
+    if mode is False or labels.numel() == 0 or (mode is None and labels.device.type != "cpu"):
         return
     bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
     if bool(bad.any()):
@@ -49,10 +54,16 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int) -> N
 
 
 def check_finite(**tensors) -> None:
-    """Data check (inside the op), only when ``hero_kernels.config.set_checks(finite=True)``."""
+    """Data check (inside the op), only when ``hero_kernels.config.set_checks(finite=True)``: rejects NaN
+    and +inf; -inf is accepted (masked vocabulary: logit processors, top-k / top-p, padded vocab rows)."""
     if not get_checks().finite:
         return
     for name, t in tensors.items():
-        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{name} contains {n} NaN/Inf value(s) (input checking is on)")
+        if t is not None and t.is_floating_point():
+            bad = ~(t < float("inf"))  # NaN or +inf
+            if bool(bad.any()):
+                n = int(bad.sum())
+                raise ValueError(
+                    f"{name} contains {n} NaN/Inf value(s) (NaN or +inf; -inf is accepted as a mask) "
+                    "(input checking is on)"
+                )

@@ -80,7 +80,9 @@ def _build_root() -> Path:
 
 def _flags(with_cuda: bool) -> dict:
     """Compiler / linker flags of one variant (part of the cache key)."""
-    cflags = ["-O3", "-fopenmp"] + (["-DHK_WITH_CUDA"] if with_cuda else [])
+    # -ffp-contract=off: x = z / tau must be rounded on its own in the forward and the backward alike
+    # (csrc/hero_rowmath.h); it also makes every target_clones variant (with and without FMA) agree bitwise.
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off"] + (["-DHK_WITH_CUDA"] if with_cuda else [])
     cuda_cflags = ["-O3", "-lineinfo", "-DHK_WITH_CUDA"] if with_cuda else []
     return {"extra_cflags": cflags, "extra_cuda_cflags": cuda_cflags, "extra_ldflags": ["-fopenmp"]}
 

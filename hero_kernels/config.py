@@ -1,33 +1,37 @@
 """Run-time input checks, switchable globally.
 
-Data-dependent checks (label range, NaN/Inf) read the inputs; on CUDA the label check costs one device
-sync per call. They run inside the custom ops, so they are opaque to torch.compile and never graph-break.
+Data-dependent checks (label range, NaN/+inf) read the inputs; on CUDA each costs one device sync per
+call, so by default the label check runs for CPU tensors only. They run inside the custom ops, so they
+are opaque to torch.compile and never graph-break.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass, replace
+from typing import Optional
 
 __all__ = ["Checks", "get_checks", "set_checks", "checks"]
 
 
-def _env_flag(name: str, default: bool) -> bool:
+def _env_flag(name: str, default):
     v = os.environ.get(name)
     return default if v is None else v.strip().lower() not in ("0", "false", "no", "off", "")
 
 
 @dataclass(frozen=True)
 class Checks:
-    """labels: raise on a label outside [0, V) that is not ignore_index (default on).
-    finite: raise on NaN/Inf in float inputs (default off: one extra read of the inputs)."""
+    """labels: raise on a label outside [0, V) that is not ignore_index. True: always; False: never;
+    None (default): for CPU tensors only (on a GPU the check syncs the host; the kernels write a NaN row
+    for such a label instead).
+    finite: raise on NaN / +inf in float inputs, -inf (masking) accepted (default off: one extra read)."""
 
-    labels: bool = True
+    labels: Optional[bool] = None
     finite: bool = False
 
 
 _current = Checks(
-    labels=_env_flag("HERO_KERNELS_CHECK_LABELS", True),
+    labels=_env_flag("HERO_KERNELS_CHECK_LABELS", None),
     finite=_env_flag("HERO_KERNELS_CHECK_FINITE", False),
 )
 

@@ -40,7 +40,14 @@ def entropy_logprob(
         ignore_index: masked rows return logp = H = 0 and get zero gradient.
         impl: "auto" | "triton" | "cuda" | "cpu" | "torch" (see README).
         inplace_backward: write dlogits into the logits buffer during backward (saves one [N, V]
-            buffer; the logits must not be needed by anything else afterwards). Eager mode only.
+            buffer; the logits must not be needed by anything else afterwards). Eager mode only. Refused
+            for a leaf tensor that requires grad (or a view of one) whose memory would be overwritten.
+
+    Non-finite inputs (every backend): -inf logits are masked vocabulary (a masked label gives logp = -inf
+    and finite gradients); NaN anywhere in a row, a +inf, or a row whose every column is -inf gives NaN logp
+    and H for that row (and a NaN gradient row). A label outside [0, V) that is not ``ignore_index`` raises
+    under ``hero_kernels.checks(labels=True)`` (the default for CPU tensors); otherwise (the GPU default,
+    no host sync) its row is NaN.
 
     Returns:
         (logp, H), float32, shaped like ``labels``. Differentiable w.r.t. logits through both.
@@ -58,11 +65,23 @@ def entropy_logprob(
     if x.stride(-1) != 1 or (inplace_backward and _rows_overlap(x)):
         # rows must not overlap when dlogits is written into them (an expanded view has row stride 0)
         x = x.contiguous()
+    if inplace_backward and x.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        _check_inplace_target(logits)  # dlogits would land in the caller's memory
     y = labels.reshape(x.shape[:-1]).long()
     logp, H, _ = torch.ops.hero_kernels.entropy_logprob(
         x, y, opts.temperature, opts.ignore_index, impl, bool(inplace_backward)
     )
     return logp.view(labels.shape), H.view(labels.shape)
+
+
+def _check_inplace_target(logits: Tensor) -> None:
+    root = logits._base if logits._base is not None else logits
+    if root.is_leaf and root.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would overwrite logits, a leaf tensor that requires grad (or a view of one) "
+            "and whose values autograd users still see; pass inplace_backward=False, or logits produced by an "
+            "op (e.g. the LM head's output)"
+        )
 
 
 def _walk_batch(logits: Tensor) -> bool:
@@ -83,10 +102,15 @@ def _rows_overlap(x: Tensor) -> bool:
     return (T > 1 and x.stride(1) < V) or (B > 1 and x.stride(0) < T * x.stride(1))
 
 
-def _blocks(logits: Tensor, labels: Tensor, *per_row: Tensor):
-    """(logits [n, V], labels [n], per-row slices) per block: one block for [N, V], one per batch row for
-    [B, T, V] (each block is evenly strided, so backends take it as is)."""
-    if logits.dim() == 2:
+def _batched(mod) -> bool:
+    """Does the backend take [B, T, V] (any batch stride) in one launch? (module attribute BATCHED)"""
+    return bool(getattr(mod, "BATCHED", False))
+
+
+def _blocks(logits: Tensor, labels: Tensor, *per_row: Tensor, batched: bool = False):
+    """(logits [n, V], labels [n], per-row slices) per block: one block for [N, V] (or for [B, T, V] when the
+    backend is ``batched``), else one per batch row of [B, T, V] (each block evenly strided)."""
+    if logits.dim() == 2 or batched:
         yield (logits, labels) + per_row
         return
     T = logits.shape[1]
@@ -109,7 +133,7 @@ def _fwd(
     mod = backend_module(impl, "entropy_logprob")
     opts = RowOptions(temperature, ignore_index)
     with device_guard(logits):
-        outs = [mod.forward(x, y, opts) for x, y in _blocks(logits, labels)]
+        outs = [mod.forward(x, y, opts) for x, y in _blocks(logits, labels, batched=_batched(mod))]
     if len(outs) == 1:
         return outs[0]
     return tuple(torch.cat(parts) for parts in zip(*outs))
@@ -144,8 +168,9 @@ def _backward_into(out, logits, labels, lse, H, grad_logp, grad_H, opts: RowOpti
         return
     mod = backend_module(impl, "entropy_logprob")
     with device_guard(logits):
-        for (x, y, l, h, g, k), (o, _) in zip(_blocks(logits, labels, lse, H, grad_logp, grad_H),
-                                             _blocks(out, labels)):
+        b = _batched(mod)
+        for (x, y, l, h, g, k), (o, _) in zip(_blocks(logits, labels, lse, H, grad_logp, grad_H, batched=b),
+                                             _blocks(out, labels, batched=b)):
             mod.backward(x, y, l, h, g, k, opts, out=o)
 
 

@@ -355,10 +355,6 @@ def test_errors_name_the_argument():
         cpu_el.forward(z[None], y, opts)
     with pytest.raises(RuntimeError, match="logits must be float32, bfloat16, float16 or float64"):
         cpu_el.forward(z.to(torch.int32), y, opts)
-    bad = y.clone()
-    bad[2] = 10
-    with pytest.raises(RuntimeError, match=r"labels\[2\] = 10 is outside \[0, 10\)"):
-        cpu_el.forward(z, bad, opts)
     logp, H, lse = cpu_el.forward(z, y, opts)
     g = torch.randn(4)
     with pytest.raises(RuntimeError, match="grad_H must be float32"):
