@@ -1,19 +1,20 @@
 // torch.library registration of the fused row kernels: namespace hero_kernels_cpp.
 //
-//   entropy_logprob_fwd(logits [N, V], labels [N] int64, inv_temperature, ignore_index)
+//   entropy_logprob_fwd(logits [N, V] or [B, T, V], labels [N] int64, inv_temperature, ignore_index, threads=0)
 //       -> (logp, H, lse), each fp32 [N]; rows with label == ignore_index give 0, rows with a label
 //       outside [0, V) NaN (the kernels guard the read; no host-side pass over the labels).
-//   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!)
+//   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!, threads=0)
 //       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
 //
-// logits / out need unit column stride; any row stride is fine. Implementations: CPU (always), CUDA
-// (when built with HK_WITH_CUDA), Meta (shapes only). No autograd here: the public ops in
-// hero_kernels/ own it. Every check names the argument it rejects.
+// logits / out need unit column stride; any row and batch stride is fine (one launch for [B, T, V] views).
+// Implementations: CPU (always), CUDA (when built with HK_WITH_CUDA), Meta (shapes only). No autograd here:
+// the public ops in hero_kernels/ own it. Every check names the argument it rejects.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "hero_kernels.h"
@@ -44,27 +45,40 @@ int dtype_code(const Tensor& t, const char* name) {
   return -1;
 }
 
-// Checks shared by forward and backward. Returns the dtype code of logits.
+// Checks shared by forward and backward. logits: [N, V] or [B, T, V] (labels [N], N = B * T). Returns the
+// dtype code of logits.
 int check_logits_labels(const Tensor& logits, const Tensor& labels, c10::DeviceType dev, const char* op) {
   TORCH_CHECK(logits.device().type() == dev, op, ": logits must be on ", c10::DeviceTypeName(dev),
               ", got ", logits.device());
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, V], got shape ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, op, ": logits must have V >= 1 columns, got shape ", logits.sizes());
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, op,
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, op, ": logits must be [N, V] or [B, T, V], got shape ",
+              logits.sizes());
+  const int64_t V = logits.size(-1);
+  TORCH_CHECK(V >= 1, op, ": logits must have V >= 1 columns, got shape ", logits.sizes());
+  TORCH_CHECK(logits.stride(-1) == 1 || V == 1, op,
               ": logits must be contiguous in the last dim (stride 1), got strides ", logits.strides());
-  TORCH_CHECK(logits.stride(0) >= 0, op, ": logits must have a non-negative row stride, got ", logits.strides());
+  for (int64_t d = 0; d + 1 < logits.dim(); ++d)
+    TORCH_CHECK(logits.stride(d) >= 0, op, ": logits must have non-negative strides, got ", logits.strides());
   TORCH_CHECK(labels.device() == logits.device(), op, ": labels must be on the device of logits (",
               logits.device(), "), got ", labels.device());
   TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, ": labels must be [N] = [",
-              logits.size(0), "], got shape ", labels.sizes());
+  const int64_t N = logits.numel() / V;
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, op, ": labels must be [N] = [", N, "], got shape ",
+              labels.sizes());
   return dtype_code(logits, "logits");
+}
+
+int64_t num_rows(const Tensor& logits) { return logits.dim() == 2 ? logits.size(0) : logits.size(0) * logits.size(1); }
+
+// Row i of a [N, V] or [B, T, V] tensor starts at layout.offset(i) (one launch for any batch stride).
+hk::RowLayout layout_of(const Tensor& t) {
+  if (t.dim() == 2) return hk::RowLayout{t.stride(0), INT64_MAX, 0};
+  return hk::RowLayout{t.stride(1), std::max<int64_t>(t.size(1), 1), t.stride(0)};
 }
 
 void check_vec(const Tensor& t, const Tensor& logits, const char* name, const char* op) {
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name, " must be [N] = [", logits.size(0),
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == num_rows(logits), op, ": ", name, " must be [N] = [", num_rows(logits),
               "], got shape ", t.sizes());
 }
 
@@ -75,10 +89,14 @@ void check_out(const Tensor& out, const Tensor& logits, const char* op) {
   TORCH_CHECK(out.scalar_type() == logits.scalar_type() || out.scalar_type() == at::kFloat, op,
               ": out must have the dtype of logits (", logits.scalar_type(), ") or float32, got ",
               out.scalar_type());
-  TORCH_CHECK(out.stride(1) == 1 || out.size(1) == 1, op,
+  const int64_t V = out.size(-1);
+  TORCH_CHECK(out.stride(-1) == 1 || V == 1, op,
               ": out must be contiguous in the last dim (stride 1), got strides ", out.strides());
-  TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= out.size(1), op,
-              ": out rows must not overlap (row stride >= V), got strides ", out.strides());
+  const int64_t rows = out.dim() == 2 ? out.size(0) : out.size(1);
+  const int64_t rs = out.dim() == 2 ? out.stride(0) : out.stride(1);
+  TORCH_CHECK(rows <= 1 || rs >= V, op, ": out rows must not overlap (row stride >= V), got strides ", out.strides());
+  TORCH_CHECK(out.dim() == 2 || out.size(0) <= 1 || out.stride(0) >= rows * rs, op,
+              ": out batches must not overlap (batch stride >= T x row stride), got strides ", out.strides());
   if (out.is_same(logits) || out.data_ptr() == logits.data_ptr()) {
     TORCH_CHECK(out.scalar_type() == logits.scalar_type() && out.strides() == logits.strides(), op,
                 ": in-place out must be logits itself (same dtype and strides)");
@@ -92,16 +110,16 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int
 // CPU
 // ------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
-                                           int64_t ignore_index) {
+                                           int64_t ignore_index, int64_t /*threads: GPU only*/) {
   const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t N = num_rows(logits), V = logits.size(-1);
   const Tensor labels = labels_in.contiguous();
   auto opts = logits.options().dtype(at::kFloat);
   Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
   if (N == 0) return {logp, H, lse};
   const void* z = logits.data_ptr();
-  const int64_t rs = logits.stride(0);
+  const hk::RowLayout rs = layout_of(logits);
   const int64_t* y = labels.data_ptr<int64_t>();
   float *lp = logp.data_ptr<float>(), *h = H.data_ptr<float>(), *ls = lse.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
@@ -112,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& l
 
 void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
              const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
-             const Tensor& out) {
+             const Tensor& out, int64_t /*threads: GPU only*/) {
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
   check_vec(lse_in, logits, "lse", op);
@@ -120,14 +138,14 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
   check_vec(grad_logp_in, logits, "grad_logp", op);
   check_vec(grad_H_in, logits, "grad_H", op);
   check_out(out, logits, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t N = num_rows(logits), V = logits.size(-1);
   if (N == 0) return;
   const Tensor labels = labels_in.contiguous(), lse = lse_in.contiguous(), H = H_in.contiguous();
   const Tensor g = grad_logp_in.contiguous(), k = grad_H_in.contiguous();
   const int odt = dtype_code(out, "out");
   const void* z = logits.data_ptr();
   void* o = out.data_ptr();
-  const int64_t rs = logits.stride(0), ors = out.stride(0);
+  const hk::RowLayout rs = layout_of(logits), ors = layout_of(out);
   const int64_t* y = labels.data_ptr<int64_t>();
   const float *pl = lse.data_ptr<float>(), *ph = H.data_ptr<float>();
   const float *pg = g.data_ptr<float>(), *pk = k.data_ptr<float>();
@@ -139,16 +157,16 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
 // ------------------------------------------------------------------------------------------------
 // Meta (shape propagation for FakeTensor / torch.compile tracing)
 // ------------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t) {
-  TORCH_CHECK(logits.dim() == 2, "hero_kernels_cpp.entropy_logprob_fwd: logits must be 2-D [N, V], got shape ",
-              logits.sizes());
+std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t, int64_t) {
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3,
+              "hero_kernels_cpp.entropy_logprob_fwd: logits must be [N, V] or [B, T, V], got shape ", logits.sizes());
   auto opts = logits.options().dtype(at::kFloat);
-  const int64_t N = logits.size(0);
+  const int64_t N = num_rows(logits);
   return {at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts)};
 }
 
 void bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-              int64_t, const Tensor&) {}
+              int64_t, const Tensor&, int64_t) {}
 
 // ------------------------------------------------------------------------------------------------
 // CUDA
@@ -159,27 +177,28 @@ void check_cuda(cudaError_t err, const char* op) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
-                                            int64_t ignore_index) {
+                                            int64_t ignore_index, int64_t threads) {
   const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
   TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
-  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t N = num_rows(logits), V = logits.size(-1);
   c10::cuda::CUDAGuard guard(logits.device());
   const Tensor labels = labels_in.contiguous();
   auto opts = logits.options().dtype(at::kFloat);
   Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
   if (N == 0) return {logp, H, lse};
   auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  check_cuda(hk_cuda_entropy_logprob_fwd(dt, logits.data_ptr(), logits.stride(0), labels.data_ptr<int64_t>(), N, V,
+  check_cuda(hk_cuda_entropy_logprob_fwd(dt, logits.data_ptr(), layout_of(logits), labels.data_ptr<int64_t>(), N, V,
                                          static_cast<float>(inv_temperature), ignore_index, logp.data_ptr<float>(),
-                                         H.data_ptr<float>(), lse.data_ptr<float>(), stream),
+                                         H.data_ptr<float>(), lse.data_ptr<float>(), static_cast<int>(threads),
+                                         stream),
              op);
   return {logp, H, lse};
 }
 
 void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
               const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
-              const Tensor& out) {
+              const Tensor& out, int64_t threads) {
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
   TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
@@ -188,16 +207,17 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
   check_vec(grad_logp_in, logits, "grad_logp", op);
   check_vec(grad_H_in, logits, "grad_H", op);
   check_out(out, logits, op);
-  const int64_t N = logits.size(0), V = logits.size(1);
+  const int64_t N = num_rows(logits), V = logits.size(-1);
   if (N == 0) return;
   c10::cuda::CUDAGuard guard(logits.device());
   const Tensor labels = labels_in.contiguous(), lse = lse_in.contiguous(), H = H_in.contiguous();
   const Tensor g = grad_logp_in.contiguous(), k = grad_H_in.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
-  check_cuda(hk_cuda_entropy_logprob_bwd(dt, logits.data_ptr(), logits.stride(0), labels.data_ptr<int64_t>(),
+  check_cuda(hk_cuda_entropy_logprob_bwd(dt, logits.data_ptr(), layout_of(logits), labels.data_ptr<int64_t>(),
                                          lse.data_ptr<float>(), H.data_ptr<float>(), g.data_ptr<float>(),
                                          k.data_ptr<float>(), N, V, static_cast<float>(inv_temperature),
-                                         ignore_index, dtype_code(out, "out"), out.data_ptr(), out.stride(0), stream),
+                                         ignore_index, dtype_code(out, "out"), out.data_ptr(), layout_of(out),
+                                         static_cast<int>(threads), stream),
              op);
 }
 #endif
@@ -205,10 +225,11 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
 }  // namespace
 
 TORCH_LIBRARY(hero_kernels_cpp, m) {
-  m.def("entropy_logprob_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index)"
+  // threads: CUDA threads per row block from the Python launch plan (0: chosen from V); ignored on CPU.
+  m.def("entropy_logprob_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, int threads=0)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("entropy_logprob_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor H, Tensor grad_logp, "
-        "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out) -> ()");
+        "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out, int threads=0) -> ()");
   // Lets Python ask what this build contains without touching a device.
   m.def("built_with_cuda() -> bool", []() -> bool {
 #ifdef HK_WITH_CUDA

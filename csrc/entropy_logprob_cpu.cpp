@@ -163,6 +163,7 @@ HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_ta
   using A = typename AccOf<T>::type;
   const A lse = lse_f, H = H_f, g = g_f, k = k_f;
   const A x_y = scale_(to_acc(z[y]), inv_tau);  // read before the loop: out may alias z
+  const GradCoef<A> coef = grad_coef(H, g, k, inv_tau);
   double q = 0.0;                        // sum_{j != y} p_j, block sums in A, total in double
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - j0));
@@ -176,7 +177,7 @@ HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_ta
       const A x = scale_(to_acc(zb[j]), inv_tau);
       const A p = prob(x, lse);
       bq += j != yb ? p : A(0);
-      ob[j] = from_acc<O>(grad_other(x, p, lse, H, g, k, inv_tau));
+      ob[j] = from_acc<O>(grad_other(x, p, lse, coef));
     }
     q += static_cast<double>(bq);
   }
@@ -202,7 +203,7 @@ HK_HD bool bad_label(int64_t y, int64_t V) { return y < 0 || y >= V; }
 // row ranges (the multiversioned entry points)
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-HK_HD void fwd_range(const T* logits, int64_t row_stride, const int64_t* labels, int64_t b, int64_t e, int64_t V,
+HK_HD void fwd_range(const T* logits, RowLayout L, const int64_t* labels, int64_t b, int64_t e, int64_t V,
                      double inv_tau, int64_t ignore_index, float* logp, float* H, float* lse) {
   using A = typename AccOf<T>::type;
   for (int64_t i = b; i < e; ++i) {
@@ -217,18 +218,18 @@ HK_HD void fwd_range(const T* logits, int64_t row_stride, const int64_t* labels,
       logp[i] = H[i] = lse[i] = nan_();
       continue;
     }
-    fwd_row<T>(logits + i * row_stride, V, static_cast<A>(inv_tau), y, logp + i, H + i, lse + i);
+    fwd_row<T>(logits + L.offset(i), V, static_cast<A>(inv_tau), y, logp + i, H + i, lse + i);
   }
 }
 
 template <typename T, typename O>
-HK_HD void bwd_range(const T* logits, int64_t row_stride, const int64_t* labels, const float* lse, const float* H,
+HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, const float* lse, const float* H,
                      const float* g, const float* k, int64_t b, int64_t e, int64_t V, double inv_tau,
-                     int64_t ignore_index, O* out, int64_t out_row_stride) {
+                     int64_t ignore_index, O* out, RowLayout OL) {
   using A = typename AccOf<T>::type;
   for (int64_t i = b; i < e; ++i) {
     const int64_t y = labels[i];
-    O* o = out + i * out_row_stride;
+    O* o = out + OL.offset(i);
     if (y == ignore_index) {
       zero_row<O>(o, V);
       continue;
@@ -237,12 +238,12 @@ HK_HD void bwd_range(const T* logits, int64_t row_stride, const int64_t* labels,
       nan_row<O>(o, V);
       continue;
     }
-    bwd_row<T, O>(logits + i * row_stride, o, V, static_cast<A>(inv_tau), y, lse[i], H[i], g[i], k[i]);
+    bwd_row<T, O>(logits + L.offset(i), o, V, static_cast<A>(inv_tau), y, lse[i], H[i], g[i], k[i]);
   }
 }
 
 #define HK_FWD_ENTRY(NAME, T)                                                                                   \
-  HK_CLONES void NAME(const T* logits, int64_t rs, const int64_t* labels, int64_t b, int64_t e, int64_t V,     \
+  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, int64_t b, int64_t e, int64_t V,   \
                       double it, int64_t ig, float* logp, float* H, float* lse) {                              \
     fwd_range<T>(logits, rs, labels, b, e, V, it, ig, logp, H, lse);                                            \
   }
@@ -252,9 +253,9 @@ HK_FWD_ENTRY(fwd_f16, f16_t)
 HK_FWD_ENTRY(fwd_f64, double)
 
 #define HK_BWD_ENTRY(NAME, T, O)                                                                                \
-  HK_CLONES void NAME(const T* logits, int64_t rs, const int64_t* labels, const float* lse, const float* H,    \
+  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, const float* lse, const float* H,  \
                       const float* g, const float* k, int64_t b, int64_t e, int64_t V, double it, int64_t ig,  \
-                      O* out, int64_t ors) {                                                                    \
+                      O* out, RowLayout ors) {                                                                  \
     bwd_range<T, O>(logits, rs, labels, lse, H, g, k, b, e, V, it, ig, out, ors);                               \
   }
 HK_BWD_ENTRY(bwd_f32, float, float)
@@ -266,34 +267,34 @@ HK_BWD_ENTRY(bwd_f16_f32, f16_t, float)
 
 }  // namespace
 
-void cpu_fwd_rows(int dtype, const void* logits, int64_t row_stride, const int64_t* labels, int64_t row_begin,
+void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                   int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,
                   float* lse) {
   switch (dtype) {
     case kF32:
-      return fwd_f32(static_cast<const float*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+      return fwd_f32(static_cast<const float*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
                      ignore_index, logp, H, lse);
     case kBF16:
-      return fwd_bf16(static_cast<const bf16_t*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+      return fwd_bf16(static_cast<const bf16_t*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
                       ignore_index, logp, H, lse);
     case kF16:
-      return fwd_f16(static_cast<const f16_t*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+      return fwd_f16(static_cast<const f16_t*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
                      ignore_index, logp, H, lse);
     case kF64:
-      return fwd_f64(static_cast<const double*>(logits), row_stride, labels, row_begin, row_end, V, inv_tau,
+      return fwd_f64(static_cast<const double*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
                      ignore_index, logp, H, lse);
     default:
       return;  // unreachable: the bindings check the dtype
   }
 }
 
-void cpu_bwd_rows(int dtype, const void* logits, int64_t row_stride, const int64_t* labels, const float* lse,
+void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const float* lse,
                   const float* H, const float* grad_logp, const float* grad_H, int64_t row_begin, int64_t row_end,
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
-                  int64_t out_row_stride) {
+                  RowLayout out_layout) {
 #define HK_CALL_BWD(FN, T, O)                                                                                  \
-  return FN(static_cast<const T*>(logits), row_stride, labels, lse, H, grad_logp, grad_H, row_begin, row_end, \
-            V, inv_tau, ignore_index, static_cast<O*>(out), out_row_stride)
+  return FN(static_cast<const T*>(logits), layout, labels, lse, H, grad_logp, grad_H, row_begin, row_end, \
+            V, inv_tau, ignore_index, static_cast<O*>(out), out_layout)
   if (out_dtype == dtype) {
     switch (dtype) {
       case kF32:

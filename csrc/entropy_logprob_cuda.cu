@@ -117,14 +117,25 @@ __device__ __forceinline__ void fwd_chunk(hk::Partial<float>& st, const Pack<T, 
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
     x[k] = hk::scale_(to_f(v.v[k]), inv_tau);
-    lm = fmaxf(lm, x[k]);  // fmaxf drops NaN: a NaN column poisons r through add_column instead
+    lm = fmaxf(lm, x[k]);  // fmaxf drops NaN: a NaN column poisons r through its e instead
   }
-  float designated = 0.f;  // 1 when this chunk raised the max: one of its ties is the partial's argmax
-  if (lm > st.m) {         // rare after the first chunks: one extra exp, not one per element
-    st = hk::raise_max(st, lm);
-    designated = 1.f;
+  if (lm <= st.m && st.m > hk::neg_inf<float>()) {
+    // Common path (every chunk after the first few): the max stands and its column is elsewhere, so every
+    // column here (ties with the max included, e = 1) adds its e to r. 4 FP ops + 1 MUFU per element; a
+    // -inf column (d = -inf, e = 0) adds 0 through the clamp, a NaN one NaN.
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float d = x[k] - st.m;
+      const float e = hk::exp_(d);
+      st.r += e;
+      st.u += fmaxf(d, -128.f) * e;
+    }
+    return;
   }
-  if (st.m == hk::neg_inf<float>()) {  // nothing but -inf (or NaN) so far: keep a NaN in r (poisoned)
+  // Rare path: this chunk raises the max (one extra exp), or nothing but -inf / NaN was seen so far.
+  // Exactly one column at the new max is the designated argmax: ties are counted apart (exact).
+  st = hk::raise_max(st, lm);
+  if (st.m == hk::neg_inf<float>()) {  // still nothing but -inf (or NaN): keep a NaN in r (poisoned)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) st.r += x[k] == hk::neg_inf<float>() ? 0.f : nan_f();
     return;
@@ -132,12 +143,12 @@ __device__ __forceinline__ void fwd_chunk(hk::Partial<float>& st, const Pack<T, 
   float ties = 0.f;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) hk::add_column(st, x[k], ties);
-  hk::settle_ties(st, ties, designated);
+  hk::settle_ties(st, ties, 1.f);
 }
 
 template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    entropy_logprob_fwd_kernel(const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ labels,
+    entropy_logprob_fwd_kernel(const T* __restrict__ logits, hk::RowLayout layout, const int64_t* __restrict__ labels,
                                int64_t N, int64_t V, float inv_tau, int64_t ignore_index, float* __restrict__ out_logp,
                                float* __restrict__ out_H, float* __restrict__ out_lse) {
   constexpr int VEC = 16 / sizeof(T);
@@ -154,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       }
       continue;
     }
-    const T* z = logits + row * row_stride;
+    const T* z = logits + layout.offset(row);
     hk::Partial<float> st = hk::empty_partial<float>();
     const int64_t head = head_elems(z, V);
     if (tid < head) hk::push(st, hk::scale_(to_f(z[tid]), inv_tau));
@@ -186,30 +197,31 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // backward
 // ------------------------------------------------------------------------------------------------
 struct RowGrad {
-  float lse, H, g, k, inv_tau;
-  int64_t y;
+  float lse;
+  hk::GradCoef<float> coef;
+  int32_t y;  // label column (< V < 2^31): one int32 compare per element
 };
 
 template <typename O>
-__device__ __forceinline__ O grad_at(float x, int64_t j, const RowGrad& r, float& q) {
+__device__ __forceinline__ O grad_at(float x, int32_t j, const RowGrad& r, float& q) {
   const float p = hk::prob(x, r.lse);
   q += j != r.y ? p : 0.f;
-  return from_f<O>(hk::grad_other(x, p, r.lse, r.H, r.g, r.k, r.inv_tau));
+  return from_f<O>(hk::grad_other(x, p, r.lse, r.coef));
 }
 
 template <typename T, typename O, int VEC>
-__device__ __forceinline__ void bwd_chunk(const Pack<T, VEC>& v, Pack<O, VEC>& w, int64_t j0, const RowGrad& r,
-                                          float& q) {
+__device__ __forceinline__ void bwd_chunk(const Pack<T, VEC>& v, Pack<O, VEC>& w, int32_t j0, const RowGrad& r,
+                                          float inv_tau, float& q) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) w.v[k] = grad_at<O>(hk::scale_(to_f(v.v[k]), r.inv_tau), j0 + k, r, q);
+  for (int k = 0; k < VEC; ++k) w.v[k] = grad_at<O>(hk::scale_(to_f(v.v[k]), inv_tau), j0 + k, r, q);
 }
 
 template <typename T, typename O, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
-    entropy_logprob_bwd_kernel(const T* logits, int64_t row_stride, const int64_t* __restrict__ labels,
+    entropy_logprob_bwd_kernel(const T* logits, hk::RowLayout layout, const int64_t* __restrict__ labels,
                                const float* __restrict__ lse, const float* __restrict__ H,
                                const float* __restrict__ grad_logp, const float* __restrict__ grad_H, int64_t N,
-                               int64_t V, float inv_tau, int64_t ignore_index, O* out, int64_t out_row_stride) {
+                               int64_t V, float inv_tau, int64_t ignore_index, O* out, hk::RowLayout out_layout) {
   // logits and out are NOT __restrict__: out may be logits (in-place backward).
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float smem[kThreads / 32];
@@ -217,21 +229,23 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   const int tid = threadIdx.x;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const int64_t y = labels[row];
-    O* o = out + row * out_row_stride;
+    O* o = out + out_layout.offset(row);
     if (y == ignore_index || y < 0 || y >= V) {
       const O fill = from_f<O>(y == ignore_index ? 0.f : nan_f());
       for (int64_t j = tid; j < V; j += kThreads) o[j] = fill;
       continue;
     }
-    const T* z = logits + row * row_stride;
+    const T* z = logits + layout.offset(row);
     if (tid == 0) smem_xy = hk::scale_(to_f(z[y]), inv_tau);
     __syncthreads();  // in place: z[y] is read before any thread overwrites it
-    const RowGrad r{lse[row], H[row], grad_logp[row], grad_H[row], inv_tau, y};
+    const float lse_r = lse[row], H_r = H[row], g_r = grad_logp[row], k_r = grad_H[row];
+    const RowGrad r{lse_r, hk::grad_coef(H_r, g_r, k_r, inv_tau), static_cast<int32_t>(y)};
     float q = 0.f;  // sum_{j != y} p_j
     const int64_t head = head_elems(z, V);
     const bool vec_ok = ((reinterpret_cast<uintptr_t>(o + head) & 15u) == 0);
     if (vec_ok) {
       if (tid < head) o[tid] = grad_at<O>(hk::scale_(to_f(z[tid]), inv_tau), tid, r, q);
+      const int32_t h32 = static_cast<int32_t>(head);
       const int64_t nvec = (V - head) / VEC;
       const Pack<T, VEC>* zv = reinterpret_cast<const Pack<T, VEC>*>(z + head);
       Pack<O, VEC>* ov = reinterpret_cast<Pack<O, VEC>*>(o + head);
@@ -240,23 +254,25 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         const Pack<T, VEC> a = zv[i];
         const Pack<T, VEC> b = zv[i + kThreads];
         Pack<O, VEC> wa, wb;
-        bwd_chunk<T, O, VEC>(a, wa, head + i * VEC, r, q);
-        bwd_chunk<T, O, VEC>(b, wb, head + (i + kThreads) * VEC, r, q);
+        bwd_chunk<T, O, VEC>(a, wa, h32 + static_cast<int32_t>(i) * VEC, r, inv_tau, q);
+        bwd_chunk<T, O, VEC>(b, wb, h32 + static_cast<int32_t>(i + kThreads) * VEC, r, inv_tau, q);
         ov[i] = wa;
         ov[i + kThreads] = wb;
       }
       if (i < nvec) {
         const Pack<T, VEC> a = zv[i];
         Pack<O, VEC> wa;
-        bwd_chunk<T, O, VEC>(a, wa, head + i * VEC, r, q);
+        bwd_chunk<T, O, VEC>(a, wa, h32 + static_cast<int32_t>(i) * VEC, r, inv_tau, q);
         ov[i] = wa;
       }
-      for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads) o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), j, r, q);
+      for (int64_t j = head + nvec * VEC + tid; j < V; j += kThreads)
+        o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), static_cast<int32_t>(j), r, q);
     } else {  // out's 16-byte phase differs from the logits': coalesced scalar path
-      for (int64_t j = tid; j < V; j += kThreads) o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), j, r, q);
+      for (int64_t j = tid; j < V; j += kThreads)
+        o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), static_cast<int32_t>(j), r, q);
     }
     q = block_sum<kThreads>(q, smem);  // its barrier orders every thread's o[y] write before thread 0's
-    if (tid == 0) o[y] = from_f<O>(hk::grad_label(smem_xy, q, r.lse, r.H, r.g, r.k, inv_tau));
+    if (tid == 0) o[y] = from_f<O>(hk::grad_label(smem_xy, q, lse_r, H_r, g_r, k_r, inv_tau));
     __syncthreads();  // smem is reused by the next row
   }
 }
@@ -264,9 +280,10 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // ------------------------------------------------------------------------------------------------
 // launch configuration
 // ------------------------------------------------------------------------------------------------
-// Threads per row from the number of 16-byte vectors: enough loads in flight for long rows, few idle
-// threads for short ones.
-inline int threads_for(int64_t V, int elem_bytes) {
+// Threads per row from the number of 16-byte vectors when the caller passes 0 (the Python launch plan,
+// hero_kernels/backends/cuda/entropy_logprob.py:plan, passes its own choice).
+inline int threads_for(int64_t V, int elem_bytes, int requested) {
+  if (requested == 128 || requested == 256 || requested == 512) return requested;
   const int64_t nvec = V / (16 / elem_bytes);
   if (nvec < 1024) return 128;
   if (nvec < 8192) return 256;
@@ -279,43 +296,44 @@ inline unsigned grid_for(int64_t N) {
 }
 
 template <typename T>
-cudaError_t launch_fwd(const void* logits, int64_t rs, const int64_t* labels, int64_t N, int64_t V, float inv_tau,
-                       int64_t ig, float* logp, float* H, float* lse, cudaStream_t stream) {
+cudaError_t launch_fwd(const void* logits, hk::RowLayout L, const int64_t* labels, int64_t N, int64_t V,
+                       float inv_tau, int64_t ig, float* logp, float* H, float* lse, int threads,
+                       cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
   const dim3 grid(grid_for(N));
-  switch (threads_for(V, sizeof(T))) {
+  switch (threads_for(V, sizeof(T), threads)) {
     case 128:
-      entropy_logprob_fwd_kernel<T, 128><<<grid, 128, 0, stream>>>(z, rs, labels, N, V, inv_tau, ig, logp, H, lse);
+      entropy_logprob_fwd_kernel<T, 128><<<grid, 128, 0, stream>>>(z, L, labels, N, V, inv_tau, ig, logp, H, lse);
       break;
     case 256:
-      entropy_logprob_fwd_kernel<T, 256><<<grid, 256, 0, stream>>>(z, rs, labels, N, V, inv_tau, ig, logp, H, lse);
+      entropy_logprob_fwd_kernel<T, 256><<<grid, 256, 0, stream>>>(z, L, labels, N, V, inv_tau, ig, logp, H, lse);
       break;
     default:
-      entropy_logprob_fwd_kernel<T, 512><<<grid, 512, 0, stream>>>(z, rs, labels, N, V, inv_tau, ig, logp, H, lse);
+      entropy_logprob_fwd_kernel<T, 512><<<grid, 512, 0, stream>>>(z, L, labels, N, V, inv_tau, ig, logp, H, lse);
       break;
   }
   return cudaGetLastError();
 }
 
 template <typename T, typename O>
-cudaError_t launch_bwd(const void* logits, int64_t rs, const int64_t* labels, const float* lse, const float* H,
+cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* labels, const float* lse, const float* H,
                        const float* g, const float* k, int64_t N, int64_t V, float inv_tau, int64_t ig, void* out,
-                       int64_t ors, cudaStream_t stream) {
+                       hk::RowLayout OL, int threads, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
   O* o = static_cast<O*>(out);
   const dim3 grid(grid_for(N));
-  switch (threads_for(V, sizeof(T))) {
+  switch (threads_for(V, sizeof(T), threads)) {
     case 128:
       entropy_logprob_bwd_kernel<T, O, 128>
-          <<<grid, 128, 0, stream>>>(z, rs, labels, lse, H, g, k, N, V, inv_tau, ig, o, ors);
+          <<<grid, 128, 0, stream>>>(z, L, labels, lse, H, g, k, N, V, inv_tau, ig, o, OL);
       break;
     case 256:
       entropy_logprob_bwd_kernel<T, O, 256>
-          <<<grid, 256, 0, stream>>>(z, rs, labels, lse, H, g, k, N, V, inv_tau, ig, o, ors);
+          <<<grid, 256, 0, stream>>>(z, L, labels, lse, H, g, k, N, V, inv_tau, ig, o, OL);
       break;
     default:
       entropy_logprob_bwd_kernel<T, O, 512>
-          <<<grid, 512, 0, stream>>>(z, rs, labels, lse, H, g, k, N, V, inv_tau, ig, o, ors);
+          <<<grid, 512, 0, stream>>>(z, L, labels, lse, H, g, k, N, V, inv_tau, ig, o, OL);
       break;
   }
   return cudaGetLastError();
@@ -323,32 +341,36 @@ cudaError_t launch_bwd(const void* logits, int64_t rs, const int64_t* labels, co
 
 }  // namespace
 
-extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, int64_t row_stride,
+extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, int64_t N, int64_t V, float inv_tau,
                                                    int64_t ignore_index, float* logp, float* H, float* lse,
-                                                   cudaStream_t stream) {
+                                                   int threads, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
+#define HK_FWD(T) \
+  return launch_fwd<T>(logits, layout, labels, N, V, inv_tau, ignore_index, logp, H, lse, threads, stream)
   switch (dtype) {
     case hk::kF32:
-      return launch_fwd<float>(logits, row_stride, labels, N, V, inv_tau, ignore_index, logp, H, lse, stream);
+      HK_FWD(float);
     case hk::kBF16:
-      return launch_fwd<__nv_bfloat16>(logits, row_stride, labels, N, V, inv_tau, ignore_index, logp, H, lse, stream);
+      HK_FWD(__nv_bfloat16);
     case hk::kF16:
-      return launch_fwd<__half>(logits, row_stride, labels, N, V, inv_tau, ignore_index, logp, H, lse, stream);
+      HK_FWD(__half);
     default:
       return cudaErrorInvalidValue;
   }
+#undef HK_FWD
 }
 
-extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits, int64_t row_stride,
+extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, const float* lse, const float* H,
                                                    const float* grad_logp, const float* grad_H, int64_t N,
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
-                                                   void* out, int64_t out_row_stride, cudaStream_t stream) {
+                                                   void* out, hk::RowLayout out_layout, int threads,
+                                                   cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
 #define HK_BWD(T, O)                                                                                        \
-  return launch_bwd<T, O>(logits, row_stride, labels, lse, H, grad_logp, grad_H, N, V, inv_tau, ignore_index, \
-                          out, out_row_stride, stream)
+  return launch_bwd<T, O>(logits, layout, labels, lse, H, grad_logp, grad_H, N, V, inv_tau, ignore_index, \
+                          out, out_layout, threads, stream)
   if (out_dtype == dtype) {
     switch (dtype) {
       case hk::kF32:

@@ -247,11 +247,29 @@ HK_HD A prob(A x, A lse) {
   return exp_(x - lse);
 }
 
-// dz_j for j != y, given p = prob(x, lse). p == 0 (underflow, -inf logit) gives exactly 0.
+// Below this log p, p == 0 in A (fp32: e^-104; fp64: e^-745): clamping log p there keeps p * log p at 0 for
+// a -inf logit without a compare-and-select per element.
 template <typename A>
-HK_HD A grad_other(A x, A p, A lse, A H, A g, A k, A inv_tau) {
-  A ent = p > A(0) ? p * ((x - lse) + H) : A(0);
-  return inv_tau * (-(g * p) - k * ent);
+HK_HD A logp_floor() {
+  return sizeof(A) == 4 ? A(-256) : A(-1e4);
+}
+
+// Per-row constants of grad_other: c_t = (g + k H) / tau, k_t = k / tau.
+template <typename A>
+struct GradCoef {
+  A c_t, k_t;
+};
+template <typename A>
+HK_HD GradCoef<A> grad_coef(A H, A g, A k, A inv_tau) {
+  return GradCoef<A>{(g + k * H) * inv_tau, k * inv_tau};
+}
+
+// dz_j for j != y, given p = prob(x, lse): (1/tau) [-g p - k p (log p + H)] = -p (c_t + k_t log p), one FMA
+// and two multiplies. p == 0 (underflow, -inf logit) gives exactly (-)0.
+template <typename A>
+HK_HD A grad_other(A x, A p, A lse, const GradCoef<A>& c) {
+  const A lq = x - lse;
+  return -p * (c.c_t + c.k_t * (lq > logp_floor<A>() ? lq : logp_floor<A>()));
 }
 
 // dz_y for the label column. q = sum_{j != y} p_j (= 1 - p_y with a small relative error).

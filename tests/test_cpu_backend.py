@@ -351,8 +351,8 @@ def test_errors_name_the_argument():
         cpu_el.forward(torch.randn(10, 4).t(), y, opts)
     with pytest.raises(RuntimeError, match="labels must be \\[N\\]"):
         cpu_el.forward(z, y[:3], opts)
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
-        cpu_el.forward(z[None], y, opts)
+    with pytest.raises(RuntimeError, match="logits must be \\[N, V\\] or \\[B, T, V\\]"):
+        cpu_el.forward(z[None, None], y, opts)
     with pytest.raises(RuntimeError, match="logits must be float32, bfloat16, float16 or float64"):
         cpu_el.forward(z.to(torch.int32), y, opts)
     logp, H, lse = cpu_el.forward(z, y, opts)

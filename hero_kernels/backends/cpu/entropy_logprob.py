@@ -1,11 +1,12 @@
 """CPU fused entropy + log-prob rows: launchers over torch.ops.hero_kernels_cpp (no autograd here).
 
-forward(logits [N, V], labels [N] int64, opts) -> (logp, H, lse), each fp32 [N]
-backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits [N, V] in logits.dtype
+forward(logits [N, V] or [B, T, V], labels [N] / [B, T] int64, opts) -> (logp, H, lse), each fp32 [N]
+backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits (shape of logits) in logits.dtype
 
-logits: last-dim stride 1, any row stride; bf16 / fp16 / fp32 / fp64. Masked rows (label ==
-opts.ignore_index) give 0 outputs and 0 gradient. ``out`` may be ``logits`` itself (in-place backward),
-or a float32 [N, V] tensor (used by the fused LM-head path to keep dlogits in fp32).
+logits: last-dim stride 1, any row and batch stride (one call for a [B, T, V] view); bf16 / fp16 / fp32 /
+fp64. Masked rows (label == opts.ignore_index) give 0 outputs and 0 gradient, a label outside [0, V) a NaN
+row. ``out`` may be ``logits`` itself (in-place backward), or a float32 tensor of its shape (used by the
+fused LM-head path to keep dlogits in fp32).
 """
 from __future__ import annotations
 
@@ -17,20 +18,26 @@ from torch import Tensor
 from hero_kernels._cpp_build import require_cpu
 from hero_kernels.options import RowOptions
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "BATCHED"]
+
+#: forward / backward take a [B, T, V] view of any batch stride in one call (see hero_kernels.entropy_logprob).
+BATCHED = True
 
 
-def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend."""
-    return ops.entropy_logprob_fwd(logits, labels, opts.inv_temperature, opts.ignore_index)
+def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
+                 threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend.
+    threads: CUDA threads per row block (0: the C++ default; ignored on CPU)."""
+    return ops.entropy_logprob_fwd(logits, labels.reshape(-1), opts.inv_temperature, opts.ignore_index, threads)
 
 
 def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
-                  opts: RowOptions, out: Optional[Tensor] = None) -> Tensor:
+                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0) -> Tensor:
     """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, opts.inv_temperature, opts.ignore_index, out)
+    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse, H, grad_logp.reshape(-1), grad_H.reshape(-1),
+                            opts.inv_temperature, opts.ignore_index, out, threads)
     return out
 
 

@@ -1,29 +1,95 @@
 """CUDA fused entropy + log-prob rows: launchers over torch.ops.hero_kernels_cpp (no autograd here).
 
-Kernels in csrc/entropy_logprob_cuda.cu: one block per row, asynchronous on the current stream.
+Kernels in csrc/entropy_logprob_cuda.cu: one block per row, asynchronous on the current stream, one launch
+for [N, V] and for [B, T, V] views of any batch stride. ``plan`` is the single source of the block size
+(threads per row) and grid; the launchers pass its choice to the C++ launcher.
 
-forward(logits [N, V], labels [N] int64, opts) -> (logp, H, lse), each fp32 [N]
-backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits [N, V] in logits.dtype
+forward(logits [N, V] or [B, T, V], labels, opts) -> (logp, H, lse), each fp32 [N]
+backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits (shape of logits) in logits.dtype
 
-logits: last-dim stride 1, any row stride; bf16 / fp16 / fp32 (fp64 is refused). Masked rows (label ==
-opts.ignore_index) give 0 outputs and 0 gradient. ``out`` may be ``logits`` itself (in-place backward),
-or a float32 [N, V] tensor (used by the fused LM-head path to keep dlogits in fp32).
+logits: last-dim stride 1, any row / batch stride; bf16 / fp16 / fp32 (fp64 is refused). Masked rows (label ==
+opts.ignore_index) give 0 outputs and 0 gradient; a label outside [0, V) a NaN row (no host sync). ``out``
+may be ``logits`` itself (in-place backward), or a float32 tensor of its shape (the fused LM-head path).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends.cpu.entropy_logprob import rows_backward, rows_forward
+from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 
-__all__ = ["forward", "backward"]
+__all__ = ["forward", "backward", "plan", "threads_per_row", "BATCHED"]
+
+#: forward / backward take a [B, T, V] view of any batch stride in one launch.
+BATCHED = True
+
+_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+          "float32": "fp32", "fp32": "fp32", "float": "fp32"}
+#: the grid-stride row loop caps the grid at gridDim.x's limit
+_GRID_CAP = 2**31 - 1
+
+
+def _dtype_name(dtype) -> str:
+    name = _NAMES.get(str(dtype).replace("torch.", ""))
+    if name is None:
+        raise TypeError(f"dtype must be bfloat16, float16 or float32 for the cuda backend, got {dtype!r}")
+    return name
+
+
+def threads_per_row(V: int, elem_bytes: int) -> int:
+    """Threads of one row block from the row's 16-byte vectors: 512 for LM vocabularies (nvec >= 8192: two
+    16-byte loads in flight per thread, 3 blocks = 1536 threads per SM at 40 registers), fewer for short rows
+    (few idle threads). Mirrors csrc/entropy_logprob_cuda.cu:threads_for, which only applies when 0 is passed."""
+    nvec = V // (16 // elem_bytes)
+    return 128 if nvec < 1024 else 256 if nvec < 8192 else 512
+
+
+def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = False,
+         batch: Optional[int] = None) -> List[KernelLaunch]:
+    """Launches of the CUDA row kernels on N rows (``batch`` = B of a [B, T, V] view: still one launch), in
+    order; pass_ "fwd", "bwd" or "fwd+bwd". HBM bytes as the Triton plan: the forward reads every logit once,
+    the backward reads it and writes dlogits once (logits dtype; in place the write lands in the logits);
+    rows are streamed, nothing is assumed L2-resident."""
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    e = _ELEM[_dtype_name(dtype)]
+    threads = threads_per_row(V, e)
+    grid = (min(N, _GRID_CAP),)
+    meta = {"threads": threads, "batch": int(batch or 1)}
+    note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
+    out = []
+    if pass_ in ("fwd", "fwd+bwd"):
+        out.append(KernelLaunch("entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 12), note,
+                                num_warps=threads // 32, meta=dict(meta)))
+    if pass_ in ("bwd", "fwd+bwd"):
+        out.append(KernelLaunch("entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 16),
+                                note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
+                                num_warps=threads // 32, meta=dict(meta, INPLACE=int(bool(inplace_backward)))))
+    return out
+
+
+def _check_capability(t: Tensor) -> None:
+    """bf16 needs sm_80 (Ampere) or newer."""
+    if t.dtype == torch.bfloat16 and t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(t.device)
+        raise RuntimeError(f"impl='cuda' with bfloat16 logits needs compute capability 8.0 (Ampere) or newer, got "
+                           f"sm_{major}{minor}; use float16/float32 logits or impl='torch'")
+
+
+def _threads(logits: Tensor, labels: Tensor, pass_: str) -> int:
+    _check_capability(logits)
+    B = logits.shape[0] if logits.dim() == 3 else None
+    return plan(labels.numel(), logits.shape[-1], logits.dtype, pass_=pass_, batch=B)[0].meta["threads"]
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    return rows_forward(require_cuda(), logits, labels, opts)
+    return rows_forward(require_cuda(), logits, labels, opts, _threads(logits, labels, "fwd"))
 
 
 def backward(
@@ -36,4 +102,5 @@ def backward(
     opts: RowOptions,
     out: Optional[Tensor] = None,
 ) -> Tensor:
-    return rows_backward(require_cuda(), logits, labels, lse, H, grad_logp, grad_H, opts, out)
+    return rows_backward(require_cuda(), logits, labels, lse, H, grad_logp, grad_H, opts, out,
+                         _threads(logits, labels, "bwd"))
