@@ -528,3 +528,17 @@ def test_linear_cuda_python_logic_on_cpu(monkeypatch):
         eps = torch.finfo(dtype).eps
         for name, ours, eag, ref in (("dh", dh, e_dh, r_dh), ("dW", dW, e_dW, r_dW), ("db", db, e_db, r_db)):
             check_rule(name, ours, eag, ref, 2 * eps * ref.abs().max().item())
+
+
+def test_cuda_plan_without_a_gpu():
+    """The CUDA launcher's plan (threads per row, grid, HBM bytes) is importable and sane on any machine."""
+    from hero_kernels.backends.cuda import entropy_logprob as cu
+    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds
+
+    N, V = 16384, 151936
+    launches = cu.plan(N, V, torch.bfloat16, pass_="fwd+bwd", batch=4)
+    assert [k.meta["threads"] for k in launches] == [512, 512] and launches[0].grid == (N,)
+    floor = 3 * N * V * 2
+    for spec in GPU_SPECS.values():
+        assert sum(modeled_seconds(k, spec) for k in launches) <= 1.2 * floor / spec.hbm_bytes_per_s
+    assert cu.plan(8, 1000, "fp32")[0].meta["threads"] == 128

@@ -362,3 +362,26 @@ def test_gpu_compile_no_spills():
               f"local={u['local_bytes']} stack={u['stack_bytes']}")
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"local-memory spills: {spills}"
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plan: what the launchers run, modeled against the HBM floor
+# ----------------------------------------------------------------------------------------------
+def test_plan_is_what_runs_and_meets_the_hbm_model():
+    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds
+
+    N, V = 16384, 151936
+    fwd, bwd = K.plan(N, V, torch.bfloat16, pass_="fwd+bwd")
+    assert (fwd.name, bwd.name) == ("_entropy_logprob_fwd_kernel", "_entropy_logprob_bwd_kernel")
+    assert fwd.grid == (N, 1) and fwd.kind == "stream" and fwd.meta["BLOCK_V"] == K.launch_config(V).block_v
+    assert K.plan(N, V, "bf16", batch=8)[0].grid == (N // 8, 8)  # one 2-D launch for [B, T, V]
+    floor_bytes = 3 * N * V * 2
+    assert fwd.hbm_bytes + bwd.hbm_bytes >= floor_bytes
+    for gpu in ("h100", "h200"):
+        spec = GPU_SPECS[gpu]
+        modeled = sum(modeled_seconds(k, spec) for k in (fwd, bwd))
+        assert modeled <= 1.2 * floor_bytes / spec.hbm_bytes_per_s, gpu
+    with pytest.raises(ValueError, match="pass_"):
+        K.plan(N, V, torch.bfloat16, pass_="both")
+    with pytest.raises(TypeError, match="dtype"):
+        K.plan(N, V, torch.float64)
