@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .backends import UpstreamGrads
 from .dispatch import backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
@@ -135,7 +136,7 @@ def _fwd(
     with device_guard(logits):
         outs = [mod.forward(x, y, opts) for x, y in _blocks(logits, labels, batched=_batched(mod))]
     if len(outs) == 1:
-        return outs[0]
+        return tuple(outs[0])  # the op's schema returns a plain tuple of tensors
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
@@ -215,8 +216,7 @@ def _grad_or_zeros(g, like: Tensor) -> Tensor:
 def _backward(ctx, grad_logp, grad_H, _grad_lse):
     logits, labels, lse, H = ctx.saved_tensors
     temperature, ignore_index, impl, inplace = ctx.args
-    g = _grad_or_zeros(grad_logp, lse)
-    k = _grad_or_zeros(grad_H, lse)
+    g, k = UpstreamGrads(_grad_or_zeros(grad_logp, lse), _grad_or_zeros(grad_H, lse))
     if inplace:
         torch.ops.hero_kernels.entropy_logprob_backward_(logits, labels, lse, H, g, k, temperature, ignore_index, impl)
         dlogits = logits

@@ -347,3 +347,21 @@ def test_fused_head_non_finite_and_masked_bias(impl):
     keep = torch.tensor([0, 3, 4, 5])
     close(logp[keep].double(), r_logp[keep], 1e-4, 1e-4, f"{impl} fused logp")
     close(H[keep].double(), r_H[keep], 1e-4, 1e-4, f"{impl} fused H")
+
+
+def test_backend_modules_satisfy_the_protocols():
+    import importlib
+
+    from hero_kernels.backends import LinearBackend, RowBackend, RowStats
+
+    for impl in ("torch", "cpu", "cuda", "triton"):
+        if impl == "triton" and "triton" not in BACKENDS:
+            continue
+        assert isinstance(importlib.import_module(f"hero_kernels.backends.{impl}.entropy_logprob"), RowBackend)
+        assert isinstance(importlib.import_module(f"hero_kernels.backends.{impl}.linear_entropy_logprob"),
+                          LinearBackend)
+    from hero_kernels.backends.torch import entropy_logprob as tb
+    from hero_kernels.options import RowOptions
+
+    out = tb.forward(torch.randn(2, 5), torch.tensor([0, 1]), RowOptions())
+    assert isinstance(out, RowStats) and out.logp.shape == (2,)

@@ -1,0 +1,67 @@
+"""Backends of the two ops, one package each: ``torch`` (chunked PyTorch), ``cpu`` (compiled C++), ``cuda``
+(compiled CUDA), ``triton``. Each has ``entropy_logprob`` (the row op on logits) and ``linear_entropy_logprob``
+(the fused LM head) modules; ``hero_kernels.dispatch.backend_module`` imports them on first use.
+
+The contract every backend module satisfies is written down here as Protocols (checked by
+tests/test_numerics_contract.py), with small named tuples for what crosses it:
+
+* ``RowStats(logp, H, lse)``: a forward's per-row results, each fp32 [N] (a plain tuple to callers that unpack).
+* ``UpstreamGrads(g, k)``: dL/dlogp and dL/dH, fp32 [N], as the public ops hand them to a backward.
+
+Launchers shared by the compiled backends live in ``cpp_launch``; launch plans (grid, tiles, HBM bytes) for the
+GPU launchers and the roofline model in ``plan``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Protocol, Tuple, runtime_checkable
+
+from torch import Tensor
+
+from hero_kernels.options import RowOptions
+
+__all__ = ["RowStats", "UpstreamGrads", "RowBackend", "LinearBackend"]
+
+
+class RowStats(NamedTuple):
+    """Per-row forward results, each float32 [N]: log-prob of the label, entropy (nats), log-sum-exp of x = z/tau.
+    Masked rows (ignore_index) are 0; rows without a distribution or with a bad label NaN."""
+
+    logp: Tensor
+    H: Tensor
+    lse: Tensor
+
+
+class UpstreamGrads(NamedTuple):
+    """Upstream gradients of a backward, float32 [N]: g = dL/dlogp, k = dL/dH (zeros when unused)."""
+
+    g: Tensor
+    k: Tensor
+
+
+@runtime_checkable
+class RowBackend(Protocol):
+    """``hero_kernels.backends.<impl>.entropy_logprob``. logits [N, V] (or [B, T, V] when the module sets
+    ``BATCHED = True``), last-dim stride 1; labels [N] int64."""
+
+    def forward(self, logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+        """-> RowStats(logp, H, lse)."""
+
+    def backward(self, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
+                 opts: RowOptions, out: Optional[Tensor] = None) -> Tensor:
+        """dlogits (shape and dtype of logits, or into ``out``, which may be logits itself)."""
+
+
+@runtime_checkable
+class LinearBackend(Protocol):
+    """``hero_kernels.backends.<impl>.linear_entropy_logprob``: the fused LM head, hidden [N, D], weight [V, D],
+    bias [V] | None, labels [N]. backward returns (grad_hidden | None, grad_weight | None, grad_bias | None)
+    and skips what need_dh / need_dw say is not needed."""
+
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+        """-> RowStats(logp, H, lse)."""
+
+    def backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                 H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, *, logp: Optional[Tensor] = None,
+                 need_dh: bool = True, need_dw: bool = True) -> Tuple[Optional[Tensor], ...]:
+        """-> (grad_hidden, grad_weight, grad_bias)."""

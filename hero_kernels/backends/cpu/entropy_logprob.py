@@ -12,33 +12,16 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cpu
+from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "BATCHED"]
 
 #: forward / backward take a [B, T, V] view of any batch stride in one call (see hero_kernels.entropy_logprob).
 BATCHED = True
-
-
-def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
-                 threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend.
-    threads: CUDA threads per row block (0: the C++ default; ignored on CPU)."""
-    return ops.entropy_logprob_fwd(logits, labels.reshape(-1), opts.inv_temperature, opts.ignore_index, threads)
-
-
-def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
-                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0) -> Tensor:
-    """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
-    if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse, H, grad_logp.reshape(-1), grad_H.reshape(-1),
-                            opts.inv_temperature, opts.ignore_index, out, threads)
-    return out
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:

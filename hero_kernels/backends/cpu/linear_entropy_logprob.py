@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cpu
+from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "CHUNK_ELEMENTS"]
@@ -33,82 +33,11 @@ def _chunk_rows(n: int, V: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // max(V, 1)))
 
 
-def logits_chunk(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """h [c, D] @ weight.T (+ bias) -> [c, V] in h.dtype (torch's CPU GEMMs accumulate in fp32)."""
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-
-
-def valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    return torch.nonzero(labels != ignore_index).flatten()
-
-
-def rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
-                 step: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """The chunk loop shared with the CUDA backend: valid rows in chunks of ``step``, each chunk's logits
-    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd``."""
-    N = hidden.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
-    rows = valid_rows(labels, opts.ignore_index)
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        z = logits_chunk(hidden.index_select(0, idx), weight, bias)
-        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
-        logp.index_copy_(0, idx, lp)
-        H.index_copy_(0, idx, h)
-        lse.index_copy_(0, idx, ls)
-    return logp, H, lse
-
-
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
     n_valid = int((labels != opts.ignore_index).sum())
-    return rows_forward(require_cpu(), hidden, weight, bias, labels, opts, _chunk_rows(n_valid, weight.shape[0]))
-
-
-def rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                  H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
-                  need_dw: bool, fp32_dlogits: bool, accumulate_dw) -> Tuple[Optional[Tensor], ...]:
-    """The chunk loop shared with the CUDA backend: per chunk of valid rows, recompute the logits, turn them
-    into dlogits with ``ops.entropy_logprob_bwd``, then dh = dz @ W and ``accumulate_dw(dW, dz, h)``.
-
-    fp32_dlogits: 16-bit logits get their dlogits in a separate fp32 buffer (so the grad_weight GEMM sees
-    unrounded values); otherwise dlogits overwrite the logits chunk in place.
-    grad_weight / grad_bias accumulate in fp32 (fp64 for fp64 weights) and are cast at the end.
-    """
-    V, D = weight.shape
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_hidden = torch.zeros_like(hidden) if need_dh else None
-    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
-    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
-    rows = valid_rows(labels, opts.ignore_index)
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        h = hidden.index_select(0, idx)
-        z = logits_chunk(h, weight, bias)
-        wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
-        dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
-        ops.entropy_logprob_bwd(
-            z,
-            labels.index_select(0, idx),
-            lse.index_select(0, idx),
-            H.index_select(0, idx),
-            grad_logp.index_select(0, idx),
-            grad_H.index_select(0, idx),
-            opts.inv_temperature,
-            opts.ignore_index,
-            dz,
-        )
-        if grad_hidden is not None:
-            dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
-            grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
-        if dW is not None:
-            accumulate_dw(dW, dz, h)
-        if db is not None:
-            db += dz.sum(0, dtype=acc)
-    return (grad_hidden, None if dW is None else dW.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    return linear_rows_forward(require_cpu(), hidden, weight, bias, labels, opts, _chunk_rows(n_valid, weight.shape[0]))
 
 
 def _addmm_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
@@ -133,5 +62,5 @@ def backward(
     if not (need_dh or need_dw):
         return None, None, None
     step = _chunk_rows(int((labels != opts.ignore_index).sum()), weight.shape[0])
-    return rows_backward(require_cpu(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
-                         need_dh=need_dh, need_dw=need_dw, fp32_dlogits=True, accumulate_dw=_addmm_dw)
+    return linear_rows_backward(require_cpu(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
+                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=True, accumulate_dw=_addmm_dw)

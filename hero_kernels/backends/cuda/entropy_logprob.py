@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
-from hero_kernels.backends.cpu.entropy_logprob import rows_backward, rows_forward
+from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends import gemm
-from hero_kernels.backends.cpu.linear_entropy_logprob import rows_backward, rows_forward
+from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 
@@ -95,7 +95,7 @@ def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
     step = _step(labels, opts, weight, hidden.element_size(), "fwd")
-    return rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step)
+    return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step)
 
 
 def backward(
@@ -117,8 +117,8 @@ def backward(
         return None, None, None
     step = _step(labels, opts, weight, hidden.element_size(), "bwd")
     # dlogits in place in the logits chunk; accumulate_dw keeps grad_weight's partial sums in fp32
-    return rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
-                         need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw)
+    return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
+                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw)
 
 
 def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:

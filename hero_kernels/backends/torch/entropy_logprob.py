@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ...options import RowOptions
+from .. import RowStats
 from .rowmath import row_dlogits, row_outputs, scaled_logits
 
 #: elements of one [chunk, V] temporary (16M fp32 = 64 MiB)
@@ -51,7 +52,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
         res = row_outputs(scaled_logits(logits[s:e], opts.temperature, cdt), y, opts.ignore_index)
         for o, r in zip(outs, res):
             o[s:e] = r.masked_fill(nan_rows, float("nan"))
-    return outs[0], outs[1], outs[2]
+    return RowStats(outs[0], outs[1], outs[2])
 
 
 def backward(

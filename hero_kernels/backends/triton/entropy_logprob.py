@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hero_kernels.backends import RowStats
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 
@@ -479,7 +480,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     dev = logits.device
     logp, ent, lse = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(3))
     if N == 0:
-        return logp, ent, lse
+        return RowStats(logp, ent, lse)
     labels = labels.reshape(-1).contiguous()
     (launch,) = plan(N, V, logits.dtype, pass_="fwd", batch=B)
     sb, sr = _strides(logits)
@@ -488,7 +489,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
         int(opts.ignore_index), BLOCK_V=launch.meta["BLOCK_V"], ROUND_X=_round_x(), num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
-    return logp, ent, lse
+    return RowStats(logp, ent, lse)
 
 
 def _row_vector(t: Optional[Tensor], N: int, dev) -> Tensor:

@@ -1,0 +1,109 @@
+"""Launchers shared by the two compiled C++ backends (``cpu`` and ``cuda``): both reach the row kernels through
+``torch.ops.hero_kernels_cpp`` (csrc/bindings.cpp), which dispatches on the tensors' device, so one Python
+launcher serves both; the backends pass in their ops handle and their own knobs (CUDA threads per row, the
+dW accumulation, whether dlogits stay in fp32).
+
+Row op:      rows_forward / rows_backward        (logits [N, V] or [B, T, V])
+Fused head:  linear_rows_forward / linear_rows_backward (token chunks: GEMM -> row kernel -> GEMMs)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from hero_kernels.backends import RowStats
+from hero_kernels.options import RowOptions
+
+__all__ = ["rows_forward", "rows_backward", "logits_chunk", "valid_rows", "linear_rows_forward",
+           "linear_rows_backward"]
+
+
+def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
+                 threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend.
+    threads: CUDA threads per row block (0: the C++ default; ignored on CPU)."""
+    return RowStats(*ops.entropy_logprob_fwd(logits, labels.reshape(-1), opts.inv_temperature, opts.ignore_index,
+                                             threads))
+
+
+def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
+                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0) -> Tensor:
+    """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
+    if out is None:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse, H, grad_logp.reshape(-1), grad_H.reshape(-1),
+                            opts.inv_temperature, opts.ignore_index, out, threads)
+    return out
+
+
+def logits_chunk(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """h [c, D] @ weight.T (+ bias) -> [c, V] in h.dtype (torch's CPU GEMMs accumulate in fp32)."""
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.nonzero(labels != ignore_index).flatten()
+
+
+def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
+                 step: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The chunk loop shared with the CUDA backend: valid rows in chunks of ``step``, each chunk's logits
+    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd``."""
+    N = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
+    rows = valid_rows(labels, opts.ignore_index)
+    for s in range(0, rows.numel(), step):
+        idx = rows[s : s + step]
+        z = logits_chunk(hidden.index_select(0, idx), weight, bias)
+        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
+        logp.index_copy_(0, idx, lp)
+        H.index_copy_(0, idx, h)
+        lse.index_copy_(0, idx, ls)
+    return logp, H, lse  # a plain tuple: the fused-head custom op returns it as is
+
+
+def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
+                  H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
+                  need_dw: bool, fp32_dlogits: bool, accumulate_dw) -> Tuple[Optional[Tensor], ...]:
+    """The chunk loop shared with the CUDA backend: per chunk of valid rows, recompute the logits, turn them
+    into dlogits with ``ops.entropy_logprob_bwd``, then dh = dz @ W and ``accumulate_dw(dW, dz, h)``.
+
+    fp32_dlogits: 16-bit logits get their dlogits in a separate fp32 buffer (so the grad_weight GEMM sees
+    unrounded values); otherwise dlogits overwrite the logits chunk in place.
+    grad_weight / grad_bias accumulate in fp32 (fp64 for fp64 weights) and are cast at the end.
+    """
+    V, D = weight.shape
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grad_hidden = torch.zeros_like(hidden) if need_dh else None
+    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
+    rows = valid_rows(labels, opts.ignore_index)
+    for s in range(0, rows.numel(), step):
+        idx = rows[s : s + step]
+        h = hidden.index_select(0, idx)
+        z = logits_chunk(h, weight, bias)
+        wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
+        dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
+        ops.entropy_logprob_bwd(
+            z,
+            labels.index_select(0, idx),
+            lse.index_select(0, idx),
+            H.index_select(0, idx),
+            grad_logp.index_select(0, idx),
+            grad_H.index_select(0, idx),
+            opts.inv_temperature,
+            opts.ignore_index,
+            dz,
+        )
+        if grad_hidden is not None:
+            dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
+            grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
+        if dW is not None:
+            accumulate_dw(dW, dz, h)
+        if db is not None:
+            db += dz.sum(0, dtype=acc)
+    return (grad_hidden, None if dW is None else dW.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
