@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hero_kernels.backends import RowStats
 from hero_kernels.backends.plan import KernelLaunch
+from hero_kernels.backends.triton.linear.kernels import _log1p_unit
 from hero_kernels.options import RowOptions
 
 __all__ = ["LaunchConfig", "launch_config", "LAUNCH_CONFIGS", "KERNEL_CONFIGS", "compile_attrs", "plan", "forward",
@@ -70,20 +71,10 @@ def _scale(z, inv_t, ROUND_X: tl.constexpr):
 
 @triton.jit
 def _log1p(r):
-    """log(1 + r) for r > -1 to fp32 relative accuracy from basic ops (the interpreter has no libdevice,
-    and log(1 + r) loses every digit of a tiny r): |r| <= 1 by 2 atanh(w), w = r / (2 + r), |w| <= 1/3,
-    with 8 odd terms (< 2e-9 relative); larger r by log(1 + r), which is then accurate."""
-    w = r / (2.0 + r)
-    w2 = w * w
-    acc = 1.0 / 15.0
-    acc = acc * w2 + 1.0 / 13.0
-    acc = acc * w2 + 1.0 / 11.0
-    acc = acc * w2 + 1.0 / 9.0
-    acc = acc * w2 + 1.0 / 7.0
-    acc = acc * w2 + 1.0 / 5.0
-    acc = acc * w2 + 1.0 / 3.0
-    acc = acc * w2 + 1.0
-    return tl.where(tl.abs(r) <= 1.0, 2.0 * w * acc, tl.log(1.0 + r))
+    """log(1 + r) for r > -1 to fp32 relative accuracy (log(1 + r) loses every digit of a tiny r): the fused
+    head's atanh series for |r| <= 1 (|w| = |r / (2 + r)| <= 1/3 down to r = -1/2, where the callers stop),
+    log(1 + r) above, where it is accurate."""
+    return tl.where(tl.abs(r) <= 1.0, _log1p_unit(r), tl.log(1.0 + r))
 
 
 @triton.jit
