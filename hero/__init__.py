@@ -1,12 +1,12 @@
 """hero: a lean entropy-aware (HERO-GRPO) trainer built on ``hero_kernels``.
 
-Subpackages (import them directly; this module imports nothing heavy so ``import hero`` stays cheap):
+Trainer core (depends on hero_kernels, torch and transformers only): ``hero.config``, ``hero.rollout``
+(model adapters), ``hero.rewards``, ``hero.grpo`` (advantages, variance gate, KL controller), ``hero.trainer``,
+``hero.checkpoint``, ``hero.io``, ``hero.data.jsonl``, ``hero.registry``, ``hero.cli``.
 
-* ``hero.data``: the digits-POPE task (``hero.data.digits_pope``) and the JSONL format for real data
-  (``hero.data.jsonl``).
-* ``hero.tiny_vlm``: a tiny random-init vision-language model + offline tokenizer/processor (needs transformers).
-* ``hero.metrics``: POPE metrics, answer parsing, ECE, accuracy per entropy bin, CHAIR.
-* ``hero.diagnostics``: the confidence-trap diagnosis (entropy / accuracy / calibration vs. image noise).
+Experiments register their datasets and models in ``hero.registry``; ``hero.experiments.confidence_trap`` is
+the confidence-trap study (digits-POPE, a tiny VLM, the diagnosis, ``hero demo``). Integrations with other RL
+engines live in ``hero.integrations``. This module imports nothing heavy so ``import hero`` stays cheap.
 """
 
 __version__ = "0.1.0"

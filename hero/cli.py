@@ -32,7 +32,7 @@ COMMANDS: Dict[str, Command] = {}
 
 #: Modules that register more subcommands when imported; ``main`` imports them on first use (a module that
 #: does not exist yet is skipped). Add yours here.
-COMMAND_MODULES = ("hero.diagnose_cli", "hero.bench_cli")
+COMMAND_MODULES = ("hero.experiments.confidence_trap.diagnose_cli", "hero.bench_cli")
 
 
 def register_command(name: str, help: str = ""):

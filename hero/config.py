@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from hero.registry import dataset_names
 from hero_kernels.options import HEROLossConfig, loss_option_field
 
 __all__ = [
@@ -47,8 +48,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # "tiny-llama": random-init LlamaForCausalLM built from the sizes below + an offline word-level tokenizer;
-    # "tiny-vlm": hero.tiny_vlm's random-init vision-language model; anything else: a local HF path / hub id.
+    # A model registered in hero.registry, or a local HF path / hub id. Registered by the confidence-trap
+    # experiment: "tiny-llama" (random-init LlamaForCausalLM built from the sizes below + an offline word-level
+    # tokenizer) and "tiny-vlm" (its random-init vision-language model).
     name: str = "tiny-llama"
     # tiny-llama / tiny-vlm only: transformer width.
     hidden_size: int = 64
@@ -75,7 +77,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "digits_pope" (hero.data.digits_pope, built offline) or "jsonl" (hero.data.jsonl rows from ``path``).
+    # "jsonl" (hero.data.jsonl rows from ``path``) or a dataset registered in hero.registry, e.g. "digits_pope"
+    # (the confidence-trap experiment's task, built offline).
     name: str = "digits_pope"
     # JSONL file for name="jsonl".
     path: str = ""
@@ -260,7 +263,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check ranges and choices; raise ConfigError naming the field. Returns self."""
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
-        _choice("data.name", self.data.name, ("digits_pope", "jsonl"))
+        _choice("data.name", self.data.name, dataset_names())
         if self.data.name == "jsonl" and not self.data.path:
             raise ConfigError("data.path must be set when data.name is 'jsonl'")
         _positive("data.n_per_split", self.data.n_per_split)

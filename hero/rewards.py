@@ -9,7 +9,7 @@ the trainer as a bad row.
 Built in (``REWARDS`` maps config names to them):
 
 * ``yes_no`` (``yes_no_reward``): 1.0 when the answer parsed from the ``<answer>...</answer>`` tag equals the
-  gold ``answer`` ("yes"/"no"), else 0.0. Parsing is ``hero.metrics.parse_answer`` (mode "tag"): the LAST
+  gold ``answer`` ("yes"/"no"), else 0.0. Parsing is ``parse_answer`` (mode "tag"): the LAST
   complete answer tag decides, never the first sentence, so ``<think>no wait, yes</think><answer>yes</answer>``
   is "yes"; a missing or unclosed tag is wrong.
 * ``exact_match`` (``exact_match_reward``): 1.0 when the answer tag body (or, when no tag is present, the
@@ -27,10 +27,12 @@ import math
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
-from hero.metrics import UNPARSED, parse_answer
 
 __all__ = [
     "REWARDS",
+    "UNPARSED",
+    "parse_answer",
+    "normalize_yes_no",
     "yes_no_reward",
     "exact_match_reward",
     "format_reward",
@@ -40,10 +42,50 @@ __all__ = [
     "get_reward",
 ]
 
+#: Prediction value for an output whose answer could not be extracted (always counted as wrong).
+UNPARSED = "unparsed"
+
 RewardFn = Callable[..., List[float]]
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*</answer>\s*$", re.DOTALL)
+_YESNO_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def normalize_yes_no(content: str) -> str:
+    """Normalize an answer body: strip, lowercase, drop trailing punctuation; "Yes, there is." -> "yes".
+
+    Returns "yes"/"no" when the body starts with that word, else the normalized free text,
+    or ``UNPARSED`` when it is empty.
+    """
+    s = content.strip().lower()
+    m = re.match(r"^(yes|no)\b", s)
+    if m:
+        return m.group(1)
+    s = s.rstrip(" .!?")
+    return s if s else UNPARSED
+
+
+def parse_answer(text: str, mode: str = "tag") -> str:
+    """Extract the answer from a model output.
+
+    mode="tag" (default): the body of the LAST complete ``<answer>...</answer>`` pair, normalized with
+    ``normalize_yes_no`` ("yes"/"no" or lower-cased free text). Missing tag, missing closing tag
+    (e.g. generation cut by max_new_tokens) or an empty body -> ``"unparsed"``.
+    mode="yesno": for models without tags; the first standalone "yes"/"no" word (case-insensitive),
+    else ``"unparsed"``. If the text does contain a complete answer tag, the tag wins.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if mode not in ("tag", "yesno"):
+        raise ValueError(f"mode must be 'tag' or 'yesno', got {mode!r}")
+    bodies = _ANSWER_RE.findall(text)
+    if bodies:
+        return normalize_yes_no(bodies[-1])
+    if mode == "yesno":
+        m = _YESNO_RE.search(text)
+        return m.group(1).lower() if m else UNPARSED
+    return UNPARSED
 
 
 def _aligned(name: str, values, n: int) -> List:

@@ -2,13 +2,11 @@
 
 A model family plugs into the trainer through an adapter (``ModelAdapter``): how to turn dataset rows into
 left-padded prompt tensors, how to sample completions (with a KV cache), how to get the LAST HIDDEN STATES
-of a sequence without computing logits, where the LM head is, and how to decode. Two adapters ship:
-
-* ``CausalLMAdapter``: any transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) with a
-  transformers tokenizer or ``hero.tiny_vlm.TinyTokenizer``; hidden states come from the base model
-  (``model.get_decoder()`` / ``model.model``), never from ``model(...).logits``.
-* ``TinyVLMAdapter``: ``hero.tiny_vlm.TinyVLM`` + its processor; rows carry an image, ``pixel_values`` are
-  passed through to ``generate`` and ``hidden_states``.
+of a sequence without computing logits, where the LM head is, and how to decode. ``CausalLMAdapter`` serves
+any transformers causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) with a transformers tokenizer;
+hidden states come from the base model (``model.get_decoder()`` / ``model.model``), never from
+``model(...).logits``. Other model families register a builder in ``hero.registry`` (the confidence-trap
+experiment registers its tiny VLM and offline tokenizer there), and ``build_policy`` looks it up.
 
 Sequence layout shared with the trainer: ``[left-padded prompt (P) | completion (C, right-padded)]``. Hidden
 state ``t`` predicts token ``t + 1``, so the completion tokens ``P .. P+C-1`` are scored from the hidden
@@ -18,24 +16,24 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from hero.registry import BuildContext, model_builder, saved_format_loader
 
 __all__ = [
     "BadRowError",
     "ModelAdapter",
     "CausalLMAdapter",
-    "TinyVLMAdapter",
     "completion_mask_from_eos",
     "completion_hidden",
     "resolve_attn_implementation",
     "build_policy",
     "build_tiny_llama",
+    "load_causal_lm",
 ]
 
 
@@ -123,23 +121,23 @@ class ModelAdapter:
         """Export model + tokenizer into directory ``path``."""
         raise NotImplementedError
 
+    def enable_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Recompute decoder activations in backward (transformers' non-reentrant checkpointing)."""
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 
 class CausalLMAdapter(ModelAdapter):
-    """Text-only transformers causal LM + tokenizer (a transformers tokenizer or hero's TinyTokenizer)."""
+    """Text-only transformers causal LM + a transformers tokenizer."""
 
     def __init__(self, tokenizer, add_bos: bool = True):
         self.tokenizer = tokenizer
         self.pad_token_id, self.eos_token_ids = _tokenizer_ids(tokenizer)
         self.add_bos = add_bos
 
-    def _is_tiny(self) -> bool:
-        from hero.tiny_vlm import TinyTokenizer
-
-        return isinstance(self.tokenizer, TinyTokenizer)
-
     def encode(self, rows, prompts):
-        if self._is_tiny():
-            return self.tokenizer(list(prompts), padding_side="left", add_bos=self.add_bos)
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -180,84 +178,25 @@ class CausalLMAdapter(ModelAdapter):
         self.tokenizer.save_pretrained(path)
 
 
-class TinyVLMAdapter(ModelAdapter):
-    """hero.tiny_vlm.TinyVLM + TinyVLMProcessor; rows need an image (uint8 array or a path PIL can open)."""
-
-    uses_images = True
-
-    def __init__(self, processor, image_field: str = "image"):
-        self.processor = processor
-        self.image_field = image_field
-        tok = processor.tokenizer
-        self.image_token_id = tok.image_token_id
-        self.num_patches = processor.config.num_patches
-        # A sampled <image> token ends the completion like eos: as an input it would be taken for an image
-        # placeholder (see hidden_states).
-        self.pad_token_id, self.eos_token_ids = tok.pad_token_id, [tok.eos_token_id, tok.image_token_id]
-
-    def prepare_row(self, row, prompt, index):
-        if self.image_field not in row:
-            raise BadRowError(f"row {row_name(row, index)} has no image field {self.image_field!r}", row_name(row, index))
-        img = row[self.image_field]
-        try:
-            if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
-                from hero.data.jsonl import load_image
-
-                img = load_image(img)
-            arr = np.asarray(img)
-            self.processor.pixel_values([arr])  # validates dtype / shape / resizability
-        except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken image
-            raise BadRowError(f"row {row_name(row, index)}: image does not load ({type(e).__name__}: {e})",
-                              row_name(row, index)) from None
-        new = dict(row)
-        new[self.image_field] = arr
-        return new
-
-    def encode(self, rows, prompts):
-        return self.processor([r[self.image_field] for r in rows], list(prompts))
-
-    def generate(self, model, inputs, *, max_new_tokens, temperature, top_p=1.0, top_k=0):
-        out = model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                             max_new_tokens=int(max_new_tokens), do_sample=True, temperature=float(temperature),
-                             top_k=int(top_k), top_p=float(top_p), use_cache=True, eos_token_id=self.eos_token_ids)
-        return out.sequences, completion_mask_from_eos(out.sequences, self.eos_token_ids)
-
-    def hidden_states(self, model, input_ids, attention_mask, **extra):
-        # <image> tokens beyond a row's first num_patches were sampled in the completion, where they are the
-        # row's last scored token (they end it); as inputs they only feed masked positions, so replace them
-        # with pad instead of letting the model take them for image placeholders.
-        is_img = input_ids == self.image_token_id
-        extra_img = is_img & (is_img.long().cumsum(1) > self.num_patches)
-        ids = input_ids.masked_fill(extra_img, self.pad_token_id)
-        return model.hidden_states(ids, attention_mask, extra.get("pixel_values"))
-
-    def decode(self, ids, mask):
-        return self.processor.batch_decode((ids * mask + self.pad_token_id * (1 - mask)).tolist(), skip_special_tokens=True)
-
-    def save_pretrained(self, model, path):
-        model.save_pretrained(path, tokenizer=self.processor.tokenizer)
-
-
 # ----------------------------------------------------------------------------------------------
 # model construction
 # ----------------------------------------------------------------------------------------------
 def build_tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128,
                      vocab_size: int = 0, attn_implementation: str = "sdpa", seed: int = 0, tokenizer=None):
-    """Random-init LlamaForCausalLM from a config + hero's offline TinyTokenizer (no downloads).
+    """Random-init LlamaForCausalLM sized for ``tokenizer`` (no downloads) -> (model, tokenizer).
 
     vocab_size 0 = the tokenizer's size; a larger value pads the LM head. The global torch RNG is restored
     after the init (the init uses ``seed``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hero.tiny_vlm import TinyTokenizer
-
-    tok = tokenizer if tokenizer is not None else TinyTokenizer()
-    V = max(int(vocab_size), len(tok))
+    if tokenizer is None:
+        raise ValueError("build_tiny_llama needs a tokenizer (model.name 'tiny-llama' brings an offline one)")
+    V = max(int(vocab_size), len(tokenizer))
     cfg = LlamaConfig(
         vocab_size=V, hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_heads, max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id, bos_token_id=getattr(tok, "bos_token_id", None), eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     cfg._attn_implementation = attn_implementation
     state = torch.random.get_rng_state()
@@ -266,60 +205,37 @@ def build_tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int 
         model = LlamaForCausalLM(cfg)
     finally:
         torch.random.set_rng_state(state)
-    return model, tok
+    return model, tokenizer
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    return d if isinstance(d, dict) else {}
+def load_causal_lm(path: str, ctx: BuildContext) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with the context's attention implementation and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=ctx.attn_implementation, dtype=ctx.dtype)
 
 
-def build_policy(mcfg, *, seed: int, device: torch.device, image_size: Optional[Tuple[int, int]] = None,
-                 image_field: str = "image") -> Tuple[nn.Module, ModelAdapter]:
-    """Model + adapter from a ``ModelConfig`` (see hero.config for the meaning of ``name``)."""
-    attn = resolve_attn_implementation(mcfg.attn_implementation, device)
+def build_policy(mcfg, *, seed: int, device: torch.device, image_field: str = "image",
+                 sample_row: Optional[dict] = None) -> Tuple[nn.Module, ModelAdapter]:
+    """Model + adapter from a ``ModelConfig``: a registered name (``hero.registry``), a directory saved in a
+    registered format, or any transformers causal LM (local path or hub id)."""
     dtype = torch.bfloat16 if mcfg.dtype == "bfloat16" else torch.float32
-    name = mcfg.name
-    if name == "tiny-llama":
-        model, tok = build_tiny_llama(mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads, mcfg.intermediate_size,
-                                      mcfg.vocab_size, attn, seed)
-        adapter: ModelAdapter = CausalLMAdapter(tok)
-    elif name == "tiny-vlm":
-        from hero.tiny_vlm import build_tiny_vlm
-
-        model, proc = build_tiny_vlm(image_size=tuple(image_size or (8, 24)), seed=seed, hidden_size=mcfg.hidden_size,
-                                     num_layers=mcfg.num_layers, num_heads=mcfg.num_heads,
-                                     num_kv_heads=min(2, mcfg.num_heads), intermediate_size=mcfg.intermediate_size)
-        if attn != "sdpa" and hasattr(model.lm, "set_attn_implementation"):
-            model.lm.set_attn_implementation(attn)
-        adapter = TinyVLMAdapter(proc, image_field)
+    ctx = BuildContext(seed=seed, device=device, attn_implementation=resolve_attn_implementation(
+        mcfg.attn_implementation, device), dtype=dtype, image_field=image_field, sample_row=sample_row)
+    builder = model_builder(mcfg.name)
+    loader = saved_format_loader(mcfg.name) if builder is None and os.path.isdir(mcfg.name) else None
+    if builder is not None:
+        model, adapter = builder(mcfg, ctx)
+    elif loader is not None:
+        model, adapter = loader(mcfg.name, mcfg, ctx)
     else:
-        cfg_path = os.path.join(name, "config.json")
-        if os.path.isfile(cfg_path) and _read_json(cfg_path).get("model_type") == "hero-tiny-vlm":
-            from hero.tiny_vlm import load_tiny_vlm
+        from transformers import AutoTokenizer
 
-            model, proc = load_tiny_vlm(name)
-            adapter = TinyVLMAdapter(proc, image_field)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn, dtype=dtype)
-            tok_path = os.path.join(name, "tokenizer.json")
-            if os.path.isfile(tok_path) and _read_json(tok_path).get("type") == "hero-tiny-tokenizer":
-                from hero.tiny_vlm import TinyTokenizer  # a tiny-llama exported by the trainer
-
-                adapter = CausalLMAdapter(TinyTokenizer.from_pretrained(name))
-            else:
-                adapter = CausalLMAdapter(AutoTokenizer.from_pretrained(name), add_bos=False)
+        model, adapter = load_causal_lm(mcfg.name, ctx), CausalLMAdapter(AutoTokenizer.from_pretrained(mcfg.name),
+                                                                         add_bos=False)
     model = model.to(device=device, dtype=dtype)
     if mcfg.gradient_checkpointing:
-        if isinstance(adapter, TinyVLMAdapter):
-            model.gradient_checkpointing_enable()
-        elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapter.enable_gradient_checkpointing(model)
     return model, adapter
 
 

@@ -58,6 +58,7 @@ from hero import checkpoint as ckpt
 from hero.config import TrainConfig, config_to_dict
 from hero.grpo import AdaptiveKLController, group_advantages, variance_gate
 from hero.io import atomic_dir, atomic_write_text
+from hero.registry import dataset_builder
 from hero.rewards import check_rewards, get_reward, reward_name
 from hero.rollout import (BadRowError, ModelAdapter, build_policy, completion_hidden, frozen_copy, row_name)
 
@@ -130,15 +131,9 @@ class MetricsLogger:
 # data
 # ----------------------------------------------------------------------------------------------
 def load_dataset(cfg: TrainConfig) -> List[dict]:
-    """Rows for ``cfg.data``: digits-POPE built offline, or a JSONL file (images loaded lazily per row)."""
-    d = cfg.data
-    if d.name == "digits_pope":
-        from hero.data.digits_pope import build_digits_pope
-
-        return build_digits_pope(d.n_per_split, subset="train", splits=tuple(d.splits), sigma=d.sigma, seed=cfg.seed)
-    from hero.data.jsonl import load_jsonl
-
-    return load_jsonl(d.path, load_images=False)
+    """Rows for ``cfg.data``: the builder registered for ``data.name`` in ``hero.registry`` ("jsonl": the
+    file at ``data.path``, images loaded lazily per row; "digits_pope": built offline by the experiment)."""
+    return dataset_builder(cfg.data.name)(cfg)
 
 
 class RowStream:
@@ -222,13 +217,9 @@ class Trainer:
         if (model is None) != (adapter is None):
             raise ValueError("pass both model and adapter, or neither")
         if model is None:
-            image_size = None
-            if cfg.model.name == "tiny-vlm" and self.dataset and cfg.data.image_field in self.dataset[0]:
-                img = self.dataset[0][cfg.data.image_field]
-                if not isinstance(img, str):
-                    image_size = tuple(np.asarray(img).shape[:2])
-            model, adapter = build_policy(cfg.model, seed=cfg.seed, device=self.device, image_size=image_size,
-                                          image_field=cfg.data.image_field)
+            sample = self.dataset[0] if self.dataset and isinstance(self.dataset[0], dict) else None
+            model, adapter = build_policy(cfg.model, seed=cfg.seed, device=self.device,
+                                          image_field=cfg.data.image_field, sample_row=sample)
         self.model = model.to(self.device)
         self.adapter = adapter
         # reward functions

@@ -1,4 +1,4 @@
-"""The confidence-trap demo (hero.demo) at a micro budget, its config, the report text, and `hero diagnose`
+"""The confidence-trap demo (hero.experiments.confidence_trap.demo) at a micro budget, its config, the report text, and `hero diagnose`
 on a tiny VLM saved to disk with a JSONL dataset (hero.data.jsonl)."""
 import json
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hero import report as R
-from hero.demo import DemoConfig, MICRO_OVERRIDES, demo_config_to_dict, load_demo_config, run_demo
+from hero.experiments.confidence_trap import report as R
+from hero.experiments.confidence_trap.demo import DemoConfig, MICRO_OVERRIDES, demo_config_to_dict, load_demo_config, run_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,7 +70,7 @@ def test_demo_micro_pipeline_writes_report_plots_and_summary(tmp_path):
     assert s["rl_configs"]["hero"]["steps"] == s["rl_configs"]["grpo"]["steps"] == 2
     assert s["timings"]["total"] > 0 and "rl/hero" in s["timings"]
     # models on disk: the warm start and each run's final policy, loadable
-    from hero.tiny_vlm import load_tiny_vlm
+    from hero.experiments.confidence_trap.tiny_vlm import load_tiny_vlm
 
     for p in ("models/sft", "runs/hero/final", "runs/grpo/final"):
         load_tiny_vlm(str(out / p))
@@ -105,7 +105,7 @@ def test_demo_config_overrides_and_errors():
 
 
 def test_demo_main_bad_args_exit_2(capsys):
-    from hero.demo import demo_main
+    from hero.experiments.confidence_trap.demo import demo_main
 
     assert demo_main(["--runs", "nope", "--micro"]) == 2
     assert "unknown run" in capsys.readouterr().err
@@ -148,9 +148,9 @@ def test_trap_verdict_and_trend_sentences():
 # SFT
 # ----------------------------------------------------------------------------------------------
 def test_sft_is_deterministic_and_learns():
-    from hero.data.digits_pope import build_digits_pope
-    from hero.sft import SFTConfig, sft_tensors, sft_train
-    from hero.tiny_vlm import build_tiny_vlm
+    from hero.experiments.confidence_trap.digits_pope import build_digits_pope
+    from hero.experiments.confidence_trap.sft import SFTConfig, sft_tensors, sft_train
+    from hero.experiments.confidence_trap.tiny_vlm import build_tiny_vlm
 
     data = build_digits_pope(16, subset="train")
     cfg = SFTConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=0)
@@ -174,11 +174,11 @@ def test_sft_is_deterministic_and_learns():
 # hero diagnose on a tiny VLM saved to disk + a JSONL dataset
 # ----------------------------------------------------------------------------------------------
 def test_diagnose_cli_on_saved_tiny_vlm_and_jsonl(tmp_path, capsys):
-    from hero.data.digits_pope import build_digits_pope
+    from hero.experiments.confidence_trap.digits_pope import build_digits_pope
     from hero.data.jsonl import write_jsonl
-    from hero.diagnose_cli import diagnose_main
-    from hero.diagnostics import TinyVLMAdapter, diagnose
-    from hero.tiny_vlm import build_tiny_vlm
+    from hero.experiments.confidence_trap.diagnose_cli import diagnose_main
+    from hero.experiments.confidence_trap.diagnostics import TinyVLMAdapter, diagnose
+    from hero.experiments.confidence_trap.tiny_vlm import build_tiny_vlm
 
     model, proc = build_tiny_vlm(seed=1)
     model.save_pretrained(str(tmp_path / "model"), tokenizer=proc.tokenizer)
@@ -205,7 +205,7 @@ def test_diagnose_cli_on_saved_tiny_vlm_and_jsonl(tmp_path, capsys):
 
 
 def test_diagnose_cli_errors(tmp_path, capsys):
-    from hero.diagnose_cli import diagnose_main
+    from hero.experiments.confidence_trap.diagnose_cli import diagnose_main
 
     assert diagnose_main(["--model", str(tmp_path), "--data", "x.jsonl"]) == 2
     assert "--out is required" in capsys.readouterr().err
@@ -219,7 +219,7 @@ def test_diagnose_cli_errors(tmp_path, capsys):
 
 
 def test_subcommands_registered_in_cli():
-    import hero.diagnose_cli  # noqa: F401  (registers on import)
+    import hero.experiments.confidence_trap.diagnose_cli  # noqa: F401  (registers on import)
     from hero.cli import COMMANDS, main
 
     assert {"diagnose", "demo"} <= set(COMMANDS)
@@ -265,9 +265,9 @@ def _tiny_llava(path):
 
 def test_diagnose_cli_on_a_transformers_vlm(tmp_path):
     """hero diagnose through HFVLMAdapter on a (tiny, random) transformers Llava saved to disk + a JSONL file."""
-    from hero.data.digits_pope import build_digits_pope
+    from hero.experiments.confidence_trap.digits_pope import build_digits_pope
     from hero.data.jsonl import write_jsonl
-    from hero.diagnose_cli import diagnose_main
+    from hero.experiments.confidence_trap.diagnose_cli import diagnose_main
 
     try:
         _tiny_llava(str(tmp_path / "llava"))

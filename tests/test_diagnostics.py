@@ -1,4 +1,4 @@
-"""hero.diagnostics: the confidence-trap diagnosis (hand-checked aggregation, adapters, end to end)."""
+"""hero.experiments.confidence_trap.diagnostics: the confidence-trap diagnosis (hand-checked aggregation, adapters, end to end)."""
 import json
 import math
 import os
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from hero.data.digits_pope import build_digits_pope
-from hero.diagnostics import AnswerBatch, HFVLMAdapter, TinyVLMAdapter, diagnose, reference_entropy
-from hero.metrics import UNPARSED
+from hero.experiments.confidence_trap.digits_pope import build_digits_pope
+from hero.experiments.confidence_trap.diagnostics import AnswerBatch, HFVLMAdapter, TinyVLMAdapter, diagnose, reference_entropy
+from hero.experiments.confidence_trap.metrics import UNPARSED
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,7 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from hero.tiny_vlm import build_tiny_vlm
+    from hero.experiments.confidence_trap.tiny_vlm import build_tiny_vlm
 
     return build_tiny_vlm(seed=0)
 
@@ -60,7 +60,7 @@ class ScriptedAdapter:
         self.seen += [np.asarray(im).astype(float).std() for im in images]
         rows = [self.table[q] for q in questions]
         texts = [r[0] for r in rows]
-        from hero.metrics import parse_answer
+        from hero.experiments.confidence_trap.metrics import parse_answer
 
         return AnswerBatch(texts=texts, predictions=[parse_answer(t) for t in texts],
                            entropy=np.array([r[1] for r in rows]), confidence=np.array([r[2] for r in rows]),
@@ -127,7 +127,7 @@ def test_diagnose_free_text_answers_and_errors():
 # TinyVLMAdapter: answer position found in the output vs. forced
 # ---------------------------------------------------------------------------------------------
 def test_tiny_adapter_answer_position(tiny, monkeypatch):
-    from hero.tiny_vlm import TinyGenerateOutput
+    from hero.experiments.confidence_trap.tiny_vlm import TinyGenerateOutput
 
     model, proc = tiny
     tok = proc.tokenizer
@@ -269,7 +269,7 @@ def test_imports_without_triton_or_hero_kernels():
 
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import hero, hero.metrics, hero.data, hero.diagnostics, hero.tiny_vlm\n"
+        "import hero, hero.experiments.confidence_trap.metrics, hero.data, hero.experiments.confidence_trap.diagnostics, hero.experiments.confidence_trap.tiny_vlm\n"
         "assert 'hero_kernels' not in sys.modules and 'transformers' not in sys.modules\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""hero.data.digits_pope and hero.data.jsonl: determinism, balance, splits, leakage, noise, JSONL I/O."""
+"""hero.experiments.confidence_trap.digits_pope and hero.data.jsonl: determinism, balance, splits, leakage, noise, JSONL I/O."""
 import json
 import os
 import time
@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from hero.data import digits_pope as dp
-from hero.data.digits_pope import (
+from hero.experiments.confidence_trap import digits_pope as dp
+from hero.experiments.confidence_trap.digits_pope import (
     PAIRS,
     SPLITS,
     add_noise,

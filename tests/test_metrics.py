@@ -1,10 +1,10 @@
-"""hero.metrics: answer parsing, POPE, ECE, entropy bins, CHAIR, with hand-computed expectations."""
+"""hero.experiments.confidence_trap.metrics: answer parsing, POPE, ECE, entropy bins, CHAIR, with hand-computed expectations."""
 import json
 import math
 
 import pytest
 
-from hero.metrics import (
+from hero.experiments.confidence_trap.metrics import (
     ENTROPY_EDGES,
     UNPARSED,
     accuracy_by_entropy_bin,

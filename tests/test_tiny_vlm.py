@@ -1,4 +1,4 @@
-"""hero.tiny_vlm: tokenizer, forward/backward, padding invariance, generate (KV cache), save/load."""
+"""hero.experiments.confidence_trap.tiny_vlm: tokenizer, forward/backward, padding invariance, generate (KV cache), save/load."""
 import json
 import os
 import time
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hero.data.digits_pope import build_digits_pope, cot_target
-from hero.tiny_vlm import (
+from hero.experiments.confidence_trap.digits_pope import build_digits_pope, cot_target
+from hero.experiments.confidence_trap.tiny_vlm import (
     SPECIAL_TOKENS,
     TinyTokenizer,
     TinyVLM,

@@ -205,7 +205,7 @@ def test_bad_rows_skip_or_stop_naming_the_row(tmp_path):
 
 
 def test_tiny_vlm_adapter_trains_and_skips_an_image_that_does_not_load(tmp_path):
-    from hero.data.digits_pope import build_digits_pope
+    from hero.experiments.confidence_trap.digits_pope import build_digits_pope
 
     data = build_digits_pope(4, splits=("random",))
     data[1]["image"] = str(tmp_path / "missing.png")

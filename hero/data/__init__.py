@@ -1,9 +1,9 @@
-"""Datasets for the hero trainer and diagnostics.
+"""Datasets for the hero trainer: ``hero.data.jsonl``, the JSONL format (one row per line, images by path) that
+``hero train`` (``data.name: jsonl``) and ``hero diagnose`` read, with its loader and writer.
 
-* ``hero.data.digits_pope``: POPE-style "Is there a 7 in the image?" task from sklearn's bundled digits.
-* ``hero.data.jsonl``: the JSONL format ``hero diagnose`` reads for real data, loader and writer.
+Task datasets live with their experiment and register in ``hero.registry`` (e.g. ``digits_pope`` in
+``hero.experiments.confidence_trap``).
 """
-from .digits_pope import SIGMAS, SPLITS, build_digits_pope, cot_target, with_noise
 from .jsonl import load_jsonl, write_jsonl
 
-__all__ = ["SIGMAS", "SPLITS", "build_digits_pope", "cot_target", "with_noise", "load_jsonl", "write_jsonl"]
+__all__ = ["load_jsonl", "write_jsonl"]

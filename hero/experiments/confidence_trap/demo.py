@@ -1,22 +1,22 @@
 """The confidence-trap demo, end to end on a laptop CPU, offline: ``make demo``.
 
-``python -m hero.demo [--config configs/demo.yaml] [--out demo_out] [--KEY VALUE ...] [--runs hero,grpo]``
-(also ``hero demo ...`` once ``hero.diagnose_cli`` is registered in ``hero.cli``).
+``python -m hero.experiments.confidence_trap.demo [--config configs/demo.yaml] [--out demo_out] [--KEY VALUE ...] [--runs hero,grpo]``
+(also ``hero demo ...`` once ``hero.experiments.confidence_trap.diagnose_cli`` is registered in ``hero.cli``).
 
 Stages (each prints a line with its wall time; the trainer shows a tqdm bar):
 
-1. data: digits-POPE (``hero.data.digits_pope``): an SFT pool (clean by default), an RL pool at every sigma in
+1. data: digits-POPE (``hero.experiments.confidence_trap.digits_pope``): an SFT pool (clean by default), an RL pool at every sigma in
    ``data.rl_sigmas`` (train source images, another seed), a held-out test set (test source images);
-2. sft: a random-init tiny VLM (``hero.tiny_vlm``) is warm-started on chain-of-thought targets
-   ``<think>I see 3, 1, 4.</think><answer>no</answer>`` (``hero.sft``), saved to ``models/sft``;
-3. diagnose ``sft``: ``hero.diagnostics.diagnose`` at every sigma in ``data.sigmas`` (answer-token entropy,
+2. sft: a random-init tiny VLM (``hero.experiments.confidence_trap.tiny_vlm``) is warm-started on chain-of-thought targets
+   ``<think>I see 3, 1, 4.</think><answer>no</answer>`` (``hero.experiments.confidence_trap.sft``), saved to ``models/sft``;
+3. diagnose ``sft``: ``hero.experiments.confidence_trap.diagnostics.diagnose`` at every sigma in ``data.sigmas`` (answer-token entropy,
    accuracy per entropy bin, ECE + reliability, POPE per split, CHAIR of the digits named in ``<think>``);
 4. one RL run per entry of ``runs`` (``hero.trainer.Trainer``, each from the same warm-started weights with
    the same seed, budget and data; default: ``hero`` = entropy weights + variance gate + adaptive KL, ``grpo``
    = no entropy weights and no gate, ``hero_negative`` = weights only on negative-advantage responses,
    ``hero_high`` = kappa -1, i.e. weights favouring HIGH-entropy tokens, the 80/20 paper / GTPO direction),
    each followed by the same diagnosis;
-5. report: ``report.md`` (tables and sentences generated from the numbers, ``hero.report``), PNG plots and
+5. report: ``report.md`` (tables and sentences generated from the numbers, ``hero.experiments.confidence_trap.report``), PNG plots and
    ``summary.json`` (every number, the timings, the exact config).
 
 Output layout (``--out``)::
@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from hero.sft import SFTConfig
+from hero.experiments.confidence_trap.sft import SFTConfig
 
 __all__ = [
     "DemoDataConfig",
@@ -135,10 +135,10 @@ class DemoConfig:
     # torch intra-op threads (torch.set_num_threads) during the demo; 1 is fastest for this tiny model.
     threads: int = 1
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
-    # hero.tiny_vlm.TinyVLMConfig overrides (hidden_size, num_layers, num_heads, num_kv_heads, ...).
+    # hero.experiments.confidence_trap.tiny_vlm.TinyVLMConfig overrides (hidden_size, num_layers, num_heads, num_kv_heads, ...).
     model: Dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
                                                            "num_kv_heads": 2, "intermediate_size": 128})
-    # Supervised warm-start (hero.sft.SFTConfig); 1200 steps reach ~0.9 clean test accuracy (600: ~0.76).
+    # Supervised warm-start (hero.experiments.confidence_trap.sft.SFTConfig); 1200 steps reach ~0.9 clean test accuracy (600: ~0.76).
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=1200))
     diagnose: DemoDiagnoseConfig = field(default_factory=DemoDiagnoseConfig)
     # The shared trainer config (hero/config.py TrainConfig as a nested dict).
@@ -341,7 +341,7 @@ def _loadavg() -> str:
 
 
 def _build_data(cfg: DemoConfig) -> Tuple[List[dict], List[dict], List[dict]]:
-    from hero.data.digits_pope import build_digits_pope
+    from hero.experiments.confidence_trap.digits_pope import build_digits_pope
 
     d = cfg.data
     sft = []
@@ -359,7 +359,7 @@ def _build_data(cfg: DemoConfig) -> Tuple[List[dict], List[dict], List[dict]]:
 
 
 def _diagnose(model, processor, test: List[dict], cfg: DemoConfig, name: str, out_dir: str, clock: _Clock):
-    from hero.diagnostics import TinyVLMAdapter, diagnose
+    from hero.experiments.confidence_trap.diagnostics import TinyVLMAdapter, diagnose
 
     model.eval()
     adapter = TinyVLMAdapter(model, processor, max_new_tokens=cfg.diagnose.max_new_tokens, seed=cfg.seed)
@@ -403,7 +403,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
 
     import torch
 
-    from hero import report as R
+    from hero.experiments.confidence_trap import report as R
     from hero.io import atomic_write_text
 
     cfg.validate()
@@ -426,8 +426,8 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
             clock.say(f"  {len(sft_data)} SFT examples, {len(rl_data)} RL rows, {len(test)} test questions x "
                       f"{len(cfg.data.sigmas)} sigmas")
 
-        from hero.tiny_vlm import build_tiny_vlm
-        from hero.sft import sft_train
+        from hero.experiments.confidence_trap.tiny_vlm import build_tiny_vlm
+        from hero.experiments.confidence_trap.sft import sft_train
 
         with clock.stage("sft"):
             model, processor = build_tiny_vlm(image_size=tuple(sft_data[0]["image"].shape[:2]), seed=cfg.seed,
@@ -444,7 +444,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
             d, plots = _diagnose(model, processor, test, cfg, "sft", out_dir, clock)
             diags["sft"], per_model_plots["sft"] = d.to_dict(), plots
 
-        from hero.rollout import TinyVLMAdapter as RolloutAdapter
+        from .models import TinyVLMModelAdapter
         from hero.trainer import Trainer
         from hero.config import config_to_dict
 
@@ -458,7 +458,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
                 if os.path.isdir(run_dir):  # a previous demo's run: start clean (only our own folder)
                     shutil.rmtree(run_dir)
                 policy = copy.deepcopy(model)
-                trainer = Trainer(tcfg, model=policy, adapter=RolloutAdapter(processor), dataset=rl_data)
+                trainer = Trainer(tcfg, model=policy, adapter=TinyVLMModelAdapter(processor), dataset=rl_data)
                 m = trainer.train()
                 trainer.export()
                 clock.say(f"  {name}: last step reward {m.get('reward', float('nan')):.3f}, entropy "
@@ -490,7 +490,7 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
 
     summary: Dict[str, Any] = {
         "format": 1,
-        "command": command or "python -m hero.demo",
+        "command": command or "python -m hero.experiments.confidence_trap.demo",
         "config": cfg_dict,
         "runs": {k: dict(v or {}) for k, v in cfg.runs.items()},
         "rl_configs": rl_configs,
@@ -529,7 +529,7 @@ def _finite(x):
 # ----------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------
-_HELP = """usage: python -m hero.demo [--config FILE] [--out DIR] [--runs NAME,...] [--micro] [--quiet] [--KEY VALUE ...]
+_HELP = """usage: python -m hero.experiments.confidence_trap.demo [--config FILE] [--out DIR] [--runs NAME,...] [--micro] [--quiet] [--KEY VALUE ...]
        (hero demo ... when registered)
 
 The confidence-trap demo: SFT warm-start of a tiny VLM on digits-POPE, diagnosis at sigma 0/30/50, HERO and
@@ -595,7 +595,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as e:
         print(f"hero demo: {e}", file=sys.stderr)
         return 2
-    command = "python -m hero.demo " + " ".join(argv)
+    command = "python -m hero.experiments.confidence_trap.demo " + " ".join(argv)
     log = None if quiet else (lambda s: print(s, flush=True))
     summary = run_demo(cfg, out, log=log, progress_bars=not quiet, command=command.strip())
     if not quiet:

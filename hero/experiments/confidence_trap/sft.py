@@ -1,12 +1,12 @@
 """Short supervised warm-start (SFT) of the tiny VLM on chain-of-thought answers.
 
-Target per example: ``<think>I see 3, 1, 4.</think><answer>no</answer>`` (``hero.data.digits_pope.cot_target``)
+Target per example: ``<think>I see 3, 1, 4.</think><answer>no</answer>`` (``hero.experiments.confidence_trap.digits_pope.cot_target``)
 followed by ``<eos>``; the loss is the mean next-token cross-entropy over the target tokens only (prompt and
 padding are -100, ``TinyVLMProcessor.sft_batch``).
 
 Why a warm-start: a random-init policy never writes ``<answer>yes</answer>``, so every GRPO group has zero
 reward variance and RL has nothing to learn from. A few hundred SFT steps teach the format and the digits,
-which is the starting point of the confidence-trap study (``hero.demo``). Measured on digits-POPE (6000
+which is the starting point of the confidence-trap study (``hero.experiments.confidence_trap.demo``). Measured on digits-POPE (6000
 examples, batch 32, lr 2e-3, one CPU thread of a shared machine): 600 steps (~30-45 s) -> clean test accuracy
 0.76 with answer entropy ~0.62 nats; 1200 steps (~65-80 s) -> 0.91 with ~0.24 nats.
 
@@ -92,7 +92,7 @@ def sft_tensors(processor, examples: Sequence[dict], targets: Optional[Sequence[
     targets: default ``cot_target(ex)`` per example. Returns input_ids / attention_mask / labels [N, T] and
     pixel_values [N, C, H, W].
     """
-    from hero.data.digits_pope import cot_target
+    from hero.experiments.confidence_trap.digits_pope import cot_target
 
     targets = [cot_target(ex) for ex in examples] if targets is None else list(targets)
     tok = processor.tokenizer
@@ -116,7 +116,7 @@ def sft_train(model: nn.Module, processor, examples: Sequence[dict], cfg: SFTCon
 
     progress(step, total, running_loss) is called every ``cfg.log_every`` steps and at the end.
     """
-    from hero.data.digits_pope import cot_target
+    from hero.experiments.confidence_trap.digits_pope import cot_target
 
     cfg.validate()
     if not len(examples):
@@ -176,7 +176,7 @@ def sft_train(model: nn.Module, processor, examples: Sequence[dict], cfg: SFTCon
 def teacher_forced_accuracy(model: nn.Module, processor, examples: Sequence[dict], batch_size: int = 128) -> float:
     """Share of examples whose answer token ("yes"/"no") is the argmax under teacher forcing of the CoT
     target (a cheap check without generation; the diagnosis uses free generation)."""
-    from hero.data.digits_pope import cot_target
+    from hero.experiments.confidence_trap.digits_pope import cot_target
 
     tok = processor.tokenizer
     ans_ids = {tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")}

@@ -2,14 +2,14 @@
 
 ``hero diagnose --model PATH --data FILE.jsonl [--sigmas 0,30,50] --out DIR [options]``
 
-Runs the confidence-trap diagnosis (``hero.diagnostics.diagnose``) of a model on a dataset and writes
+Runs the confidence-trap diagnosis (``hero.experiments.confidence_trap.diagnostics.diagnose``) of a model on a dataset and writes
 ``DIR/diagnosis.json`` (every number), ``DIR/diagnosis.md`` (tables + sentences generated from the numbers)
 and ``DIR/{reliability,entropy_vs_sigma,entropy_bins}.png``.
 
-* ``--model``: a folder saved by ``hero.tiny_vlm`` (``config.json`` with ``model_type: hero-tiny-vlm``, e.g.
-  ``demo_out/models/sft`` or ``demo_out/runs/hero/final``) -> ``hero.diagnostics.TinyVLMAdapter``; anything else
+* ``--model``: a folder saved by ``hero.experiments.confidence_trap.tiny_vlm`` (``config.json`` with ``model_type: hero-tiny-vlm``, e.g.
+  ``demo_out/models/sft`` or ``demo_out/runs/hero/final``) -> ``hero.experiments.confidence_trap.diagnostics.TinyVLMAdapter``; anything else
   (a local folder or a hub id) is loaded with transformers' ``AutoModelForImageTextToText`` /
-  ``AutoModelForVision2Seq`` + ``AutoProcessor`` -> ``hero.diagnostics.HFVLMAdapter``.
+  ``AutoModelForVision2Seq`` + ``AutoProcessor`` -> ``hero.experiments.confidence_trap.diagnostics.HFVLMAdapter``.
 * ``--data``: a JSONL file in the format of ``hero.data.jsonl`` (one object per line: ``image`` path relative
   to the file, ``question``, ``answer`` "yes"/"no", optional ``split`` and ``id``), or ``digits_pope[:N]`` for
   the built-in digits-POPE test set with N questions per split (default 100).
@@ -131,11 +131,11 @@ def load_adapter(model: str, opts: Optional[dict] = None):
     """(adapter, kind) for ``--model``: hero tiny VLM folder -> TinyVLMAdapter, else HFVLMAdapter."""
     import torch
 
-    from hero.diagnostics import HFVLMAdapter, TinyVLMAdapter
+    from hero.experiments.confidence_trap.diagnostics import HFVLMAdapter, TinyVLMAdapter
 
     opts = opts or {}
     if is_tiny_vlm(model):
-        from hero.tiny_vlm import load_tiny_vlm
+        from hero.experiments.confidence_trap.tiny_vlm import load_tiny_vlm
 
         dev = opts.get("--device", "auto")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
@@ -162,7 +162,7 @@ def load_adapter(model: str, opts: Optional[dict] = None):
 def load_examples(data: str, limit: Optional[int] = None, seed: int = 0) -> List[dict]:
     """``--data``: a JSONL file (hero.data.jsonl format) or ``digits_pope[:N]``."""
     if data == "digits_pope" or data.startswith("digits_pope:"):
-        from hero.data.digits_pope import build_digits_pope
+        from hero.experiments.confidence_trap.digits_pope import build_digits_pope
 
         n = 100
         if ":" in data:
@@ -208,8 +208,8 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
 
     import torch
 
-    from hero import report as R
-    from hero.diagnostics import diagnose
+    from hero.experiments.confidence_trap import report as R
+    from hero.experiments.confidence_trap.diagnostics import diagnose
     from hero.io import atomic_write_text
 
     out = opts["--out"]
@@ -253,7 +253,7 @@ def _diagnose_cmd(argv: List[str]) -> int:
 
 @register_command("demo", "the confidence-trap demo end to end on CPU (hero demo --out demo_out)")
 def _demo_cmd(argv: List[str]) -> int:
-    from hero.demo import demo_main
+    from hero.experiments.confidence_trap.demo import demo_main
 
     return demo_main(argv)
 

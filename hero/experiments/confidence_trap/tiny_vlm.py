@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes
+from hero.io import atomic_write_bytes
 
 __all__ = [
     "SPECIAL_TOKENS",

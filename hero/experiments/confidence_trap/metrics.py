@@ -9,6 +9,7 @@ first sentence: a chain of thought such as ``<think>Is there a 7? No wait, yes</
 answer. A text without a complete tag is ``"unparsed"``: it is counted as wrong and reported as a count.
 For models that were never taught the tag (off-the-shelf VLMs prompted "Answer yes or no."), use
 ``parse_answer(text, mode="yesno")``, which takes the first standalone "yes"/"no" word.
+The parser lives in ``hero.rewards`` (the ``yes_no`` reward uses the same one) and is re-exported here.
 
 POPE conventions (``pope_metrics``)
 -----------------------------------
@@ -34,6 +35,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from hero.rewards import UNPARSED, normalize_yes_no, parse_answer  # one answer parser, shared with the rewards
+
 __all__ = [
     "UNPARSED",
     "ENTROPY_EDGES",
@@ -50,52 +53,10 @@ __all__ = [
     "mentioned_digits",
 ]
 
-#: Prediction value for an output whose answer could not be extracted (always counted as wrong).
-UNPARSED = "unparsed"
-
 #: Default answer-token entropy bin edges in nats (right-closed bins; first bin is ``H <= 0.3``).
 ENTROPY_EDGES = (0.0, 0.3, 0.7, 1.2, math.inf)
 
-# Non-greedy body; DOTALL so a multi-line answer still parses.
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_YESNO_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-
-
-def normalize_yes_no(content: str) -> str:
-    """Normalize an answer body: strip, lowercase, drop trailing punctuation; "Yes, there is." -> "yes".
-
-    Returns "yes"/"no" when the body starts with that word, else the normalized free text,
-    or ``UNPARSED`` when it is empty.
-    """
-    s = content.strip().lower()
-    m = re.match(r"^(yes|no)\b", s)
-    if m:
-        return m.group(1)
-    s = s.rstrip(" .!?")
-    return s if s else UNPARSED
-
-
-def parse_answer(text: str, mode: str = "tag") -> str:
-    """Extract the answer from a model output.
-
-    mode="tag" (default): the body of the LAST complete ``<answer>...</answer>`` pair, normalized with
-    ``normalize_yes_no`` ("yes"/"no" or lower-cased free text). Missing tag, missing closing tag
-    (e.g. generation cut by max_new_tokens) or an empty body -> ``"unparsed"``.
-    mode="yesno": for models without tags; the first standalone "yes"/"no" word (case-insensitive),
-    else ``"unparsed"``. If the text does contain a complete answer tag, the tag wins.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if mode not in ("tag", "yesno"):
-        raise ValueError(f"mode must be 'tag' or 'yesno', got {mode!r}")
-    bodies = _ANSWER_RE.findall(text)
-    if bodies:
-        return normalize_yes_no(bodies[-1])
-    if mode == "yesno":
-        m = _YESNO_RE.search(text)
-        return m.group(1).lower() if m else UNPARSED
-    return UNPARSED
 
 
 def _check_gold(answers: Sequence[str]) -> List[str]:

@@ -13,7 +13,7 @@ Models plug in through an adapter with one method::
 
     adapter.answer_token_distribution(images, questions) -> AnswerBatch
 
-``TinyVLMAdapter`` wraps ``hero.tiny_vlm.TinyVLM`` (tested); ``HFVLMAdapter`` wraps any Hugging Face
+``TinyVLMAdapter`` wraps ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM`` (tested); ``HFVLMAdapter`` wraps any Hugging Face
 image-text-to-text model + processor (AutoModelForImageTextToText / AutoModelForVision2Seq), for GPU users
 (only import-tested here).
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import atomic_write_bytes
+from hero.io import atomic_write_bytes
 from .metrics import (
     ENTROPY_EDGES,
     UNPARSED,
@@ -103,7 +103,7 @@ def _entropy_np(fn: Optional[EntropyFn], logits: Tensor) -> np.ndarray:
 
 
 class TinyVLMAdapter:
-    """Adapter for ``hero.tiny_vlm.TinyVLM`` trained on ``<think>...</think><answer>...</answer>`` outputs.
+    """Adapter for ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM`` trained on ``<think>...</think><answer>...</answer>`` outputs.
 
     Greedy decoding (or sampling with ``temperature`` > 0 and a seeded generator). The answer position is the
     token right after the last ``<answer>`` token in the output; when the output has none (or ends on it),
@@ -416,7 +416,7 @@ def diagnose(adapter: VLMAdapter, examples: Sequence[dict], sigmas: Sequence[flo
     the digits named in ``<think>`` vs. ``digits``, only when every example has ``digits``), and with keep_records
     a list of per-example records (id, split, answer, prediction, text, entropy, confidence).
     """
-    from .data.digits_pope import with_noise
+    from .digits_pope import with_noise
 
     if not len(examples):
         raise ValueError("examples is empty")
