@@ -19,17 +19,18 @@ from __future__ import annotations
 import ctypes
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from hero.io import atomic_open, atomic_write_bytes, atomic_write_text
+from hero.io import write_json as hero_write_json
 
 __all__ = [
     "OPS", "PASSES", "SIZES", "Case", "cases_for", "work_model", "floor_seconds",
@@ -414,26 +415,12 @@ class MemoryMeter:
 # ----------------------------------------------------------------------------------------------
 # writers
 # ----------------------------------------------------------------------------------------------
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
 def atomic_write(path: str, data) -> None:
-    """Write ``data`` (str or bytes) to ``path`` via a temp file in the same folder and os.replace."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    mode = "wb" if isinstance(data, (bytes, bytearray)) else "w"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` (str or bytes) to ``path`` atomically (hero.io's writer: temp file, fsync, os.replace)."""
+    if isinstance(data, (bytes, bytearray)):
+        atomic_write_bytes(path, bytes(data))
+    else:
+        atomic_write_text(path, data)
 
 
 def _json_default(o):
@@ -442,19 +429,9 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def _finite(o):
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(o, float):
-        return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    return o
-
-
 def write_json(path: str, obj) -> None:
-    atomic_write(path, json.dumps(_finite(obj), indent=1, default=_json_default, allow_nan=False) + "\n")
+    """Strict JSON (NaN / inf -> null, hero.io.json_safe), written atomically."""
+    hero_write_json(path, obj, default=_json_default)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
@@ -694,16 +671,11 @@ def plot_results(result: dict, path: str) -> None:
             ax.grid(True, alpha=0.3)
     fig.suptitle(f"hero-kernels: {result['device']['name']} ({result['size']}, {result['dtype']})", fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=90, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ the key and the expected type. ``validate()`` checks ranges and choices (also na
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -39,6 +40,8 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "parse_override_args",
+    "update_from_dict",
+    "set_dotted",
 ]
 
 
@@ -343,7 +346,16 @@ _FALSE = ("0", "false", "no", "off")
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``; ConfigError names ``key``."""
+    if tp is Any:
+        return copy.deepcopy(value)
     origin = typing.get_origin(tp)
+    if origin in (dict, Dict):  # a free-form section: checked by whoever reads it
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
@@ -397,8 +409,9 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _update(obj, d: Dict[str, Any], prefix: str = "") -> None:
-    """Set fields of dataclass ``obj`` from nested dict ``d`` (typed); unknown keys raise naming the key."""
+def update_from_dict(obj, d: Dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass ``obj`` from nested dict ``d`` (typed by the field annotations); unknown keys raise
+    ConfigError naming the dotted key. Used for TrainConfig and for any other config dataclass (the demo's)."""
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(d).__name__}")
     hints = _hints(type(obj))
@@ -409,7 +422,7 @@ def _update(obj, d: Dict[str, Any], prefix: str = "") -> None:
             raise ConfigError(f"unknown config key {key!r} (known at this level: {', '.join(sorted(names))})")
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
-            _update(cur, v, key + ".")
+            update_from_dict(cur, v, key + ".")
         else:
             setattr(obj, k, _coerce(v, hints[k], key))
 
@@ -417,7 +430,7 @@ def _update(obj, d: Dict[str, Any], prefix: str = "") -> None:
 def config_from_dict(d: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """TrainConfig from a nested dict (e.g. parsed YAML); unknown keys raise ConfigError naming the key."""
     cfg = TrainConfig()
-    _update(cfg, d or {})
+    update_from_dict(cfg, d or {})
     return cfg
 
 
@@ -426,7 +439,21 @@ def config_to_dict(cfg) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(cfg: TrainConfig, key: str, raw: Any) -> None:
+def _scalar(raw: Any) -> Any:
+    """A command-line value for a free-form (dict) field: "64" -> 64, "2e-3" -> 0.002, anything else as is."""
+    if not isinstance(raw, str):
+        return raw
+    for tp in (int, float):
+        try:
+            return tp(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def set_dotted(cfg, key: str, raw: Any) -> None:
+    """Set dotted ``key`` of config dataclass ``cfg`` from a raw value (typed by the field annotation). A key
+    that continues into a dict-typed field sets that nested dict entry (``rl.loss.kappa``)."""
     parts = key.split(".")
     obj = cfg
     for i, p in enumerate(parts):
@@ -437,15 +464,27 @@ def _set_dotted(cfg: TrainConfig, key: str, raw: Any) -> None:
         dotted = ".".join(parts[: i + 1])
         if p not in names:
             raise ConfigError(f"unknown config key {dotted!r} (known at this level: {', '.join(sorted(names))})")
+        cur = getattr(obj, p)
         if i == len(parts) - 1:
-            cur = getattr(obj, p)
             if dataclasses.is_dataclass(cur):
                 raise ConfigError(f"{dotted!r} is a section; set one of its fields, e.g. --{dotted}.<field> VALUE")
             setattr(obj, p, _coerce(raw, _hints(type(obj))[p], dotted))
+        elif isinstance(cur, dict):
+            _set_in_dict(cur, parts[i + 1 :], _scalar(raw), dotted)
+            return
+        elif dataclasses.is_dataclass(cur):
+            obj = cur
         else:
-            obj = getattr(obj, p)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"{dotted!r} is not a section (cannot set {key!r})")
+            raise ConfigError(f"{dotted!r} is not a section (cannot set {key!r})")
+
+
+def _set_in_dict(d: Dict[str, Any], parts: Sequence[str], value: Any, prefix: str) -> None:
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        prefix = f"{prefix}.{p}"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{prefix!r} is not a section")
+    d[parts[-1]] = value
 
 
 def parse_override_args(args: Sequence[str]) -> List[tuple]:
@@ -486,7 +525,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence) -> TrainConfig:
     """Apply CLI overrides: a list of ``--key value`` strings or of (dotted_key, raw_value) pairs."""
     pairs = parse_override_args(overrides) if overrides and isinstance(overrides[0], str) else list(overrides)
     for k, v in pairs:
-        _set_dotted(cfg, k, v)
+        set_dotted(cfg, k, v)
     return cfg
 
 

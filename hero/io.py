@@ -13,17 +13,23 @@ Permissions are the usual ``0o666 & ~umask`` for files (``0o777 & ~umask`` for d
 ``open(path, "w")`` would give: temp files are created with ``os.open(..., 0o666)`` so the kernel applies the
 umask, rather than ``tempfile.mkstemp``'s private 0600 (which made saved models, reports and plots
 unreadable to other users of a shared machine).
+
+JSON: ``json_safe`` is the one sanitizer (NaN and +-inf -> null, numpy scalars and arrays -> Python values,
+tuples -> lists) and ``write_json`` writes strict JSON atomically with it; metrics logs, diagnoses, the demo
+summary and the benchmark results all go through them.
 """
 from __future__ import annotations
 
 import codecs
 import contextlib
+import json
+import math
 import os
 import secrets
 import shutil
-from typing import IO, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_dir"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_dir", "json_safe", "write_json"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -102,6 +108,25 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> str:
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> str:
     """Write ``text`` (encoded, no newline translation) to ``path`` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def json_safe(obj: Any) -> Any:
+    """A strict-JSON copy of ``obj``: NaN / +-inf -> None (null), numpy scalars / arrays -> Python values,
+    tuples -> lists, dict keys -> str; anything else unchanged (``json.dumps`` rejects what it cannot write)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":  # ndarray or numpy scalar, without importing numpy
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: PathLike, obj: Any, indent: Optional[int] = 1, default: Optional[Callable] = None) -> str:
+    """``json_safe(obj)`` as strict JSON (+ newline) to ``path``, atomically; returns the path."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, default=default, allow_nan=False) + "\n")
 
 
 def _fsync_tree(root: str) -> None:

@@ -160,3 +160,17 @@ def test_atomic_dir_restores_the_old_dir_when_the_final_rename_fails(tmp_path, m
     monkeypatch.setattr(os, "replace", real_replace)
     assert (final / "w.bin").read_bytes() == b"good"
     assert sorted(os.listdir(tmp_path)) == ["final"]
+
+
+def test_json_safe_and_write_json_use_null_for_nan_and_inf(tmp_path):
+    import json
+
+    import numpy as np
+
+    from hero.io import json_safe, write_json
+
+    obj = {"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": np.float32(2.0), "d": np.arange(2),
+           "e": (np.int64(3), "x"), 4: None}
+    assert json_safe(obj) == {"a": None, "b": [None, None, 1.5], "c": 2.0, "d": [0, 1], "e": [3, "x"], "4": None}
+    path = write_json(tmp_path / "sub" / "r.json", obj)
+    assert json.loads(open(path).read()) == json_safe(obj)

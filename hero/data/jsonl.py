@@ -26,7 +26,7 @@ from typing import Iterable, List, Optional
 
 import numpy as np
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, json_safe
 
 __all__ = ["JSONLFormatError", "load_jsonl", "write_jsonl", "load_image", "save_image_png"]
 
@@ -127,16 +127,6 @@ def save_image_png(image: np.ndarray, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _jsonable(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
 def write_jsonl(examples: Iterable[dict], path: str, image_dir: Optional[str] = None) -> str:
     """Dump examples (e.g. ``build_digits_pope(...)``) to the JSONL format, images as PNG files.
 
@@ -174,7 +164,7 @@ def write_jsonl(examples: Iterable[dict], path: str, image_dir: Optional[str] = 
         rec["id"] = ex_id
         for key, v in ex.items():
             if key not in rec and key not in ("image", "image_path"):
-                rec[key] = _jsonable(v)
-        lines.append(json.dumps(rec, ensure_ascii=False))
+                rec[key] = v
+        lines.append(json.dumps(json_safe(rec), ensure_ascii=False, allow_nan=False))
     atomic_write_bytes(path, ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8"))
     return path

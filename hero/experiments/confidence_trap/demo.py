@@ -43,7 +43,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from hero.experiments.confidence_trap.sft import SFTConfig
+from hero.config import ConfigError, set_dotted, update_from_dict
+from hero.io import json_safe, write_json
+
+from .sft import SFTConfig
 
 __all__ = [
     "DemoDataConfig",
@@ -147,6 +150,8 @@ class DemoConfig:
     runs: Dict[str, Dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RUNS))
 
     def validate(self) -> "DemoConfig":
+        if not self.runs:
+            raise ValueError("runs must be a non-empty mapping of run name -> overrides")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         d = self.data
@@ -189,107 +194,34 @@ class DemoConfig:
 # ----------------------------------------------------------------------------------------------
 # config loading
 # ----------------------------------------------------------------------------------------------
-_SECTIONS = {"data": DemoDataConfig, "sft": SFTConfig, "diagnose": DemoDiagnoseConfig}
-
-
-def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Type a YAML / command-line value like the field's default (str "2e-3" -> float, "0,30" -> list)."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(float(value))
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, list):
-            if isinstance(value, str):
-                value = [v for v in value.strip("[] ").split(",") if v.strip()]
-            elem = default[0] if default else 0.0
-            return [_coerce(v, elem, key) for v in value]
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be {type(default).__name__}, got {value!r}") from None
-    return value
-
-
-def _set_section(obj, values: Dict[str, Any], prefix: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(obj)}
-    for k, v in values.items():
-        if k not in names:
-            raise ValueError(f"unknown demo config key '{prefix}{k}' (known: {', '.join(sorted(names))})")
-        setattr(obj, k, _coerce(v, getattr(obj, k), prefix + k))
-
-
-def _yaml_value(raw: Any) -> Any:
-    if not isinstance(raw, str):
-        return raw
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
 def _apply(cfg: DemoConfig, key: str, value: Any) -> None:
-    parts = key.split(".")
-    head = parts[0]
-    if head in ("seed", "threads") and len(parts) == 1:
-        setattr(cfg, head, _coerce(value, getattr(cfg, head), key))
-    elif head in _SECTIONS and len(parts) == 2:
-        _set_section(getattr(cfg, head), {parts[1]: value}, head + ".")
-    elif head == "model" and len(parts) == 2:
-        cfg.model[parts[1]] = _yaml_value(value)
-    elif head == "rl" and len(parts) >= 2:
-        d = cfg.rl
-        for p in parts[1:-1]:
-            d = d.setdefault(p, {})
-            if not isinstance(d, dict):
-                raise ValueError(f"{key}: {p!r} is not a section")
-        d[parts[-1]] = value  # typed and checked by hero.config when the run's TrainConfig is built
-    elif head == "runs" and len(parts) >= 3:
-        cfg.runs.setdefault(parts[1], {})[".".join(parts[2:])] = value
-    else:
-        raise ValueError(f"unknown demo config key {key!r} (top level: seed, threads, data.*, model.*, sft.*, "
-                         "diagnose.*, rl.<trainer key>, runs.<run>.<trainer key>)")
+    """One dotted override. ``runs.<run>.<trainer key>`` keeps the trainer key dotted (the run's overrides are
+    applied to its TrainConfig by hero.config); everything else goes through hero.config's typed setter."""
+    head, _, rest = key.partition(".")
+    if head == "runs" and "." in rest:
+        run, _, trainer_key = rest.partition(".")
+        cfg.runs.setdefault(run, {})[trainer_key] = value
+        return
+    try:
+        set_dotted(cfg, key, value)
+    except ConfigError as e:
+        raise ValueError(f"demo config: {e}") from None
 
 
 def load_demo_config(path: Optional[str] = None, overrides: Sequence[Tuple[str, Any]] = ()) -> DemoConfig:
-    """Defaults (= configs/demo.yaml) <- YAML file <- (dotted key, value) overrides; validated."""
+    """Defaults (= configs/demo.yaml) <- YAML file <- (dotted key, value) overrides; validated. Loading and
+    typing are hero.config's (one loader for every config); ``model``, ``rl`` and ``runs`` replace the defaults
+    as a whole when the file sets them."""
     cfg = DemoConfig()
     if path:
         import yaml
 
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
-        for k, v in d.items():
-            if k in ("seed", "threads"):
-                _apply(cfg, k, v)
-            elif k in _SECTIONS:
-                if not isinstance(v, dict):
-                    raise ValueError(f"{path}: {k} must be a mapping")
-                _set_section(getattr(cfg, k), v, k + ".")
-            elif k == "model":
-                cfg.model = dict(v or {})
-            elif k == "rl":
-                cfg.rl = copy.deepcopy(v or {})
-            elif k == "runs":
-                if not isinstance(v, dict) or not v:
-                    raise ValueError(f"{path}: runs must be a non-empty mapping of run name -> overrides")
-                cfg.runs = {str(n): dict(o or {}) for n, o in v.items()}
-            else:
-                raise ValueError(f"{path}: unknown demo config key {k!r}")
+        try:
+            update_from_dict(cfg, d)
+        except ConfigError as e:
+            raise ValueError(f"{path}: {e}") from None
     for k, v in overrides:
         _apply(cfg, k, v)
     return cfg.validate()
@@ -399,8 +331,6 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
              progress_bars: bool = True, command: str = "") -> Dict[str, Any]:
     """Run the whole pipeline (module docstring) into ``out_dir``; returns the summary dict (also written
     to ``out_dir/summary.json``)."""
-    import json
-
     import torch
 
     from hero.experiments.confidence_trap import report as R
@@ -507,23 +437,12 @@ def run_demo(cfg: DemoConfig, out_dir: str, *, log: Optional[Callable[[str], Non
         },
         "not_run": [],
     }
-    summary = _finite(summary)
-    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
+    summary = json_safe(summary)  # the report reads what summary.json holds
+    write_json(os.path.join(out_dir, "summary.json"), summary)
     R.write_report(summary, out_dir)
     clock.say(f"wrote {os.path.join(out_dir, 'report.md')} (total {clock.timings['total']:.1f}s, load average "
               f"{_loadavg()})")
     return summary
-
-
-def _finite(x):
-    """Strict-JSON copy: non-finite floats -> None (diagnosis dicts already spell inf as "inf")."""
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ callable ``entropy_fn(logits [B, V]) -> H [B]``. Nothing here imports triton.
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Sequence
@@ -33,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hero.io import atomic_write_bytes
+from hero.io import atomic_write_bytes, json_safe, write_json
+
+from .digits_pope import sigma_key
 from .metrics import (
     ENTROPY_EDGES,
     UNPARSED,
@@ -275,20 +275,6 @@ class HFVLMAdapter:
 # ----------------------------------------------------------------------------------------------
 # the diagnosis
 # ----------------------------------------------------------------------------------------------
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")  # strict JSON has no inf/nan
-    return x
-
-
 @dataclass
 class Diagnosis:
     """Result of ``diagnose``. per_sigma[str(sigma)] is a plain dict (keys in ``diagnose``'s docstring)."""
@@ -298,19 +284,18 @@ class Diagnosis:
     meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _jsonable({"sigmas": self.sigmas, "per_sigma": self.per_sigma, "meta": self.meta})
+        return json_safe({"sigmas": self.sigmas, "per_sigma": self.per_sigma, "meta": self.meta})
 
     def save_json(self, path: str) -> str:
-        """Write the report as strict JSON (inf written as "inf") atomically; returns path."""
-        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode("utf-8"))
-        return path
+        """Write the report as strict JSON (NaN / inf as null) atomically; returns path."""
+        return write_json(path, self.to_dict())
 
     def table(self) -> str:
         """Markdown summary, one row per sigma."""
         rows = ["| sigma | n | accuracy | mean H (nats) | H<=low frac | errors at H<=low | ECE | unparsed |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in self.sigmas:
-            r = self.per_sigma[_key(s)]
+            r = self.per_sigma[sigma_key(s)]
             rows.append(
                 f"| {s:g} | {r['n']} | {r['accuracy']:.3f} | {r['mean_entropy']:.3f} | {r['low_entropy_frac']:.3f} | "
                 f"{r['confident_error_frac']:.3f} | {r['ece']:.3f} | {r['unparsed']} |"
@@ -338,9 +323,9 @@ class Diagnosis:
         ax = fig.add_subplot(1, 1, 1)
         ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
         for s in self.sigmas:
-            bins = [b for b in self.per_sigma[_key(s)]["reliability"] if b["count"]]
+            bins = [b for b in self.per_sigma[sigma_key(s)]["reliability"] if b["count"]]
             ax.plot([b["mean_confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                    label=f"sigma={s:g} (ECE {self.per_sigma[_key(s)]['ece']:.3f})")
+                    label=f"sigma={s:g} (ECE {self.per_sigma[sigma_key(s)]['ece']:.3f})")
         ax.set_xlabel("confidence (p of answer token)")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
@@ -352,12 +337,12 @@ class Diagnosis:
         fig = Figure(figsize=(5.2, 3.8))
         ax = fig.add_subplot(1, 1, 1)
         xs = list(self.sigmas)
-        ax.plot(xs, [self.per_sigma[_key(s)]["mean_entropy"] for s in xs], marker="o", color="tab:red", label="mean H")
+        ax.plot(xs, [self.per_sigma[sigma_key(s)]["mean_entropy"] for s in xs], marker="o", color="tab:red", label="mean H")
         ax.set_xlabel("noise sigma (0..255 scale)")
         ax.set_ylabel("answer-token entropy (nats)", color="tab:red")
         ax2 = ax.twinx()
-        ax2.plot(xs, [self.per_sigma[_key(s)]["accuracy"] for s in xs], marker="s", color="tab:blue", label="accuracy")
-        ax2.plot(xs, [self.per_sigma[_key(s)]["low_entropy_frac"] for s in xs], marker="^", ls=":", color="tab:gray",
+        ax2.plot(xs, [self.per_sigma[sigma_key(s)]["accuracy"] for s in xs], marker="s", color="tab:blue", label="accuracy")
+        ax2.plot(xs, [self.per_sigma[sigma_key(s)]["low_entropy_frac"] for s in xs], marker="^", ls=":", color="tab:gray",
                  label=f"frac H<={self.meta.get('low_entropy', 0.3):g}")
         ax2.set_ylabel("accuracy / fraction", color="tab:blue")
         ax2.set_ylim(0, 1.02)
@@ -369,10 +354,10 @@ class Diagnosis:
 
         fig = Figure(figsize=(5.2, 3.8))
         ax = fig.add_subplot(1, 1, 1)
-        labels = [b["label"] for b in self.per_sigma[_key(self.sigmas[0])]["entropy_bins"]]
+        labels = [b["label"] for b in self.per_sigma[sigma_key(self.sigmas[0])]["entropy_bins"]]
         width = 0.8 / max(len(self.sigmas), 1)
         for j, s in enumerate(self.sigmas):
-            bins = self.per_sigma[_key(s)]["entropy_bins"]
+            bins = self.per_sigma[sigma_key(s)]["entropy_bins"]
             acc = [b["accuracy"] if b["accuracy"] is not None else 0.0 for b in bins]
             ax.bar(np.arange(len(labels)) + j * width, acc, width, label=f"sigma={s:g}")
         ax.set_xticks(np.arange(len(labels)) + width * (len(self.sigmas) - 1) / 2)
@@ -383,10 +368,6 @@ class Diagnosis:
         ax.legend(fontsize=7)
         _save(fig, "entropy_bins.png")
         return paths
-
-
-def _key(sigma: float) -> str:
-    return f"{float(sigma):g}"
 
 
 def _score(predictions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
@@ -481,7 +462,7 @@ def diagnose(adapter: VLMAdapter, examples: Sequence[dict], sigmas: Sequence[flo
                  "text": texts[i], "entropy": float(H[i]), "confidence": float(conf[i])}
                 for i, ex in enumerate(noisy)
             ]
-        per_sigma[_key(sigma)] = r
+        per_sigma[sigma_key(sigma)] = r
     meta = {
         "adapter": getattr(adapter, "name", type(adapter).__name__),
         "n_examples": len(examples),

@@ -46,6 +46,7 @@ import numpy as np
 __all__ = [
     "SPLITS",
     "SIGMAS",
+    "sigma_key",
     "PAIRS",
     "POPULARITY",
     "build_digits_pope",
@@ -74,6 +75,11 @@ _POP = _POP / _POP.sum()
 
 
 @functools.lru_cache(maxsize=1)
+def sigma_key(sigma: float) -> str:
+    """The key of a noise level in per-sigma dicts and JSON: 0 -> "0", 30.0 -> "30", 12.5 -> "12.5"."""
+    return f"{float(sigma):g}"
+
+
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     """(images uint8 [1797, 8, 8] scaled 0..255, targets int64 [1797]); sklearn ships the data, no download."""
     import importlib.util

@@ -29,6 +29,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from hero.io import atomic_write_bytes, atomic_write_text
 
+from .digits_pope import sigma_key
+
 __all__ = [
     "ENTROPY_TOL",
     "TRACK_FRAC",
@@ -67,10 +69,6 @@ def _save_fig(fig, path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # number -> words
 # ----------------------------------------------------------------------------------------------
-def _key(s) -> str:
-    return f"{float(s):g}"
-
-
 def _f(x, nd: int = 3) -> str:
     if x is None:
         return "-"
@@ -119,7 +117,7 @@ def trend_sentence(what: str, values: Sequence[float], sigmas: Sequence[float], 
 def trap_verdict(diag: dict, tol: float = ENTROPY_TOL, track: float = TRACK_FRAC) -> Tuple[str, str]:
     """(label, sentence) for one diagnosis dict over its sigma range (see module docstring)."""
     sig = [float(s) for s in diag["sigmas"]]
-    lo, hi = diag["per_sigma"][_key(sig[0])], diag["per_sigma"][_key(sig[-1])]
+    lo, hi = diag["per_sigma"][sigma_key(sig[0])], diag["per_sigma"][sigma_key(sig[-1])]
     dacc, acc_sig = accuracy_change(lo["accuracy"], lo["n"], hi["accuracy"], hi["n"])
     dH = hi["mean_entropy"] - lo["mean_entropy"]
     ce = hi["confident_error_frac"]
@@ -172,7 +170,7 @@ def _sigma_table(diag: dict) -> str:
     rows = []
     low = diag.get("meta", {}).get("low_entropy", 0.3)
     for s in diag["sigmas"]:
-        r = diag["per_sigma"][_key(s)]
+        r = diag["per_sigma"][sigma_key(s)]
         pope = (r.get("pope") or {}).get("all") or {}
         ch = r.get("chair") or {}
         rows.append([f"{float(s):g}", r["n"], _f(r["accuracy"]), _f(r["mean_entropy"]), _f(r["median_entropy"]),
@@ -185,10 +183,10 @@ def _sigma_table(diag: dict) -> str:
 
 def _bins_table(diag: dict) -> str:
     sig = diag["sigmas"]
-    labels = [b["label"] for b in diag["per_sigma"][_key(sig[0])]["entropy_bins"]]
+    labels = [b["label"] for b in diag["per_sigma"][sigma_key(sig[0])]["entropy_bins"]]
     rows = []
     for s in sig:
-        bins = diag["per_sigma"][_key(s)]["entropy_bins"]
+        bins = diag["per_sigma"][sigma_key(s)]["entropy_bins"]
         rows.append([f"{float(s):g}"] + [f"{_f(b['accuracy'])} (n={b['count']})" for b in bins])
     return _table(["sigma"] + [f"acc {lab}" for lab in labels], rows)
 
@@ -197,7 +195,7 @@ def _pope_table(diags: Dict[str, dict], model_column: bool = True) -> str:
     rows = []
     for name, d in diags.items():
         for s in d["sigmas"]:
-            pope = d["per_sigma"][_key(s)].get("pope") or {}
+            pope = d["per_sigma"][sigma_key(s)].get("pope") or {}
             for split in sorted(k for k in pope if k != "all") + (["all"] if "all" in pope else []):
                 m = pope[split]
                 rows.append(([name] if model_column else []) +
@@ -212,7 +210,7 @@ def diagnosis_markdown(diag: dict, title: str = "Confidence-trap diagnosis", plo
     """One diagnosis as markdown: verdict, per-sigma table, entropy bins, POPE per split (``pope``), plots."""
     h = "#" * level
     sig = diag["sigmas"]
-    per = [diag["per_sigma"][_key(s)] for s in sig]
+    per = [diag["per_sigma"][sigma_key(s)] for s in sig]
     low = diag.get("meta", {}).get("low_entropy", 0.3)
     label, sentence = trap_verdict(diag)
     lines = [f"{h} {title}", ""]
@@ -319,7 +317,7 @@ def plot_comparison(diags: Dict[str, dict], path: str, colors: Optional[Dict[str
         ax = fig.add_subplot(1, len(panels), i + 1)
         for name, d in diags.items():
             xs = [float(s) for s in d["sigmas"]]
-            ax.plot(xs, [d["per_sigma"][_key(s)].get(key, float("nan")) for s in xs], marker="o", color=colors[name],
+            ax.plot(xs, [d["per_sigma"][sigma_key(s)].get(key, float("nan")) for s in xs], marker="o", color=colors[name],
                     label=name)
         ax.set_xlabel("noise sigma")
         ax.set_title(label, fontsize=9)
@@ -351,12 +349,12 @@ def _comparison_table(diags: Dict[str, dict], base: str) -> str:
     b = diags.get(base)
     for name, d in diags.items():
         for s in d["sigmas"]:
-            r = d["per_sigma"][_key(s)]
+            r = d["per_sigma"][sigma_key(s)]
             pope = (r.get("pope") or {})
             adv = pope.get("adversarial") or pope.get("all") or {}
             delta = ""
-            if b is not None and name != base and _key(s) in b["per_sigma"]:
-                rb = b["per_sigma"][_key(s)]
+            if b is not None and name != base and sigma_key(s) in b["per_sigma"]:
+                rb = b["per_sigma"][sigma_key(s)]
                 dd, significant = accuracy_change(rb["accuracy"], rb["n"], r["accuracy"], r["n"])
                 delta = f"{dd:+.3f}" + ("" if significant else " (noise)")
             rows.append([name, f"{float(s):g}", _f(r["accuracy"]), delta, _f(r["mean_entropy"]), _f(r["low_entropy_frac"]),
@@ -371,7 +369,7 @@ def _pair_sentences(diags: Dict[str, dict], a: str, b: str) -> List[str]:
     out = []
     da, db = diags[a], diags[b]
     for s in da["sigmas"]:
-        k = _key(s)
+        k = sigma_key(s)
         if k not in db["per_sigma"]:
             continue
         ra, rb = da["per_sigma"][k], db["per_sigma"][k]
@@ -422,7 +420,7 @@ def render_report(summary: dict) -> str:
             if name not in diags:
                 continue
             d0, d1 = diags[base], diags[name]
-            s_hi = _key(d0["sigmas"][-1])
+            s_hi = sigma_key(d0["sigmas"][-1])
             if s_hi in d1["per_sigma"]:
                 r0, r1 = d0["per_sigma"][s_hi], d1["per_sigma"][s_hi]
                 dd, significant = accuracy_change(r0["accuracy"], r0["n"], r1["accuracy"], r1["n"])
@@ -511,7 +509,7 @@ def render_report(summary: dict) -> str:
                                     pope=False))  # all models' POPE tables are in one section below
 
     # ---------------- POPE
-    if all(d["per_sigma"][_key(d["sigmas"][0])].get("pope") for d in diags.values()):
+    if all(d["per_sigma"][sigma_key(d["sigmas"][0])].get("pope") for d in diags.values()):
         L += ["## POPE per split", "", "\"yes\" is the positive class; yes-ratio = share of \"yes\" answers.", "",
               _pope_table(diags), ""]
 
