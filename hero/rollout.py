@@ -25,16 +25,22 @@ from torch import Tensor, nn
 from hero.registry import BuildContext, model_builder, saved_format_loader
 
 __all__ = [
+    "IGNORE_INDEX",
     "BadRowError",
     "ModelAdapter",
     "CausalLMAdapter",
     "completion_mask_from_eos",
+    "completion_labels",
     "completion_hidden",
     "resolve_attn_implementation",
     "build_policy",
     "build_tiny_llama",
     "load_causal_lm",
 ]
+
+
+#: Label of a position that is not scored (after a completion's eos); hero_kernels' default ignore_index.
+IGNORE_INDEX = -100
 
 
 class BadRowError(ValueError):
@@ -59,6 +65,11 @@ def completion_mask_from_eos(ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
     is_eos = torch.isin(ids, eos).long()
     after = (is_eos.cumsum(1) - is_eos) > 0
     return (~after).long()
+
+
+def completion_labels(ids: Tensor, mask: Tensor) -> Tensor:
+    """Completion ids [N, C] -> labels [N, C]: the token where mask == 1, IGNORE_INDEX elsewhere."""
+    return torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
 
 
 def completion_hidden(hidden: Tensor, prompt_len: int, completion_len: int) -> Tensor:

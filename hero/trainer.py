@@ -48,21 +48,25 @@ import random
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from hero import checkpoint as ckpt
-from hero.config import TrainConfig, config_to_dict
-from hero.grpo import AdaptiveKLController, group_advantages, variance_gate
-from hero.io import atomic_dir, atomic_write_text
+from hero.config import ModelConfig, TrainConfig, config_to_dict
+from hero.grpo import AdaptiveKLController, GateResult, group_advantages, variance_gate
+from hero.io import atomic_dir, atomic_write_text, json_safe
 from hero.registry import dataset_builder
 from hero.rewards import check_rewards, get_reward, reward_name
-from hero.rollout import (BadRowError, ModelAdapter, build_policy, completion_hidden, frozen_copy, row_name)
+from hero.rollout import (IGNORE_INDEX, BadRowError, ModelAdapter, build_policy, completion_hidden, completion_labels,
+                          frozen_copy, row_name)
+from hero_kernels import linear_entropy_logprob
+from hero_kernels.loss import METRIC_KEYS, hero_loss, loss_normalizer, metrics_to_floats
 
-__all__ = ["Trainer", "BadRowError", "MetricsLogger", "peak_memory_mb", "load_dataset"]
+__all__ = ["Trainer", "Rollout", "LossMetrics", "BadRowError", "MetricsLogger", "peak_memory_mb", "load_dataset"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,8 +116,7 @@ class MetricsLogger:
                 warnings.warn(f"TensorBoard logging disabled: {e}")
 
     def log(self, metrics: Dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self._f.write(json.dumps(clean) + "\n")
+        self._f.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
         self._f.flush()
         if self._tb is not None:
             step = int(metrics.get("step", 0))
@@ -171,12 +174,101 @@ class RowStream:
 
 
 # ----------------------------------------------------------------------------------------------
+# what one step carries
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One step's sampled batch: B prompts x G completions = N rows; the gate keeps n of them.
+
+    Sequence layout: ``[left-padded prompt (P) | completion (C, right-padded)]`` (see hero.rollout)."""
+
+    row_indices: List[int]  # [B] dataset index of each prompt
+    group_size: int  # G
+    prompt: Dict[str, Tensor]  # input_ids / attention_mask [N, P] (+ pixel_values, ...), each prompt G times
+    completion_ids: Tensor  # [N, C]
+    completion_mask: Tensor  # [N, C] long: 1 up to and including eos
+    texts: List[str]  # [N] decoded completions
+    rewards: Tensor  # [N, F] float64, one column per reward function (NaN: could not score)
+    total_reward: Tensor  # [N] weighted sum of the finite rewards
+    advantages: Tensor  # [N]
+    gate: GateResult
+    bad_groups: Tensor  # [B] bool: a reward was NaN/inf, the group is dropped
+    kept: Tensor  # [n] long: indices into N of the kept groups' completions
+    labels: Tensor  # [n, C] completion ids of the kept completions, IGNORE_INDEX after eos
+    generate_s: float = 0.0
+    old_logp: Optional[Tensor] = None  # [n, C] under the sampling policy (num_iterations > 1)
+    ref_logp: Optional[Tensor] = None  # [n, C] under the reference policy (KL term on)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.row_indices)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt["input_ids"].shape[1]
+
+
+class MicroBatch(NamedTuple):
+    """Model inputs of some kept completions, trimmed to their longest completion (C')."""
+
+    input_ids: Tensor  # [m, P + C']
+    attention_mask: Tensor  # [m, P + C']
+    extra: Dict[str, Tensor]  # other model inputs (pixel_values, ...)
+    labels: Tensor  # [m, C']
+    rows: slice  # which kept completions
+
+    @property
+    def completion_len(self) -> int:
+        return self.labels.shape[1]
+
+
+#: How hero_loss's per-micro-batch metrics combine over a pass (every METRIC_KEYS entry is in exactly one).
+TOKEN_MEANS = ("entropy/mean", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
+RESPONSE_MEANS = ("weights/effective_tokens",)
+MAXIMA = ("entropy/max", "weights/max")
+MINIMA = ("entropy/min",)
+COUNTS = ("tokens", "responses")
+#: The loss-side metrics a step logs (NaN when nothing was trained).
+LOSS_METRICS = tuple(k for k in METRIC_KEYS if k not in COUNTS)
+
+
+class LossMetrics:
+    """Accumulates one pass's micro-batch losses and metrics: token-weighted means, response-weighted means,
+    extrema over micro-batches that had tokens, and counts. The loss is a sum (each micro-batch's loss is
+    already divided by the pass's global normalizer)."""
+
+    def __init__(self):
+        self.loss = 0.0
+        self.counts = dict.fromkeys(COUNTS, 0.0)
+        self.sums = dict.fromkeys(TOKEN_MEANS + RESPONSE_MEANS, 0.0)
+        self.extrema: Dict[str, float] = {}
+
+    def add(self, loss: float, metrics: Dict[str, float]) -> None:
+        tokens, responses = metrics.get("tokens", 0.0), metrics.get("responses", 0.0)
+        self.loss += loss
+        self.counts["tokens"] += tokens
+        self.counts["responses"] += responses
+        for key in TOKEN_MEANS + RESPONSE_MEANS:
+            if key in metrics:
+                self.sums[key] += metrics[key] * (tokens if key in TOKEN_MEANS else responses)
+        if tokens > 0:
+            for key, pick in [(k, max) for k in MAXIMA] + [(k, min) for k in MINIMA]:
+                if key in metrics:
+                    self.extrema[key] = pick(self.extrema.get(key, metrics[key]), metrics[key])
+
+    def result(self) -> Dict[str, float]:
+        out = {"loss": self.loss, "tokens": self.counts["tokens"]}
+        for key, total in self.sums.items():
+            weight = self.counts["tokens" if key in TOKEN_MEANS else "responses"]
+            out[key] = total / max(weight, 1.0)
+        out.update({k: v for k, v in self.extrema.items() if math.isfinite(v)})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
-_LOSS_METRICS = ("entropy/mean", "entropy/min", "entropy/max", "weights/max", "weights/effective_tokens", "kl",
-                 "clip_ratio/low_mean", "clip_ratio/high_mean")
-
-
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,54 +306,22 @@ class Trainer:
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         self.dataset = dataset if dataset is not None else load_dataset(cfg)
-        if (model is None) != (adapter is None):
-            raise ValueError("pass both model and adapter, or neither")
-        if model is None:
-            sample = self.dataset[0] if self.dataset and isinstance(self.dataset[0], dict) else None
-            model, adapter = build_policy(cfg.model, seed=cfg.seed, device=self.device,
-                                          image_field=cfg.data.image_field, sample_row=sample)
-        self.model = model.to(self.device)
-        self.adapter = adapter
-        # reward functions
-        if reward_funcs is None:
-            r = cfg.rewards
-            reward_funcs = [get_reward(n, nli_model=r.nli_model, nli_reference_field=r.nli_reference_field,
-                                       nli_reduce=r.nli_reduce) for n in r.funcs]
-        self.reward_funcs = list(reward_funcs)
-        self.reward_names = [reward_name(f) for f in self.reward_funcs]
-        w = cfg.rewards.weights or [1.0] * len(self.reward_funcs)
-        if len(w) != len(self.reward_funcs):
-            raise ValueError(f"rewards.weights has {len(w)} entries for {len(self.reward_funcs)} reward functions")
-        self.reward_weights = torch.tensor(w, dtype=torch.float64)
-        # KL: reference model and controller (the dynamic balancer)
+        self.model, self.adapter = self._build_policy(model, adapter)
+        self._build_rewards(reward_funcs)
+        # KL: the controller (dynamic balancer) and the reference model
         self.kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target or None, cfg.kl.horizon, cfg.kl.clip)
         self.use_kl = cfg.kl.beta > 0
-        self.ref_is_copy = False
-        self.ref_model = None
-        if self.use_kl:
-            if ref_model is not None:
-                self.ref_model = ref_model.to(self.device).eval()
-            elif cfg.model.ref_model:
-                from hero.config import ModelConfig
-
-                rcfg = ModelConfig(**{**config_to_dict(cfg)["model"], "name": cfg.model.ref_model,
-                                      "gradient_checkpointing": False})
-                self.ref_model, _ = build_policy(rcfg, seed=cfg.seed, device=self.device)
-                self.ref_model = frozen_copy(self.ref_model)
-            else:
-                self.ref_model = frozen_copy(self.model)
-                self.ref_is_copy = True
-        # optimizer / schedule
+        self.ref_model, self.ref_is_copy = self._build_reference(ref_model) if self.use_kl else (None, False)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
-        total_updates = cfg.steps * cfg.num_iterations
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps * cfg.num_iterations, total_updates))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(
+            cfg.lr_schedule, cfg.warmup_steps * cfg.num_iterations, cfg.steps * cfg.num_iterations))
         self.rows = RowStream(len(self.dataset), cfg.seed, cfg.data.shuffle)
         self.step = 0
         self.bad_rows: List[str] = []
         self.last_metrics: Dict[str, Any] = {}
+        self.last_rollout: Optional[Rollout] = None
         self._logger: Optional[MetricsLogger] = None
         self._resumed_from: Optional[str] = None
         if cfg.resume:
@@ -270,6 +330,39 @@ class Trainer:
                 self.load(path)
             elif cfg.resume != "auto":
                 raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume}")
+
+    def _build_policy(self, model: Optional[nn.Module], adapter: Optional[ModelAdapter]):
+        if (model is None) != (adapter is None):
+            raise ValueError("pass both model and adapter, or neither")
+        if model is None:
+            sample = self.dataset[0] if self.dataset and isinstance(self.dataset[0], dict) else None
+            model, adapter = build_policy(self.cfg.model, seed=self.cfg.seed, device=self.device,
+                                          image_field=self.cfg.data.image_field, sample_row=sample)
+        return model.to(self.device), adapter
+
+    def _build_rewards(self, reward_funcs: Optional[Sequence[Callable]]) -> None:
+        """reward_funcs (default: cfg.rewards.funcs by name), their log names and weights [F] (float64)."""
+        cfg = self.cfg.rewards
+        if reward_funcs is None:
+            reward_funcs = [get_reward(name, nli_model=cfg.nli_model, nli_reference_field=cfg.nli_reference_field,
+                                       nli_reduce=cfg.nli_reduce) for name in cfg.funcs]
+        self.reward_funcs = list(reward_funcs)
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        weights = cfg.weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"rewards.weights has {len(weights)} entries for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float64)
+
+    def _build_reference(self, ref_model: Optional[nn.Module]) -> Tuple[nn.Module, bool]:
+        """(reference model, whether it is a frozen copy of the initial policy, saved in checkpoints)."""
+        if ref_model is not None:
+            return ref_model.to(self.device).eval(), False
+        if not self.cfg.model.ref_model:
+            return frozen_copy(self.model), True
+        ref_cfg = ModelConfig(**{**config_to_dict(self.cfg)["model"], "name": self.cfg.model.ref_model,
+                                 "gradient_checkpointing": False})
+        model, _ = build_policy(ref_cfg, seed=self.cfg.seed, device=self.device)
+        return frozen_copy(model), False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -376,250 +469,246 @@ class Trainer:
         return R, bad
 
     # ------------------------------------------------------------------ loss
-    def _loss(self, hidden: Tensor, labels: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
-              normalizer: float, beta: float) -> Tuple[Tensor, Dict[str, float]]:
-        """hero_loss on completion hidden states [n, C, D]; path per cfg.loss.path."""
-        from hero_kernels import hero_loss
-        from hero_kernels.loss import metrics_to_floats
-
-        L = self.cfg.loss
+    def _loss(self, hidden: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+              ref_logp: Optional[Tensor], normalizer: float, beta: float) -> Tuple[Tensor, Dict[str, float]]:
+        """hero_loss on completion hidden states [m, C, D] -> (loss, float metrics); path per cfg.loss.path."""
+        options = self.cfg.loss
         head = self.adapter.lm_head(self.model)
         weight, bias = head.weight, getattr(head, "bias", None)
-        kw = dict(old_logp=old, ref_logp=ref, beta=float(beta), eps_low=L.eps_low, eps_high=L.eps_high,
-                  temperature=float(self.cfg.generation.temperature), kappa=L.kappa,
-                  entropy_weighting=L.entropy_weighting, entropy_grad=L.entropy_grad, weight_on=L.weight_on,
-                  loss_agg=L.loss_agg, normalizer=float(normalizer), max_len=self.cfg.generation.max_new_tokens)
-        if L.path == "fused":
-            if hidden.dtype != weight.dtype:  # bf16 autocast: run the head in the activations' dtype
-                weight = weight.to(hidden.dtype)
-                bias = None if bias is None else bias.to(hidden.dtype)
-            loss, m = hero_loss(hidden, labels, adv, weight=weight, bias=bias, impl=L.impl, **kw)
-            return loss, metrics_to_floats(m)
-        if L.path == "logits":
-            logits = nn.functional.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
-            loss, m = hero_loss(logits, labels, adv, impl=L.impl, **kw)
-            return loss, metrics_to_floats(m)
-        # "reference": the float64 spec, logits materialized in float64 (hero_kernels.reference.hero_loss)
-        from hero_kernels import reference as R
+        kwargs = dict(old_logp=old_logp, ref_logp=ref_logp, beta=float(beta), eps_low=options.eps_low,
+                      eps_high=options.eps_high, temperature=float(self.cfg.generation.temperature),
+                      kappa=options.kappa, entropy_weighting=options.entropy_weighting,
+                      entropy_grad=options.entropy_grad, weight_on=options.weight_on, loss_agg=options.loss_agg,
+                      normalizer=float(normalizer), max_len=self.cfg.generation.max_new_tokens,
+                      ignore_index=IGNORE_INDEX)
+        if options.path == "reference":  # the float64 spec, logits materialized in float64 (tests compare)
+            from hero_kernels import reference
 
-        loss, parts = R.hero_loss(hidden, labels, adv, weight=weight, bias=bias, **kw)
-        keys = ("entropy/mean", "entropy/min", "entropy/max", "weights/max", "weights/effective_tokens",
-                "clip_ratio/low_mean", "clip_ratio/high_mean", "kl", "tokens", "responses")
-        return loss.to(torch.float32), {k: float(parts[k]) for k in keys}
+            loss, parts = reference.hero_loss(hidden, labels, advantages, weight=weight, bias=bias, **kwargs)
+            return loss.to(torch.float32), {k: float(parts[k]) for k in METRIC_KEYS}
+        # bf16 autocast: run the head in the activations' dtype
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
+        if options.path == "logits":
+            logits = nn.functional.linear(hidden, weight, bias)
+            loss, metrics = hero_loss(logits, labels, advantages, impl=options.impl, **kwargs)
+        else:  # "fused": the [tokens x vocab] logits are never materialized
+            loss, metrics = hero_loss(hidden, labels, advantages, weight=weight, bias=bias, impl=options.impl, **kwargs)
+        return loss, metrics_to_floats(metrics)
 
-    def _logp_no_grad(self, model: nn.Module, ids: Tensor, mask: Tensor, extra: Dict[str, Tensor], labels: Tensor,
-                      P: int) -> Tensor:
-        """Per-token log-probs [n, C] of ``labels`` under ``model`` (fused op, no grad, eval mode)."""
-        from hero_kernels import linear_entropy_logprob
+    def _completion_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
+        """Last hidden states that predict the micro-batch's completion tokens: [m, C', D]."""
+        with self._autocast():
+            hidden = self.adapter.hidden_states(model, batch.input_ids, batch.attention_mask, **batch.extra)
+        return completion_hidden(hidden, prompt_len, batch.completion_len)
 
-        with torch.no_grad(), self._autocast():
-            h = completion_hidden(self.adapter.hidden_states(model, ids, mask, **extra), P, labels.shape[1])
+    def _logp_no_grad(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
+        """Per-token log-probs [m, C'] of the micro-batch's labels under ``model`` (fused op, no grad)."""
+        with torch.no_grad():
+            hidden = self._completion_hidden(model, batch, prompt_len)
             head = self.adapter.lm_head(model)
-            w = head.weight.to(h.dtype)
-            b = None if getattr(head, "bias", None) is None else head.bias.to(h.dtype)
-            logp, _ = linear_entropy_logprob(h, w, labels, bias=b, temperature=float(self.cfg.generation.temperature),
-                                             impl=self.cfg.loss.impl)
+            bias = None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype)
+            with self._autocast():
+                logp, _ = linear_entropy_logprob(hidden, head.weight.to(hidden.dtype), batch.labels, bias=bias,
+                                                 temperature=float(self.cfg.generation.temperature),
+                                                 ignore_index=IGNORE_INDEX, impl=self.cfg.loss.impl)
         return logp.float()
 
-    # ------------------------------------------------------------------ one step
-    def rollout(self) -> Dict[str, Any]:
+    # ------------------------------------------------------------------ one step: sample
+    def rollout(self) -> Rollout:
         """Steps 1-4 of the module docstring: sample, score, advantages, gate, old/ref log-probs."""
-        cfg, gen = self.cfg, self.cfg.generation
-        G = gen.num_generations
-        t0 = time.perf_counter()
-        idx, rows, prompts = self._next_rows()
-        B = len(rows)
-        enc = self._to_device(self.adapter.encode(rows, prompts))
-        rep = {k: v.repeat_interleave(G, dim=0) for k, v in enc.items() if isinstance(v, Tensor)}
+        group_size = self.cfg.generation.num_generations
+        start = time.perf_counter()
+        row_indices, rows, prompts = self._next_rows()
+        encoded = self._to_device(self.adapter.encode(rows, prompts))
+        prompt = {k: v.repeat_interleave(group_size, dim=0) for k, v in encoded.items() if isinstance(v, Tensor)}
+        completion_ids, completion_mask = self._generate(prompt)
+        texts = self.adapter.decode(completion_ids.cpu(), completion_mask.cpu())
+        generate_s = time.perf_counter() - start
+        rewards, bad_groups = self._score(texts, rows, row_indices, group_size)
+        finite_rewards = torch.nan_to_num(rewards, nan=0.0, posinf=0.0, neginf=0.0)  # bad groups are dropped anyway
+        total_reward = (finite_rewards * self.reward_weights).sum(1)
+        advantages, gate, kept = self._advantages_and_gate(finite_rewards, total_reward, bad_groups)
+        labels = completion_labels(completion_ids, completion_mask)[kept.to(self.device)]
+        rollout = Rollout(row_indices, group_size, prompt, completion_ids, completion_mask, texts, rewards,
+                          total_reward, advantages, gate, bad_groups, kept, labels, generate_s)
+        rollout.metrics = self._rollout_metrics(rollout)
+        if kept.numel() and self.cfg.num_iterations > 1:
+            rollout.old_logp = self._fixed_policy_logp(self.model, rollout)
+        if kept.numel() and self.use_kl:
+            rollout.ref_logp = self._fixed_policy_logp(self.ref_model, rollout)
+        return rollout
+
+    def _generate(self, prompt: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+        """G completions per prompt (already repeated): (ids [N, C], mask [N, C]), eval mode, no grad."""
+        gen = self.cfg.generation
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            comp, cmask = self.adapter.generate(self.model, rep, max_new_tokens=gen.max_new_tokens,
-                                                temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+            ids, mask = self.adapter.generate(self.model, prompt, max_new_tokens=gen.max_new_tokens,
+                                              temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
         self.model.train(was_training)
-        comp, cmask = comp.to(self.device), cmask.to(self.device)
-        texts = self.adapter.decode(comp.cpu(), cmask.cpu())
-        t_gen = time.perf_counter() - t0
-        R, bad = self._score(texts, rows, idx, G)
-        Rclean = torch.where(torch.isfinite(R), R, torch.zeros_like(R))
-        total = (Rclean * self.reward_weights).sum(1)  # [N]
-        adv = group_advantages(total, G, cfg.advantages.scale, cfg.advantages.eps)
-        correct = Rclean[:, 0] >= cfg.rewards.correct_threshold
-        gate = variance_gate(total, G, cfg.gate.keep_frac, correct=correct, enabled=cfg.gate.enabled)
-        kept_groups = [g for g in gate.kept.tolist() if not bool(bad[g])]
-        keep = torch.tensor([g * G + j for g in kept_groups for j in range(G)], dtype=torch.long)
-        # eos found anywhere -> not truncated
-        has_eos = torch.isin(comp, torch.as_tensor(self.adapter.eos_token_ids, device=comp.device)).any(1)
-        lengths = cmask.sum(1).float()
-        P = rep["input_ids"].shape[1]
-        ro = {
-            "B": B, "G": G, "P": P, "prompt": rep, "completion": comp, "completion_mask": cmask, "texts": texts,
-            "rewards": R, "total_reward": total, "advantages": adv, "gate": gate, "bad_groups": bad, "keep": keep,
-            "idx": idx, "t_gen": t_gen,
-        }
-        std_g = total.view(B, G).std(1)
-        m: Dict[str, Any] = {
+        return ids.to(self.device), mask.to(self.device)
+
+    def _advantages_and_gate(self, rewards: Tensor, total_reward: Tensor,
+                             bad_groups: Tensor) -> Tuple[Tensor, GateResult, Tensor]:
+        """rewards [N, F] (finite), total_reward [N] -> group advantages [N], the variance gate, and the kept
+        completions' indices [n] (bad groups dropped)."""
+        cfg, group_size = self.cfg, self.cfg.generation.num_generations
+        advantages = group_advantages(total_reward, group_size, cfg.advantages.scale, cfg.advantages.eps)
+        # correctness for the gate's all-correct / all-wrong counts: the FIRST reward function's threshold
+        correct = rewards[:, 0] >= cfg.rewards.correct_threshold
+        gate = variance_gate(total_reward, group_size, cfg.gate.keep_frac, correct=correct, enabled=cfg.gate.enabled)
+        kept_groups = [g for g in gate.kept.tolist() if not bool(bad_groups[g])]
+        kept = torch.tensor([g * group_size + j for g in kept_groups for j in range(group_size)], dtype=torch.long)
+        return advantages, gate, kept
+
+    def _rollout_metrics(self, rollout: Rollout) -> Dict[str, Any]:
+        """The rollout side of the step's log (module docstring)."""
+        num_prompts, kept = rollout.num_prompts, rollout.kept
+        total, advantages, gate = rollout.total_reward, rollout.advantages, rollout.gate
+        eos = torch.as_tensor(self.adapter.eos_token_ids, device=rollout.completion_ids.device)
+        has_eos = torch.isin(rollout.completion_ids, eos).any(1)  # no eos anywhere = clipped
+        metrics: Dict[str, Any] = {
             "reward": float(total.mean()),
-            "reward_std": float(std_g.mean()),
-            "frac_reward_zero_std": gate.stats["zero_std"] / B,
+            "reward_std": float(total.view(num_prompts, -1).std(1).mean()),
+            "frac_reward_zero_std": gate.stats["zero_std"] / num_prompts,
         }
         for j, name in enumerate(self.reward_names):
-            col = R[:, j][torch.isfinite(R[:, j])]
-            m[f"rewards/{name}/mean"] = float(col.mean()) if col.numel() else float("nan")
-            m[f"rewards/{name}/std"] = float(col.std()) if col.numel() > 1 else 0.0
-        m.update({
-            "gate/kept_frac": len(kept_groups) / B,
+            column = rollout.rewards[:, j][torch.isfinite(rollout.rewards[:, j])]
+            metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.numel() else float("nan")
+            metrics[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
+        metrics.update({
+            "gate/kept_frac": kept.numel() / rollout.group_size / num_prompts,
             "gate/threshold": gate.stats["threshold"],
             "gate/all_correct": gate.stats["all_correct"],
             "gate/all_wrong": gate.stats["all_wrong"],
-            "advantages/mean": float(adv[keep].mean()) if keep.numel() else 0.0,
-            "advantages/std": float(adv[keep].std()) if keep.numel() > 1 else 0.0,
-            "completions/mean_length": float(lengths.mean()),
+            "advantages/mean": float(advantages[kept].mean()) if kept.numel() else 0.0,
+            "advantages/std": float(advantages[kept].std()) if kept.numel() > 1 else 0.0,
+            "completions/mean_length": float(rollout.completion_mask.sum(1).float().mean()),
             "completions/clipped_ratio": float((~has_eos).float().mean()),
-            "bad_rows": int(bad.sum()),
+            "bad_rows": int(rollout.bad_groups.sum()),
         })
-        ro["metrics"] = m
-        # fixed-policy passes over the kept completions
-        ro["old_logp"] = ro["ref_logp"] = None
-        if keep.numel():
-            labels = torch.where(cmask.bool(), comp, torch.full_like(comp, -100))[keep.to(self.device)]
-            ro["labels"] = labels
-            if cfg.num_iterations > 1:
-                self.model.eval()
-                ro["old_logp"] = self._batched_logp(self.model, ro, labels)
-                self.model.train(was_training)
-            if self.use_kl:
-                ro["ref_logp"] = self._batched_logp(self.ref_model, ro, labels)
-        return ro
+        return metrics
 
     def _micro_batches(self, n: int) -> List[slice]:
-        mb = self.cfg.micro_batch_size or n
-        return [slice(s, min(s + mb, n)) for s in range(0, n, mb)]
+        size = self.cfg.micro_batch_size or n
+        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
-    def _mb_inputs(self, ro: Dict[str, Any], sl: slice, labels: Tensor):
-        """(ids, mask, extra, labels, C) for kept completions ``sl``, trimmed to the micro-batch's longest."""
-        keep = ro["keep"][sl].to(self.device)
-        lab = labels[sl]
-        C = int((lab != -100).sum(1).max()) if lab.numel() else 1
-        C = max(C, 1)
-        lab = lab[:, :C]
-        ids = torch.cat([ro["prompt"]["input_ids"][keep], ro["completion"][keep, :C]], 1)
-        mask = torch.cat([ro["prompt"]["attention_mask"][keep], ro["completion_mask"][keep, :C]], 1)
-        extra = {k: v[keep] for k, v in ro["prompt"].items() if k not in ("input_ids", "attention_mask")}
-        return ids, mask, extra, lab, C
+    def _micro_batch(self, rollout: Rollout, rows: slice) -> MicroBatch:
+        """Inputs of kept completions ``rows``, trimmed to the longest of them (at least one token)."""
+        kept = rollout.kept[rows].to(self.device)
+        labels = rollout.labels[rows]
+        length = max(int((labels != IGNORE_INDEX).sum(1).max()) if labels.numel() else 1, 1)
+        prompt = rollout.prompt
+        input_ids = torch.cat([prompt["input_ids"][kept], rollout.completion_ids[kept, :length]], 1)
+        attention_mask = torch.cat([prompt["attention_mask"][kept], rollout.completion_mask[kept, :length]], 1)
+        extra = {k: v[kept] for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
+        return MicroBatch(input_ids, attention_mask, extra, labels[:, :length], rows)
 
-    def _batched_logp(self, model, ro, labels) -> Tensor:
-        out = torch.zeros(labels.shape, dtype=torch.float32, device=self.device)
-        for sl in self._micro_batches(labels.shape[0]):
-            ids, mask, extra, lab, C = self._mb_inputs(ro, sl, labels)
-            out[sl, :C] = self._logp_no_grad(model, ids, mask, extra, lab, ro["P"])
+    def _fixed_policy_logp(self, model: nn.Module, rollout: Rollout) -> Tensor:
+        """Log-probs [n, C] of the kept completions under a fixed policy, micro-batched, in eval mode."""
+        out = torch.zeros(rollout.labels.shape, dtype=torch.float32, device=self.device)
+        was_training = model.training
+        model.eval()
+        for rows in self._micro_batches(rollout.labels.shape[0]):
+            batch = self._micro_batch(rollout, rows)
+            out[rows, : batch.completion_len] = self._logp_no_grad(model, batch, rollout.prompt_len)
+        model.train(was_training)
         return out
 
-    def backward(self, ro: Dict[str, Any]) -> Dict[str, float]:
-        """Accumulate gradients of one pass over the kept completions (micro-batched); returns loss metrics."""
-        cfg = self.cfg
-        keep, labels = ro["keep"], ro.get("labels")
-        n = keep.numel()
-        if n == 0:
+    # ------------------------------------------------------------------ one step: learn
+    def backward(self, rollout: Rollout) -> Dict[str, float]:
+        """Accumulate gradients of one pass over the kept completions (micro-batched); returns loss metrics
+        ({} when nothing was kept)."""
+        labels = rollout.labels
+        if labels.shape[0] == 0:
             return {}
-        valid = labels != -100
-        normalizer = float(valid.sum()) if cfg.loss.loss_agg == "token-mean" else float((valid.sum(1) > 0).sum())
+        # one denominator for the whole pass, so micro-batch gradients add up to the full-batch gradient
+        normalizer = float(loss_normalizer(labels, self.cfg.loss.loss_agg, ignore_index=IGNORE_INDEX))
         if normalizer == 0:
             return {}
-        adv_all = ro["advantages"].to(self.device)[keep.to(self.device)]
+        advantages = rollout.advantages.to(self.device)[rollout.kept.to(self.device)]
         beta = self.kl_ctl.beta if self.use_kl else 0.0
-        agg: Dict[str, float] = {"loss": 0.0}
-        tok_sum = resp_sum = 0.0
-        acc = {"entropy/mean": 0.0, "kl": 0.0, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
-               "weights/effective_tokens": 0.0}
-        mx = {"weights/max": -math.inf, "entropy/max": -math.inf}
-        mn = {"entropy/min": math.inf}
-        P = ro["P"]
-        for sl in self._micro_batches(n):
-            ids, mask, extra, lab, C = self._mb_inputs(ro, sl, labels)
-            old = None if ro["old_logp"] is None else ro["old_logp"][sl, :C]
-            ref = None if ro["ref_logp"] is None else ro["ref_logp"][sl, :C]
-            with self._autocast():
-                h = completion_hidden(self.adapter.hidden_states(self.model, ids, mask, **extra), P, C)
-            loss, m = self._loss(h, lab, adv_all[sl], old, ref, normalizer, beta)
-            if not bool(torch.isfinite(loss.detach())):
-                rows = sorted({ro["idx"][int(k) // ro["G"]] for k in keep[sl].tolist()})
-                raise FloatingPointError(
-                    f"step {self.step + 1}: non-finite loss {float(loss)} on a micro-batch of dataset rows {rows}; "
-                    "stopping before the optimizer update (the last checkpoint is intact)")
+        totals = LossMetrics()
+        for rows in self._micro_batches(labels.shape[0]):
+            batch = self._micro_batch(rollout, rows)
+            old_logp, ref_logp = (None if lp is None else lp[rows, : batch.completion_len]
+                                  for lp in (rollout.old_logp, rollout.ref_logp))
+            hidden = self._completion_hidden(self.model, batch, rollout.prompt_len)
+            loss, metrics = self._loss(hidden, batch.labels, advantages[rows], old_logp, ref_logp, normalizer, beta)
+            self._check_finite(loss, rollout, rows)
             loss.backward()
-            agg["loss"] += float(loss.detach())
-            t, r = m.get("tokens", 0.0), m.get("responses", 0.0)
-            tok_sum += t
-            resp_sum += r
-            for k in acc:
-                if k in m:
-                    acc[k] += m[k] * (r if k == "weights/effective_tokens" else t)
-            for k in mx:
-                if k in m and t > 0:
-                    mx[k] = max(mx[k], m[k])
-            for k in mn:
-                if k in m and t > 0:
-                    mn[k] = min(mn[k], m[k])
-        for k, v in acc.items():
-            agg[k] = v / max(resp_sum if k == "weights/effective_tokens" else tok_sum, 1.0)
-        agg.update({k: v for k, v in mx.items() if math.isfinite(v)})
-        agg.update({k: v for k, v in mn.items() if math.isfinite(v)})
-        agg["tokens"] = tok_sum
-        return agg
+            totals.add(float(loss.detach()), metrics)
+        return totals.result()
+
+    def _check_finite(self, loss: Tensor, rollout: Rollout, rows: slice) -> None:
+        if bool(torch.isfinite(loss.detach())):
+            return
+        dataset_rows = sorted({rollout.row_indices[int(k) // rollout.group_size] for k in rollout.kept[rows].tolist()})
+        raise FloatingPointError(
+            f"step {self.step + 1}: non-finite loss {float(loss)} on a micro-batch of dataset rows {dataset_rows}; "
+            "stopping before the optimizer update (the last checkpoint is intact)")
 
     def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the LR schedule, zero the grads; returns the pre-clip grad norm."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.max_grad_norm > 0:
-            gn = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         else:
-            gn = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return gn
+        return grad_norm
 
     def train_step(self) -> Dict[str, Any]:
         """One rollout + num_iterations optimizer updates + KL controller update; returns the step's metrics."""
-        cfg = self.cfg
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = time.perf_counter()
-        beta_used = self.kl_ctl.beta if self.use_kl else 0.0
-        ro = self.rollout()
-        m = dict(ro["metrics"])
+        start = time.perf_counter()
+        beta = self.kl_ctl.beta if self.use_kl else 0.0  # the coefficient this step's loss uses
+        rollout = self.rollout()
         self.model.train()
-        losses, grad_norms, lm = [], [], {}
-        for _ in range(cfg.num_iterations):
+        losses, grad_norms, loss_metrics = [], [], {}
+        for _ in range(self.cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            lm = self.backward(ro)
-            if not lm:  # nothing kept: no update (step() without grads is a no-op); the LR schedule advances
+            loss_metrics = self.backward(rollout)
+            if not loss_metrics:  # nothing kept: no update, but the LR schedule advances
                 self.optimizer.step()
                 self.scheduler.step()
                 continue
-            losses.append(lm["loss"])
+            losses.append(loss_metrics["loss"])
             grad_norms.append(self.optimizer_step())
-        # loss-side metrics come from the last pass; NaN (logged as null) when nothing was trained this step
-        for k in _LOSS_METRICS:
-            m[k] = lm.get(k, float("nan"))
-        m["entropy"] = m.pop("entropy/mean")
-        m["temperature"] = cfg.generation.temperature
-        m["loss"] = float(np.mean(losses)) if losses else 0.0
-        m["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-        m["beta"] = beta_used
-        if self.use_kl and lm:
-            self.kl_ctl.update(lm["kl"], ro["B"] * ro["G"])
+        if self.use_kl and loss_metrics:
+            self.kl_ctl.update(loss_metrics["kl"], rollout.completion_ids.shape[0])
         self.step += 1
-        dt = time.perf_counter() - t0
-        m["tokens_per_s"] = float(ro["completion_mask"].sum()) / max(dt, 1e-9)
-        m["time/step_s"] = dt
-        m["time/generate_s"] = ro["t_gen"]
-        m["peak_memory_mb"] = peak_memory_mb(self.device)
-        m["lr"] = self.scheduler.get_last_lr()[0]
-        m["step"] = self.step
-        self.last_metrics = m
-        self.last_rollout = ro
-        return m
+        metrics = {**rollout.metrics, **self._update_metrics(loss_metrics, losses, grad_norms, beta)}
+        metrics.update(self._cost_metrics(rollout, time.perf_counter() - start), step=self.step)
+        self.last_metrics, self.last_rollout = metrics, rollout
+        return metrics
+
+    def _update_metrics(self, loss_metrics: Dict[str, float], losses: List[float], grad_norms: List[float],
+                        beta: float) -> Dict[str, Any]:
+        """Loss side of the log: from the last pass; NaN (logged as null) when nothing was trained."""
+        metrics: Dict[str, Any] = {k: loss_metrics.get(k, float("nan")) for k in LOSS_METRICS}
+        metrics["entropy"] = metrics.pop("entropy/mean")
+        metrics.update({
+            "temperature": self.cfg.generation.temperature,
+            "loss": float(np.mean(losses)) if losses else 0.0,
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+            "beta": beta,
+        })
+        return metrics
+
+    def _cost_metrics(self, rollout: Rollout, step_s: float) -> Dict[str, Any]:
+        return {
+            "tokens_per_s": float(rollout.completion_mask.sum()) / max(step_s, 1e-9),
+            "time/step_s": step_s,
+            "time/generate_s": rollout.generate_s,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict[str, Any]:

@@ -108,10 +108,10 @@ def test_fused_logits_and_reference_paths_give_the_same_gradients(tmp_path, loss
                                 "loss.loss_agg": loss_agg, "generation.temperature": 0.8})
     tr = make_trainer(cfg)
     ro = tr.rollout()
-    assert ro["keep"].numel() > 0
+    assert ro.kept.numel() > 0
     with torch.no_grad():  # make old/ref differ from the policy so ratio and KL terms are exercised
-        ro["old_logp"] = ro["old_logp"] + 0.3 * torch.randn_like(ro["old_logp"])  # some ratios clip
-        ro["ref_logp"] = ro["ref_logp"] - 0.1 * torch.rand_like(ro["ref_logp"])
+        ro.old_logp = ro.old_logp + 0.3 * torch.randn_like(ro.old_logp)  # some ratios clip
+        ro.ref_logp = ro.ref_logp - 0.1 * torch.rand_like(ro.ref_logp)
     grads, losses = {}, {}
     for path in ("fused", "logits", "reference"):
         tr.cfg.loss.path = path
@@ -150,7 +150,7 @@ def test_resume_after_kill_gives_the_same_next_step(tmp_path):
         assert torch.equal(pa, pc), n
     assert mc["loss"] == ma["loss"] and mc["reward"] == ma["reward"] and mc["beta"] == ma["beta"]
     assert c.kl_ctl.beta == a.kl_ctl.beta and c.scheduler.get_last_lr() == a.scheduler.get_last_lr()
-    assert a.last_rollout["texts"] == c.last_rollout["texts"]
+    assert a.last_rollout.texts == c.last_rollout.texts
     steps = [json.loads(x)["step"] for x in open(os.path.join(tmp_path / "b" / "run", "metrics.jsonl"))]
     assert steps == [3]  # the killed run logged nothing through train(); the resumed one logs step 3
 
@@ -215,7 +215,7 @@ def test_tiny_vlm_adapter_trains_and_skips_an_image_that_does_not_load(tmp_path)
     before = tr.model.vision.patch.weight.clone()
     with pytest.warns(UserWarning, match=r"id='train-random-00001'.*image does not load"):
         m = tr.train_step()
-    assert "pixel_values" in tr.last_rollout["prompt"] and m["gate/kept_frac"] > 0
+    assert "pixel_values" in tr.last_rollout.prompt and m["gate/kept_frac"] > 0
     assert not torch.equal(before, tr.model.vision.patch.weight)  # gradients reached the vision tower
 
 
@@ -279,3 +279,22 @@ def test_micro_batches_give_the_full_batch_gradient(tmp_path):
             grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
         for n, g in grads[0].items():
             torch.testing.assert_close(grads[1][n], g, atol=1e-6 * (g.abs().max().item() + 1e-12), rtol=1e-5, msg=n)
+
+
+def test_loss_metrics_combine_micro_batches_and_cover_every_metric_key():
+    from hero.trainer import COUNTS, MAXIMA, MINIMA, RESPONSE_MEANS, TOKEN_MEANS, LossMetrics
+    from hero_kernels.loss import METRIC_KEYS
+
+    assert sorted(TOKEN_MEANS + RESPONSE_MEANS + MAXIMA + MINIMA + COUNTS) == sorted(METRIC_KEYS)
+    acc = LossMetrics()
+    acc.add(0.5, {"entropy/mean": 1.0, "kl": 0.1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0,
+                  "weights/effective_tokens": 2.0, "entropy/max": 3.0, "weights/max": 1.5, "entropy/min": 0.2,
+                  "tokens": 3.0, "responses": 1.0})
+    acc.add(0.25, {"entropy/mean": 2.0, "kl": 0.4, "clip_ratio/low_mean": 1.0, "clip_ratio/high_mean": 0.0,
+                   "weights/effective_tokens": 4.0, "entropy/max": 2.5, "weights/max": 1.9, "entropy/min": 0.1,
+                   "tokens": 1.0, "responses": 3.0})
+    out = acc.result()
+    assert out["loss"] == 0.75 and out["tokens"] == 4.0
+    assert out["entropy/mean"] == pytest.approx((3 * 1.0 + 1 * 2.0) / 4) and out["kl"] == pytest.approx(0.7 / 4)
+    assert out["weights/effective_tokens"] == pytest.approx((2.0 + 12.0) / 4)
+    assert (out["entropy/max"], out["weights/max"], out["entropy/min"]) == (3.0, 1.9, 0.1)
