@@ -210,12 +210,9 @@ def build_tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int 
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
     cfg._attn_implementation = attn_implementation
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's CPU RNG stream is untouched
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)
     return model, tokenizer
 
 

@@ -26,6 +26,7 @@ def _is_png(path):
 # ----------------------------------------------------------------------------------------------
 # the pipeline at a micro budget
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the whole pipeline (SFT, 3 diagnoses, 2 RL runs, report): ~20 s idle, 80+ s on a busy machine
 def test_demo_micro_pipeline_writes_report_plots_and_summary(tmp_path):
     over = list(MICRO_OVERRIDES.items()) + [("sft.steps", 3), ("data.test_per_split", 2), ("data.sigmas", "0,30,50")]
     cfg = load_demo_config(os.path.join(ROOT, "configs", "demo.yaml"), over)

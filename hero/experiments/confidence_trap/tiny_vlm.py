@@ -664,12 +664,9 @@ def build_tiny_vlm(image_size: Tuple[int, int] = (8, 24), seed: int = 0, **confi
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, image_token_id=tok.image_token_id,
         **config_overrides,
     )
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's CPU RNG stream is untouched
         torch.manual_seed(seed)
         model = TinyVLM(cfg)
-    finally:
-        torch.random.set_rng_state(state)
     return model, TinyVLMProcessor(tok, cfg)
 
 
