@@ -472,28 +472,26 @@ class Trainer:
     def _loss(self, hidden: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
               ref_logp: Optional[Tensor], normalizer: float, beta: float) -> Tuple[Tensor, Dict[str, float]]:
         """hero_loss on completion hidden states [m, C, D] -> (loss, float metrics); path per cfg.loss.path."""
-        options = self.cfg.loss
+        path = self.cfg.loss.path
+        config = self.cfg.loss.hero_loss_config(beta=float(beta), temperature=float(self.cfg.generation.temperature),
+                                                max_len=self.cfg.generation.max_new_tokens)
+        inputs = dict(old_logp=old_logp, ref_logp=ref_logp, normalizer=float(normalizer), ignore_index=IGNORE_INDEX)
         head = self.adapter.lm_head(self.model)
         weight, bias = head.weight, getattr(head, "bias", None)
-        kwargs = dict(old_logp=old_logp, ref_logp=ref_logp, beta=float(beta), eps_low=options.eps_low,
-                      eps_high=options.eps_high, temperature=float(self.cfg.generation.temperature),
-                      kappa=options.kappa, entropy_weighting=options.entropy_weighting,
-                      entropy_grad=options.entropy_grad, weight_on=options.weight_on, loss_agg=options.loss_agg,
-                      normalizer=float(normalizer), max_len=self.cfg.generation.max_new_tokens,
-                      ignore_index=IGNORE_INDEX)
-        if options.path == "reference":  # the float64 spec, logits materialized in float64 (tests compare)
+        if path == "reference":  # the float64 spec, logits materialized in float64 (tests compare)
             from hero_kernels import reference
 
-            loss, parts = reference.hero_loss(hidden, labels, advantages, weight=weight, bias=bias, **kwargs)
+            options = {k: v for k, v in config.options().items() if k not in ("impl", "ignore_index")}
+            loss, parts = reference.hero_loss(hidden, labels, advantages, weight=weight, bias=bias, **inputs, **options)
             return loss.to(torch.float32), {k: float(parts[k]) for k in METRIC_KEYS}
         # bf16 autocast: run the head in the activations' dtype
         weight = weight.to(hidden.dtype)
         bias = None if bias is None else bias.to(hidden.dtype)
-        if options.path == "logits":
+        if path == "logits":
             logits = nn.functional.linear(hidden, weight, bias)
-            loss, metrics = hero_loss(logits, labels, advantages, impl=options.impl, **kwargs)
+            loss, metrics = hero_loss(logits, labels, advantages, config=config, **inputs)
         else:  # "fused": the [tokens x vocab] logits are never materialized
-            loss, metrics = hero_loss(hidden, labels, advantages, weight=weight, bias=bias, impl=options.impl, **kwargs)
+            loss, metrics = hero_loss(hidden, labels, advantages, weight=weight, bias=bias, config=config, **inputs)
         return loss, metrics_to_floats(metrics)
 
     def _completion_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
