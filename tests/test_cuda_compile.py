@@ -62,6 +62,7 @@ def resource_table():
     return table
 
 
+@pytest.mark.slow  # nvcc of every .cu for every target arch
 @pytest.mark.parametrize("cc", ARCHS)
 def test_cu_compiles_without_spills(resource_table, cc):
     for cu in CU_FILES:

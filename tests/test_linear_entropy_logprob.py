@@ -461,6 +461,7 @@ def _memory(**kw):
         raise
 
 
+@pytest.mark.slow  # eager [2048, 16000] fp32 intermediates on CPU: ~30 s of CPU
 def test_chunked_memory_within_15_percent_of_eager_small():
     """N=2048, D=256, V=16000 with 2 MiB chunks (the default is 16 MiB for the full-size shape below)."""
     from benchmarks.bench_linear_memory import MAX_RATIO

@@ -342,6 +342,7 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.slow  # compiles the Triton kernels for sm_80 / sm_90a in a subprocess
 def test_gpu_compile_no_spills():
     """triton.compile needs real JIT functions, which TRITON_INTERPRET=1 replaces (InterpretedFunction has
     no cache_key), so the compile runs in a subprocess without that variable."""
