@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The trainer core: everything ``hero train`` needs for a transformers model on a JSONL dataset.
 CORE_MODULES = ("hero", "hero.config", "hero.registry", "hero.rollout", "hero.rewards", "hero.grpo", "hero.trainer",
-                "hero.checkpoint", "hero.io", "hero.data", "hero.data.jsonl", "hero.cli", "hero.bench_cli")
+                "hero.checkpoint", "hero.io", "hero.data", "hero.data.jsonl", "hero.cli", "hero.bench_cli", "hero.omnex")
 
 
 def _run(code: str) -> str:

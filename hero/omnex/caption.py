@@ -4,7 +4,7 @@ For each completion the ``<caption>`` part (hero.omnex.template) and the row's q
 text-only causal LM (any local transformers model, by path) through a prompt with ``{caption}`` and
 ``{question}`` placeholders. The judge decodes greedily, in batches; its answer is the first line of the
 generated text. Reward 1.0 when that answer matches the gold answer: for a yes/no gold, the answer's leading
-yes/no word (hero.metrics.normalize_yes_no); otherwise normalized exact match (hero.rewards.normalize_text).
+yes/no word (hero.rewards.normalize_yes_no); otherwise normalized exact match (hero.rewards.normalize_text).
 An unparsed caption scores 0.0 without a judge call.
 
 Judge answers are cached per (caption, question) within a step: one call of the reward is one step's batch,
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hero.metrics import UNPARSED, normalize_yes_no
+from hero.rewards import UNPARSED, normalize_yes_no
 
 from .template import parse_response
 

@@ -4,7 +4,7 @@
 
 (planning locates the relevant image regions, caption describes them, think reasons, answer answers;
 whitespace is allowed around and between the blocks). ``parse_response`` never raises on text: each part is
-its stripped body, or ``UNPARSED`` ("unparsed", as in hero.metrics) when the part is missing, unclosed, nested,
+its stripped body, or ``UNPARSED`` ("unparsed", as in hero.rewards) when the part is missing, unclosed, nested,
 empty or appears more than once; ``well_formed`` is True only for the exact template in order with every
 part parsed.
 """
@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from hero.metrics import UNPARSED
+from hero.rewards import UNPARSED
 
 __all__ = ["PARTS", "UNPARSED", "ParsedResponse", "parse_response", "format_reward"]
 
