@@ -33,6 +33,8 @@ __all__ = [
     "GateConfig",
     "KLConfig",
     "LossConfig",
+    "CaptionJudgeConfig",
+    "OmnexConfig",
     "LOSS_OPTION_KEYS",
     "TrainConfig",
     "config_from_dict",
@@ -150,6 +152,10 @@ class GateConfig:
     # Fraction of ALL groups in the batch to keep, ceil(keep_frac * n_groups), capped at the number of
     # non-zero-variance groups; in (0, 1].
     keep_frac: float = 0.6
+    # Difficulty counts logged per step (gate/easy, gate/medium, gate/hard), from each group's total reward:
+    # medium = population variance > medium_variance; of the rest, easy = mean >= easy_mean, hard = the others.
+    medium_variance: float = 0.05
+    easy_mean: float = 0.5
 
 
 @dataclass
@@ -198,6 +204,37 @@ class LossConfig:
 
 
 @dataclass
+class CaptionJudgeConfig:
+    # Reward "caption" (hero.omnex.caption): local path of a text-only transformers causal LM that answers the
+    # row's question from the response's <caption> alone (no image); required when rewards.funcs has "caption".
+    model: str = ""
+    # Judge prompt with {caption} and {question} placeholders; "" = hero.omnex.caption.DEFAULT_PROMPT.
+    prompt: str = ""
+    # Greedy tokens the judge generates (its answer is the first line).
+    max_new_tokens: int = 8
+    # Judge prompts per generate call.
+    batch_size: int = 16
+
+
+@dataclass
+class OmnexConfig:
+    # NTK-conflict regularizer (hero.omnex.ntk): weight lambda of the InfoNCE loss over the sketched last-layer
+    # log-prob gradients of the kept completions, added to the HERO loss; 0 = off. The other OMNEX modules are
+    # switched elsewhere: rewards.funcs "caption" / "omnex_format", variance selection gate.keep_frac (0.5).
+    ntk_weight: float = 0.0
+    # Similarity threshold tau: j is a positive of i when cos(f_i, f_j) < tau (0.54 in the paper).
+    tau: float = 0.54
+    # Sketch sizes: k1 rows of the vocabulary projection, k2 columns of the hidden-side projection.
+    k1: int = 128
+    k2: int = 128
+    # Seed of the fixed Gaussian sketch matrices.
+    seed: int = 0
+    # Which pairs count: "group" (completions of the same prompt) or "batch" (every pair of a micro-batch).
+    # Pairs never cross micro-batches: make micro_batch_size a multiple of generation.num_generations.
+    pairs: str = "group"
+
+
+@dataclass
 class TrainConfig:
     # Policy model (and reference model) construction.
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -215,6 +252,10 @@ class TrainConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     # HERO loss options (entropy weights, clipping, aggregation, kernel backend).
     loss: LossConfig = field(default_factory=LossConfig)
+    # Judge of the "caption" reward (OMNEX-VL).
+    caption_judge: CaptionJudgeConfig = field(default_factory=CaptionJudgeConfig)
+    # OMNEX-VL grounding modules wired into the step (the NTK-conflict regularizer).
+    omnex: OmnexConfig = field(default_factory=OmnexConfig)
     # Training steps to run (total, including steps done before a resume). One step = one rollout batch and
     # num_iterations optimizer updates on it.
     steps: int = 10
@@ -287,6 +328,7 @@ class TrainConfig:
                 f"rewards.weights has {len(self.rewards.weights)} entries but rewards.funcs has {len(self.rewards.funcs)}"
             )
         _choice("rewards.nli_reduce", self.rewards.nli_reduce, ("mean", "min"))
+        self._validate_omnex()
         _choice("advantages.scale", self.advantages.scale, ("group", "batch", "none"))
         if self.advantages.eps < 0:
             raise ConfigError(f"advantages.eps must be >= 0, got {self.advantages.eps}")
@@ -317,6 +359,34 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _choice("on_bad_row", self.on_bad_row, ("skip", "stop"))
         return self
+
+    def _validate_omnex(self) -> None:
+        """Reward names, the caption judge, the gate's difficulty thresholds and the omnex section."""
+        from hero.rewards import unknown_reward
+
+        for name in self.rewards.funcs:
+            problem = unknown_reward(name)
+            if problem:
+                raise ConfigError(f"rewards.funcs: {problem}")
+        if "caption" in self.rewards.funcs and not self.caption_judge.model:
+            raise ConfigError("rewards.funcs has 'caption' but caption_judge.model is empty; set it to a local path "
+                              "of a text-only causal LM (--caption_judge.model PATH)")
+        if self.caption_judge.prompt and not all(p in self.caption_judge.prompt for p in ("{caption}", "{question}")):
+            raise ConfigError("caption_judge.prompt must contain the placeholders {caption} and {question}")
+        _positive("caption_judge.max_new_tokens", self.caption_judge.max_new_tokens)
+        _positive("caption_judge.batch_size", self.caption_judge.batch_size)
+        if not (self.gate.medium_variance >= 0 and math.isfinite(self.gate.medium_variance)):
+            raise ConfigError(f"gate.medium_variance must be finite and >= 0, got {self.gate.medium_variance}")
+        if not math.isfinite(self.gate.easy_mean):
+            raise ConfigError(f"gate.easy_mean must be finite, got {self.gate.easy_mean}")
+        om = self.omnex
+        if not (om.ntk_weight >= 0 and math.isfinite(om.ntk_weight)):
+            raise ConfigError(f"omnex.ntk_weight must be finite and >= 0 (0 = off), got {om.ntk_weight}")
+        if not -1 <= om.tau <= 1:
+            raise ConfigError(f"omnex.tau is a cosine-similarity threshold in [-1, 1], got {om.tau}")
+        _positive("omnex.k1", om.k1)
+        _positive("omnex.k2", om.k2)
+        _choice("omnex.pairs", om.pairs, ("group", "batch"))
 
 
 def _loss_option(key: str, name: str, value) -> None:

@@ -40,7 +40,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "variance_gate", "GateResult", "AdaptiveKLController", "n_keep_groups"]
+__all__ = ["group_advantages", "variance_gate", "GateResult", "AdaptiveKLController", "n_keep_groups", "difficulty_counts"]
 
 SCALES = ("group", "batch", "none")
 
@@ -149,6 +149,17 @@ def variance_gate(rewards: Tensor, num_generations: Optional[int] = None, keep_f
         "n_kept": len(kept_list),
     }
     return GateResult(kept=kept, variance=var, zero_var=zero_var, stats=stats)
+
+
+def difficulty_counts(rewards: Tensor, num_generations: Optional[int] = None, medium_variance: float = 0.05,
+                      easy_mean: float = 0.5) -> Dict[str, int]:
+    """Groups by difficulty, from rewards [B*G] (group-major) or [B, G]: ``medium`` = population variance >
+    ``medium_variance`` (the gate's material), ``easy`` = the other groups with mean >= ``easy_mean``,
+    ``hard`` = the rest (low mean, low variance). The three counts sum to B."""
+    r = _as_groups(rewards, num_generations).to(torch.float64)
+    medium = r.var(1, unbiased=False) > medium_variance if r.shape[1] > 1 else torch.zeros(r.shape[0], dtype=torch.bool)
+    easy = ~medium & (r.mean(1) >= easy_mean)
+    return {"easy": int(easy.sum()), "medium": int(medium.sum()), "hard": int((~medium & ~easy).sum())}
 
 
 class AdaptiveKLController:

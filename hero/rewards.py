@@ -19,6 +19,10 @@ Built in (``REWARDS`` maps config names to them):
   (whitespace allowed around and between the blocks, nothing else), else 0.0.
 * ``nli`` (``NLIReward``): faithfulness of the response to a reference description with an NLI
   sequence-classification model, see the class docstring.
+* ``omnex_format`` (``hero.omnex.template.format_reward``): 1.0 for exactly the OMNEX-VL template
+  ``<planning>..</planning><caption>..</caption><think>..</think><answer>..</answer>``.
+* ``caption`` (``hero.omnex.caption.CaptionReward``): 1.0 when a text-only judge LM (``caption_model``, the
+  config's ``caption_judge.model``) answers the question correctly from the response's caption alone.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ __all__ = [
     "split_sentences",
     "NLIReward",
     "get_reward",
+    "reward_names",
+    "unknown_reward",
 ]
 
 #: Prediction value for an output whose answer could not be extracted (always counted as wrong).
@@ -227,26 +233,53 @@ REWARDS: Dict[str, RewardFn] = {
 }
 
 
+#: Names ``get_reward`` builds besides ``REWARDS`` (each needs options or a lazily imported module).
+BUILT_REWARDS = ("nli", "caption", "omnex_format")
+
+
+def reward_names() -> List[str]:
+    """Every reward name a config may use (besides "package.module:function")."""
+    return sorted(REWARDS) + list(BUILT_REWARDS)
+
+
+def unknown_reward(name: str) -> str:
+    """"" when ``name`` is a known reward name or looks like "package.module:function", else the error text."""
+    if name in REWARDS or name in BUILT_REWARDS or (":" in name and all(name.partition(":")[::2])):
+        return ""
+    return f"unknown reward {name!r}; known: {reward_names()} or 'package.module:function'"
+
+
 def get_reward(name: str, *, nli_model: str = "", nli_reference_field: str = "description",
-               nli_reduce: str = "mean") -> RewardFn:
-    """A reward callable by config name: a ``REWARDS`` key, ``"nli"`` (loads ``nli_model``), or
-    ``"package.module:function"``."""
+               nli_reduce: str = "mean", caption_model: str = "", caption_prompt: str = "",
+               caption_options: Optional[Dict] = None) -> RewardFn:
+    """A reward callable by config name: a ``REWARDS`` key, ``"nli"`` (loads ``nli_model``), ``"caption"``
+    (loads the judge ``caption_model`` with ``caption_prompt``; ``caption_options`` go to
+    ``hero.omnex.caption.CaptionJudge``), ``"omnex_format"``, or ``"package.module:function"``."""
     if name in REWARDS:
         return REWARDS[name]
     if name == "nli":
         if not nli_model:
             raise ValueError("reward 'nli' needs rewards.nli_model (a local path or id of an NLI classifier)")
         return NLIReward.from_pretrained(nli_model, reference_field=nli_reference_field, reduce=nli_reduce)
-    if ":" in name:
-        mod, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {name!r} could not be imported: {e}") from None
-        if not callable(fn):
-            raise ValueError(f"reward {name!r} is not callable")
-        return fn
-    raise ValueError(f"unknown reward {name!r}; known: {sorted(REWARDS) + ['nli']} or 'package.module:function'")
+    if name == "omnex_format":
+        from hero.omnex.template import omnex_format_reward
+
+        return omnex_format_reward
+    if name == "caption":
+        from hero.omnex.caption import caption_reward
+
+        return caption_reward(caption_model, prompt=caption_prompt or None, **(caption_options or {}))
+    problem = unknown_reward(name)
+    if problem:
+        raise ValueError(problem)
+    mod, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {name!r} could not be imported: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"reward {name!r} is not callable")
+    return fn
 
 
 def reward_name(fn) -> str:

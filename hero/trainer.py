@@ -30,7 +30,11 @@ Logged per step (TRL names where TRL has one):
   ``temperature``;
 * gate: ``gate/kept_frac`` (kept groups / all groups), ``gate/threshold`` (smallest kept variance),
   ``gate/all_correct``, ``gate/all_wrong`` (group counts; correctness from the FIRST reward function >=
-  rewards.correct_threshold); ``advantages/mean|std`` over the kept completions;
+  rewards.correct_threshold); ``gate/easy|medium|hard`` (group counts by the total reward's group variance and
+  mean, thresholds gate.medium_variance / gate.easy_mean); ``advantages/mean|std`` over the kept completions;
+* OMNEX-VL (hero.omnex): ``omnex/caption_reward`` (= rewards/caption/mean, when the caption reward is on);
+  with omnex.ntk_weight > 0 the NTK-conflict regularizer is added to each micro-batch's loss and logs
+  ``omnex/ntk_loss``, ``omnex/positive_pairs``, ``omnex/anchors`` (hero.omnex.hook; zeros when nothing trained);
 * loss (from hero_loss, aggregated over micro-batches of the last pass; null when nothing was kept):
   ``entropy`` (mean over tokens), ``entropy/min|max``, ``weights/max``, ``weights/effective_tokens``, ``kl``,
   ``clip_ratio/low_mean``, ``clip_ratio/high_mean``; ``loss`` (mean over the num_iterations passes),
@@ -57,8 +61,9 @@ from torch import Tensor, nn
 
 from hero import checkpoint as ckpt
 from hero.config import ModelConfig, TrainConfig, config_to_dict
-from hero.grpo import AdaptiveKLController, GateResult, group_advantages, variance_gate
+from hero.grpo import AdaptiveKLController, GateResult, difficulty_counts, group_advantages, variance_gate
 from hero.io import atomic_dir, atomic_write_text, json_safe
+from hero.omnex.hook import build_ntk_hook
 from hero.registry import dataset_builder
 from hero.rewards import check_rewards, get_reward, reward_name
 from hero.rollout import (IGNORE_INDEX, BadRowError, ModelAdapter, build_policy, completion_hidden, completion_labels,
@@ -308,6 +313,7 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_dataset(cfg)
         self.model, self.adapter = self._build_policy(model, adapter)
         self._build_rewards(reward_funcs)
+        self.ntk_hook = build_ntk_hook(cfg)  # OMNEX-VL NTK-conflict regularizer (None when omnex.ntk_weight == 0)
         # KL: the controller (dynamic balancer) and the reference model
         self.kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target or None, cfg.kl.horizon, cfg.kl.clip)
         self.use_kl = cfg.kl.beta > 0
@@ -344,8 +350,12 @@ class Trainer:
         """reward_funcs (default: cfg.rewards.funcs by name), their log names and weights [F] (float64)."""
         cfg = self.cfg.rewards
         if reward_funcs is None:
+            judge = self.cfg.caption_judge
             reward_funcs = [get_reward(name, nli_model=cfg.nli_model, nli_reference_field=cfg.nli_reference_field,
-                                       nli_reduce=cfg.nli_reduce) for name in cfg.funcs]
+                                       nli_reduce=cfg.nli_reduce, caption_model=judge.model, caption_prompt=judge.prompt,
+                                       caption_options=dict(max_new_tokens=judge.max_new_tokens,
+                                                            batch_size=judge.batch_size, device=self.device))
+                            for name in cfg.funcs]
         self.reward_funcs = list(reward_funcs)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = cfg.weights or [1.0] * len(self.reward_funcs)
@@ -581,12 +591,16 @@ class Trainer:
             "gate/threshold": gate.stats["threshold"],
             "gate/all_correct": gate.stats["all_correct"],
             "gate/all_wrong": gate.stats["all_wrong"],
+            **{f"gate/{k}": v for k, v in difficulty_counts(total, rollout.group_size, self.cfg.gate.medium_variance,
+                                                            self.cfg.gate.easy_mean).items()},
             "advantages/mean": float(advantages[kept].mean()) if kept.numel() else 0.0,
             "advantages/std": float(advantages[kept].std()) if kept.numel() > 1 else 0.0,
             "completions/mean_length": float(rollout.completion_mask.sum(1).float().mean()),
             "completions/clipped_ratio": float((~has_eos).float().mean()),
             "bad_rows": int(rollout.bad_groups.sum()),
         })
+        if "caption" in self.reward_names:  # OMNEX-VL's name for the caption reward's mean
+            metrics["omnex/caption_reward"] = metrics["rewards/caption/mean"]
         return metrics
 
     def _micro_batches(self, n: int) -> List[slice]:
@@ -620,6 +634,8 @@ class Trainer:
         """Accumulate gradients of one pass over the kept completions (micro-batched); returns loss metrics
         ({} when nothing was kept)."""
         labels = rollout.labels
+        if self.ntk_hook is not None:
+            self.ntk_hook.start_pass(labels.shape[0])
         if labels.shape[0] == 0:
             return {}
         # one denominator for the whole pass, so micro-batch gradients add up to the full-batch gradient
@@ -635,10 +651,19 @@ class Trainer:
                                   for lp in (rollout.old_logp, rollout.ref_logp))
             hidden = self._completion_hidden(self.model, batch, rollout.prompt_len)
             loss, metrics = self._loss(hidden, batch.labels, advantages[rows], old_logp, ref_logp, normalizer, beta)
+            if self.ntk_hook is not None:
+                loss = loss + self._ntk_loss(hidden, batch, rollout)
             self._check_finite(loss, rollout, rows)
             loss.backward()
             totals.add(float(loss.detach()), metrics)
         return totals.result()
+
+    def _ntk_loss(self, hidden: Tensor, batch: MicroBatch, rollout: Rollout) -> Tensor:
+        """The NTK-conflict regularizer of the micro-batch's completions (hero.omnex.hook), pairs within prompts."""
+        head = self.adapter.lm_head(self.model)
+        bias = None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype)
+        groups = rollout.kept[batch.rows].to(self.device) // rollout.group_size
+        return self.ntk_hook.loss(hidden, head.weight.to(hidden.dtype), batch.labels, bias=bias, groups=groups)
 
     def _check_finite(self, loss: Tensor, rollout: Rollout, rows: slice) -> None:
         if bool(torch.isfinite(loss.detach())):
@@ -682,6 +707,8 @@ class Trainer:
             self.kl_ctl.update(loss_metrics["kl"], rollout.completion_ids.shape[0])
         self.step += 1
         metrics = {**rollout.metrics, **self._update_metrics(loss_metrics, losses, grad_norms, beta)}
+        if self.ntk_hook is not None:
+            metrics.update(self.ntk_hook.metrics())
         metrics.update(self._cost_metrics(rollout, time.perf_counter() - start), step=self.step)
         self.last_metrics, self.last_rollout = metrics, rollout
         return metrics

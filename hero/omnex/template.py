@@ -16,7 +16,7 @@ from typing import List, Sequence
 
 from hero.rewards import UNPARSED
 
-__all__ = ["PARTS", "UNPARSED", "ParsedResponse", "parse_response", "format_reward"]
+__all__ = ["PARTS", "UNPARSED", "ParsedResponse", "parse_response", "format_reward", "omnex_format_reward"]
 
 PARTS = ("planning", "caption", "think", "answer")
 _ANY_TAG = re.compile(r"</?(?:planning|caption|think|answer)>")
@@ -66,3 +66,9 @@ def format_reward(completions: Sequence[str], **_) -> List[float]:
     """1.0 when a completion is exactly the four-part template (see the module docstring), else 0.0.
     Reward-function convention of hero.rewards: usable as ``hero.omnex.template:format_reward``."""
     return [1.0 if parse_response(c).well_formed else 0.0 for c in completions]
+
+
+def omnex_format_reward(completions: Sequence[str], **_) -> List[float]:
+    """``format_reward`` under the trainer's reward name "omnex_format" (logged as rewards/omnex_format/*, apart
+    from hero.rewards' think/answer "format")."""
+    return format_reward(completions)
