@@ -14,6 +14,8 @@ and ``DIR/{reliability,entropy_vs_sigma,entropy_bins}.png``.
   to the file, ``question``, ``answer`` "yes"/"no", optional ``split`` and ``id``), or ``digits_pope[:N]`` for
   the built-in digits-POPE test set with N questions per split (default 100).
 * ``--sigmas``: Gaussian pixel-noise levels (std on the 0..255 scale) added to every image, seeded per example.
+* ``--decode vcd``: visual contrastive decoding instead of greedy (``hero.experiments.confidence_trap.vcd``);
+  the same report, from the contrastive answer distribution.
 
 This module imports nothing heavy at import time, so registering the commands keeps ``hero --help`` fast.
 """
@@ -46,6 +48,11 @@ DIR/diagnosis.md and PNG plots.
   --n-bins N            ECE bins (default 10)
   --keep-records        also store every answer (text, entropy, confidence) in diagnosis.json
   --threads N           torch threads on CPU (default 1 for the tiny VLM, torch's default otherwise)
+  --decode greedy|vcd   greedy decoding (default) or visual contrastive decoding: logits
+                        (1 + alpha) z(image) - alpha z(image under diffusion noise), plausibility cutoff beta
+  --vcd-alpha X         contrast strength alpha >= 0 (default 1.0)
+  --vcd-beta X          plausibility cutoff beta in [0, 1] (default 0.1)
+  --vcd-noise-steps N   diffusion step of the distorted image, 0..1000, linear beta schedule (default 500)
 transformers models only:
   --device D            auto (cuda if available) | cpu | cuda | cuda:1 ...
   --dtype T             bfloat16 | float16 | float32 (default bfloat16 on CUDA, float32 on CPU)
@@ -55,7 +62,8 @@ transformers models only:
 """
 
 _VALUED = {"--model", "--data", "--out", "--sigmas", "--limit", "--batch-size", "--max-new-tokens", "--seed",
-           "--low-entropy", "--n-bins", "--threads", "--device", "--dtype", "--prompt", "--answer-mode"}
+           "--low-entropy", "--n-bins", "--threads", "--device", "--dtype", "--prompt", "--answer-mode", "--decode",
+           "--vcd-alpha", "--vcd-beta", "--vcd-noise-steps"}
 _FLAGS = {"--keep-records", "--no-chat-template"}
 
 
@@ -117,6 +125,22 @@ def _sigmas(text: str) -> List[float]:
     return vals
 
 
+def vcd_config(opts: dict):
+    """``--decode`` and the ``--vcd-*`` options -> a VCDConfig (seeded by ``--seed``), or None for greedy."""
+    decode = opts.get("--decode", "greedy")
+    if decode not in ("greedy", "vcd"):
+        raise ValueError(f"--decode must be greedy or vcd, got {decode!r}")
+    given = [k for k in ("--vcd-alpha", "--vcd-beta", "--vcd-noise-steps") if k in opts]
+    if decode == "greedy":
+        if given:
+            raise ValueError(f"{given[0]} needs --decode vcd")
+        return None
+    from hero.experiments.confidence_trap.vcd import VCDConfig
+
+    return VCDConfig(alpha=_float(opts, "--vcd-alpha", 1.0), beta=_float(opts, "--vcd-beta", 0.1),
+                     noise_steps=_int(opts, "--vcd-noise-steps", 500, lo=0), seed=_int(opts, "--seed", 0, lo=0))
+
+
 def is_tiny_vlm(path: str) -> bool:
     import json
 
@@ -140,7 +164,7 @@ def load_adapter(model: str, opts: Optional[dict] = None):
         dev = opts.get("--device", "auto")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
         m, proc = load_tiny_vlm(model, map_location=dev)
-        ad = TinyVLMAdapter(m.eval(), proc, max_new_tokens=_int(opts, "--max-new-tokens", 32))
+        ad = TinyVLMAdapter(m.eval(), proc, max_new_tokens=_int(opts, "--max-new-tokens", 32), vcd=vcd_config(opts))
         ad.name = f"tiny-vlm:{os.path.abspath(model)}"
         return ad, "tiny"
     dev = opts.get("--device", "auto")
@@ -151,7 +175,7 @@ def load_adapter(model: str, opts: Optional[dict] = None):
         raise ValueError(f"--dtype must be one of {sorted(dtypes)}, got {dname!r}")
     kw = dict(max_new_tokens=_int(opts, "--max-new-tokens", 8),
               answer_mode=opts.get("--answer-mode", "first_token"),
-              use_chat_template=not opts.get("--no-chat-template", False))
+              use_chat_template=not opts.get("--no-chat-template", False), vcd=vcd_config(opts))
     if "--prompt" in opts:
         if "{question}" not in opts["--prompt"]:
             raise ValueError("--prompt must contain {question}")
@@ -198,6 +222,7 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
         low = _float(opts, "--low-entropy", 0.3)
         n_bins = _int(opts, "--n-bins", 10)
         threads = _int(opts, "--threads", None) if "--threads" in opts else None
+        vcd = vcd_config(opts)  # checked before any model loads
         if not (os.path.isdir(opts["--model"]) or "/" in opts["--model"]):
             raise ValueError(f"--model: {opts['--model']!r} is neither a folder nor a hub id (owner/name)")
         examples = load_examples(opts["--data"], limit, seed)
@@ -233,12 +258,17 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
                         keep_records="--keep-records" in opts, progress=progress)
     finally:
         torch.set_num_threads(prev)
-    diag.meta.update({"model": opts["--model"], "data": opts["--data"], "seconds": time.perf_counter() - t0})
+    diag.meta.update({"model": opts["--model"], "data": opts["--data"], "seconds": time.perf_counter() - t0,
+                      "decode": "greedy" if vcd is None else "vcd"})
+    if vcd is not None:
+        diag.meta["vcd"] = {"alpha": vcd.alpha, "beta": vcd.beta, "noise_steps": vcd.noise_steps, "seed": vcd.seed}
     diag.save_json(os.path.join(out, "diagnosis.json"))
     plots = diag.save_plots(out)
-    md = R.diagnosis_markdown(diag.to_dict(), title=f"Confidence-trap diagnosis of `{opts['--model']}`",
+    md = R.diagnosis_markdown(diag.to_dict(), title=f"Confidence-trap diagnosis of `{opts['--model']}`" + (" (VCD)" if vcd else ""),
                               plots=[os.path.basename(p) for p in plots], level=1)
-    md += (f"\nData: `{opts['--data']}` ({len(examples)} questions), sigmas {sigmas}, seed {seed}, "
+    how = "greedy decoding" if vcd is None else (f"visual contrastive decoding (alpha {vcd.alpha:g}, beta {vcd.beta:g}, "
+                                                 f"noise step {vcd.noise_steps})")
+    md += (f"\nData: `{opts['--data']}` ({len(examples)} questions), sigmas {sigmas}, seed {seed}, {how}, "
            f"{diag.meta['seconds']:.1f}s.\n")
     atomic_write_text(os.path.join(out, "diagnosis.md"), md)
     log(diag.table())

@@ -17,6 +17,10 @@ Models plug in through an adapter with one method::
 image-text-to-text model + processor (AutoModelForImageTextToText / AutoModelForVision2Seq), for GPU users
 (only import-tested here).
 
+Both adapters decode greedily, or with visual contrastive decoding (``vcd=VCDConfig(...)``, see
+``hero.experiments.confidence_trap.vcd``): then the answer distribution, its entropy and the confidence are
+those of the contrastive logits the answer was picked from.
+
 Entropy uses ``hero_kernels.reference.entropy_logprob`` (float64) by default, imported lazily, or any
 callable ``entropy_fn(logits [B, V]) -> H [B]``. Nothing here imports triton.
 """
@@ -46,6 +50,7 @@ from .metrics import (
     pope_metrics_by_split,
     reliability_bins,
 )
+from .vcd import VCDConfig, contrastive_logits, diffusion_noise, hf_branch, tiny_vlm_branch, vcd_decode
 
 __all__ = [
     "AnswerBatch",
@@ -105,7 +110,8 @@ def _entropy_np(fn: Optional[EntropyFn], logits: Tensor) -> np.ndarray:
 class TinyVLMAdapter:
     """Adapter for ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM`` trained on ``<think>...</think><answer>...</answer>`` outputs.
 
-    Greedy decoding (or sampling with ``temperature`` > 0 and a seeded generator). The answer position is the
+    Greedy decoding (or sampling with ``temperature`` > 0 and a seeded generator, or VCD with ``vcd``: two
+    KV-cached branches, clean and distorted image, in lockstep). The answer position is the
     token right after the last ``<answer>`` token in the output; when the output has none (or ends on it),
     the output (without eos) + ``<answer>`` is run through the model and its next-token distribution is
     used (the prediction stays whatever ``parse_answer`` says, usually "unparsed", so it counts as wrong).
@@ -114,7 +120,10 @@ class TinyVLMAdapter:
     name = "tiny-vlm"
 
     def __init__(self, model, processor, *, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
-                 entropy_fn: Optional[EntropyFn] = None, parse_mode: str = "tag"):
+                 entropy_fn: Optional[EntropyFn] = None, parse_mode: str = "tag", vcd: Optional[VCDConfig] = None):
+        if vcd is not None and temperature > 0:
+            raise ValueError("VCD decodes greedily: use temperature 0 with vcd")
+        self.vcd = vcd
         self.model = model
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -129,11 +138,9 @@ class TinyVLMAdapter:
         model, proc, tok = self.model, self.processor, self.processor.tokenizer
         dev = model.device
         inputs = {k: v.to(dev) for k, v in proc(images, questions).items()}
-        gen = None
-        if self.temperature > 0:
-            gen = torch.Generator(device=dev).manual_seed(self.seed)
-        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
-                             temperature=self.temperature or 1.0, generator=gen, output_logits=True)
+        noisy = None if self.vcd is None else diffusion_noise(inputs["pixel_values"], self.vcd.noise_steps,
+                                                              self.vcd.seed)
+        out = self._decode(inputs, noisy)
         B = len(questions)
         V = out.logits.shape[-1]
         ans_logits = torch.empty(B, V, dtype=torch.float32, device=dev)
@@ -159,9 +166,11 @@ class TinyVLMAdapter:
                 forced_seqs.append(proc.prompt_ids(questions[i]) + body)
         if forced_rows:
             ids, mask = tok.pad(forced_seqs, "left")
-            pix = inputs["pixel_values"][forced_rows]
-            h = model.hidden_states(ids.to(dev), mask.to(dev), pix)[:, -1]
-            ans_logits[forced_rows] = model.get_output_embeddings()(h).float()
+            ids, mask = ids.to(dev), mask.to(dev)
+            z = self._last_logits(ids, mask, inputs["pixel_values"][forced_rows])
+            if noisy is not None:
+                z = contrastive_logits(z, self._last_logits(ids, mask, noisy[forced_rows]), self.vcd.alpha, self.vcd.beta)
+            ans_logits[forced_rows] = z
         probs = ans_logits.double().softmax(-1)
         conf = torch.where(emitted >= 0, probs.gather(1, emitted.clamp_min(0)[:, None])[:, 0], probs.max(-1).values)
         return AnswerBatch(
@@ -171,6 +180,26 @@ class TinyVLMAdapter:
             confidence=conf.cpu().numpy().astype(np.float64),
             answer_found=found,
         )
+
+    def _decode(self, inputs: Dict[str, Tensor], noisy: Optional[Tensor]):
+        """Greedy / sampled generate, or VCD against the distorted pixel values ``noisy``: an object with
+        sequences, completion_mask [B, T] and logits [B, T, V] (those the tokens were picked from)."""
+        model = self.model
+        if noisy is None:
+            gen = torch.Generator(device=model.device).manual_seed(self.seed) if self.temperature > 0 else None
+            return model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                                  temperature=self.temperature or 1.0, generator=gen, output_logits=True)
+        from .tiny_vlm import TinyGenerateOutput
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        seq, cmask, logits = vcd_decode(tiny_vlm_branch(model, ids, mask, inputs["pixel_values"]),
+                                        tiny_vlm_branch(model, ids, mask, noisy), self.vcd, self.max_new_tokens,
+                                        [model.config.eos_token_id], model.config.pad_token_id)
+        return TinyGenerateOutput(sequences=seq, completion_mask=cmask, logits=logits)
+
+    def _last_logits(self, ids: Tensor, mask: Tensor, pixel_values: Tensor) -> Tensor:
+        h = self.model.hidden_states(ids, mask, pixel_values)[:, -1]
+        return self.model.get_output_embeddings()(h).float()
 
 
 class HFVLMAdapter:
@@ -182,12 +211,15 @@ class HFVLMAdapter:
     text (typical "Answer yes or no." prompting); predictions parsed with ``parse_mode="yesno"``.
     answer_mode="tag": the first token after the text "<answer>" appears (for models trained with the tag);
     predictions parsed with ``parse_mode="tag"``. If the position is not found, step 0 is used and
-    ``answer_found`` is False. Untested here beyond import: needs a real model (GPU).
+    ``answer_found`` is False. With ``vcd``, the clean and the distorted branch re-run the whole sequence each
+    step (no KV cache, so any model's own position ids work). Untested here beyond import: needs a real model.
     """
 
     def __init__(self, model, processor, *, prompt: str = "{question} Answer the question with yes or no.",
                  max_new_tokens: int = 8, answer_mode: str = "first_token", use_chat_template: bool = True,
-                 parse_mode: Optional[str] = None, entropy_fn: Optional[EntropyFn] = None, name: Optional[str] = None):
+                 parse_mode: Optional[str] = None, entropy_fn: Optional[EntropyFn] = None, name: Optional[str] = None,
+                 vcd: Optional[VCDConfig] = None):
+        self.vcd = vcd
         if answer_mode not in ("first_token", "tag"):
             raise ValueError(f"answer_mode must be 'first_token' or 'tag', got {answer_mode!r}")
         self.model = model
@@ -225,6 +257,24 @@ class HFVLMAdapter:
             out.append(text)
         return out
 
+    def _decode(self, inputs: dict):
+        """(new tokens [B, T] on CPU, T step logits [B, V]): transformers' greedy generate, or VCD (no KV cache)."""
+        if self.vcd is None:
+            gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True)
+            steps = len(gen.logits)
+            return gen.sequences[:, -steps:].cpu(), gen.logits  # decoder-only and encoder-decoder outputs
+        if "pixel_values" not in inputs:
+            raise ValueError("VCD needs the processor's pixel_values; this processor gave " + ", ".join(inputs))
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        noisy = diffusion_noise(inputs["pixel_values"], self.vcd.noise_steps, self.vcd.seed)
+        seq, _, logits = vcd_decode(hf_branch(self.model, inputs), hf_branch(self.model, inputs, pixel_values=noisy),
+                                    self.vcd, self.max_new_tokens, eos, eos[0] if pad is None else pad)
+        return seq.cpu(), list(logits.unbind(1))
+
     def _answer_step(self, ids: List[int]) -> Optional[int]:
         dec = self.tokenizer.decode
         if self.answer_mode == "first_token":
@@ -247,10 +297,7 @@ class HFVLMAdapter:
         pil = [Image.fromarray(np.asarray(im)).convert("RGB") for im in images]
         inputs = self.processor(images=pil, text=self._texts(questions), return_tensors="pt", padding=True)
         inputs = inputs.to(self.model.device)
-        gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                  output_logits=True, return_dict_in_generate=True)
-        steps = len(gen.logits)
-        new = gen.sequences[:, -steps:].cpu()  # works for decoder-only and encoder-decoder outputs
+        new, step_logits = self._decode(dict(inputs))
         B = new.shape[0]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         sel, found = [], np.zeros(B, dtype=bool)
@@ -258,8 +305,8 @@ class HFVLMAdapter:
             t = self._answer_step(new[i].tolist())
             found[i] = t is not None
             sel.append(t if t is not None else 0)
-        # gen.logits: one [B, V] tensor per step; pick each row's answer step (never stack all steps).
-        ans_logits = torch.stack([gen.logits[sel[i]][i].float().cpu() for i in range(B)])
+        # step_logits: one [B, V] tensor per step; pick each row's answer step (never stack all steps).
+        ans_logits = torch.stack([step_logits[sel[i]][i].float().cpu() for i in range(B)])
         probs = ans_logits.double().softmax(-1)
         emitted = torch.tensor([int(new[i, sel[i]]) for i in range(B)], dtype=torch.long)
         conf = probs.gather(1, emitted[:, None])[:, 0]
