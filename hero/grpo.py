@@ -40,7 +40,8 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "variance_gate", "GateResult", "AdaptiveKLController", "n_keep_groups", "difficulty_counts"]
+__all__ = ["group_advantages", "variance_gate", "GateResult", "AdaptiveKLController", "n_keep_groups",
+           "difficulty_counts"]
 
 SCALES = ("group", "batch", "none")
 

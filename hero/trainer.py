@@ -351,11 +351,10 @@ class Trainer:
         cfg = self.cfg.rewards
         if reward_funcs is None:
             judge = self.cfg.caption_judge
+            caption = dict(caption_model=judge.model, caption_prompt=judge.prompt, caption_options=dict(
+                max_new_tokens=judge.max_new_tokens, batch_size=judge.batch_size, device=self.device))
             reward_funcs = [get_reward(name, nli_model=cfg.nli_model, nli_reference_field=cfg.nli_reference_field,
-                                       nli_reduce=cfg.nli_reduce, caption_model=judge.model, caption_prompt=judge.prompt,
-                                       caption_options=dict(max_new_tokens=judge.max_new_tokens,
-                                                            batch_size=judge.batch_size, device=self.device))
-                            for name in cfg.funcs]
+                                       nli_reduce=cfg.nli_reduce, **caption) for name in cfg.funcs]
         self.reward_funcs = list(reward_funcs)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = cfg.weights or [1.0] * len(self.reward_funcs)

@@ -264,10 +264,11 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
         diag.meta["vcd"] = {"alpha": vcd.alpha, "beta": vcd.beta, "noise_steps": vcd.noise_steps, "seed": vcd.seed}
     diag.save_json(os.path.join(out, "diagnosis.json"))
     plots = diag.save_plots(out)
-    md = R.diagnosis_markdown(diag.to_dict(), title=f"Confidence-trap diagnosis of `{opts['--model']}`" + (" (VCD)" if vcd else ""),
+    title = f"Confidence-trap diagnosis of `{opts['--model']}`" + (" (VCD)" if vcd else "")
+    md = R.diagnosis_markdown(diag.to_dict(), title=title,
                               plots=[os.path.basename(p) for p in plots], level=1)
-    how = "greedy decoding" if vcd is None else (f"visual contrastive decoding (alpha {vcd.alpha:g}, beta {vcd.beta:g}, "
-                                                 f"noise step {vcd.noise_steps})")
+    how = "greedy decoding" if vcd is None else (
+        f"visual contrastive decoding (alpha {vcd.alpha:g}, beta {vcd.beta:g}, noise step {vcd.noise_steps})")
     md += (f"\nData: `{opts['--data']}` ({len(examples)} questions), sigmas {sigmas}, seed {seed}, {how}, "
            f"{diag.meta['seconds']:.1f}s.\n")
     atomic_write_text(os.path.join(out, "diagnosis.md"), md)

@@ -169,7 +169,8 @@ class TinyVLMAdapter:
             ids, mask = ids.to(dev), mask.to(dev)
             z = self._last_logits(ids, mask, inputs["pixel_values"][forced_rows])
             if noisy is not None:
-                z = contrastive_logits(z, self._last_logits(ids, mask, noisy[forced_rows]), self.vcd.alpha, self.vcd.beta)
+                zd = self._last_logits(ids, mask, noisy[forced_rows])
+                z = contrastive_logits(z, zd, self.vcd.alpha, self.vcd.beta)
             ans_logits[forced_rows] = z
         probs = ans_logits.double().softmax(-1)
         conf = torch.where(emitted >= 0, probs.gather(1, emitted.clamp_min(0)[:, None])[:, 0], probs.max(-1).values)
