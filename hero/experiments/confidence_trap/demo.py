@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_RL",
     "DEFAULT_RUNS",
     "MICRO_OVERRIDES",
+    "OMNEX_RUNS",
     "load_demo_config",
     "demo_config_to_dict",
     "run_demo",
@@ -114,6 +115,25 @@ DEFAULT_RUNS: Dict[str, Dict[str, Any]] = {
     "grpo": {"loss.entropy_weighting": False, "gate.enabled": False},
     "hero_negative": {"loss.weight_on": "negative"},
     "hero_high": {"loss.kappa": -1.0},
+}
+
+#: OMNEX-VL runs (``--omnex``; not in the default comparison, see the README for their time): the method's
+#: variance-guided selection (keep the top half of groups by reward variance), its caption reward (the digits
+#: named in <think> must answer the question; hero.experiments.confidence_trap.grounding) and the NTK-conflict
+#: regularizer (lambda 0.1, tau 0.54), on vanilla GRPO (``omnex``) or on HERO (``omnex_hero`` = omnex+hero).
+OMNEX: Dict[str, Any] = {
+    "gate.enabled": True,
+    "gate.keep_frac": 0.5,
+    "rewards.funcs": ["yes_no", "format", "hero.experiments.confidence_trap.grounding:caption_reward"],
+    "rewards.weights": [1.0, 0.5, 0.5],
+    "omnex.ntk_weight": 0.1,
+    "omnex.tau": 0.54,
+    "omnex.k1": 64,
+    "omnex.k2": 32,
+}
+OMNEX_RUNS: Dict[str, Dict[str, Any]] = {
+    "omnex": {"loss.entropy_weighting": False, **OMNEX},
+    "omnex_hero": dict(OMNEX),
 }
 
 #: A micro budget for smoke tests (``--micro``): seconds, not minutes; the numbers mean nothing.
@@ -456,6 +476,7 @@ vanilla GRPO runs of the same budget, the same diagnosis after each, a markdown 
   --config FILE   demo config (default: built-in defaults = configs/demo.yaml)
   --out DIR       output folder (default demo_out)
   --runs A,B      only these runs from the config (e.g. --runs hero,grpo)
+  --omnex         add the OMNEX-VL runs omnex and omnex_hero (omnex+hero) to the comparison (see README)
   --micro         tiny smoke-test budget (seconds; numbers meaningless)
   --quiet         no progress lines or bars
   --KEY VALUE     override any config key, dotted: --sft.steps 300 --rl.steps 50 --rl.loss.kappa 0.5
@@ -468,7 +489,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     config_path: Optional[str] = None
     out = "demo_out"
     only: Optional[List[str]] = None
-    quiet = micro = False
+    quiet = micro = omnex = False
     overrides: List[Tuple[str, Any]] = []
     i = 0
     try:
@@ -492,6 +513,8 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
                     only = [r.strip() for r in val.split(",") if r.strip()]
             elif key == "--micro":
                 micro = True
+            elif key == "--omnex":
+                omnex = True
             elif key == "--quiet":
                 quiet = True
             elif key.startswith("--") and len(key) > 2:
@@ -506,6 +529,9 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
             i += 1
         pre = list(MICRO_OVERRIDES.items()) if micro else []
         cfg = load_demo_config(config_path, pre + overrides)
+        if omnex:
+            cfg.runs.update({k: dict(v) for k, v in OMNEX_RUNS.items() if k not in cfg.runs})
+            cfg.validate()
         if only is not None:
             unknown = [r for r in only if r not in cfg.runs]
             if unknown:
