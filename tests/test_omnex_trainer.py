@@ -161,3 +161,31 @@ def test_ntk_hook_adds_exactly_the_regularizer_gradient(tmp_path):
     assert logged["omnex/positive_pairs"] == parts["positive_pairs"].item()
     for k, g in with_hook.items():
         torch.testing.assert_close(g, without[k] + direct.get(k, torch.zeros_like(g)), rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# the demo's omnex runs
+# ----------------------------------------------------------------------------------------------
+def test_digits_caption_reward():
+    from hero.experiments.confidence_trap.grounding import caption_reward
+    from hero.rewards import reward_name
+
+    texts = ["<think>I see 3, 1, 4.</think><answer>no</answer>", "<think>I see 3, 1, 4.</think><answer>no</answer>",
+             "<think>I see 2.</think><answer>yes</answer>", "<answer>yes</answer>"]
+    assert caption_reward(texts, query=[3, 7, 3, 3], answer=["yes", "no", "yes", "yes"]) == [1.0, 1.0, 0.0, 0.0]
+    assert reward_name(caption_reward) == "caption"
+
+
+def test_demo_omnex_flag_adds_the_runs(capsys):
+    from hero.experiments.confidence_trap.demo import MICRO_OVERRIDES, OMNEX_RUNS, demo_main, load_demo_config
+
+    cfg = load_demo_config(None, list(MICRO_OVERRIDES.items()))
+    cfg.runs.update(OMNEX_RUNS)
+    cfg.validate()
+    omnex, both = cfg.rl_config("omnex", "/tmp/x"), cfg.rl_config("omnex_hero", "/tmp/x")
+    for c in (omnex, both):
+        assert c.gate.keep_frac == 0.5 and c.omnex.ntk_weight == 0.1 and c.omnex.tau == 0.54
+        assert c.rewards.funcs[-1].endswith("grounding:caption_reward")
+    assert not omnex.loss.entropy_weighting and both.loss.entropy_weighting
+    assert demo_main(["--runs", "omnex", "--micro"]) == 2  # not in the default runs without --omnex
+    assert "unknown run(s) ['omnex']" in capsys.readouterr().err
