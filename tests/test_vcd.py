@@ -15,21 +15,7 @@ from hero.experiments.confidence_trap.diagnostics import HFVLMAdapter, TinyVLMAd
 from hero.experiments.confidence_trap.digits_pope import build_digits_pope
 from hero.experiments.confidence_trap.vcd import (VCDConfig, alpha_bar, contrastive_logits, diffusion_noise,
                                                   vcd_decode)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from hero.experiments.confidence_trap.tiny_vlm import build_tiny_vlm
-
-    return build_tiny_vlm(seed=0)
+from test_diagnostics import _one_thread, tiny  # noqa: F401  (fixtures: one torch thread, the tiny VLM)
 
 
 def test_diffusion_noise_schedule_seed_and_batch_independence():
