@@ -70,10 +70,14 @@ class CaptionJudge:
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "CaptionJudge":
-        """Load any local causal LM + tokenizer with transformers' Auto classes (offline for a local path)."""
+        """Load any local causal LM + tokenizer with transformers' Auto classes (offline for a local path), on
+        ``device`` when given."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return cls(AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if kwargs.get("device") is not None:  # the judge runs where its inputs go (the trainer's device)
+            model = model.to(kwargs["device"])
+        return cls(model, AutoTokenizer.from_pretrained(path), **kwargs)
 
     def clear_cache(self) -> None:
         self._cache.clear()
