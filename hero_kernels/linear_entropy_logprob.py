@@ -40,6 +40,15 @@ def linear_entropy_logprob(
     Returns:
         (logp, H), float32, shaped like ``labels``; differentiable w.r.t. hidden, weight and bias.
     """
+    h, w, b, y, opts, impl = prepare_inputs(hidden, weight, labels, bias, temperature, ignore_index, impl)
+    logp, H, _ = torch.ops.hero_kernels.linear_entropy_logprob(h, w, b, y, opts.temperature, opts.ignore_index, impl)
+    return logp.view(labels.shape), H.view(labels.shape)
+
+
+def prepare_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], temperature: float,
+                   ignore_index: int, impl: str) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, RowOptions, str]:
+    """Argument checks of ``linear_entropy_logprob`` -> (hidden [N, D], weight [V, D], bias, labels [N] int64,
+    options, resolved impl), last dims contiguous. Shared with the 3-GEMM HERO loss (linear_hero_loss)."""
     opts = RowOptions(temperature, ignore_index)
     _checks.check_tensor("hidden", hidden, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.check_tensor("weight", weight, _checks.FLOAT_DTYPES)
@@ -68,8 +77,7 @@ def linear_entropy_logprob(
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = labels.reshape(-1).long()
-    logp, H, _ = torch.ops.hero_kernels.linear_entropy_logprob(h, w, b, y, opts.temperature, opts.ignore_index, impl)
-    return logp.view(labels.shape), H.view(labels.shape)
+    return h, w, b, y, opts, impl
 
 
 @torch.library.custom_op("hero_kernels::linear_entropy_logprob", mutates_args=())

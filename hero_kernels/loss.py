@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from . import linear_hero_loss
 from .entropy_logprob import entropy_logprob
 from .linear_entropy_logprob import linear_entropy_logprob
 from .options import LOSS_AGGS, WEIGHT_ON, HEROLossConfig, check_real
@@ -258,10 +259,14 @@ def hero_loss(
         raise ValueError(f"beta = {beta} > 0 needs ref_logp (the k3 KL is taken against the reference policy)")
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if weight is not None:
+    # Hidden states + LM head and the loss is the final objective: gradients in the forward, 3 GEMMs per chunk.
+    three_gemm = weight is not None and linear_hero_loss.applies(
+        hidden_or_logits, weight, bias, cfg.impl, cfg.entropy_grad,
+        (advantages, old_logp, ref_logp, beta, cfg.eps_low, cfg.eps_high, kappa, normalizer))
+    if weight is not None and not three_gemm:
         logp, H = linear_entropy_logprob(hidden_or_logits, weight, labels, bias=bias, temperature=cfg.temperature,
                                          ignore_index=ignore_index, impl=cfg.impl)
-    else:
+    elif weight is None:
         if bias is not None:
             raise ValueError("bias is only used with weight= (hidden states + LM head); add it to the logits instead")
         logp, H = entropy_logprob(hidden_or_logits, labels, temperature=cfg.temperature, ignore_index=ignore_index,
@@ -273,20 +278,26 @@ def hero_loss(
         max_len = labels.shape[1]
     dev = labels.device
     valid = segs.valid
-    logp, H = logp.reshape(-1), H.reshape(-1)
     zero = torch.zeros((), dtype=torch.float32, device=dev)
     if isinstance(advantages, Tensor) and advantages.device != dev:
         raise ValueError(f"advantages is on {advantages.device} but labels is on {dev}")
     A = torch.where(valid, broadcast_advantages(advantages, labels.shape, per_row).to(torch.float32), zero)
-    # Masked tokens: replace caller values (padding may hold anything) so ratio = 1 and kl = 0 there, and
-    # no inf * 0 can turn into NaN in the forward or the backward.
-    old = _per_token("old_logp", old_logp, labels)
-    old = None if old is None else torch.where(valid, old, logp.detach())
-    ref = _per_token("ref_logp", ref_logp, labels)
-    ref = None if ref is None else torch.where(valid, ref, logp.detach())
+    old_in, ref_in = _per_token("old_logp", old_logp, labels), _per_token("ref_logp", ref_logp, labels)
     if normalizer is not None:
         check_real("normalizer", normalizer, 0.0, lo_open=True)
         normalizer = _scalar(normalizer, dev)
+    if three_gemm:
+        objective = linear_hero_loss.TokenObjective(
+            A, old_in, ref_in, _scalar(beta, dev), _scalar(cfg.eps_low, dev), _scalar(cfg.eps_high, dev),
+            _scalar(kappa, dev), cfg.weight_on, cfg.entropy_weighting, segs, clipped_token_loss,
+            lambda lt: _aggregate(torch.where(valid, lt, zero), segs, loss_agg, normalizer, max_len))
+        logp, H, grads = linear_hero_loss.run(hidden_or_logits, weight, bias, labels, cfg.temperature, ignore_index,
+                                              cfg.impl, objective)
+    logp, H = logp.reshape(-1), H.reshape(-1)
+    # Masked tokens: replace caller values (padding may hold anything) so ratio = 1 and kl = 0 there, and
+    # no inf * 0 can turn into NaN in the forward or the backward.
+    old = None if old_in is None else torch.where(valid, old_in, logp.detach())
+    ref = None if ref_in is None else torch.where(valid, ref_in, logp.detach())
 
     if cfg.entropy_weighting:
         w = segment_weights(H if cfg.entropy_grad else H.detach(), segs, _scalar(kappa, dev))
@@ -300,6 +311,8 @@ def hero_loss(
     )
     loss_tok = torch.where(valid, loss_tok, zero)
     loss = _aggregate(loss_tok, segs, loss_agg, normalizer, max_len)
+    if three_gemm:
+        loss = linear_hero_loss.attach(loss, hidden_or_logits, weight, bias, grads)
     metrics = _metrics(H, w, ratio, kl, A, segs, eps_low_t, eps_high_t)
     return loss, (metrics_to_floats(metrics) if float_metrics else metrics)
 
