@@ -64,7 +64,7 @@ def _step(variant: str, h, W, y, A, liger_mod=None) -> float:
         linear_hero_loss.ENABLED = variant == "hero-3gemm"
         loss, _ = hk.hero_loss(h, y, A, weight=W, impl="cpu")
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _child(variant: str, B: int, T: int, D: int, V: int, repeats: int, liger_compiled: bool) -> Dict:

@@ -80,7 +80,9 @@ class TokenObjective:
     A: advantages (0 on masked tokens); old, ref: behaviour / reference log-probs or None (values on masked
     tokens are never read); beta, eps_low, eps_high, kappa: float32 0-dim tensors; weight_on: "all" |
     "negative"; entropy_weighting: False -> w = 1; segs: the response structure (valid tokens, segment ids,
-    counts); aggregate: the loss as a LINEAR function of per-token losses [N] -> 0-dim (masking included).
+    counts); token_loss: the loss's elementwise token function ``(logp, A, old_logp=, ref_logp=, eps_low=,
+    eps_high=) -> (loss, pg, kl, ratio)``, differentiated by autograd; aggregate: the loss as a LINEAR
+    function of per-token losses [N] -> 0-dim (masking included).
     """
 
     A: Tensor
