@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .backends import gemm
 from .dispatch import backend_module, device_guard, resolve_impl
 from .linear_entropy_logprob import prepare_inputs
 from .options import RowOptions
@@ -159,7 +160,6 @@ class _Engine:
         # 16-bit logits: dlogits in a separate fp32 buffer on CPU (GEMM 3 sees unrounded values); in place on
         # CUDA, whose dW GEMM takes 16-bit inputs with an fp32 output.
         self.wide = impl != "cuda" and self.cd not in (torch.float32, torch.float64)
-        self.cuda = impl == "cuda"
 
     def elem_bytes(self) -> int:
         return torch.empty((), dtype=self.cd).element_size() + (4 if self.wide else 0)
@@ -174,14 +174,10 @@ class _Engine:
     def dh(self, dz: Tensor) -> Tensor:
         return (dz if dz.dtype == self.w.dtype else dz.to(self.w.dtype)) @ self.w
 
-    def add_dw(self, dW: Tensor, dz: Tensor, h: Tensor) -> None:
-        """dW += dz^T h with partial sums in dW's dtype (fp32 / fp64)."""
-        if self.cuda and dz.dtype != dW.dtype:
-            from .backends.cuda.linear_entropy_logprob import _accumulate_dw
-
-            _accumulate_dw(dW, dz, h.to(dz.dtype))
-        else:
-            dW.addmm_(dz.t().to(dW.dtype), h.to(dW.dtype))
+    @staticmethod
+    def add_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
+        """dW += dz^T h with partial sums in dW's dtype (fp32 / fp64); 16-bit dz: 16-bit GEMM, fp32 output."""
+        gemm.accumulate_dw(dW, dz, h if dz.dtype == dW.dtype else h.to(dz.dtype))
 
 
 class _Grads:
