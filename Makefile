@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hero-installed
 
 PYTEST_FLAGS ?= -q -x
 
-.PHONY: demo test test-all install bench compile-report quickstart clean
+.PHONY: demo test test-all test-verl install bench roofline compile-report gpu-suite-dry quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,22 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
 
+# verl 0.9.1 pins transformers<5.11, which the main venv's trl stack does not want: its integration tests get a
+# side venv (.venv-verl, torch CPU wheel first, then verl and the project's test deps that verl allows).
+VERL_VENV ?= .venv-verl
+VERL_PY := $(VERL_VENV)/bin/python
+VERL_STAMP := $(VERL_VENV)/.hero-installed
+
+$(VERL_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q torch==2.13.0
+	$(VERL_PY) -m pip install -q 'verl==0.9.1' 'transformers<5.11' -e '.[test]'
+	touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q -x tests/test_integrations.py -k verl
+
 quickstart: $(STAMP)
 	$(PY) examples/quickstart.py
 
@@ -39,5 +55,13 @@ bench: $(STAMP)
 compile-report: $(STAMP)
 	$(PY) -m benchmarks.compile_report
 
+# the roofline model of the GPU launch plans (no GPU needed)
+roofline: $(STAMP)
+	$(PY) -m benchmarks.roofline --json benchmarks/results/ci/roofline.json
+
+# the GPU suite's stages on CPU at tiny size (what a lent GPU machine would run, minus the device)
+gpu-suite-dry: $(STAMP)
+	HERO_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VERL_VENV) build *.egg-info .pytest_cache
