@@ -8,6 +8,16 @@ Sources:
   compiled code is the one the launcher runs);
 * every ``csrc/*.cu`` (nvcc ``-cubin`` per target; every kernel in it).
 
+Every Triton config is built as the launcher runs it: a module's ``compile_attrs(fn, signature)`` gives the
+16-byte divisibility its launcher guarantees ("aligned"; when it also takes ``aligned=False`` the other build
+is "unaligned"); a module without it (the row kernels, whose V and row stride are whatever the caller has)
+is built twice: "aligned" (pointers and every specializable integer divisible by 16: V % 16 == 0) and
+"unaligned" (pointers only: odd V). Per build the report adds, from the SASS (cuobjdump in the triton
+wheel): CTAs per SM (registers, shared memory, warps against the SM's limits), the hot loop (the innermost
+loop with the most bytes loaded per iteration): its SASS instructions, elements per thread per iteration
+(bytes of its LDG/LDGSTS over the element size of the first pointer argument / template type) and
+instructions per element, and on sm_90a whether the kernel uses wgmma (HGMMA in SASS).
+
 A build "spills" when it uses local memory: cuobjdump's LOCAL > 0 or a STACK frame > 0 (register spills
 of Triton kernels show up as STACK with LOCAL = 0). Prints a table, writes JSON + markdown (atomically),
 and exits 1 when any build spills, 2 when a build failed to compile (and none spilled), 3 when there was
@@ -30,6 +40,7 @@ import argparse  # noqa: E402
 import glob  # noqa: E402
 import importlib  # noqa: E402
 import pkgutil  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -60,45 +71,174 @@ def discover_triton() -> Tuple[List[Tuple[str, int, str]], List[dict]]:
             notes.append({"module": name, "status": "skipped", "reason": "no KERNEL_CONFIGS"})
             continue
         for i, entry in enumerate(configs):
-            jobs.append((name, i, str(entry[5]) if len(entry) > 5 else f"{name}[{i}]"))
+            desc = str(entry[5]) if len(entry) > 5 else f"{name}[{i}]"
+            for variant in build_variants(mod, entry[0], entry[1]):
+                jobs.append((name, i, desc, variant))
     return jobs, notes
+
+
+def _specializable_ints(fn, signature: Dict[str, str]) -> List[str]:
+    skip = set()
+    # a JITFunction has do_not_specialize; under TRITON_INTERPRET=1 it sits in the decorator's kwargs
+    dns = getattr(fn, "do_not_specialize", None) or (getattr(fn, "kwargs", None) or {}).get("do_not_specialize")
+    for x in dns or ():
+        skip.add(fn.arg_names[x] if isinstance(x, int) else x)
+    return [n for n in fn.arg_names if signature.get(n) in ("i32", "i64") and n not in skip]
+
+
+def build_variants(mod, fn, signature: Dict[str, str]) -> Dict[str, Optional[Dict[tuple, list]]]:
+    """{variant: ASTSource attrs}: the builds the launcher can run (module docstring)."""
+    ca = getattr(mod, "compile_attrs", None)
+    if ca is not None:
+        import inspect
+
+        try:
+            takes_aligned = "aligned" in inspect.signature(ca).parameters
+        except (TypeError, ValueError):
+            takes_aligned = False
+        if takes_aligned:
+            return {"aligned": ca(fn, signature, aligned=True), "unaligned": ca(fn, signature, aligned=False)}
+        return {"aligned": ca(fn, signature)}
+    ptrs = [n for n in fn.arg_names if signature.get(n, "").startswith("*")]
+    ints = _specializable_ints(fn, signature)
+    idx = {n: i for i, n in enumerate(fn.arg_names)}
+    div = [["tt.divisibility", 16]]
+    return {"aligned": {(idx[n],): div for n in ptrs + ints}, "unaligned": {(idx[n],): div for n in ptrs}}
 
 
 def cu_files() -> List[str]:
     return sorted(glob.glob(os.path.join(REPO, "csrc", "*.cu")))
 
 
+#: per-SM limits: registers, shared memory (bytes, incl. the 1 KB the driver reserves per CTA), CTAs, warps
+SM_LIMITS = {"sm_90a": {"regs": 65536, "smem": 228 * 1024, "ctas": 32, "warps": 64},
+             "sm_80": {"regs": 65536, "smem": 164 * 1024, "ctas": 32, "warps": 64}}
+#: thread-instructions an H100 SXM issues per second (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz boost)
+H100_ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
+_ELT = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "__nv_bfloat16": 2, "__half": 2, "float": 4, "double": 8}
+
+
+def ctas_per_sm(arch: str, registers: int, shared_bytes: int, warps: int) -> Tuple[Optional[int], str]:
+    """(resident CTAs per SM, the limiting resource). Registers are allocated per warp in units of 256."""
+    lim = SM_LIMITS.get(arch)
+    if lim is None or not warps or registers is None:
+        return None, "unknown"
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    caps = {"registers": (lim["regs"] // per_warp) // warps, "warps": lim["warps"] // warps, "ctas": lim["ctas"],
+            "shared": lim["smem"] // ((shared_bytes or 0) + 1024)}
+    limiter = min(caps, key=lambda k: caps[k])
+    return caps[limiter], limiter
+
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_functions(sass: str) -> Dict[str, List[Tuple[int, str]]]:
+    """{kernel: [(address, instruction text)]} from ``cuobjdump -sass``."""
+    out: Dict[str, List[Tuple[int, str]]] = {}
+    cur = None
+    for line in sass.splitlines():
+        if "Function : " in line:
+            cur = out.setdefault(line.split("Function : ", 1)[1].strip(), [])
+        elif cur is not None:
+            m = _INSTR.search(line)
+            if m:
+                cur.append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def _load_bytes(ins: str) -> int:
+    """Bytes per thread of a global load (LDG / LDGSTS), 0 for anything else."""
+    op = ins.split()[1] if ins.startswith("@") else ins.split()[0]
+    if not (op.startswith("LDG.") or op == "LDG" or op.startswith("LDGSTS")):
+        return 0
+    sfx = op.split(".")[1:]
+    for key, n in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if key in sfx:
+            return n
+    return 4
+
+
+def hot_loop(instrs: List[Tuple[int, str]], elt: Optional[int]) -> Optional[dict]:
+    """The innermost loop (a backward branch) with the most bytes loaded per thread per iteration: its SASS
+    instruction count, elements per thread per iteration (bytes / elt) and instructions per element."""
+    addr = [a for a, _ in instrs]
+    loops = []
+    for a, ins in instrs:
+        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w*,\s*)?(0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < a:
+            lo = int(m.group(1), 16)
+            body = [x for x in instrs if lo <= x[0] <= a and not x[1].startswith("NOP")]
+            loops.append((lo, a, body))
+    inner = [lp for lp in loops if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] and
+                                           sum(_load_bytes(i) for _, i in o[2]) for o in loops)]
+    cand = [(sum(_load_bytes(i) for _, i in b), len(b), lo, hi) for lo, hi, b in inner]
+    cand = [c for c in cand if c[0] > 0]
+    if not cand or not addr:
+        return None
+    nbytes, n, lo, hi = max(cand)
+    r = {"instructions": n, "load_bytes_per_thread": nbytes, "loops_with_loads": len(cand),
+         "span": f"{lo:#x}-{hi:#x}"}
+    if elt:
+        r["elements_per_thread"] = nbytes / elt
+        r["instr_per_element"] = n * elt / nbytes
+        r["h100_issue_bound_TBps"] = H100_ISSUE_PER_S / r["instr_per_element"] * elt / 1e12
+    return r
+
+
+def sass_summary(instrs: List[Tuple[int, str]], arch: str, elt: Optional[int]) -> dict:
+    ops = [i.split()[1] if i.startswith("@") else i.split()[0] for _, i in instrs]
+    out = {"sass_instructions": len(instrs), "hot_loop": hot_loop(instrs, elt),
+           "mma": sum(o.startswith(("HMMA", "HGMMA")) for o in ops)}
+    out["wgmma"] = any(o.startswith("HGMMA") for o in ops) if arch == "sm_90a" else None
+    return out
+
+
+def _in_flight(r: dict) -> None:
+    """Bytes one SM's resident CTAs load per hot-loop iteration (a row kernel wants ~16-24 KB in flight)."""
+    hl = r.get("hot_loop")
+    if hl and r.get("ctas_per_sm") and r.get("warps"):
+        hl["bytes_per_sm_per_iter"] = r["ctas_per_sm"] * r["warps"] * 32 * hl["load_bytes_per_thread"]
+
+
 def _row(kind: str, source: str, config: str, arch: str, usage: Optional[dict] = None, error: Optional[str] = None):
     r = {"kind": kind, "source": source, "config": config, "arch": arch, "kernel": None, "registers": None,
-         "shared_bytes": None, "local_bytes": None, "stack_bytes": None, "spills": False, "error": error}
+         "shared_bytes": None, "local_bytes": None, "stack_bytes": None, "spills": False, "error": error,
+         "variant": "", "warps": None, "ctas_per_sm": None, "occupancy_limit": None, "hot_loop": None,
+         "wgmma": None, "mma": None}
     if usage:
         r.update({k: usage[k] for k in ("kernel", "registers", "shared_bytes", "local_bytes", "stack_bytes")})
         r["spills"] = bool(usage["local_bytes"] or usage["stack_bytes"])
     return r
 
 
-def _triton_usage(mod, fn, sig, const, cc, nw, ns, desc) -> dict:
-    from hero_kernels import gpu_compile
-
-    if type(fn).__name__ == "InterpretedFunction":
-        raise RuntimeError("kernel was decorated under TRITON_INTERPRET=1; run the report in a fresh process "
-                           "without that variable")
-    # Modules that keep their arguments 16-byte aligned say so (compile_attrs), so the report shows the
-    # specialization that actually runs.
-    attrs = mod.compile_attrs(fn, sig) if hasattr(mod, "compile_attrs") else None
-    return gpu_compile.triton_resource_usage(fn, sig, const, cc, nw, ns, config=desc, attrs=attrs).as_dict()
-
-
-def _triton_job(job: Tuple[str, int, str, int]) -> dict:
-    name, idx, desc, cc = job
+def _triton_job(job: Tuple[str, int, str, str, int]) -> dict:
+    name, idx, desc, variant, cc = job
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
     t0 = time.perf_counter()
     try:
+        from hero_kernels import gpu_compile
+
         mod = importlib.import_module(name)
         fn, sig, const, nw, ns, desc = mod.KERNEL_CONFIGS[idx][:6]
-        r = _row("triton", name, desc, arch, usage=_triton_usage(mod, fn, sig, const, cc, nw, ns, desc))
+        if type(fn).__name__ == "InterpretedFunction":
+            raise RuntimeError("kernel was decorated under TRITON_INTERPRET=1; run the report in a fresh process "
+                               "without that variable")
+        compiled = gpu_compile.triton_compile(fn, sig, const, cc, nw, ns, build_variants(mod, fn, sig)[variant])
+        cubin = compiled.asm["cubin"]
+        usage = gpu_compile._parse_cuobjdump(gpu_compile._dump_cubin(cubin), arch)[0].as_dict()
+        # Triton's dynamic shared memory is in the metadata, not in the cubin's static SHARED figure
+        usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0)))
+        r = _row("triton", name, desc, arch, usage=usage)
+        first_ptr = next((t for t in sig.values() if t.startswith("*")), "*")
+        funcs = sass_functions(gpu_compile.cubin_sass(cubin))
+        r.update(sass_summary(next(iter(funcs.values()), []), arch, _ELT.get(first_ptr[1:])))
+        r["warps"] = nw
+        r["ctas_per_sm"], r["occupancy_limit"] = ctas_per_sm(arch, r["registers"], r["shared_bytes"], nw)
+        _in_flight(r)
     except Exception as e:  # noqa: BLE001 - a failed build is a row of the report
         r = _row("triton", name, desc, arch, error=f"{type(e).__name__}: {str(e).strip()[-600:]}")
+    r["variant"] = variant
     r["seconds"] = time.perf_counter() - t0
     return r
 
@@ -136,6 +276,12 @@ def _demangle(names: List[str]) -> List[str]:
     return short
 
 
+def _template_elt(demangled: str) -> Optional[int]:
+    """Element size of the first template argument: 'k<__nv_bfloat16, 512>' -> 2."""
+    m = re.search(r"<\s*([\w:]+)", demangled)
+    return _ELT.get(m.group(1).split("::")[-1]) if m else None
+
+
 def _cu_job(job: Tuple[str, int]) -> List[dict]:
     path, cc = job
     from hero_kernels import gpu_compile
@@ -144,9 +290,20 @@ def _cu_job(job: Tuple[str, int]) -> List[dict]:
     src = os.path.relpath(path, REPO)
     t0 = time.perf_counter()
     try:
-        usages = gpu_compile.nvcc_resource_usage(path, cc)
+        cubin = gpu_compile.nvcc_cubin(path, cc)
+        usages = gpu_compile._parse_cuobjdump(gpu_compile._dump_cubin(cubin), arch)
+        funcs = sass_functions(gpu_compile.cubin_sass(cubin))
+        threads = gpu_compile.cubin_max_threads(cubin)
         names = _demangle([u.kernel for u in usages])
-        rows = [_row("cuda", src, nm, arch, usage=u.as_dict()) for nm, u in zip(names, usages)]
+        rows = []
+        for nm, u in zip(names, usages):
+            r = _row("cuda", src, nm, arch, usage=u.as_dict())
+            r.update(sass_summary(funcs.get(u.kernel, []), arch, _template_elt(nm)))
+            if u.kernel in threads:  # block size from __launch_bounds__; unknown otherwise
+                r["warps"] = -(-threads[u.kernel] // 32)
+                r["ctas_per_sm"], r["occupancy_limit"] = ctas_per_sm(arch, u.registers, u.shared_bytes, r["warps"])
+                _in_flight(r)
+            rows.append(r)
         if not rows:
             rows = [_row("cuda", src, "", arch, error="no kernel in the cubin")]
     except Exception as e:  # noqa: BLE001
@@ -167,7 +324,7 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
             found, notes = discover_triton()
         except Exception as e:  # noqa: BLE001 - e.g. triton missing
             found, notes = [], [{"module": TRITON_PKG, "status": "error", "reason": f"{type(e).__name__}: {e}"}]
-        tjobs = [(n, i, d, cc) for (n, i, d) in found if not match or match in d for cc in ccs]
+        tjobs = [(n, i, d, v, cc) for (n, i, d, v) in found if not match or match in d for cc in ccs]
     cjobs = [] if skip_cu else [(p, cc) for p in cu_files() for cc in ccs]
     rows: List[dict] = []
     total = len(tjobs) + len(cjobs)
@@ -177,7 +334,8 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
         if verbose:
             for r in new:
                 st = "SPILL" if r["spills"] else ("ERROR" if r["error"] else "ok")
-                print(f"[{len(rows)}/{total}+] {r['arch']} {r['config'] or r['source']}: regs={r['registers']} "
+                print(f"[{len(rows)}/{total}+] {r['arch']} {r['config'] or r['source']} {r['variant']}: "
+                      f"regs={r['registers']} "
                       f"local={r['local_bytes']} stack={r['stack_bytes']} {st}", file=sys.stderr, flush=True)
 
     if jobs > 1 and total > 1:
@@ -218,19 +376,33 @@ def _table_rows(rep: Dict[str, Any]) -> List[list]:
     out = []
     for r in rep["rows"]:
         status = "SPILL" if r["spills"] else ("ERROR" if r["error"] else "ok")
-        out.append([r["kind"], r["config"] or r["source"], r["arch"], C._fmt(r["registers"], "d"),
-                    C._fmt(r["shared_bytes"], "d"), C._fmt(r["local_bytes"], "d"), C._fmt(r["stack_bytes"], "d"),
+        hl = r.get("hot_loop") or {}
+        ctas = "-" if r.get("ctas_per_sm") is None else f"{r['ctas_per_sm']} ({r['occupancy_limit']})"
+        wg = {True: "yes", False: "no", None: "-"}[r.get("wgmma")]
+        out.append([r["kind"], r["config"] or r["source"], r.get("variant") or "-", r["arch"],
+                    C._fmt(r["registers"], "d"), C._fmt(r["shared_bytes"], "d"), C._fmt(r["local_bytes"], "d"),
+                    C._fmt(r["stack_bytes"], "d"), ctas, C._fmt(hl.get("instructions"), "d"),
+                    C._fmt(hl.get("elements_per_thread"), "g"), C._fmt(hl.get("instr_per_element"), ".1f"),
+                    C._fmt(None if hl.get("bytes_per_sm_per_iter") is None else hl["bytes_per_sm_per_iter"] / 1024,
+                           ".0f"), wg,
                     status])
     return out
 
 
-_HEAD = ["kind", "kernel / config", "arch", "regs", "shared B", "local B", "stack B", "status"]
+_HEAD = ["kind", "kernel / config", "build", "arch", "regs", "shared B", "local B", "stack B", "CTAs/SM (limit)",
+         "loop SASS", "elts/thread/iter", "SASS/elt", "KB/SM/iter", "wgmma", "status"]
 
 
 def render_markdown(rep: Dict[str, Any]) -> str:
     out = ["# GPU compile report (no GPU needed)", "",
            f"Targets {', '.join(rep['targets'])}; {rep['n_kernels']} builds, {rep['n_spills']} with local memory "
            f"(spill rule: {rep['spill_rule']}), {rep['n_errors']} failed; {rep['wall_s']:.1f} s.", "",
+           "CTAs/SM: resident CTAs per SM from registers (allocated per warp in units of 256), shared memory "
+           "(+1 KB reserved per CTA), warps and the CTA cap; loop SASS: instructions in the hot loop (the "
+           "innermost loop loading the most bytes); SASS/elt: those per element a thread handles per iteration "
+           f"(at 1 instruction per lane per cycle an H100 issues {H100_ISSUE_PER_S / 1e12:.1f}e12 per second); "
+           "KB/SM/iter: bytes the resident CTAs of one SM load per hot-loop iteration (a row kernel wants ~16-24 KB in "
+           "flight); wgmma: HGMMA in the sm_90a SASS.", "",
            C.format_table(_HEAD, _table_rows(rep), markdown=True), ""]
     errs = [r for r in rep["rows"] if r["error"]]
     if errs:

@@ -23,7 +23,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
-__all__ = ["ResourceUsage", "triton_compile", "triton_resource_usage", "nvcc_resource_usage", "cuobjdump_path", "nvcc_path"]
+__all__ = ["ResourceUsage", "triton_compile", "triton_resource_usage", "nvcc_resource_usage", "cuobjdump_path",
+           "nvcc_path", "nvcc_cubin", "cubin_sass", "cubin_max_threads"]
 
 
 @dataclass
@@ -72,15 +73,39 @@ def _parse_cuobjdump(text: str, arch: str, extra_shared: int = 0, config: str = 
     return out
 
 
-def _dump_cubin(cubin: bytes) -> str:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     tool = cuobjdump_path()
     if tool is None:
         raise RuntimeError("cuobjdump not found (it ships in the triton wheel under triton/backends/nvidia/bin)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        r = subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True)
     return r.stdout
+
+
+def _dump_cubin(cubin: bytes) -> str:
+    return _cuobjdump(cubin, "--dump-resource-usage")
+
+
+def cubin_sass(cubin: bytes) -> str:
+    """``cuobjdump -sass`` of a cubin: one ``Function : <mangled name>`` section per kernel."""
+    return _cuobjdump(cubin, "-sass")
+
+
+_MAX_THREADS = re.compile(r"^\.nv\.info\.(\S+)\s*$|EIATTR_MAX_THREADS\s*\n\s*Format:.*\n\s*Value:\s*(0x[0-9a-f]+)", re.M)
+
+
+def cubin_max_threads(cubin: bytes) -> Dict[str, int]:
+    """{mangled kernel name: threads per block} from the cubin's EIATTR_MAX_THREADS (``__launch_bounds__`` /
+    Triton's reqntid); kernels without that attribute are absent."""
+    out, current = {}, None
+    for name, val in _MAX_THREADS.findall(_cuobjdump(cubin, "-elf")):
+        if name:
+            current = name
+        elif current:
+            out[current] = int(val, 16)
+    return out
 
 
 def triton_compile(fn, signature: Dict[str, str], constexprs: Dict[str, object], cc: int, num_warps: int = 4,
@@ -123,8 +148,8 @@ def triton_resource_usage(
     return row
 
 
-def nvcc_resource_usage(cu_file: str, cc: int, extra_flags: Optional[List[str]] = None) -> List[ResourceUsage]:
-    """Compile a pure-CUDA ``.cu`` to a cubin for ``cc`` and report every kernel in it."""
+def nvcc_cubin(cu_file: str, cc: int, extra_flags: Optional[List[str]] = None) -> bytes:
+    """Compile a pure-CUDA ``.cu`` to a cubin for ``cc`` (sm_90a for 90)."""
     nvcc = nvcc_path()
     if nvcc is None:
         raise RuntimeError("nvcc not found")
@@ -134,5 +159,10 @@ def nvcc_resource_usage(cu_file: str, cc: int, extra_flags: Optional[List[str]] 
         cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-o", out, cu_file] + list(extra_flags or [])
         subprocess.run(cmd, capture_output=True, text=True, check=True)
         with open(out, "rb") as f:
-            text = _dump_cubin(f.read())
-    return _parse_cuobjdump(text, arch)
+            return f.read()
+
+
+def nvcc_resource_usage(cu_file: str, cc: int, extra_flags: Optional[List[str]] = None) -> List[ResourceUsage]:
+    """Compile a pure-CUDA ``.cu`` to a cubin for ``cc`` and report every kernel in it."""
+    arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+    return _parse_cuobjdump(_dump_cubin(nvcc_cubin(cu_file, cc, extra_flags)), arch)
