@@ -24,15 +24,22 @@ import torch
 
 from . import common as C
 from . import impls as I
+from . import roofline as R
 
 __all__ = ["run_suite", "main"]
 
 #: timing settings per size: warm-up calls, min/max timed repeats, seconds of repeats per measurement
 _TIMING = {
     "tiny": {"warmup": 1, "min_reps": 2, "max_reps": 3, "budget_s": 0.02},
-    "ci": {"warmup": 1, "min_reps": 3, "max_reps": 10, "budget_s": 0.15},
-    "full": {"warmup": 2, "min_reps": 3, "max_reps": 20, "budget_s": 0.3},
+    "ci": {"warmup": 1, "min_reps": 5, "max_reps": 10, "budget_s": 0.15},
+    "full": {"warmup": 2, "min_reps": 5, "max_reps": 20, "budget_s": 0.3},
 }
+#: Sizes whose numbers are smoke results (the harness runs), never a performance claim.
+SMOKE_SIZES = ("tiny", "ci")
+#: A ratio enters a headline only when both of its times come from at least this many timed repeats ...
+MIN_HEADLINE_REPS = 5
+#: ... and both medians are at least this long (ms): shorter calls measure launch / Python overhead.
+MIN_HEADLINE_MS = {"cpu": 1.0, "cuda": 0.1}
 #: default total time budget of the measurements (seconds), per size
 _BUDGET = {"tiny": 120.0, "ci": 95.0, "full": 300.0}
 
@@ -89,8 +96,21 @@ def _gmean(xs: List[float]) -> Optional[float]:
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
+def _refusal(ro: dict, ra: dict, device: torch.device) -> Optional[str]:
+    """Why a ratio of these two measurements may not enter a headline (None: it may)."""
+    min_ms = MIN_HEADLINE_MS.get(device.type, MIN_HEADLINE_MS["cuda"])
+    for who, r in (("ours", ro), ("anchor", ra)):
+        if r.get("reps", 0) < MIN_HEADLINE_REPS:
+            return f"{who}: {r.get('reps', 0)} timed repeats < {MIN_HEADLINE_REPS}"
+        if r["time_ms"] < min_ms:
+            return f"{who}: median {r['time_ms']:.3g} ms < {min_ms:g} ms"
+    return None
+
+
 def _ratios(op: str, case_label: str, per_pass: Dict[str, Dict[str, dict]], kinds: Dict[str, str],
             device: torch.device) -> List[dict]:
+    """ours-vs-anchor rows: speedup = anchor median / ours median, with its spread [speedup_lo, speedup_hi]
+    = [anchor min / ours max, anchor max / ours min] and ``refused`` (why it may not enter a headline)."""
     rows = []
     for pass_, per in per_pass.items():
         ok = {n: r for n, r in per.items() if r.get("status") == "ok"}
@@ -104,10 +124,31 @@ def _ratios(op: str, case_label: str, per_pass: Dict[str, Dict[str, dict]], kind
                 mo, ma = ro.get("peak_mem_bytes"), ra.get("peak_mem_bytes")
                 if device.type == "cpu" and mo is not None:
                     mo = max(mo, 4096)  # the RSS meter counts whole pages: a peak under one page reads as 0
+                div = lambda x, y: x / y if (x is not None and y) else None  # noqa: E731
                 rows.append({"case": case_label, "pass": pass_, "ours": o, "anchor": a, "primary": o == primary,
-                             "speedup": ra["time_ms"] / ro["time_ms"] if ro["time_ms"] > 0 else None,
+                             "speedup": div(ra["time_ms"], ro["time_ms"]),
+                             "speedup_lo": div(ra.get("time_min_ms"), ro.get("time_max_ms")),
+                             "speedup_hi": div(ra.get("time_max_ms"), ro.get("time_min_ms")),
+                             "refused": _refusal(ro, ra, device),
                              "mem_ratio": (ma / mo) if (mo and ma is not None and mo > 0) else None})
     return rows
+
+
+def _attach_model(r: dict, op: str, impl_name: str, case: C.Case, pass_: str, dt: torch.dtype,
+                  gpu: Optional[str]) -> None:
+    """modeled_ms (the roofline model of the launcher's own plan) and measured/modeled for ours:triton /
+    ours:cuda on an H100 / H200; nothing for other impls, ops or devices."""
+    if not impl_name.startswith("ours:") or gpu is None:
+        return
+    m = R.modeled_for(op, impl_name.split(":", 1)[1], pass_, case.N, case.D, case.V, dt, gpu)
+    if m is None:
+        return
+    if m["modeled_s"] is None:
+        r["modeled_reason"] = m["reason"]
+        return
+    r["modeled_ms"] = 1e3 * m["modeled_s"]
+    r["measured_vs_modeled"] = r["time_ms"] / r["modeled_ms"] if r["modeled_ms"] > 0 else None
+    r["modeled_kernels"] = [{k: x[k] for k in ("name", "modeled_s", "bound", "repeats")} for x in m["kernels"]]
 
 
 def run_suite(
@@ -162,6 +203,8 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
 
     meter = C.MemoryMeter(dev)
     ceil = C.measure_ceilings(dev, dt, size)
+    # the roofline model's GPU (h100 / h200) when this is one: measured times get their modeled twins
+    gpu = R.gpu_key(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     elt = torch.empty((), dtype=dt).element_size()
     kinds = {i.name: i.kind for i in chosen}
 
@@ -175,6 +218,9 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
         "ceilings": ceil.as_dict(),
         "memory_method": meter.method,
         "timing": dict(timing, total_budget_s=budget),
+        "smoke": size in SMOKE_SIZES,
+        "headline_rule": {"min_reps": MIN_HEADLINE_REPS, "min_ms": MIN_HEADLINE_MS.get(dev.type, MIN_HEADLINE_MS["cuda"])},
+        "roofline_gpu": gpu,
         "checks": "hero_kernels default input checks (labels on: one device sync per call on CUDA)",
         "ops": {},
         "skipped": [],
@@ -272,6 +318,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
                             ref = r.pop("ref")
                         fl = case_entry["model"][p]["floor_s"]
                         r["floor_frac"] = fl / (1e-3 * r["time_ms"]) if r["time_ms"] > 0 else None
+                        _attach_model(r, op, impl.name, case, p, dt, gpu)
                     except torch.OutOfMemoryError as e:
                         r = {"status": "oom", "reason": _short(e, 160)}
                     except Exception as e:  # noqa: BLE001 - recorded, the suite goes on
@@ -303,8 +350,14 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
             if r["primary"]:
                 groups.setdefault((r["pass"], r["ours"], r["anchor"]), []).append(r)
         for (p, o, a), rs in groups.items():
-            summary.append({"op": op, "pass": p, "ours": o, "anchor": a, "n": len(rs),
-                            "speedup_gmean": _gmean([r["speedup"] for r in rs]),
+            # only ratios that passed the headline rule enter the geometric means; the rest are counted
+            good = [r for r in rs if not r.get("refused")]
+            refused = [r["refused"] for r in rs if r.get("refused")]
+            summary.append({"op": op, "pass": p, "ours": o, "anchor": a, "n": len(good), "n_refused": len(refused),
+                            "refused": refused[0] if refused and not good else None,
+                            "speedup_gmean": _gmean([r["speedup"] for r in good]),
+                            "speedup_min": min((r["speedup_lo"] for r in good if r["speedup_lo"]), default=None),
+                            "speedup_max": max((r["speedup_hi"] for r in good if r["speedup_hi"]), default=None),
                             "mem_ratio_gmean": _gmean([r["mem_ratio"] for r in rs])})
     result["summary"] = summary
     result["wall_s"] = time.perf_counter() - t_start
@@ -331,16 +384,13 @@ def print_report(result: Dict[str, Any], log: Callable[[str], None] = print) -> 
     c = result["ceilings"]
     log(f"device: {result['device']['name']} ({result['size']}, {result['dtype']}); "
         f"copy {c['bandwidth_GBps']:.1f} GB/s, matmul {c['matmul_TFLOPs']:.3f} TFLOP/s ({c['matmul_dtype']})")
-    log(C.format_table(["op", "shape", "pass", "impl", "time ms", "peak MiB", "floor frac", "status"],
-                       C.result_rows(result)))
+    log(C.format_table(C.TIMES_HEAD, C.result_rows(result)))
     summ = result.get("summary", [])
     if summ:
         log("")
-        log("ours vs anchors (geometric mean over shapes; speedup = anchor time / ours time, "
+        log(C.headline_title(result) + " (speedup = anchor time / ours time [min-max over repeats], "
             "memory ratio = anchor peak / ours peak):")
-        log(C.format_table(["op", "pass", "ours", "anchor", "speedup", "memory ratio", "shapes"],
-                           [[s["op"], s["pass"], s["ours"], s["anchor"], C._fmt(s["speedup_gmean"], ".2f"),
-                             C._fmt(s["mem_ratio_gmean"], ".2f"), s["n"]] for s in summ]))
+        log(C.format_table(C.HEADLINE_HEAD, C.headline_rows(summ)))
     groups = C.group_skipped(result.get("skipped", []))
     if groups:
         log("")

@@ -458,8 +458,20 @@ def _mib(b) -> Optional[float]:
     return None if b is None else b / 2**20
 
 
+TIMES_HEAD = ["op", "shape", "pass", "impl", "time ms", "min-max ms", "reps", "modeled_ms", "measured/modeled",
+              "peak MiB", "floor frac", "status"]
+HEADLINE_HEAD = ["op", "pass", "ours", "anchor", "speedup", "min-max", "memory ratio", "shapes", "note"]
+RATIO_HEAD = ["op", "shape", "pass", "ours", "anchor", "speedup", "min-max", "memory ratio", "note"]
+
+
+def _spread(lo, hi, spec: str = ".3f") -> str:
+    return "-" if lo is None or hi is None else f"{format(lo, spec)}-{format(hi, spec)}"
+
+
 def result_rows(result: dict) -> List[list]:
-    """One row per (op, case, pass, impl): time, peak memory, floor fraction, status."""
+    """One row per (op, shape, pass, impl): median time, its min-max over the timed repeats, repeats, the
+    roofline model's time of the same launch plan (GPU, ours:triton / ours:cuda) and measured/modeled,
+    peak memory, floor fraction, status."""
     rows = []
     for op, od in result["ops"].items():
         for case in od.get("cases", []):
@@ -467,7 +479,9 @@ def result_rows(result: dict) -> List[list]:
                 for impl, r in per.items():
                     status = r["status"] if r["status"] != "ok" else ""
                     rows.append([op, case["shape"]["label"], pass_, impl,
-                                 _fmt(r.get("time_ms"), ".3f"), _fmt(_mib(r.get("peak_mem_bytes")), ".1f"),
+                                 _fmt(r.get("time_ms"), ".3f"), _spread(r.get("time_min_ms"), r.get("time_max_ms")),
+                                 _fmt(r.get("reps"), "d"), _fmt(r.get("modeled_ms"), ".3f"),
+                                 _fmt(r.get("measured_vs_modeled"), ".2f"), _fmt(_mib(r.get("peak_mem_bytes")), ".1f"),
                                  _fmt(r.get("floor_frac"), ".3f"), status])
     return rows
 
@@ -478,8 +492,30 @@ def ratio_rows(result: dict, primary_only: bool = True) -> List[list]:
         for r in od.get("ratios", []):
             if primary_only and not r.get("primary"):
                 continue
+            note = f"not in headline: {r['refused']}" if r.get("refused") else ""
             rows.append([op, r["case"], r["pass"], r["ours"], r["anchor"], _fmt(r["speedup"], ".2f"),
-                         _fmt(r["mem_ratio"], ".2f")])
+                         _spread(r.get("speedup_lo"), r.get("speedup_hi"), ".2f"), _fmt(r["mem_ratio"], ".2f"), note])
+    return rows
+
+
+def headline_title(result: dict) -> str:
+    """Smoke sizes (tiny, ci) say so: their ratios show that the harness runs, not how fast anything is."""
+    if result.get("smoke"):
+        return (f"Smoke results (size {result['size']}: checks that everything runs; NOT a performance "
+                f"claim): ours vs each anchor")
+    return "Headline: ours vs each anchor (geometric mean over shapes)"
+
+
+def headline_rows(summary: List[dict]) -> List[list]:
+    rows = []
+    for s in summary:
+        note = ""
+        if s.get("n_refused"):
+            note = (f"refused: {s['refused']}" if s.get("refused") else
+                    f"{s['n_refused']} shape(s) left out (too few repeats or too short)")
+        rows.append([s["op"], s["pass"], s["ours"], s["anchor"], _fmt(s["speedup_gmean"], ".2f"),
+                     _spread(s.get("speedup_min"), s.get("speedup_max"), ".2f"), _fmt(s["mem_ratio_gmean"], ".2f"),
+                     s["n"], note])
     return rows
 
 
@@ -528,26 +564,31 @@ def render_markdown(result: dict) -> str:
     out.append("")
     summ = result.get("summary", [])
     if summ:
-        out.append("## Headline: ours vs each anchor (geometric mean over shapes)")
+        out.append(f"## {headline_title(result)}")
         out.append("")
-        out.append(format_table(["op", "pass", "ours", "anchor", "speedup", "memory ratio", "shapes"],
-                                [[s["op"], s["pass"], s["ours"], s["anchor"], _fmt(s["speedup_gmean"], ".2f"),
-                                  _fmt(s["mem_ratio_gmean"], ".2f"), s["n"]] for s in summ], markdown=True))
+        out.append(format_table(HEADLINE_HEAD, headline_rows(summ), markdown=True))
         out.append("")
-        out.append("speedup = anchor time / ours time; memory ratio = anchor peak memory / ours peak memory "
-                   "(> 1: ours is faster / smaller).")
+        rule = result.get("headline_rule") or {}
+        out.append("speedup = anchor time / ours time (geometric mean of the medians over shapes; min-max = the "
+                   "widest range the per-repeat times allow: anchor min / ours max .. anchor max / ours min); "
+                   "memory ratio = anchor peak memory / ours peak memory (> 1: ours is faster / smaller). "
+                   f"A shape enters a headline only with >= {rule.get('min_reps', '?')} timed repeats and medians "
+                   f">= {rule.get('min_ms', '?')} ms on both sides.")
         out.append("")
     out.append("## Times and memory")
     out.append("")
-    out.append(format_table(["op", "shape", "pass", "impl", "time ms", "peak MiB", "floor frac", "status"],
-                            result_rows(result), markdown=True))
+    out.append(format_table(TIMES_HEAD, result_rows(result), markdown=True))
     out.append("")
+    if result.get("roofline_gpu"):
+        out.append(f"modeled_ms: `python -m benchmarks.roofline` for {result['roofline_gpu']} (the launcher's own "
+                   "launch plan priced at the datasheet bandwidth and bf16 peak); measured/modeled > 1: slower "
+                   "than modeled.")
+        out.append("")
     rr = ratio_rows(result)
     if rr:
         out.append("## Ratios per shape (primary ours impl)")
         out.append("")
-        out.append(format_table(["op", "shape", "pass", "ours", "anchor", "speedup", "memory ratio"], rr,
-                                markdown=True))
+        out.append(format_table(RATIO_HEAD, rr, markdown=True))
         out.append("")
     skipped = group_skipped(result.get("skipped", []))
     if skipped:

@@ -88,7 +88,11 @@ def test_suite_tiny_writes_ratios_for_every_op(tmp_path):
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(paths["md"]).read()
-    assert "## Headline" in md and "floor" in md
+    # size tiny is a smoke run: labelled as such, and 2-3 sub-millisecond repeats never make a headline ratio
+    assert "## Smoke results" in md and "NOT a performance claim" in md and "floor" in md
+    assert data["smoke"] is True
+    for s in data["summary"]:
+        assert s["speedup_gmean"] is None and s["n"] == 0 and s["refused"], s
     assert data["ceilings"]["bandwidth"] > 0 and data["ceilings"]["matmul_flops"] > 0
     assert set(data["ops"]) == set(C.OPS)
     for op, entry in data["ops"].items():
@@ -115,7 +119,7 @@ def test_suite_tiny_writes_ratios_for_every_op(tmp_path):
     assert "needs CUDA" in data["ops"]["entropy_logprob"]["impls"]["ours:triton"]["reason"]
     lines = []
     print_report(res, log=lines.append)
-    assert any("speedup" in ln for ln in lines)
+    assert any("speedup" in ln for ln in lines) and any("Smoke results" in ln for ln in lines)
 
 
 @pytest.mark.gpu
@@ -142,6 +146,115 @@ def test_suite_tiny_on_cuda(tmp_path):
             assert d["status"] == "ok" or d["reason"], (op, name)
 
 
+def _timed(ms, reps, lo=None, hi=None):
+    return {"status": "ok", "time_ms": ms, "time_min_ms": lo or ms, "time_max_ms": hi or ms, "reps": reps}
+
+
+def test_headline_rule_refuses_few_repeats_and_short_times():
+    """A ratio from fewer than MIN_HEADLINE_REPS repeats or from a median under the threshold is refused
+    (saying which); accepted ratios carry their min-max spread."""
+    from benchmarks import __main__ as M
+
+    kinds = {"ours:cpu": "ours", "eager": "anchor"}
+    cpu = torch.device("cpu")
+    reps = M.MIN_HEADLINE_REPS
+    per = {"fwd": {"ours:cpu": _timed(10.0, reps, 9.0, 12.0), "eager": _timed(20.0, reps, 18.0, 30.0)},
+           "fwd+bwd": {"ours:cpu": _timed(10.0, reps - 1), "eager": _timed(20.0, reps)}}
+    rows = {r["pass"]: r for r in M._ratios("entropy_logprob", "N=1", per, kinds, cpu)}
+    ok = rows["fwd"]
+    assert ok["refused"] is None and ok["speedup"] == pytest.approx(2.0)
+    assert ok["speedup_lo"] == pytest.approx(18.0 / 12.0) and ok["speedup_hi"] == pytest.approx(30.0 / 9.0)
+    assert f"{reps - 1} timed repeats < {reps}" in rows["fwd+bwd"]["refused"]
+    short = {"fwd": {"ours:cpu": _timed(0.2, 50), "eager": _timed(20.0, 50)}}
+    (r,) = M._ratios("entropy_logprob", "N=1", short, kinds, cpu)
+    assert "ours: median 0.2 ms < 1 ms" in r["refused"]
+    txt = C.format_table(C.RATIO_HEAD, C.ratio_rows({"ops": {"entropy_logprob": {"ratios": [ok, r]}}}))
+    assert "1.50-3.33" in txt and "not in headline" in txt
+
+
+def _fake_plan_module(monkeypatch):
+    """Give the Triton logits launcher a fake ``plan`` (the real ones may not exist yet) and hide any real
+    plan of the others, so the test does not depend on the launchers' numbers."""
+    import importlib
+
+    from benchmarks import roofline as RL
+    from hero_kernels.backends.plan import KernelLaunch
+
+    calls = []
+
+    def plan(N, V, dtype, *, pass_="fwd", inplace_backward=False, batch=None):
+        calls.append((N, V, dtype, pass_))
+        elt = torch.empty((), dtype=dtype).element_size()
+        ks = [KernelLaunch("_fwd", (N,), "stream", 0.0, N * V * elt, l2_note="labels/lse in L2", num_warps=8)]
+        if pass_ == "fwd+bwd":
+            ks.append(KernelLaunch("_bwd", (N,), "stream", 0.0, 2 * N * V * elt, num_warps=8, repeats=2))
+        return ks
+
+    for (op, impl), name in RL.IMPL_MODULES.items():
+        mod = importlib.import_module(name)
+        if (op, impl) == ("entropy_logprob", "triton"):
+            monkeypatch.setattr(mod, "plan", plan, raising=False)
+        elif hasattr(mod, "plan"):
+            monkeypatch.delattr(mod, "plan")
+    RL._CACHE.clear()
+    return calls
+
+
+def test_roofline_calls_the_launchers_plans(monkeypatch, tmp_path):
+    """roofline sums the plan's modeled_seconds, computes the floors itself, and reports a launcher without
+    ``plan`` as not ported instead of crashing; --json writes a list of rows with the documented keys."""
+    from benchmarks import roofline as RL
+    from hero_kernels.backends.plan import GPU_SPECS
+
+    calls = _fake_plan_module(monkeypatch)
+    h100 = GPU_SPECS["h100"]
+    r = RL.model_row("entropy_logprob", "triton", "fwd+bwd", 16384, 0, 151936, "bf16", "h100")
+    nv2 = 16384 * 151936 * 2
+    assert calls[-1] == (16384, 151936, torch.bfloat16, "fwd+bwd")
+    assert r["floor_s"] == pytest.approx(3 * nv2 / 3.35e12)
+    expect = nv2 / h100.hbm_bytes_per_s + h100.launch_s + 2 * (2 * nv2 / h100.hbm_bytes_per_s + h100.launch_s)
+    assert r["modeled_s"] == pytest.approx(expect) and r["ratio"] == pytest.approx(expect / r["floor_s"])
+    assert [k["name"] for k in r["kernels"]] == ["_fwd", "_bwd"] and r["kernels"][1]["bound"] == "hbm"
+    assert r["l2_notes"] == ["labels/lse in L2"]
+    lin = RL.model_row("linear_entropy_logprob", "cuda", "fwd+bwd", 16384, 4096, 128256, "bf16", "h200")
+    assert lin["status"] == "no plan" and lin["reason"] == RL.NO_PLAN and lin["modeled_s"] is None
+    assert lin["floor_s"] == pytest.approx(8 * 16384 * 4096 * 128256 / 989e12)
+
+    out = tmp_path / "rl.json"
+    assert RL.main(["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    keys = {"op", "pass", "N", "D", "V", "dtype", "gpu", "impl", "modeled_s", "floor_s", "ratio"}
+    assert all(keys <= set(x) for x in rows)
+    got = {(x["op"], x["pass"], x["N"], x["D"], x["V"], x["gpu"], x["impl"]) for x in rows}
+    assert ("linear_entropy_logprob", "fwd+bwd", 16384, 4096, 128256, "h100", "triton") in got
+    assert ("entropy_logprob", "fwd+bwd", 16384, 0, 151936, "h200", "cuda") in got
+    assert {x["gpu"] for x in rows} == {"h100", "h200"} and all(x["dtype"] == "bf16" for x in rows)
+    assert all(x["modeled_s"] > 0 for x in rows if (x["op"], x["impl"]) == ("entropy_logprob", "triton"))
+    assert RL.main(["--gpu", "a100"]) == 2
+
+
+def test_bench_attaches_modeled_time(monkeypatch):
+    """On an H100 / H200 every ours:triton / ours:cuda time gets modeled_ms and measured/modeled."""
+    from benchmarks import __main__ as M
+
+    _fake_plan_module(monkeypatch)
+    case = C.Case("entropy_logprob", N=1024, V=32000)
+    r = {"time_ms": 1.0}
+    M._attach_model(r, "entropy_logprob", "ours:triton", case, "fwd", torch.bfloat16, "h100")
+    assert r["modeled_ms"] > 0 and r["measured_vs_modeled"] == pytest.approx(1.0 / r["modeled_ms"])
+    r2 = {"time_ms": 1.0}
+    M._attach_model(r2, "entropy_logprob", "ours:cuda", case, "fwd", torch.bfloat16, "h100")
+    assert "modeled_ms" not in r2 and "not ported" in r2["modeled_reason"]
+    r3 = {"time_ms": 1.0}
+    M._attach_model(r3, "entropy_logprob", "eager", case, "fwd", torch.bfloat16, "h100")
+    M._attach_model(r3, "entropy_logprob", "ours:triton", case, "fwd", torch.bfloat16, None)
+    assert r3 == {"time_ms": 1.0}
+    row = C.result_rows({"ops": {"entropy_logprob": {"cases": [{"shape": case.as_dict(), "results": {
+        "fwd": {"ours:triton": dict(r, status="ok", reps=5, time_min_ms=0.9, time_max_ms=1.2)}}}]}}})[0]
+    assert row[C.TIMES_HEAD.index("modeled_ms")] == f"{r['modeled_ms']:.3f}"
+    assert row[C.TIMES_HEAD.index("min-max ms")] == "0.900-1.200"
+
+
 def test_compile_report_table_and_exit_codes(monkeypatch, tmp_path):
     from benchmarks import compile_report as CR
 
@@ -162,6 +275,52 @@ def test_compile_report_table_and_exit_codes(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "cr.json").read_text())["n_spills"] == 1
 
 
+def test_compile_report_occupancy_and_sass_loops():
+    from benchmarks import compile_report as CR
+
+    # 68 registers x 8 warps: 72 regs/thread allocated -> 2304 per warp -> 28 warps -> 3 CTAs of 8 warps
+    assert CR.ctas_per_sm("sm_90a", 68, 1024, 8) == (3, "registers")
+    assert CR.ctas_per_sm("sm_90a", 32, 0, 1) == (32, "ctas")
+    assert CR.ctas_per_sm("sm_90a", 32, 100 * 1024, 4) == (2, "shared")
+    assert CR.ctas_per_sm("sm_90a", 16, 0, 32) == (2, "warps")
+    sass = """
+        Function : k
+        /*0000*/                   LDG.E.64 R2, desc[UR14][R2.64] ;
+        /*0010*/                   NOP ;
+        /*0020*/              @!P0 LDG.E.128 R16, desc[UR14][R62.64] ;
+        /*0030*/                   FADD R1, R1, R2 ;
+        /*0040*/              @!P0 LDG.E.128 R20, desc[UR14][R62.64+0x1000] ;
+        /*0050*/                   MUFU.EX2 R3, R3 ;
+        /*0060*/              @!P0 BRA 0x20 ;
+        /*0070*/               @P0 LDG.E.U16 R10, desc[UR14][R2.64] ;
+        /*0080*/               @P0 BRA 0x70 ;
+        /*0090*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*00a0*/                   BRA 0xa0;
+    """
+    funcs = CR.sass_functions(sass)
+    s = CR.sass_summary(funcs["k"], "sm_90a", 2)
+    hl = s["hot_loop"]  # the vector loop (32 bytes per thread), not the scalar tail or the self-branch
+    assert hl["instructions"] == 5 and hl["load_bytes_per_thread"] == 32 and hl["loops_with_loads"] == 2
+    assert hl["elements_per_thread"] == 16 and hl["instr_per_element"] == pytest.approx(5 / 16)
+    assert s["wgmma"] is True and CR.sass_summary(funcs["k"], "sm_80", 2)["wgmma"] is None
+
+
+def test_compile_report_builds_row_kernels_aligned_and_unaligned():
+    """Modules without compile_attrs get both builds: pointers (+ the specializable ints) divisible by 16."""
+    from benchmarks import compile_report as CR
+    from hero_kernels.backends.triton import entropy_logprob as M
+
+    fn, sig = M.KERNEL_CONFIGS[0][:2]
+    v = CR.build_variants(M, fn, sig)
+    if hasattr(M, "compile_attrs") and "unaligned" not in v:
+        pytest.skip("the row module declares its own (aligned-only) compile attributes")
+    names = fn.arg_names
+    aligned = {names[i] for (i,) in v["aligned"]}
+    unaligned = {names[i] for (i,) in v["unaligned"]}
+    assert "V" in aligned and "V" not in unaligned and "logits_ptr" in unaligned
+    assert "ignore_index" not in aligned  # do_not_specialize: never specialized at run time
+
+
 def test_compile_report_compiles_one_triton_kernel(tmp_path):
     """A real compile (no GPU): one Triton config for sm_90a, in a fresh process without TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
@@ -171,13 +330,19 @@ def test_compile_report_compiles_one_triton_kernel(tmp_path):
         pytest.skip("cuobjdump not found")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--match", "entropy_logprob_fwd[bf16",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--match", "entropy_logprob_fwd[bf16,BLOCK_V=4096",
                         "--cc", "90", "--skip-cu", "--jobs", "1", "--out", str(tmp_path), "--stem", "cr"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((tmp_path / "cr.json").read_text())
     assert rep["n_kernels"] >= 1 and rep["n_errors"] == 0
     assert all(row["registers"] > 0 and row["arch"] == "sm_90a" for row in rep["rows"])
+    # the row kernel is built as it runs for V % 16 == 0 and for odd V, with its hot loop and occupancy
+    assert {row["variant"] for row in rep["rows"]} == {"aligned", "unaligned"}
+    for row in rep["rows"]:
+        hl = row["hot_loop"]
+        assert hl["instructions"] > 0 and hl["elements_per_thread"] > 0 and hl["instr_per_element"] > 0, row
+        assert 1 <= row["ctas_per_sm"] <= 32 and row["wgmma"] is False
 
 
 @pytest.mark.slow

@@ -1,0 +1,244 @@
+"""``python -m benchmarks.roofline``: modeled GPU time of every launcher's real launch plan vs the floor, no GPU.
+
+Each GPU launcher module (``hero_kernels.backends.{triton,cuda}.{entropy_logprob,linear_entropy_logprob}``)
+exposes ``plan(...)``: the list of ``KernelLaunch`` (grid, tiles, splits, chunk sizes, FLOPs, HBM bytes and
+the L2-residency assumption behind them) that its launcher runs for a shape. This module only CALLS those
+functions (it never copies their numbers) and prices each launch with
+``hero_kernels.backends.plan.modeled_seconds`` on the H100 SXM and H200 specs in ``GPU_SPECS``.
+
+Floors (what no implementation can beat), ``elt`` = bytes per element of the logits / weights dtype:
+
+* ``entropy_logprob`` (logits ``[N, V]``): fwd ``N*V*elt`` bytes, fwd+bwd ``3*N*V*elt`` (forward read,
+  backward read, dlogits write), divided by the GPU's HBM bandwidth.
+* ``linear_entropy_logprob`` (hidden ``[N, D]``, weight ``[V, D]``): fwd ``2*N*D*V`` FLOPs, fwd+bwd
+  ``8*N*D*V`` (forward, recompute, dh, dW GEMMs), divided by the bf16 tensor-core peak (989 TFLOP/s).
+
+``ratio = modeled_s / floor_s``. A launcher without ``plan`` yields a row with ``status`` "no plan" and
+reason "no plan (launcher not ported)", a plan that raises yields ``status`` "error": never a crash.
+
+    python -m benchmarks.roofline                         # the design grid, both GPUs, table on stdout
+    python -m benchmarks.roofline --json OUT.json --gpu h100 --op linear_entropy_logprob
+    python -m benchmarks.roofline --shapes headline       # only the two headline shapes
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, modeled_seconds
+
+from . import common as C
+
+__all__ = ["IMPL_MODULES", "NO_PLAN", "floor_seconds", "model_row", "rows_for", "shapes", "modeled_for",
+           "gpu_key", "main"]
+
+OPS = ("entropy_logprob", "linear_entropy_logprob")
+#: (op, impl) -> the launcher module whose ``plan`` describes what that impl runs on a GPU
+IMPL_MODULES: Dict[Tuple[str, str], str] = {
+    (op, impl): f"hero_kernels.backends.{impl}.{op}" for op in OPS for impl in ("triton", "cuda")
+}
+NO_PLAN = "no plan (launcher not ported)"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Shapes. "headline": the two targets of the design; "design": its whole grid (V in {32000, 128256, 151936},
+# D in {2048, 4096}, N in {4096, 16384, 65536}); "bench": the GPU benchmark's own shapes (size full), so a
+# measured row always has its modeled twin.
+_HEADLINE = {"entropy_logprob": [(16384, 0, 151936)], "linear_entropy_logprob": [(16384, 4096, 128256)]}
+_NS, _DS, _VS = (4096, 16384, 65536), (2048, 4096), (32000, 128256, 151936)
+
+
+def shapes(which: str = "design") -> Dict[str, List[Tuple[int, int, int]]]:
+    """{op: [(N, D, V)]} (D = 0 for the logits op); the headline shapes first, duplicates dropped."""
+    out = {op: list(_HEADLINE[op]) for op in OPS}
+    if which in ("design", "all"):
+        out["entropy_logprob"] += [(n, 0, v) for n, v in itertools.product(_NS, _VS)]
+        out["linear_entropy_logprob"] += [(n, d, v) for n, d, v in itertools.product(_NS, _DS, _VS)]
+    if which in ("bench", "all"):
+        for op in OPS:
+            out[op] += [(c.N, c.D, c.V) for c in C.cases_for(op, "full")]
+    elif which not in ("design", "headline"):
+        raise ValueError(f"shapes must be one of headline, design, bench, all; got {which!r}")
+    return {op: list(dict.fromkeys(v)) for op, v in out.items()}
+
+
+def floor_seconds(op: str, pass_: str, N: int, D: int, V: int, elt: int, gpu: GpuSpec) -> float:
+    """The floor of the module docstring: HBM bytes for the logits op, GEMM FLOPs for the fused head."""
+    if op == "entropy_logprob":
+        return (1 if pass_ == "fwd" else 3) * N * V * elt / gpu.hbm_bytes_per_s
+    return (2 if pass_ == "fwd" else 8) * N * D * V / gpu.bf16_flops_per_s
+
+
+def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: torch.dtype,
+               **kw) -> Tuple[Optional[List[KernelLaunch]], str, Optional[str]]:
+    """(launches, status, reason): status ok | no plan | error."""
+    name = IMPL_MODULES[(op, impl)]
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - reported in the row
+        return None, "error", f"import {name} failed: {type(e).__name__}: {e}"
+    fn = getattr(mod, "plan", None)
+    if fn is None:
+        return None, "no plan", NO_PLAN
+    try:
+        if op == "entropy_logprob":
+            launches = fn(N, V, dtype, pass_=pass_, **kw)
+        else:
+            launches = fn(N, D, V, dtype, pass_=pass_, **kw)
+        launches = list(launches)
+    except Exception as e:  # noqa: BLE001 - a plan that refuses a shape is a row, not a crash
+        return None, "error", f"{name}.plan raised {type(e).__name__}: {str(e).strip()[:300]}"
+    bad = [type(x).__name__ for x in launches if not isinstance(x, KernelLaunch)]
+    if bad or not launches:
+        return None, "error", f"{name}.plan returned {bad or 'no launches'} instead of a list of KernelLaunch"
+    return launches, "ok", None
+
+
+def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
+    peak = gpu.fp32_flops_per_s if (fp32 and k.kind == "gemm") else gpu.bf16_flops_per_s
+    t_c, t_m = k.flops / peak, k.hbm_bytes / gpu.hbm_bytes_per_s
+    return {"name": k.name, "grid": list(k.grid), "kind": k.kind, "repeats": k.repeats, "external": k.external,
+            "flops": k.flops * k.repeats, "hbm_bytes": k.hbm_bytes * k.repeats,
+            "modeled_s": modeled_seconds(k, gpu, flops_per_s=peak), "bound": "compute" if t_c >= t_m else "hbm",
+            "num_warps": k.num_warps, "num_stages": k.num_stages, "meta": dict(k.meta), "l2_note": k.l2_note}
+
+
+def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str = "bf16", gpu: str = "h100",
+              **plan_kw) -> Dict[str, Any]:
+    """One roofline row (keys: op, pass, N, D, V, dtype, gpu, impl, status, reason, modeled_s, floor_s, ratio,
+    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes)."""
+    spec = GPU_SPECS[gpu]
+    tdt = _DTYPES[dtype]
+    elt = torch.empty((), dtype=tdt).element_size()
+    row: Dict[str, Any] = {"op": op, "pass": pass_, "N": N, "D": D if op != "entropy_logprob" else 0, "V": V,
+                           "dtype": dtype, "gpu": gpu, "impl": impl,
+                           "floor_s": floor_seconds(op, pass_, N, D, V, elt, spec),
+                           "modeled_s": None, "ratio": None, "status": "ok", "reason": None}
+    launches, row["status"], row["reason"] = _call_plan(op, impl, pass_, N, D, V, tdt, **plan_kw)
+    if launches is None:
+        return row
+    ks = [_kernel_row(k, spec, tdt == torch.float32) for k in launches]
+    row["kernels"] = ks
+    row["modeled_s"] = sum(k["modeled_s"] for k in ks)
+    row["ratio"] = row["modeled_s"] / row["floor_s"] if row["floor_s"] > 0 else None
+    row["flops"] = sum(k["flops"] for k in ks)
+    row["hbm_bytes"] = sum(k["hbm_bytes"] for k in ks)
+    row["l2_notes"] = list(dict.fromkeys(k["l2_note"] for k in ks if k["l2_note"]))
+    return row
+
+
+def rows_for(which: str = "design", gpus: Sequence[str] = ("h100", "h200"), ops: Sequence[str] = OPS,
+             impls: Sequence[str] = ("triton", "cuda"), passes: Sequence[str] = C.PASSES,
+             dtype: str = "bf16") -> List[Dict[str, Any]]:
+    out = []
+    grid = shapes(which)
+    for op in ops:
+        for (N, D, V), pass_, gpu, impl in itertools.product(grid[op], passes, gpus, impls):
+            out.append(model_row(op, impl, pass_, N, D, V, dtype, gpu))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# used by ``python -m benchmarks`` to put the modeled time next to every measured GPU time
+# ----------------------------------------------------------------------------------------------
+def gpu_key(device_name: str) -> Optional[str]:
+    """'h100' / 'h200' from a CUDA device name, None for a GPU the model has no spec for."""
+    n = device_name.lower()
+    return next((k for k in GPU_SPECS if k in n), None)
+
+
+_CACHE: Dict[tuple, Dict[str, Any]] = {}
+
+
+def modeled_for(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: torch.dtype,
+                gpu: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The model row of an ``ours:<impl>`` measurement (None when there is nothing to model: CPU backends,
+    other ops, unknown GPU or dtype). Cached: the benchmark asks once per case and pass."""
+    dt = next((k for k, v in _DTYPES.items() if v == dtype), None)
+    if gpu not in GPU_SPECS or (op, impl) not in IMPL_MODULES or dt is None:
+        return None
+    key = (op, impl, pass_, N, D, V, dt, gpu)
+    if key not in _CACHE:
+        _CACHE[key] = model_row(op, impl, pass_, N, D, V, dt, gpu)
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------------
+def _ms(x: Optional[float]) -> str:
+    return C._fmt(None if x is None else 1e3 * x, ".3f")
+
+
+def table_rows(rows: Iterable[Dict[str, Any]]) -> List[list]:
+    out = []
+    for r in rows:
+        top = ""
+        if r.get("kernels"):
+            k = max(r["kernels"], key=lambda k: k["modeled_s"])
+            top = f"{k['name']} {100 * k['modeled_s'] / r['modeled_s']:.0f}% ({k['bound']})"
+        out.append([r["op"], r["pass"], r["N"], r["D"], r["V"], r["gpu"], r["impl"], _ms(r["modeled_s"]),
+                    _ms(r["floor_s"]), C._fmt(r["ratio"], ".2f"), top if r["status"] == "ok" else r["reason"]])
+    return out
+
+
+HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "ratio", "largest kernel / status"]
+
+
+def render_markdown(rows: List[Dict[str, Any]]) -> str:
+    out = ["# Roofline model of the GPU launch plans", "",
+           "modeled = sum over the launcher's plan of max(FLOPs / peak, HBM bytes / bandwidth) + launch overhead; "
+           "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
+           "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head.", "",
+           C.format_table(HEAD, table_rows(rows), markdown=True), ""]
+    notes = list(dict.fromkeys(n for r in rows for n in r.get("l2_notes", [])))
+    if notes:
+        out += ["## L2-residency assumptions", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None, help="write the rows (a JSON list) here")
+    ap.add_argument("--md", default=None, help="write a markdown table here")
+    ap.add_argument("--shapes", default="design", choices=("headline", "design", "bench", "all"))
+    ap.add_argument("--gpu", default="h100,h200", help=f"comma list of {','.join(GPU_SPECS)}")
+    ap.add_argument("--op", default=",".join(OPS), help="comma list of " + ",".join(OPS))
+    ap.add_argument("--impl", default="triton,cuda")
+    ap.add_argument("--pass", dest="passes", default=",".join(C.PASSES))
+    ap.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    ap.add_argument("--kernels", action="store_true", help="print the per-kernel breakdown under each row")
+    a = ap.parse_args(argv)
+    csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    gpus, ops, impls, passes = csv(a.gpu), csv(a.op), csv(a.impl), csv(a.passes)
+    for val, allowed, what in ((gpus, GPU_SPECS, "--gpu"), (ops, OPS, "--op"), (impls, ("triton", "cuda"), "--impl"),
+                               (passes, C.PASSES, "--pass")):
+        bad = [v for v in val if v not in allowed]
+        if bad:
+            print(f"error: {what} {bad[0]!r} is not one of {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    rows = rows_for(a.shapes, gpus, ops, impls, passes, a.dtype)
+    print(C.format_table(HEAD, table_rows(rows)))
+    if a.kernels:
+        for r in rows:
+            for k in r.get("kernels", []):
+                print(f"  {r['op']} {r['pass']} N={r['N']} D={r['D']} V={r['V']} {r['gpu']} {r['impl']}: "
+                      f"{k['name']} grid={k['grid']} x{k['repeats']} {_ms(k['modeled_s'])} ms ({k['bound']}) "
+                      f"{k['l2_note']}")
+    missing = sorted({(r["op"], r["impl"], r["reason"]) for r in rows if r["status"] != "ok"})
+    for op, impl, why in missing:
+        print(f"{op} / {impl}: {why}", file=sys.stderr)
+    if a.json:
+        C.write_json(a.json, rows)
+    if a.md:
+        C.atomic_write(a.md, render_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
