@@ -629,6 +629,15 @@ def render_suite_markdown(suite: dict) -> str:
         out.append(f"compile report: {cr.get('n_kernels', 0)} kernel builds, {cr.get('n_spills', 0)} with spills, "
                    f"{cr.get('n_errors', 0)} failed to compile.")
         out.append("")
+    checks = suite.get("device_checks")
+    if isinstance(checks, list):
+        bad = [c for c in checks if not c.get("ok")]
+        out.append(f"device checks (benchmarks/device_checks.py): {len(checks) - len(bad)}/{len(checks)} passed"
+                   + ("; failed: " + "; ".join(f"`{c['check']}`" for c in bad) if bad else "") + ".")
+        out.append("")
+    kt = suite.get("kernel_timings")
+    if isinstance(kt, dict):
+        out.append(render_kernel_timings(kt))
     tm = suite.get("trainer_memory")
     if isinstance(tm, dict) and isinstance(tm.get("results"), dict):
         out.append("trainer step memory (benchmarks/bench_trainer_memory.py, " +
@@ -638,6 +647,35 @@ def render_suite_markdown(suite: dict) -> str:
         out.append(format_table(["variant", "peak growth MB", "step s"],
                                 [[k, _fmt(v.get("delta_mb"), ".1f"), _fmt(v.get("time_s"), ".3f")]
                                  for k, v in tm["results"].items() if isinstance(v, dict)], markdown=True))
+        out.append("")
+    return "\n".join(out)
+
+
+def render_kernel_timings(kt: dict) -> str:
+    """Markdown of benchmarks/kernel_timings.py: cuBLAS GEMM rates, then per op / impl the pass times and the
+    measured vs modeled time of every plan kernel."""
+    out = ["## Kernel timings: measured (CUDA events, torch.profiler) vs modeled (benchmarks/roofline.py)", ""]
+    g = kt.get("gemms") or []
+    if g:
+        out.append(format_table(["cuBLAS GEMM", "ms", "TFLOP/s"], [[x["name"], _fmt(x["ms"], ".3f"),
+                                                                   _fmt(x["tflops"], ".0f")] for x in g], markdown=True))
+        out.append("")
+    for r in kt.get("ops", []):
+        if "error" in r:
+            out.append(f"- `{r['op']}` / {r['impl']}: error: {r['error']}")
+            continue
+        out.append(f"### {r['op']} / {r['impl']} (N={r['N']}, D={r['D']}, V={r['V']}, {r['dtype']})")
+        out.append("")
+        out.append(f"fwd {_fmt(r['fwd']['ms'], '.3f')} ms (modeled {_fmt(r['fwd'].get('modeled_ms'), '.3f')}), "
+                   f"bwd {_fmt(r['bwd']['ms'], '.3f')} ms, fwd+bwd modeled {_fmt(r.get('fwd+bwd_modeled_ms'), '.3f')} "
+                   f"ms, peak extra {_fmt(_mib(r.get('peak_extra_bytes')), '.0f')} MiB"
+                   + (f"; model: {r['model_reason']}" if r.get("model_reason") else ""))
+        out.append("")
+        rows = r.get("by_plan_kernel") or [dict(k, modeled_ms=None) for k in r["fwd"]["kernels"] + r["bwd"]["kernels"]]
+        out.append(format_table(["kernel", "measured ms", "modeled ms", "measured/modeled"],
+                                [[k["name"][:90].replace("|", "/"), _fmt(k.get("ms"), ".3f"),
+                                  _fmt(k.get("modeled_ms"), ".3f"), _fmt(k.get("measured_vs_modeled"), ".2f")]
+                                 for k in rows], markdown=True))
         out.append("")
     return "\n".join(out)
 
@@ -757,7 +795,8 @@ def device_info(device: torch.device) -> Dict[str, Any]:
 
 
 def finalize_suite(json_path: str, md_path: str, stages_file: str, pytest_log: Optional[str] = None,
-                   compile_json: Optional[str] = None, trainer_json: Optional[str] = None) -> dict:
+                   compile_json: Optional[str] = None, trainer_json: Optional[str] = None,
+                   checks_json: Optional[str] = None, timings_json: Optional[str] = None) -> dict:
     """Merge the GPU suite's stage log (lines 'name rc seconds note...') into the benchmark JSON and markdown.
 
     Creates a minimal JSON when the benchmark stage produced none (it failed or timed out), so every
@@ -782,9 +821,11 @@ def finalize_suite(json_path: str, md_path: str, stages_file: str, pytest_log: O
             cr = json.load(f)
         suite["compile_report"] = {k: cr.get(k) for k in ("n_kernels", "n_spills", "n_errors", "ok")}
         suite["compile_report"]["rows"] = cr.get("rows", [])
-    if trainer_json and os.path.exists(trainer_json):
-        with open(trainer_json) as f:
-            suite["trainer_memory"] = json.load(f)
+    for key, path in (("trainer_memory", trainer_json), ("device_checks", checks_json),
+                      ("kernel_timings", timings_json)):
+        if path and os.path.exists(path):
+            with open(path) as f:
+                suite[key] = json.load(f)
     if os.path.exists(json_path):
         with open(json_path) as f:
             result = json.load(f)
@@ -803,9 +844,9 @@ if __name__ == "__main__":  # used by gpu_suite.sh: python -m benchmarks.common 
     import sys
 
     if len(sys.argv) >= 5 and sys.argv[1] == "finalize":
-        a = sys.argv[2:] + [None] * (6 - len(sys.argv[2:]))
-        finalize_suite(*a[:6])
+        a = sys.argv[2:] + [None] * (8 - len(sys.argv[2:]))
+        finalize_suite(*[x or None for x in a[:8]])
     else:
         print("usage: python -m benchmarks.common finalize RESULT.json RESULT.md STAGES.txt [PYTEST.log] "
-              "[COMPILE.json] [TRAINER.json]")
+              "[COMPILE.json] [TRAINER.json] [CHECKS.json] [TIMINGS.json]  (empty string: none)")
         sys.exit(2)

@@ -1,35 +1,38 @@
 #!/usr/bin/env bash
-# hero-kernels GPU suite: ONE command for a lent GPU machine with no internet.
+# hero-kernels GPU suite: ONE command for a lent GPU machine with no internet (~7 minutes of device time).
 #
-#   bash benchmarks/gpu_suite.sh                        # on the GPU machine (default: ~9 min at most)
+#   bash benchmarks/gpu_suite.sh                        # on the GPU machine (default: 420 s at most)
 #   HERO_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh   # or --cpu: the same stages on CPU at CI size
 #
-# Stages (each under `timeout`; a failed stage is recorded and the next one runs):
+# Stages, most important first (each under `timeout`; a failed stage is recorded and the next one runs):
 #   setup     pick a python whose torch sees CUDA (the machine's own: never installs torch), make a venv on
 #             top of it (its site-packages linked in), install carried wheels from .whl/ (no index) and the
 #             project (pip install --no-deps --no-build-isolation -e .; PYTHONPATH fallback)
 #   build     build + load the C++/CUDA extension once (cached for the later stages)
-#   tests     pytest -q -m "not slow" tests (CUDA available, so the GPU tests run)
-#   bench     python -m benchmarks --size full: every op x impl (ours, eager, torch.compile, Liger, CCE, verl
-#             when importable), time + memory + floors, with a time budget so the stage ends in time
-#   trainer   python -m benchmarks.bench_trainer_memory (one HERO step: fused LM head vs materialized logits)
-#   compile   python -m benchmarks.compile_report: registers / shared memory / spills, sm_80 and sm_90a
-#   finalize  merge stage results, pytest summary and compile report into the result JSON + markdown
-# Output: benchmarks/results/<gpu>-<date>.{json,md,png}, <gpu>-<date>-compile.{json,md}, <gpu>-<date>-trainer.json,
-# <gpu>-<date>-suite.log;
-# copied into $OUT (when set) after every stage, so a run cut short still returns what it made.
+#   checks    python -m benchmarks.device_checks: both ops, triton + cuda, vs the float64 reference
+#             (V=151936, odd V, strided views, in-place backward, bias, masked rows, temperature), ~60 s
+#   timings   python -m benchmarks.kernel_timings: CUDA-event times of the fused head's forward and backward,
+#             per-kernel device times beside the roofline model and beside cuBLAS GEMMs of the same shape
+#   bench     python -m benchmarks --ops entropy_logprob,linear_entropy_logprob --impls
+#             ours,eager,compile,liger,cce (size full), with a time budget so the stage ends in time
+#   tests     pytest on the device-relevant files (GPU-marked tests first, then the Triton op files)
+#   trainer   python -m benchmarks.bench_trainer_memory at 8192 completion tokens, if time is left
+#   finalize  merge stage results, device checks, kernel timings and the pytest summary into the result
+# The compile report is NOT in the device window: it needs no GPU (make compile-report).
+# Output: benchmarks/results/<gpu>-<date>.{json,md,png}, <gpu>-<date>-kernels.json, <gpu>-<date>-trainer.json,
+# <gpu>-<date>-suite.log; copied into $OUT (when set) after every stage, so a run cut short still returns them.
 #
 # Environment (all optional):
 #   HERO_PYTHON           python to use (default: first of python3, .venv/bin/python whose torch fits)
-#   HERO_SUITE_TOTAL      seconds for the whole suite (default 540); the bench stage gets what is left
+#   HERO_SUITE_TOTAL      seconds for the whole suite (default 420); later stages get what is left
 #   HERO_SUITE_RESULTS    results folder (default benchmarks/results)
 #   HERO_SUITE_SIZE       benchmark size (default full on GPU, ci on CPU)
-#   HERO_SUITE_IMPLS      benchmark impls (comma list; default all)
-#   HERO_SUITE_PYTEST_ARGS  replaces the pytest arguments (default: -q -m "not slow" tests)
-#   HERO_SUITE_COMPILE_ARGS extra arguments for the compile report (e.g. "--match fwd --cc 90 --skip-cu")
+#   HERO_SUITE_OPS        benchmark ops (default entropy_logprob,linear_entropy_logprob)
+#   HERO_SUITE_IMPLS      benchmark impls (default ours,eager,compile,liger,cce)
+#   HERO_SUITE_PYTEST_ARGS  replaces the pytest arguments of the tests stage
 #   HERO_SUITE_TRAINER_ARGS arguments of bench_trainer_memory (default GPU: --device cuda --vocab 128256
-#                         --completion 4096; CPU: --device cpu --vocab 4096 --completion 128)
-#   HERO_SUITE_SKIP       space-separated stages to skip (build tests trainer bench compile)
+#                         --completion 8192; CPU: --device cpu --vocab 4096 --completion 128)
+#   HERO_SUITE_SKIP       space-separated stages to skip (build checks timings bench tests trainer)
 # Exit status: 0 when every stage passed, 1 otherwise (the results are written either way).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -39,13 +42,13 @@ DRY="${HERO_SUITE_DRY_RUN:-0}"
 for a in "$@"; do
   case "$a" in
     --cpu|--dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a (use --cpu or --help)" >&2; exit 2 ;;
   esac
 done
 
 T0=$(date +%s)
-TOTAL="${HERO_SUITE_TOTAL:-540}"
+TOTAL="${HERO_SUITE_TOTAL:-420}"
 RESULTS="${HERO_SUITE_RESULTS:-$ROOT/benchmarks/results}"
 SKIP=" ${HERO_SUITE_SKIP:-} "
 mkdir -p "$RESULTS"
@@ -71,8 +74,8 @@ sync_out() {  # copy what exists into $OUT (the device tool returns files from t
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT" 2>/dev/null || return 0
   local f
-  for f in "$RESULTS/$STEM.json" "$RESULTS/$STEM.md" "$RESULTS/$STEM.png" "$RESULTS/$STEM-compile.md" \
-           "$RESULTS/$STEM-compile.json" "$RESULTS/$STEM-trainer.json"; do
+  for f in "$RESULTS/$STEM.json" "$RESULTS/$STEM.md" "$RESULTS/$STEM.png" "$RESULTS/$STEM-kernels.json" \
+           "$RESULTS/$STEM-checks.json" "$RESULTS/$STEM-trainer.json"; do
     [ -f "$f" ] && cp -f "$f" "$OUT/" 2>/dev/null
   done
   cp -f "$LOG" "$OUT/$STEM-suite.log" 2>/dev/null
@@ -192,56 +195,72 @@ else
   SIZE="${HERO_SUITE_SIZE:-full}"
   DEVICE_ARGS=()
 fi
-IMPL_ARGS=()
-[ -n "${HERO_SUITE_IMPLS:-}" ] && IMPL_ARGS=(--impls "$HERO_SUITE_IMPLS")
+IMPL_ARGS=(--impls "${HERO_SUITE_IMPLS:-ours,eager,compile,liger,cce}" \
+           --ops "${HERO_SUITE_OPS:-entropy_logprob,linear_entropy_logprob}")
 
-T=$(left); [ "$T" -gt 150 ] && T=150
+T=$(( $(left) - 240 )); [ "$T" -gt 120 ] && T=120
 stage build "$T" "$VPY" -c '
 from hero_kernels import _cpp_build as b
 print("cpu extension:", b.cpu_available(), "| cuda kernels:", b.cuda_available(), "|", b.build_info())
 import sys; sys.exit(0 if b.cpu_available() else 1)'
 
+# 1. correctness on the device, both ops, every GPU backend (CPU dry run: the torch and cpu backends)
+if [ "$DRY" = 1 ]; then CHECK_ARGS=(--device cpu --impls torch,cpu --small); else CHECK_ARGS=(); fi
+T=$(( $(left) - 200 )); [ "$T" -gt 120 ] && T=120
+stage checks "$T" "$VPY" -m benchmarks.device_checks "${CHECK_ARGS[@]}" --json "$RESULTS/$STEM-checks.json"
+
+# 2. CUDA-event and per-kernel times of the two ops at the headline shapes, beside the model and cuBLAS
+if [ "$DRY" = 1 ]; then
+  say "skip timings: needs CUDA (dry run)"; record timings 0 0 "skipped: needs CUDA (dry run)"
+else
+  T=$(( $(left) - 150 )); [ "$T" -gt 90 ] && T=90
+  stage timings "$T" "$VPY" -m benchmarks.kernel_timings --json "$RESULTS/$STEM-kernels.json"
+fi
+
+# 3. the two core ops against the anchors; its own budget ends it before the stage timeout
+T=$(( $(left) - 60 )); [ "$T" -gt 180 ] && T=180
+B=$(( T - 40 )); [ "$B" -lt 5 ] && B=5
+stage bench "$T" "$VPY" -m benchmarks --size "$SIZE" "${DEVICE_ARGS[@]}" "${IMPL_ARGS[@]}" --out "$RESULTS" \
+  --stem "$STEM" --budget-s "$B" --no-progress
+
+# 4. pytest on the files that exercise the device (GPU-marked tests first: they are short)
+# (dry run: a quick CPU subset; the Triton files would run in the interpreter for minutes)
+[ "$DRY" = 1 ] && [ -z "${HERO_SUITE_PYTEST_ARGS:-}" ] && \
+  HERO_SUITE_PYTEST_ARGS="-q tests/test_benchmarks.py -k roofline"
 if [ -n "${HERO_SUITE_PYTEST_ARGS:-}" ]; then
   # shellcheck disable=SC2206
   PYTEST_ARGS=($HERO_SUITE_PYTEST_ARGS)
+  T=$(( $(left) - 20 )); [ "$T" -gt 120 ] && T=120
+  stage tests "$T" "$VPY" -m pytest -p no:cacheprovider -o addopts="" "${PYTEST_ARGS[@]}"
 else
-  PYTEST_ARGS=(-q -m "not slow" tests)
+  T=$(( $(left) - 20 )); [ "$T" -gt 120 ] && T=120
+  stage tests "$T" bash -c '"$1" -m pytest -p no:cacheprovider -o addopts="" -q -m "gpu and not slow" \
+      tests/test_cpu_backend.py tests/test_cuda_compile.py tests/test_benchmarks.py; a=$?
+    "$1" -m pytest -p no:cacheprovider -o addopts="" -q -x -m "not slow" tests/test_triton_entropy_logprob.py \
+      tests/test_linear_entropy_logprob.py; b=$?
+    [ $a = 0 ] || [ $a = 5 ] || exit $a; exit $b' _ "$VPY"
 fi
-T=$(( $(left) - 200 )); [ "$T" -gt 120 ] && T=120
-stage tests "$T" "$VPY" -m pytest -p no:cacheprovider -o addopts="" "${PYTEST_ARGS[@]}"
-grep -E "[0-9]+ (passed|failed|error)" "$LOG" | tail -n 1 > "$WORK/pytest_summary.txt"
+grep -E "[0-9]+ (passed|failed|error)" "$LOG" | tail -n 2 | tr '\n' ' ' > "$WORK/pytest_summary.txt"
 
-# one training step's peak memory, fused LM head vs materialized logits (benchmarks/bench_trainer_memory.py)
+# 5. one long-CoT training step's peak memory, fused LM head vs materialized logits, if time is left
 if [ -f "$ROOT/benchmarks/bench_trainer_memory.py" ]; then
   if [ "$DRY" = 1 ]; then TRAINER_DEFAULT="--device cpu --vocab 4096 --completion 128"
-  else TRAINER_DEFAULT="--device cuda --vocab 128256 --completion 4096"; fi
-  T=$(( $(left) - 250 )); [ "$T" -gt 90 ] && T=90
+  else TRAINER_DEFAULT="--device cuda --vocab 128256 --completion 8192"; fi
+  T=$(( $(left) - 10 )); [ "$T" -gt 90 ] && T=90
   # shellcheck disable=SC2086
   stage trainer "$T" "$VPY" -m benchmarks.bench_trainer_memory ${HERO_SUITE_TRAINER_ARGS:-$TRAINER_DEFAULT} \
     --json "$RESULTS/$STEM-trainer.json"
 fi
 
-# the benchmark gets what is left minus the compile report and finalize; its own budget ends it earlier
-T=$(( $(left) - 75 )); [ "$T" -gt 330 ] && T=330
-B=$(( T - 45 )); [ "$B" -lt 5 ] && B=5
-stage bench "$T" "$VPY" -m benchmarks --size "$SIZE" "${DEVICE_ARGS[@]}" "${IMPL_ARGS[@]}" --out "$RESULTS" \
-  --stem "$STEM" --budget-s "$B" --no-progress
-
-NPROC=$(nproc 2>/dev/null || echo 2)
-JOBS=$(( NPROC / 2 )); [ "$JOBS" -gt 8 ] && JOBS=8; [ "$JOBS" -lt 1 ] && JOBS=1
-T=$(( $(left) - 10 )); [ "$T" -gt 120 ] && T=120
-# shellcheck disable=SC2086
-stage compile "$T" "$VPY" -m benchmarks.compile_report --out "$RESULTS" --stem "$STEM-compile" --jobs "$JOBS" \
-  ${HERO_SUITE_COMPILE_ARGS:-}
-
 record total "$FAILED" "$(elapsed)" "suite wall time"
 "$VPY" -m benchmarks.common finalize "$RESULTS/$STEM.json" "$RESULTS/$STEM.md" "$STAGES" \
-  "$WORK/pytest_summary.txt" "$RESULTS/$STEM-compile.json" "$RESULTS/$STEM-trainer.json" >>"$LOG" 2>&1 \
+  "$WORK/pytest_summary.txt" "" "$RESULTS/$STEM-trainer.json" "$RESULTS/$STEM-checks.json" \
+  "$RESULTS/$STEM-kernels.json" >>"$LOG" 2>&1 \
   || { say "finalize failed"; FAILED=1; }
 say "stages:"
 tee -a "$LOG" < "$STAGES"
 cp -f "$LOG" "$RESULTS/$STEM-suite.log"
 sync_out
 say "done in $(elapsed)s: $RESULTS/$STEM.{json,md,png}$( [ -n "${OUT:-}" ] && echo " (copied to \$OUT)")"
-[ -f "$RESULTS/$STEM.md" ] && sed -n '/## Headline/,/## Times/p' "$RESULTS/$STEM.md" | head -n 40
+[ -f "$RESULTS/$STEM.md" ] && sed -n '/^## \(Headline\|Smoke\)/,/## Times/p' "$RESULTS/$STEM.md" | head -n 40
 exit "$FAILED"
