@@ -8,7 +8,8 @@ STAMP := $(VENV)/.hero-installed
 
 PYTEST_FLAGS ?= -q -x
 
-.PHONY: demo test test-all test-verl install bench roofline compile-report gpu-suite-dry quickstart clean
+.PHONY: demo test test-all test-verl install bench roofline compile-report gpu-suite-dry wheels quickstart \
+	clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,12 @@ compile-report: $(STAMP)
 # the roofline model of the GPU launch plans (no GPU needed)
 roofline: $(STAMP)
 	$(PY) -m benchmarks.roofline --json benchmarks/results/ci/roofline.json
+
+# the anchors' wheels for a GPU machine without internet (.whl/ travels with the device tool's `carry`)
+wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1 verl==0.9.1
 
 # the GPU suite's stages on CPU at tiny size (what a lent GPU machine would run, minus the device)
 gpu-suite-dry: $(STAMP)

@@ -5,9 +5,14 @@ ratios vs each anchor and fraction of the roofline floor; writes JSON + markdown
     python -m benchmarks --size full           # GPU: -> benchmarks/results/<gpu>-<date>.{json,md,png}
     python -m benchmarks --ops entropy_logprob --impls ours,eager --out /tmp/b
 
-Sizes: tiny (tests), ci (CPU default, < 2 min on 2 cores), full (GPU shapes of DESIGN.md section 4; see
+Sizes: tiny (tests), ci (CPU default, < 2 min on 2 cores), full (GPU shapes of the design grid; see
 ``common._SHAPES``). A time budget (``--budget-s``) stops starting new measurements once spent; whatever
 is left is recorded as skipped with that reason. ``run_suite`` is the in-process entry point.
+
+Tiny and ci results are labelled smoke results. A ratio enters a headline only from >= MIN_HEADLINE_REPS timed
+repeats and medians >= MIN_HEADLINE_MS on both sides (the refusal says which rule failed); every ratio
+shows its min-max spread. On an H100 / H200 each ours:triton / ours:cuda time has ``modeled_ms`` (the
+roofline model of its launcher's plan, ``benchmarks/roofline.py``) and ``measured/modeled`` beside it.
 """
 from __future__ import annotations
 

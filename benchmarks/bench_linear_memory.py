@@ -37,7 +37,7 @@ Measured (2-core x86 CPU, torch 2.13 CPU, default 16 MiB chunks): eager 5010 MiB
 
 Byte / FLOP model of the Triton path: forward 2*N*D*V FLOPs, reads N*D + V*D inputs per row-block /
 vocab-tile pass (L2-resident re-reads of W, one per row block); deterministic backward 8*N*D*V FLOPs
-(2 logits recomputes + dh + dW GEMMs) and the atomic option 6*N*D*V; the design floor (DESIGN.md section 4)
+(2 logits recomputes + dh + dW GEMMs) and the atomic option 6*N*D*V; the design floor
 is 8*N*D*V in total (forward, recompute, dh, dW) over the matmul peak.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared benchmark machinery: shapes, timing, peak memory, measured ceilings, byte/FLOP models and floors,
 and the JSON / markdown / PNG writers. No benchmark logic here (see ``__main__.py`` and ``impls.py``).
 
-Work models (../shared/DESIGN.md section 4), ``elt`` = bytes per element of the input dtype:
+Work models (the floors of the design), ``elt`` = bytes per element of the input dtype:
 
 * logits ops (``entropy_logprob``, ``hero_loss``), logits ``[N, V]``:
   forward reads ``N*V*elt`` bytes; backward reads ``N*V*elt`` and writes ``N*V*elt`` (dlogits), so
@@ -104,7 +104,7 @@ def _grid(op: str, rows: Sequence[Tuple[int, ...]]) -> List[Case]:
     return out
 
 
-# Shapes per size. "full" is the GPU subset of DESIGN.md section 4 (V in {32000, 128256, 151936},
+# Shapes per size. "full" is the GPU subset of the design grid (V in {32000, 128256, 151936},
 # D in {2048, 4096}, N in {4096, 16384, 65536}) chosen to fit ~6 minutes on one H200 including compile
 # warm-ups: an N sweep at V=128256 (the plot's x axis), the two other vocabularies at N=16384, and the
 # anchors' published cases (Liger GRPO: B=16, T=1024, V=128256 linear; B=16, T=2048, V=151936 logits).
@@ -220,7 +220,7 @@ _NOMINAL = (
     ("h200", {"bandwidth": 4.8e12, "bf16_flops": 989e12, "ref_bandwidth": 4.3e12, "ref_bf16_flops": 790e12,
               "source": "H200 SXM datasheet; ref_* measured on this workplace's H200"}),
     ("h100", {"bandwidth": 3.35e12, "bf16_flops": 989e12, "ref_bandwidth": 3.0e12, "ref_bf16_flops": 800e12,
-              "source": "H100 SXM datasheet; ref_* from DESIGN.md section 4"}),
+              "source": "H100 SXM datasheet; ref_*: typical measured copy bandwidth and bf16 GEMM rate"}),
     ("a100", {"bandwidth": 2.039e12, "bf16_flops": 312e12, "source": "A100 80GB SXM datasheet"}),
 )
 

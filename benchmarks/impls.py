@@ -9,7 +9,7 @@ GRPO scalar, no entropy weighting), each seeded with 1; ``sketch`` ([N, k] grad_
 random [N, k] upstream v). The harness compares shared keys against eager.
 
 kinds: "ours" (hero_kernels, one per backend), "baseline" (eager PyTorch and torch.compile of the same
-code), "anchor" (other libraries, DESIGN.md section 4 / ANCHORS.md), each used only when importable.
+code), "anchor" (other libraries: the published baselines), each used only when importable.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ _OP_MODULE = {
     "linear_grad_sketch": "linear_grad_sketch",
 }
 
-#: HERO / GRPO options shared by every loss implementation (DESIGN.md defaults)
+#: HERO / GRPO options shared by every loss implementation (the design's defaults)
 LOSS_OPTS = {"eps_low": 0.2, "eps_high": 0.2, "kappa": 1.0, "beta": 0.0, "temperature": 1.0}
 
 
