@@ -66,8 +66,10 @@ def profile_kernels(fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = 
 
 
 def _match(measured: List[dict], model: Optional[dict]) -> List[dict]:
-    """Modeled plan entries with the measured kernels whose name contains theirs (cuBLAS entries, marked
-    external, take the measured kernels that match no plan name); the rest are listed unmatched."""
+    """One row per plan entry name (modeled time summed over its launches) with the measured kernels whose
+    name contains it. Library calls (``external`` entries: cuBLAS, torch ops) cannot be told apart by
+    kernel name, so they are compared as one bucket, "external (...)", against every measured kernel no
+    plan name claimed; with no external entry those kernels are listed as unmatched."""
     if not model or not model.get("kernels"):
         return [dict(m, modeled_ms=None) for m in measured]
     rows, used = [], set()
@@ -76,17 +78,20 @@ def _match(measured: List[dict], model: Optional[dict]) -> List[dict]:
         p = plan.setdefault(k["name"], {"name": k["name"], "modeled_ms": 0.0, "external": k["external"]})
         p["modeled_ms"] += 1e3 * k["modeled_s"]
     for name, p in plan.items():
-        hit = [i for i, m in enumerate(measured) if not p["external"] and name.strip("_") in m["name"]]
+        if p["external"]:
+            continue
+        hit = [i for i, m in enumerate(measured) if name.strip("_") in m["name"]]
         used.update(hit)
         p["ms"] = sum(measured[i]["ms"] for i in hit) if hit else None
         rows.append(p)
     rest = [m for i, m in enumerate(measured) if i not in used]
-    ext = [p for p in rows if p["external"]]
-    if ext and rest:  # library calls: one bucket for everything no plan kernel claimed
-        ext[0]["ms"] = sum(m["ms"] for m in rest)
-        ext[0]["measured_names"] = [m["name"][:80] for m in rest]
-        rest = []
-    rows += [dict(m, modeled_ms=None, unmatched=True) for m in rest]
+    ext = [p for p in plan.values() if p["external"]]
+    if ext:
+        rows.append({"name": "external (" + ", ".join(p["name"] for p in ext) + ")", "external": True,
+                     "modeled_ms": sum(p["modeled_ms"] for p in ext), "ms": sum(m["ms"] for m in rest) or None,
+                     "measured_names": [m["name"][:80] for m in rest]})
+    else:
+        rows += [dict(m, modeled_ms=None, unmatched=True) for m in rest]
     for r in rows:
         r["measured_vs_modeled"] = r["ms"] / r["modeled_ms"] if r.get("ms") and r.get("modeled_ms") else None
     return rows

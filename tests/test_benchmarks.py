@@ -390,14 +390,16 @@ def test_kernel_timings_match_plan_kernels():
 
     model = {"kernels": [{"name": "_fwd_kernel", "modeled_s": 1e-3, "external": False},
                          {"name": "cublas_gemm", "modeled_s": 2e-3, "external": True},
-                         {"name": "_fwd_kernel", "modeled_s": 1e-3, "external": False}]}
+                         {"name": "_fwd_kernel", "modeled_s": 1e-3, "external": False},
+                         {"name": "cublas_dw", "modeled_s": 1e-3, "external": True}]}
     measured = [{"name": "_fwd_kernel_0d1d2d", "ms": 3.0, "count": 2}, {"name": "sm90_xmma_gemm_bf16", "ms": 4.0,
                                                                          "count": 1},
                 {"name": "elementwise_kernel", "ms": 0.5, "count": 1}]
     rows = {r["name"]: r for r in KT._match(measured, model)}
     assert rows["_fwd_kernel"]["modeled_ms"] == pytest.approx(2.0) and rows["_fwd_kernel"]["ms"] == 3.0
     assert rows["_fwd_kernel"]["measured_vs_modeled"] == pytest.approx(1.5)
-    assert rows["cublas_gemm"]["ms"] == pytest.approx(4.5) and len(rows) == 2
+    ext = rows["external (cublas_gemm, cublas_dw)"]
+    assert ext["ms"] == pytest.approx(4.5) and ext["modeled_ms"] == pytest.approx(3.0) and len(rows) == 2
     no_ext = {"kernels": model["kernels"][:1]}
     names = [r["name"] for r in KT._match(measured, no_ext)]
     assert names[0] == "_fwd_kernel" and "sm90_xmma_gemm_bf16" in names
