@@ -172,6 +172,22 @@ def test_headline_rule_refuses_few_repeats_and_short_times():
     assert "1.50-3.33" in txt and "not in headline" in txt
 
 
+def test_hero_bench_cli_labels_smoke_and_refuses_headline(tmp_path):
+    """`hero bench --size tiny` (the real CLI): the headline is labelled a smoke result and no speedup is
+    computed from 2-3 sub-millisecond repeats; the refusal says which rule; exit code 0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "hero", "bench", "--size", "tiny", "--ops", "entropy_logprob",
+                        "--impls", "ours:cpu,ours:torch,eager", "--device", "cpu", "--out", str(tmp_path),
+                        "--no-progress", "--threads", "1"], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Smoke results (size tiny" in r.stdout and "NOT a performance claim" in r.stdout
+    assert "refused: ours: " in r.stdout and "timed repeats < 5" in r.stdout, r.stdout[-2000:]
+    data = json.loads((tmp_path / "bench-tiny.json").read_text())
+    assert data["smoke"] and all(s["speedup_gmean"] is None for s in data["summary"])
+
+
 def _fake_plan_module(monkeypatch):
     """Give the Triton logits launcher a fake ``plan`` (the real ones may not exist yet) and hide any real
     plan of the others, so the test does not depend on the launchers' numbers."""
