@@ -74,8 +74,8 @@ def _check_logits(impl: str, c: dict, dev) -> dict:
     dt, N, V, tau = _DT[c["dt"]], c["N"], c["V"], c["tau"]
     if c["view"] == "shift":
         B = 3
-        full = torch.randn(B, N // B + 1, V, device=dev) * 4
-        x = full.to(dt)[:, :-1]
+        xfull = (torch.randn(B, N // B + 1, V, device=dev) * 4).to(dt)
+        x = xfull[:, :-1]
         y = _labels(N, V, dev).reshape(B, N // B)
     else:
         x = (torch.randn(N, V, device=dev) * 4).to(dt)
@@ -85,13 +85,19 @@ def _check_logits(impl: str, c: dict, dev) -> dict:
     rdz = R.entropy_logprob_backward(x, y, g, k, tau)
     bl, bH, _ = R.entropy_logprob(x, y, tau, dtype=torch.float32)  # eager PyTorch in fp32 math
     bdz = R.entropy_logprob_backward(x, y, g, k, tau, dtype=torch.float32).to(dt)  # ... stored in the input dtype
-    leaf = x.detach().clone().requires_grad_(not c["inplace"])
-    if c["inplace"]:  # in-place backward needs a non-leaf: grad flows to a leaf through an identity
+    if c["inplace"]:  # in-place backward needs a non-leaf: the gradient reaches the leaf through "* 1"
         src = x.detach().clone().requires_grad_(True)
-        leaf = src * 1
-    logp, H = hk.entropy_logprob(leaf, y, tau, impl=impl, inplace_backward=c["inplace"])
+        xin, grad_of = src * 1, lambda: src.grad
+    elif c["view"] == "shift":  # the op sees the strided view itself, not a contiguous copy
+        base_t = xfull.clone().requires_grad_(True)
+        xin, grad_of = base_t[:, :-1], lambda: base_t.grad[:, :-1]
+        assert not xin.is_contiguous()
+    else:
+        leaf = x.detach().clone().requires_grad_(True)
+        xin, grad_of = leaf, lambda: leaf.grad
+    logp, H = hk.entropy_logprob(xin, y, tau, impl=impl, inplace_backward=c["inplace"])
     (logp * g + H * k).sum().backward()
-    dz = (src if c["inplace"] else leaf).grad
+    dz = grad_of()
     return _verdict(f"entropy_logprob/{impl} {c['name']}", {"logp": logp, "H": H, "dlogits": dz},
                     {"logp": bl, "H": bH, "dlogits": bdz}, {"logp": rl, "H": rH, "dlogits": rdz})
 
