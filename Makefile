@@ -58,7 +58,7 @@ compile-report: $(STAMP)
 
 # the roofline model of the GPU launch plans (no GPU needed)
 roofline: $(STAMP)
-	$(PY) -m benchmarks.roofline --json benchmarks/results/ci/roofline.json
+	$(PY) -m benchmarks.roofline --json benchmarks/results/ci/roofline.json --md benchmarks/results/ci/roofline.md
 
 # the anchors' wheels for a GPU machine without internet (.whl/ travels with the device tool's `carry`)
 wheels:
