@@ -8,11 +8,11 @@ Sources:
   compiled code is the one the launcher runs);
 * every ``csrc/*.cu`` (nvcc ``-cubin`` per target; every kernel in it).
 
-Every Triton config is built as the launcher runs it: a module's ``compile_attrs(fn, signature)`` gives the
-16-byte divisibility its launcher guarantees ("aligned"; when it also takes ``aligned=False`` the other build
-is "unaligned"); a module without it (the row kernels, whose V and row stride are whatever the caller has)
-is built twice: "aligned" (pointers and every specializable integer divisible by 16: V % 16 == 0) and
-"unaligned" (pointers only: odd V). Per build the report adds, from the SASS (cuobjdump in the triton
+Every Triton config is built as the launcher runs it: "aligned" with the module's ``compile_attrs(fn,
+signature)`` (the 16-byte divisibility its launcher guarantees; without it: pointers and every specializable
+integer divisible by 16, as Triton specializes V % 16 == 0), and again "unaligned" (pointers only: odd V;
+or ``compile_attrs(..., aligned=False)`` when it takes that keyword) unless the module sets
+``ALIGNED_ONLY = True`` (its launchers pad every argument, as the fused LM head's do). Per build the report adds, from the SASS (cuobjdump in the triton
 wheel): CTAs per SM (registers, shared memory, warps against the SM's limits), the hot loop (the innermost
 loop with the most bytes loaded per iteration): its SASS instructions, elements per thread per iteration
 (bytes of its LDG/LDGSTS over the element size of the first pointer argument / template type) and
@@ -56,9 +56,9 @@ TRITON_PKG = "hero_kernels.backends.triton"
 
 def discover_triton() -> Tuple[List[Tuple[str, int, str]], List[dict]]:
     """(jobs, notes): one job (module, index, description) per KERNEL_CONFIGS entry; notes for modules
-    without KERNEL_CONFIGS or failing to import."""
+    without KERNEL_CONFIGS or failing to import. A list re-exported by a second module counts once."""
     pkg = importlib.import_module(TRITON_PKG)
-    jobs, notes = [], []
+    jobs, notes, seen = [], [], set()
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         name = f"{TRITON_PKG}.{info.name}"
         try:
@@ -67,13 +67,13 @@ def discover_triton() -> Tuple[List[Tuple[str, int, str]], List[dict]]:
             notes.append({"module": name, "status": "error", "reason": f"import failed: {type(e).__name__}: {e}"})
             continue
         configs = getattr(mod, "KERNEL_CONFIGS", None)
-        if configs is None:
-            notes.append({"module": name, "status": "skipped", "reason": "no KERNEL_CONFIGS"})
+        if configs is None or id(configs) in seen:
+            why = "no KERNEL_CONFIGS" if configs is None else "KERNEL_CONFIGS of another module (built there)"
+            notes.append({"module": name, "status": "skipped", "reason": why})
             continue
+        seen.add(id(configs))
         for i, entry in enumerate(configs):
-            desc = str(entry[5]) if len(entry) > 5 else f"{name}[{i}]"
-            for variant in build_variants(mod, entry[0], entry[1]):
-                jobs.append((name, i, desc, variant))
+            jobs.append((name, i, str(entry[5]) if len(entry) > 5 else f"{name}[{i}]"))
     return jobs, notes
 
 
@@ -87,23 +87,32 @@ def _specializable_ints(fn, signature: Dict[str, str]) -> List[str]:
 
 
 def build_variants(mod, fn, signature: Dict[str, str]) -> Dict[str, Optional[Dict[tuple, list]]]:
-    """{variant: ASTSource attrs}: the builds the launcher can run (module docstring)."""
-    ca = getattr(mod, "compile_attrs", None)
-    if ca is not None:
-        import inspect
-
-        try:
-            takes_aligned = "aligned" in inspect.signature(ca).parameters
-        except (TypeError, ValueError):
-            takes_aligned = False
-        if takes_aligned:
-            return {"aligned": ca(fn, signature, aligned=True), "unaligned": ca(fn, signature, aligned=False)}
-        return {"aligned": ca(fn, signature)}
+    """{variant: ASTSource attrs}: "aligned" (the module's ``compile_attrs``, else pointers and every
+    specializable integer divisible by 16) and, unless the module sets ``ALIGNED_ONLY = True`` (its launchers
+    pad every argument to 16), "unaligned" (``compile_attrs(..., aligned=False)`` when it takes that
+    keyword, else pointers only: odd V)."""
     ptrs = [n for n in fn.arg_names if signature.get(n, "").startswith("*")]
-    ints = _specializable_ints(fn, signature)
     idx = {n: i for i, n in enumerate(fn.arg_names)}
     div = [["tt.divisibility", 16]]
-    return {"aligned": {(idx[n],): div for n in ptrs + ints}, "unaligned": {(idx[n],): div for n in ptrs}}
+    unaligned = {(idx[n],): div for n in ptrs}
+    ca = getattr(mod, "compile_attrs", None)
+    if ca is None:
+        out = {"aligned": {(idx[n],): div for n in ptrs + _specializable_ints(fn, signature)}, "unaligned": unaligned}
+        return {k: v for k, v in out.items() if k == "aligned" or not getattr(mod, "ALIGNED_ONLY", False)}
+    import inspect
+
+    try:
+        takes_aligned = "aligned" in inspect.signature(ca).parameters
+    except (TypeError, ValueError):
+        takes_aligned = False
+    if takes_aligned:
+        out = {"aligned": ca(fn, signature, aligned=True), "unaligned": ca(fn, signature, aligned=False)}
+    else:
+        out = {"aligned": ca(fn, signature), "unaligned": unaligned}
+    # the flag sits with the module or with the module that defines its compile_attrs
+    if getattr(mod, "ALIGNED_ONLY", False) or getattr(sys.modules.get(ca.__module__), "ALIGNED_ONLY", False):
+        out.pop("unaligned")
+    return out
 
 
 def cu_files() -> List[str]:
@@ -324,7 +333,7 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
             found, notes = discover_triton()
         except Exception as e:  # noqa: BLE001 - e.g. triton missing
             found, notes = [], [{"module": TRITON_PKG, "status": "error", "reason": f"{type(e).__name__}: {e}"}]
-        tjobs = [(n, i, d, v, cc) for (n, i, d, v) in found if not match or match in d for cc in ccs]
+        tjobs = [(n, i, d, "aligned", cc) for (n, i, d) in found if not match or match in d for cc in ccs]
     cjobs = [] if skip_cu else [(p, cc) for p in cu_files() for cc in ccs]
     rows: List[dict] = []
     total = len(tjobs) + len(cjobs)
@@ -338,6 +347,17 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
                       f"regs={r['registers']} "
                       f"local={r['local_bytes']} stack={r['stack_bytes']} {st}", file=sys.stderr, flush=True)
 
+    def unaligned_jobs() -> List[tuple]:  # phase 2: the unaligned builds of modules that have them
+        out = []
+        for j, r in zip(tjobs, rows[:len(tjobs)]):
+            try:
+                mod = importlib.import_module(j[0])
+                if "unaligned" in build_variants(mod, *mod.KERNEL_CONFIGS[j[1]][:2]):
+                    out.append(j[:3] + ("unaligned",) + j[4:])
+            except Exception:  # noqa: BLE001 - the aligned build's row already carries the error
+                pass
+        return out
+
     if jobs > 1 and total > 1:
         import multiprocessing as mp
 
@@ -346,10 +366,14 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
             futs_c = [ex.submit(_cu_job, j) for j in cjobs]
             for r in ex.map(_triton_job, tjobs):
                 progress([r])
+            for r in ex.map(_triton_job, unaligned_jobs()):
+                progress([r])
             for f in futs_c:
                 progress(f.result())
     else:
         for j in tjobs:
+            progress([_triton_job(j)])
+        for j in unaligned_jobs():
             progress([_triton_job(j)])
         for j in cjobs:
             progress(_cu_job(j))
