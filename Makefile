@@ -1,5 +1,5 @@
 # The two set-up commands in the README: `make demo` (main job) and `make test` (fast suite; `make test-all`
-# adds the tests marked slow). CI runs `make test`.
+# adds the tests marked slow). CI (.ci/run) runs `make test`, then `make test-verl`.
 # Both create a local virtual environment in .venv on first use (torch 2.13.0 CPU wheel + extras).
 PYTHON ?= python3
 VENV ?= .venv
