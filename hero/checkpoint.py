@@ -4,8 +4,11 @@ Layout under the run's ``output_dir``::
 
     checkpoint-000002/state.pt     model, optimizer, scheduler, KL controller, RNG states, data position, step,
                                    (reference model when it is a frozen copy of the initial policy)
-    checkpoint-000002/config.json  the run's config (for humans; the trainer's own config wins on resume)
+    checkpoint-000002/config.json  the run's config (resume compares it with the new one, ``hero.config.config_diff``)
+    checkpoint-000002/run.json     {"run_id": ..., "step": ...}: which run wrote it
     latest                         text file naming the newest complete checkpoint directory
+    run.json                       {"run_id": ...} of the run that owns output_dir (written when it starts)
+    metrics.jsonl, final/, tb/     the trainer's log, exported model, TensorBoard events
 
 Atomicity (``hero.io``): a checkpoint is written into ``.tmp-checkpoint-...`` (files fsynced), then renamed into
 place with ``os.replace`` (one atomic rename on POSIX), and only then is ``latest`` updated (temp file +
@@ -27,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .io import atomic_dir, atomic_write_text
+from .io import atomic_dir, atomic_write_text, remove_stale_temp_dirs, write_json
 
 __all__ = [
     "capture_rng",
@@ -36,9 +39,16 @@ __all__ = [
     "load_checkpoint",
     "find_checkpoint",
     "list_checkpoints",
+    "read_run_id",
+    "write_run_id",
+    "clear_run",
+    "new_run_id",
 ]
 
 STATE_FILE = "state.pt"
+RUN_FILE = "run.json"
+#: What a run writes into its output_dir besides checkpoint-N (``clear_run`` removes these).
+RUN_OUTPUTS = ("latest", RUN_FILE, "metrics.jsonl", "metrics.jsonl.prev", "metrics.png", "final", "tb")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -71,10 +81,11 @@ def list_checkpoints(output_dir: str) -> List[str]:
 
 
 def save_checkpoint(output_dir: str, step: int, state: Dict[str, Any], config: Optional[dict] = None,
-                    keep: int = 0) -> str:
+                    keep: int = 0, run_id: str = "") -> str:
     """Write ``state`` (anything torch.save can pickle) as checkpoint ``step`` atomically; returns its path.
 
     keep > 0 deletes the oldest complete checkpoints beyond ``keep`` (never the one just written).
+    run_id: recorded in the checkpoint's run.json (resume checks that it matches the output_dir's run).
     """
     os.makedirs(output_dir, exist_ok=True)
     for name in os.listdir(output_dir):  # leftovers of a crashed save
@@ -88,6 +99,8 @@ def save_checkpoint(output_dir: str, step: int, state: Dict[str, Any], config: O
         if config is not None:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=1)
+        if run_id:
+            write_json(os.path.join(tmp, RUN_FILE), {"run_id": run_id, "step": step})
     atomic_write_text(os.path.join(output_dir, "latest"), name + "\n")
     if keep > 0:
         ckpts = [p for p in list_checkpoints(output_dir) if os.path.abspath(p) != os.path.abspath(final)]
@@ -115,3 +128,41 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint state at {f}")
     # weights_only=False: the state holds NumPy/python RNG states; these files are our own.
     return torch.load(f, map_location=map_location, weights_only=False)
+
+
+def new_run_id() -> str:
+    """A fresh run id: UTC start time + random suffix (sorts by time, unique across machines)."""
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def read_run_id(folder: str) -> str:
+    """The run id in ``folder/run.json`` (an output_dir or a checkpoint directory); "" when there is none."""
+    try:
+        with open(os.path.join(folder, RUN_FILE), encoding="utf-8") as f:
+            rid = json.load(f).get("run_id", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return rid if isinstance(rid, str) else ""
+
+
+def write_run_id(output_dir: str, run_id: str) -> None:
+    """Record that ``output_dir`` belongs to run ``run_id``."""
+    write_json(os.path.join(output_dir, RUN_FILE), {"run_id": run_id})
+
+
+def clear_run(output_dir: str) -> List[str]:
+    """Delete an earlier run's files from ``output_dir`` (checkpoints and RUN_OUTPUTS; temp folders of dead
+    writers), leaving anything else there alone. Returns what was removed."""
+    removed = remove_stale_temp_dirs(output_dir)
+    for p in list_checkpoints(output_dir) + [os.path.join(output_dir, n) for n in RUN_OUTPUTS]:
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+        else:
+            continue
+        removed.append(p)
+    return removed

@@ -20,6 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from hero.errors import HeroUserError
 from hero.registry import dataset_names
 from hero_kernels.options import HEROLossConfig, loss_option_field
 
@@ -44,11 +45,13 @@ __all__ = [
     "parse_override_args",
     "update_from_dict",
     "set_dotted",
+    "RESUMABLE_KEYS",
+    "config_diff",
 ]
 
 
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the dotted key."""
+class ConfigError(HeroUserError, ValueError):
+    """A bad configuration key or value; the message names the dotted key (``hero`` exits with code 2)."""
 
 
 @dataclass
@@ -291,8 +294,15 @@ class TrainConfig:
     save_steps: int = 0
     # Keep at most this many checkpoints (oldest deleted first; 0 = keep all).
     save_total_limit: int = 2
-    # "" = start fresh; "auto" = latest checkpoint in output_dir (fresh if none); or a checkpoint directory.
+    # "" = start fresh (refused when output_dir holds checkpoints, see ``overwrite``); "auto" = latest checkpoint
+    # in output_dir (fresh if none); or a checkpoint directory.
     resume: str = ""
+    # A fresh run into an output_dir that holds another run's checkpoints deletes that run's files (checkpoints,
+    # metrics.jsonl, final/, tb/) first instead of refusing.
+    overwrite: bool = False
+    # Resume even when a run-defining key (anything not in RESUMABLE_KEYS: lr, batch_size, loss.*, model, seed,
+    # data, ...) differs from the checkpoint's config; the new values win.
+    allow_config_change: bool = False
     # After training, save_pretrained the policy (+ tokenizer) into <output_dir>/final (atomically).
     export: bool = True
     # Also write TensorBoard events when torch.utils.tensorboard is importable.
@@ -310,6 +320,9 @@ class TrainConfig:
         _choice("data.name", self.data.name, dataset_names())
         if self.data.name == "jsonl" and not self.data.path:
             raise ConfigError("data.path must be set when data.name is 'jsonl'")
+        if self.data.name != "jsonl" and self.data.path:
+            raise ConfigError(f"data.path is set but data.name is {self.data.name!r}, which does not read it; "
+                              "add --data.name jsonl to train on the file (or drop data.path)")
         _positive("data.n_per_split", self.data.n_per_split)
         if self.generation.num_generations < 2:
             raise ConfigError(
@@ -358,6 +371,8 @@ class TrainConfig:
         if self.max_grad_norm < 0:
             raise ConfigError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _choice("on_bad_row", self.on_bad_row, ("skip", "stop"))
+        if self.overwrite and self.resume:
+            raise ConfigError(f"overwrite deletes the run that resume={self.resume!r} would continue; give one of them")
         return self
 
     def _validate_omnex(self) -> None:
@@ -599,16 +614,64 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence) -> TrainConfig:
     return cfg
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence = ()) -> TrainConfig:
-    """YAML file (optional) + CLI overrides -> validated TrainConfig."""
-    d: Dict[str, Any] = {}
-    if path:
-        import yaml
+def _read_yaml(path: str) -> Dict[str, Any]:
+    """The YAML mapping in ``path``; ConfigError (one line: file, line, column, what) when it does not parse."""
+    import yaml
 
+    try:
         with open(path, encoding="utf-8") as f:
             d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path!r}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: malformed YAML ({what}); fix the file (indentation, a missing ':' or quote)") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return d
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence = ()) -> TrainConfig:
+    """YAML file (optional) + CLI overrides -> validated TrainConfig."""
+    d: Dict[str, Any] = _read_yaml(path) if path else {}
     cfg = config_from_dict(d)
     apply_overrides(cfg, overrides)
     return cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: which keys may change
+# ----------------------------------------------------------------------------------------------
+#: Dotted keys (or whole sections, ending in ".") a resumed run may change freely: how long to run, logging,
+#: checkpoint cadence, output options and how the same math is executed (device, kernel backend, memory
+#: trade-offs). Every other key defines the run; changing it on resume needs ``allow_config_change``.
+RESUMABLE_KEYS = (
+    "steps", "save_steps", "save_total_limit", "resume", "overwrite", "allow_config_change", "export",
+    "tensorboard", "progress", "output_dir", "on_bad_row", "device", "micro_batch_size", "loss.impl",
+    "model.attn_implementation", "model.gradient_checkpointing",
+)
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any], ignore: Sequence[str] = RESUMABLE_KEYS) -> List[str]:
+    """``["lr 0.001 -> 0.01", ...]``: the run-defining keys (not in ``ignore``) whose values differ between two
+    ``config_to_dict`` dicts; a key missing on one side (a config from an older version) is not a change."""
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(a) & set(b)):
+        if key in ignore or any(key.startswith(p) for p in ignore if p.endswith(".")):
+            continue
+        if a[key] != b[key]:
+            changes.append(f"{key} {a[key]!r} -> {b[key]!r}")
+    return changes

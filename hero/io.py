@@ -25,11 +25,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, List, Optional, Union
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_dir", "json_safe", "write_json"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_dir", "json_safe", "write_json",
+           "remove_stale_temp_dirs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,3 +180,37 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: Directories ``atomic_dir`` / ``_replace_dir`` name after the writing process: ``.tmp-<name>-<pid>`` and
+#: ``<name>.old-<pid>``.
+_PID_DIR_RE = re.compile(r"^(?:\.tmp-.+|.+\.old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but is someone else's (or the OS cannot tell): keep its files
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(folder: PathLike) -> List[str]:
+    """Delete the ``.tmp-<name>-<pid>`` / ``<name>.old-<pid>`` directories that ``atomic_dir`` left in
+    ``folder`` when its process was killed mid-write (e.g. a full model copy from a killed final export). Only
+    those whose pid is no longer running are removed; returns their paths."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        m = _PID_DIR_RE.match(name)
+        path = os.path.join(folder, name)
+        if m and os.path.isdir(path) and not os.path.islink(path) and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -115,10 +115,18 @@ def _lookup(table: Dict[str, Callable], what: str, name: str) -> Optional[Callab
 
 @register_dataset("jsonl")
 def _jsonl(cfg) -> list:
-    """``data.path``: one JSON object per line (hero.data.jsonl); images load lazily per row."""
+    """``data.path``: one JSON object per line (hero.data.jsonl); images load lazily per row. A line that is not
+    a JSON object, lacks a ``data.required_fields`` field or names a missing image is skipped with one warning
+    (``on_bad_row: skip``) or stops the run (``stop``)."""
     from hero.data.jsonl import load_jsonl
 
-    return load_jsonl(cfg.data.path, load_images=False)
+    d = cfg.data
+    if not os.path.isfile(d.path):
+        from hero.config import ConfigError
+
+        raise ConfigError(f"data.path {d.path!r}: no such file; give a JSONL file (one JSON object per line)")
+    return load_jsonl(d.path, load_images=False, required=list(d.required_fields), image_field=d.image_field,
+                      on_bad_line="skip" if cfg.on_bad_row == "skip" else "raise")
 
 
 def dataset_names() -> list:

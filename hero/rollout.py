@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from hero.errors import HeroUserError
 from hero.registry import BuildContext, model_builder, saved_format_loader
 
 __all__ = [
@@ -43,10 +44,13 @@ __all__ = [
 IGNORE_INDEX = -100
 
 
-class BadRowError(ValueError):
+class BadRowError(HeroUserError, ValueError):
     """A dataset row that cannot be used (missing field, image that does not load, NaN reward).
 
-    ``row_id`` is the row's ``id`` field when it has one, else ``index=<position in the dataset>``."""
+    ``row_id`` is the row's ``id`` field when it has one, else ``index=<position in the dataset>``.
+    Fatal only with ``on_bad_row: stop`` (``hero train`` then exits with code 3)."""
+
+    exit_code = 3
 
     def __init__(self, message: str, row_id: str = ""):
         super().__init__(message)
@@ -237,14 +241,27 @@ def build_policy(mcfg, *, seed: int, device: torch.device, image_field: str = "i
     elif loader is not None:
         model, adapter = loader(mcfg.name, mcfg, ctx)
     else:
-        from transformers import AutoTokenizer
-
-        model, adapter = load_causal_lm(mcfg.name, ctx), CausalLMAdapter(AutoTokenizer.from_pretrained(mcfg.name),
-                                                                         add_bos=False)
+        model, adapter = _load_transformers_policy(mcfg.name, ctx)
     model = model.to(device=device, dtype=dtype)
     if mcfg.gradient_checkpointing:
         adapter.enable_gradient_checkpointing(model)
     return model, adapter
+
+
+def _load_transformers_policy(name: str, ctx: BuildContext) -> Tuple[nn.Module, ModelAdapter]:
+    """A transformers causal LM + its tokenizer from a folder or hub id; a name that cannot load fails at once
+    with a HeroUserError (``hero.hub.check_model_source``) instead of after the hub's retries."""
+    from transformers import AutoTokenizer
+
+    from hero.hub import check_model_source
+    from hero.registry import MODELS, PROVIDERS
+
+    check_model_source(name, "model.name", known=sorted(set(MODELS) | set(PROVIDERS["model"])))
+    try:
+        return load_causal_lm(name, ctx), CausalLMAdapter(AutoTokenizer.from_pretrained(name), add_bos=False)
+    except OSError as e:  # transformers: not a model folder / no such repo / no config.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HeroUserError(f"model.name {name!r} does not load as a transformers causal LM: {first}") from e
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

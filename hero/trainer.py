@@ -49,6 +49,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -60,9 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from hero import checkpoint as ckpt
-from hero.config import ModelConfig, TrainConfig, config_to_dict
+from hero.config import ConfigError, ModelConfig, TrainConfig, config_diff, config_to_dict
+from hero.errors import HeroUserError, TrainingInterrupted
 from hero.grpo import AdaptiveKLController, GateResult, difficulty_counts, group_advantages, variance_gate
-from hero.io import atomic_dir, atomic_write_text, json_safe
+from hero.io import atomic_dir, atomic_write_text, json_safe, remove_stale_temp_dirs
 from hero.omnex.hook import build_ntk_hook
 from hero.registry import dataset_builder
 from hero.rewards import check_rewards, get_reward, reward_name
@@ -149,7 +151,7 @@ class RowStream:
 
     def __init__(self, n: int, seed: int, shuffle: bool):
         if n <= 0:
-            raise ValueError("the dataset is empty")
+            raise HeroUserError("the dataset is empty; check data.name / data.path")
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.pos = 0, 0
         self._order = self._make_order()
@@ -173,7 +175,8 @@ class RowStream:
 
     def load_state_dict(self, st: Dict[str, int]) -> None:
         if st.get("n", self.n) != self.n:
-            raise ValueError(f"checkpoint was taken on a dataset of {st['n']} rows, this one has {self.n}")
+            raise HeroUserError(f"the checkpoint was taken on a dataset of {st['n']} usable rows, this one has "
+                                f"{self.n}; resume on the same data (or start a fresh run)")
         self.epoch, self.pos = int(st["epoch"]), int(st["pos"])
         self._order = self._make_order()
 
@@ -272,12 +275,73 @@ class LossMetrics:
 
 
 # ----------------------------------------------------------------------------------------------
+# run control
+# ----------------------------------------------------------------------------------------------
+#: Warn when every group has been dropped (nothing trained) for this many consecutive steps.
+DROPPED_STEPS_WARNING = 3
+
+
+def _nothing_trains_message(m: Dict[str, Any], cfg: TrainConfig) -> str:
+    """Why every group was dropped (from the last step's metrics) and what to do about it."""
+    groups = cfg.batch_size
+    if m.get("bad_rows", 0) >= groups:
+        why = "every group had a NaN/Inf reward (see the bad-row warnings)"
+    elif m.get("gate/all_wrong", 0) >= groups:
+        why = ("every completion scored the same low reward, so no group has reward variance (a policy that never "
+               "earns a reward cannot learn from GRPO)")
+    elif m.get("gate/all_correct", 0) >= groups:
+        why = "every group was all correct (the task is solved; nothing left to learn)"
+    else:
+        why = "every group's completions got identical rewards (zero variance)"
+    return (f"nothing has trained for {DROPPED_STEPS_WARNING} steps (gate/kept_frac=0, loss 0): {why}; start from a "
+            "model that sometimes earns the reward (e.g. the demo's warm-started model), use a denser reward, or "
+            "raise generation.num_generations / generation.temperature")
+
+
+class _StopAtStepBoundary:
+    """Context manager: the first SIGINT only sets ``requested`` (the loop saves at the step boundary), the
+    second raises KeyboardInterrupt at once. A no-op outside the main thread (signals go to the main thread)."""
+
+    def __init__(self, next_step: Callable[[], int]):
+        self.requested = False
+        self._next_step = next_step
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl-C stops at once
+        print(f"\nCtrl-C: saving a checkpoint when step {self._next_step()} ends (Ctrl-C again to stop now, "
+              "losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopAtStepBoundary":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
 def _resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; a device this machine does not have is a HeroUserError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -307,12 +371,16 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.device = _resolve_device(cfg.device)
+        resume_path = self._resume_checkpoint()  # before anything slow: a wrong path or a changed config fails fast
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
+        self._build_rewards(reward_funcs)  # before the model too: an unknown reward name fails fast
         self.dataset = dataset if dataset is not None else load_dataset(cfg)
+        if not self.dataset:
+            raise HeroUserError(f"the dataset is empty (data.name={cfg.data.name!r}"
+                                + (f", data.path={cfg.data.path!r}" if cfg.data.path else "") + "): no usable rows")
         self.model, self.adapter = self._build_policy(model, adapter)
-        self._build_rewards(reward_funcs)
         self.ntk_hook = build_ntk_hook(cfg)  # OMNEX-VL NTK-conflict regularizer (None when omnex.ntk_weight == 0)
         # KL: the controller (dynamic balancer) and the reference model
         self.kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target or None, cfg.kl.horizon, cfg.kl.clip)
@@ -330,12 +398,56 @@ class Trainer:
         self.last_rollout: Optional[Rollout] = None
         self._logger: Optional[MetricsLogger] = None
         self._resumed_from: Optional[str] = None
-        if cfg.resume:
-            path = ckpt.find_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-            if path is not None:
-                self.load(path)
-            elif cfg.resume != "auto":
-                raise FileNotFoundError(f"resume: no checkpoint at {cfg.resume}")
+        self._dropped_steps = 0  # consecutive steps in which every group was dropped
+        self.run_id = ckpt.new_run_id()
+        if resume_path is not None:
+            self.load(resume_path)
+
+    @property
+    def finished(self) -> bool:
+        """All cfg.steps are done (e.g. a resumed run that had already completed)."""
+        return self.step >= self.cfg.steps
+
+    def _resume_checkpoint(self) -> Optional[str]:
+        """The checkpoint to resume from (None: a fresh run). Refuses, with a HeroUserError, a fresh run into an
+        output_dir that holds checkpoints (unless cfg.overwrite), a --resume path without a checkpoint, and a
+        checkpoint of another run or with another run-defining config (``_check_resumable``)."""
+        cfg = self.cfg
+        remove_stale_temp_dirs(cfg.output_dir)  # e.g. .tmp-final-<pid> of a killed export
+        latest = ckpt.find_checkpoint(cfg.output_dir)
+        if not cfg.resume:
+            if latest is not None and not cfg.overwrite:
+                raise HeroUserError(
+                    f"output_dir {cfg.output_dir} already holds a run (latest: {os.path.basename(latest)}); add "
+                    "--resume auto to continue it, --overwrite to delete it and start over, or pick another --output_dir")
+            return None
+        path = latest if cfg.resume == "auto" else cfg.resume
+        if cfg.resume != "auto" and not (os.path.isfile(os.path.join(path, ckpt.STATE_FILE)) or
+                                         (os.path.isfile(path) and path.endswith(".pt"))):
+            raise HeroUserError(f"--resume {path!r}: no checkpoint there (no {ckpt.STATE_FILE}); give a run's "
+                                "checkpoint-N folder, or --resume auto for the latest one in --output_dir")
+        if path is not None:
+            self._check_resumable(path)
+        return path
+
+    def _check_resumable(self, path: str) -> None:
+        """The checkpoint at ``path`` belongs to the run in output_dir and has the same run-defining config."""
+        cfg, folder = self.cfg, (path if os.path.isdir(path) else os.path.dirname(path))
+        ckpt_run, dir_run = ckpt.read_run_id(folder), ckpt.read_run_id(cfg.output_dir)
+        if ckpt_run and dir_run and ckpt_run != dir_run:
+            raise HeroUserError(f"--resume {path}: that checkpoint is from run {ckpt_run}, but output_dir "
+                                f"{cfg.output_dir} holds run {dir_run}; resume into a new --output_dir instead")
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):  # a checkpoint without its config: nothing to compare
+            return
+        changes = config_diff(saved, config_to_dict(cfg))
+        if changes and not cfg.allow_config_change:
+            raise HeroUserError(f"resume: run-defining settings differ from {folder}: {'; '.join(changes)}; "
+                                "put them back, or add --allow-config-change to resume with the new values")
+        if changes:
+            warnings.warn(f"resuming with changed run-defining settings (allow_config_change): {'; '.join(changes)}")
 
     def _build_policy(self, model: Optional[nn.Module], adapter: Optional[ModelAdapter]):
         if (model is None) != (adapter is None):
@@ -353,8 +465,11 @@ class Trainer:
             judge = self.cfg.caption_judge
             caption = dict(caption_model=judge.model, caption_prompt=judge.prompt, caption_options=dict(
                 max_new_tokens=judge.max_new_tokens, batch_size=judge.batch_size, device=self.device))
-            reward_funcs = [get_reward(name, nli_model=cfg.nli_model, nli_reference_field=cfg.nli_reference_field,
-                                       nli_reduce=cfg.nli_reduce, **caption) for name in cfg.funcs]
+            try:
+                reward_funcs = [get_reward(name, nli_model=cfg.nli_model, nli_reference_field=cfg.nli_reference_field,
+                                           nli_reduce=cfg.nli_reduce, **caption) for name in cfg.funcs]
+            except ValueError as e:  # unknown name, module that does not import, not callable
+                raise ConfigError(f"rewards.funcs: {e}") from e
         self.reward_funcs = list(reward_funcs)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = cfg.weights or [1.0] * len(self.reward_funcs)
@@ -384,6 +499,7 @@ class Trainer:
             "data": self.rows.state_dict(),
             "rng": ckpt.capture_rng(),
             "bad_rows": list(self.bad_rows),
+            "run_id": self.run_id,
             "format": 1,
         }
         if self.ref_model is not None and self.ref_is_copy:
@@ -393,7 +509,7 @@ class Trainer:
     def save(self) -> str:
         """Atomic checkpoint of everything needed to continue the run exactly."""
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.state_dict(), config_to_dict(self.cfg),
-                                    keep=self.cfg.save_total_limit)
+                                    keep=self.cfg.save_total_limit, run_id=self.run_id)
 
     def load(self, path: str) -> None:
         st = ckpt.load_checkpoint(path, map_location=self.device)
@@ -405,6 +521,7 @@ class Trainer:
         if self.ref_model is not None and "ref_model" in st:
             self.ref_model.load_state_dict(st["ref_model"])
         self.bad_rows = list(st.get("bad_rows", []))
+        self.run_id = st.get("run_id") or self.run_id
         self.step = int(st["step"])
         ckpt.restore_rng(st["rng"])
         self._resumed_from = path
@@ -468,14 +585,22 @@ class Trainer:
             fields[k] = [r.get(k) for r in rows for _ in range(G)]
         R = torch.zeros(N, len(self.reward_funcs), dtype=torch.float64)
         for j, (fn, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
-            vals = check_rewards(fn(texts, **fields), N, name)
-            R[:, j] = torch.tensor(vals, dtype=torch.float64)
+            R[:, j] = torch.tensor(self._call_reward(fn, name, texts, fields), dtype=torch.float64)
         bad = ~torch.isfinite(R).all(1).view(-1, G).all(1)
         for b in bad.nonzero().flatten().tolist():
             name = row_name(rows[b], idx[b])
             fns = [self.reward_names[j] for j in range(R.shape[1]) if not bool(torch.isfinite(R[b * G:(b + 1) * G, j]).all())]
             self._bad(f"row {name}: reward {', '.join(fns)} returned NaN/Inf", name)
         return R, bad
+
+    def _call_reward(self, fn: Callable, name: str, texts: List[str], fields: Dict[str, List[Any]]) -> List[float]:
+        """N floats from one reward function; raising or returning the wrong shape is a HeroUserError."""
+        try:
+            return check_rewards(fn(texts, **fields), len(texts), name)
+        except Exception as e:  # noqa: BLE001 - the user's function: report it in one line, traceback with HERO_DEBUG
+            raise HeroUserError(
+                f"reward {name!r} failed at step {self.step + 1}: {type(e).__name__}: {e} -- a reward gets the N "
+                f"completions and each row field as lists of N and must return N floats (N={len(texts)} here)") from e
 
     # ------------------------------------------------------------------ loss
     def _loss(self, hidden: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
@@ -736,36 +861,61 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict[str, Any]:
-        """Run until cfg.steps (continuing a resumed run); checkpoints every save_steps and at the end."""
-        cfg = self.cfg
-        resume_step = self.step if self._resumed_from else None
-        self._logger = MetricsLogger(cfg.output_dir, cfg.tensorboard, resume_step)
-        bar = None
-        if cfg.progress:
-            try:
-                from tqdm.auto import tqdm
+        """Run until cfg.steps (continuing a resumed run); checkpoints every save_steps and at the end.
 
-                bar = tqdm(total=cfg.steps, initial=self.step, desc="hero train", dynamic_ncols=True)
-            except ImportError:  # pragma: no cover
-                bar = None
+        Ctrl-C (SIGINT, main thread) finishes the current step, saves a checkpoint and raises
+        TrainingInterrupted naming it; a second Ctrl-C raises KeyboardInterrupt at once."""
+        cfg = self.cfg
+        self._open_run_dir()
+        bar = self._progress_bar()
         last_saved = self.step if self._resumed_from else -1
         try:
-            while self.step < cfg.steps:
-                m = self.train_step()
-                self._logger.log(m)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", reward=f"{m['reward']:.3f}", kept=f"{m['gate/kept_frac']:.2f}")
-                if cfg.save_steps and self.step % cfg.save_steps == 0:
+            with _StopAtStepBoundary(lambda: self.step + 1) as stop:
+                while self.step < cfg.steps:
+                    m = self.train_step()
+                    self._logger.log(m)
+                    self._after_step(m, bar)
+                    if (cfg.save_steps and self.step % cfg.save_steps == 0) or stop.requested:
+                        path = self.save()
+                        last_saved = self.step
+                    if stop.requested and self.step < cfg.steps:
+                        raise TrainingInterrupted(f"interrupted by Ctrl-C after step {self.step} of {cfg.steps}; "
+                                                  f"checkpoint saved: {path}", path)
+                if last_saved != self.step:
                     self.save()
-                    last_saved = self.step
-            if last_saved != self.step:
-                self.save()
         finally:
             if bar is not None:
                 bar.close()
             self._logger.close()
         return self.last_metrics
+
+    def _open_run_dir(self) -> None:
+        """Clear an earlier run when overwriting, record this run's id, open metrics.jsonl."""
+        cfg = self.cfg
+        if not self._resumed_from and cfg.overwrite:
+            ckpt.clear_run(cfg.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if not self._resumed_from or not ckpt.read_run_id(cfg.output_dir):
+            ckpt.write_run_id(cfg.output_dir, self.run_id)
+        self._logger = MetricsLogger(cfg.output_dir, cfg.tensorboard, self.step if self._resumed_from else None)
+
+    def _progress_bar(self):
+        if not self.cfg.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            return None
+        return tqdm(total=self.cfg.steps, initial=self.step, desc="hero train", dynamic_ncols=True)
+
+    def _after_step(self, m: Dict[str, Any], bar) -> None:
+        """Progress bar (loss in %.3g: 1e-05, not 0.0000) and the nothing-trains warning."""
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.3g}", reward=f"{m['reward']:.3f}", kept=f"{m['gate/kept_frac']:.2f}")
+        self._dropped_steps = self._dropped_steps + 1 if m["gate/kept_frac"] == 0 else 0
+        if self._dropped_steps == DROPPED_STEPS_WARNING:  # once per streak
+            warnings.warn(_nothing_trains_message(m, self.cfg))
 
     def export(self, path: Optional[str] = None) -> str:
         """save_pretrained of the policy (+ tokenizer) into ``path`` (default <output_dir>/final), atomically."""

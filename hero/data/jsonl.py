@@ -16,23 +16,29 @@ Format: UTF-8, one JSON object per line (blank lines are skipped)::
 
 Loaded examples are dicts with the same keys plus ``image`` = uint8 array ([H, W] for grayscale files,
 [H, W, 3] otherwise, or per ``mode``) and ``image_path`` = the resolved absolute path.
-Errors raise ``JSONLFormatError`` naming the file and line number.
+Errors raise ``JSONLFormatError`` naming the file and line number (or, with ``on_bad_line="skip"``, warn once
+per bad line and leave it out).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, List, Optional
+import warnings
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import HeroUserError
 from ..io import atomic_write_bytes, json_safe
 
 __all__ = ["JSONLFormatError", "load_jsonl", "write_jsonl", "load_image", "save_image_png"]
 
 
-class JSONLFormatError(ValueError):
-    """A malformed line or an unloadable image in a JSONL dataset (message names file and line)."""
+class JSONLFormatError(HeroUserError, ValueError):
+    """A malformed line or an unloadable image in a JSONL dataset (message names file and line); ``hero train``
+    exits with code 3 on it (a bad data row with ``on_bad_row: stop``)."""
+
+    exit_code = 3
 
 
 def _pil():
@@ -56,62 +62,85 @@ def load_image(path: str, mode: Optional[str] = None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
 
 
-def load_jsonl(path: str, *, load_images: bool = True, mode: Optional[str] = None, limit: Optional[int] = None) -> List[dict]:
+def load_jsonl(path: str, *, load_images: bool = True, mode: Optional[str] = None, limit: Optional[int] = None,
+               required: Sequence[str] = ("image", "question", "answer"), image_field: str = "image",
+               on_bad_line: str = "raise") -> List[dict]:
     """Load a JSONL dataset (format in the module docstring).
 
-    load_images: False keeps ``image`` as the resolved path (still checked to exist).
+    load_images: False keeps the image field as the resolved path (still checked to exist).
     mode: PIL mode for loaded images (None: gray stays gray, else RGB).
     limit: stop after this many examples.
+    required: fields every line must have as a non-empty string (the trainer passes its data.required_fields).
+    image_field: the field holding an image path ("" = none); resolved against the file's folder when present.
+    on_bad_line: "raise" (JSONLFormatError) or "skip" (one warning naming file, line and reason per bad line).
     """
+    if on_bad_line not in ("raise", "skip"):
+        raise ValueError(f"on_bad_line must be 'raise' or 'skip', got {on_bad_line!r}")
     path = os.fspath(path)
-    root = os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(path):
+        raise JSONLFormatError(f"no such JSONL file: {path}")
     out: List[dict] = []
-    seen_ids = {}
+    seen_ids: dict = {}
     with open(path, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(out) >= limit:
                 break
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JSONLFormatError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise JSONLFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for field in ("image", "question", "answer"):
-                if field not in obj:
-                    raise JSONLFormatError(f"{where}: missing required field '{field}'")
-                if not isinstance(obj[field], str) or not obj[field].strip():
-                    raise JSONLFormatError(f"{where}: field '{field}' must be a non-empty string")
-            for field in ("split", "id"):
-                if field in obj and not isinstance(obj[field], str):
-                    raise JSONLFormatError(f"{where}: field '{field}' must be a string")
-            ex = dict(obj)
-            ans = ex["answer"].strip()
-            ex["answer"] = ans.lower() if ans.lower() in ("yes", "no") else ans
-            ex.setdefault("split", "default")
-            ex.setdefault("id", f"line{lineno}")
-            if ex["id"] in seen_ids:
-                raise JSONLFormatError(f"{where}: duplicate id {ex['id']!r} (first on line {seen_ids[ex['id']]})")
-            seen_ids[ex["id"]] = lineno
-            img_path = ex["image"] if os.path.isabs(ex["image"]) else os.path.join(root, ex["image"])
-            img_path = os.path.normpath(img_path)
-            if not os.path.isfile(img_path):
-                raise JSONLFormatError(f"{where}: image file not found: {img_path}")
-            ex["image_path"] = img_path
-            if load_images:
-                try:
-                    ex["image"] = load_image(img_path, mode)
-                except ImportError:
+                ex = _parse_line(line, path, lineno, required, image_field, load_images, mode)
+                if ex["id"] in seen_ids:
+                    raise JSONLFormatError(f"{path}, line {lineno}: duplicate id {ex['id']!r} "
+                                           f"(first on line {seen_ids[ex['id']]})")
+            except JSONLFormatError as e:
+                if on_bad_line == "raise":
                     raise
-                except Exception as e:  # PIL raises several types for corrupt/unsupported files
-                    raise JSONLFormatError(f"{where}: cannot load image {img_path}: {e}") from None
-            else:
-                ex["image"] = img_path
+                warnings.warn(f"{e} -- line skipped (on_bad_row=skip)", stacklevel=2)
+                continue
+            seen_ids[ex["id"]] = lineno
             out.append(ex)
     return out
+
+
+def _parse_line(line: str, path: str, lineno: int, required: Sequence[str], image_field: str, load_images: bool,
+                mode: Optional[str]) -> dict:
+    """One JSONL line -> example dict; JSONLFormatError naming file, line and reason."""
+    where = f"{path}, line {lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JSONLFormatError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise JSONLFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for field in required:
+        if field not in obj:
+            raise JSONLFormatError(f"{where}: missing required field '{field}'")
+        if not isinstance(obj[field], str) or not obj[field].strip():
+            raise JSONLFormatError(f"{where}: field '{field}' must be a non-empty string")
+    for field in ("split", "id"):
+        if field in obj and not isinstance(obj[field], str):
+            raise JSONLFormatError(f"{where}: field '{field}' must be a string")
+    ex = dict(obj)
+    if isinstance(ex.get("answer"), str):
+        ans = ex["answer"].strip()
+        ex["answer"] = ans.lower() if ans.lower() in ("yes", "no") else ans
+    ex.setdefault("split", "default")
+    ex.setdefault("id", f"line{lineno}")
+    if image_field and isinstance(ex.get(image_field), str):
+        root = os.path.dirname(os.path.abspath(path))
+        img_path = os.path.normpath(os.path.join(root, ex[image_field]))  # an absolute path stays as is
+        if not os.path.isfile(img_path):
+            raise JSONLFormatError(f"{where}: image file not found: {img_path}")
+        ex["image_path"] = img_path
+        ex[image_field] = img_path
+        if load_images:
+            try:
+                ex[image_field] = load_image(img_path, mode)
+            except ImportError:
+                raise
+            except Exception as e:  # PIL raises several types for corrupt/unsupported files
+                raise JSONLFormatError(f"{where}: cannot load image {img_path}: {e}") from None
+    return ex
 
 
 def save_image_png(image: np.ndarray, path: str) -> None:

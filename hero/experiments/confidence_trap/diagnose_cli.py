@@ -212,7 +212,8 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_HELP)
         return 0 if argv else 2
-    from hero.data.jsonl import JSONLFormatError
+    from hero.errors import HeroUserError
+    from hero.hub import check_model_source
 
     try:
         opts = _parse(argv)
@@ -223,10 +224,9 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
         n_bins = _int(opts, "--n-bins", 10)
         threads = _int(opts, "--threads", None) if "--threads" in opts else None
         vcd = vcd_config(opts)  # checked before any model loads
-        if not (os.path.isdir(opts["--model"]) or "/" in opts["--model"]):
-            raise ValueError(f"--model: {opts['--model']!r} is neither a folder nor a hub id (owner/name)")
+        check_model_source(opts["--model"], "--model")  # at once, not after the hub's retries
         examples = load_examples(opts["--data"], limit, seed)
-    except (ValueError, JSONLFormatError) as e:
+    except (ValueError, HeroUserError) as e:  # JSONLFormatError is both
         print(f"hero diagnose: {e}", file=sys.stderr)
         return 2
     import time
