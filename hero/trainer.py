@@ -285,17 +285,19 @@ def _nothing_trains_message(m: Dict[str, Any], cfg: TrainConfig) -> str:
     """Why every group was dropped (from the last step's metrics) and what to do about it."""
     groups = cfg.batch_size
     if m.get("bad_rows", 0) >= groups:
-        why = "every group had a NaN/Inf reward (see the bad-row warnings)"
+        why, fix = "every group had a NaN/Inf reward", "fix the reward or the rows named in the bad-row warnings"
     elif m.get("gate/all_wrong", 0) >= groups:
-        why = ("every completion scored the same low reward, so no group has reward variance (a policy that never "
-               "earns a reward cannot learn from GRPO)")
+        why = "every completion got the same low reward, so no group has reward variance"
+        fix = ("a policy that never earns a reward learns nothing from GRPO: start from a model that sometimes "
+               "earns it (e.g. the demo's warm-started demo_out/models/sft), use a denser reward, or raise "
+               "generation.num_generations / generation.temperature")
     elif m.get("gate/all_correct", 0) >= groups:
-        why = "every group was all correct (the task is solved; nothing left to learn)"
+        why = "every group was all correct"
+        fix = "the task is solved for this model: use harder rows (e.g. a larger data.sigma for digits_pope)"
     else:
         why = "every group's completions got identical rewards (zero variance)"
-    return (f"nothing has trained for {DROPPED_STEPS_WARNING} steps (gate/kept_frac=0, loss 0): {why}; start from a "
-            "model that sometimes earns the reward (e.g. the demo's warm-started model), use a denser reward, or "
-            "raise generation.num_generations / generation.temperature")
+        fix = "use a reward that tells completions apart, or raise generation.num_generations / temperature"
+    return f"nothing has trained for {DROPPED_STEPS_WARNING} steps (gate/kept_frac=0, loss 0): {why}; {fix}"
 
 
 class _StopAtStepBoundary:
