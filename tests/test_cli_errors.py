@@ -271,3 +271,54 @@ def test_ctrl_c_saves_at_the_step_boundary_and_prints_the_resume_command(tmp_pat
     rc, out, err = finish(p)
     assert rc == 130 and "Traceback" not in err, err
     assert "resume with: hero train" in err.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the pieces, in process (fast)
+# ----------------------------------------------------------------------------------------------
+def test_stale_temp_dirs_of_dead_writers_only_are_removed(tmp_path):
+    from hero.io import remove_stale_temp_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = [f".tmp-final-{dead.pid}", f"final.old-{dead.pid}", f".tmp-final-{os.getpid()}", ".tmp-ab12cd34-x.json",
+             "checkpoint-000001"]
+    for n in names:
+        (tmp_path / n).mkdir()
+    assert sorted(os.path.basename(p) for p in remove_stale_temp_dirs(tmp_path)) == sorted(names[:2])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_config_diff_ignores_resumable_keys():
+    from hero.config import TrainConfig, config_diff, config_to_dict
+
+    a, b = TrainConfig(), TrainConfig()
+    b.steps, b.save_steps, b.progress, b.output_dir, b.loss.impl = 99, 3, False, "elsewhere", "torch"
+    assert config_diff(config_to_dict(a), config_to_dict(b)) == []
+    b.lr, b.model.name, b.data.splits = 0.5, "other", ["random"]
+    assert config_diff(config_to_dict(a), config_to_dict(b)) == [
+        "data.splits ['random', 'popular', 'adversarial'] -> ['random']", "lr 1e-05 -> 0.5",
+        "model.name 'tiny-llama' -> 'other'"]
+
+
+def test_progress_bar_shows_small_losses_and_the_summary_reads_every_step(tmp_path):
+    from hero.run_report import summarize
+    from hero.trainer import Trainer
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            self.kw = kw
+
+    bar = Bar()
+    stub = Trainer.__new__(Trainer)
+    stub._dropped_steps, stub.cfg = 0, None
+    stub._after_step({"loss": 1.2e-5, "reward": 0.5, "gate/kept_frac": 0.5}, bar)
+    assert bar.kw["loss"] == "1.2e-05"
+    recs = [{"step": i, "reward": float(i), "tokens_per_s": 10.0, "time/step_s": 1.0, "peak_memory_mb": 5.0 * i,
+             "gate/kept_frac": None if i == 3 else 1.0} for i in range(1, 21)]
+    s = summarize(recs)
+    assert (s["steps"], s["reward_first"], s["reward_last"], s["tail_steps"]) == (20, 1.5, 19.5, 2)
+    assert s["tokens_per_s"] == 10.0 and s["peak_memory_mb"] == 100.0 and s["kept_frac"] == 1.0
