@@ -179,7 +179,7 @@ def test_runs_are_never_mixed_and_resume_checks_the_config(tmp_path):
     assert rc == 0 and "Traceback" not in err, err
     assert "run summary: 3 steps; mean reward" in out and f"metrics: {run}/metrics.jsonl" in out
     # a random model never earns the reward: said once, with what to do
-    assert err.count("nothing has trained for 3 steps") == 1 and "warm-started model" in err
+    assert err.count("nothing has trained for 3 steps") == 1 and "warm-started demo_out/models/sft" in err
     rid, ckpts = run_id(run), sorted(os.listdir(run))
     assert run_id(os.path.join(run, "checkpoint-000003")) == rid
 
