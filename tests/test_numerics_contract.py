@@ -349,6 +349,30 @@ def test_fused_head_non_finite_and_masked_bias(impl):
     close(H[keep].double(), r_H[keep], 1e-4, 1e-4, f"{impl} fused H")
 
 
+@pytest.mark.parametrize("impl", [b for b in BACKENDS if b in ("torch", "cpu", "triton")])
+def test_fused_head_out_of_range_label_gives_nan_row_when_unchecked(impl):
+    """Label checks off (the GPU default): a label outside [0, V) that is not ignore_index gives a NaN row
+    (logp, H and its grad_hidden row), never the value of a label whose logit is 0; other rows unaffected."""
+    N, D, V = 6, 16, 37
+    h, w, b = torch.randn(N, D), torch.randn(V, D) / 4, torch.randn(V)
+    y = torch.tensor([3, V, -100, -5, 10**9, V - 1])
+    dev = DEV[impl]
+    leaf = h.to(dev).requires_grad_(True)
+    with hk.checks(labels=False):
+        logp, H = hk.linear_entropy_logprob(leaf, w.to(dev), y.to(dev), bias=b.to(dev), impl=impl)
+        (logp.nan_to_num().sum() + H.nan_to_num().sum()).backward()
+    logp, H, dh = logp.detach().cpu(), H.detach().cpu(), leaf.grad.cpu()
+    for i in (1, 3, 4):
+        assert math.isnan(logp[i]) and math.isnan(H[i]) and bool(torch.isnan(dh[i]).any()), i
+    assert logp[2] == 0 and H[2] == 0 and bool((dh[2] == 0).all())
+    z = h.double() @ w.double().t() + b.double()
+    r_logp, r_H, _ = oracle(z, y.clamp(0, V - 1), 1.0, torch.zeros(N), torch.zeros(N))
+    keep = torch.tensor([0, 5])
+    close(logp[keep].double(), r_logp[keep], 1e-4, 1e-4, f"{impl} fused logp")
+    close(H[keep].double(), r_H[keep], 1e-4, 1e-4, f"{impl} fused H")
+    assert torch.isfinite(dh[keep]).all()
+
+
 def test_backend_modules_satisfy_the_protocols():
     import importlib
 

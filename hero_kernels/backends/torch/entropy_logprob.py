@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ...options import RowOptions
 from .. import RowStats
-from .rowmath import row_dlogits, row_outputs, scaled_logits
+from .rowmath import out_of_range_labels, row_dlogits, row_outputs, scaled_logits
 
 #: elements of one [chunk, V] temporary (16M fp32 = 64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -33,11 +33,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _undefined_rows(x: Tensor, labels: Tensor, ignore_index: int) -> Tuple[Tensor, Tensor]:
     """(nan_rows [n] bool, labels with those rows' labels replaced by 0) for rows x [n, V]: valid rows with
     no distribution (max not finite: NaN, +inf, all -inf) or a label outside [0, V)."""
-    V = x.shape[-1]
-    valid = labels != ignore_index
-    bad_label = valid & ((labels < 0) | (labels >= V))
-    nan_rows = bad_label | (valid & ~torch.isfinite(x.amax(dim=-1)))  # amax propagates NaN
-    return nan_rows, torch.where(bad_label, torch.zeros_like(labels), labels)
+    bad_label, safe = out_of_range_labels(labels, x.shape[-1], ignore_index)
+    nan_rows = bad_label | ((labels != ignore_index) & ~torch.isfinite(x.amax(dim=-1)))  # amax propagates NaN
+    return nan_rows, safe
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:

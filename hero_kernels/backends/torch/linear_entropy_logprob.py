@@ -5,7 +5,8 @@ backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, g
 ``need_dh=False`` / ``need_dw=False`` skip the dh GEMM / the fp32 dW (and db) accumulation, returning None.
 
 Each chunk of C valid rows builds its fp32 logits [C, V] (``_chunk_logits``) and calls
-``rowmath.row_outputs`` / ``rowmath.row_dlogits`` on them; nothing re-derives the formulas here. Masked rows (``ignore_index``) are dropped before any GEMM. Gradients
+``rowmath.row_outputs`` / ``rowmath.row_dlogits`` on them; nothing re-derives the formulas here. Masked rows
+(``ignore_index``) are dropped before any GEMM; a label outside [0, V) gives a NaN row (logp, H, lse, gradient). Gradients
 accumulate in fp32 over chunks and are cast to the input dtypes at the end. float64 inputs (CPU only)
 are computed in float64 throughout (outputs logp / H / lse still fp32, per the backend interface).
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from hero_kernels.options import RowOptions
 
-from .rowmath import row_dlogits, row_outputs, scaled_logits
+from .rowmath import out_of_range_labels, row_dlogits, row_outputs, scaled_logits
 
 __all__ = ["TorchChunkConfig", "forward", "backward", "chunk_rows"]
 
@@ -95,10 +96,11 @@ def forward(
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
         z = scaled_logits(_chunk_logits(hidden.index_select(0, rows), w32, b32, cd), opts.temperature, cd)
-        res = row_outputs(z, labels.index_select(0, rows), opts.ignore_index)
+        bad, lab = out_of_range_labels(labels.index_select(0, rows), V, opts.ignore_index)
+        res = row_outputs(z, lab, opts.ignore_index)
         del z
         for o, r in zip(out, res):
-            o.index_copy_(0, rows, r.to(torch.float32))
+            o.index_copy_(0, rows, r.to(torch.float32).masked_fill_(bad, float("nan")))
     return out
 
 
@@ -145,14 +147,15 @@ def backward(
         rows = idx[start:start + C]
         h32 = hidden.index_select(0, rows).to(cd)
         z = scaled_logits(_chunk_logits(h32, w32, b32, cd), opts.temperature, cd)
+        bad, lab = out_of_range_labels(labels.index_select(0, rows), V, opts.ignore_index)
         dz = row_dlogits(
             z,
-            labels.index_select(0, rows),
+            lab,
             None if g_all is None else g_all.index_select(0, rows),
             None if k_all is None else k_all.index_select(0, rows),
             opts.temperature,
             opts.ignore_index,
-        )
+        ).masked_fill_(bad.unsqueeze(-1), float("nan"))  # a bad label: a NaN gradient row (backend contract)
         del z
         if dh is not None:
             dh.index_copy_(0, rows, dz @ w32)

@@ -18,12 +18,12 @@ Non-finite inputs follow the backend contract: ``-inf`` columns are masked vocab
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["RowStats", "row_stats", "row_outputs", "row_dlogits", "scaled_logits"]
+__all__ = ["RowStats", "row_stats", "row_outputs", "row_dlogits", "scaled_logits", "out_of_range_labels"]
 
 
 class RowStats(NamedTuple):
@@ -52,6 +52,14 @@ def row_stats(x: Tensor) -> RowStats:
     log_s = torch.log1p(s_r)
     t = torch.where(e > 0, d * e, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)  # <= 0
     return RowStats(m, argmax, s_r, log_s, log_s - t / (1.0 + s_r))
+
+
+def out_of_range_labels(labels: Tensor, V: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
+    """(bad [n] bool, labels with the bad ones replaced by 0): labels outside [0, V) that are not ignore_index.
+    The backend contract makes such a row NaN (logp, H, lse and its gradient) instead of reading out of
+    bounds; elementwise on [n], no host sync (the host-side range check is ``hero_kernels.checks(labels=)``)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    return bad, torch.where(bad, torch.zeros_like(labels), labels)
 
 
 def _label_ids(labels: Tensor, ignore_index: int):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from hero_kernels.backends import gemm
 from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch
+from hero_kernels.backends.torch.rowmath import out_of_range_labels
 from hero_kernels.options import RowOptions
 
 from . import kernels as K
@@ -255,6 +256,10 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     if h.shape[0] == 0:
         return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
+    # A label outside [0, V) never matches a column in the kernels (no out-of-bounds read), so its row would
+    # come out as if the label's logit were 0: make it a NaN row instead (backend contract; no host sync).
+    bad, _ = out_of_range_labels(lab, weight.shape[0], opts.ignore_index)
+    res = tuple(r.masked_fill_(bad, float("nan")) for r in res)
     if idx is None:
         return res
     return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, r) for r in res)
@@ -405,6 +410,8 @@ def backward(
     if idx is not None:
         stats = tuple(x.index_select(0, idx) for x in stats)
     lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float32).contiguous()) for x in stats)
+    # A label outside [0, V) (not ignore_index) got lse = NaN from ``forward``, so its dz row is NaN here. Not
+    # re-checked: for a vocab shard (``vocab_start``, ``hero_kernels.sharded``) such labels are legitimate.
     # The label column's value from the forward's accurate logp: g (1 - p_y) - k p_y (log p_y + H), with
     # 1 - p_y = -expm1(logp) (no cancellation as p_y -> 1); p_y = 0 (a masked label) gives no 0 * inf.
     lab = None
