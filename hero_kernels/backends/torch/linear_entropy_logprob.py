@@ -6,8 +6,8 @@ backward -> (grad_hidden [N, D] hidden.dtype, grad_weight [V, D] weight.dtype, g
 
 Each chunk of C valid rows builds its fp32 logits [C, V] (``_chunk_logits``) and calls
 ``rowmath.row_outputs`` / ``rowmath.row_dlogits`` on them; nothing re-derives the formulas here. Masked rows
-(``ignore_index``) are dropped before any GEMM; a label outside [0, V) gives a NaN row (logp, H, lse, gradient). Gradients
-accumulate in fp32 over chunks and are cast to the input dtypes at the end. float64 inputs (CPU only)
+(``ignore_index``) are dropped before any GEMM; a label outside [0, V) gives a NaN row (logp, H, lse, gradient).
+Gradients accumulate in fp32 over chunks and are cast to the input dtypes at the end. float64 inputs (CPU only)
 are computed in float64 throughout (outputs logp / H / lse still fp32, per the backend interface).
 
 Memory: the row functions hold a few fp32 [C, V] temporaries, so the peak extra memory is
