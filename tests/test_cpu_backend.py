@@ -542,3 +542,22 @@ def test_cuda_plan_without_a_gpu():
     for spec in GPU_SPECS.values():
         assert sum(modeled_seconds(k, spec) for k in launches) <= 1.2 * floor / spec.hbm_bytes_per_s
     assert cu.plan(8, 1000, "fp32")[0].meta["threads"] == 128
+
+
+def test_cuda_linear_plan_takes_the_row_plans_threads_and_writes_dw_first():
+    """The fused head's CUDA plan launches the row kernel at the row op's block size (512 threads at an LM
+    vocabulary, not a copy of some number), and its first dW GEMM writes dW (beta = 0): no zero-fill entry."""
+    from hero_kernels.backends.cuda import entropy_logprob as cu
+    from hero_kernels.backends.cuda import linear_entropy_logprob as cul
+
+    N, D, V = 16384, 4096, 128256
+    launches = cul.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd", has_bias=True)
+    rows = [k for k in launches if k.name.startswith("entropy_logprob_")]
+    assert rows and {k.meta["threads"] for k in rows} == {cu.threads_per_row(V, 2)} == {512}
+    assert {k.num_warps for k in rows} == {16}
+    assert not any(k.name == "zero_fill" for k in launches)
+    dw = [k for k in launches if k.name == "cublas_dw"]
+    C = dw[0].meta["chunk_rows"]
+    assert dw[0].repeats == 1 and dw[0].hbm_bytes == C * V * 2 + C * D * 2 + 4 * V * D  # written, not read
+    assert all(k.hbm_bytes - k.meta["chunk_rows"] * (V + D) * 2 == 8 * V * D for k in dw[1:])
+    assert sum(k.repeats for k in dw) == -(-N // C)

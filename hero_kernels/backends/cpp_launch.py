@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from hero_kernels.backends import RowStats
+from hero_kernels.backends import RowStats, gemm
 from hero_kernels.options import RowOptions
 
 __all__ = ["rows_forward", "rows_backward", "logits_chunk", "valid_rows", "linear_rows_forward",
@@ -48,9 +48,10 @@ def valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
 
 
 def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
-                 step: int) -> Tuple[Tensor, Tensor, Tensor]:
+                        step: int, threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """The chunk loop shared with the CUDA backend: valid rows in chunks of ``step``, each chunk's logits
-    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd``."""
+    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd`` (``threads`` per row block:
+    the CUDA row plan's; 0 on CPU)."""
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
@@ -58,7 +59,8 @@ def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     for s in range(0, rows.numel(), step):
         idx = rows[s : s + step]
         z = logits_chunk(hidden.index_select(0, idx), weight, bias)
-        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index)
+        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index,
+                                            threads)
         logp.index_copy_(0, idx, lp)
         H.index_copy_(0, idx, h)
         lse.index_copy_(0, idx, ls)
@@ -66,10 +68,12 @@ def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tens
 
 
 def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                  H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
-                  need_dw: bool, fp32_dlogits: bool, accumulate_dw) -> Tuple[Optional[Tensor], ...]:
+                         H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
+                         need_dw: bool, fp32_dlogits: bool, accumulate_dw, threads: int = 0
+                         ) -> Tuple[Optional[Tensor], ...]:
     """The chunk loop shared with the CUDA backend: per chunk of valid rows, recompute the logits, turn them
-    into dlogits with ``ops.entropy_logprob_bwd``, then dh = dz @ W and ``accumulate_dw(dW, dz, h)``.
+    into dlogits with ``ops.entropy_logprob_bwd``, then dh = dz @ W and dW: the first chunk writes it
+    (``gemm.mm_into``, beta = 0: no zero-fill pass over [V, D]), later ones ``accumulate_dw(dW, dz, h)``.
 
     fp32_dlogits: 16-bit logits get their dlogits in a separate fp32 buffer (so the grad_weight GEMM sees
     unrounded values); otherwise dlogits overwrite the logits chunk in place.
@@ -77,10 +81,11 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
     """
     V, D = weight.shape
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    grad_hidden = torch.zeros_like(hidden) if need_dh else None
-    dW = torch.zeros((V, D), dtype=acc, device=weight.device) if need_dw else None
-    db = torch.zeros(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
     rows = valid_rows(labels, opts.ignore_index)
+    alloc = torch.empty if rows.numel() else torch.zeros  # no chunk to write them: zeros
+    grad_hidden = torch.zeros_like(hidden) if need_dh else None
+    dW = alloc((V, D), dtype=acc, device=weight.device) if need_dw else None
+    db = alloc(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
     for s in range(0, rows.numel(), step):
         idx = rows[s : s + step]
         h = hidden.index_select(0, idx)
@@ -97,13 +102,17 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
             opts.inv_temperature,
             opts.ignore_index,
             dz,
+            threads,
         )
         if grad_hidden is not None:
             dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
             grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
         if dW is not None:
-            accumulate_dw(dW, dz, h)
+            if s == 0:
+                gemm.mm_into(dz.t(), h if h.dtype == dz.dtype else h.to(dz.dtype), dW)
+            else:
+                accumulate_dw(dW, dz, h)
         if db is not None:
-            db += dz.sum(0, dtype=acc)
+            torch.sum(dz, 0, dtype=acc, out=db) if s == 0 else db.add_(dz.sum(0, dtype=acc))
     return (grad_hidden, None if dW is None else dW.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

@@ -11,10 +11,13 @@ plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> lis
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3: cuBLAS with the fp32 grad_weight as its C operand,
-beta = 1, ``hero_kernels.backends.gemm.accumulate_dw``). With the forward GEMM that is the 4-GEMM floor
-8 N D V (docs/design.md section 5); the chunk C comes from the memory budget of ``hero_kernels.backends.gemm.chunk_rows`` (<= 2% of
-eager's materialized peak where that leaves >= 1280 rows), capped by CHUNK_BYTES. Masked rows are compacted
-away first (one host sync for the count). Deterministic (cuBLAS with a fixed configuration). No autograd here.
+beta = 1, ``hero_kernels.backends.gemm.accumulate_dw``; the first chunk writes it, beta = 0, so there is no
+zero-fill pass). With the forward GEMM that is the 4-GEMM floor 8 N D V (docs/design.md section 5); the
+chunk C comes from the memory budget of ``hero_kernels.backends.gemm.chunk_rows`` (<= 2% of eager's
+materialized peak where that leaves >= 1280 rows), capped by CHUNK_BYTES. The row kernel's threads per row
+come from ``cuda.entropy_logprob.threads_per_row`` (the row op's plan): one source for both ops' plans and
+launches. Masked rows are compacted away first (one host sync for the count). Deterministic (cuBLAS with a
+fixed configuration). No autograd here.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import Tensor
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends import gemm
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
+from hero_kernels.backends.cuda.entropy_logprob import threads_per_row
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.options import RowOptions
 
@@ -38,7 +42,6 @@ CHUNK_BYTES = 1 << 30
 DW_SLICE = 16384
 
 _OUT_DTYPE_MM = gemm.OUT_DTYPE_MM  # which fp32-output 16-bit GEMM forms torch has here (None: untried)
-_ROW_THREADS = 256  # csrc row kernels: threads per row block
 
 
 def _chunk_rows(n: int, D: int, V: int, elem: int) -> int:
@@ -57,6 +60,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     if N <= 0:
         return out
     C = _chunk_rows(N, D, V, e)
+    threads = threads_per_row(V, e)  # the row plan's block size: one source for both ops
     note = "the [C, V] chunk (far beyond 50 MB of L2) is written by the GEMM and read once by the row kernel"
     if pass_ in ("fwd", "fwd+bwd"):
         for c, reps in [(C, N // C)] + ([(N % C, 1)] if N % C else []):
@@ -65,37 +69,36 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                                         c * D * e + V * D * e + c * V * e, note, meta={"chunk_rows": c},
                                         external=True, repeats=reps))
                 out.append(KernelLaunch("entropy_logprob_fwd_kernel", (c,), "stream", 0.0, c * V * e + 20 * c,
-                                        note, num_warps=_ROW_THREADS // 32, meta={"chunk_rows": c}, repeats=reps))
+                                        note, num_warps=threads // 32, meta={"chunk_rows": c, "threads": threads},
+                                        repeats=reps))
     if pass_ == "fwd" or not (need_dh or need_dw):
         return out
-    if need_dw:
-        out.append(KernelLaunch("zero_fill", (), "stream", 0.0, 4 * V * D + (4 * V if has_bias else 0),
-                                "fp32 dW (and db) zeroed", external=True))
 
     def dz(c: int, reps: int) -> List[KernelLaunch]:
         # Logits GEMM into the chunk, then the row kernel turns them into dz in place (read + write).
         return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, c * D * e + V * D * e + c * V * e,
                              note, meta={"chunk_rows": c}, external=True, repeats=reps),
                 KernelLaunch("entropy_logprob_bwd_kernel", (c,), "stream", 0.0, 2 * c * V * e + 20 * c, note,
-                             num_warps=_ROW_THREADS // 32, meta={"chunk_rows": c}, repeats=reps)]
+                             num_warps=threads // 32, meta={"chunk_rows": c, "threads": threads}, repeats=reps)]
 
     return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
-                                            need_dw=need_dw, dw_zeroed=True)
+                                            need_dw=need_dw)
 
 
-def _step(labels: Tensor, opts: RowOptions, weight: Tensor, elem: int, pass_: str) -> int:
-    """Chunk rows from the plan (one host sync for the valid-row count, as the compaction needs anyway)."""
+def _step(labels: Tensor, opts: RowOptions, weight: Tensor, elem: int, pass_: str) -> Tuple[int, int]:
+    """(chunk rows, row-kernel threads) from the plan (one host sync for the valid-row count, as the
+    compaction needs anyway)."""
     n_valid = int((labels != opts.ignore_index).sum())
     V, D = weight.shape
-    launches = plan(n_valid, D, V, weight.dtype, pass_=pass_)
-    return next((x.meta["chunk_rows"] for x in launches if "chunk_rows" in x.meta), 1)
+    rows = [x for x in plan(n_valid, D, V, weight.dtype, pass_=pass_) if "threads" in x.meta]
+    return (rows[0].meta["chunk_rows"], rows[0].meta["threads"]) if rows else (1, 0)
 
 
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    step = _step(labels, opts, weight, hidden.element_size(), "fwd")
-    return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step)
+    step, threads = _step(labels, opts, weight, hidden.element_size(), "fwd")
+    return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step, threads)
 
 
 def backward(
@@ -115,10 +118,11 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
-    step = _step(labels, opts, weight, hidden.element_size(), "bwd")
-    # dlogits in place in the logits chunk; accumulate_dw keeps grad_weight's partial sums in fp32
+    step, threads = _step(labels, opts, weight, hidden.element_size(), "bwd")
+    # dlogits in place in the logits chunk; the first chunk writes grad_weight's fp32 sums, accumulate_dw adds
     return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
-                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw)
+                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw,
+                                threads=threads)
 
 
 def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
