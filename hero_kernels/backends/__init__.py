@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
+import torch as _torch  # plain `torch` here would be shadowed by the subpackage backends.torch
 from torch import Tensor
 
 from hero_kernels.options import RowOptions
 
-__all__ = ["RowStats", "UpstreamGrads", "RowBackend", "LinearBackend"]
+__all__ = ["RowStats", "UpstreamGrads", "RowBackend", "LinearBackend", "compact_rows"]
 
 
 class RowStats(NamedTuple):
@@ -65,3 +66,17 @@ class LinearBackend(Protocol):
                  H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, *, logp: Optional[Tensor] = None,
                  need_dh: bool = True, need_dw: bool = True) -> Tuple[Optional[Tensor], ...]:
         """-> (grad_hidden, grad_weight, grad_bias)."""
+
+
+def compact_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """The fused heads' masked-row compaction: indices [n] int64 of the rows with label != ignore_index, or
+    None = every row, in order (then the kernels see the masked rows and must give them 0 results / 0 grads).
+
+    The index needs ``nonzero``, which syncs the host once (the grids and chunk sizes depend on n). During
+    CUDA graph capture a sync is not allowed, so there it returns None without looking at the labels: the
+    masked rows are computed and zeroed (more GEMM work, same results). None also when no row is masked
+    (no gathers / scatters)."""
+    if labels.is_cuda and _torch.cuda.is_current_stream_capturing():
+        return None
+    idx = _torch.nonzero(labels != ignore_index).flatten()
+    return None if idx.numel() == labels.numel() else idx

@@ -16,8 +16,7 @@ from torch import Tensor
 from hero_kernels.backends import RowStats, gemm
 from hero_kernels.options import RowOptions
 
-__all__ = ["rows_forward", "rows_backward", "logits_chunk", "valid_rows", "linear_rows_forward",
-           "linear_rows_backward"]
+__all__ = ["rows_forward", "rows_backward", "logits_chunk", "linear_rows_forward", "linear_rows_backward"]
 
 
 def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
@@ -43,34 +42,42 @@ def logits_chunk(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-def valid_rows(labels: Tensor, ignore_index: int) -> Tensor:
-    return torch.nonzero(labels != ignore_index).flatten()
+def _row_chunks(rows: Optional[Tensor], N: int, step: int):
+    """Chunks of ``step`` rows: yields (s, take, put) with take(t) = the chunk's rows of t [N, ...] and
+    put(out, v) writing v back to them; ``rows`` from ``compact_rows`` (None: every row, plain slices)."""
+    n = N if rows is None else rows.numel()
+    for s in range(0, n, step):
+        if rows is None:
+            sl = slice(s, min(n, s + step))
+            # contiguous: as index_select's copies (upstream grads may be stride-0 expands)
+            yield s, (lambda t, sl=sl: t[sl].contiguous()), (lambda out, v, sl=sl: out[sl].copy_(v))
+        else:
+            idx = rows[s:s + step]
+            yield (s, (lambda t, idx=idx: t.index_select(0, idx)),
+                   (lambda out, v, idx=idx: out.index_copy_(0, idx, v)))
 
 
 def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
-                        step: int, threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    """The chunk loop shared with the CUDA backend: valid rows in chunks of ``step``, each chunk's logits
-    through ``logits_chunk`` and the fused row kernel ``ops.entropy_logprob_fwd`` (``threads`` per row block:
-    the CUDA row plan's; 0 on CPU)."""
+                        step: int, threads: int = 0, *, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The chunk loop shared with the CUDA backend: the rows of ``rows`` (``compact_rows``; None: all, the
+    row kernel zeroes masked ones) in chunks of ``step``, each chunk's logits through ``logits_chunk`` and
+    the fused row kernel ``ops.entropy_logprob_fwd`` (``threads`` per row block: the CUDA row plan's; 0 on
+    CPU). No host sync here."""
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
-    rows = valid_rows(labels, opts.ignore_index)
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        z = logits_chunk(hidden.index_select(0, idx), weight, bias)
-        lp, h, ls = ops.entropy_logprob_fwd(z, labels.index_select(0, idx), opts.inv_temperature, opts.ignore_index,
-                                            threads)
-        logp.index_copy_(0, idx, lp)
-        H.index_copy_(0, idx, h)
-        lse.index_copy_(0, idx, ls)
+    for _, take, put in _row_chunks(rows, N, step):
+        z = logits_chunk(take(hidden), weight, bias)
+        res = ops.entropy_logprob_fwd(z, take(labels), opts.inv_temperature, opts.ignore_index, threads)
+        for o, r in zip((logp, H, lse), res):
+            put(o, r)
     return logp, H, lse  # a plain tuple: the fused-head custom op returns it as is
 
 
 def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
                          H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
-                         need_dw: bool, fp32_dlogits: bool, accumulate_dw, threads: int = 0
-                         ) -> Tuple[Optional[Tensor], ...]:
+                         need_dw: bool, fp32_dlogits: bool, accumulate_dw, threads: int = 0,
+                         rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The chunk loop shared with the CUDA backend: per chunk of valid rows, recompute the logits, turn them
     into dlogits with ``ops.entropy_logprob_bwd``, then dh = dz @ W and dW: the first chunk writes it
     (``gemm.mm_into``, beta = 0: no zero-fill pass over [V, D]), later ones ``accumulate_dw(dW, dz, h)``.
@@ -81,32 +88,21 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
     """
     V, D = weight.shape
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    rows = valid_rows(labels, opts.ignore_index)
-    alloc = torch.empty if rows.numel() else torch.zeros  # no chunk to write them: zeros
+    n = hidden.shape[0] if rows is None else rows.numel()
+    alloc = torch.empty if n else torch.zeros  # no chunk to write them: zeros
     grad_hidden = torch.zeros_like(hidden) if need_dh else None
     dW = alloc((V, D), dtype=acc, device=weight.device) if need_dw else None
     db = alloc(V, dtype=acc, device=weight.device) if (bias is not None and need_dw) else None
-    for s in range(0, rows.numel(), step):
-        idx = rows[s : s + step]
-        h = hidden.index_select(0, idx)
+    for s, take, put in _row_chunks(rows, hidden.shape[0], step):
+        h = take(hidden)
         z = logits_chunk(h, weight, bias)
         wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
         dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
-        ops.entropy_logprob_bwd(
-            z,
-            labels.index_select(0, idx),
-            lse.index_select(0, idx),
-            H.index_select(0, idx),
-            grad_logp.index_select(0, idx),
-            grad_H.index_select(0, idx),
-            opts.inv_temperature,
-            opts.ignore_index,
-            dz,
-            threads,
-        )
+        ops.entropy_logprob_bwd(z, take(labels), take(lse), take(H), take(grad_logp), take(grad_H),
+                                opts.inv_temperature, opts.ignore_index, dz, threads)
         if grad_hidden is not None:
             dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
-            grad_hidden.index_copy_(0, idx, (dz_w @ weight).to(hidden.dtype))
+            put(grad_hidden, (dz_w @ weight).to(hidden.dtype))
         if dW is not None:
             if s == 0:
                 gemm.mm_into(dz.t(), h if h.dtype == dz.dtype else h.to(dz.dtype), dW)

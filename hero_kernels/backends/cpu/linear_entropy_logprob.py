@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cpu
+from hero_kernels.backends import compact_rows
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.options import RowOptions
 
@@ -36,8 +37,10 @@ def _chunk_rows(n: int, V: int) -> int:
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    n_valid = int((labels != opts.ignore_index).sum())
-    return linear_rows_forward(require_cpu(), hidden, weight, bias, labels, opts, _chunk_rows(n_valid, weight.shape[0]))
+    rows = compact_rows(labels, opts.ignore_index)
+    n = labels.numel() if rows is None else rows.numel()
+    return linear_rows_forward(require_cpu(), hidden, weight, bias, labels, opts, _chunk_rows(n, weight.shape[0]),
+                               rows=rows)
 
 
 def _addmm_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:
@@ -61,6 +64,8 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
-    step = _chunk_rows(int((labels != opts.ignore_index).sum()), weight.shape[0])
+    rows = compact_rows(labels, opts.ignore_index)
+    step = _chunk_rows(labels.numel() if rows is None else rows.numel(), weight.shape[0])
     return linear_rows_backward(require_cpu(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
-                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=True, accumulate_dw=_addmm_dw)
+                                need_dh=need_dh, need_dw=need_dw, fp32_dlogits=True, accumulate_dw=_addmm_dw,
+                                rows=rows)

@@ -16,8 +16,9 @@ zero-fill pass). With the forward GEMM that is the 4-GEMM floor 8 N D V (docs/de
 chunk C comes from the memory budget of ``hero_kernels.backends.gemm.chunk_rows`` (<= 2% of eager's
 materialized peak where that leaves >= 1280 rows), capped by CHUNK_BYTES. The row kernel's threads per row
 come from ``cuda.entropy_logprob.threads_per_row`` (the row op's plan): one source for both ops' plans and
-launches. Masked rows are compacted away first (one host sync for the count). Deterministic (cuBLAS with a
-fixed configuration). No autograd here.
+launches. Masked rows are compacted away first (``backends.compact_rows``: one host sync, ``nonzero``, per
+call; none during CUDA graph capture, where the masked rows are computed and zeroed by the row kernel).
+Deterministic (cuBLAS with a fixed configuration). No autograd here.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
-from hero_kernels.backends import gemm
+from hero_kernels.backends import compact_rows, gemm
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.backends.cuda.entropy_logprob import threads_per_row
 from hero_kernels.backends.plan import KernelLaunch
@@ -85,20 +86,21 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                                             need_dw=need_dw)
 
 
-def _step(labels: Tensor, opts: RowOptions, weight: Tensor, elem: int, pass_: str) -> Tuple[int, int]:
-    """(chunk rows, row-kernel threads) from the plan (one host sync for the valid-row count, as the
-    compaction needs anyway)."""
-    n_valid = int((labels != opts.ignore_index).sum())
+def _step(rows: Optional[Tensor], labels: Tensor, weight: Tensor, pass_: str) -> Tuple[int, int]:
+    """(chunk rows, row-kernel threads) from the plan for the rows ``compact_rows`` chose (no host sync here:
+    the count is the index's length, or N when uncompacted)."""
+    n = labels.numel() if rows is None else rows.numel()
     V, D = weight.shape
-    rows = [x for x in plan(n_valid, D, V, weight.dtype, pass_=pass_) if "threads" in x.meta]
-    return (rows[0].meta["chunk_rows"], rows[0].meta["threads"]) if rows else (1, 0)
+    rk = [x for x in plan(n, D, V, weight.dtype, pass_=pass_) if "threads" in x.meta]
+    return (rk[0].meta["chunk_rows"], rk[0].meta["threads"]) if rk else (1, 0)
 
 
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    step, threads = _step(labels, opts, weight, hidden.element_size(), "fwd")
-    return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step, threads)
+    rows = compact_rows(labels, opts.ignore_index)
+    step, threads = _step(rows, labels, weight, "fwd")
+    return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step, threads, rows=rows)
 
 
 def backward(
@@ -118,11 +120,12 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
-    step, threads = _step(labels, opts, weight, hidden.element_size(), "bwd")
+    rows = compact_rows(labels, opts.ignore_index)
+    step, threads = _step(rows, labels, weight, "bwd")
     # dlogits in place in the logits chunk; the first chunk writes grad_weight's fp32 sums, accumulate_dw adds
     return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
                                 need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw,
-                                threads=threads)
+                                threads=threads, rows=rows)
 
 
 def _accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor) -> None:

@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from hero_kernels.backends import gemm
+from hero_kernels.backends import compact_rows, gemm
 from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
 from hero_kernels.options import RowOptions
@@ -165,6 +165,9 @@ def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tenso
         raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
 
 
+# lse of a masked row in an uncompacted backward: exp(x - 1e30) = 0 and 0 * (x - 1e30) = 0 for |x| < 1e29.
+_MASKED_LSE = 1e30
+
 # Every forward launch keeps D, the row strides and the base addresses multiples of 16 (elements / bytes),
 # so Triton always picks its aligned specialization (vectorized 16-byte loads): the one the sm_80 / sm_90a
 # compile checks cover (``compile.compile_attrs``). Odd D is zero-padded, which adds nothing to any dot.
@@ -186,14 +189,20 @@ def _aligned_1d(x: Tensor) -> Tensor:
     return x.clone(memory_format=torch.contiguous_format)
 
 
-def _prepare(hidden, weight, bias, labels, ignore_index, align: bool = True):
+def _prepare(hidden, weight, bias, labels, ignore_index, align: bool = True, may_skip_compaction: bool = False):
     """(valid-row idx | None, h [n, D'], weight [V, D'], bias | None, labels [n]) ready for launch.
     align: D' = D rounded up to 16 and 16-byte aligned rows (the Triton GEMM kernels); else only last-dim
-    stride 1 (cuBLAS and the row kernel need nothing more)."""
-    valid = labels != ignore_index
-    idx = torch.nonzero(valid).squeeze(1)
-    if idx.numel() == labels.numel():
-        idx, h, lab = None, hidden, labels
+    stride 1 (cuBLAS and the row kernel need nothing more).
+    idx None: every row, in order. Compacting costs one host sync (``compact_rows``); with
+    may_skip_compaction (the launchers that zero masked rows themselves) there is none during CUDA graph
+    capture, and the returned rows may include masked ones."""
+    if may_skip_compaction:
+        idx = compact_rows(labels, ignore_index)
+    else:  # hero_kernels.sharded: compact rows always
+        idx = torch.nonzero(labels != ignore_index).squeeze(1)
+        idx = None if idx.numel() == labels.numel() else idx
+    if idx is None:
+        h, lab = hidden, labels
     else:
         h, lab = hidden.index_select(0, idx), labels.index_select(0, idx)
     if align:
@@ -252,7 +261,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     _check(hidden, weight, bias, labels)
     cfg = config or default_config(hidden.dtype)
     N = hidden.shape[0]
-    idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index, may_skip_compaction=True)
     if h.shape[0] == 0:
         return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
@@ -260,8 +269,8 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     # come out as if the label's logit were 0: make it a NaN row instead (backend contract; no host sync).
     bad, _ = out_of_range_labels(lab, weight.shape[0], opts.ignore_index)
     res = tuple(r.masked_fill_(bad, float("nan")) for r in res)
-    if idx is None:
-        return res
+    if idx is None:  # uncompacted: masked rows (if any) were computed, their results are 0
+        return tuple(r.masked_fill_(lab == opts.ignore_index, 0.0) for r in res)
     return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, r) for r in res)
 
 
@@ -397,7 +406,7 @@ def backward(
     dev = hidden.device
     gh_dtype = grad_hidden_dtype or hidden.dtype
     atomic = not cfg.deterministic and need_dh and need_dw
-    idx, h, w, b, labs = _prepare(hidden, weight, bias, labels, opts.ignore_index)
+    idx, h, w, b, labs = _prepare(hidden, weight, bias, labels, opts.ignore_index, may_skip_compaction=True)
     n = h.shape[0]
     if n == 0:
         return (torch.zeros((N, D), dtype=gh_dtype, device=dev) if need_dh else None,
@@ -412,6 +421,11 @@ def backward(
     lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float32).contiguous()) for x in stats)
     # A label outside [0, V) (not ignore_index) got lse = NaN from ``forward``, so its dz row is NaN here. Not
     # re-checked: for a vocab shard (``vocab_start``, ``hero_kernels.sharded``) such labels are legitimate.
+    if idx is None:
+        # Uncompacted (masked rows possible): g = k = 0 and a huge lse give p = 0, log p finite, so dz = 0
+        # exactly on a masked row with finite logits (its dh row is then 0 and it adds nothing to dW).
+        masked = labs == opts.ignore_index
+        lse_, g, k = lse_.masked_fill(masked, _MASKED_LSE), g.masked_fill(masked, 0.0), k.masked_fill(masked, 0.0)
     # The label column's value from the forward's accurate logp: g (1 - p_y) - k p_y (log p_y + H), with
     # 1 - p_y = -expm1(logp) (no cancellation as p_y -> 1); p_y = 0 (a masked label) gives no 0 * inf.
     lab = None
