@@ -4,13 +4,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from types import ModuleType
 
 import torch
 
 from .options import IMPLS
 
-__all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on"]
+__all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on", "check_capability"]
 
 # dtypes each backend accepts for the big float inputs
 _DTYPES = {
@@ -52,13 +53,41 @@ def _constant_under_compile(fn):
     return fn
 
 
+#: bf16 kernels (bf16 ``tl.dot`` in the fused heads, bf16 loads / math in the row kernels) need Ampere.
+_BF16_MIN_CC = (8, 0)
+
+
+def _bf16_unsupported(device: torch.device, dtype: torch.dtype):
+    """The compute capability (major, minor) of a CUDA ``device`` too old for bf16 kernels, else None."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    cc = tuple(torch.cuda.get_device_capability(device.index if device.index is not None else None))
+    return cc if cc < _BF16_MIN_CC else None
+
+
+def check_capability(impl: str, device: torch.device, dtype: torch.dtype, arg: str) -> None:
+    """The compute-capability gate of the GPU backends (``triton``, ``cuda``; both ops): bf16 needs sm_80.
+    Explicit impl: one line saying so (instead of a failure deep in the Triton compiler or nvcc's runtime)."""
+    cc = _bf16_unsupported(device, dtype) if impl in ("triton", "cuda") else None
+    if cc is not None:
+        raise RuntimeError(f"impl={impl!r} with bfloat16 {arg} needs a GPU of compute capability 8.0 (Ampere) or "
+                           f"newer, got sm_{cc[0]}{cc[1]}; use float16/float32 {arg}, or impl='torch' / 'auto'")
+
+
 @_constant_under_compile
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str = "logits") -> str:
     """Map ``impl`` (one of IMPLS) to a concrete backend for tensors on ``device``; raise if impossible."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and dtype in _DTYPES["triton"] and _has_triton():
+        cc = _bf16_unsupported(device, dtype)
+        if cc is not None:
+            # Pre-Ampere GPU, bf16: no GPU backend can run it; the chunked torch path can (slower, say so once).
+            warnings.warn(f"hero_kernels: bfloat16 {arg} on sm_{cc[0]}{cc[1]} (< sm_80): impl='auto' runs the "
+                          "chunked torch path; float16 inputs would run the GPU kernels", RuntimeWarning,
+                          stacklevel=3)
+            impl = "torch"
+        elif device.type == "cuda" and dtype in _DTYPES["triton"] and _has_triton():
             impl = "triton"
         elif device.type == "cpu" and _cpp_ok("cpu"):
             impl = "cpu"
@@ -85,6 +114,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
             raise RuntimeError(f"impl='cpu' is unavailable: {_cpp_error('cpu')}")
     if dtype not in _DTYPES[impl]:
         raise TypeError(f"impl={impl!r} does not support {arg} dtype {str(dtype).replace('torch.', '')}")
+    check_capability(impl, device, dtype, arg)
     return impl
 
 

@@ -856,3 +856,25 @@ def test_uncompacted_rows_match_compacted(impl, monkeypatch):
         if i in (0, 1, 2, 3):
             assert (a.cpu()[masked] == 0).all(), i
         assert _err(a, w) <= 1e-5 * max(1.0, w.abs().max().item()), i
+
+
+def test_compute_capability_gate(monkeypatch):
+    """bf16 kernels need sm_80 (bf16 tl.dot in the fused head, bf16 math in the row kernels). On an older
+    GPU an explicit impl='triton' / 'cuda' says so in one line; impl='auto' runs the chunked torch path and
+    warns. Simulated: a CUDA device object with a patched capability (no tensor is created)."""
+    from hero_kernels import dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(dispatch, "_has_triton", lambda: True)
+    dev = torch.device("cuda", 0)
+    for impl in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match=rf"impl='{impl}' with bfloat16 hidden needs .*8\.0.*got sm_75"):
+            dispatch.check_capability(impl, dev, torch.bfloat16, "hidden")
+        dispatch.check_capability(impl, dev, torch.float16, "hidden")  # fp16 / fp32 run there
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        dispatch.resolve_impl("triton", dev, torch.bfloat16, "hidden")
+    with pytest.warns(RuntimeWarning, match="chunked torch path"):
+        assert dispatch.resolve_impl("auto", dev, torch.bfloat16, "hidden") == "torch"
+    assert dispatch.resolve_impl("auto", dev, torch.float16, "hidden") == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dispatch.resolve_impl("auto", dev, torch.bfloat16, "hidden") == "triton"

@@ -21,6 +21,7 @@ from torch import Tensor
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
 from hero_kernels.backends.plan import KernelLaunch
+from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "plan", "threads_per_row", "BATCHED"]
@@ -74,16 +75,8 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     return out
 
 
-def _check_capability(t: Tensor) -> None:
-    """bf16 needs sm_80 (Ampere) or newer."""
-    if t.dtype == torch.bfloat16 and t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 0):
-        major, minor = torch.cuda.get_device_capability(t.device)
-        raise RuntimeError(f"impl='cuda' with bfloat16 logits needs compute capability 8.0 (Ampere) or newer, got "
-                           f"sm_{major}{minor}; use float16/float32 logits or impl='torch'")
-
-
 def _threads(logits: Tensor, labels: Tensor, pass_: str) -> int:
-    _check_capability(logits)
+    check_capability("cuda", logits.device, logits.dtype, "logits")
     B = logits.shape[0] if logits.dim() == 3 else None
     return plan(labels.numel(), logits.shape[-1], logits.dtype, pass_=pass_, batch=B)[0].meta["threads"]
 

@@ -32,6 +32,7 @@ from hero_kernels.backends import compact_rows, gemm
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.backends.cuda.entropy_logprob import threads_per_row
 from hero_kernels.backends.plan import KernelLaunch
+from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
 __all__ = ["forward", "backward", "plan", "CHUNK_BYTES"]
@@ -98,6 +99,7 @@ def _step(rows: Optional[Tensor], labels: Tensor, weight: Tensor, pass_: str) ->
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    check_capability("cuda", hidden.device, hidden.dtype, "hidden")
     rows = compact_rows(labels, opts.ignore_index)
     step, threads = _step(rows, labels, weight, "fwd")
     return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step, threads, rows=rows)
@@ -120,6 +122,7 @@ def backward(
 ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if not (need_dh or need_dw):
         return None, None, None
+    check_capability("cuda", hidden.device, hidden.dtype, "hidden")
     rows = compact_rows(labels, opts.ignore_index)
     step, threads = _step(rows, labels, weight, "bwd")
     # dlogits in place in the logits chunk; the first chunk writes grad_weight's fp32 sums, accumulate_dw adds

@@ -33,6 +33,7 @@ from torch import Tensor
 from hero_kernels.backends import RowStats
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.backends.triton.linear.kernels import _log1p_unit
+from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
 __all__ = ["LaunchConfig", "launch_config", "LAUNCH_CONFIGS", "KERNEL_CONFIGS", "compile_attrs", "plan", "forward",
@@ -417,25 +418,6 @@ def compile_attrs(fn, signature: Dict[str, str]) -> Dict[tuple, list]:
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-_CC_OK: Dict[Tuple[int, torch.dtype], bool] = {}
-
-
-def _check_capability(t: Tensor) -> None:
-    """bf16 needs sm_80 (Ampere) or newer: say so instead of failing inside the Triton compiler."""
-    if t.device.type != "cuda" or t.dtype != torch.bfloat16:
-        return
-    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    key = (idx, t.dtype)
-    if key not in _CC_OK:
-        _CC_OK[key] = torch.cuda.get_device_capability(idx) >= (8, 0)
-    if not _CC_OK[key]:
-        major, minor = torch.cuda.get_device_capability(idx)
-        raise RuntimeError(
-            f"impl='triton' with bfloat16 logits needs a GPU of compute capability 8.0 (Ampere) or newer, got "
-            f"sm_{major}{minor}; use float16/float32 logits or impl='torch'"
-        )
-
-
 def _check_logits(name: str, t: Tensor) -> None:
     if t.dim() not in (2, 3):
         raise ValueError(f"{name} must be [N, V] or [B, T, V], got shape {tuple(t.shape)}")
@@ -443,7 +425,7 @@ def _check_logits(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must have last-dim stride 1, got strides {tuple(t.stride())}")
-    _check_capability(t)
+    check_capability("triton", t.device, t.dtype, name)
 
 
 def _strides(t: Tensor) -> Tuple[int, int]:

@@ -17,6 +17,7 @@ from torch import Tensor
 from hero_kernels.backends import compact_rows, gemm
 from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
+from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
 from . import kernels as K
@@ -163,6 +164,7 @@ def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tenso
         raise ValueError(f"bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
+    check_capability("triton", hidden.device, hidden.dtype, "hidden")  # bf16 tl.dot needs sm_80
 
 
 # lse of a masked row in an uncompacted backward: exp(x - 1e30) = 0 and 0 * (x - 1e30) = 0 for |x| < 1e29.
