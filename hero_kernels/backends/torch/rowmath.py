@@ -23,11 +23,12 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["RowStats", "row_stats", "row_outputs", "row_dlogits", "scaled_logits", "out_of_range_labels"]
+__all__ = ["RowReduction", "row_reduction", "row_outputs", "row_dlogits", "scaled_logits", "out_of_range_labels"]
 
 
-class RowStats(NamedTuple):
-    """Per-row statistics of rows x [C, V]; each [C] in the compute dtype (argmax int64)."""
+class RowReduction(NamedTuple):
+    """Per-row reductions of rows x [C, V] that the row math builds on; each [C] in the compute dtype (argmax
+    int64). Not ``hero_kernels.backends.RowStats`` (a forward's logp / H / lse across the backend contract)."""
 
     m: Tensor
     argmax: Tensor
@@ -42,7 +43,7 @@ def scaled_logits(z: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     return x / temperature if temperature != 1.0 else x
 
 
-def row_stats(x: Tensor) -> RowStats:
+def row_reduction(x: Tensor) -> RowReduction:
     """(m, argmax, s_r, log s, H) of rows x [C, V]."""
     m, argmax = x.max(dim=-1)
     d = x - m.unsqueeze(-1)  # x_j - m <= 0
@@ -51,7 +52,7 @@ def row_stats(x: Tensor) -> RowStats:
     s_r = e.sum(-1)
     log_s = torch.log1p(s_r)
     t = torch.where(e > 0, d * e, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1)  # <= 0
-    return RowStats(m, argmax, s_r, log_s, log_s - t / (1.0 + s_r))
+    return RowReduction(m, argmax, s_r, log_s, log_s - t / (1.0 + s_r))
 
 
 def out_of_range_labels(labels: Tensor, V: int, ignore_index: int) -> Tuple[Tensor, Tensor]:
@@ -69,7 +70,7 @@ def _label_ids(labels: Tensor, ignore_index: int):
 
 def row_outputs(x: Tensor, labels: Tensor, ignore_index: int):
     """(logp, H, lse), each [C] in x.dtype; rows with label == ignore_index are 0."""
-    st = row_stats(x)
+    st = row_reduction(x)
     valid, safe = _label_ids(labels, ignore_index)
     d_y = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - st.m
     logp = torch.where(safe == st.argmax, -st.log_s, d_y - st.log_s)
@@ -89,7 +90,7 @@ def row_dlogits(
     """dL/dz [C, V] in x.dtype for rows x = z / temperature [C, V]:
     (1/tau) [g (1[j=y] - p_j) - k p_j (log p_j + H)], g = grad_logp, k = grad_H ([C] or None = 0).
     Statistics are recomputed from the rows (whole rows are at hand); ignored rows get 0."""
-    st = row_stats(x)
+    st = row_reduction(x)
     valid, safe = _label_ids(labels, ignore_index)
     logq = (x - st.m.unsqueeze(-1)) - st.log_s.unsqueeze(-1)
     p = torch.exp(logq)
