@@ -10,6 +10,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests never reach the network (nothing downloads models or data; hero.hub's reachability probe must not run):
+# set before any test starts a subprocess, which inherits it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
