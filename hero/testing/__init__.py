@@ -1,0 +1,1 @@
+"""Helpers for tests and offline smoke runs (tiny models written without downloads)."""
