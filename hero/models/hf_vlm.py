@@ -1,0 +1,261 @@
+"""The trainer's adapter for transformers vision-language models (image-text-to-text).
+
+Any model that loads with ``AutoModelForImageTextToText`` (``AutoModelForVision2Seq`` on older
+transformers) and ``AutoProcessor``; tested with Qwen2-VL (``Qwen2VLForConditionalGeneration``, the same
+code serves Qwen2.5-VL) and LLaVA (``LlavaForConditionalGeneration``) through ``hero.testing.tiny_models``.
+
+* Rows: the JSONL format of ``hero.data.jsonl`` (``image`` path, ``question``, ``answer``, ...). The
+  trainer formats ``data.prompt_template`` over the row; ``prepare_row`` loads the image (a bad one is a
+  one-line ``BadRowError`` naming the row) and downscales it to ``max_pixels``.
+* Prompts: the processor's chat template, one user turn ``[image, text]`` with the generation prompt.
+* Rollouts: ``model.generate`` (KV cache, ``do_sample``) on the repeated prompts: G completions per prompt.
+* Loss inputs: ``hidden_states`` runs the multimodal base model (``model.model``: vision tower, projector
+  and language model, no LM head) and returns the language model's last hidden states; the trainer slices
+  the completion positions and feeds them with ``lm_head.weight`` to the fused ``hero_loss``, so no logits
+  exist for image or prompt tokens. The no-grad old-policy / reference passes take the same route.
+
+Batch layout. The trainer repeats and indexes every tensor of ``encode``'s output along dim 0, so each one
+is per row here: Qwen-style flat ``pixel_values`` ([sum of patches, F], split by ``image_grid_thw``) are
+packed to [B, max patches, F] and unpacked before the model sees them; ``*token_type_ids`` ([B, P]) are
+zero-extended over the completion. A completion that samples the image placeholder token ends there (it is
+an end-of-sequence id) and the placeholder is replaced by pad as an input, so the model never counts more
+image tokens than it has features.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hero.rollout import BadRowError, ModelAdapter, completion_mask_from_eos, row_name
+
+__all__ = ["HFVLMAdapter", "is_vlm_checkpoint", "load_vlm", "freeze_vision_tower", "VISION_MODULE_NAMES"]
+
+#: attribute names of the vision encoder in transformers VLMs (Qwen2-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM, ...)
+VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
+#: parts of a vision module that stay trainable when it is frozen (the projector into the language model)
+_PROJECTOR_PARTS = ("merger",)
+#: private key of encode()'s output: image placeholder tokens per prompt row
+_N_IMG = "hero_n_image_tokens"
+
+
+def _auto_model_classes():
+    import transformers
+
+    return [getattr(transformers, n) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
+            if hasattr(transformers, n)]
+
+
+def is_vlm_checkpoint(path: str) -> bool:
+    """True when ``path`` is a local folder whose config maps to an image-text-to-text model class."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - not a transformers config: not ours to judge
+        return False
+    return any(type(cfg) in cls._model_mapping for cls in _auto_model_classes())
+
+
+def freeze_vision_tower(model: nn.Module) -> int:
+    """requires_grad=False on the vision encoder (projector / merger stay trainable); returns #params frozen."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    n = 0
+    for owner in (base, model):
+        for name in VISION_MODULE_NAMES:
+            mod = getattr(owner, name, None)
+            if not isinstance(mod, nn.Module):
+                continue
+            for pname, p in mod.named_parameters():
+                if p.requires_grad and not any(part in pname.split(".") for part in _PROJECTOR_PARTS):
+                    p.requires_grad_(False)
+                    n += p.numel()
+    if n == 0:
+        raise ValueError(f"model.freeze_vision: no vision encoder found on {type(model).__name__} (looked for "
+                         f"{', '.join(VISION_MODULE_NAMES)}); set model.freeze_vision false")
+    return n
+
+
+def load_vlm(path: str, *, attn_implementation: str, dtype: torch.dtype, freeze_vision: bool = True,
+             max_pixels: int = 0, image_field: str = "image"):
+    """(model, HFVLMAdapter) from a local folder or hub id."""
+    from hero.testing.tiny_models import load_processor
+
+    errors = []
+    model = None
+    for cls in _auto_model_classes():
+        try:
+            model = cls.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype)
+            break
+        except ValueError as e:  # an unknown config for this auto class: try the next one
+            errors.append(f"{cls.__name__}: {e}")
+    if model is None:
+        raise ValueError(f"model.name {path!r} is not an image-text-to-text model ({'; '.join(errors)})")
+    if freeze_vision:
+        freeze_vision_tower(model)
+    adapter = HFVLMAdapter(load_processor(path), model, image_field=image_field, max_pixels=max_pixels,
+                           source=path)
+    return model, adapter
+
+
+class HFVLMAdapter(ModelAdapter):
+    """transformers image-text-to-text model + its processor (see the module docstring)."""
+
+    uses_images = True
+
+    def __init__(self, processor, model: nn.Module, image_field: str = "image", max_pixels: int = 0,
+                 source: Optional[str] = None):
+        tok = getattr(processor, "tokenizer", None)
+        if tok is None or getattr(processor, "image_processor", None) is None:
+            raise ValueError(f"{type(processor).__name__} has no tokenizer / image processor: not a VLM processor")
+        if not getattr(processor, "chat_template", None) and not getattr(tok, "chat_template", None):
+            raise ValueError(f"the processor of {source or type(model).__name__} has no chat template: add "
+                             "chat_template.jinja to the model folder")
+        self.processor, self.tokenizer = processor, tok
+        self.image_field, self.max_pixels, self.source = image_field, int(max_pixels), source
+        cfg = model.config
+        self.image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+        if self.image_token_id is None:
+            raise ValueError(f"{type(model).__name__}'s config names no image token (image_token_id)")
+        eos = [getattr(tok, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)]
+        eos_ids: List[int] = []
+        for e in eos:
+            for i in (e if isinstance(e, (list, tuple)) else [e]):
+                if i is not None and int(i) not in eos_ids:
+                    eos_ids.append(int(i))
+        if not eos_ids:
+            raise ValueError("the tokenizer has no eos_token_id; completions need an end-of-sequence token")
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+        # a sampled image placeholder ends the completion (see the module docstring)
+        self.eos_token_ids = eos_ids + [int(self.image_token_id)]
+        self._set_processor_max_pixels()
+
+    def _set_processor_max_pixels(self) -> None:
+        """Qwen-style processors resize to a pixel budget: cap it (``size.longest_edge`` in transformers 5)."""
+        ip = self.processor.image_processor
+        if self.max_pixels <= 0:
+            return
+        size = getattr(ip, "size", None)
+        if hasattr(ip, "merge_size") and isinstance(size, dict) and "longest_edge" in size:
+            size["longest_edge"] = min(int(size["longest_edge"]), self.max_pixels)
+            size["shortest_edge"] = min(int(size.get("shortest_edge", 0)), size["longest_edge"])
+        if hasattr(ip, "max_pixels"):
+            ip.max_pixels = self.max_pixels
+
+    # ------------------------------------------------------------------ rows -> tensors
+    def prepare_row(self, row, prompt, index):
+        name = row_name(row, index)
+        if self.image_field not in row or row[self.image_field] is None:
+            raise BadRowError(f"row {name} has no image field {self.image_field!r}", name)
+        try:
+            img = row[self.image_field]
+            if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
+                from hero.data.jsonl import load_image
+
+                img = load_image(img, "RGB")
+            arr = np.asarray(img)
+            if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+                raise ValueError(f"expected uint8 [H, W] or [H, W, 3], got {arr.dtype} {arr.shape}")
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            arr = self._limit_pixels(arr)
+        except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken image
+            raise BadRowError(f"row {name}: image does not load ({type(e).__name__}: {e})", name) from None
+        new = dict(row)
+        new[self.image_field] = arr
+        return new
+
+    def _limit_pixels(self, arr: np.ndarray) -> np.ndarray:
+        h, w = arr.shape[:2]
+        if self.max_pixels <= 0 or h * w <= self.max_pixels:
+            return arr
+        from PIL import Image
+
+        s = (self.max_pixels / (h * w)) ** 0.5
+        size = (max(1, int(w * s)), max(1, int(h * s)))
+        return np.asarray(Image.fromarray(arr).resize(size, Image.BICUBIC))
+
+    def encode(self, rows, prompts):
+        msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+        text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        enc = self.processor(images=[r[self.image_field] for r in rows], text=text, return_tensors="pt",
+                             padding=True, padding_side="left")
+        out = {k: v for k, v in enc.items() if isinstance(v, Tensor)}
+        B = out["input_ids"].shape[0]
+        if out.get("pixel_values") is not None and out["pixel_values"].shape[0] != B:
+            out["pixel_values"] = self._pack(out["pixel_values"], out.get("image_grid_thw"), B)
+        out[_N_IMG] = (out["input_ids"] == self.image_token_id).sum(1)
+        return out
+
+    @staticmethod
+    def _pack(pv: Tensor, grid: Optional[Tensor], B: int) -> Tensor:
+        """Flat Qwen-style pixel_values [sum n_i, F] -> [B, max n_i, F] (row i = its image's n_i patches)."""
+        if grid is None or grid.shape[0] != B:
+            raise ValueError(f"pixel_values has {pv.shape[0]} rows for {B} prompts and no image_grid_thw [B, 3] to "
+                             "split them (one image per row is supported)")
+        n = grid.prod(-1).tolist()
+        packed = pv.new_zeros(B, max(n), *pv.shape[1:])
+        for i, part in enumerate(torch.split(pv, n)):
+            packed[i, : n[i]] = part
+        return packed
+
+    def _model_inputs(self, extra: Dict[str, Tensor], seq_len: int) -> Dict[str, Any]:
+        """Per-row tensors of encode() -> the model's inputs for sequences of ``seq_len`` tokens."""
+        out = {k: v for k, v in extra.items() if k != _N_IMG}
+        grid = out.get("image_grid_thw")
+        pv = out.get("pixel_values")
+        if pv is not None and grid is not None and pv.dim() == 3 and grid.dim() == 2:
+            n = grid.prod(-1).tolist()
+            out["pixel_values"] = torch.cat([pv[i, : n[i]] for i in range(pv.shape[0])])
+        for k, v in list(out.items()):
+            if k.endswith("token_type_ids") and v.dim() == 2 and v.shape[1] < seq_len:
+                out[k] = torch.cat([v, v.new_zeros(v.shape[0], seq_len - v.shape[1])], 1)
+        return out
+
+    # ------------------------------------------------------------------ model calls
+    def generate(self, model, inputs, *, max_new_tokens, temperature, top_p=1.0, top_k=0):
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, **self._model_inputs(extra, ids.shape[1]), do_sample=True,
+            temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), max_new_tokens=int(max_new_tokens),
+            use_cache=True, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids,
+        )
+        seq = out if isinstance(out, Tensor) else out.sequences
+        comp = seq[:, ids.shape[1]:]
+        if comp.shape[1] == 0:
+            raise RuntimeError("generate returned no new tokens")
+        return comp, completion_mask_from_eos(comp, self.eos_token_ids)
+
+    def hidden_states(self, model, input_ids, attention_mask, **extra):
+        n_img = extra.get(_N_IMG)
+        if n_img is not None:  # placeholders sampled in the completion become pad (module docstring)
+            is_img = input_ids == self.image_token_id
+            stray = is_img & (is_img.long().cumsum(1) > n_img.view(-1, 1))
+            input_ids = input_ids.masked_fill(stray, self.pad_token_id)
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+        if base is None or base is model:
+            raise TypeError(f"cannot find the multimodal base model of {type(model).__name__} (model.model)")
+        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   **self._model_inputs(extra, input_ids.shape[1]))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def decode(self, ids, mask):
+        return self.tokenizer.batch_decode((ids * mask + self.pad_token_id * (1 - mask)).tolist(),
+                                           skip_special_tokens=True)
+
+    def save_pretrained(self, model, path):
+        model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        # the image-only fallback processor writes no video config: carry the source's over (full AutoProcessor)
+        if self.source and os.path.isdir(self.source):
+            for name in ("video_preprocessor_config.json",):
+                src, dst = os.path.join(self.source, name), os.path.join(path, name)
+                if os.path.isfile(src) and not os.path.exists(dst):
+                    shutil.copyfile(src, dst)
