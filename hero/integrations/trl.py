@@ -385,11 +385,7 @@ class HEROGRPOTrainer(GRPOTrainer):
         )
         aux_loss = None
         if self.hero_lm_head_path == "fused":
-            hidden = self._get_last_hidden_state(
-                model, input_ids, attention_mask, T,
-                inputs.get("pixel_values"), inputs.get("image_grid_thw"), inputs.get("pixel_attention_mask"),
-                inputs.get("spatial_shapes"), inputs.get("image_sizes"), inputs.get("image_position_ids"),
-            )
+            hidden = self._hero_last_hidden(model, inputs, input_ids, attention_mask, T)
             head = _output_head(model)
             weight, bias = head.weight, getattr(head, "bias", None)
             if hidden.dtype != weight.dtype:  # e.g. cast_lm_head_to_fp32: score in the head's dtype
@@ -404,6 +400,22 @@ class HEROGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         self._hero_log(metrics, mode)
         return loss
+
+    def _hero_last_hidden(self, model, inputs, input_ids, attention_mask, T):
+        """Completion hidden states [B, T, D] of the backbone (no LM head). Text models: TRL's own
+        ``_get_last_hidden_state``. Batches with image inputs: the backbone gets every multimodal input of the
+        batch (``_MM_KEYS``), because TRL 1.13's helper drops ``mm_token_type_ids`` / ``token_type_ids``, and
+        Qwen2-VL's M-RoPE needs them in transformers 5 (it raises without them)."""
+        mm = {k: inputs[k] for k in _MM_KEYS if inputs.get(k) is not None}
+        if not mm:
+            return self._get_last_hidden_state(model, input_ids, attention_mask, T)
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        backbone = getattr(model, "base_model", model)
+        if backbone is model:  # pre-5.0 transformers VLMs: base_model_prefix "" (see TRL's helper)
+            backbone = model.model
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **mm)
+        return out.last_hidden_state[:, :-1, :][:, -T:, :]  # position t predicts token t + 1
 
     def _hero_logits(self, model, inputs, input_ids, attention_mask, T):
         """Completion logits [B, T, V] (raw, not divided by temperature) from the full model forward."""
