@@ -1,0 +1,258 @@
+"""Long chain-of-thought: peak memory and time of one RL training step against TRL, by completion length.
+
+Run: ``python -m benchmarks.bench_long_cot --json OUT.json [--budget-gb 8] [--lengths 1024,2048,4096,8192]``
+
+One step = the policy forward, the GRPO loss (per-token log-probs and entropies) and backward on fixed random
+completions (generation excluded, no optimizer step) of a random-init ``LlamaForCausalLM``: V=128256 (the Llama-3
+vocabulary), D=256, 2 layers, fp32, prompt 64 tokens, G=2 completions of ``completion_len`` tokens (the second
+one ends 1/8 early: padding), activation checkpointing on (non-reentrant, as TRL's trainers turn it on).
+Each (trainer, length) runs in a FRESH subprocess; it warms up on 8 completion tokens, runs the long step twice and
+reports the growth of the process's peak RSS (``ru_maxrss``) over the warm-up's (``peak_mb``) and the wall time of
+the SECOND step (``step_s``: one-time work such as ``torch.compile`` of Liger's loss for the new shapes is not
+counted). On a shared CPU the times carry the load of other processes; the memory does not.
+
+Trainers
+--------
+* ``trl``: stock TRL ``GRPOTrainer.compute_loss`` (``loss_type="grpo"``): full logits, its own
+  ``selective_log_softmax`` log-probs and entropies.
+* ``trl_liger``: TRL with ``use_liger_kernel=True``: its ``LigerFusedLinearGRPOLoss`` on the hidden states.
+  ``Trainer.train()`` would also patch the model with Liger's Triton kernels (RMSNorm, SwiGLU, RoPE), which
+  cannot run on CPU; calling ``compute_loss`` directly leaves the model UNPATCHED, so this row measures TRL's
+  Liger loss on a stock transformers model.
+* ``hero_trl``: ``hero.integrations.trl.HEROGRPOTrainer.compute_loss`` (fused LM head, entropy weighting on).
+* ``hero``: ``hero train``'s step: ``hero.trainer.Trainer.backward`` on a rollout of the same completions
+  (fused LM head, entropy weighting on).
+
+Memory guard: each child's address space for data (``RLIMIT_DATA``) is capped at ``--mem-cap-gb`` (default:
+the machine's available memory minus 2 GB), so a run that would not fit fails inside the child with
+``status="oom"`` (and the failing allocation in ``error``) instead of waking the kernel's OOM killer.
+``--budget-gb X`` adds, per trainer, the longest completion whose ``peak_mb`` fits in X GB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.bench_trainer_memory import _rss_peak_mb
+
+TRAINERS = ("trl", "trl_liger", "hero_trl", "hero")
+V, D, LAYERS, PROMPT, G = 128256, 256, 2, 64, 2
+
+
+def _model(total_len: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=total_len + 16,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def _batch(C: int):
+    """(prompt ids [G, P], completion ids [G, C], completion mask [G, C], advantages [G]) -- fixed random."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, V, (G, PROMPT), generator=g)
+    comp = torch.randint(3, V, (G, C), generator=g)
+    cmask = torch.ones(G, C, dtype=torch.long)
+    cmask[1, C - C // 8:] = 0  # the second completion ended early
+    return prompt, comp, cmask, torch.tensor([1.0, -1.0])
+
+
+def _trl_runner(kind: str, model, C: int, tmp: str):
+    """compute_loss + backward of a TRL trainer built around ``model`` (never .train()ed: no Liger patching)."""
+    import torch
+    from datasets import Dataset
+
+    from hero.testing.tiny_models import build_tokenizer
+
+    common = dict(output_dir=tmp, per_device_train_batch_size=G, num_generations=G, max_completion_length=C,
+                  beta=0.0, use_cpu=True, report_to=[], save_strategy="no", loss_type="grpo", seed=0)
+    if kind == "hero_trl":
+        from hero.integrations.trl import HEROGRPOConfig as Cfg, HEROGRPOTrainer as Tr
+
+        common.update(variance_gate=False, entropy_weighting=True, hero_impl="auto")
+    else:
+        from trl import GRPOConfig as Cfg, GRPOTrainer as Tr
+
+        common.update(use_liger_kernel=kind == "trl_liger")
+    tr = Tr(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=Cfg(**common),
+            train_dataset=Dataset.from_dict({"prompt": ["a"] * G}), processing_class=build_tokenizer("llama"))
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+
+    def run(c: int) -> float:
+        prompt, comp, cmask, adv = _batch(C)
+        inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": comp[:, :c],
+                  "completion_mask": cmask[:, :c], "advantages": adv, "num_items_in_batch": cmask[:, :c].sum()}
+        loss = tr.compute_loss(tr.model, inputs)
+        loss.backward()
+        tr.model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return run
+
+
+def _hero_runner(model, C: int, tmp: str):
+    """hero.trainer.Trainer.backward on a rollout dict of the fixed completions."""
+    import torch
+
+    from hero.config import TrainConfig, apply_overrides
+    from hero.rollout import CausalLMAdapter
+    from hero.testing.tiny_models import build_tokenizer
+    from hero.trainer import Trainer
+
+    cfg = TrainConfig()
+    apply_overrides(cfg, [("data.name", "jsonl"), ("data.path", "unused"), ("generation.max_new_tokens", C),
+                          ("generation.num_generations", G), ("device", "cpu"), ("output_dir", tmp),
+                          ("progress", False), ("batch_size", 1)])
+    tr = Trainer(cfg.validate(), model=model, adapter=CausalLMAdapter(build_tokenizer("llama")), dataset=[{}],
+                 reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
+
+    def run(c: int) -> float:
+        prompt, comp, cmask, adv = _batch(C)
+        comp, cmask = comp[:, :c], cmask[:, :c]
+        ro = {"keep": torch.arange(G), "labels": torch.where(cmask.bool(), comp, torch.full_like(comp, -100)),
+              "advantages": adv, "old_logp": None, "ref_logp": None, "P": PROMPT, "G": G, "idx": [0],
+              "prompt": {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, "completion": comp,
+              "completion_mask": cmask}
+        m = tr.backward(ro)
+        tr.model.zero_grad(set_to_none=True)
+        return m["loss"]
+
+    return run
+
+
+def _child(a) -> dict:
+    import resource
+
+    import torch
+
+    if a.mem_cap_gb > 0:
+        cap = int(a.mem_cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    torch.set_num_threads(a.threads)
+    C = a.completion_len
+    model = _model(PROMPT + C)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _hero_runner(model, C, tmp) if a.trainer == "hero" else _trl_runner(a.trainer, model, C, tmp)
+        run(8)  # warm-up: kernels / extensions loaded, code paths touched
+        base = _rss_peak_mb()
+        run(C)  # the first long step: peak memory (and any compilation for the new shapes, e.g. Liger's)
+        t0 = time.perf_counter()
+        loss = run(C)  # the second, identical step: its time
+        dt = time.perf_counter() - t0
+    return {"peak_mb": _rss_peak_mb() - base, "step_s": dt, "loss": loss, "status": "ok",
+            "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
+
+
+def _mem_available_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("MemAvailable:"):
+                    return int(ln.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _run_one(trainer: str, C: int, a) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_long_cot", "--child", trainer, "--completion-len", str(C),
+           "--threads", str(a.threads), "--mem-cap-gb", str(a.mem_cap_gb)]
+    row = {"trainer": trainer, "completion_len": C, "peak_mb": None, "step_s": None}
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "status": f"timeout ({a.timeout} s)"}
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is not None:
+        return {**row, **json.loads(line[len("RESULT "):])}
+    err = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    last = err[-1] if err else f"exit code {p.returncode}"
+    oom = "can't allocate memory" in p.stderr or "MemoryError" in p.stderr or p.returncode in (-9, 137)
+    return {**row, "status": "oom" if oom else "error", "error": last[-300:]}
+
+
+def longest_fit(rows, budget_mb: float) -> dict:
+    """trainer -> the longest completion_len with status ok and peak_mb <= budget_mb (None: none fits)."""
+    out = {}
+    for r in rows:
+        fits = r["status"] == "ok" and r["peak_mb"] <= budget_mb
+        best = out.get(r["trainer"])
+        out[r["trainer"]] = max(best or 0, r["completion_len"]) if fits else best
+    return out
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_long_cot", description=__doc__.split("\n")[0])
+    p.add_argument("--json", default="", help="write rows (+ budget fits) to this JSON file")
+    p.add_argument("--budget-gb", type=float, default=0.0, help="report the longest completion fitting this peak growth")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated completion lengths")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {','.join(TRAINERS)}")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per child")
+    p.add_argument("--mem-cap-gb", type=float, default=-1.0,
+                   help="RLIMIT_DATA of each child (default: available memory - 2 GB; 0 = no cap)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per child")
+    p.add_argument("--child", choices=TRAINERS, dest="trainer", help=argparse.SUPPRESS)
+    p.add_argument("--completion-len", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    if a.trainer:
+        print("RESULT " + json.dumps(_child(a)), flush=True)
+        return 0
+    if a.mem_cap_gb < 0:
+        a.mem_cap_gb = max(1.0, round(_mem_available_gb() - 2.0, 1))
+    trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
+    bad = [t for t in trainers if t not in TRAINERS]
+    if bad:
+        raise SystemExit(f"--trainers: unknown {bad}; choose from {TRAINERS}")
+    lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
+    print(f"one RL step, Llama V={V} D={D} layers={LAYERS} fp32, prompt {PROMPT}, G={G}, checkpointing on, "
+          f"{a.threads} threads, child memory cap {a.mem_cap_gb} GB", flush=True)
+    rows = []
+    for C in lengths:
+        for t in trainers:
+            r = _run_one(t, C, a)
+            rows.append(r)
+            pk = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+            st = "-" if r["step_s"] is None else f"{r['step_s']:.2f}"
+            print(f"{t:<10} C={C:<6} peak_mb={pk:>7} step_s={st:>7} {r['status']} {r.get('error', '')}", flush=True)
+            if a.json:  # written after every row: a long run that is stopped keeps what it measured
+                _write(a, rows)
+    if a.budget_gb:
+        for t, c in longest_fit(rows, a.budget_gb * 1024).items():
+            print(f"budget {a.budget_gb} GB: {t} fits completions up to {c}")
+    return 0
+
+
+def _write(a, rows) -> None:
+    from benchmarks.common import write_json
+
+    out = {"config": {"vocab": V, "hidden": D, "layers": LAYERS, "prompt": PROMPT, "G": G, "dtype": "float32",
+                      "checkpointing": True, "threads": a.threads, "mem_cap_gb": a.mem_cap_gb,
+                      "measure": "growth of ru_maxrss during one forward+loss+backward (CPU)",
+                      "trl_liger": "TRL's Liger loss on the unpatched model (Liger's Triton model patches need a GPU)"},
+           "rows": rows}
+    if a.budget_gb:
+        out["budget_gb"] = a.budget_gb
+        out["longest_fit"] = longest_fit(rows, a.budget_gb * 1024)
+    write_json(a.json, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

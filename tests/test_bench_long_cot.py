@@ -1,0 +1,24 @@
+"""benchmarks.bench_long_cot: row format, budget fits, and one tiny end-to-end child run."""
+import json
+
+from benchmarks.bench_long_cot import longest_fit, main
+
+
+def test_longest_fit_takes_the_longest_ok_row_under_budget():
+    rows = [{"trainer": "trl", "completion_len": 1024, "peak_mb": 3000.0, "status": "ok"},
+            {"trainer": "trl", "completion_len": 2048, "peak_mb": 6000.0, "status": "ok"},
+            {"trainer": "trl", "completion_len": 8192, "peak_mb": None, "status": "oom"},
+            {"trainer": "hero", "completion_len": 1024, "peak_mb": 300.0, "status": "ok"},
+            {"trainer": "hero", "completion_len": 8192, "peak_mb": 900.0, "status": "ok"},
+            {"trainer": "x", "completion_len": 1024, "peak_mb": 9000.0, "status": "ok"}]
+    assert longest_fit(rows, 4096) == {"trl": 1024, "hero": 8192, "x": None}
+
+
+def test_end_to_end_hero_row(tmp_path):
+    out = tmp_path / "lc.json"
+    assert main(["--trainers", "hero", "--lengths", "16", "--json", str(out), "--budget-gb", "4", "--threads", "1"]) == 0
+    d = json.loads(out.read_text())
+    (row,) = d["rows"]
+    assert row["trainer"] == "hero" and row["completion_len"] == 16 and row["status"] == "ok", row
+    assert row["peak_mb"] >= 0 and row["step_s"] > 0 and row["checkpointing"] is True
+    assert d["longest_fit"] == {"hero": 16}
