@@ -6,10 +6,11 @@ One step = the policy forward, the GRPO loss (per-token log-probs and entropies)
 completions (generation excluded, no optimizer step) of a random-init ``LlamaForCausalLM``: V=128256 (the Llama-3
 vocabulary), D=256, 2 layers, fp32, prompt 64 tokens, G=2 completions of ``completion_len`` tokens (the second
 one ends 1/8 early: padding), activation checkpointing on (non-reentrant, as TRL's trainers turn it on).
-Each (trainer, length) runs in a FRESH subprocess; it warms up on 8 completion tokens, runs the long step twice and
-reports the growth of the process's peak RSS (``ru_maxrss``) over the warm-up's (``peak_mb``) and the wall time of
-the SECOND step (``step_s``: one-time work such as ``torch.compile`` of Liger's loss for the new shapes is not
-counted). On a shared CPU the times carry the load of other processes; the memory does not.
+Each (trainer, length) runs in a FRESH subprocess; it warms up on 8 completion tokens, runs the long step and
+reports the growth of the process's peak RSS (``ru_maxrss``) over the warm-up's (``peak_mb``), the step's wall time
+(``step_s``) and its process CPU time (``cpu_s``, all threads). ``trl_liger`` runs the long step twice and times the
+second: Liger's loss is ``torch.compile``'d for each new shape, a one-time cost. On a shared CPU the wall times carry
+the load of other processes (compare ``cpu_s``); the memory does not.
 
 Trainers
 --------
@@ -149,11 +150,12 @@ def _child(a) -> dict:
         run = _hero_runner(model, C, tmp) if a.trainer == "hero" else _trl_runner(a.trainer, model, C, tmp)
         run(8)  # warm-up: kernels / extensions loaded, code paths touched
         base = _rss_peak_mb()
-        run(C)  # the first long step: peak memory (and any compilation for the new shapes, e.g. Liger's)
-        t0 = time.perf_counter()
-        loss = run(C)  # the second, identical step: its time
-        dt = time.perf_counter() - t0
-    return {"peak_mb": _rss_peak_mb() - base, "step_s": dt, "loss": loss, "status": "ok",
+        if a.trainer == "trl_liger":
+            run(C)  # Liger's loss is torch.compile'd per shape: compile on a first long step, time the second
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = run(C)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"peak_mb": _rss_peak_mb() - base, "step_s": dt, "cpu_s": cpu, "loss": loss, "status": "ok",
             "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
 
 
@@ -231,7 +233,9 @@ def main(argv=None) -> int:
             rows.append(r)
             pk = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
             st = "-" if r["step_s"] is None else f"{r['step_s']:.2f}"
-            print(f"{t:<10} C={C:<6} peak_mb={pk:>7} step_s={st:>7} {r['status']} {r.get('error', '')}", flush=True)
+            cs = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.2f}"
+            print(f"{t:<10} C={C:<6} peak_mb={pk:>7} step_s={st:>7} cpu_s={cs:>7} {r['status']} {r.get('error', '')}",
+                  flush=True)
             if a.json:  # written after every row: a long run that is stopped keeps what it measured
                 _write(a, rows)
     if a.budget_gb:

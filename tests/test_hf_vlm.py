@@ -16,6 +16,9 @@ from hero.testing.tiny_models import load_processor, write_tiny_model  # noqa: E
 from hero.trainer import BadRowError, Trainer  # noqa: E402
 
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
+
+
 def vowel_reward(completions, **_):
     """Continuous reward so random completions differ within a group."""
     return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
@@ -31,7 +34,7 @@ def tiny_dir(tmp_path_factory):
         lines.append({"image": f"im{i}.png", "question": f"Is there a {i} in the image?", "answer": "yes",
                       "id": f"r{i}"})
     (root / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    for fam in ("qwen2_vl", "llava"):
+    for fam in FAMILIES:
         write_tiny_model(fam, str(root / fam))
     return root
 
@@ -51,11 +54,11 @@ def trainer_for(tiny_dir, tmp_path, fam, **over):
     return Trainer(cfg_for(tmp_path, **over), model=model, adapter=ad, dataset=data, reward_funcs=[vowel_reward])
 
 
-@pytest.mark.parametrize("fam", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_trains_and_exports(tiny_dir, tmp_path, fam):
     from transformers import AutoModelForImageTextToText
 
-    tr = trainer_for(tiny_dir, tmp_path, fam, **{"kl.beta": 0.05})
+    tr = trainer_for(tiny_dir, tmp_path, fam, **{"kl.beta": 0.05, "gate.enabled": False})
     frozen = [n for n, p in tr.model.named_parameters() if not p.requires_grad]
     assert frozen and all("visual" in n or "vision_tower" in n for n in frozen)  # model.freeze_vision default
     assert not any("merger" in n or "multi_modal_projector" in n for n in frozen)  # the projector trains
@@ -70,7 +73,7 @@ def test_trains_and_exports(tiny_dir, tmp_path, fam):
     assert type(load_processor(path)).__name__ == type(tr.adapter.processor).__name__
 
 
-@pytest.mark.parametrize("fam", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("fam", FAMILIES)
 def test_fused_path_matches_logits_and_never_runs_the_lm_head(tiny_dir, tmp_path, fam):
     tr = trainer_for(tiny_dir, tmp_path, fam, **{"kl.beta": 0.1, "num_iterations": 2, "micro_batch_size": 3,
                                                  "generation.temperature": 0.7, "gate.enabled": False})

@@ -8,7 +8,7 @@ pytest.importorskip("PIL")
 from hero.testing.tiny_models import load_processor, main  # noqa: E402
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "llava_next"])
 def test_vlm_roundtrip_generates(tmp_path, family):
     from transformers import AutoModelForImageTextToText
 
@@ -16,7 +16,8 @@ def test_vlm_roundtrip_generates(tmp_path, family):
     assert main(["--family", family, "--out", out]) == 0
     model = AutoModelForImageTextToText.from_pretrained(out)
     proc = load_processor(out)  # AutoProcessor, or the image-only fallback without torchvision
-    assert type(proc).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "llava": "LlavaProcessor"}[family]
+    assert type(proc).__name__ == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "llava": "LlavaProcessor",
+                                   "llava_next": "LlavaNextProcessor"}[family]
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a 7?"}]}]] * 2
     text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     img = np.random.default_rng(0).integers(0, 255, (32, 96, 3), dtype=np.uint8)

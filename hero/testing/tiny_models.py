@@ -7,10 +7,11 @@
 
 Families (real transformers classes, loadable with ``from_pretrained(DIR)``):
 
-* ``qwen2_vl``: ``Qwen2VLForConditionalGeneration`` + ``Qwen2VLProcessor`` (``Qwen2VLImageProcessor`` config,
-  ``min_pixels``/``max_pixels`` small so an image is a handful of tokens);
+* ``qwen2_vl`` / ``qwen2_5_vl``: ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` +
+  their processor (``Qwen2VLImageProcessor`` config, ``max_pixels`` small so an image is a handful of tokens);
 * ``llava``: ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) + ``LlavaProcessor``
   (``CLIPImageProcessor``, 28 x 28 input, 4 image tokens);
+* ``llava_next``: ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` (any-resolution tiles of 28 x 28);
 * ``llama``: ``LlamaForCausalLM`` + tokenizer (text only).
 
 The tokenizer is built with the ``tokenizers`` library: byte-level BPE with the 256 byte symbols, no merges
@@ -42,7 +43,7 @@ import torch
 __all__ = ["FAMILIES", "build_tokenizer", "build_tiny_model", "write_tiny_model", "load_processor",
            "image_only_processor", "main"]
 
-FAMILIES = ("qwen2_vl", "llava", "llama")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llama")
 
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -75,11 +76,11 @@ def build_tokenizer(family: str):
     tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    if family == "llava" or family == "llama":
-        tk.add_special_tokens(_LLAVA_SPECIALS if family == "llava" else _LLAVA_SPECIALS[:3])
+    if family.startswith("llava") or family == "llama":
+        tk.add_special_tokens(_LLAVA_SPECIALS if family != "llama" else _LLAVA_SPECIALS[:3])
         tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                       chat_template=_LLAVA_TEMPLATE)
-        if family == "llava":
+        if family != "llama":
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
         return tok
     tk.add_special_tokens(_QWEN_SPECIALS)
@@ -99,23 +100,80 @@ def _llama_text_config(V: int, hidden: int, layers: int, tok, cls=None, **extra)
                tie_word_embeddings=False, **extra)
 
 
-def _image_processor(family: str, max_pixels: int):
-    """The family's image processor built from a config (PIL backend: works without torchvision)."""
+def _qwen_image_processor(max_pixels: int):
+    """Qwen2-VL's image processor (PIL backend: works without torchvision), a small pixel budget."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2,
+                                    temporal_patch_size=2)
+
+
+def _clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=28, patch_size=14, projection_dim=32)
+
+
+def _build_llava(family: str, tok, V: int, hidden: int, layers: int, max_pixels: int):
+    """LLaVA-1.5 (28 x 28 CLIP input, 4 image tokens) or LLaVA-NeXT (any-resolution tiles of 28 x 28)."""
+    import transformers
+
+    text = _llama_text_config(V, hidden, layers, tok)
+    common = dict(vision_config=_clip_vision_config(), text_config=text, vision_feature_layer=-1,
+                  image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+                  tie_word_embeddings=False)
+    proc_kw = dict(tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE)
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**common))
+        ip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        return model, transformers.LlavaProcessor(image_processor=ip, **proc_kw)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    model = transformers.LlavaNextForConditionalGeneration(
+        transformers.LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=pinpoints)
+    return model, transformers.LlavaNextProcessor(image_processor=ip, **proc_kw)
+
+
+def _build_qwen(family: str, tok, V: int, hidden: int, layers: int, max_pixels: int):
+    """Qwen2-VL or Qwen2.5-VL: a 1-block vision tower, M-RoPE text model; processor without video."""
+    import transformers
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
+    head_dim = hidden // 4
+    q = head_dim // 2 - 2 * (head_dim // 8)  # mrope sections (t, h, w) sum to head_dim / 2
+    text = dict(vocab_size=V, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [q, head_dim // 8, head_dim // 8]})
+    vision = dict(depth=1, hidden_size=hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
     if family == "qwen2_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2,
-                                        temporal_patch_size=2)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        vision["embed_dim"] = 32
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+    else:  # Qwen2.5-VL's tower: hidden_size is its width, out_hidden_size the language model's
+        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=56,
+                      fullatt_block_indexes=[0])
+        names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+    cfg_cls, model_cls, proc_cls = (getattr(transformers, n) for n in names)
+    cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                  video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    proc = image_only_processor(proc_cls, _qwen_image_processor(max_pixels), tok, _QWEN_TEMPLATE)
+    return model_cls(cfg), proc
 
 
 def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
                      max_pixels: int = 56 * 56) -> Tuple[torch.nn.Module, Any]:
     """(random-init model, processor or tokenizer) of ``family``; the global torch RNG is left untouched."""
-    from transformers import (LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration)
+    from transformers import LlamaForCausalLM
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -125,38 +183,11 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
     try:
         torch.manual_seed(seed)
         if family == "llama":
-            model = LlamaForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok))
-            proc = tok
-        elif family == "llava":
-            from transformers import CLIPVisionConfig
-
-            vis = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=28, patch_size=14, projection_dim=32)
-            cfg = LlavaConfig(vision_config=vis, text_config=_llama_text_config(V, hidden_size, num_layers, tok),
-                              image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                              vision_feature_select_strategy="default", tie_word_embeddings=False)
-            model = LlavaForConditionalGeneration(cfg)
-            proc = _processor_cls("LlavaProcessor")(image_processor=_image_processor(family, max_pixels), tokenizer=tok,
-                                                    patch_size=14, vision_feature_select_strategy="default",
-                                                    num_additional_image_tokens=1, chat_template=_LLAVA_TEMPLATE)
+            model, proc = LlamaForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok)), tok
+        elif family.startswith("llava"):
+            model, proc = _build_llava(family, tok, V, hidden_size, num_layers, max_pixels)
         else:
-            ids = {t: tok.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
-            head_dim = hidden_size // 4
-            q = head_dim // 2 - 2 * (head_dim // 8)  # mrope sections (t, h, w) sum to head_dim / 2
-            text = dict(vocab_size=V, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=4096, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
-                        pad_token_id=ids["<|endoftext|>"],
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [q, head_dim // 8, head_dim // 8]})
-            vision = dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-            cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-            model = Qwen2VLForConditionalGeneration(cfg)
-            proc = image_only_processor(_processor_cls("Qwen2VLProcessor"), _image_processor(family, max_pixels), tok,
-                                        _QWEN_TEMPLATE)
+            model, proc = _build_qwen(family, tok, V, hidden_size, num_layers, max_pixels)
     finally:
         torch.random.set_rng_state(state)
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -235,7 +266,7 @@ def write_tiny_model(family: str, out: str, **kw) -> str:
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     proc.save_pretrained(out)
-    if family == "qwen2_vl":
+    if family.startswith("qwen"):
         with open(os.path.join(out, "video_preprocessor_config.json"), "w", encoding="utf-8") as f:
             json.dump(_video_config(proc.image_processor), f, indent=2)
     return out
