@@ -106,28 +106,33 @@ def _trl_runner(kind: str, model, C: int, tmp: str):
 
 
 def _hero_runner(model, C: int, tmp: str):
-    """hero.trainer.Trainer.backward on a rollout dict of the fixed completions."""
+    """hero.trainer.Trainer.backward on a Rollout of the fixed completions (gradient checkpointing already on)."""
     import torch
 
     from hero.config import TrainConfig, apply_overrides
-    from hero.rollout import CausalLMAdapter
+    from hero.grpo import variance_gate
+    from hero.rollout import CausalLMAdapter, completion_labels
     from hero.testing.tiny_models import build_tokenizer
-    from hero.trainer import Trainer
+    from hero.trainer import Rollout, Trainer
 
     cfg = TrainConfig()
     apply_overrides(cfg, [("data.name", "jsonl"), ("data.path", "unused"), ("generation.max_new_tokens", C),
                           ("generation.num_generations", G), ("device", "cpu"), ("output_dir", tmp),
-                          ("progress", False), ("batch_size", 1)])
+                          ("progress", False), ("batch_size", 1),
+                          ("model.gradient_checkpointing", True)])  # on already (_model); the config says so
     tr = Trainer(cfg.validate(), model=model, adapter=CausalLMAdapter(build_tokenizer("llama")), dataset=[{}],
                  reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
 
     def run(c: int) -> float:
         prompt, comp, cmask, adv = _batch(C)
         comp, cmask = comp[:, :c], cmask[:, :c]
-        ro = {"keep": torch.arange(G), "labels": torch.where(cmask.bool(), comp, torch.full_like(comp, -100)),
-              "advantages": adv, "old_logp": None, "ref_logp": None, "P": PROMPT, "G": G, "idx": [0],
-              "prompt": {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, "completion": comp,
-              "completion_mask": cmask}
+        rewards = adv.double().view(G, 1)
+        ro = Rollout(row_indices=[0], group_size=G, completion_ids=comp,
+                     prompt={"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}, completion_mask=cmask,
+                     texts=[""] * G, rewards=rewards,
+                     total_reward=rewards[:, 0], advantages=adv, gate=variance_gate(rewards[:, 0], G, enabled=False),
+                     bad_groups=torch.zeros(1, dtype=torch.bool), kept=torch.arange(G),
+                     labels=completion_labels(comp, cmask))
         m = tr.backward(ro)
         tr.model.zero_grad(set_to_none=True)
         return m["loss"]

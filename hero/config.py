@@ -56,9 +56,10 @@ class ConfigError(HeroUserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    # A model registered in hero.registry, or a local HF path / hub id. Registered by the confidence-trap
-    # experiment: "tiny-llama" (random-init LlamaForCausalLM built from the sizes below + an offline word-level
-    # tokenizer) and "tiny-vlm" (its random-init vision-language model).
+    # A model registered in hero.registry, or a local HF path / hub id: a causal LM or an image-text-to-text
+    # model (AutoModelForImageTextToText + AutoProcessor: Qwen2-VL / Qwen2.5-VL, LLaVA, LLaVA-NeXT, ...).
+    # Registered by the confidence-trap experiment: "tiny-llama" (random-init LlamaForCausalLM built from the
+    # sizes below + an offline word-level tokenizer) and "tiny-vlm" (its random-init vision-language model).
     name: str = "tiny-llama"
     # tiny-llama / tiny-vlm only: transformer width.
     hidden_size: int = 64
@@ -78,6 +79,14 @@ class ModelConfig:
     attn_implementation: str = "auto"
     # Recompute decoder activations in backward (transformers' gradient checkpointing): less memory, ~30% slower.
     gradient_checkpointing: bool = False
+    # Long chain-of-thought: a forward/backward whose longest completion has at least this many tokens runs with
+    # gradient checkpointing even when gradient_checkpointing is false (0 = never switched on automatically).
+    gradient_checkpointing_min_len: int = 2048
+    # Vision-language models: keep the vision encoder frozen (the projector and the language model train).
+    freeze_vision: bool = True
+    # Vision-language models: image size cap in pixels (H x W) passed to the processor; larger images are
+    # downscaled first, keeping their aspect ratio. 0 = the processor's own limit.
+    max_pixels: int = 0
     # Reference model for the KL term: "" = a frozen copy of the initial policy (saved in checkpoints);
     # otherwise a path / id loaded like ``name``. Only built when the KL term is on (kl.beta > 0).
     ref_model: str = ""
@@ -266,6 +275,11 @@ class TrainConfig:
     batch_size: int = 4
     # Completions per forward/backward pass (gradient accumulation inside a step); 0 = all at once.
     micro_batch_size: int = 0
+    # Token budget per forward/backward pass: the kept completions are sorted by length and packed so that
+    # rows x (prompt + longest completion) <= micro_batch_tokens (a longer single completion runs alone), so one
+    # long chain of thought does not force small batches on the short ones. 0 = off; with micro_batch_size > 0
+    # both caps apply.
+    micro_batch_tokens: int = 0
     # Optimizer passes over each rollout (PPO epochs); > 1 computes old log-probs once, without grad.
     num_iterations: int = 1
     # AdamW learning rate.
@@ -361,8 +375,11 @@ class TrainConfig:
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         _positive("batch_size", self.batch_size)
-        if self.micro_batch_size < 0:
-            raise ConfigError(f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        for key, value in (("micro_batch_size", self.micro_batch_size), ("micro_batch_tokens", self.micro_batch_tokens),
+                           ("model.gradient_checkpointing_min_len", self.model.gradient_checkpointing_min_len),
+                           ("model.max_pixels", self.model.max_pixels)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
         _positive("num_iterations", self.num_iterations)
         _positive("lr", self.lr)
         _choice("lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))

@@ -143,6 +143,13 @@ class ModelAdapter:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def disable_gradient_checkpointing(self, model: nn.Module) -> None:
+        """Undo ``enable_gradient_checkpointing``."""
+        if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5 name
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+
 
 class CausalLMAdapter(ModelAdapter):
     """Text-only transformers causal LM + a transformers tokenizer."""
@@ -230,7 +237,10 @@ def load_causal_lm(path: str, ctx: BuildContext) -> nn.Module:
 def build_policy(mcfg, *, seed: int, device: torch.device, image_field: str = "image",
                  sample_row: Optional[dict] = None) -> Tuple[nn.Module, ModelAdapter]:
     """Model + adapter from a ``ModelConfig``: a registered name (``hero.registry``), a directory saved in a
-    registered format, or any transformers causal LM (local path or hub id)."""
+    registered format, a transformers image-text-to-text model (``hero.models.hf_vlm``) or any transformers
+    causal LM (local path or hub id)."""
+    from hero.models.hf_vlm import is_vlm_checkpoint, load_vlm
+
     dtype = torch.bfloat16 if mcfg.dtype == "bfloat16" else torch.float32
     ctx = BuildContext(seed=seed, device=device, attn_implementation=resolve_attn_implementation(
         mcfg.attn_implementation, device), dtype=dtype, image_field=image_field, sample_row=sample_row)
@@ -240,6 +250,10 @@ def build_policy(mcfg, *, seed: int, device: torch.device, image_field: str = "i
         model, adapter = builder(mcfg, ctx)
     elif loader is not None:
         model, adapter = loader(mcfg.name, mcfg, ctx)
+    elif is_vlm_checkpoint(mcfg.name):
+        model, adapter = load_vlm(mcfg.name, attn_implementation=ctx.attn_implementation, dtype=dtype,
+                                  freeze_vision=mcfg.freeze_vision, max_pixels=mcfg.max_pixels,
+                                  image_field=image_field)
     else:
         model, adapter = _load_transformers_policy(mcfg.name, ctx)
     model = model.to(device=device, dtype=dtype)

@@ -13,7 +13,9 @@ One step (``Trainer.train_step``):
    slice the completion positions and call ``hero_loss(hidden, labels, advantages, weight=lm_head.weight,
    temperature=generation.temperature, beta=controller.beta, normalizer=<global count>, ...)``: the
    [tokens x vocab] logits are never materialized (``loss.path="fused"``); backward; then clip + optimizer
-   step + LR schedule;
+   step + LR schedule. Micro-batches hold ``micro_batch_size`` completions, or (``micro_batch_tokens``) are
+   length-sorted packs within a token budget; one whose longest completion reaches
+   ``model.gradient_checkpointing_min_len`` runs with gradient checkpointing;
 6. update the adaptive KL controller (dynamic balancer) from the measured KL and log.
 
 ``loss.path="logits"`` materializes the completion logits and feeds them to ``hero_loss``;
@@ -54,7 +56,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -224,7 +226,7 @@ class MicroBatch(NamedTuple):
     attention_mask: Tensor  # [m, P + C']
     extra: Dict[str, Tensor]  # other model inputs (pixel_values, ...)
     labels: Tensor  # [m, C']
-    rows: slice  # which kept completions
+    rows: Union[slice, Tensor]  # which kept completions (a slice, or row indices [m] under micro_batch_tokens)
 
     @property
     def completion_len(self) -> int:
@@ -330,6 +332,14 @@ class _StopAtStepBoundary:
 # ----------------------------------------------------------------------------------------------
 # trainer
 # ----------------------------------------------------------------------------------------------
+def _is_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model already recomputes activations in backward (False when it cannot tell)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 name first
+        if isinstance(getattr(type(model), name, None), property):
+            return bool(getattr(model, name))
+    return False
+
+
 def _resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; a device this machine does not have is a HeroUserError."""
     if name == "auto":
@@ -729,11 +739,40 @@ class Trainer:
             metrics["omnex/caption_reward"] = metrics["rewards/caption/mean"]
         return metrics
 
-    def _micro_batches(self, n: int) -> List[slice]:
-        size = self.cfg.micro_batch_size or n
-        return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    def _micro_batches(self, rollout: Rollout) -> List[Union[slice, Tensor]]:
+        """Row selections of the kept completions, one per forward/backward: consecutive slices of
+        micro_batch_size, or (micro_batch_tokens > 0) length-sorted packs whose padded size
+        rows x (P + longest completion) stays within the budget (a longer single row goes alone)."""
+        n, size, budget = rollout.labels.shape[0], self.cfg.micro_batch_size, self.cfg.micro_batch_tokens
+        size = size or n
+        if budget <= 0:
+            return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+        lengths = (rollout.labels != IGNORE_INDEX).sum(1).clamp_min(1).tolist()
+        packs: List[List[int]] = []
+        for i in sorted(range(n), key=lambda r: -lengths[r]):  # longest first: a pack's width is its first row's
+            pack = packs[-1] if packs else None
+            if pack is None or len(pack) >= size or (len(pack) + 1) * (rollout.prompt_len + lengths[pack[0]]) > budget:
+                packs.append([i])
+            else:
+                pack.append(i)
+        return [torch.tensor(sorted(p), dtype=torch.long) for p in packs]
 
-    def _micro_batch(self, rollout: Rollout, rows: slice) -> MicroBatch:
+    @contextlib.contextmanager
+    def _checkpointing_for(self, completion_len: int) -> Iterator[None]:
+        """Gradient checkpointing for a forward/backward of completion_len tokens when it is off and the length
+        reaches model.gradient_checkpointing_min_len (long chains of thought), back off afterwards."""
+        threshold = self.cfg.model.gradient_checkpointing_min_len
+        switch = (not self.cfg.model.gradient_checkpointing and threshold > 0 and completion_len >= threshold
+                  and not _is_checkpointing(self.model))
+        if switch:
+            self.adapter.enable_gradient_checkpointing(self.model)
+        try:
+            yield
+        finally:
+            if switch:
+                self.adapter.disable_gradient_checkpointing(self.model)
+
+    def _micro_batch(self, rollout: Rollout, rows: Union[slice, Tensor]) -> MicroBatch:
         """Inputs of kept completions ``rows``, trimmed to the longest of them (at least one token)."""
         kept = rollout.kept[rows].to(self.device)
         labels = rollout.labels[rows]
@@ -749,7 +788,7 @@ class Trainer:
         out = torch.zeros(rollout.labels.shape, dtype=torch.float32, device=self.device)
         was_training = model.training
         model.eval()
-        for rows in self._micro_batches(rollout.labels.shape[0]):
+        for rows in self._micro_batches(rollout):
             batch = self._micro_batch(rollout, rows)
             out[rows, : batch.completion_len] = self._logp_no_grad(model, batch, rollout.prompt_len)
         model.train(was_training)
@@ -771,16 +810,18 @@ class Trainer:
         advantages = rollout.advantages.to(self.device)[rollout.kept.to(self.device)]
         beta = self.kl_ctl.beta if self.use_kl else 0.0
         totals = LossMetrics()
-        for rows in self._micro_batches(labels.shape[0]):
+        for rows in self._micro_batches(rollout):
             batch = self._micro_batch(rollout, rows)
             old_logp, ref_logp = (None if lp is None else lp[rows, : batch.completion_len]
                                   for lp in (rollout.old_logp, rollout.ref_logp))
-            hidden = self._completion_hidden(self.model, batch, rollout.prompt_len)
-            loss, metrics = self._loss(hidden, batch.labels, advantages[rows], old_logp, ref_logp, normalizer, beta)
-            if self.ntk_hook is not None:
-                loss = loss + self._ntk_loss(hidden, batch, rollout)
-            self._check_finite(loss, rollout, rows)
-            loss.backward()
+            with self._checkpointing_for(batch.completion_len):
+                hidden = self._completion_hidden(self.model, batch, rollout.prompt_len)
+                loss, metrics = self._loss(hidden, batch.labels, advantages[rows], old_logp, ref_logp, normalizer,
+                                           beta)
+                if self.ntk_hook is not None:
+                    loss = loss + self._ntk_loss(hidden, batch, rollout)
+                self._check_finite(loss, rollout, rows)
+                loss.backward()
             totals.add(float(loss.detach()), metrics)
         return totals.result()
 
@@ -791,7 +832,7 @@ class Trainer:
         groups = rollout.kept[batch.rows].to(self.device) // rollout.group_size
         return self.ntk_hook.loss(hidden, head.weight.to(hidden.dtype), batch.labels, bias=bias, groups=groups)
 
-    def _check_finite(self, loss: Tensor, rollout: Rollout, rows: slice) -> None:
+    def _check_finite(self, loss: Tensor, rollout: Rollout, rows: Union[slice, Tensor]) -> None:
         if bool(torch.isfinite(loss.detach())):
             return
         dataset_rows = sorted({rollout.row_indices[int(k) // rollout.group_size] for k in rollout.kept[rows].tolist()})

@@ -78,10 +78,10 @@ def test_fused_path_matches_logits_and_never_runs_the_lm_head(tiny_dir, tmp_path
     tr = trainer_for(tiny_dir, tmp_path, fam, **{"kl.beta": 0.1, "num_iterations": 2, "micro_batch_size": 3,
                                                  "generation.temperature": 0.7, "gate.enabled": False})
     ro = tr.rollout()
-    assert ro["keep"].numel() == 4 and ro["old_logp"] is not None and ro["ref_logp"] is not None
+    assert ro.kept.numel() == 4 and ro.old_logp is not None and ro.ref_logp is not None
     with torch.no_grad():  # old/ref differ from the policy: ratio and KL terms are exercised
-        ro["old_logp"] += 0.3 * torch.randn_like(ro["old_logp"])
-        ro["ref_logp"] -= 0.1 * torch.rand_like(ro["ref_logp"])
+        ro.old_logp += 0.3 * torch.randn_like(ro.old_logp)
+        ro.ref_logp -= 0.1 * torch.rand_like(ro.ref_logp)
     grads, losses = {}, {}
     for path in ("logits", "fused"):
         tr.cfg.loss.path = path
@@ -139,3 +139,16 @@ def test_max_pixels_limits_image_tokens(tiny_dir, tmp_path):
     assert row["image"].shape[0] * row["image"].shape[1] <= 28 * 28
     enc = ad.encode([row], ["q"])
     assert int(enc["image_grid_thw"].prod()) == 4  # one 2x2 merge window: a single image token
+
+
+def test_config_name_loads_the_vlm_folder(tiny_dir, tmp_path):
+    """model.name = a VLM folder: build_policy picks HFVLMAdapter; model.freeze_vision false trains the tower."""
+    over = {"model.name": str(tiny_dir / "llava"), "data.path": str(tiny_dir / "data.jsonl"), "steps": 1,
+            "model.freeze_vision": False, "model.attn_implementation": "auto", "gate.enabled": False}
+    tr = Trainer(cfg_for(tmp_path, **over), reward_funcs=[vowel_reward])
+    assert isinstance(tr.adapter, HFVLMAdapter) and all(p.requires_grad for p in tr.model.parameters())
+    assert tr.model.config._attn_implementation == "sdpa"  # auto on CPU
+    m = tr.train()
+    assert np.isfinite(m["entropy"]) and m["grad_norm"] > 0
+    with pytest.raises(ValueError, match="data.image_field is empty"):
+        Trainer(cfg_for(tmp_path, **over, **{"data.image_field": ""}), reward_funcs=[vowel_reward])

@@ -298,3 +298,39 @@ def test_loss_metrics_combine_micro_batches_and_cover_every_metric_key():
     assert out["entropy/mean"] == pytest.approx((3 * 1.0 + 1 * 2.0) / 4) and out["kl"] == pytest.approx(0.7 / 4)
     assert out["weights/effective_tokens"] == pytest.approx((2.0 + 12.0) / 4)
     assert (out["entropy/max"], out["weights/max"], out["entropy/min"]) == (3.0, 1.9, 0.1)
+
+
+def test_micro_batch_tokens_packs_by_length_and_keeps_the_gradient(tmp_path):
+    """Token-budget micro-batches: length-sorted packs within rows x (P + longest) <= budget, same gradient."""
+    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "generation.max_new_tokens": 8}))
+    ro = tr.rollout()
+    ro.labels[0, 2:] = -100  # lengths differ: one short completion
+    grads, packs = [], None
+    for budget in (0, 2 * (ro.prompt_len + 8)):
+        tr.cfg.micro_batch_tokens = budget
+        if budget:
+            packs = tr._micro_batches(ro)
+        tr.model.zero_grad(set_to_none=True)
+        tr.backward(ro)
+        grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+    lengths = (ro.labels != -100).sum(1).clamp_min(1)
+    assert sorted(torch.cat(packs).tolist()) == list(range(ro.labels.shape[0])) and len(packs) > 1
+    for p in packs:
+        assert len(p) == 1 or len(p) * (ro.prompt_len + int(lengths[p].max())) <= tr.cfg.micro_batch_tokens
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6 * (g.abs().max().item() + 1e-12), rtol=1e-5, msg=n)
+
+
+def test_gradient_checkpointing_switches_on_for_long_completions(tmp_path):
+    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "model.gradient_checkpointing_min_len": 3}))
+    ro = tr.rollout()
+    seen = []
+    hook = tr.model.model.layers[0].register_forward_pre_hook(
+        lambda mod, args: seen.append(bool(getattr(mod, "gradient_checkpointing", False))))
+    tr.backward(ro)
+    assert seen and all(seen) and not tr.model.is_activation_checkpointing  # on during the pass, off after
+    seen.clear()
+    tr.cfg.model.gradient_checkpointing_min_len = 10_000
+    tr.backward(ro)
+    hook.remove()
+    assert seen and not any(seen)

@@ -50,15 +50,13 @@ def _auto_model_classes():
             if hasattr(transformers, n)]
 
 
-def is_vlm_checkpoint(path: str) -> bool:
-    """True when ``path`` is a local folder whose config maps to an image-text-to-text model class."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        return False
+def is_vlm_checkpoint(name: str) -> bool:
+    """True when ``name`` (local folder or hub id) has a config that maps to an image-text-to-text model class."""
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - not a transformers config: not ours to judge
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - no loadable config: the causal-LM path reports the error
         return False
     return any(type(cfg) in cls._model_mapping for cls in _auto_model_classes())
 
@@ -84,8 +82,12 @@ def freeze_vision_tower(model: nn.Module) -> int:
 
 def load_vlm(path: str, *, attn_implementation: str, dtype: torch.dtype, freeze_vision: bool = True,
              max_pixels: int = 0, image_field: str = "image"):
-    """(model, HFVLMAdapter) from a local folder or hub id."""
+    """(model, HFVLMAdapter) from a local folder or hub id (``hero.config.ModelConfig`` has the options)."""
     from hero.testing.tiny_models import load_processor
+
+    if not image_field:
+        raise ValueError(f"model.name {path!r} is a vision-language model but data.image_field is empty: set it to "
+                         "the rows' image field (default 'image')")
 
     errors = []
     model = None
