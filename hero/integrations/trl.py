@@ -14,8 +14,9 @@ Everything else (generation, vLLM, rewards, advantages, accelerate / DeepSpeed /
 What changes, and where (the override points of TRL 1.13's ``GRPOTrainer``):
 
 ``compute_loss``
-    Replaces TRL's ``_compute_loss``. The completion tokens' last hidden states come from TRL's
-    ``_get_last_hidden_state`` (the backbone without the LM head) and go with ``lm_head.weight`` into
+    Replaces TRL's ``_compute_loss``. The completion tokens' last hidden states come from the backbone without the
+    LM head (TRL's ``_get_last_hidden_state``; image batches pass every multimodal input, ``_hero_last_hidden``,
+    so vision-language models such as Qwen2-VL train on this path) and go with ``lm_head.weight`` into
     ``hero_kernels.hero_loss``: log-probs, entropies, HERO weights, the clipped objective and the k3 KL term without
     ever building the [tokens x vocab] logits. The call runs inside the wrapped model's ``forward`` (TRL's
     ``_ForwardRedirection``, the same route TRL's Liger loss takes) so DDP / FSDP hooks see a normal forward.
