@@ -1,6 +1,8 @@
 """benchmarks.bench_long_cot: row format, budget fits, and one tiny end-to-end child run."""
 import json
 
+import pytest
+
 from benchmarks.bench_long_cot import longest_fit, main
 
 
@@ -14,6 +16,7 @@ def test_longest_fit_takes_the_longest_ok_row_under_budget():
     assert longest_fit(rows, 4096) == {"trl": 1024, "hero": 8192, "x": None}
 
 
+@pytest.mark.slow  # a fresh child process with a 128k-vocabulary model (~1 min on 2 shared cores)
 def test_end_to_end_hero_row(tmp_path):
     out = tmp_path / "lc.json"
     assert main(["--trainers", "hero", "--lengths", "16", "--json", str(out), "--budget-gb", "4", "--threads", "1"]) == 0

@@ -54,7 +54,7 @@ def trainer_for(tiny_dir, tmp_path, fam, **over):
     return Trainer(cfg_for(tmp_path, **over), model=model, adapter=ad, dataset=data, reward_funcs=[vowel_reward])
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", [FAMILIES[0]] + [pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES[1:]])
 def test_trains_and_exports(tiny_dir, tmp_path, fam):
     from transformers import AutoModelForImageTextToText
 

@@ -179,8 +179,7 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     tok = build_tokenizer(family)
     V = (len(tok) + 63) // 64 * 64  # pad the vocabulary like real checkpoints do (sampled pads decode to "")
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's CPU RNG stream is untouched
         torch.manual_seed(seed)
         if family == "llama":
             model, proc = LlamaForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok)), tok
@@ -188,8 +187,6 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
             model, proc = _build_llava(family, tok, V, hidden_size, num_layers, max_pixels)
         else:
             model, proc = _build_qwen(family, tok, V, hidden_size, num_layers, max_pixels)
-    finally:
-        torch.random.set_rng_state(state)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, proc
