@@ -151,4 +151,5 @@ def test_config_name_loads_the_vlm_folder(tiny_dir, tmp_path):
     m = tr.train()
     assert np.isfinite(m["entropy"]) and m["grad_norm"] > 0
     with pytest.raises(ValueError, match="data.image_field is empty"):
-        Trainer(cfg_for(tmp_path, **over, **{"data.image_field": ""}), reward_funcs=[vowel_reward])
+        Trainer(cfg_for(tmp_path, **over, **{"data.image_field": "", "output_dir": str(tmp_path / "run2")}),
+                reward_funcs=[vowel_reward])
