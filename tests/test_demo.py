@@ -47,7 +47,7 @@ def test_demo_micro_pipeline_writes_report_plots_and_summary(tmp_path):
     # generated from the numbers: verdicts, HERO vs GRPO sentences, the config
     assert "HERO vs vanilla GRPO" in report and "sigma=50: hero vs grpo: accuracy" in report
     assert "Verdict: **" in report
-    # the default runs include both directions of entropy weighting (ANCHORS.md: the demo shows both)
+    # the default runs include both directions of entropy weighting (the demo shows both directions)
     assert cfg_default_runs()["hero_high"] == {"loss.kappa": -1.0}
     assert "weight_on: all" in report and "keep_frac: 0.6" in report
     # every PNG the report links exists and is a PNG

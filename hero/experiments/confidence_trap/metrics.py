@@ -260,7 +260,7 @@ def accuracy_by_entropy_bin(
 def chair(
     mentioned: Sequence[Iterable], ground_truth: Sequence[Iterable], unique: bool = True
 ) -> Dict[str, float]:
-    """CHAIR hallucination rates (ANCHORS.md).
+    """CHAIR hallucination rates (object-mention and caption level, as the POPE/CHAIR literature defines them).
 
     mentioned[i]: objects mentioned in caption i; ground_truth[i]: objects really in image i.
     CHAIR_i = hallucinated mentions / all mentions; CHAIR_s = captions with >= 1 hallucinated mention /
