@@ -173,6 +173,7 @@ def test_bad_jsonl_rows_are_skipped_with_one_warning_each_or_stop_the_run(tmp_pa
 # ----------------------------------------------------------------------------------------------
 # 2, 3, 6, 9. runs never mixed, resume checks the config, summary, plot, complete runs, stale temp folders
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # several real training runs in subprocesses (~20-50 s): make test-all
 def test_runs_are_never_mixed_and_resume_checks_the_config(tmp_path):
     cfg, run = config(tmp_path), str(tmp_path / "run")
     rc, out, err = hero(tmp_path, "train", "--config", cfg, "--output_dir", run, "--steps", "3")
@@ -218,6 +219,7 @@ def test_runs_are_never_mixed_and_resume_checks_the_config(tmp_path):
     assert sorted(n for n in os.listdir(run) if n.startswith("checkpoint-")) == ["checkpoint-000001"]
 
 
+@pytest.mark.slow  # several real training runs in subprocesses (~20-50 s): make test-all
 def test_resume_from_a_checkpoint_of_another_run_into_a_run_dir_is_refused(tmp_path):
     cfg = config(tmp_path)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
@@ -241,6 +243,7 @@ def _wait_for_steps(run, n, proc, timeout=240):
     raise AssertionError("the run did not reach its first step")
 
 
+@pytest.mark.slow  # several real training runs in subprocesses (~20-50 s): make test-all
 def test_ctrl_c_saves_at_the_step_boundary_and_prints_the_resume_command(tmp_path):
     cfg, run = config(tmp_path), str(tmp_path / "run")
     args = ["train", "--config", cfg, "--output_dir", run, "--steps", "200", "--save_steps", "0"]
