@@ -46,6 +46,8 @@ import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
 
+from hero_kernels.backends.plan import GPU_SPECS as _GPU_SPECS  # noqa: E402
+
 from . import common as C  # noqa: E402
 
 __all__ = ["discover_triton", "cu_files", "run_report", "main"]
@@ -122,8 +124,9 @@ def cu_files() -> List[str]:
 #: per-SM limits: registers, shared memory (bytes, incl. the 1 KB the driver reserves per CTA), CTAs, warps
 SM_LIMITS = {"sm_90a": {"regs": 65536, "smem": 228 * 1024, "ctas": 32, "warps": 64},
              "sm_80": {"regs": 65536, "smem": 164 * 1024, "ctas": 32, "warps": 64}}
-#: thread-instructions an H100 SXM issues per second (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz boost)
-H100_ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
+#: thread-instructions an H100 SXM issues per second (SMs x 4 schedulers x 32 lanes x sustained clock): the
+#: roofline model's constant (hero_kernels.backends.plan.GpuSpec), stated once there
+H100_ISSUE_PER_S = _GPU_SPECS["h100"].thread_instr_per_s
 _ELT = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8, "__nv_bfloat16": 2, "__half": 2, "float": 4, "double": 8}
 
 
@@ -436,6 +439,56 @@ def render_markdown(rep: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+ISSUE_TABLE = os.path.join(REPO, "hero_kernels", "backends", "sass_counts.py")
+
+
+def issue_table_key(r: dict) -> str:
+    """The key a launch plan looks its build up by: "triton:<config>:<aligned|unaligned>" / "cuda:<kernel<...>>"."""
+    return f"triton:{r['config']}:{r['variant']}" if r["kind"] == "triton" else f"cuda:{r['config']}"
+
+
+def render_issue_table(rep: Dict[str, Any]) -> str:
+    """hero_kernels/backends/sass_counts.py: SASS instructions per element of every sm_90a streaming build
+    (no tensor-core instructions) with a hot loop, for the roofline's instruction-issue term."""
+    import platform
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    from hero_kernels import gpu_compile
+
+    nv = gpu_compile.nvcc_path()
+    nvv = "none"
+    if nv:
+        import subprocess
+
+        out = subprocess.run([nv, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+        nvv = out[-1] if out else "unknown"
+    rows = sorted((issue_table_key(r), r["hot_loop"]["instr_per_element"]) for r in rep["rows"]
+                  if r["arch"] == "sm_90a" and not r["error"] and not r.get("mma") and r.get("hot_loop")
+                  and r["hot_loop"].get("instr_per_element"))
+    lines = ['"""Measured hot-loop SASS instructions per element of the streaming kernel builds on sm_90a (GENERATED).',
+             "",
+             "Regenerate: ``python -m benchmarks.compile_report --cc 90 --match entropy_logprob_ --issue-table``",
+             "(benchmarks/compile_report.py: the hot loop's SASS instructions x element size / bytes loaded per thread).",
+             "Read by the launch plans (``hero_kernels.backends.plan.sass_per_element``) for the instruction-issue term",
+             'of the roofline model. Keys: "triton:<KERNEL_CONFIGS description>:<aligned|unaligned>",',
+             '"cuda:<demangled kernel>". Do not edit by hand."""',
+             "",
+             f"TRITON_VERSION = {tv!r}",
+             f"NVCC_VERSION = {nvv!r}",
+             f"PYTHON = {platform.python_version()!r}",
+             'ARCH = "sm_90a"',
+             "",
+             "SASS_PER_ELEMENT = {"]
+    lines += [f"    {k!r}: {v:.3f}," for k, v in rows]
+    lines += ["}", ""]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -448,6 +501,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "ci"), help="output folder")
     ap.add_argument("--stem", default="compile_report", help="output file stem (.json, .md)")
     ap.add_argument("--quiet", action="store_true", help="no per-build progress lines on stderr")
+    ap.add_argument("--issue-table", action="store_true",
+                    help=f"also write the SASS-per-element table of the streaming builds to {os.path.relpath(ISSUE_TABLE, REPO)}")
     args = ap.parse_args(argv)
     cores = os.cpu_count() or 1
     jobs = args.jobs or (1 if cores <= 4 else min(8, cores // 2))
@@ -463,6 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     jp, mp_ = os.path.join(args.out, f"{args.stem}.json"), os.path.join(args.out, f"{args.stem}.md")
     C.write_json(jp, rep)
     C.atomic_write(mp_, render_markdown(rep))
+    if args.issue_table:
+        C.atomic_write(ISSUE_TABLE, render_issue_table(rep))
+        print(f"wrote {ISSUE_TABLE}")
     print(f"{rep['n_kernels']} builds, {rep['n_spills']} spilling, {rep['n_errors']} failed "
           f"({rep['wall_s']:.1f} s); wrote {jp}, {mp_}")
     return rep["exit_code"]

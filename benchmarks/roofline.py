@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, modeled_seconds
+from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, modeled_seconds, modeled_terms
 
 from . import common as C
 
@@ -99,11 +99,12 @@ def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: to
 
 
 def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
-    peak = gpu.fp32_flops_per_s if (fp32 and k.kind == "gemm") else gpu.bf16_flops_per_s
-    t_c, t_m = k.flops / peak, k.hbm_bytes / gpu.hbm_bytes_per_s
+    peak = gpu.fp32_flops_per_s if (fp32 and k.kind == "gemm") else None
+    terms = modeled_terms(k, gpu, flops_per_s=peak)
     return {"name": k.name, "grid": list(k.grid), "kind": k.kind, "repeats": k.repeats, "external": k.external,
-            "flops": k.flops * k.repeats, "hbm_bytes": k.hbm_bytes * k.repeats,
-            "modeled_s": modeled_seconds(k, gpu, flops_per_s=peak), "bound": "compute" if t_c >= t_m else "hbm",
+            "flops": k.flops * k.repeats, "hbm_bytes": k.hbm_bytes * k.repeats, "l2_bytes": k.l2_bytes * k.repeats,
+            "modeled_s": modeled_seconds(k, gpu, flops_per_s=peak), "bound": max(terms, key=terms.get),
+            "terms_s": {n: t * k.repeats for n, t in terms.items()}, "host_sync": k.host_sync,
             "num_warps": k.num_warps, "num_stages": k.num_stages, "meta": dict(k.meta), "l2_note": k.l2_note}
 
 

@@ -758,29 +758,118 @@ def test_triton_nan_input_gives_nan_rows(where):
 # launch plans (no GPU): the model of what the launchers run
 # ----------------------------------------------------------------------------------------------
 @needs_triton
-def test_plan_flagship_shape_within_target():
-    """(16384, 4096, 128256) bf16 fwd+bwd: modeled <= 1.3x the 8 N D V floor on H100 and H200, the backward
-    chunk <= 2% of eager's materialized peak (a lower bound of it), no per-tile fp32 accumulator traffic."""
+def test_plan_flagship_shape_model():
+    """(16384, 4096, 128256) bf16 fwd+bwd under the honest model (tensor-core efficiency, L2 operand traffic,
+    HBM efficiency): both paths model SLOWER than the 8 N D V floor at the datasheet peak, by the term the
+    design says. The issue's "<= 1.3x the floor" target does NOT hold on an H100 (benchmarks/results/README.md):
+    4 cuBLAS GEMMs at 0.75 of the peak are 1.33x alone, and the Triton path's 128 x 128 tl.dot tiles are
+    L2-bound (64 FLOP/B x 6 TB/s = 384 TFLOP/s). The backward chunk stays <= 2% of eager's materialized peak."""
     from hero_kernels.backends import gemm
     from hero_kernels.backends.cuda import linear_entropy_logprob as CU
-    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds
+    from hero_kernels.backends.plan import GPU_SPECS, gemm_l2_bytes, modeled_seconds, modeled_terms
 
     N, D, V = 16384, 4096, 128256
     floor = 8 * N * D * V / 989e12
     for mod in (K, CU):
         launches = mod.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd")
         for gpu in ("h100", "h200"):
-            t = sum(modeled_seconds(x, GPU_SPECS[gpu]) for x in launches)
-            assert floor < t <= 1.3 * floor, (mod.__name__, gpu, t / floor)
+            spec = GPU_SPECS[gpu]
+            t = sum(modeled_seconds(x, spec) for x in launches)
+            assert t >= floor / spec.tc_efficiency, (mod.__name__, gpu, t / floor)
+            if gpu == "h100":
+                assert t > 1.3 * floor, "the 1.3x target now holds: update benchmarks/results/README.md"
         C = next(x.meta["chunk_rows"] for x in launches if "chunk_rows" in x.meta)
         assert C * (V + D) * 2 <= 0.02 * gemm.eager_peak_bytes(N, V, 2) and C >= 1181
     fwd = K.plan(N, D, V, "bf16")
     assert [x.name for x in fwd] == ["_fwd_partials_kernel", "_merge_partials_kernel"]
     assert 8 <= fwd[0].meta["splits"] <= 16 and all(x.l2_note for x in fwd)
-    # Skipped gradients drop their GEMMs; the atomic path is one fused kernel.
+    # Our tl.dot kernels carry the L2 operand traffic of their tile; at 128 x 128 it is the bound.
+    for x in K.plan(N, D, V, "bf16", pass_="fwd+bwd"):
+        if x.kind == "gemm" and not x.external:
+            m = x.meta
+            assert x.l2_bytes == pytest.approx(gemm_l2_bytes(x.flops, m["BLOCK_N"], m["BLOCK_V"], m["elt"]))
+            terms = modeled_terms(x, GPU_SPECS["h100"])
+            assert max(terms, key=terms.get) == "l2", (x.name, terms)
+    # Skipped gradients drop their GEMMs; the atomic path is one fused kernel, with its atomics in the L2 term.
     names = [x.name for x in K.plan(N, D, V, "bf16", pass_="bwd", need_dw=False)]
     assert "cublas_dw" not in names and "cublas_dh" in names
-    assert "_bwd_atomic_kernel" in [x.name for x in K.plan(N, D, V, "bf16", pass_="bwd", deterministic=False)]
+    atomic = next(x for x in K.plan(N, D, V, "bf16", pass_="bwd", deterministic=False)
+                  if x.name == "_bwd_atomic_kernel")
+    assert atomic.l2_bytes > gemm_l2_bytes(atomic.flops, 64, 128, 2)
+
+
+@needs_triton
+def test_model_can_miss_a_target():
+    """The model is not tautological: a smaller tile moves more operand bytes through L2 and models slower,
+    a larger one faster; a tensor-core entry without its L2 traffic is refused; a higher instruction count
+    per element makes a row kernel issue-bound."""
+    from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, modeled_seconds
+
+    N, D, V = 16384, 4096, 128256
+    h100 = GPU_SPECS["h100"]
+    floor = 2 * N * D * V / 989e12
+
+    def fwd_time(tile):
+        cfg = replace(K.default_config(torch.bfloat16), fwd=tile)
+        return sum(modeled_seconds(x, h100) for x in K.plan(N, D, V, "bf16", config=cfg))
+
+    base = fwd_time(K.default_config(torch.bfloat16).fwd)
+    small = fwd_time(K.Tile(64, 64, 64, num_warps=4))
+    big = fwd_time(K.Tile(128, 256, 64, num_warps=8))
+    assert small > 1.9 * base > 1.9 * big and small / floor > 5
+    with pytest.raises(ValueError, match="l2_bytes"):
+        modeled_seconds(KernelLaunch("k", (1,), "gemm", 1e12, 0.0), h100)
+    row = KernelLaunch("r", (N,), "stream", 0.0, 2.0 * N * V, meta={"elements": N * V, "sass_per_elt": 1.0})
+    slow = replace(row, meta={"elements": N * V, "sass_per_elt": 40.0})
+    assert modeled_seconds(slow, h100) > 2 * modeled_seconds(row, h100)
+
+
+@needs_triton
+def test_chunked_backward_reads_the_dz_grid_from_the_plan(monkeypatch):
+    """Every chunk's ``_bwd_dz_kernel`` launch (full chunks and the tail) takes its grid from the plan entry
+    of its chunk size: the launcher computes no grid of its own."""
+    from hero_kernels.backends.triton.linear import launch as L
+
+    h, W, b, y, g, k = _problem(21, 32, 301, torch.float32)
+    cfg = _small_config(torch.float32)  # chunk_rows = 8: 18 valid rows -> 8, 8, 2
+    logp, H, lse = K.forward(h, W, b, y, RowOptions(), cfg)
+    grids, planned = [], []
+    real_kernel, real_plan = L.K._bwd_dz_kernel, L.plan
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real_kernel[grid]
+
+    def plan(*a, **kw):
+        out = real_plan(*a, **kw)
+        planned.extend(x for x in out if x.name == "_bwd_dz_kernel")
+        return out
+
+    monkeypatch.setattr(L.K, "_bwd_dz_kernel", Spy())
+    monkeypatch.setattr(L, "plan", plan)
+    K.backward(h, W, b, y, lse, H, g, k, RowOptions(), cfg, logp=logp)
+    assert [x.meta["chunk_rows"] for x in planned] == [8, 2]
+    assert grids == [x.grid for x in planned for _ in range(x.repeats)]
+
+
+@needs_triton
+def test_plan_counts_compaction_and_padding():
+    """Masked rows (total_rows > N) add the nonzero (a host sync), the gathers and scatters; D % 16 != 0 adds
+    the padded copies of hidden and weight (once per pass) and the dh unpad; a misaligned weight its copy."""
+    from hero_kernels.backends.cuda import linear_entropy_logprob as CU
+
+    names = lambda ks: [x.name for x in ks]  # noqa: E731
+    plain = K.plan(1000, 64, 512, "bf16", pass_="fwd+bwd")
+    assert not {"compact_rows", "pad_hidden", "copy_weight"} & set(names(plain))
+    masked = K.plan(1000, 64, 512, "bf16", pass_="fwd+bwd", total_rows=1200)
+    assert names(masked).count("compact_rows") == 2 and all(x.host_sync for x in masked if x.name == "compact_rows")
+    assert {"gather_rows", "scatter_outputs", "gather_stats", "scatter_dh"} <= set(names(masked))
+    odd = K.plan(1000, 60, 512, "bf16", pass_="fwd+bwd")
+    assert names(odd).count("pad_hidden") == 2 and names(odd).count("copy_weight") == 2 and "unpad_dh" in names(odd)
+    assert next(x for x in odd if x.name == "_fwd_partials_kernel").flops == 2.0 * 1000 * 64 * 512
+    assert "copy_weight" in names(K.plan(1000, 64, 512, "bf16", weight_copied=True))
+    assert "compact_rows" in names(CU.plan(1000, 64, 512, "bf16", pass_="fwd+bwd", total_rows=1001))
 
 
 @needs_triton

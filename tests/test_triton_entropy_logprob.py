@@ -369,19 +369,29 @@ def test_gpu_compile_no_spills():
 # launch plan: what the launchers run, modeled against the HBM floor
 # ----------------------------------------------------------------------------------------------
 def test_plan_is_what_runs_and_meets_the_hbm_model():
-    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds
+    """The plan names the build that runs (aligned for V % 16 == 0) and its measured SASS per element. Under
+    the honest model (HBM at 0.9 of the datasheet, instruction issue at 1.755 GHz) fwd+bwd at (16384, 151936)
+    meets "<= 1.2x the 3 N V elt HBM floor" on an H100 but NOT on an H200: there the forward's ~21 SASS per
+    bf16 element cap it at ~2.8 TB/s (issue-bound), benchmarks/results/README.md."""
+    from hero_kernels.backends.plan import GPU_SPECS, modeled_seconds, modeled_terms
 
     N, V = 16384, 151936
     fwd, bwd = K.plan(N, V, torch.bfloat16, pass_="fwd+bwd")
     assert (fwd.name, bwd.name) == ("_entropy_logprob_fwd_kernel", "_entropy_logprob_bwd_kernel")
     assert fwd.grid == (N, 1) and fwd.kind == "stream" and fwd.meta["BLOCK_V"] == K.launch_config(V).block_v
     assert K.plan(N, V, "bf16", batch=8)[0].grid == (N // 8, 8)  # one 2-D launch for [B, T, V]
+    assert fwd.meta["sass_build"].endswith(":aligned") and K.plan(N, V + 1, "bf16")[0].meta["sass_build"].endswith(
+        ":unaligned")
+    assert all(x.meta["sass_per_elt"] and x.meta["elements"] == N * V for x in (fwd, bwd))
     floor_bytes = 3 * N * V * 2
     assert fwd.hbm_bytes + bwd.hbm_bytes >= floor_bytes
+    ratio = {}
     for gpu in ("h100", "h200"):
         spec = GPU_SPECS[gpu]
-        modeled = sum(modeled_seconds(k, spec) for k in (fwd, bwd))
-        assert modeled <= 1.2 * floor_bytes / spec.hbm_bytes_per_s, gpu
+        ratio[gpu] = sum(modeled_seconds(k, spec) for k in (fwd, bwd)) / (floor_bytes / spec.hbm_bytes_per_s)
+        terms = modeled_terms(fwd, spec)
+        assert max(terms, key=terms.get) == "issue", (gpu, terms)
+    assert ratio["h100"] <= 1.2 < ratio["h200"], ratio
     with pytest.raises(ValueError, match="pass_"):
         K.plan(N, V, torch.bfloat16, pass_="both")
     with pytest.raises(TypeError, match="dtype"):

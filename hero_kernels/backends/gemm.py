@@ -17,7 +17,7 @@ import torch
 from hero_kernels.backends.plan import KernelLaunch
 
 __all__ = ["as_dtype", "eager_peak_bytes", "chunk_rows", "accumulate_dw", "mm_into", "chunked_backward_plan",
-           "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS"]
+           "compaction_plan", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
 CHUNK_MEMORY_SHARE = 0.02
@@ -153,4 +153,29 @@ def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches
     if need_dw and elem != 4:
         out.append(KernelLaunch("dw_cast", (), "stream", 0.0, V * D * (4 + elem), "fp32 dW -> weight dtype",
                                 external=True))
+    return out
+
+
+def compaction_plan(total_rows: Optional[int], n: int, D: int, elem: int, pass_: str) -> List[KernelLaunch]:
+    """What the fused heads' masked-row compaction costs when ``total_rows`` > n (n valid rows kept): one
+    ``nonzero`` over the labels (a host sync: the grids depend on n), gathers of the valid rows' hidden
+    states and labels, and the scatter of the results back to [total_rows] (forward: logp, H, lse; backward:
+    the per-row stats gathered, dh [n, D] scattered into a zero-filled [total_rows, D]). Nothing when every
+    row is valid (or total_rows is None: the caller did not say)."""
+    if total_rows is None or total_rows <= n:
+        return []
+    N = total_rows
+    note = "masked-row compaction (torch ops): every byte once through HBM"
+    out = [KernelLaunch("compact_rows", (), "stream", 0.0, 8 * N + 8 * n, note + "; nonzero syncs the host",
+                        external=True, host_sync=True),
+           KernelLaunch("gather_rows", (), "stream", 0.0, 2 * n * D * elem + 16 * n, note + "; hidden + labels",
+                        external=True)]
+    if pass_ == "fwd":
+        out.append(KernelLaunch("scatter_outputs", (), "stream", 0.0, 3 * (4 * N + 8 * n), note + "; logp, H, lse",
+                                external=True))
+    else:
+        out.append(KernelLaunch("gather_stats", (), "stream", 0.0, 5 * 8 * n, note + "; lse, H, g, k, logp",
+                                external=True))
+        out.append(KernelLaunch("scatter_dh", (), "stream", 0.0, (N + 2 * n) * D * elem,
+                                note + "; zero-filled [N, D] + index_copy of dh", external=True))
     return out

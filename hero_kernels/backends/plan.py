@@ -11,16 +11,29 @@ Conventions
   (which buffers are assumed to stay in L2 and why their working set fits: H100/H200 have 50 MB of L2).
 - ``flops`` counts useful multiply-adds as 2 FLOPs (GEMM work), 0 for pure streaming kernels; a recompute
   counts again.
-- ``kind`` tells the roofline which peak bounds the kernel: "gemm" (tensor-core FLOP/s) or "stream" (HBM
-  bandwidth); the model takes max(flops / peak_flops, hbm_bytes / bandwidth) either way.
+- ``l2_bytes``: bytes our own tensor-core kernels pull from L2 into the SMs (operand tiles, see
+  ``gemm_l2_bytes``; atomics into L2). Every non-external "gemm" entry must give it.
+- ``meta["sass_per_elt"]`` / ``meta["elements"]``: a streaming kernel's hot-loop SASS instructions per
+  element (the measured count of its build, ``hero_kernels.backends.sass_counts``) and the elements it
+  streams; they give the instruction-issue term.
+- ``kind`` says which terms apply: "gemm" (tensor cores, L2 operand traffic) or "stream" (HBM, issue).
 - ``external`` marks work done by a library call (cuBLAS GEMM, a torch op) rather than our kernel.
+
+The model (``modeled_terms``): per launch, the largest of
+  compute  flops / (tensor-core peak x ``tc_efficiency``)      every GEMM, ours or cuBLAS
+  l2       l2_bytes / ``l2_bytes_per_s``                        our tl.dot kernels (cuBLAS: inside its efficiency)
+  hbm      hbm_bytes / (HBM peak x ``hbm_efficiency``)
+  issue    elements x sass_per_elt / (SMs x 4 schedulers x 32 lanes x ``sm_clock_hz``)
+plus ``launch_s``, times ``repeats``. The floors of ``benchmarks/roofline.py`` stay at the DATASHEET peaks,
+so modeled / floor shows every efficiency term; no term is tuned to make a target hold.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple
 
-__all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds"]
+__all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds", "modeled_terms", "gemm_l2_bytes",
+           "sass_per_element"]
 
 
 @dataclass(frozen=True)
@@ -33,30 +46,94 @@ class KernelLaunch:
     l2_note: str = ""              # which operands are assumed L2-resident, and why that working set fits
     num_warps: int = 0
     num_stages: int = 0
-    meta: Dict[str, int] = field(default_factory=dict)  # constexpr tiles, splits, chunk size, group size
+    meta: Dict[str, Any] = field(default_factory=dict)  # tiles, splits, chunk size, sass_per_elt, elements
     external: bool = False         # cuBLAS / torch call, not our kernel
     repeats: int = 1               # launched this many times with the same plan (e.g. one per chunk)
+    l2_bytes: float = 0.0          # L2 -> SM traffic of our tensor-core kernels (``gemm_l2_bytes``, atomics)
+    host_sync: bool = False        # the call blocks the host until the GPU is done (e.g. ``nonzero``)
 
 
 @dataclass(frozen=True)
 class GpuSpec:
+    """Datasheet peaks (the floors) and the efficiency constants of the model, each with its source."""
+
     name: str
-    hbm_bytes_per_s: float         # peak HBM bandwidth
-    bf16_flops_per_s: float        # dense bf16 tensor-core peak
+    hbm_bytes_per_s: float         # datasheet HBM bandwidth (the floor's)
+    bf16_flops_per_s: float        # datasheet dense bf16 tensor-core peak (the floor's)
     fp32_flops_per_s: float        # fp32 (non tensor-core) peak, for fp32 GEMMs without TF32
     l2_bytes: int
     sms: int
+    # Share of the tensor-core peak a large bf16 GEMM reaches: cuBLAS at 8192^3 bf16 was measured at ~790
+    # TFLOP/s on this workplace's H200 (0.80 of 989, benchmarks/results/README.md); public H100 SXM runs
+    # (700 W, lower sustained clocks) land at ~700-760 TFLOP/s, so 0.75. Applied to every GEMM, cuBLAS or
+    # ours: no Triton tl.dot kernel is modeled faster than cuBLAS. The GPU suite measures it per shape
+    # (benchmarks/kernel_timings.py, cuBLAS GEMMs of the fused head's shapes): replace it then.
+    tc_efficiency: float = 0.75
+    # Share of the HBM datasheet bandwidth a streaming copy reaches: a 2 GiB device-to-device copy measured
+    # ~4.3 TB/s on this workplace's H200 (0.90 of 4.8; benchmarks/results/README.md); H100 SXM copies land at
+    # ~3.0 TB/s of 3.35 in public STREAM-style runs, also ~0.90.
+    hbm_efficiency: float = 0.90
+    # L2 -> SM bandwidth: Chips and Cheese's H100 microbenchmark ("Nvidia's H100: Funny L2, and Tons of
+    # Bandwidth", 2023) measured ~5.5 TB/s of L2 bandwidth on a power-limited 114-SM H100 PCIe; public
+    # microbenchmarks put the 132-SM SXM part at ~5.5-7 TB/s. 6.0e12 for both (the H200 has the same GH100
+    # die, L2 and clocks). It bounds our tl.dot kernels: a BM x BN tile pulls (BM + BN) * BK * elt bytes
+    # from L2 per 2 * BM * BN * BK FLOPs (no TMA multicast across a cluster in our Triton kernels).
+    l2_bytes_per_s: float = 6.0e12
+    # SM clock under sustained load: 1.755 GHz (the H100 PCIe's max boost in the same article; the SXM part
+    # boosts to 1.98 GHz but sustains ~1.75 GHz under a full tensor-core / memory load at 700 W). Issue rate:
+    # SMs x 4 schedulers x 1 warp-instruction per cycle (32 lanes each).
+    sm_clock_hz: float = 1.755e9
+    schedulers_per_sm: int = 4
     launch_s: float = 4e-6         # per-launch overhead assumed by the model
+    host_sync_s: float = 20e-6     # a host sync: drain the stream, copy a scalar back, relaunch
+
+    @property
+    def thread_instr_per_s(self) -> float:
+        """Thread-instructions per second (each warp-instruction covers 32 lanes)."""
+        return self.sms * self.schedulers_per_sm * 32 * self.sm_clock_hz
 
 
 GPU_SPECS: Dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", 3.35e12, 989e12, 67e12, 50 * 2**20, 132),
-    "h200": GpuSpec("h200", 4.8e12, 989e12, 67e12, 50 * 2**20, 132),
+    "h100": GpuSpec("h100", 3.35e12, 989e12, 67e12, 50 * 2**20, 132, tc_efficiency=0.75),
+    "h200": GpuSpec("h200", 4.8e12, 989e12, 67e12, 50 * 2**20, 132, tc_efficiency=0.80),
 }
 
 
-def modeled_seconds(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: float | None = None) -> float:
-    """Roofline time of one plan entry: the slower of its compute and its HBM traffic, plus launch overhead."""
-    peak = flops_per_s if flops_per_s is not None else gpu.bf16_flops_per_s
-    t = max(launch.flops / peak, launch.hbm_bytes / gpu.hbm_bytes_per_s) + gpu.launch_s
+def gemm_l2_bytes(flops: float, block_m: int, block_n: int, elt: int) -> float:
+    """L2 -> SM operand bytes of a tl.dot kernel with BM x BN output tiles: each K step of BK loads
+    (BM + BN) * BK * elt bytes for 2 * BM * BN * BK FLOPs, so bytes = flops * (BM + BN) * elt / (2 BM BN)
+    (BK cancels). 128 x 128 bf16: 64 FLOP/B, i.e. 384 TFLOP/s at 6 TB/s of L2, 39 % of the bf16 peak."""
+    return flops * (block_m + block_n) * elt / (2.0 * block_m * block_n)
+
+
+def sass_per_element(key: str) -> Optional[float]:
+    """Measured hot-loop SASS instructions per element of one kernel build (``sass_counts.SASS_PER_ELEMENT``,
+    regenerated by ``python -m benchmarks.compile_report --issue-table``); None when the build is not there."""
+    from hero_kernels.backends import sass_counts
+
+    return sass_counts.SASS_PER_ELEMENT.get(key)
+
+
+def modeled_terms(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional[float] = None) -> Dict[str, float]:
+    """Seconds of one launch (one repeat, no overhead) under each bound: compute, l2, hbm, issue."""
+    if flops_per_s is None:
+        peak = gpu.bf16_flops_per_s * gpu.tc_efficiency
+    else:  # an fp32 (FMA-unit) GEMM: its own peak, no tensor-core efficiency
+        peak = flops_per_s
+    if launch.kind == "gemm" and not launch.external and launch.flops and launch.l2_bytes <= 0:
+        raise ValueError(f"{launch.name}: a tensor-core kernel's plan entry must give l2_bytes (gemm_l2_bytes)")
+    terms = {"compute": launch.flops / peak, "l2": launch.l2_bytes / gpu.l2_bytes_per_s,
+             "hbm": launch.hbm_bytes / (gpu.hbm_bytes_per_s * gpu.hbm_efficiency), "issue": 0.0}
+    ipe = launch.meta.get("sass_per_elt")
+    if ipe:
+        terms["issue"] = launch.meta["elements"] * ipe / gpu.thread_instr_per_s
+    return terms
+
+
+def modeled_seconds(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional[float] = None) -> float:
+    """Modeled time of one plan entry: its largest term (``modeled_terms``) + launch overhead (+ a host sync),
+    times its repeats."""
+    t = max(modeled_terms(launch, gpu, flops_per_s=flops_per_s).values()) + gpu.launch_s
+    if launch.host_sync:
+        t += gpu.host_sync_s
     return t * launch.repeats

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
-from hero_kernels.backends.plan import KernelLaunch
+from hero_kernels.backends.plan import KernelLaunch, sass_per_element
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
@@ -30,6 +30,7 @@ __all__ = ["forward", "backward", "plan", "threads_per_row", "BATCHED"]
 BATCHED = True
 
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+_CXX_TYPES = {"bf16": "__nv_bfloat16", "fp16": "__half", "fp32": "float"}  # template argument of the kernels
 _NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
           "float32": "fp32", "fp32": "fp32", "float": "fp32"}
 #: the grid-stride row loop caps the grid at gridDim.x's limit
@@ -56,22 +57,30 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     """Launches of the CUDA row kernels on N rows (``batch`` = B of a [B, T, V] view: still one launch), in
     order; pass_ "fwd", "bwd" or "fwd+bwd". HBM bytes as the Triton plan: the forward reads every logit once,
     the backward reads it and writes dlogits once (logits dtype; in place the write lands in the logits);
-    rows are streamed, nothing is assumed L2-resident."""
+    rows are streamed, nothing is assumed L2-resident. meta["sass_per_elt"]: the measured hot-loop SASS
+    instructions per element of the template instance that runs (``hero_kernels.backends.sass_counts``)."""
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
     e = _ELEM[_dtype_name(dtype)]
     threads = threads_per_row(V, e)
     grid = (min(N, _GRID_CAP),)
-    meta = {"threads": threads, "batch": int(batch or 1)}
+    T = _CXX_TYPES[_dtype_name(dtype)]
+
+    def meta(kernel: str) -> dict:  # the demangled template instance (dlogits in the logits dtype)
+        key = f"cuda:entropy_logprob_{kernel}_kernel<{T}, {threads}>" if kernel == "fwd" else \
+            f"cuda:entropy_logprob_bwd_kernel<{T}, {T}, {threads}>"
+        return {"threads": threads, "batch": int(batch or 1), "elements": N * V,
+                "sass_per_elt": sass_per_element(key), "sass_build": key}
+
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
         out.append(KernelLaunch("entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 12), note,
-                                num_warps=threads // 32, meta=dict(meta)))
+                                num_warps=threads // 32, meta=meta("fwd")))
     if pass_ in ("bwd", "fwd+bwd"):
         out.append(KernelLaunch("entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 16),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
-                                num_warps=threads // 32, meta=dict(meta, INPLACE=int(bool(inplace_backward)))))
+                                num_warps=threads // 32, meta=dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
     return out
 
 

@@ -22,6 +22,7 @@ Deterministic (cuBLAS with a fixed configuration). No autograd here.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends import compact_rows, gemm
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
-from hero_kernels.backends.cuda.entropy_logprob import threads_per_row
+from hero_kernels.backends.cuda import entropy_logprob as _rows
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
@@ -52,9 +53,11 @@ def _chunk_rows(n: int, D: int, V: int, elem: int) -> int:
 
 
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
-         need_dw: bool = True, deterministic: bool = True) -> List[KernelLaunch]:
+         need_dw: bool = True, deterministic: bool = True, total_rows: Optional[int] = None) -> List[KernelLaunch]:
     """Launches of ``pass_`` ("fwd", "bwd", "fwd+bwd") for N valid rows; the chunk rows are in each entry's
-    meta["chunk_rows"]. ``deterministic`` is accepted for a uniform signature: this path always is."""
+    meta["chunk_rows"]. ``deterministic`` is accepted for a uniform signature: this path always is.
+    The row-kernel entries are the row op's own plan (``cuda.entropy_logprob.plan``: block size, measured
+    SASS per element) for a chunk. total_rows > N: the masked-row compaction's entries too."""
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
     e = torch.finfo(gemm.as_dtype(dtype)).bits // 8
@@ -62,26 +65,29 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     if N <= 0:
         return out
     C = _chunk_rows(N, D, V, e)
-    threads = threads_per_row(V, e)  # the row plan's block size: one source for both ops
+
+    def rows(pass_: str, c: int, reps: int) -> KernelLaunch:
+        (k,) = _rows.plan(c, V, dtype, pass_=pass_, inplace_backward=pass_ == "bwd")
+        return dataclasses.replace(k, l2_note=note, meta=dict(k.meta, chunk_rows=c), repeats=reps)
+
     note = "the [C, V] chunk (far beyond 50 MB of L2) is written by the GEMM and read once by the row kernel"
     if pass_ in ("fwd", "fwd+bwd"):
+        out += gemm.compaction_plan(total_rows, N, D, e, "fwd")
         for c, reps in [(C, N // C)] + ([(N % C, 1)] if N % C else []):
             if reps:
                 out.append(KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V,
                                         c * D * e + V * D * e + c * V * e, note, meta={"chunk_rows": c},
                                         external=True, repeats=reps))
-                out.append(KernelLaunch("entropy_logprob_fwd_kernel", (c,), "stream", 0.0, c * V * e + 20 * c,
-                                        note, num_warps=threads // 32, meta={"chunk_rows": c, "threads": threads},
-                                        repeats=reps))
+                out.append(rows("fwd", c, reps))
     if pass_ == "fwd" or not (need_dh or need_dw):
         return out
+    out += gemm.compaction_plan(total_rows, N, D, e, "bwd")
 
     def dz(c: int, reps: int) -> List[KernelLaunch]:
         # Logits GEMM into the chunk, then the row kernel turns them into dz in place (read + write).
         return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, c * D * e + V * D * e + c * V * e,
                              note, meta={"chunk_rows": c}, external=True, repeats=reps),
-                KernelLaunch("entropy_logprob_bwd_kernel", (c,), "stream", 0.0, 2 * c * V * e + 20 * c, note,
-                             num_warps=threads // 32, meta={"chunk_rows": c, "threads": threads}, repeats=reps)]
+                rows("bwd", c, reps)]
 
     return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
                                             need_dw=need_dw)

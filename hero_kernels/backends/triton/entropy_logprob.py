@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hero_kernels.backends import RowStats
-from hero_kernels.backends.plan import KernelLaunch
+from hero_kernels.backends.plan import KernelLaunch, sass_per_element
 from hero_kernels.backends.triton.linear.kernels import _log1p_unit
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
@@ -351,6 +351,9 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     each logit once and writes each dlogit once in the logits dtype (the same bytes in place, where the
     write lands in the caller's buffer), + labels and 4 fp32 row vectors. Nothing is assumed L2-resident:
     a row (<= 0.6 MB) is streamed once per kernel. The launchers call this and launch exactly it.
+    meta["sass_per_elt"]: the measured hot-loop SASS instructions per element of the build that runs (aligned
+    when V % 16 == 0, as Triton specializes it; ``hero_kernels.backends.sass_counts``), for the roofline's
+    instruction-issue term over meta["elements"] = N * V.
     """
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
@@ -358,16 +361,21 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     e = _ELEM_BYTES[dt]
     cfg = launch_config(V)
     grid = _grid(N, batch)
-    meta = {"BLOCK_V": cfg.block_v}
+    build = f"{dt},{cfg.name}]:{'aligned' if V % 16 == 0 else 'unaligned'}"
+
+    def meta(kernel: str) -> dict:
+        key = f"triton:entropy_logprob_{kernel}[{build}"
+        return {"BLOCK_V": cfg.block_v, "elements": N * V, "sass_per_elt": sass_per_element(key), "sass_build": key}
+
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
         out.append(KernelLaunch("_entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 12),
-                                note, cfg.num_warps, cfg.num_stages, dict(meta)))
+                                note, cfg.num_warps, cfg.num_stages, meta("fwd")))
     if pass_ in ("bwd", "fwd+bwd"):
         out.append(KernelLaunch("_entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 16),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
-                                cfg.num_warps, cfg.num_stages, dict(meta, INPLACE=int(bool(inplace_backward)))))
+                                cfg.num_warps, cfg.num_stages, dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
     return out
 
 

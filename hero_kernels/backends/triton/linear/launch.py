@@ -15,7 +15,7 @@ import triton
 from torch import Tensor
 
 from hero_kernels.backends import compact_rows, gemm
-from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch
+from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
@@ -48,9 +48,10 @@ def _forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEnt
             f"+ in-flight W tiles, < 50 MB L2); W streamed from HBM once per wave of {wave_rows} row blocks "
             f"({w_passes} passes)")
     meta = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "splits": S,
-            "cols_per_split": per}
-    out = [KernelLaunch("_fwd_partials_kernel", (row_blocks * S,), "gemm", 2.0 * N * D * V, hbm, note,
-                        t.num_warps, t.num_stages, meta)]
+            "cols_per_split": per, "elt": e}
+    flops = 2.0 * N * D * V
+    out = [KernelLaunch("_fwd_partials_kernel", (row_blocks * S,), "gemm", flops, hbm, note,
+                        t.num_warps, t.num_stages, meta, l2_bytes=gemm_l2_bytes(flops, t.block_n, t.block_v, e))]
     out.append(KernelLaunch("_merge_partials_kernel", (triton.cdiv(N, MERGE_BLOCK),), "stream", 0.0,
                             20 * S * N + (12 if final else 16) * N, "partials read once", 4, 1,
                             {"BLOCK": MERGE_BLOCK, "splits": S, "FINAL": int(final)}))
@@ -62,14 +63,19 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
     rb, vb = triton.cdiv(N, t.block_n), triton.cdiv(V, t.block_v)
     l2_atomic = 4.0 * N * V * D * (1.0 / t.block_v + 1.0 / t.block_n)
     note = (f"grouped order ({GROUP_N} row blocks per group) keeps the dh / dW tiles being added to in L2; "
-            f"HBM: operands once per group + fp32 dh / dW written back once. NOT modeled: "
-            f"{l2_atomic / 1e9:.0f} GB of fp32 atomics into L2 (the real bound of this design)")
+            f"HBM: operands once per group + fp32 dh / dW written back once; L2 term includes "
+            f"{l2_atomic / 1e9:.0f} GB of fp32 atomics (throughput of the atomic units themselves NOT modeled)")
     hbm = N * D * e * 2 + triton.cdiv(rb, GROUP_N) * V * D * e + 8 * (N * D + V * D) + (8 * V if has_bias else 0)
+    # L2 -> SM: the logits GEMM's operand tiles, then per D chunk a W tile [BV, BD] for dh += dz W (e / (2 BN)
+    # bytes per FLOP) and an h tile [BN, BD] for dW += dz^T h (e / (2 BV)), plus the fp32 atomics (>= 4 bytes
+    # each into L2): 4 N D V (1 / BV + 1 / BN).
+    f = 2.0 * N * D * V
+    l2 = gemm_l2_bytes(f, t.block_n, t.block_v, e) + f * e / (2 * t.block_n) + f * e / (2 * t.block_v) + l2_atomic
     return [
         KernelLaunch("zero_fill", (), "stream", 0.0, 4 * (N * D + V * D), "fp32 dh / dW zeroed", external=True),
         KernelLaunch("_bwd_atomic_kernel", (rb * vb,), "gemm", 6.0 * N * D * V, hbm, note, t.num_warps,
                      t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k,
-                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N}),
+                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N, "elt": e}, l2_bytes=l2),
         KernelLaunch("cast_grads", (), "stream", 0.0, (4 + e) * (N * D + V * D), "fp32 -> input dtype",
                      external=True),
     ]
@@ -77,13 +83,17 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
 
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
-         sms: Optional[int] = None) -> List[KernelLaunch]:
-    """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D
-    (a multiple of 16 after the launcher's padding) and V vocabulary rows.
+         sms: Optional[int] = None, total_rows: Optional[int] = None,
+         weight_copied: Optional[bool] = None) -> List[KernelLaunch]:
+    """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D and
+    V vocabulary rows (the kernels run at D rounded up to 16: ``_prepare`` pads).
 
     deterministic=True (default): the chunked backward (``hero_kernels.backends.gemm``): per chunk of C
     rows ``_bwd_dz_kernel`` (logits GEMM + dz epilogue, dz written once), cuBLAS dh and dW GEMMs. False
     (with both gradients wanted): the fused atomic kernel. sms: SM count of the target (default: an H100's 132).
+    total_rows: rows before the masked-row compaction (> N: its nonzero / gathers / scatters are entries).
+    weight_copied: ``_prepare`` copies the weight (D % 16 != 0, or a misaligned / strided weight); None:
+    from D % 16 alone. Each pass prepares its inputs, so the copies count once per pass.
     """
     dt = gemm.as_dtype(dtype)
     cfg = config or default_config(dt)
@@ -96,10 +106,14 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     out: List[KernelLaunch] = []
     if N <= 0:
         return out
+    D_pad = triton.cdiv(D, _ALIGN) * _ALIGN
     if pass_ in ("fwd", "fwd+bwd"):
-        out += _forward_plan(N, D, V, e, has_bias, cfg, sms)
+        out += _prepare_plan(N, D, V, e, "fwd", total_rows, weight_copied)
+        out += _forward_plan(N, D_pad, V, e, has_bias, cfg, sms)
     if pass_ == "fwd" or not (need_dh or need_dw):
         return out
+    out += _prepare_plan(N, D, V, e, "bwd", total_rows, weight_copied, need_dh)
+    D = D_pad
     if not deterministic and need_dh and need_dw:
         return out + _atomic_plan(N, D, V, e, has_bias, cfg)
     C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
@@ -114,11 +128,32 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
         return [KernelLaunch("_bwd_dz_kernel", grid, "gemm", 2.0 * c * D * V,
                              c * D * e + V * D * e + c * V * e + 20 * c + (V * e if has_bias else 0), note,
                              t.num_warps, t.num_stages,
-                             {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c},
-                             repeats=reps)]
+                             {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c,
+                              "elt": e}, repeats=reps,
+                             l2_bytes=gemm_l2_bytes(2.0 * c * D * V, t.block_n, t.block_v, e))]
 
     return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
                                             need_dw=need_dw)
+
+
+def _prepare_plan(n: int, D: int, V: int, e: int, pass_: str, total_rows: Optional[int],
+                  weight_copied: Optional[bool], need_dh: bool = True) -> List[KernelLaunch]:
+    """``_prepare``'s work before the kernels: the masked-row compaction (``gemm.compaction_plan``) and the
+    zero-padded copies of ``_aligned_2d`` (hidden when D % 16 != 0; the weight then too, or when
+    ``weight_copied``); the backward also copies dh [n, D] out of the padded [n, D_pad] (the dW cast reads
+    its padded view in the same pass as the unpadded one)."""
+    out = gemm.compaction_plan(total_rows, n, D, e, pass_)
+    D_pad = triton.cdiv(D, _ALIGN) * _ALIGN
+    note = "input preparation (torch ops): read once, written once"
+    if D_pad != D:
+        out.append(KernelLaunch("pad_hidden", (), "stream", 0.0, n * (D + D_pad) * e, note, external=True))
+    if D_pad != D or weight_copied:
+        out.append(KernelLaunch("copy_weight", (), "stream", 0.0, V * (D + D_pad) * e,
+                                note + (f"; D = {D} padded to {D_pad}" if D_pad != D else "; misaligned weight"),
+                                external=True))
+    if pass_ == "bwd" and D_pad != D and need_dh:
+        out.append(KernelLaunch("unpad_dh", (), "stream", 0.0, 2 * n * D * e, note, external=True))
+    return out
 
 
 def _entry(launches: List[KernelLaunch], name: str) -> KernelLaunch:
@@ -327,7 +362,7 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
         e = min(n, s + C)
         c, h_c = e - s, h[s:e]
         z = buf[:c, :V]
-        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
+        grid = next(x.grid for x in launches if x.name == "_bwd_dz_kernel" and x.meta["chunk_rows"] == c)
         K._bwd_dz_kernel[grid](
             h_c, w, b if b is not None else w, labs[s:e], lse[s:e], k[s:e], c_row[s:e],
             (lab if label_stats else g)[s:e], z,
@@ -435,8 +470,8 @@ def backward(
         p_y = torch.exp(lp)
         lab = -torch.expm1(lp) * g - k * torch.where(p_y > 0, p_y * (lp + H_), torch.zeros_like(p_y))
     stats = (lse_, H_, g, k, lab)
-    launches = plan(n, h.shape[1], V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
-                    need_dw=need_dw, config=cfg, sms=_device_sms(dev))
+    launches = plan(n, D, V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
+                    need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
     if atomic:
         dh, dW, db = _atomic_backward(h, w, b, labs, stats, opts, vocab_start,
                                       _entry(launches, "_bwd_atomic_kernel"), cfg)

@@ -1,0 +1,75 @@
+"""Measured hot-loop SASS instructions per element of the streaming kernel builds on sm_90a (GENERATED).
+
+Regenerate: ``python -m benchmarks.compile_report --cc 90 --match entropy_logprob_ --issue-table``
+(benchmarks/compile_report.py: the hot loop's SASS instructions x element size / bytes loaded per thread).
+Read by the launch plans (``hero_kernels.backends.plan.sass_per_element``) for the instruction-issue term
+of the roofline model. Keys: "triton:<KERNEL_CONFIGS description>:<aligned|unaligned>",
+"cuda:<demangled kernel>". Do not edit by hand."""
+
+TRITON_VERSION = '3.8.0'
+NVCC_VERSION = 'Build cuda_13.0.r13.0/compiler.36424714_0'
+PYTHON = '3.11.7'
+ARCH = "sm_90a"
+
+SASS_PER_ELEMENT = {
+    'cuda:entropy_logprob_bwd_kernel<__half, __half, 128>': 14.250,
+    'cuda:entropy_logprob_bwd_kernel<__half, __half, 256>': 14.250,
+    'cuda:entropy_logprob_bwd_kernel<__half, __half, 512>': 14.250,
+    'cuda:entropy_logprob_bwd_kernel<__half, float, 128>': 13.625,
+    'cuda:entropy_logprob_bwd_kernel<__half, float, 256>': 13.625,
+    'cuda:entropy_logprob_bwd_kernel<__half, float, 512>': 13.625,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 128>': 14.750,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 256>': 14.750,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 512>': 14.750,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, float, 128>': 14.125,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, float, 256>': 14.125,
+    'cuda:entropy_logprob_bwd_kernel<__nv_bfloat16, float, 512>': 14.125,
+    'cuda:entropy_logprob_bwd_kernel<float, float, 128>': 13.125,
+    'cuda:entropy_logprob_bwd_kernel<float, float, 256>': 13.125,
+    'cuda:entropy_logprob_bwd_kernel<float, float, 512>': 13.125,
+    'cuda:entropy_logprob_fwd_kernel<__half, 128>': 27.188,
+    'cuda:entropy_logprob_fwd_kernel<__half, 256>': 27.188,
+    'cuda:entropy_logprob_fwd_kernel<__half, 512>': 27.188,
+    'cuda:entropy_logprob_fwd_kernel<__nv_bfloat16, 128>': 27.688,
+    'cuda:entropy_logprob_fwd_kernel<__nv_bfloat16, 256>': 27.688,
+    'cuda:entropy_logprob_fwd_kernel<__nv_bfloat16, 512>': 27.688,
+    'cuda:entropy_logprob_fwd_kernel<float, 128>': 29.375,
+    'cuda:entropy_logprob_fwd_kernel<float, 256>': 29.375,
+    'cuda:entropy_logprob_fwd_kernel<float, 512>': 29.375,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=1024,warps=4,stages=1]:aligned': 22.125,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=1024,warps=4,stages=1]:unaligned': 20.375,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=2048,warps=8,stages=1]:aligned': 22.250,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=2048,warps=8,stages=1]:unaligned': 20.875,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=256,warps=1,stages=1]:aligned': 21.125,
+    'triton:entropy_logprob_bwd[bf16,BLOCK_V=256,warps=1,stages=1]:unaligned': 19.125,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=1024,warps=4,stages=1]:aligned': 24.625,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=1024,warps=4,stages=1]:unaligned': 21.375,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=2048,warps=8,stages=1]:aligned': 24.625,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=2048,warps=8,stages=1]:unaligned': 19.750,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=256,warps=1,stages=1]:aligned': 23.750,
+    'triton:entropy_logprob_bwd[fp16,BLOCK_V=256,warps=1,stages=1]:unaligned': 21.000,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=1024,warps=4,stages=1]:aligned': 22.500,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=1024,warps=4,stages=1]:unaligned': 19.125,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=2048,warps=8,stages=1]:aligned': 22.875,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=2048,warps=8,stages=1]:unaligned': 17.625,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=256,warps=1,stages=1]:aligned': 21.625,
+    'triton:entropy_logprob_bwd[fp32,BLOCK_V=256,warps=1,stages=1]:unaligned': 18.875,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=1024,warps=4,stages=1]:aligned': 20.875,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=1024,warps=4,stages=1]:unaligned': 21.000,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=2048,warps=8,stages=1]:aligned': 20.875,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=2048,warps=8,stages=1]:unaligned': 21.250,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=256,warps=1,stages=1]:aligned': 20.750,
+    'triton:entropy_logprob_fwd[bf16,BLOCK_V=256,warps=1,stages=1]:unaligned': 20.750,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=1024,warps=4,stages=1]:aligned': 21.750,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=1024,warps=4,stages=1]:unaligned': 21.750,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=2048,warps=8,stages=1]:aligned': 21.750,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=2048,warps=8,stages=1]:unaligned': 22.125,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=256,warps=1,stages=1]:aligned': 21.750,
+    'triton:entropy_logprob_fwd[fp16,BLOCK_V=256,warps=1,stages=1]:unaligned': 21.750,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=1024,warps=4,stages=1]:aligned': 20.750,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=1024,warps=4,stages=1]:unaligned': 20.750,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=2048,warps=8,stages=1]:aligned': 20.750,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=2048,warps=8,stages=1]:unaligned': 21.000,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=256,warps=1,stages=1]:aligned': 20.750,
+    'triton:entropy_logprob_fwd[fp32,BLOCK_V=256,warps=1,stages=1]:unaligned': 20.750,
+}
