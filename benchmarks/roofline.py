@@ -4,9 +4,14 @@ Each GPU launcher module (``hero_kernels.backends.{triton,cuda}.{entropy_logprob
 exposes ``plan(...)``: the list of ``KernelLaunch`` (grid, tiles, splits, chunk sizes, FLOPs, HBM bytes and
 the L2-residency assumption behind them) that its launcher runs for a shape. This module only CALLS those
 functions (it never copies their numbers) and prices each launch with
-``hero_kernels.backends.plan.modeled_seconds`` on the H100 SXM and H200 specs in ``GPU_SPECS``.
+``hero_kernels.backends.plan.modeled_seconds`` on the H100 SXM and H200 specs in ``GPU_SPECS``: the largest of
+tensor-core time at an achievable share of the peak, our tl.dot tiles' L2 -> SM operand traffic, HBM bytes at
+an achievable share of the bandwidth, and a streaming kernel's measured SASS instructions per element over
+the issue rate (``hero_kernels.backends.plan``'s docstring). Each kernel row names its limiting term
+(``bound``: compute | l2 | hbm | issue) and keeps every term (``terms_s``).
 
-Floors (what no implementation can beat), ``elt`` = bytes per element of the logits / weights dtype:
+Floors (at the DATASHEET peaks; ``ratio`` > 1 shows every efficiency term), ``elt`` = bytes per element of
+the logits / weights dtype:
 
 * ``entropy_logprob`` (logits ``[N, V]``): fwd ``N*V*elt`` bytes, fwd+bwd ``3*N*V*elt`` (forward read,
   backward read, dlogits write), divided by the GPU's HBM bandwidth.
@@ -192,7 +197,9 @@ HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "r
 
 def render_markdown(rows: List[Dict[str, Any]]) -> str:
     out = ["# Roofline model of the GPU launch plans", "",
-           "modeled = sum over the launcher's plan of max(FLOPs / peak, HBM bytes / bandwidth) + launch overhead; "
+           "modeled = sum over the launcher's plan of max(FLOPs / (peak x tensor-core efficiency), L2 -> SM operand "
+           "bytes / L2 bandwidth, HBM bytes / (bandwidth x HBM efficiency), elements x SASS per element / issue "
+           "rate) + launch overhead (constants in hero_kernels.backends.plan.GpuSpec); "
            "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
            "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head.", "",
            C.format_table(HEAD, table_rows(rows), markdown=True), ""]

@@ -6,9 +6,10 @@ derived from the kernels' own argument lists). The chunked backward's GEMM half 
 backend in ``hero_kernels.backends.gemm``.
 
 Numbers below: N = 16384 tokens, D = 4096, V = 128256, bf16, H100 SXM (3.35 TB/s, 989 TFLOP/s bf16,
-50 MB L2) / H200 (4.8 TB/s); floor = 8 N D V FLOPs = 6.9e16 = 69.6 ms (forward GEMM, logits recompute,
-dh GEMM, dW GEMM). Modeled = ``plan(...)`` through ``hero_kernels.backends.plan.modeled_seconds`` (peak
-rates, so a GPU run will be slower by the kernels' efficiency, not by their design).
+50 MB L2) / H200 (4.8 TB/s); floor = 8 N D V FLOPs = 6.9e13 = 69.6 ms at the datasheet peak (forward GEMM,
+logits recompute, dh GEMM, dW GEMM). Modeled = ``plan(...)`` through ``hero_kernels.backends.plan``'s model:
+tensor cores at 0.75 (H100) / 0.80 (H200) of the peak for every GEMM, our tl.dot tiles' L2 -> SM operand
+traffic at 6 TB/s, HBM at 0.9 of the datasheet (constants and sources in ``GpuSpec``).
 
 Forward (``_fwd_partials_kernel`` + ``_merge_partials_kernel``)
 ----------------------------------------------------------------
@@ -17,7 +18,11 @@ co-resident programs on 132 different row blocks: each re-read its own 1 MB hidd
 with a 132 MB working set, ~134 GB of HBM traffic (~40 ms) against a 17.4 ms compute floor. Now the grid
 is 1-D and split-fastest with S = 12 splits (8..16, ~sqrt(SMs)): a wave is 11 row blocks x 12 splits, the
 11 hidden blocks (11 MB) stay in L2 and each W tile is shared by 11 programs, so W is streamed 12 times:
-12.7 GB of HBM in 17.4 ms (0.73 TB/s, 22 % of an H100). Modeled 17.41 ms = 1.001 x its floor. The merge
+12.7 GB of HBM, not the bound. The bound is L2 -> SM: a 128 x 128 x 64 tile (no TMA multicast) pulls
+(128 + 128) x 64 x 2 bytes per 2 x 128 x 128 x 64 FLOPs = 64 FLOP/B, 269 GB at the flagship shape, 44.8 ms
+at 6 TB/s (384 TFLOP/s, 39 % of the peak) against 23.2 ms of tensor-core time at 0.75: modeled 2.58 x the
+2 N D V floor. A 128 x 256 tile (85 FLOP/B, 33.6 ms) spills here (255 registers + 592 B of stack on sm_90a:
+the epilogue's online-softmax state on top of a 128-register accumulator), so the tile stays. The merge
 kernel (fixed split order) reads 5 S N fp32 partials (3.9 MB). No [N, V] anywhere.
 
 Backward: two designs, chosen by the model
@@ -35,8 +40,11 @@ recompute (10 N D V FLOPs).
     (C >= 4 x 989 / 3.35 = 1181). Here C = 1504 (11 nearly equal chunks): the dz buffer is 386 MB = 1.8 %
     of that bound (+ the fp32 dW itself). Traffic: dz written once and read twice (12.6 GB), dW 46 GB
     inside compute-bound GEMMs (each 1.6 ms of FLOPs vs 1.37 ms of bytes on an H100). FLOPs 6 N D V.
-    Modeled backward 53.3 ms; fwd + bwd 70.71 ms = 1.016 x the floor on an H100, 70.42 ms = 1.012 x on
-    an H200 (the dW cast to bf16, 0.9 ms, is most of the rest).
+    Modeled: ``_bwd_dz_kernel`` L2-bound like the forward (44.9 ms, same 128 x 128 tile), cuBLAS dh + dW
+    46.5 ms at 0.75 of the peak; fwd + bwd 137.3 ms = 1.97 x the floor on an H100, 134.0 ms = 1.93 x on an
+    H200. A 128 x 256 x 64 dz tile (8 warps, 3 stages) is spill-free on sm_90a (198 registers, 144 KB of
+    shared memory, wgmma) and would take the dz kernel to 33.6 ms, but spills on sm_80 (255 registers +
+    80-96 B of stack): it needs a per-architecture config (not done).
 (b) fused in the style of Cut Cross-Entropy: one kernel per (row tile, vocab tile), dz in registers,
     dh += dz W and dW += dz^T h through fp32 atomics, grouped program order so the tiles being added to
     stay in L2. Same 6 N D V FLOPs, but 4 N V D (1/BV + 1/BN) = 538 GB of fp32 atomics into L2 at
