@@ -110,7 +110,8 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int
 // CPU
 // ------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
-                                           int64_t ignore_index, int64_t /*threads: GPU only*/) {
+                                           int64_t ignore_index, int64_t /*threads: GPU only*/,
+                                           int64_t /*grid: GPU only*/) {
   const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
   const int64_t N = num_rows(logits), V = logits.size(-1);
@@ -130,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& l
 
 void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
              const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
-             const Tensor& out, int64_t /*threads: GPU only*/) {
+             const Tensor& out, int64_t /*threads: GPU only*/, int64_t /*grid: GPU only*/) {
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
   check_vec(lse_in, logits, "lse", op);
@@ -157,7 +158,8 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
 // ------------------------------------------------------------------------------------------------
 // Meta (shape propagation for FakeTensor / torch.compile tracing)
 // ------------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t, int64_t) {
+std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t, int64_t,
+                                            int64_t) {
   TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3,
               "hero_kernels_cpp.entropy_logprob_fwd: logits must be [N, V] or [B, T, V], got shape ", logits.sizes());
   auto opts = logits.options().dtype(at::kFloat);
@@ -166,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& 
 }
 
 void bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-              int64_t, const Tensor&, int64_t) {}
+              int64_t, const Tensor&, int64_t, int64_t) {}
 
 // ------------------------------------------------------------------------------------------------
 // CUDA
@@ -177,7 +179,7 @@ void check_cuda(cudaError_t err, const char* op) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& logits, const Tensor& labels_in, double inv_temperature,
-                                            int64_t ignore_index, int64_t threads) {
+                                            int64_t ignore_index, int64_t threads, int64_t grid) {
   const char* op = "hero_kernels_cpp.entropy_logprob_fwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
   TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
@@ -191,14 +193,14 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& logits, const Tensor& 
   check_cuda(hk_cuda_entropy_logprob_fwd(dt, logits.data_ptr(), layout_of(logits), labels.data_ptr<int64_t>(), N, V,
                                          static_cast<float>(inv_temperature), ignore_index, logp.data_ptr<float>(),
                                          H.data_ptr<float>(), lse.data_ptr<float>(), static_cast<int>(threads),
-                                         stream),
+                                         grid, stream),
              op);
   return {logp, H, lse};
 }
 
 void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in, const Tensor& H_in,
               const Tensor& grad_logp_in, const Tensor& grad_H_in, double inv_temperature, int64_t ignore_index,
-              const Tensor& out, int64_t threads) {
+              const Tensor& out, int64_t threads, int64_t grid) {
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
   TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
@@ -217,7 +219,7 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
                                          lse.data_ptr<float>(), H.data_ptr<float>(), g.data_ptr<float>(),
                                          k.data_ptr<float>(), N, V, static_cast<float>(inv_temperature),
                                          ignore_index, dtype_code(out, "out"), out.data_ptr(), layout_of(out),
-                                         static_cast<int>(threads), stream),
+                                         static_cast<int>(threads), grid, stream),
              op);
 }
 #endif
@@ -225,11 +227,12 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
 }  // namespace
 
 TORCH_LIBRARY(hero_kernels_cpp, m) {
-  // threads: CUDA threads per row block from the Python launch plan (0: chosen from V); ignored on CPU.
-  m.def("entropy_logprob_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, int threads=0)"
-        " -> (Tensor, Tensor, Tensor)");
+  // threads: CUDA threads per row block, grid: row blocks launched (rows beyond it are looped over), both from
+  // the Python launch plan (0: chosen here from V / N); ignored on CPU.
+  m.def("entropy_logprob_fwd(Tensor logits, Tensor labels, float inv_temperature, int ignore_index, int threads=0, "
+        "int grid=0) -> (Tensor, Tensor, Tensor)");
   m.def("entropy_logprob_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor H, Tensor grad_logp, "
-        "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out, int threads=0) -> ()");
+        "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out, int threads=0, int grid=0) -> ()");
   // Lets Python ask what this build contains without touching a device.
   m.def("built_with_cuda() -> bool", []() -> bool {
 #ifdef HK_WITH_CUDA

@@ -290,17 +290,20 @@ inline int threads_for(int64_t V, int elem_bytes, int requested) {
   return 512;
 }
 
-inline unsigned grid_for(int64_t N) {
-  const int64_t cap = 2147483647;  // gridDim.x limit; the kernels loop over rows beyond it
-  return static_cast<unsigned>(N < cap ? N : cap);
+// Row blocks: the plan's (hero_kernels/backends/cuda/entropy_logprob.py:plan) when given, else N; never past
+// gridDim.x's limit (the kernels loop over rows beyond the grid).
+inline unsigned grid_for(int64_t N, int64_t requested) {
+  const int64_t cap = 2147483647;
+  const int64_t g = requested > 0 ? requested : N;
+  return static_cast<unsigned>(g < cap ? g : cap);
 }
 
 template <typename T>
 cudaError_t launch_fwd(const void* logits, hk::RowLayout L, const int64_t* labels, int64_t N, int64_t V,
                        float inv_tau, int64_t ig, float* logp, float* H, float* lse, int threads,
-                       cudaStream_t stream) {
+                       int64_t grid_rows, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
-  const dim3 grid(grid_for(N));
+  const dim3 grid(grid_for(N, grid_rows));
   switch (threads_for(V, sizeof(T), threads)) {
     case 128:
       entropy_logprob_fwd_kernel<T, 128><<<grid, 128, 0, stream>>>(z, L, labels, N, V, inv_tau, ig, logp, H, lse);
@@ -318,10 +321,10 @@ cudaError_t launch_fwd(const void* logits, hk::RowLayout L, const int64_t* label
 template <typename T, typename O>
 cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* labels, const float* lse, const float* H,
                        const float* g, const float* k, int64_t N, int64_t V, float inv_tau, int64_t ig, void* out,
-                       hk::RowLayout OL, int threads, cudaStream_t stream) {
+                       hk::RowLayout OL, int threads, int64_t grid_rows, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
   O* o = static_cast<O*>(out);
-  const dim3 grid(grid_for(N));
+  const dim3 grid(grid_for(N, grid_rows));
   switch (threads_for(V, sizeof(T), threads)) {
     case 128:
       entropy_logprob_bwd_kernel<T, O, 128>
@@ -344,10 +347,10 @@ cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* label
 extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, int64_t N, int64_t V, float inv_tau,
                                                    int64_t ignore_index, float* logp, float* H, float* lse,
-                                                   int threads, cudaStream_t stream) {
+                                                   int threads, int64_t grid, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
 #define HK_FWD(T) \
-  return launch_fwd<T>(logits, layout, labels, N, V, inv_tau, ignore_index, logp, H, lse, threads, stream)
+  return launch_fwd<T>(logits, layout, labels, N, V, inv_tau, ignore_index, logp, H, lse, threads, grid, stream)
   switch (dtype) {
     case hk::kF32:
       HK_FWD(float);
@@ -366,11 +369,11 @@ extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits
                                                    const float* grad_logp, const float* grad_H, int64_t N,
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
                                                    void* out, hk::RowLayout out_layout, int threads,
-                                                   cudaStream_t stream) {
+                                                   int64_t grid, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
 #define HK_BWD(T, O)                                                                                        \
   return launch_bwd<T, O>(logits, layout, labels, lse, H, grad_logp, grad_H, N, V, inv_tau, ignore_index, \
-                          out, out_layout, threads, stream)
+                          out, out_layout, threads, grid, stream)
   if (out_dtype == dtype) {
     switch (dtype) {
       case hk::kF32:

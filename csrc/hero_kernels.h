@@ -51,16 +51,17 @@ void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t
 // ---- CUDA (entropy_logprob_cuda.cu): asynchronous launches on `stream`; return the launch status. ----
 // A label outside [0, V) that is not ignore_index cannot be checked on the host without a sync; the
 // kernels write NaN for such a row instead of reading out of bounds.
-// threads: threads per row block (128 / 256 / 512) from the Python launch plan; 0 picks from V.
+// threads: threads per row block (128 / 256 / 512), grid: row blocks (the kernels loop over rows beyond it), both
+// from the Python launch plan; 0 picks from V / N.
 extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, int64_t N, int64_t V, float inv_tau,
                                                    int64_t ignore_index, float* logp, float* H, float* lse,
-                                                   int threads, cudaStream_t stream);
+                                                   int threads, int64_t grid, cudaStream_t stream);
 
 extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, const float* lse, const float* H,
                                                    const float* grad_logp, const float* grad_H, int64_t N,
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
                                                    void* out, hk::RowLayout out_layout, int threads,
-                                                   cudaStream_t stream);
+                                                   int64_t grid, cudaStream_t stream);
 #endif

@@ -20,20 +20,21 @@ __all__ = ["rows_forward", "rows_backward", "logits_chunk", "linear_rows_forward
 
 
 def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
-                 threads: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                 threads: int = 0, grid: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend.
-    threads: CUDA threads per row block (0: the C++ default; ignored on CPU)."""
+    threads / grid: CUDA threads per row block and row blocks, from the CUDA plan (0: the C++ default; ignored
+    on CPU)."""
     return RowStats(*ops.entropy_logprob_fwd(logits, labels.reshape(-1), opts.inv_temperature, opts.ignore_index,
-                                             threads))
+                                             threads, grid))
 
 
 def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
-                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0) -> Tensor:
+                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0, grid: int = 0) -> Tensor:
     """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse, H, grad_logp.reshape(-1), grad_H.reshape(-1),
-                            opts.inv_temperature, opts.ignore_index, out, threads)
+                            opts.inv_temperature, opts.ignore_index, out, threads, grid)
     return out
 
 

@@ -84,14 +84,16 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     return out
 
 
-def _threads(logits: Tensor, labels: Tensor, pass_: str) -> int:
+def _launch(logits: Tensor, labels: Tensor, pass_: str) -> Tuple[int, int]:
+    """(threads per row block, row blocks) of the plan: the C++ launcher launches exactly these."""
     check_capability("cuda", logits.device, logits.dtype, "logits")
     B = logits.shape[0] if logits.dim() == 3 else None
-    return plan(labels.numel(), logits.shape[-1], logits.dtype, pass_=pass_, batch=B)[0].meta["threads"]
+    (k,) = plan(labels.numel(), logits.shape[-1], logits.dtype, pass_=pass_, batch=B)
+    return k.meta["threads"], k.grid[0]
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    return rows_forward(require_cuda(), logits, labels, opts, _threads(logits, labels, "fwd"))
+    return rows_forward(require_cuda(), logits, labels, opts, *_launch(logits, labels, "fwd"))
 
 
 def backward(
@@ -105,4 +107,4 @@ def backward(
     out: Optional[Tensor] = None,
 ) -> Tensor:
     return rows_backward(require_cuda(), logits, labels, lse, H, grad_logp, grad_H, opts, out,
-                         _threads(logits, labels, "bwd"))
+                         *_launch(logits, labels, "bwd"))
