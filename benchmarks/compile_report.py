@@ -56,8 +56,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRITON_PKG = "hero_kernels.backends.triton"
 
 
-def discover_triton() -> Tuple[List[Tuple[str, int, str]], List[dict]]:
-    """(jobs, notes): one job (module, index, description) per KERNEL_CONFIGS entry; notes for modules
+def discover_triton() -> Tuple[List[Tuple[str, int, str, Optional[tuple]]], List[dict]]:
+    """(jobs, notes): one job (module, index, description, archs) per KERNEL_CONFIGS entry (archs: the
+    entry's optional 7th field, the compute capabilities it is built for; None = all); notes for modules
     without KERNEL_CONFIGS or failing to import. A list re-exported by a second module counts once."""
     pkg = importlib.import_module(TRITON_PKG)
     jobs, notes, seen = [], [], set()
@@ -75,7 +76,8 @@ def discover_triton() -> Tuple[List[Tuple[str, int, str]], List[dict]]:
             continue
         seen.add(id(configs))
         for i, entry in enumerate(configs):
-            jobs.append((name, i, str(entry[5]) if len(entry) > 5 else f"{name}[{i}]"))
+            jobs.append((name, i, str(entry[5]) if len(entry) > 5 else f"{name}[{i}]",
+                         tuple(entry[6]) if len(entry) > 6 else None))
     return jobs, notes
 
 
@@ -336,7 +338,8 @@ def run_report(ccs: Sequence[int] = (80, 90), match: Optional[str] = None, skip_
             found, notes = discover_triton()
         except Exception as e:  # noqa: BLE001 - e.g. triton missing
             found, notes = [], [{"module": TRITON_PKG, "status": "error", "reason": f"{type(e).__name__}: {e}"}]
-        tjobs = [(n, i, d, "aligned", cc) for (n, i, d) in found if not match or match in d for cc in ccs]
+        tjobs = [(n, i, d, "aligned", cc) for (n, i, d, archs) in found if not match or match in d for cc in ccs
+                 if archs is None or cc in archs]
     cjobs = [] if skip_cu else [(p, cc) for p in cu_files() for cc in ccs]
     rows: List[dict] = []
     total = len(tjobs) + len(cjobs)

@@ -157,7 +157,7 @@ def _triton_partials(hidden, weight, bias, labels, vocab_start: int, opts: RowOp
     idx, h, w, b, lab = T._prepare(hidden, weight, bias, labels, opts.ignore_index)
     if h.shape[0] > 0:
         parts, _ = T._launch_partials(h, w, b, lab, float(opts.inv_temperature), int(vocab_start),
-                                      T.default_config(hidden.dtype))
+                                      T.default_config(hidden.dtype, T.device_arch(hidden.device)))
         merged = torch.stack(tuple(merge_stacked_partials(Partials(*parts))))
         if idx is None:
             return Partials(*merged)

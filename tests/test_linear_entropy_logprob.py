@@ -150,6 +150,37 @@ def test_triton_matches_reference(dtype, bias, tau, small):
 
 
 @needs_triton
+def test_triton_sm90_config_matches_reference():
+    """sm_90's default config (dz tile 128 x 256) runs correctly: N=37 rows in backward chunks of 16 (a
+    tail), V=1003 (a masked last vocab tile), bias. On CPU the launchers pick sm_80's; force sm_90's."""
+    cfg = replace(K.default_config(torch.bfloat16, 90), chunk_rows=16)
+    assert cfg.dz_tile != K.default_config(torch.bfloat16, 80).dz_tile
+    h, W, b, y, g, k = _problem(37, 96, 1003, torch.bfloat16, bias=True)
+    opts = RowOptions(temperature=0.8, ignore_index=IGNORE)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    _check_all((logp, H, lse), bwd, h, W, b, y, g, k, 0.8)
+
+
+@needs_triton
+def test_default_config_per_arch():
+    """The plan models the arch's own config: sm_90 (the default target, H100 / H200) its dz tile, sm_80
+    and the CPU interpreter (arch None) today's 128 x 128; fp32 the same everywhere."""
+    bf = torch.bfloat16
+    assert K.default_config(bf, None) == K.default_config(bf, 80) == K.default_config(bf, 86)
+    assert K.default_config(bf, 90).dz_tile.block_v == 256 and K.default_config(bf, 80).dz_tile.block_v == 128
+    assert K.default_config(torch.float32, 90) == K.default_config(torch.float32, 80)
+    assert K.device_arch(torch.device("cpu")) is None
+
+    def dz(**kw):
+        return next(x for x in K.plan(4096, 512, 5000, bf, pass_="bwd", **kw) if x.name == "_bwd_dz_kernel")
+
+    assert dz().meta["BLOCK_V"] == dz(arch=90).meta["BLOCK_V"] == 256
+    assert dz(arch=80).meta["BLOCK_V"] == 128 and dz(config=K.default_config(bf, 80)).meta["BLOCK_V"] == 128
+    assert dz(arch=90).l2_bytes < dz(arch=80).l2_bytes
+
+
+@needs_triton
 def test_triton_fp16_odd_hidden_size_strided_input():
     """D=50 (padded to 64 inside the launcher), fp16, hidden a strided view, no bias; backward without
     logp (the vocab-shard form of the label column)."""
@@ -393,7 +424,7 @@ print(json.dumps(K.compile_resource_report((int(sys.argv[1]),))))
 @pytest.mark.slow
 @pytest.mark.skipif(K is None, reason="triton missing")
 def test_gpu_compile_no_spills():
-    """Every KERNEL_CONFIGS entry for sm_80 and sm_90a (one subprocess per arch, in parallel), compiled with
+    """Every KERNEL_CONFIGS entry for each of its archs, sm_80 / sm_90a (one subprocess per arch), compiled with
     the launchers' alignment attributes. triton.compile needs real JIT functions, which TRITON_INTERPRET=1
     replaces, so the subprocesses run without that variable. Spills show up as STACK (LOCAL stays 0)."""
     pytest.importorskip("triton.backends.nvidia")
@@ -410,7 +441,8 @@ def test_gpu_compile_no_spills():
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, err[-4000:]
         rows += json.loads(out.strip().splitlines()[-1])
-    assert len(rows) == 2 * len(K.KERNEL_CONFIGS)
+    assert len(rows) == sum(len(c[6]) for c in K.KERNEL_CONFIGS)
+    assert {90} in [set(c[6]) for c in K.KERNEL_CONFIGS]  # sm_90's own dz tile is compiled (for sm_90a only)
     for u in rows:
         print(f"{u['config']:86s} {u['arch']:7s} registers={u['registers']:3d} shared={u['shared_bytes']:6d} "
               f"local={u['local_bytes']} stack={u['stack_bytes']}")
@@ -423,7 +455,7 @@ import json
 from hero_kernels.backends.triton import linear_entropy_logprob as K
 from hero_kernels.gpu_compile import triton_compile
 out = {}
-for fn, sig, const, w, s, desc in K.KERNEL_CONFIGS:
+for fn, sig, const, w, s, desc, _ in K.KERNEL_CONFIGS:
     if " bf16 bias=False " in desc and "label_stats=0" not in desc and "atomic" not in desc:
         asm = triton_compile(fn, sig, const, 90, w, s, K.compile_attrs(fn, sig)).asm
         out[desc] = asm["ptx"].count("wgmma.mma_async")

@@ -63,6 +63,7 @@ class GpuSpec:
     fp32_flops_per_s: float        # fp32 (non tensor-core) peak, for fp32 GEMMs without TF32
     l2_bytes: int
     sms: int
+    cc: int                        # compute capability, major * 10 + minor: picks the launchers' tile configs
     # Share of the tensor-core peak a large bf16 GEMM reaches: cuBLAS at 8192^3 bf16 was measured at ~790
     # TFLOP/s on this workplace's H200 (0.80 of 989, benchmarks/results/README.md); public H100 SXM runs
     # (700 W, lower sustained clocks) land at ~700-760 TFLOP/s, so 0.75. Applied to every GEMM, cuBLAS or
@@ -94,8 +95,8 @@ class GpuSpec:
 
 
 GPU_SPECS: Dict[str, GpuSpec] = {
-    "h100": GpuSpec("h100", 3.35e12, 989e12, 67e12, 50 * 2**20, 132, tc_efficiency=0.75),
-    "h200": GpuSpec("h200", 4.8e12, 989e12, 67e12, 50 * 2**20, 132, tc_efficiency=0.80),
+    "h100": GpuSpec("h100", 3.35e12, 989e12, 67e12, 50 * 2**20, 132, 90, tc_efficiency=0.75),
+    "h200": GpuSpec("h200", 4.8e12, 989e12, 67e12, 50 * 2**20, 132, 90, tc_efficiency=0.80),
 }
 
 

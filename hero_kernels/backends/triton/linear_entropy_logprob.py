@@ -14,7 +14,7 @@ plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> lis
 from __future__ import annotations
 
 from hero_kernels.backends.triton.linear.compile import KERNEL_CONFIGS, compile_attrs, compile_resource_report
-from hero_kernels.backends.triton.linear.config import LinearEntropyConfig, Tile, default_config
+from hero_kernels.backends.triton.linear.config import LinearEntropyConfig, Tile, default_config, device_arch
 from hero_kernels.backends.triton.linear.launch import backward, forward, forward_partials, plan
 # Used by hero_kernels.sharded: the Triton forward's unmerged split partials, merged there like shards.
 from hero_kernels.backends.triton.linear.launch import _launch_partials, _prepare  # noqa: F401
@@ -23,6 +23,7 @@ __all__ = [
     "Tile",
     "LinearEntropyConfig",
     "default_config",
+    "device_arch",
     "plan",
     "forward",
     "forward_partials",

@@ -21,8 +21,9 @@ is 1-D and split-fastest with S = 12 splits (8..16, ~sqrt(SMs)): a wave is 11 ro
 12.7 GB of HBM, not the bound. The bound is L2 -> SM: a 128 x 128 x 64 tile (no TMA multicast) pulls
 (128 + 128) x 64 x 2 bytes per 2 x 128 x 128 x 64 FLOPs = 64 FLOP/B, 269 GB at the flagship shape, 44.8 ms
 at 6 TB/s (384 TFLOP/s, 39 % of the peak) against 23.2 ms of tensor-core time at 0.75: modeled 2.58 x the
-2 N D V floor. A 128 x 256 tile (85 FLOP/B, 33.6 ms) spills here (255 registers + 592 B of stack on sm_90a:
-the epilogue's online-softmax state on top of a 128-register accumulator), so the tile stays. The merge
+2 N D V floor. Larger forward tiles spill on sm_90a (the epilogue's online-softmax state on top of the
+accumulator): 128 x 256 and 256 x 128, 8 or 16 warps, BLOCK_K 32 or 64, 2-4 stages all leave 470-740 B of
+stack, so the tile stays. The merge
 kernel (fixed split order) reads 5 S N fp32 partials (3.9 MB). No [N, V] anywhere.
 
 Backward: two designs, chosen by the model
@@ -40,11 +41,12 @@ recompute (10 N D V FLOPs).
     (C >= 4 x 989 / 3.35 = 1181). Here C = 1504 (11 nearly equal chunks): the dz buffer is 386 MB = 1.8 %
     of that bound (+ the fp32 dW itself). Traffic: dz written once and read twice (12.6 GB), dW 46 GB
     inside compute-bound GEMMs (each 1.6 ms of FLOPs vs 1.37 ms of bytes on an H100). FLOPs 6 N D V.
-    Modeled: ``_bwd_dz_kernel`` L2-bound like the forward (44.9 ms, same 128 x 128 tile), cuBLAS dh + dW
-    46.5 ms at 0.75 of the peak; fwd + bwd 137.3 ms = 1.97 x the floor on an H100, 134.0 ms = 1.93 x on an
-    H200. A 128 x 256 x 64 dz tile (8 warps, 3 stages) is spill-free on sm_90a (198 registers, 144 KB of
-    shared memory, wgmma) and would take the dz kernel to 33.6 ms, but spills on sm_80 (255 registers +
-    80-96 B of stack): it needs a per-architecture config (not done).
+    Tiles per architecture (``config.default_config(dtype, arch)``; the launchers pass their device's,
+    ``plan`` models sm_90's by default): on sm_90 the dz kernel runs 128 x 256 x 64 (8 warps, 3 stages;
+    85 FLOP/B; spill-free on sm_90a: 198 registers, 144 KB of shared memory, wgmma), elsewhere the
+    forward's 128 x 128 (that tile spills 80-96 B on sm_80). Modeled on an H100: ``_bwd_dz_kernel``
+    L2-bound at 33.7 ms (44.9 ms at 128 x 128), cuBLAS dh + dW 46.5 ms at 0.75 of the peak; fwd + bwd
+    126.1 ms = 1.81 x the floor on an H100, 122.8 ms = 1.76 x on an H200.
 (b) fused in the style of Cut Cross-Entropy: one kernel per (row tile, vocab tile), dz in registers,
     dh += dz W and dW += dz^T h through fp32 atomics, grouped program order so the tiles being added to
     stay in L2. Same 6 N D V FLOPs, but 4 N V D (1/BV + 1/BN) = 538 GB of fp32 atomics into L2 at

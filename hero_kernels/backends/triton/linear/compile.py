@@ -1,8 +1,8 @@
 """Compile metadata of the fused-LM-head kernels, generated from the kernels' own argument lists.
 
-``KERNEL_CONFIGS``: one ``(kernel fn, signature, constexprs, num_warps, num_stages, description)`` per build
-the launchers can run (read by ``benchmarks/compile_report.py`` and the tests' sm_80 / sm_90a compile
-check). The signature is derived from the kernel's Python signature (names and ``tl.constexpr`` annotations), so adding or reordering
+``KERNEL_CONFIGS``: one ``(kernel fn, signature, constexprs, num_warps, num_stages, description, archs)`` per
+build the launchers can run, archs the compute capabilities (80, 90) whose launchers run it (read by
+``benchmarks/compile_report.py`` and the tests' sm_80 / sm_90a compile check). The signature is derived from the kernel's Python signature (names and ``tl.constexpr`` annotations), so adding or reordering
 a kernel argument needs no second edit here; only the typing rule below knows argument names.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton.language as tl
 
 from . import kernels as K
-from .config import GROUP_N, MERGE_BLOCK, default_config
+from .config import ARCHS, GROUP_N, MERGE_BLOCK, default_config
 
 __all__ = ["KERNEL_CONFIGS", "signature", "compile_attrs", "compile_resource_report"]
 
@@ -64,38 +64,53 @@ def _entry(fn, dt: str, const: dict, warps: int, stages: int, desc: str) -> tupl
     return (fn, sig, const, warps, stages, desc)
 
 
-def _kernel_configs() -> List[tuple]:
+def _dtype_configs(torch_dt, dt: str) -> List[tuple]:
+    """Every build of ``default_config(torch_dt, arch)`` for one arch (see ``_kernel_configs``)."""
     out = []
-    for torch_dt, dt in _TL.items():
-        base = default_config(torch_dt)
+    for arch in ARCHS:
+        base = default_config(torch_dt, arch)
         for prec in (["ieee", "tf32"] if torch_dt == torch.float32 else ["ieee"]):
             cfg = replace(base, allow_tf32=(prec == "tf32"))
             for has_bias in (False, True):
                 common = {"HAS_BIAS": has_bias, "DOT_PRECISION": prec, "UPCAST_DOT": False}
                 t = cfg.fwd
                 const = dict(common, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k)
-                out.append(_entry(K._fwd_partials_kernel, dt, const, t.num_warps, t.num_stages,
-                                  f"_fwd_partials_kernel {dt} bias={has_bias} {prec} BN={t.block_n} BV={t.block_v} "
-                                  f"BK={t.block_k} w={t.num_warps} s={t.num_stages}"))
+                out.append((arch, _entry(K._fwd_partials_kernel, dt, const, t.num_warps, t.num_stages,
+                                         f"_fwd_partials_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
+                                         f"BV={t.block_v} BK={t.block_k} w={t.num_warps} s={t.num_stages}")))
                 # LABEL_STATS=True (the public op, logp given), False (vocab shards).
+                t = cfg.dz_tile
                 for label_stats in (True, False):
                     const = dict(common, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
                                  LABEL_STATS=label_stats)
-                    out.append(_entry(K._bwd_dz_kernel, dt, const, t.num_warps, t.num_stages,
-                                      f"_bwd_dz_kernel {dt} bias={has_bias} {prec} BN={t.block_n} BV={t.block_v} "
-                                      f"BK={t.block_k} label_stats={int(label_stats)} w={t.num_warps} "
-                                      f"s={t.num_stages}"))
+                    out.append((arch, _entry(K._bwd_dz_kernel, dt, const, t.num_warps, t.num_stages,
+                                             f"_bwd_dz_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
+                                             f"BV={t.block_v} BK={t.block_k} label_stats={int(label_stats)} "
+                                             f"w={t.num_warps} s={t.num_stages}")))
                 t = cfg.atomic
                 for label_stats in (True, False):
                     const = dict(common, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
                                  BLOCK_D=t.block_d, LABEL_STATS=label_stats, GROUP_N=GROUP_N)
-                    out.append(_entry(K._bwd_atomic_kernel, dt, const, t.num_warps, t.num_stages,
-                                      f"_bwd_atomic_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
-                                      f"BV={t.block_v} BK={t.block_k} BD={t.block_d} label_stats={int(label_stats)} "
-                                      f"w={t.num_warps} s={t.num_stages}"))
+                    out.append((arch, _entry(K._bwd_atomic_kernel, dt, const, t.num_warps, t.num_stages,
+                                             f"_bwd_atomic_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
+                                             f"BV={t.block_v} BK={t.block_k} BD={t.block_d} "
+                                             f"label_stats={int(label_stats)} w={t.num_warps} s={t.num_stages}")))
+    return out
+
+
+def _kernel_configs() -> List[tuple]:
+    """One entry per distinct build, its 7th field the archs (``config.ARCHS``) whose default config runs it:
+    a build shared by every arch is listed once, an arch-specific one (sm_90's dz tile) only for its arch."""
+    archs: Dict[str, list] = {}
+    entries: Dict[str, tuple] = {}
+    for torch_dt, dt in _TL.items():
+        for arch, entry in _dtype_configs(torch_dt, dt):
+            entries.setdefault(entry[5], entry)
+            archs.setdefault(entry[5], []).append(arch)
+    out = [entries[d] + (tuple(archs[d]),) for d in entries]
     for final in (True, False):
         out.append(_entry(K._merge_partials_kernel, "fp32", {"FINAL": final, "BLOCK": MERGE_BLOCK}, 4, 1,
-                          f"_merge_partials_kernel final={final} BLOCK={MERGE_BLOCK} w=4"))
+                          f"_merge_partials_kernel final={final} BLOCK={MERGE_BLOCK} w=4") + (ARCHS,))
     return out
 
 
@@ -113,7 +128,7 @@ def compile_attrs(fn, signature: Dict[str, str]) -> Dict[tuple, list]:
 
 
 def compile_resource_report(ccs=(80, 90), configs: Optional[List[tuple]] = None) -> List[dict]:
-    """Compile every entry of KERNEL_CONFIGS for each cc (no GPU needed) and return resource rows.
+    """Compile every entry of KERNEL_CONFIGS for each cc among its archs (no GPU needed); resource rows.
 
     Must run WITHOUT ``TRITON_INTERPRET=1`` (under the interpreter ``@triton.jit`` functions cannot be
     compiled); tests call it in a subprocess. Rows: kernel, arch, registers, shared_bytes, local_bytes,
@@ -123,8 +138,8 @@ def compile_resource_report(ccs=(80, 90), configs: Optional[List[tuple]] = None)
     from hero_kernels import gpu_compile
 
     rows = []
-    for fn, sig, const, warps, stages, desc in (configs if configs is not None else KERNEL_CONFIGS):
-        for cc in ccs:
+    for fn, sig, const, warps, stages, desc, archs in (configs if configs is not None else KERNEL_CONFIGS):
+        for cc in (c for c in ccs if c in archs):
             rows.append(gpu_compile.triton_resource_usage(fn, sig, const, cc, warps, stages, config=desc,
                                                           attrs=compile_attrs(fn, sig)).as_dict())
     return rows

@@ -5,12 +5,14 @@ what runs) and the compile checks (``compile.py``) read the same numbers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-__all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N"]
+__all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
+           "device_arch"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class LinearEntropyConfig:
     """Launch configuration of the fused LM head.
 
     fwd: tile of the forward partials kernel; atomic: tile of the opt-in atomic backward kernel.
+    dz: tile of the chunked backward's ``_bwd_dz_kernel``; None = the forward's (``dz_tile``).
     deterministic: True (default) = chunked backward (GEMM recompute of [C, V] logits, the row kernel in
         place, cuBLAS dh / dW GEMMs), bitwise reproducible; False = one fused kernel with fp32 atomics.
     vocab_splits: None = from the SM count (``forward_splits``); an int forces the forward's split count.
@@ -47,6 +50,7 @@ class LinearEntropyConfig:
 
     fwd: Tile
     atomic: Tile
+    dz: Optional[Tile] = None
     deterministic: bool = True
     vocab_splits: Optional[int] = None
     chunk_rows: Optional[int] = None
@@ -57,6 +61,10 @@ class LinearEntropyConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"LinearEntropyConfig.{name} must be None or an int >= 1, got {v!r}")
+
+    @property
+    def dz_tile(self) -> Tile:
+        return self.dz if self.dz is not None else self.fwd
 
 
 # 16-bit inputs: tensor-core tiles. fp32 inputs: IEEE fp32 dots run on FMA units, so smaller tiles keep
@@ -71,9 +79,36 @@ _CONFIG_32 = LinearEntropyConfig(
 )
 
 
-def default_config(dtype: torch.dtype) -> LinearEntropyConfig:
-    """The configuration the launchers use for ``dtype`` when none is given."""
-    return _CONFIG_32 if dtype == torch.float32 else _CONFIG_16
+# sm_90 (H100 / H200), 16-bit inputs: the dz kernel at 128 x 256 (85 FLOP per L2 byte instead of 64; its
+# L2 -> SM operand traffic bounds it, see ``hero_kernels.backends.plan.gemm_l2_bytes``) compiles to wgmma
+# without spills on sm_90a (198 registers, 144 KB shared) but spills on sm_80, so only sm_90 runs it. The
+# forward stays at 128 x 128: every larger tile tried spills on sm_90a (its epilogue keeps five running
+# statistics per row): 128x256 and 256x128 with 8 or 16 warps, BLOCK_K 32 or 64, 2-4 stages.
+_CONFIG_16_SM90 = replace(_CONFIG_16, dz=Tile(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=3))
+
+#: Compute capabilities with their own tuned configurations (major * 10 + minor); others use sm_80's.
+ARCHS = (80, 90)
+
+
+def default_config(dtype: torch.dtype, arch: Optional[int] = None) -> LinearEntropyConfig:
+    """The configuration the launchers use for ``dtype`` on compute capability ``arch`` (e.g. 80, 90; see
+    ``device_arch``) when none is given. arch None (CPU, the interpreter) or anything but sm_90: sm_80's."""
+    if dtype == torch.float32:
+        return _CONFIG_32
+    return _CONFIG_16_SM90 if arch is not None and arch // 10 == 9 else _CONFIG_16
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def device_arch(device: torch.device) -> Optional[int]:
+    """Compute capability of a CUDA device as major * 10 + minor; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 #: Rows per program of the merge kernel.

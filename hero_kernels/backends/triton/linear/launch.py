@@ -21,7 +21,7 @@ from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
 from . import kernels as K
-from .config import GROUP_N, MERGE_BLOCK, LinearEntropyConfig, default_config, forward_splits
+from .config import GROUP_N, MERGE_BLOCK, LinearEntropyConfig, default_config, device_arch, forward_splits
 
 __all__ = ["plan", "forward", "forward_partials", "backward"]
 
@@ -84,7 +84,7 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None,
-         weight_copied: Optional[bool] = None) -> List[KernelLaunch]:
+         weight_copied: Optional[bool] = None, arch: Optional[int] = None) -> List[KernelLaunch]:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D and
     V vocabulary rows (the kernels run at D rounded up to 16: ``_prepare`` pads).
 
@@ -94,9 +94,12 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     total_rows: rows before the masked-row compaction (> N: its nonzero / gathers / scatters are entries).
     weight_copied: ``_prepare`` copies the weight (D % 16 != 0, or a misaligned / strided weight); None:
     from D % 16 alone. Each pass prepares its inputs, so the copies count once per pass.
+    arch: compute capability (major * 10 + minor) whose default configuration runs when ``config`` is None
+    (``config.default_config``); default: the H100 / H200's (90), like ``sms``. The launchers pass their
+    device's configuration as ``config``.
     """
     dt = gemm.as_dtype(dtype)
-    cfg = config or default_config(dt)
+    cfg = config or default_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     if config is not None:
         deterministic = cfg.deterministic
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
@@ -117,7 +120,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     if not deterministic and need_dh and need_dw:
         return out + _atomic_plan(N, D, V, e, has_bias, cfg)
     C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
-    t = cfg.fwd
+    t = cfg.dz_tile
 
     def dz(c: int, reps: int) -> List[KernelLaunch]:
         grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
@@ -296,7 +299,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
             config: Optional[LinearEntropyConfig] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp, H, lse), each fp32 [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None, labels [N]."""
     _check(hidden, weight, bias, labels)
-    cfg = config or default_config(hidden.dtype)
+    cfg = config or default_config(hidden.dtype, device_arch(hidden.device))
     N = hidden.shape[0]
     idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index, may_skip_compaction=True)
     if h.shape[0] == 0:
@@ -321,7 +324,7 @@ def forward_partials(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
     Merge shards with ``hero_kernels.sharded.merge_stacked_partials``.
     """
     _check(hidden, weight, bias, labels)
-    cfg = config or default_config(hidden.dtype)
+    cfg = config or default_config(hidden.dtype, device_arch(hidden.device))
     N = hidden.shape[0]
     idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index)
     if h.shape[0] > 0:
@@ -351,7 +354,7 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     c_row = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
     label_stats = lab is not None
     dz_launch = _entry(launches, "_bwd_dz_kernel")
-    C, t = dz_launch.meta["chunk_rows"], cfg.fwd
+    C, t = dz_launch.meta["chunk_rows"], cfg.dz_tile
     V_pad = triton.cdiv(V, _ALIGN) * _ALIGN  # 16-aligned rows of the chunk buffer (vector stores, cuBLAS)
     buf = torch.empty((min(C, n), V_pad), dtype=h.dtype, device=h.device)
     dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
@@ -437,7 +440,7 @@ def backward(
     _check(hidden, weight, bias, labels)
     if not (need_dh or need_dw):
         return None, None, None
-    cfg = config or default_config(hidden.dtype)
+    cfg = config or default_config(hidden.dtype, device_arch(hidden.device))
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
