@@ -290,7 +290,9 @@ def _shard_dlogits(x: Tensor, loc: Tensor, inside: Tensor, lse: Tensor, H: Tenso
     dz = torch.where(p > 0, -p * (k.unsqueeze(-1) * logq + c.unsqueeze(-1)), torch.zeros((), dtype=x.dtype))
     at = loc.unsqueeze(-1)
     if label_stats:  # g (1 - p_y) - k p_y (log p_y + H) from the forward's accurate logp
-        lab = -torch.expm1(logp) * g - torch.exp(logp) * (logp + H) * k
+        # a masked label (logp = -inf, p_y = 0) has no entropy term: never 0 * (-inf)
+        p_y = torch.exp(logp)
+        lab = -torch.expm1(logp) * g - k * torch.where(p_y > 0, p_y * (logp + H), torch.zeros_like(p_y))
     else:  # the plain form: the tile's value plus g
         lab = dz.gather(-1, at).squeeze(-1) + g
     dz = dz.scatter(-1, at, torch.where(inside, lab, dz.gather(-1, at).squeeze(-1)).unsqueeze(-1))

@@ -237,6 +237,39 @@ def test_offset_three_shards_match_unsharded_accuracy(impl, dominant):
         assert rel(got, ref) < 1e-3  # relative accuracy, not just absolute
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_label_gives_finite_gradients(impl):
+    """A label on a -inf (masked) column: logp = -inf, p_y = 0, and every gradient stays finite (the label
+    column's entropy term is 0, never 0 * (-inf)). Oracle: the float64 softmax of the math, masked column p = 0."""
+    gen = torch.Generator().manual_seed(3)
+    W, h, b = torch.randn(64, 16, generator=gen), torch.randn(3, 16, generator=gen), torch.randn(64, generator=gen)
+    b[5] = float("-inf")
+    y = torch.tensor([5, 40, 50])
+    g, k = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    z = (h.double() @ W.double().t() + b.double())
+    logq = torch.log_softmax(z, -1)
+    p = logq.exp()
+    H = -torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+    onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+    dz = g.double()[:, None] * (onehot - p) - k.double()[:, None] * torch.where(p > 0, p * (logq + H[:, None]), 0.0)
+    to = lambda x: x.to(DEVICE)  # noqa: E731
+    cuts = [(0, 32), (32, 64)]
+    parts = [S.shard_partials(to(h), to(W[a:e]), to(y), a, to(b[a:e]), impl=impl) for a, e in cuts]
+    logp, Hs, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), to(y))
+    assert logp[0].item() == float("-inf")
+    dh, dW, db = torch.zeros(3, 16, dtype=torch.float64), [], []
+    for a, e in cuts:
+        gh, gw, gb = S.shard_backward(to(h), to(W[a:e]), to(y), a, lse, Hs, to(g), to(k), to(b[a:e]), impl=impl,
+                                      logp=logp)
+        dh += gh.double().cpu()
+        dW.append(gw)
+        db.append(gb)
+    dW, db = torch.cat(dW).double().cpu(), torch.cat(db).double().cpu()
+    for got, ref in ((dh, dz @ W.double()), (dW, dz.t() @ h.double()), (db, dz.sum(0))):
+        assert torch.isfinite(got).all()
+        assert _err(got, ref) < 1e-4
+
+
 def test_bad_arguments():
     h, W, b, y, g, k = _problem()
     with pytest.raises(ValueError, match="vocab_start"):
