@@ -373,6 +373,26 @@ def test_fused_head_out_of_range_label_gives_nan_row_when_unchecked(impl):
     assert torch.isfinite(dh[keep]).all()
 
 
+@pytest.mark.parametrize("impl", [b for b in BACKENDS if b in ("torch", "cpu")])
+@pytest.mark.parametrize("case", ["plus_inf_bias", "nan_bias", "all_masked_bias"])
+def test_fused_head_undefined_rows_are_nan(impl, case):
+    """A +inf or NaN bias entry puts it in every row, and a bias of all -inf leaves no distribution: NaN logp,
+    NaN H and NaN gradient rows on every backend (the torch head gave logp -inf / H 0, a confident row)."""
+    N, D, V = 3, 16, 64
+    h, w, b = torch.randn(N, D), torch.randn(V, D) / 4, torch.randn(V)
+    b[7] = {"plus_inf_bias": INF, "nan_bias": NAN, "all_masked_bias": -INF}[case]
+    if case == "all_masked_bias":
+        b[:] = -INF
+    y = torch.tensor([7, 40, 63])
+    hh = h.clone().requires_grad_(True)
+    with warnings.catch_warnings():  # non-finite inputs may warn (inf - inf)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        logp, H = hk.linear_entropy_logprob(hh, w, y, bias=b, impl=impl)
+        (logp.sum() + H.sum()).backward()
+    assert bool(torch.isnan(logp).all()) and bool(torch.isnan(H).all()), (logp, H)
+    assert bool(torch.isnan(hh.grad).all()), hh.grad
+
+
 def test_backend_modules_satisfy_the_protocols():
     import importlib
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hero_kernels.options import RowOptions
 
-from .rowmath import out_of_range_labels, row_dlogits, row_outputs, scaled_logits
+from .rowmath import row_dlogits, row_outputs, scaled_logits
 
 __all__ = ["TorchChunkConfig", "forward", "backward", "chunk_rows"]
 
@@ -96,11 +96,11 @@ def forward(
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]
         z = scaled_logits(_chunk_logits(hidden.index_select(0, rows), w32, b32, cd), opts.temperature, cd)
-        bad, lab = out_of_range_labels(labels.index_select(0, rows), V, opts.ignore_index)
-        res = row_outputs(z, lab, opts.ignore_index)
+        # row_outputs applies the non-finite rule (bad labels, +inf / NaN / all -inf rows: NaN rows)
+        res = row_outputs(z, labels.index_select(0, rows), opts.ignore_index)
         del z
         for o, r in zip(out, res):
-            o.index_copy_(0, rows, r.to(torch.float32).masked_fill_(bad, float("nan")))
+            o.index_copy_(0, rows, r.to(torch.float32))
     return out
 
 
@@ -147,15 +147,14 @@ def backward(
         rows = idx[start:start + C]
         h32 = hidden.index_select(0, rows).to(cd)
         z = scaled_logits(_chunk_logits(h32, w32, b32, cd), opts.temperature, cd)
-        bad, lab = out_of_range_labels(labels.index_select(0, rows), V, opts.ignore_index)
-        dz = row_dlogits(
+        dz = row_dlogits(  # NaN rows by the same rule as row_outputs
             z,
-            lab,
+            labels.index_select(0, rows),
             None if g_all is None else g_all.index_select(0, rows),
             None if k_all is None else k_all.index_select(0, rows),
             opts.temperature,
             opts.ignore_index,
-        ).masked_fill_(bad.unsqueeze(-1), float("nan"))  # a bad label: a NaN gradient row (backend contract)
+        )
         del z
         if dh is not None:
             dh.index_copy_(0, rows, dz @ w32)

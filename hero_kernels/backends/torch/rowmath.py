@@ -13,8 +13,10 @@ For rows x [C, V] (already divided by the temperature), with m = max_j x_j at co
 The label is the argmax whenever p_y > 1/2, so these forms keep the relative accuracy of log p_y, H and
 the label column's gradient g (1 - p_y) as p_y -> 1 (the confident tokens HERO up-weights).
 
-Non-finite inputs follow the backend contract: ``-inf`` columns are masked vocabulary (e = 0, and the
-``(x - m) e`` term is skipped there so no ``-inf * 0`` appears); NaN propagates to the row.
+Non-finite inputs follow the backend contract (docs/design.md 1.5), here for every caller (the row op and the
+fused head alike): ``-inf`` columns are masked vocabulary (e = 0, and the ``(x - m) e`` term is skipped there so
+no ``-inf * 0`` appears); a valid row whose max is not finite (NaN anywhere, a +inf, or every column -inf) or
+whose label is outside [0, V) gets NaN logp, H, lse and a NaN gradient row (``_undefined_rows``).
 """
 from __future__ import annotations
 
@@ -63,20 +65,29 @@ def out_of_range_labels(labels: Tensor, V: int, ignore_index: int) -> Tuple[Tens
     return bad, torch.where(bad, torch.zeros_like(labels), labels)
 
 
-def _label_ids(labels: Tensor, ignore_index: int):
+def _label_ids(labels: Tensor, ignore_index: int, V: int):
+    """(valid, bad_label, safe label ids) [C]: bad labels (outside [0, V)) read column 0 instead."""
     valid = labels != ignore_index
-    return valid, torch.where(valid, labels, torch.zeros_like(labels)).long()
+    bad, lab = out_of_range_labels(labels, V, ignore_index)
+    return valid, bad, torch.where(valid, lab, torch.zeros_like(lab)).long()
+
+
+def _undefined_rows(st: RowReduction, valid: Tensor, bad_label: Tensor) -> Tensor:
+    """[C] bool: valid rows without a distribution (max not finite: NaN, +inf, all -inf; ``max`` propagates
+    NaN) or with a bad label. Reuses the row max, so the rule costs no extra pass over the row."""
+    return bad_label | (valid & ~torch.isfinite(st.m))
 
 
 def row_outputs(x: Tensor, labels: Tensor, ignore_index: int):
     """(logp, H, lse), each [C] in x.dtype; rows with label == ignore_index are 0."""
     st = row_reduction(x)
-    valid, safe = _label_ids(labels, ignore_index)
+    valid, bad, safe = _label_ids(labels, ignore_index, x.shape[-1])
+    nan_rows = _undefined_rows(st, valid, bad)
     d_y = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - st.m
     logp = torch.where(safe == st.argmax, -st.log_s, d_y - st.log_s)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return (torch.where(valid, logp, zero), torch.where(valid, st.H, zero),
-            torch.where(valid, st.m + st.log_s, zero))
+    return tuple(torch.where(valid, v, zero).masked_fill_(nan_rows, float("nan"))
+                 for v in (logp, st.H, st.m + st.log_s))
 
 
 def row_dlogits(
@@ -91,7 +102,7 @@ def row_dlogits(
     (1/tau) [g (1[j=y] - p_j) - k p_j (log p_j + H)], g = grad_logp, k = grad_H ([C] or None = 0).
     Statistics are recomputed from the rows (whole rows are at hand); ignored rows get 0."""
     st = row_reduction(x)
-    valid, safe = _label_ids(labels, ignore_index)
+    valid, bad, safe = _label_ids(labels, ignore_index, x.shape[-1])
     logq = (x - st.m.unsqueeze(-1)) - st.log_s.unsqueeze(-1)
     p = torch.exp(logq)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -111,4 +122,5 @@ def row_dlogits(
     dz.scatter_(-1, at_y, lab.unsqueeze(-1))
     if temperature != 1.0:
         dz = dz / temperature
-    return torch.where(valid.unsqueeze(-1), dz, zero)
+    dz = torch.where(valid.unsqueeze(-1), dz, zero)
+    return dz.masked_fill_(_undefined_rows(st, valid, bad).unsqueeze(-1), float("nan"))
