@@ -1,8 +1,8 @@
 // torch.library registration of the fused row kernels: namespace hero_kernels_cpp.
 //
 //   entropy_logprob_fwd(logits [N, V] or [B, T, V], labels [N] int64, inv_temperature, ignore_index, threads=0)
-//       -> (logp, H, lse), each fp32 [N]; rows with label == ignore_index give 0, rows with a label
-//       outside [0, V) NaN (the kernels guard the read; no host-side pass over the labels).
+//       -> (logp, H fp32 [N], lse fp64 [N]: the backward splits it into fp32 hi + lo); rows with label ==
+//       ignore_index give 0, rows with a label outside [0, V) NaN (the kernels guard the read; no host-side pass over the labels).
 //   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!, threads=0)
 //       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
 //
@@ -75,9 +75,11 @@ hk::RowLayout layout_of(const Tensor& t) {
   return hk::RowLayout{t.stride(1), std::max<int64_t>(t.size(1), 1), t.stride(0)};
 }
 
-void check_vec(const Tensor& t, const Tensor& logits, const char* name, const char* op) {
+void check_vec(const Tensor& t, const Tensor& logits, const char* name, const char* op,
+               at::ScalarType dtype = at::kFloat) {
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on ", logits.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kDouble ? "float64" : "float32",
+              ", got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == num_rows(logits), op, ": ", name, " must be [N] = [", num_rows(logits),
               "], got shape ", t.sizes());
 }
@@ -117,12 +119,13 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cpu(const Tensor& logits, const Tensor& l
   const int64_t N = num_rows(logits), V = logits.size(-1);
   const Tensor labels = labels_in.contiguous();
   auto opts = logits.options().dtype(at::kFloat);
-  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
+  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble));
   if (N == 0) return {logp, H, lse};
   const void* z = logits.data_ptr();
   const hk::RowLayout rs = layout_of(logits);
   const int64_t* y = labels.data_ptr<int64_t>();
-  float *lp = logp.data_ptr<float>(), *h = H.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  float *lp = logp.data_ptr<float>(), *h = H.data_ptr<float>();
+  double* ls = lse.data_ptr<double>();
   at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
     hk::cpu_fwd_rows(dt, z, rs, y, b, e, V, inv_temperature, ignore_index, lp, h, ls);
   });
@@ -134,7 +137,7 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
              const Tensor& out, int64_t /*threads: GPU only*/, int64_t /*grid: GPU only*/) {
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
-  check_vec(lse_in, logits, "lse", op);
+  check_vec(lse_in, logits, "lse", op, at::kDouble);
   check_vec(H_in, logits, "H", op);
   check_vec(grad_logp_in, logits, "grad_logp", op);
   check_vec(grad_H_in, logits, "grad_H", op);
@@ -148,7 +151,8 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
   void* o = out.data_ptr();
   const hk::RowLayout rs = layout_of(logits), ors = layout_of(out);
   const int64_t* y = labels.data_ptr<int64_t>();
-  const float *pl = lse.data_ptr<float>(), *ph = H.data_ptr<float>();
+  const double* pl = lse.data_ptr<double>();
+  const float* ph = H.data_ptr<float>();
   const float *pg = g.data_ptr<float>(), *pk = k.data_ptr<float>();
   at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
     hk::cpu_bwd_rows(dt, z, rs, y, pl, ph, pg, pk, b, e, V, inv_temperature, ignore_index, odt, o, ors);
@@ -164,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& 
               "hero_kernels_cpp.entropy_logprob_fwd: logits must be [N, V] or [B, T, V], got shape ", logits.sizes());
   auto opts = logits.options().dtype(at::kFloat);
   const int64_t N = num_rows(logits);
-  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts)};
+  return {at::empty({N}, opts), at::empty({N}, opts), at::empty({N}, opts.dtype(at::kDouble))};
 }
 
 void bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
@@ -187,12 +191,12 @@ std::tuple<Tensor, Tensor, Tensor> fwd_cuda(const Tensor& logits, const Tensor& 
   c10::cuda::CUDAGuard guard(logits.device());
   const Tensor labels = labels_in.contiguous();
   auto opts = logits.options().dtype(at::kFloat);
-  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts);
+  Tensor logp = at::empty({N}, opts), H = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble));
   if (N == 0) return {logp, H, lse};
   auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   check_cuda(hk_cuda_entropy_logprob_fwd(dt, logits.data_ptr(), layout_of(logits), labels.data_ptr<int64_t>(), N, V,
                                          static_cast<float>(inv_temperature), ignore_index, logp.data_ptr<float>(),
-                                         H.data_ptr<float>(), lse.data_ptr<float>(), static_cast<int>(threads),
+                                         H.data_ptr<float>(), lse.data_ptr<double>(), static_cast<int>(threads),
                                          grid, stream),
              op);
   return {logp, H, lse};
@@ -204,7 +208,7 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
   const char* op = "hero_kernels_cpp.entropy_logprob_bwd";
   const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CUDA, op);
   TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
-  check_vec(lse_in, logits, "lse", op);
+  check_vec(lse_in, logits, "lse", op, at::kDouble);
   check_vec(H_in, logits, "H", op);
   check_vec(grad_logp_in, logits, "grad_logp", op);
   check_vec(grad_H_in, logits, "grad_H", op);
@@ -216,7 +220,7 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
   const Tensor g = grad_logp_in.contiguous(), k = grad_H_in.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream(logits.device().index()).stream();
   check_cuda(hk_cuda_entropy_logprob_bwd(dt, logits.data_ptr(), layout_of(logits), labels.data_ptr<int64_t>(),
-                                         lse.data_ptr<float>(), H.data_ptr<float>(), g.data_ptr<float>(),
+                                         lse.data_ptr<double>(), H.data_ptr<float>(), g.data_ptr<float>(),
                                          k.data_ptr<float>(), N, V, static_cast<float>(inv_temperature),
                                          ignore_index, dtype_code(out, "out"), out.data_ptr(), layout_of(out),
                                          static_cast<int>(threads), grid, stream),

@@ -113,7 +113,7 @@ constexpr int kBlock = 1024;  // columns per forward block: 4 KB of fp32 scratch
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64_t y, float* out_logp,
-                   float* out_H, float* out_lse) {
+                   float* out_H, double* out_lse) {
   using A = typename AccOf<T>::type;
   alignas(64) A buf[kBlock];
   Partial<double> acc = empty_partial<double>();
@@ -149,19 +149,21 @@ HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64
                                      static_cast<double>(bu)});
   }
   double lse, H;
-  finalize(acc, lse, H);
+  finalize(acc, lse, H);  // lse in double: the backward splits it (split_lse), no fp32 rounding of it
   // Same float product as in the loop, so x_y - m is exactly 0 when y is the argmax.
   const A x_y = scale_(to_acc(z[y]), inv_tau);
   *out_logp = static_cast<float>(logprob(acc, static_cast<double>(x_y)));
   *out_H = static_cast<float>(H);
-  *out_lse = static_cast<float>(lse);
+  *out_lse = lse;
 }
 
 template <typename T, typename O>
-HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_tau, int64_t y, float lse_f,
+HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_tau, int64_t y, double lse_d,
                    float H_f, float g_f, float k_f) {
   using A = typename AccOf<T>::type;
-  const A lse = lse_f, H = H_f, g = g_f, k = k_f;
+  const A H = H_f, g = g_f, k = k_f;
+  const LseSplit<A> ls = split_lse<A>(lse_d);
+  const A hi = ls.hi, lo = ls.lo;
   const A x_y = scale_(to_acc(z[y]), inv_tau);  // read before the loop: out may alias z
   const GradCoef<A> coef = grad_coef(H, g, k, inv_tau);
   double q = 0.0;                        // sum_{j != y} p_j, block sums in A, total in double
@@ -175,13 +177,14 @@ HK_HD void bwd_row(const T* z, O* out, int64_t V, typename AccOf<T>::type inv_ta
 #pragma omp simd reduction(+ : bq)
     for (int j = 0; j < n; ++j) {
       const A x = scale_(to_acc(zb[j]), inv_tau);
-      const A p = prob(x, lse);
+      const A lq = log_q(x, hi, lo);
+      const A p = prob(lq);
       bq += j != yb ? p : A(0);
-      ob[j] = from_acc<O>(grad_other(x, p, lse, coef));
+      ob[j] = from_acc<O>(grad_other(lq, p, coef));
     }
     q += static_cast<double>(bq);
   }
-  out[y] = from_acc<O>(grad_label(x_y, static_cast<A>(q), lse, H, g, k, inv_tau));
+  out[y] = from_acc<O>(grad_label(log_q(x_y, hi, lo), static_cast<A>(q), H, g, k, inv_tau));
 }
 
 template <typename O>
@@ -204,18 +207,19 @@ HK_HD bool bad_label(int64_t y, int64_t V) { return y < 0 || y >= V; }
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 HK_HD void fwd_range(const T* logits, RowLayout L, const int64_t* labels, int64_t b, int64_t e, int64_t V,
-                     double inv_tau, int64_t ignore_index, float* logp, float* H, float* lse) {
+                     double inv_tau, int64_t ignore_index, float* logp, float* H, double* lse) {
   using A = typename AccOf<T>::type;
   for (int64_t i = b; i < e; ++i) {
     const int64_t y = labels[i];
     if (y == ignore_index) {
       logp[i] = 0.f;
       H[i] = 0.f;
-      lse[i] = 0.f;
+      lse[i] = 0.0;
       continue;
     }
     if (bad_label(y, V)) {
-      logp[i] = H[i] = lse[i] = nan_();
+      logp[i] = H[i] = nan_();
+      lse[i] = static_cast<double>(NAN);
       continue;
     }
     fwd_row<T>(logits + L.offset(i), V, static_cast<A>(inv_tau), y, logp + i, H + i, lse + i);
@@ -223,7 +227,7 @@ HK_HD void fwd_range(const T* logits, RowLayout L, const int64_t* labels, int64_
 }
 
 template <typename T, typename O>
-HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, const float* lse, const float* H,
+HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, const double* lse, const float* H,
                      const float* g, const float* k, int64_t b, int64_t e, int64_t V, double inv_tau,
                      int64_t ignore_index, O* out, RowLayout OL) {
   using A = typename AccOf<T>::type;
@@ -244,7 +248,7 @@ HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, const 
 
 #define HK_FWD_ENTRY(NAME, T)                                                                                   \
   HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, int64_t b, int64_t e, int64_t V,   \
-                      double it, int64_t ig, float* logp, float* H, float* lse) {                              \
+                      double it, int64_t ig, float* logp, float* H, double* lse) {                             \
     fwd_range<T>(logits, rs, labels, b, e, V, it, ig, logp, H, lse);                                            \
   }
 HK_FWD_ENTRY(fwd_f32, float)
@@ -253,7 +257,7 @@ HK_FWD_ENTRY(fwd_f16, f16_t)
 HK_FWD_ENTRY(fwd_f64, double)
 
 #define HK_BWD_ENTRY(NAME, T, O)                                                                                \
-  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, const float* lse, const float* H,  \
+  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, const double* lse, const float* H, \
                       const float* g, const float* k, int64_t b, int64_t e, int64_t V, double it, int64_t ig,  \
                       O* out, RowLayout ors) {                                                                  \
     bwd_range<T, O>(logits, rs, labels, lse, H, g, k, b, e, V, it, ig, out, ors);                               \
@@ -269,7 +273,7 @@ HK_BWD_ENTRY(bwd_f16_f32, f16_t, float)
 
 void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                   int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,
-                  float* lse) {
+                  double* lse) {
   switch (dtype) {
     case kF32:
       return fwd_f32(static_cast<const float*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
@@ -288,7 +292,7 @@ void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t
   }
 }
 
-void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const float* lse,
+void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const double* lse,
                   const float* H, const float* grad_logp, const float* grad_H, int64_t row_begin, int64_t row_end,
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
                   RowLayout out_layout) {

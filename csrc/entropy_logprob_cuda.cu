@@ -150,7 +150,7 @@ template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     entropy_logprob_fwd_kernel(const T* __restrict__ logits, hk::RowLayout layout, const int64_t* __restrict__ labels,
                                int64_t N, int64_t V, float inv_tau, int64_t ignore_index, float* __restrict__ out_logp,
-                               float* __restrict__ out_H, float* __restrict__ out_lse) {
+                               float* __restrict__ out_H, double* __restrict__ out_lse) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ hk::Partial<float> smem[kThreads / 32];
   const int tid = threadIdx.x;
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     if (tid == 0) {
       float lse, H;
       hk::finalize(st, lse, H);
-      out_lse[row] = lse;
+      out_lse[row] = hk::lse_wide(st);  // double: the backward splits it, no fp32 rounding of lse
       out_H[row] = H;
       out_logp[row] = hk::logprob(st, hk::scale_(to_f(z[y]), inv_tau));
     }
@@ -197,16 +197,17 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // backward
 // ------------------------------------------------------------------------------------------------
 struct RowGrad {
-  float lse;
+  hk::LseSplit<float> lse;
   hk::GradCoef<float> coef;
   int32_t y;  // label column (< V < 2^31): one int32 compare per element
 };
 
 template <typename O>
 __device__ __forceinline__ O grad_at(float x, int32_t j, const RowGrad& r, float& q) {
-  const float p = hk::prob(x, r.lse);
+  const float lq = hk::log_q(x, r.lse.hi, r.lse.lo);
+  const float p = hk::prob(lq);
   q += j != r.y ? p : 0.f;
-  return from_f<O>(hk::grad_other(x, p, r.lse, r.coef));
+  return from_f<O>(hk::grad_other(lq, p, r.coef));
 }
 
 template <typename T, typename O, int VEC>
@@ -219,7 +220,7 @@ __device__ __forceinline__ void bwd_chunk(const Pack<T, VEC>& v, Pack<O, VEC>& w
 template <typename T, typename O, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     entropy_logprob_bwd_kernel(const T* logits, hk::RowLayout layout, const int64_t* __restrict__ labels,
-                               const float* __restrict__ lse, const float* __restrict__ H,
+                               const double* __restrict__ lse, const float* __restrict__ H,
                                const float* __restrict__ grad_logp, const float* __restrict__ grad_H, int64_t N,
                                int64_t V, float inv_tau, int64_t ignore_index, O* out, hk::RowLayout out_layout) {
   // logits and out are NOT __restrict__: out may be logits (in-place backward).
@@ -238,8 +239,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     const T* z = logits + layout.offset(row);
     if (tid == 0) smem_xy = hk::scale_(to_f(z[y]), inv_tau);
     __syncthreads();  // in place: z[y] is read before any thread overwrites it
-    const float lse_r = lse[row], H_r = H[row], g_r = grad_logp[row], k_r = grad_H[row];
-    const RowGrad r{lse_r, hk::grad_coef(H_r, g_r, k_r, inv_tau), static_cast<int32_t>(y)};
+    const float H_r = H[row], g_r = grad_logp[row], k_r = grad_H[row];
+    const RowGrad r{hk::split_lse<float>(lse[row]), hk::grad_coef(H_r, g_r, k_r, inv_tau), static_cast<int32_t>(y)};
     float q = 0.f;  // sum_{j != y} p_j
     const int64_t head = head_elems(z, V);
     const bool vec_ok = ((reinterpret_cast<uintptr_t>(o + head) & 15u) == 0);
@@ -272,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
         o[j] = grad_at<O>(hk::scale_(to_f(z[j]), inv_tau), static_cast<int32_t>(j), r, q);
     }
     q = block_sum<kThreads>(q, smem);  // its barrier orders every thread's o[y] write before thread 0's
-    if (tid == 0) o[y] = from_f<O>(hk::grad_label(smem_xy, q, lse_r, H_r, g_r, k_r, inv_tau));
+    if (tid == 0) o[y] = from_f<O>(hk::grad_label(hk::log_q(smem_xy, r.lse.hi, r.lse.lo), q, H_r, g_r, k_r, inv_tau));
     __syncthreads();  // smem is reused by the next row
   }
 }
@@ -300,7 +301,7 @@ inline unsigned grid_for(int64_t N, int64_t requested) {
 
 template <typename T>
 cudaError_t launch_fwd(const void* logits, hk::RowLayout L, const int64_t* labels, int64_t N, int64_t V,
-                       float inv_tau, int64_t ig, float* logp, float* H, float* lse, int threads,
+                       float inv_tau, int64_t ig, float* logp, float* H, double* lse, int threads,
                        int64_t grid_rows, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
   const dim3 grid(grid_for(N, grid_rows));
@@ -319,7 +320,7 @@ cudaError_t launch_fwd(const void* logits, hk::RowLayout L, const int64_t* label
 }
 
 template <typename T, typename O>
-cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* labels, const float* lse, const float* H,
+cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* labels, const double* lse, const float* H,
                        const float* g, const float* k, int64_t N, int64_t V, float inv_tau, int64_t ig, void* out,
                        hk::RowLayout OL, int threads, int64_t grid_rows, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
@@ -346,7 +347,7 @@ cudaError_t launch_bwd(const void* logits, hk::RowLayout L, const int64_t* label
 
 extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, int64_t N, int64_t V, float inv_tau,
-                                                   int64_t ignore_index, float* logp, float* H, float* lse,
+                                                   int64_t ignore_index, float* logp, float* H, double* lse,
                                                    int threads, int64_t grid, cudaStream_t stream) {
   if (N <= 0) return cudaSuccess;
 #define HK_FWD(T) \
@@ -365,7 +366,7 @@ extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits
 }
 
 extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits, hk::RowLayout layout,
-                                                   const int64_t* labels, const float* lse, const float* H,
+                                                   const int64_t* labels, const double* lse, const float* H,
                                                    const float* grad_logp, const float* grad_H, int64_t N,
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
                                                    void* out, hk::RowLayout out_layout, int threads,

@@ -3,8 +3,8 @@
 // Everything takes raw pointers, element strides and sizes so that entropy_logprob_cpu.cpp and
 // entropy_logprob_cuda.cu compile without torch headers (fast builds, nvcc resource checks in CI).
 // Layout: logits / out are [N, V] or [B, T, V] (N = B * T) with unit column stride and any row and batch
-// strides (in elements, see RowLayout); labels are int64 [N]; lse, H, grad_logp, grad_H, logp are
-// contiguous fp32 [N].
+// strides (in elements, see RowLayout); labels are int64 [N]; H, grad_logp, grad_H, logp are
+// contiguous fp32 [N]; lse is contiguous fp64 [N] (hero_rowmath.h: the backward splits it, no ulp(lse) error).
 #pragma once
 
 #include <stdint.h>
@@ -34,11 +34,11 @@ struct RowLayout {
 // ---- CPU (entropy_logprob_cpu.cpp): process rows [row_begin, row_end) on the calling thread. ----
 void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                   int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,
-                  float* lse);
+                  double* lse);
 
 // out_dtype is dtype or kF32 (the fused LM-head path keeps dlogits in fp32). out may alias logits
 // (in-place backward) when both have the same dtype and row stride.
-void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const float* lse,
+void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const double* lse,
                   const float* H, const float* grad_logp, const float* grad_H, int64_t row_begin, int64_t row_end,
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
                   RowLayout out_layout);
@@ -55,11 +55,11 @@ void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t
 // from the Python launch plan; 0 picks from V / N.
 extern "C" cudaError_t hk_cuda_entropy_logprob_fwd(int dtype, const void* logits, hk::RowLayout layout,
                                                    const int64_t* labels, int64_t N, int64_t V, float inv_tau,
-                                                   int64_t ignore_index, float* logp, float* H, float* lse,
+                                                   int64_t ignore_index, float* logp, float* H, double* lse,
                                                    int threads, int64_t grid, cudaStream_t stream);
 
 extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits, hk::RowLayout layout,
-                                                   const int64_t* labels, const float* lse, const float* H,
+                                                   const int64_t* labels, const double* lse, const float* H,
                                                    const float* grad_logp, const float* grad_H, int64_t N,
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
                                                    void* out, hk::RowLayout out_layout, int threads,

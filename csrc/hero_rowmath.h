@@ -23,10 +23,13 @@
 // same way. The CUDA side uses __fmul_rn; the CPU build passes -ffp-contract=off.
 //
 // Backward, per column j of a row with label y (docs/design.md section 1.3):
-//   dz_j = inv_tau * [ g (1[j=y] - p_j) - k p_j (log p_j + H) ],  p_j = exp(x_j - lse)
-// When p_y > 1/2 the label column uses 1 - p_y = sum_{j != y} p_j and log p_y = log1p(-that): with
-// only an fp32 lse available, x_y - lse carries an absolute error of ulp(lse)/2, which would make
-// 1 - p_y wrong by tens of percent when p_y -> 1 (the Liger #1329 bug class). The sum of the other
+//   dz_j = inv_tau * [ g (1[j=y] - p_j) - k p_j (log p_j + H) ],  p_j = exp(log q_j), log q_j = x_j - lse
+// The forward saves lse in double (lse_wide) and the backward splits it into hi + lo (split_lse):
+// log q_j = (x_j - hi) - lo, where x_j - hi is exact wherever p_j is not negligible (Sterbenz), so p carries
+// no ulp(lse) error at large logit offsets (an fp32 lse is off by up to ulp(lse)/2 = 1.2e-4 at |x| ~ 3e3,
+// a relative error of every p_j several times eager PyTorch's).
+// When p_y > 1/2 the label column uses 1 - p_y = sum_{j != y} p_j and log p_y = log1p(-that):
+// 1 - exp(log q_y) would cancel to noise when p_y -> 1 (the Liger #1329 bug class). The sum of the other
 // probabilities has a small RELATIVE error instead.
 #pragma once
 
@@ -231,6 +234,13 @@ HK_HD void finalize(const Partial<A>& p, A& lse, A& H) {
   if (!row_defined(p)) lse = H = static_cast<A>(NAN);
 }
 
+// lse = m + log1p(r) in double whatever A (the backward's split_lse recovers it to ~2^-48 relative); NaN for
+// a row without a distribution.
+template <typename A>
+HK_HD double lse_wide(const Partial<A>& p) {
+  return row_defined(p) ? static_cast<double>(p.m) + static_cast<double>(log1p_(p.r)) : static_cast<double>(NAN);
+}
+
 // log p_y = (x_y - m) - log1p(r): no rounding of the (possibly large) lse in between. NaN for a row
 // without a distribution; -inf for a masked (-inf) label in a defined row.
 template <typename A>
@@ -241,10 +251,27 @@ HK_HD A logprob(const Partial<A>& p, A x_y) {
 // ----------------------------------------------------------------------------------------------
 // backward
 // ----------------------------------------------------------------------------------------------
-// p_j for a column j (x scaled by 1/tau). Returned separately so callers can sum sum_{j != y} p_j.
+// The saved double lse as two A values, hi + lo (per row, scalar work).
 template <typename A>
-HK_HD A prob(A x, A lse) {
-  return exp_(x - lse);
+struct LseSplit {
+  A hi, lo;
+};
+template <typename A>
+HK_HD LseSplit<A> split_lse(double lse) {
+  const A hi = static_cast<A>(lse);
+  return LseSplit<A>{hi, static_cast<A>(lse - static_cast<double>(hi))};
+}
+
+// log q_j = x_j - lse without the rounding of lse: (x - hi) is exact near the row max, then - lo.
+template <typename A>
+HK_HD A log_q(A x, A hi, A lo) {
+  return (x - hi) - lo;
+}
+
+// p_j = exp(log q_j) for a column j. Returned separately so callers can sum sum_{j != y} p_j.
+template <typename A>
+HK_HD A prob(A lq) {
+  return exp_(lq);
 }
 
 // Below this log p, p == 0 in A (fp32: e^-104; fp64: e^-745): clamping log p there keeps p * log p at 0 for
@@ -264,20 +291,19 @@ HK_HD GradCoef<A> grad_coef(A H, A g, A k, A inv_tau) {
   return GradCoef<A>{(g + k * H) * inv_tau, k * inv_tau};
 }
 
-// dz_j for j != y, given p = prob(x, lse): (1/tau) [-g p - k p (log p + H)] = -p (c_t + k_t log p), one FMA
-// and two multiplies. p == 0 (underflow, -inf logit) gives exactly (-)0.
+// dz_j for j != y, given lq = log_q(x, ...) and p = prob(lq): (1/tau) [-g p - k p (log p + H)]
+// = -p (c_t + k_t log p), one FMA and two multiplies. p == 0 (underflow, -inf logit) gives exactly (-)0.
 template <typename A>
-HK_HD A grad_other(A x, A p, A lse, const GradCoef<A>& c) {
-  const A lq = x - lse;
+HK_HD A grad_other(A lq, A p, const GradCoef<A>& c) {
   return -p * (c.c_t + c.k_t * (lq > logp_floor<A>() ? lq : logp_floor<A>()));
 }
 
-// dz_y for the label column. q = sum_{j != y} p_j (= 1 - p_y with a small relative error).
-// p_y <= 1/2: 1 - p_y from p_y directly (its absolute error is p_y * ulp(lse), small);
-// p_y  > 1/2: 1 - p_y = q and log p_y = log1p(-q), which stay accurate as p_y -> 1.
+// dz_y for the label column, lq_y = log_q(x_y, ...). q = sum_{j != y} p_j (= 1 - p_y, small relative error).
+// p_y <= 1/2: 1 - p_y from p_y directly; p_y > 1/2: 1 - p_y = q and log p_y = log1p(-q), which stay
+// accurate as p_y -> 1.
 template <typename A>
-HK_HD A grad_label(A x_y, A q, A lse, A H, A g, A k, A inv_tau) {
-  A lp = x_y - lse;
+HK_HD A grad_label(A lq_y, A q, A H, A g, A k, A inv_tau) {
+  A lp = lq_y;
   A p = exp_(lp);
   A one_minus_p = A(1) - p;
   if (p > A(0.5)) {

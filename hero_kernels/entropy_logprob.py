@@ -130,7 +130,7 @@ def _fwd(
     _checks.check_finite(logits=logits)
     if labels.numel() == 0:
         e = logits.new_empty(0, dtype=torch.float32)
-        return e, e.clone(), e.clone()
+        return e, e.clone(), e.to(torch.float64)
     mod = backend_module(impl, "entropy_logprob")
     opts = RowOptions(temperature, ignore_index)
     with device_guard(logits):
@@ -143,7 +143,8 @@ def _fwd(
 @_fwd.register_fake
 def _(logits, labels, temperature, ignore_index, impl, inplace_backward):
     n = labels.numel()
-    return tuple(logits.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32),
+            logits.new_empty(n, dtype=torch.float64))  # lse in float64: backends/__init__.py RowStats
 
 
 @torch.library.custom_op("hero_kernels::entropy_logprob_backward", mutates_args=())
@@ -216,7 +217,7 @@ def _grad_or_zeros(g, like: Tensor) -> Tensor:
 def _backward(ctx, grad_logp, grad_H, _grad_lse):
     logits, labels, lse, H = ctx.saved_tensors
     temperature, ignore_index, impl, inplace = ctx.args
-    g, k = UpstreamGrads(_grad_or_zeros(grad_logp, lse), _grad_or_zeros(grad_H, lse))
+    g, k = UpstreamGrads(_grad_or_zeros(grad_logp, H), _grad_or_zeros(grad_H, H))
     if inplace:
         torch.ops.hero_kernels.entropy_logprob_backward_(logits, labels, lse, H, g, k, temperature, ignore_index, impl)
         dlogits = logits

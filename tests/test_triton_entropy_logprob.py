@@ -80,7 +80,8 @@ def _check(z, y, opts, g, k, logp, H, lse, dz, what=""):
 
     for i, name in enumerate(("logp", "H", "lse")):
         ours, r = (logp, H, lse)[i], ref[i]
-        assert ours.dtype == torch.float32 and ours.shape == r.shape, f"{what} {name}: {ours.dtype} {ours.shape}"
+        want = torch.float64 if name == "lse" else torch.float32  # lse: fp64, split hi + lo in the backward
+        assert ours.dtype == want and ours.shape == r.shape, f"{what} {name}: {ours.dtype} {ours.shape}"
         assert torch.isfinite(ours).all(), f"{what} {name} not finite"
         err, err_t, err_32 = _max_err(ours, r), _max_err(same[i], r), _max_err(f32[i], r)
         floor = 1e-6 * (1.0 + (r.abs().max().item() if r.numel() else 0.0))

@@ -33,8 +33,9 @@ def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, g
     """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse, H, grad_logp.reshape(-1), grad_H.reshape(-1),
-                            opts.inv_temperature, opts.ignore_index, out, threads, grid)
+    # lse: float64 from rows_forward (an fp32 lse is accepted and widened: the old, ulp(lse)-limited accuracy)
+    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse.to(torch.float64), H, grad_logp.reshape(-1),
+                            grad_H.reshape(-1), opts.inv_temperature, opts.ignore_index, out, threads, grid)
     return out
 
 
@@ -71,7 +72,7 @@ def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tens
         z = logits_chunk(take(hidden), weight, bias)
         res = ops.entropy_logprob_fwd(z, take(labels), opts.inv_temperature, opts.ignore_index, threads)
         for o, r in zip((logp, H, lse), res):
-            put(o, r)
+            put(o, r.to(o.dtype))  # the fused heads keep an fp32 lse (backends/__init__.py RowStats)
     return logp, H, lse  # a plain tuple: the fused-head custom op returns it as is
 
 
@@ -99,7 +100,7 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
         z = logits_chunk(h, weight, bias)
         wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
         dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
-        ops.entropy_logprob_bwd(z, take(labels), take(lse), take(H), take(grad_logp), take(grad_H),
+        ops.entropy_logprob_bwd(z, take(labels), take(lse).to(torch.float64), take(H), take(grad_logp), take(grad_H),
                                 opts.inv_temperature, opts.ignore_index, dz, threads)
         if grad_hidden is not None:
             dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)

@@ -31,9 +31,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
-    """logits [N, V], labels [N] int64 -> (logp, H, lse) float32 [N]; masked rows 0."""
+    """logits [N, V], labels [N] int64 -> (logp, H float32, lse float64) [N]; masked rows 0."""
     N, V = logits.shape
-    outs = [torch.empty(N, dtype=torch.float32, device=logits.device) for _ in range(3)]
+    outs = [torch.empty(N, dtype=dt, device=logits.device) for dt in (torch.float32, torch.float32, torch.float64)]
     cdt = _compute_dtype(logits.dtype)
     step = _chunk_rows(V)
     for s in range(0, N, step):

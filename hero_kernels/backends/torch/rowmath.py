@@ -79,7 +79,8 @@ def _undefined_rows(st: RowReduction, valid: Tensor, bad_label: Tensor) -> Tenso
 
 
 def row_outputs(x: Tensor, labels: Tensor, ignore_index: int):
-    """(logp, H, lse), each [C] in x.dtype; rows with label == ignore_index are 0."""
+    """(logp, H) [C] in x.dtype and lse [C] in float64 (m + log s unrounded, as the backends save it);
+    rows with label == ignore_index are 0."""
     st = row_reduction(x)
     valid, bad, safe = _label_ids(labels, ignore_index, x.shape[-1])
     nan_rows = _undefined_rows(st, valid, bad)
@@ -87,7 +88,7 @@ def row_outputs(x: Tensor, labels: Tensor, ignore_index: int):
     logp = torch.where(safe == st.argmax, -st.log_s, d_y - st.log_s)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return tuple(torch.where(valid, v, zero).masked_fill_(nan_rows, float("nan"))
-                 for v in (logp, st.H, st.m + st.log_s))
+                 for v in (logp, st.H, st.m.double() + st.log_s.double()))
 
 
 def row_dlogits(

@@ -11,7 +11,8 @@ has no cross-thread reduction and exactly one ``exp`` per element; the lanes are
 large numbers (the absolute form ``lse - sum p x`` loses ~ulp(lse) when logits are large).
 
 Backward: one program per row, one pass; ``p`` recomputed from the saved ``lse`` (never stored), all
-math in fp32. The target column's ``1 - p_y`` is NOT formed as ``1 - exp(x_y - lse)``: the pass sums
+math in fp32. The forward saves lse in fp64 and the backward splits it into fp32 ``hi + lo`` once per row:
+``log p = (x - hi) - lo`` keeps the digits an fp32 lse loses at large logit offsets (ulp(lse)). The target column's ``1 - p_y`` is NOT formed as ``1 - exp(x_y - lse)``: the pass sums
 ``q = sum_{j != y} p_j`` and rewrites column ``y`` after the loop with ``1 - p_y = q / (q + p_y)``, so
 ``g (1 - p_y)`` keeps its relative precision when ``p_y -> 1`` (the bf16 cancellation of Liger #1329, and
 the ulp(lse) loss of fp32). Every element is loaded and stored by the same thread in the same iteration
@@ -110,9 +111,10 @@ def _online_update(x, m, r, t):
 
 
 @triton.jit
-def _grad_tile(x, cols, label, lse, c_t, k_t, q):
-    """dz of one tile (off-label form; column y is rewritten after the loop) and q += sum_{j != y} p_j."""
-    logq = x - lse
+def _grad_tile(x, cols, label, lse_hi, lse_lo, c_t, k_t, q):
+    """dz of one tile (off-label form; column y is rewritten after the loop) and q += sum_{j != y} p_j.
+    log q = (x - hi) - lo with lse = hi + lo: x - hi is exact near the row max, so no ulp(lse) error."""
+    logq = (x - lse_hi) - lse_lo
     p = tl.exp2(logq * _LOG2E)
     q += tl.where(cols != label, p, 0.0)  # label: int32 (one compare per element, not two)
     # p == 0 with logq == -inf (a -inf logit or a padded lane) must give 0, not 0 * -inf.
@@ -125,7 +127,7 @@ def _entropy_logprob_fwd_kernel(
     labels_ptr,  # [B*T] int64 (contiguous)
     logp_ptr,  # [B*T] fp32 out
     ent_ptr,  # [B*T] fp32 out
-    lse_ptr,  # [B*T] fp32 out
+    lse_ptr,  # [B*T] fp64 out (m + log s unrounded: the backward splits it into fp32 hi + lo)
     V,
     T,
     stride_b,
@@ -177,7 +179,7 @@ def _entropy_logprob_fwd_kernel(
     logp = tl.where(defined, (x_y - m_row) - log_s, nan)
     h = log_s - t_row / (1.0 + r_row)
     ent = tl.where(defined, tl.where(h < 0.0, 0.0, h), nan)  # rounding below 0 clamped, NaN kept
-    lse = tl.where(defined, m_row + log_s, nan)
+    lse = tl.where(defined, m_row.to(tl.float64) + log_s.to(tl.float64), nan)
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
@@ -188,7 +190,7 @@ def _entropy_logprob_bwd_kernel(
     logits_ptr,  # [B, T, V] or [N, V] in, last-dim stride 1
     out_ptr,  # same shape (may be logits_ptr itself), last-dim stride 1
     labels_ptr,  # [B*T] int64 (contiguous)
-    lse_ptr,  # [B*T] fp32 (saved by the forward)
+    lse_ptr,  # [B*T] fp64 (saved by the forward)
     ent_ptr,  # [B*T] fp32 (saved by the forward)
     g_ptr,  # [B*T] fp32 dL/dlogp, any stride (0 for an expanded scalar)
     k_ptr,  # [B*T] fp32 dL/dH, any stride
@@ -213,7 +215,11 @@ def _entropy_logprob_bwd_kernel(
     # NaN makes the whole row NaN at no cost in the loop.
     g = tl.where(valid, tl.load(g_ptr + row * stride_g, mask=valid, other=0.0).to(tl.float32), 0.0)
     k = tl.where(valid, tl.load(k_ptr + row * stride_k, mask=valid, other=0.0).to(tl.float32), 0.0)
-    lse = tl.where(ok, tl.load(lse_ptr + row), tl.where(valid, float("nan"), 0.0))
+    lse = tl.where(ok, tl.load(lse_ptr + row).to(tl.float64), tl.where(valid, float("nan"), 0.0))
+    # lse = hi + lo in fp32 (scalar work per row): log q = (x - hi) - lo has no ulp(lse) error (x - lse with an
+    # fp32 lse is off by up to ulp(lse)/2 = 1.2e-4 at |x| ~ 3e3, a relative error on every p_j).
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     ent = tl.where(valid, tl.load(ent_ptr + row), 0.0)
     k_t = k * inv_t
     # Off the label: dz = -(1/tau) p (g + k (log p + H)) = -p (c_t + k_t log p), one FMA and a multiply.
@@ -237,14 +243,14 @@ def _entropy_logprob_bwd_kernel(
         for start in range(0, v_full, BLOCK_V):
             cols = start + cols0
             x = _scale(tl.load(base + cols).to(tl.float32), inv_t, ROUND_X)
-            dz, q = _grad_tile(x, cols, label32, lse, c_t, k_t, q)
+            dz, q = _grad_tile(x, cols, label32, lse_hi, lse_lo, c_t, k_t, q)
             tl.store(obase + cols, dz.to(out_ptr.dtype.element_ty))
         for start in range(v_full, V, BLOCK_V):
             cols = start + cols0
             cmask = cols < V
             # other=-inf: padded columns get p = 0 and add nothing to q.
             x = _scale(tl.load(base + cols, mask=cmask, other=float("-inf")).to(tl.float32), inv_t, ROUND_X)
-            dz, q = _grad_tile(x, cols, label32, lse, c_t, k_t, q)
+            dz, q = _grad_tile(x, cols, label32, lse_hi, lse_lo, c_t, k_t, q)
             tl.store(obase + cols, dz.to(out_ptr.dtype.element_ty), mask=cmask)
     else:
         # Masked rows: zeros, without reading the logits (whatever they hold, NaN included).
@@ -253,7 +259,7 @@ def _entropy_logprob_bwd_kernel(
             tl.store(obase + cols, tl.zeros([BLOCK_V], out_ptr.dtype.element_ty), mask=cols < V)
 
     q_row = tl.sum(q, axis=0)
-    logq_y = x_y - lse
+    logq_y = (x_y - lse_hi) - lse_lo
     p_y = tl.exp2(logq_y * _LOG2E)
     # 1 - p_y = q / (q + p_y): the ratio cancels the common factor e^{-err(lse)} that the fp32 rounding
     # of lse puts on every p_j (|lse| ~ 1e4 has ulp ~ 1e-3), so it is accurate for any p_y. When p_y > 1/2
@@ -382,14 +388,14 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
 def _fwd_signature(dt: str) -> Dict[str, str]:
     return {
         "logits_ptr": f"*{dt}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
-        "lse_ptr": "*fp32", "V": "i32", "T": "i32", "stride_b": "i64", "stride_row": "i32", "inv_temp": "fp32",
+        "lse_ptr": "*fp64", "V": "i32", "T": "i32", "stride_b": "i64", "stride_row": "i32", "inv_temp": "fp32",
         "ignore_index": "i32", "BLOCK_V": "constexpr", "ROUND_X": "constexpr",
     }
 
 
 def _bwd_signature(dt: str) -> Dict[str, str]:
     return {
-        "logits_ptr": f"*{dt}", "out_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+        "logits_ptr": f"*{dt}", "out_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp64",
         "ent_ptr": "*fp32", "g_ptr": "*fp32", "k_ptr": "*fp32", "V": "i32", "T": "i32", "stride_b": "i64",
         "stride_row": "i32", "stride_ob": "i64", "stride_out": "i32", "stride_g": "i32", "stride_k": "i32",
         "inv_temp": "fp32", "ignore_index": "i32", "BLOCK_V": "constexpr", "ROUND_X": "constexpr",
@@ -451,7 +457,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     """logits [N, V] or [B, T, V] (bf16/fp16/fp32, last-dim stride 1, any row / batch stride), labels [N]
     or [B, T] int64. One launch either way.
 
-    Returns (logp, H, lse), each float32 [N] (N = B * T); rows with label == opts.ignore_index give 0, 0, 0,
+    Returns (logp, H, lse) [N] (N = B * T; logp, H float32, lse float64); rows with label == opts.ignore_index give 0, 0, 0,
     rows with a label outside [0, V) NaN.
     """
     _check_logits("logits", logits)
@@ -459,7 +465,7 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     N = labels.numel()
     B = logits.shape[0] if logits.dim() == 3 else None
     dev = logits.device
-    logp, ent, lse = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(3))
+    logp, ent, lse = (torch.empty(N, dtype=dt, device=dev) for dt in (torch.float32, torch.float32, torch.float64))
     if N == 0:
         return RowStats(logp, ent, lse)
     labels = labels.reshape(-1).contiguous()
@@ -513,7 +519,7 @@ def backward(
     labels = labels.reshape(-1).contiguous()
     g = _row_vector(grad_logp, N, dev)
     k = _row_vector(grad_H, N, dev)
-    lse = lse.to(torch.float32).contiguous()
+    lse = lse.to(torch.float64).contiguous()  # an fp32 lse is widened (then lo = 0: the old accuracy)
     H = H.to(torch.float32).contiguous()
     (launch,) = plan(N, V, logits.dtype, pass_="bwd", batch=B)
     sb, sr = _strides(logits)
