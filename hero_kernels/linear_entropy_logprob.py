@@ -94,7 +94,7 @@ def _fwd(
     _checks.check_finite(hidden=hidden, weight=weight, bias=bias)
     if hidden.shape[0] == 0:
         e = hidden.new_empty(0, dtype=torch.float32)
-        return e, e.clone(), e.clone()
+        return e, e.clone(), e.to(torch.float64)
     mod = backend_module(impl, "linear_entropy_logprob")
     with device_guard(hidden):
         return mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index))
@@ -103,7 +103,8 @@ def _fwd(
 @_fwd.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, impl):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return (hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty(n, dtype=torch.float64))  # lse in float64: backends/__init__.py RowStats
 
 
 @torch.library.custom_op("hero_kernels::linear_entropy_logprob_backward", mutates_args=())
@@ -174,8 +175,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_logp, grad_H, _grad_lse):
     hidden, weight, bias, labels, logp, lse, H = ctx.saved_tensors
     temperature, ignore_index, impl = ctx.args
-    g = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(torch.float32).contiguous()
-    k = torch.zeros_like(lse) if grad_H is None else grad_H.to(torch.float32).contiguous()
+    g = torch.zeros_like(H) if grad_logp is None else grad_logp.to(torch.float32).contiguous()
+    k = torch.zeros_like(H) if grad_H is None else grad_H.to(torch.float32).contiguous()
     # Only the gradients autograd asks for: a frozen LM head (LoRA) skips the fp32 [V, D] grad_weight
     # accumulation, a detached hidden skips the dh GEMM. The bias gradient comes from the weight pass.
     need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -414,6 +414,39 @@ def test_fused_head_undefined_rows_are_nan(impl, case):
     assert bool(torch.isnan(hh.grad).all()), hh.grad
 
 
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_fused_head_backward_at_large_offset_has_no_lse_rounding(impl):
+    """Fused head with a +3e3 bias and values on a grid that makes every logit exact in fp32 (h in 1/4, W in
+    1/8, b in 1/32 steps): the only error left is the backward's p. An fp32 lse would put ulp(lse)/2 of
+    relative error on every p; the saved lse is float64, split into hi + lo. Yardstick: eager fp32."""
+    gen = torch.Generator().manual_seed(11)
+    N, D, V = 6, 16, 301
+    h = torch.randint(-2, 3, (N, D), generator=gen).float() / 4
+    w = torch.randint(-4, 5, (V, D), generator=gen).float() / 8
+    b = 3e3 + torch.randint(-64, 65, (V,), generator=gen).float() / 32
+    y = torch.randint(0, V, (N,), generator=gen)
+    g, k = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+    z = h.double() @ w.double().t() + b.double()
+    assert torch.equal((h @ w.t() + b).double(), z)  # exact logits: no GEMM rounding in the comparison
+    _, _, r_dz = oracle(z, y, 1.0, g, k)
+
+    def dh_of(fn):
+        hh = h.to(DEV[impl]).clone().requires_grad_(True)
+        logp, H = fn(hh)
+        ((logp * g.float().to(logp.device)).sum() + (H * k.float().to(H.device)).sum()).backward()
+        return hh.grad.double().cpu()
+
+    def eager(hh):
+        lq = torch.log_softmax(hh @ w.t() + b, -1)
+        return lq.gather(1, y[:, None])[:, 0], -(lq.exp() * lq).sum(-1)
+
+    ref = r_dz @ w.double()
+    wd, bd, yd = w.to(DEV[impl]), b.to(DEV[impl]), y.to(DEV[impl])
+    err = (dh_of(lambda hh: hk.linear_entropy_logprob(hh, wd, yd, bias=bd, impl=impl)) - ref).abs().max().item()
+    yard = (dh_of(eager) - ref).abs().max().item()
+    assert err <= 2 * yard + 1e-7, (err, yard)
+
+
 def test_backend_modules_satisfy_the_protocols():
     import importlib
 

@@ -5,7 +5,7 @@
 The contract every backend module satisfies is written down here as Protocols (checked by
 tests/test_numerics_contract.py), with small named tuples for what crosses it:
 
-* ``RowStats(logp, H, lse)``: a forward's per-row results, fp32 [N] (the row op's lse fp64, see RowStats; a plain
+* ``RowStats(logp, H, lse)``: a forward's per-row results [N], logp / H fp32, lse fp64 (see RowStats; a plain
   tuple to callers that unpack).
 * ``UpstreamGrads(g, k)``: dL/dlogp and dL/dH, fp32 [N], as the public ops hand them to a backward.
 
@@ -27,9 +27,9 @@ __all__ = ["RowStats", "UpstreamGrads", "RowBackend", "LinearBackend", "compact_
 class RowStats(NamedTuple):
     """Per-row forward results [N]: log-prob of the label, entropy (nats) (float32), log-sum-exp of x = z/tau.
 
-    The row op's lse is float64 (m + log s to ~2^-48): its backward splits it into fp32 hi + lo and forms
+    lse is float64 (m + log s to ~2^-48): its backward splits it into fp32 hi + lo and forms
     log p = (x - hi) - lo, so p carries no ulp(lse) error at large logit offsets (an fp32 lse costs
-    ulp(lse)/2 = 1.2e-4 relative on every p at |x| ~ 3e3). The fused heads' lse is float32.
+    ulp(lse)/2 = 1.2e-4 relative on every p at |x| ~ 3e3). The same for the fused heads.
     Masked rows (ignore_index) are 0; rows without a distribution or with a bad label NaN."""
 
     logp: Tensor

@@ -67,12 +67,13 @@ def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     CPU). No host sync here."""
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    logp, H, lse = torch.zeros(N, **f32), torch.zeros(N, **f32), torch.zeros(N, **f32)
+    logp, H = torch.zeros(N, **f32), torch.zeros(N, **f32)
+    lse = torch.zeros(N, dtype=torch.float64, device=hidden.device)  # float64: backends/__init__.py RowStats
     for _, take, put in _row_chunks(rows, N, step):
         z = logits_chunk(take(hidden), weight, bias)
         res = ops.entropy_logprob_fwd(z, take(labels), opts.inv_temperature, opts.ignore_index, threads)
         for o, r in zip((logp, H, lse), res):
-            put(o, r.to(o.dtype))  # the fused heads keep an fp32 lse (backends/__init__.py RowStats)
+            put(o, r)
     return logp, H, lse  # a plain tuple: the fused-head custom op returns it as is
 
 
@@ -100,8 +101,9 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
         z = logits_chunk(h, weight, bias)
         wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
         dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
-        ops.entropy_logprob_bwd(z, take(labels), take(lse).to(torch.float64), take(H), take(grad_logp), take(grad_H),
-                                opts.inv_temperature, opts.ignore_index, dz, threads)
+        # lse float64 (an fp32 one is widened: the old, ulp(lse)-limited accuracy)
+        ops.entropy_logprob_bwd(z, take(labels), take(lse).to(torch.float64), take(H), take(grad_logp),
+                                take(grad_H), opts.inv_temperature, opts.ignore_index, dz, threads)
         if grad_hidden is not None:
             dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
             put(grad_hidden, (dz_w @ weight).to(hidden.dtype))

@@ -85,7 +85,7 @@ def forward(
     N = hidden.shape[0]
     V = weight.shape[0]
     # Three separate tensors: the public custom op may not return outputs that alias each other.
-    out = tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    out = tuple(torch.zeros(N, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.float32, torch.float64))
     idx = _valid_rows(labels, opts.ignore_index)
     if idx.numel() == 0:
         return out
@@ -100,7 +100,7 @@ def forward(
         res = row_outputs(z, labels.index_select(0, rows), opts.ignore_index)
         del z
         for o, r in zip(out, res):
-            o.index_copy_(0, rows, r.to(torch.float32))
+            o.index_copy_(0, rows, r.to(o.dtype))
     return out
 
 

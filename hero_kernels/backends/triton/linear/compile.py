@@ -50,7 +50,8 @@ def signature(fn, dt: str) -> Dict[str, str]:
         if is_constexpr:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*" + (dt if n in _INPUT_PTRS else "i64" if n in _I64 else "fp32")
+            kind = "i64" if n in _I64 else "fp64" if n == "lse_ptr" else "fp32"  # lse: fp64, split hi + lo
+            sig[n] = "*" + (dt if n in _INPUT_PTRS else kind)
         else:
             sig[n] = "i64" if n in _I64 else "fp32" if n == "inv_temp" else "i32"
     return sig
@@ -109,8 +110,11 @@ def _kernel_configs() -> List[tuple]:
             archs.setdefault(entry[5], []).append(arch)
     out = [entries[d] + (tuple(archs[d]),) for d in entries]
     for final in (True, False):
-        out.append(_entry(K._merge_partials_kernel, "fp32", {"FINAL": final, "BLOCK": MERGE_BLOCK}, 4, 1,
-                          f"_merge_partials_kernel final={final} BLOCK={MERGE_BLOCK} w=4") + (ARCHS,))
+        e = _entry(K._merge_partials_kernel, "fp32", {"FINAL": final, "BLOCK": MERGE_BLOCK}, 4, 1,
+                   f"_merge_partials_kernel final={final} BLOCK={MERGE_BLOCK} w=4")
+        if final:
+            e[1]["o2_ptr"] = "*fp64"  # lse
+        out.append(e + (ARCHS,))
     return out
 
 

@@ -74,7 +74,8 @@ def _logits_tile(
 
 
 @triton.jit
-def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS: tl.constexpr):
+def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse_hi, lse_lo, k, c, lab, inv_temp,
+                  LABEL_STATS: tl.constexpr):
     """dz = (1/tau)[g (1[j=y] - p) - k p (log p + H)] in fp32; 0 on padded columns and padded rows.
 
     Per row: k, c = g + k H and lab. Off the label, dz = -(1/tau) p (k log p + c): two tile ops fewer
@@ -85,9 +86,10 @@ def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp,
     (vocab shards), lab = g is added to the tile's value: the plain form.
     -inf logits (masked vocabulary, and the padded columns, which _logits_tile sets to -inf) have p = 0
     and log p is replaced by 0 there, so no 0 * inf = NaN; a masked LABEL column still gets g (1 - 0).
+    lse = hi + lo (``_row_stats``): log p = (x - hi) - lo has no ulp(lse) error at large logit offsets.
     """
     live = row_mask[:, None] & (x > float("-inf"))
-    logq = tl.where(live, x - lse[:, None], 0.0)
+    logq = tl.where(live, (x - lse_hi[:, None]) - lse_lo[:, None], 0.0)
     p = tl.where(live, tl.exp(logq), 0.0)
     dz = -p * (k[:, None] * logq + c[:, None])
     is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :] & row_mask[:, None]
@@ -232,7 +234,8 @@ def _merge_partials_kernel(
         # H = log s - t / s: both terms >= 0, so H >= 0 and accurate even when H -> 0.
         tl.store(o0_ptr + rows, tl.where(dom, -l1p, dy - log_s), mask=mask)
         tl.store(o1_ptr + rows, log_s - t / s, mask=mask)
-        tl.store(o2_ptr + rows, M + log_s, mask=mask)
+        # lse in fp64 (o2 is fp64 when FINAL): the backward splits it into fp32 hi + lo (_row_stats)
+        tl.store(o2_ptr + rows, M.to(tl.float64) + log_s.to(tl.float64), mask=mask)
     else:
         tl.store(o0_ptr + rows, M, mask=mask)
         tl.store(o1_ptr + rows, s, mask=mask)
@@ -242,11 +245,13 @@ def _merge_partials_kernel(
 
 @triton.jit
 def _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset):
-    """Per-row labels (shard-local), lse, k, c = g + k H and the label-column value (see _dlogits_tile) of
-    the clamped rows."""
+    """Per-row labels (shard-local), lse as fp32 hi + lo (from the fp64 lse), k, c = g + k H and the
+    label-column value (see _dlogits_tile) of the clamped rows."""
     labels = tl.load(labels_ptr + rows_c) - label_offset
-    lse = tl.load(lse_ptr + rows_c)
-    return labels, lse, tl.load(k_ptr + rows_c), tl.load(c_ptr + rows_c), tl.load(lab_ptr + rows_c)
+    lse = tl.load(lse_ptr + rows_c).to(tl.float64)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
+    return labels, lse_hi, lse_lo, tl.load(k_ptr + rows_c), tl.load(c_ptr + rows_c), tl.load(lab_ptr + rows_c)
 
 
 @triton.jit
@@ -263,10 +268,11 @@ def _dz_tile(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
     cols_c = tl.minimum(cols, V - 1)
-    labels, lse, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c, label_offset)
+    labels, lse_hi, lse_lo, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c,
+                                                   label_offset)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
                      inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse, k, c, lab, inv_temp, LABEL_STATS)
+    dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse_hi, lse_lo, k, c, lab, inv_temp, LABEL_STATS)
     return rows, row_mask, rows_c, cols, col_mask, cols_c, dz
 
 

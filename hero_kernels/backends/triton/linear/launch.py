@@ -287,7 +287,9 @@ def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final:
     merge = _forward_plan(n, h.shape[1], weight.shape[0], h.element_size(), bias is not None, cfg,
                           _device_sms(h.device) or GPU_SPECS["h100"].sms, final)[1]
     assert merge.meta["splits"] == S
-    out = tuple(torch.empty(n, dtype=torch.float32, device=h.device) for _ in range(3 if final else 4))
+    # final: lse (out[2]) in float64, split into fp32 hi + lo by the backward (no ulp(lse) error)
+    out = tuple(torch.empty(n, dtype=torch.float64 if final and i == 2 else torch.float32, device=h.device)
+                for i in range(3 if final else 4))
     K._merge_partials_kernel[merge.grid](
         parts[0], parts[1], parts[2], parts[3], parts[4], out[0], out[1], out[2], out[0] if final else out[3],
         n, S, FINAL=final, BLOCK=merge.meta["BLOCK"], num_warps=merge.num_warps,
@@ -297,13 +299,14 @@ def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final:
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
             config: Optional[LinearEntropyConfig] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H, lse), each fp32 [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None, labels [N]."""
+    """(logp, H fp32, lse fp64) [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None, labels [N]."""
     _check(hidden, weight, bias, labels)
     cfg = config or default_config(hidden.dtype, device_arch(hidden.device))
     N = hidden.shape[0]
     idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index, may_skip_compaction=True)
+    dts = (torch.float32, torch.float32, torch.float64)  # lse in float64 (backends/__init__.py RowStats)
     if h.shape[0] == 0:
-        return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
+        return tuple(torch.zeros(N, dtype=dt, device=hidden.device) for dt in dts)
     res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
     # A label outside [0, V) never matches a column in the kernels (no out-of-bounds read), so its row would
     # come out as if the label's logit were 0: make it a NaN row instead (backend contract; no host sync).
@@ -311,7 +314,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     res = tuple(r.masked_fill_(bad, float("nan")) for r in res)
     if idx is None:  # uncompacted: masked rows (if any) were computed, their results are 0
         return tuple(r.masked_fill_(lab == opts.ignore_index, 0.0) for r in res)
-    return tuple(torch.zeros(N, dtype=torch.float32, device=hidden.device).index_copy_(0, idx, r) for r in res)
+    return tuple(torch.zeros(N, dtype=dt, device=hidden.device).index_copy_(0, idx, r) for dt, r in zip(dts, res))
 
 
 def forward_partials(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
@@ -458,7 +461,8 @@ def backward(
              logp if label_stats else zeros)
     if idx is not None:
         stats = tuple(x.index_select(0, idx) for x in stats)
-    lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float32).contiguous()) for x in stats)
+    lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float64 if i == 0 else torch.float32).contiguous())
+                          for i, x in enumerate(stats))  # lse fp64 (an fp32 one, e.g. sharded, is widened)
     # A label outside [0, V) (not ignore_index) got lse = NaN from ``forward``, so its dz row is NaN here. Not
     # re-checked: for a vocab shard (``vocab_start``, ``hero_kernels.sharded``) such labels are legitimate.
     if idx is None:
