@@ -2,7 +2,8 @@
 //
 //   entropy_logprob_fwd(logits [N, V] or [B, T, V], labels [N] int64, inv_temperature, ignore_index, threads=0)
 //       -> (logp, H fp32 [N], lse fp64 [N]: the backward splits it into fp32 hi + lo); rows with label ==
-//       ignore_index give 0, rows with a label outside [0, V) NaN (the kernels guard the read; no host-side pass over the labels).
+//       ignore_index give 0, rows with a label outside [0, V) NaN (the kernels guard the read; no host-side
+//       pass over the labels).
 //   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!, threads=0)
 //       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
 //

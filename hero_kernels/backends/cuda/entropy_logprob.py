@@ -75,10 +75,10 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
-        out.append(KernelLaunch("entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 12), note,
+        out.append(KernelLaunch("entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 16), note,
                                 num_warps=threads // 32, meta=meta("fwd")))
     if pass_ in ("bwd", "fwd+bwd"):
-        out.append(KernelLaunch("entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 16),
+        out.append(KernelLaunch("entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 20),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
                                 num_warps=threads // 32, meta=dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
     return out

@@ -12,7 +12,8 @@ large numbers (the absolute form ``lse - sum p x`` loses ~ulp(lse) when logits a
 
 Backward: one program per row, one pass; ``p`` recomputed from the saved ``lse`` (never stored), all
 math in fp32. The forward saves lse in fp64 and the backward splits it into fp32 ``hi + lo`` once per row:
-``log p = (x - hi) - lo`` keeps the digits an fp32 lse loses at large logit offsets (ulp(lse)). The target column's ``1 - p_y`` is NOT formed as ``1 - exp(x_y - lse)``: the pass sums
+``log p = (x - hi) - lo`` keeps the digits an fp32 lse loses at large logit offsets (ulp(lse)).
+The target column's ``1 - p_y`` is NOT formed as ``1 - exp(x_y - lse)``: the pass sums
 ``q = sum_{j != y} p_j`` and rewrites column ``y`` after the loop with ``1 - p_y = q / (q + p_y)``, so
 ``g (1 - p_y)`` keeps its relative precision when ``p_y -> 1`` (the bf16 cancellation of Liger #1329, and
 the ulp(lse) loss of fp32). Every element is loaded and stored by the same thread in the same iteration
@@ -353,9 +354,9 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     """The launches of ``entropy_logprob`` on N rows of V columns (``batch`` = B for a [B, T, V] view,
     N = B * T), in order. pass_: "fwd" (forward kernel), "bwd" (backward kernel) or "fwd+bwd".
 
-    HBM bytes: the forward reads each logit once (+ labels, 3 fp32 outputs per row); the backward reads
+    HBM bytes: the forward reads each logit once (+ labels, 2 fp32 outputs and the fp64 lse per row); the backward reads
     each logit once and writes each dlogit once in the logits dtype (the same bytes in place, where the
-    write lands in the caller's buffer), + labels and 4 fp32 row vectors. Nothing is assumed L2-resident:
+    write lands in the caller's buffer), + labels, 3 fp32 row vectors and the fp64 lse. Nothing is assumed L2-resident:
     a row (<= 0.6 MB) is streamed once per kernel. The launchers call this and launch exactly it.
     meta["sass_per_elt"]: the measured hot-loop SASS instructions per element of the build that runs (aligned
     when V % 16 == 0, as Triton specializes it; ``hero_kernels.backends.sass_counts``), for the roofline's
@@ -376,10 +377,10 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
-        out.append(KernelLaunch("_entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 12),
+        out.append(KernelLaunch("_entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 16),
                                 note, cfg.num_warps, cfg.num_stages, meta("fwd")))
     if pass_ in ("bwd", "fwd+bwd"):
-        out.append(KernelLaunch("_entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 16),
+        out.append(KernelLaunch("_entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 20),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
                                 cfg.num_warps, cfg.num_stages, dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
     return out
@@ -457,8 +458,8 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     """logits [N, V] or [B, T, V] (bf16/fp16/fp32, last-dim stride 1, any row / batch stride), labels [N]
     or [B, T] int64. One launch either way.
 
-    Returns (logp, H, lse) [N] (N = B * T; logp, H float32, lse float64); rows with label == opts.ignore_index give 0, 0, 0,
-    rows with a label outside [0, V) NaN.
+    Returns (logp, H, lse) [N] (N = B * T; logp, H float32, lse float64); rows with label ==
+    opts.ignore_index give 0, 0, 0, rows with a label outside [0, V) NaN.
     """
     _check_logits("logits", logits)
     V = logits.shape[-1]
