@@ -1,4 +1,4 @@
-"""``hero bench``: the kernel micro-benchmarks (``python -m benchmarks``), registered with the hero CLI.
+"""``hero bench``: the kernel micro-benchmarks (``python -m benchmarks``), listed in ``hero.cli.COMMANDS``.
 
 The benchmark suite is not part of the wheel (``benchmarks/`` sits beside the packages in a source checkout,
 and a top-level package of that name must not land in users' site-packages), so this command finds it in the
@@ -11,8 +11,6 @@ import os
 import sys
 from typing import List, Optional
 
-from .cli import register_command
-
 
 def find_benchmarks_root() -> Optional[str]:
     """The source checkout whose ``benchmarks/__main__.py`` to run: the one holding this ``hero`` package, else
@@ -24,7 +22,6 @@ def find_benchmarks_root() -> Optional[str]:
     return None
 
 
-@register_command("bench", "run the kernel micro-benchmarks from a source checkout (python -m benchmarks; --help)")
 def _bench(argv: List[str]) -> int:
     root = find_benchmarks_root()
     if root is None:

@@ -1,13 +1,14 @@
 """Command line: ``hero <command> [args]``; ``hero train --config FILE [--key value ...]``.
 
-Subcommands live in a registry so other modules add theirs without touching ``main`` (list the module in
-``COMMAND_MODULES`` so ``main`` imports it)::
+Subcommands are a table of (name, ``"module:function"``, one-line help) in ``COMMANDS``: ``hero --help`` lists
+them without importing anything, and ``main`` imports only the module of the command that runs, so ``hero train``
+never imports an experiment or the benchmark suite. Add one with::
 
     from hero.cli import register_command
 
-    @register_command("bench", "run the kernel benchmarks")
-    def _bench(argv: list[str]) -> int:
-        ...  # parse argv yourself (argparse is fine), return an exit code
+    register_command("mine", "my_package.cli:mine_command", "what it does (hero mine --help)")
+
+where ``mine_command(argv: list[str]) -> int`` parses ``argv`` itself (argparse is fine) and returns an exit code.
 
 ``hero train`` reads the YAML config, applies ``--key value`` / ``--section.key=value`` overrides (typed by the
 config dataclasses; unknown keys are an error naming the key), trains, and prints where the checkpoints
@@ -31,39 +32,45 @@ __all__ = ["main", "register_command", "resume_command", "COMMANDS"]
 
 
 class Command(NamedTuple):
-    fn: Callable[[List[str]], int]
+    target: str  # "module:function"; function(argv: List[str]) -> exit code
     help: str
 
 
-#: name -> Command; filled by ``register_command``.
-COMMANDS: Dict[str, Command] = {}
-
-#: Modules that register more subcommands when imported; ``main`` imports them on first use (a module that
-#: does not exist yet is skipped). Add yours here.
-COMMAND_MODULES = ("hero.experiments.confidence_trap.diagnose_cli", "hero.bench_cli")
-
-
-def register_command(name: str, help: str = ""):
-    """Decorator: register ``fn(argv) -> exit code`` as ``hero <name>``."""
-
-    def deco(fn: Callable[[List[str]], int]):
-        if name in COMMANDS and COMMANDS[name].fn is not fn:
-            raise ValueError(f"hero subcommand {name!r} is already registered")
-        COMMANDS[name] = Command(fn, help)
-        return fn
-
-    return deco
+#: name -> Command. Only names and help live here; a command's module is imported when that command runs.
+COMMANDS: Dict[str, Command] = {
+    "train": Command("hero.cli:_train", "train a policy with HERO-GRPO (hero train --config FILE [--key value ...])"),
+    "plot": Command("hero.cli:_plot",
+                    "plot reward, entropy, KL and kept fraction of a run (hero plot RUN_DIR [--out FILE.png])"),
+    "bench": Command("hero.bench_cli:_bench",
+                     "run the kernel micro-benchmarks from a source checkout (python -m benchmarks; --help)"),
+    "diagnose": Command("hero.experiments.confidence_trap.diagnose_cli:_diagnose_cmd",
+                        "confidence-trap diagnosis of a VLM (hero diagnose --model PATH --data FILE.jsonl --out DIR)"),
+    "demo": Command("hero.experiments.confidence_trap.diagnose_cli:_demo_cmd",
+                    "the confidence-trap demo end to end on CPU (hero demo --out demo_out)"),
+}
 
 
-def _load_command_modules() -> None:
+def register_command(name: str, target: str, help: str = "") -> None:
+    """Add ``hero <name>``, implemented by ``target`` = ``"module:function"`` (imported when the command runs)."""
+    if ":" not in target:
+        raise ValueError(f"register_command target must be 'module:function', got {target!r}")
+    if name in COMMANDS and COMMANDS[name].target != target:
+        raise ValueError(f"hero subcommand {name!r} is already registered")
+    COMMANDS[name] = Command(target, help)
+
+
+def _command_fn(name: str) -> Callable[[List[str]], int]:
+    """Import the module of ``hero <name>`` and return its function; one-line error when the module is missing."""
     import importlib
 
-    for mod in COMMAND_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of ITS imports is missing: say so
-                raise
+    module, fn = COMMANDS[name].target.split(":", 1)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise  # the module exists but one of ITS imports is missing: say which
+        raise HeroUserError(f"this command needs the module {module!r}, which is not installed") from e
+    return getattr(mod, fn)
 
 
 def _usage() -> str:
@@ -133,7 +140,6 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["hero", "train", *keep, "--resume", "auto"])
 
 
-@register_command("train", "train a policy with HERO-GRPO (hero train --config FILE [--key value ...])")
 def _train(argv: List[str]) -> int:
     parsed = _split_train_args(argv)
     if parsed is None:
@@ -178,7 +184,6 @@ def _already_complete(trainer) -> int:
     return 0
 
 
-@register_command("plot", "plot reward, entropy, KL and kept fraction of a run (hero plot RUN_DIR [--out FILE.png])")
 def _plot(argv: List[str]) -> int:
     import argparse
 
@@ -222,7 +227,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``hero`` script and ``python -m hero``. A HeroUserError from any command is one line on
     stderr and its exit code (HERO_DEBUG=1: with the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _load_command_modules()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -232,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     with _OneLineWarnings(cmd):
         try:
-            return int(COMMANDS[cmd].fn(rest) or 0)
+            return int(_command_fn(cmd)(rest) or 0)
         except HeroUserError as e:
             return _user_error(cmd, e)
         except KeyboardInterrupt:

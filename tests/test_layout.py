@@ -67,3 +67,37 @@ def test_wheel_leaves_out_the_benchmarks():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         include = tomllib.load(f)["tool"]["setuptools"]["packages"]["find"]["include"]
     assert not any(p.split(".")[0].rstrip("*") == "benchmarks" for p in include)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["nope"]])
+def test_cli_imports_no_experiment_for_help_and_train(argv):
+    """``hero --help`` lists every command and ``hero train`` runs without importing an experiment or the
+    benchmark suite: the command table names modules, and only the chosen command's module is imported."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from hero.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(out):\n"
+        f"    rc = main({argv!r})\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('hero.experiments') or m.split('.')[0] == 'benchmarks')\n"
+        "print(rc, bad, 'diagnose' in out.getvalue() and 'demo' in out.getvalue())\n"
+    )
+    rc, listed = {"nope": ("2", "True"), "--help": ("0", "True")}.get(argv[0], ("0", "False"))
+    assert _run(code).strip() == f"{rc} [] {listed}"
+
+
+def test_python_m_hero_help_imports_no_experiment():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "hero", "train", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: hero train" in out.stdout
+    assert "hero.experiments" not in out.stderr  # -X importtime lists every module imported
+
+
+def test_chosen_command_imports_its_module_and_a_missing_one_is_one_line(monkeypatch, capsys):
+    from hero import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "gone", cli.Command("hero.no_such_module:run", "a command whose module is gone"))
+    assert cli.main(["gone"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hero gone: ") and "hero.no_such_module" in err and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="module:function"):
+        cli.register_command("x", "no_colon")

@@ -1,7 +1,7 @@
 """The confidence-trap demo, end to end on a laptop CPU, offline: ``make demo``.
 
 ``python -m hero.experiments.confidence_trap.demo [--config configs/demo.yaml] [--out demo_out] [--KEY VALUE ...] [--runs hero,grpo]``
-(also ``hero demo ...`` once ``hero.experiments.confidence_trap.diagnose_cli`` is registered in ``hero.cli``).
+(also ``hero demo ...``, listed in ``hero.cli.COMMANDS``).
 
 Stages (each prints a line with its wall time; the trainer shows a tqdm bar):
 

@@ -1,4 +1,5 @@
-"""``hero diagnose`` and ``hero demo`` subcommands (registered in ``hero.cli``'s registry on import).
+"""``hero diagnose`` and ``hero demo`` subcommands (``hero.cli.COMMANDS`` names them and imports
+this module only when one of them runs).
 
 ``hero diagnose --model PATH --data FILE.jsonl [--sigmas 0,30,50] --out DIR [options]``
 
@@ -17,15 +18,13 @@ and ``DIR/{reliability,entropy_vs_sigma,entropy_bins}.png``.
 * ``--decode vcd``: visual contrastive decoding instead of greedy (``hero.experiments.confidence_trap.vcd``);
   the same report, from the contrastive answer distribution.
 
-This module imports nothing heavy at import time, so registering the commands keeps ``hero --help`` fast.
+This module imports nothing heavy at import time, so ``hero diagnose --help`` stays fast.
 """
 from __future__ import annotations
 
 import os
 import sys
 from typing import List, Optional, Sequence
-
-from hero.cli import register_command
 
 __all__ = ["diagnose_main", "load_adapter"]
 
@@ -277,12 +276,10 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
     return 0
 
 
-@register_command("diagnose", "confidence-trap diagnosis of a VLM (hero diagnose --model PATH --data FILE.jsonl --out DIR)")
 def _diagnose_cmd(argv: List[str]) -> int:
     return diagnose_main(argv)
 
 
-@register_command("demo", "the confidence-trap demo end to end on CPU (hero demo --out demo_out)")
 def _demo_cmd(argv: List[str]) -> int:
     from hero.experiments.confidence_trap.demo import demo_main
 
