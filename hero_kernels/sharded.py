@@ -15,7 +15,7 @@ Forward
        merges them in rank order (``merge_stacked_partials``), so every rank holds identical merged partials.
        (A max-then-sum all-reduce would need two steps.) Merging rebases each shard to the global max M:
        s += a s_k, so += a so_k, t += a (t_k + (m_k - M) s_k) with a = e^{m_k - M}: sums of like-signed terms.
-    3. ``finalize`` -> (logp, H, lse); masked rows 0. With e_y = e^{x_y - M} >= so (p_y >= 1/2; then the label
+    3. ``finalize`` -> (logp, H fp32, lse float64 = float64(M) + float64(log s), unrounded); masked rows 0. With e_y = e^{x_y - M} >= so (p_y >= 1/2; then the label
        is the row max) log p_y = -log1p(so / e_y) and log s = (x_y - M) + log1p(so / e_y): both keep their
        relative accuracy as p_y -> 1, where x_y - lse and log(s ~ 1) are rounding noise; otherwise the plain
        x_y - M - log s. H = log s - t / s adds two non-negative terms (no cancellation against |lse| at
@@ -23,7 +23,9 @@ Forward
        as log(s), so H -> 0 there keeps an absolute (not relative) accuracy of ~eps.
 
 Backward (``shard_backward``), given the GLOBAL lse, H and (for the label column) logp from the forward:
-    dz_ij = (1/tau) [g_i (1[j=y_i] - p_ij) - k_i p_ij (log p_ij + H_i)],  p_ij = exp(x_ij - lse_i)
+    dz_ij = (1/tau) [g_i (1[j=y_i] - p_ij) - k_i p_ij (log p_ij + H_i)],  log p_ij = (x_ij - hi_i) - lo_i
+    with the float64 lse split per row into fp32 hi + lo (as the unsharded backward does): x - hi is exact
+    near the row max, so p carries no ulp(lse) error at large logit offsets (x - fp32 lse would);
     for the shard's columns only; the label column takes 1 - p_y = -expm1(logp) and log p_y = logp (accurate
     as p_y -> 1). grad_weight / grad_bias are the shard's own (no communication); grad_hidden is this shard's
     share sum_{j in shard} dz_ij W_j in fp32, to be summed over ranks (``all_reduce_grad_hidden``) and then cast
@@ -188,7 +190,8 @@ def merge_stacked_partials(stacked: Partials) -> Partials:
 
 
 def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H, lse) fp32 [N] from merged partials; masked rows 0 (accurate forms: module docstring)."""
+    """(logp, H) fp32 [N] and lse float64 [N] from merged partials; masked rows 0 (accurate forms: module
+    docstring). lse = float64(M) + float64(log s) unrounded, for the backward's hi + lo split."""
     M = parts.m
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
     dy = parts.label_x - M_safe
@@ -200,7 +203,8 @@ def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -
     H = log_s - parts.t / parts.s
     valid = labels != opts.ignore_index
     zero = torch.zeros((), dtype=M.dtype, device=M.device)
-    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, M + log_s, zero)
+    lse = M.to(torch.float64) + log_s.to(torch.float64)
+    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero.double())
 
 
 def all_reduce_partials(parts: Partials, group=None) -> Partials:
@@ -241,7 +245,7 @@ def shard_backward(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_hidden share fp32 [N, D], grad_weight [V_local, D] weight.dtype, grad_bias [V_local] | None).
 
-    lse, H, logp: GLOBAL fp32 [N] from ``finalize``; logp gives the label column its accurate 1 - p_y
+    lse float64, H, logp fp32: GLOBAL [N] from ``finalize`` (an fp32 lse is widened, lo = 0); logp gives the label column its accurate 1 - p_y
     (None: the plain 1 - exp(x_y - lse), rounding noise as p_y -> 1). grad_logp, grad_H: fp32 [N] or None (= 0).
     Sum grad_hidden over shards (``all_reduce_grad_hidden``) before casting it to hidden.dtype.
     """
@@ -263,7 +267,10 @@ def shard_backward(
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
     g_all = zeros if grad_logp is None else grad_logp.to(torch.float32)
     k_all = zeros if grad_H is None else grad_H.to(torch.float32)
-    stats = torch.stack([lse.to(torch.float32), H.to(torch.float32), g_all, k_all,
+    lse64 = lse.to(torch.float64)
+    lse_hi = lse64.to(torch.float32)
+    lse_lo = (lse64 - lse_hi.to(torch.float64)).to(torch.float32)  # lse = hi + lo to ~2^-48 relative
+    stats = torch.stack([lse_hi, lse_lo, H.to(torch.float32), g_all, k_all,
                          zeros if logp is None else logp.to(torch.float32)])
     C = _chunk_rows(V_local, max_chunk_bytes)
     for start in range(0, idx.numel(), C):
@@ -280,10 +287,11 @@ def shard_backward(
     return dh, dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
-def _shard_dlogits(x: Tensor, loc: Tensor, inside: Tensor, lse: Tensor, H: Tensor, g: Tensor, k: Tensor,
-                   logp: Tensor, temperature: float, label_stats: bool) -> Tensor:
-    """dz [C, V_local] of the shard's columns x [C, V_local] (already / tau) from the GLOBAL row stats [C]."""
-    logq = x - lse.unsqueeze(-1)
+def _shard_dlogits(x: Tensor, loc: Tensor, inside: Tensor, lse_hi: Tensor, lse_lo: Tensor, H: Tensor, g: Tensor,
+                   k: Tensor, logp: Tensor, temperature: float, label_stats: bool) -> Tensor:
+    """dz [C, V_local] of the shard's columns x [C, V_local] (already / tau) from the GLOBAL row stats [C];
+    lse = lse_hi + lse_lo (fp32 each): log p = (x - hi) - lo, no ulp(lse) error at large offsets."""
+    logq = (x - lse_hi.unsqueeze(-1)) - lse_lo.unsqueeze(-1)
     p = torch.exp(logq)
     # off the label: -p (k log p + c) with c = g + k H; -inf columns (p = 0) give 0, never (-inf) * 0
     c = g + k * H
@@ -318,6 +326,7 @@ def sharded_linear_entropy_logprob(
     group=None,
     impl: str = "auto",
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Forward on this rank's shard + one collective: GLOBAL (logp, H, lse), fp32 [N], identical on all ranks."""
+    """Forward on this rank's shard + one collective: GLOBAL (logp, H fp32, lse float64) [N], identical on all
+    ranks."""
     parts = shard_partials(hidden, weight, labels, vocab_start, bias, opts, impl)
     return finalize(all_reduce_partials(parts, group), labels, opts)

@@ -414,13 +414,10 @@ def test_fused_head_undefined_rows_are_nan(impl, case):
     assert bool(torch.isnan(hh.grad).all()), hh.grad
 
 
-@pytest.mark.parametrize("impl", BACKENDS)
-def test_fused_head_backward_at_large_offset_has_no_lse_rounding(impl):
-    """Fused head with a +3e3 bias and values on a grid that makes every logit exact in fp32 (h in 1/4, W in
-    1/8, b in 1/32 steps): the only error left is the backward's p. An fp32 lse would put ulp(lse)/2 of
-    relative error on every p; the saved lse is float64, split into hi + lo. Yardstick: eager fp32."""
-    gen = torch.Generator().manual_seed(11)
-    N, D, V = 6, 16, 301
+def exact_offset_head(seed: int = 11, N: int = 6, D: int = 16, V: int = 301):
+    """(h [N, D], w [V, D], b [V] fp32, y [N], g, k float64 [N], z float64 [N, V]): fused-head inputs at a +3e3
+    bias on a grid (h in 1/4, w in 1/8, b in 1/32 steps) that makes every logit z = h w^T + b exact in fp32."""
+    gen = torch.Generator().manual_seed(seed)
     h = torch.randint(-2, 3, (N, D), generator=gen).float() / 4
     w = torch.randint(-4, 5, (V, D), generator=gen).float() / 8
     b = 3e3 + torch.randint(-64, 65, (V,), generator=gen).float() / 32
@@ -428,6 +425,15 @@ def test_fused_head_backward_at_large_offset_has_no_lse_rounding(impl):
     g, k = torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
     z = h.double() @ w.double().t() + b.double()
     assert torch.equal((h @ w.t() + b).double(), z)  # exact logits: no GEMM rounding in the comparison
+    return h, w, b, y, g, k, z
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_fused_head_backward_at_large_offset_has_no_lse_rounding(impl):
+    """Fused head with a +3e3 bias and values on a grid that makes every logit exact in fp32 (h in 1/4, W in
+    1/8, b in 1/32 steps): the only error left is the backward's p. An fp32 lse would put ulp(lse)/2 of
+    relative error on every p; the saved lse is float64, split into hi + lo. Yardstick: eager fp32."""
+    h, w, b, y, g, k, z = exact_offset_head()
     _, _, r_dz = oracle(z, y, 1.0, g, k)
 
     def dh_of(fn):

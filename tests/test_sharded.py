@@ -76,8 +76,8 @@ def test_two_shards_match_unsharded(impl, bias):
     merged = S.merge_stacked_partials(S.stack_partials(parts))
     logp, H, lse = S.finalize(merged, y, opts)
     ref_vals = R.linear_entropy_logprob(h, W, y, b, 0.8, IGNORE)
-    for got, ref in zip((logp, H, lse), ref_vals):
-        assert got.dtype == torch.float32
+    for got, ref, dt in zip((logp, H, lse), ref_vals, (torch.float32, torch.float32, torch.float64)):
+        assert got.dtype == dt  # lse float64: the backward splits it into fp32 hi + lo
         assert _err(got, ref) < 2e-5 * (1 + ref.abs().max().item())
     assert not logp.cpu()[~valid].any() and not H.cpu()[~valid].any()
 
@@ -235,6 +235,39 @@ def test_offset_three_shards_match_unsharded_accuracy(impl, dominant):
         assert err <= 2 * yard + 1e-5, (err, yard)
     for got, ref in ((logp, ref_logp), (H, ref_H), (dz_y, ref_dz)):
         assert rel(got, ref) < 1e-3  # relative accuracy, not just absolute
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cuts", [[(0, 150), (150, 301)], [(0, 100), (100, 200), (200, 301)]], ids=["2sh", "3sh"])
+def test_shard_backward_at_large_offset_has_no_lse_rounding(impl, cuts):
+    """+3e3 bias, values on a grid that makes every logit exact in fp32 (h in 1/4, W in 1/8, b in 1/32 steps):
+    the only error left is how the backward forms p. An fp32 lse (M + log s rounded) puts up to ulp(lse)/2 =
+    1.2e-4 of relative error on every p; finalize's lse is float64 and the backward splits it into fp32 hi + lo.
+    dh / dW / db within ~2x the unsharded fused op's (same impl) against a float64 oracle from the math."""
+    import hero_kernels as hk
+
+    from test_numerics_contract import exact_offset_head
+
+    h, W, b, y, g, k, z = exact_offset_head()  # V = 301, logits exact in fp32 at +3e3
+    logq = torch.log_softmax(z, -1)  # float64 oracle: dz = g (1[j=y] - p) - k p (log p + H)
+    p = logq.exp()
+    H = -(p * logq).sum(-1)
+    dz = g[:, None] * (torch.zeros_like(p).scatter_(1, y[:, None], 1.0) - p) - k[:, None] * p * (logq + H[:, None])
+    g, k = g.float(), k.float()
+    refs = (dz @ W.double(), dz.t() @ h.double(), dz.sum(0))
+
+    hd, Wd, bd, yd, gd, kd = (t.to(DEVICE) for t in (h, W, b, y, g, k))
+    parts = [S.shard_partials(hd, Wd[a:e], yd, a, bd[a:e], impl=impl) for a, e in cuts]
+    logp, Hs, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), yd)
+    assert lse.dtype == torch.float64
+    outs = [S.shard_backward(hd, Wd[a:e], yd, a, lse, Hs, gd, kd, bd[a:e], impl=impl, logp=logp) for a, e in cuts]
+    got = (sum(o[0] for o in outs), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]))
+    leaves = [t.clone().requires_grad_(True) for t in (hd, Wd, bd)]  # the unsharded op: the yardstick
+    u_logp, u_H = hk.linear_entropy_logprob(leaves[0], leaves[1], yd, bias=leaves[2], impl=impl)
+    yard = torch.autograd.grad((u_logp * gd + u_H * kd).sum(), leaves)
+    for name, x, u, ref in zip(("dh", "dW", "db"), got, yard, refs):
+        err, base = _err(x, ref), _err(u, ref)
+        assert err <= 2 * base + 1e-7, (name, err, base)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -432,7 +432,7 @@ def backward(
     None, no fp32 [V, D] buffer and no dW GEMM. The atomic kernel (``deterministic=False``) writes both, so
     with only one gradient wanted the chunked path runs instead.
 
-    lse, H: fp32 [N] saved by the forward (GLOBAL values when weight is a vocab shard starting at
+    lse float64 (an fp32 one is widened), H fp32: [N] saved by the forward (GLOBAL values when weight is a vocab shard starting at
     ``vocab_start``; then grad_hidden is this shard's share, to be summed over shards).
     grad_logp, grad_H: fp32 [N] upstream gradients (None = 0). grad_hidden_dtype: defaults to hidden.dtype
     (pass torch.float32 for shards).
