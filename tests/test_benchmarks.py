@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import common as C
 from benchmarks import impls as I
+from gpu_compile_support import compile_env, require_compiler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -339,13 +340,8 @@ def test_compile_report_builds_row_kernels_aligned_and_unaligned():
 
 def test_compile_report_compiles_one_triton_kernel(tmp_path):
     """A real compile (no GPU): one Triton config for sm_90a, in a fresh process without TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
-    from hero_kernels.gpu_compile import cuobjdump_path
-
-    if cuobjdump_path() is None:
-        pytest.skip("cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    require_compiler()
+    env = compile_env()
     from hero_kernels.backends.triton import entropy_logprob as M
 
     # the largest bf16 forward config the row launcher can pick

@@ -5,7 +5,6 @@ temperature, huge logit offsets, a dominant label, non-contiguous views, random 
 Acceptance: error vs float64 <= 2 x the error of the same computation done by PyTorch in the input dtype, plus a
 small floor (outputs are fp32 for every input dtype, so the fp32 floor applies to bf16 inputs too).
 """
-import json
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import hero_kernels as hk
+from gpu_compile_support import require_compiler, run_json_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ["torch", "cpu", "triton"]
@@ -366,18 +366,10 @@ print(json.dumps(rows))
 
 def test_gpu_compile_no_spills():
     """triton.compile needs real JIT functions (TRITON_INTERPRET=1 replaces them): run in a subprocess without it."""
-    pytest.importorskip("triton.backends.nvidia")
+    require_compiler()
     from hero_kernels.backends.triton import grad_sketch as K
-    from hero_kernels.gpu_compile import cuobjdump_path
 
-    if cuobjdump_path() is None:
-        pytest.skip("cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = run_json_script(_COMPILE_SCRIPT, timeout=1200)
     assert len(rows) == 4 * len(K.KERNEL_CONFIGS)
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"local-memory spills: {spills}"

@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 from hero_kernels import reference as R  # noqa: E402
 from hero_kernels.backends.torch import linear_entropy_logprob as TB  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
+from gpu_compile_support import compile_env, require_compiler, run_json_script  # noqa: E402
 
 try:
     from hero_kernels.backends.triton import linear_entropy_logprob as K
@@ -427,15 +428,9 @@ def test_gpu_compile_no_spills():
     """Every KERNEL_CONFIGS entry for each of its archs, sm_80 / sm_90a (one subprocess per arch), compiled with
     the launchers' alignment attributes. triton.compile needs real JIT functions, which TRITON_INTERPRET=1
     replaces, so the subprocesses run without that variable. Spills show up as STACK (LOCAL stays 0)."""
-    pytest.importorskip("triton.backends.nvidia")
-    from hero_kernels.gpu_compile import cuobjdump_path
-
-    if cuobjdump_path() is None:
-        pytest.skip("cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    require_compiler()
     procs = [subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, str(cc)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for cc in (80, 90)]
+                              stderr=subprocess.PIPE, text=True, env=compile_env(), cwd=REPO) for cc in (80, 90)]
     rows = []
     for p in procs:
         out, err = p.communicate(timeout=900)
@@ -468,12 +463,7 @@ print(json.dumps(out))
 def test_gpu_compile_sm90_gemms_use_wgmma():
     """The forward and dz GEMM kernels compile to Hopper's wgmma on sm_90a (bf16), not to mma.sync."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _WGMMA_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    counts = run_json_script(_WGMMA_SCRIPT, timeout=900)
     print(counts)
     assert {d.split()[0] for d in counts} == {"_fwd_partials_kernel", "_bwd_dz_kernel"}
     assert all(n > 0 for n in counts.values()), counts

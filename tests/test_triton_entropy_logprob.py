@@ -15,16 +15,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 from hero_kernels import reference as R  # noqa: E402
 from hero_kernels.backends.triton import entropy_logprob as K  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
+from gpu_compile_support import require_compiler, run_json_script  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -347,17 +345,8 @@ print(json.dumps(rows))
 def test_gpu_compile_no_spills():
     """triton.compile needs real JIT functions, which TRITON_INTERPRET=1 replaces (InterpretedFunction has
     no cache_key), so the compile runs in a subprocess without that variable."""
-    pytest.importorskip("triton.backends.nvidia")
-    from hero_kernels.gpu_compile import cuobjdump_path
-
-    if cuobjdump_path() is None:
-        pytest.skip("cuobjdump not found")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    require_compiler()
+    rows = run_json_script(_COMPILE_SCRIPT, timeout=600)
     assert len(rows) == 2 * len(K.KERNEL_CONFIGS)
     for u in rows:
         print(f"{u['config']:58s} {u['arch']:7s} registers={u['registers']:3d} shared={u['shared_bytes']:5d} "
