@@ -77,11 +77,11 @@ def test_suite_tiny_writes_ratios_for_every_op(tmp_path):
     JSON, markdown and PNG are written. Anchors that are not installed must be skipped with a reason."""
     from benchmarks.__main__ import print_report, run_suite
 
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time of this process: machine load must not fail the test
     res = run_suite(size="tiny", impls=["ours", "eager", "liger", "cce", "verl"], device="cpu", out_dir=str(tmp_path),
                     stem="t", progress=False, threads=1)
-    wall = time.perf_counter() - t0
-    assert wall < 60, f"tiny suite took {wall:.1f} s"
+    cpu_s = time.process_time() - t0
+    assert cpu_s < 60, f"tiny suite took {cpu_s:.1f} s of CPU time"
     paths = res["files"]
     assert set(paths) == {"json", "md", "png"}
     with open(paths["json"]) as f:
