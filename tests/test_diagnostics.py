@@ -2,7 +2,6 @@
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,70 +196,45 @@ def test_diagnose_end_to_end_tiny_vlm(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# HFVLMAdapter with stand-in model/processor objects (a real model needs a GPU and weights)
+# HFVLMAdapter on a tiny random-init transformers LLaVA, its generation replaced by planned tokens
 # ---------------------------------------------------------------------------------------------
-class _Tok:
-    vocab = ["<pad>", "Yes", "No", " ", "<answer>", "</answer>", "x"]
-    padding_side = "right"
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i == 0))
-
-    def batch_decode(self, batch, skip_special_tokens=False):
-        return [self.decode(list(map(int, r)), skip_special_tokens) for r in batch]
-
-
-class _Enc(dict):
-    def to(self, device):
-        return self
-
-
-class _Proc:
-    def __init__(self):
-        self.tokenizer = _Tok()
-        self.calls = []
-
-    def apply_chat_template(self, msgs, add_generation_prompt, tokenize):
-        return "USER: " + msgs[0]["content"][1]["text"] + " ASSISTANT:"
-
-    def __call__(self, images, text, return_tensors, padding):
-        self.calls.append((images, text))
-        return _Enc(input_ids=torch.ones(len(text), 5, dtype=torch.long))
-
-
-class _Model:
-    device = "cpu"
-    config = SimpleNamespace(_name_or_path="fake-vlm")
-
-    def __init__(self, new_tokens):
-        self.new = torch.tensor(new_tokens)
-        self.logits = torch.randn(self.new.shape[1], self.new.shape[0], 7, generator=torch.Generator().manual_seed(1))
-
-    def generate(self, input_ids, max_new_tokens, do_sample, output_logits, return_dict_in_generate):
-        assert not do_sample and output_logits and return_dict_in_generate
-        return SimpleNamespace(sequences=torch.cat([input_ids, self.new], 1), logits=tuple(self.logits))
-
-
 @pytest.mark.parametrize("mode", ["first_token", "tag"])
-def test_hf_adapter_with_stand_ins(mode):
+def test_hf_adapter_answer_position(mode):
+    pytest.importorskip("transformers")
+    from hero.testing.tiny_models import build_tiny_model
+
+    model, proc = build_tiny_model("llava")
+    ad = HFVLMAdapter(model.eval(), proc, answer_mode=mode, max_new_tokens=3)
+    tok = ad.tokenizer
     if mode == "first_token":
-        new, steps, preds, found = [[3, 1, 0], [2, 3, 3]], [1, 0], ["yes", "no"], [True, True]
+        texts, steps, preds, found = [" Yes", "No  "], [1, 0], ["yes", "no"], [True, True]
     else:
-        new, steps, preds, found = [[4, 1, 5], [2, 3, 3]], [1, 0], ["yes", UNPARSED], [True, False]
-    model, proc = _Model(new), _Proc()
-    ad = HFVLMAdapter(model, proc, answer_mode=mode)
-    assert proc.tokenizer.padding_side == "left" and ad.name == "fake-vlm"
-    imgs = [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.uint8)]
+        texts, steps, preds, found = ["<answer> Yes</answer>", "No no"], [9, 0], ["yes", UNPARSED], [True, False]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    T = max(map(len, ids))
+    new = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in ids])
+    logits = torch.randn(T, 2, model.config.text_config.vocab_size, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def planned(enc, keys):
+        seen["prompt"] = tok.batch_decode(enc["input_ids"], skip_special_tokens=True)
+        return new, list(logits)
+
+    ad._decode = planned
+    imgs = [np.zeros((8, 8), np.uint8), np.zeros((30, 20, 3), np.uint8)]  # grayscale -> RGB, any size
     res = ad.answer_token_distribution(imgs, ["Is there a cat?", "Is there a dog?"])
-    assert res.predictions == preds and res.answer_found.tolist() == found
-    assert proc.calls[0][1][0] == "USER: Is there a cat? Answer the question with yes or no. ASSISTANT:"
-    assert proc.calls[0][0][0].mode == "RGB"
+    assert res.predictions == preds and res.answer_found.tolist() == found and res.texts == texts
+    assert seen["prompt"][0].endswith("USER: \nIs there a cat? Answer the question with yes or no. ASSISTANT:")
     for i, t in enumerate(steps):
-        z = model.logits[t, i]
+        z = logits[t, i]
         assert res.entropy[i] == pytest.approx(reference_entropy(z[None])[0].item(), rel=1e-6)
-        assert res.confidence[i] == pytest.approx(z.double().softmax(-1)[new[i][t]].item(), rel=1e-6)
+        assert res.confidence[i] == pytest.approx(z.double().softmax(-1)[new[i, t]].item(), rel=1e-6)
     with pytest.raises(ValueError, match="answer_mode"):
         HFVLMAdapter(model, proc, answer_mode="last")
+    raw = HFVLMAdapter(model, proc, use_chat_template=False, prompt="<image>\nQ: {question} A:")
+    enc, keys = raw._encode(imgs, ["cat?", "a dog?"])  # the prompt as is, left-padded
+    assert tok.batch_decode(enc["input_ids"], skip_special_tokens=True) == ["\nQ: cat? A:", "\nQ: a dog? A:"]
+    assert enc["pixel_values"].shape[0] == 2 and keys[0] != keys[1]
 
 
 def test_imports_without_triton_or_hero_kernels():

@@ -1,10 +1,10 @@
 """Visual contrastive decoding (hero.experiments.confidence_trap.vcd) in the diagnosis: the diffusion noise, the
 contrastive logits with the plausibility cutoff, the decoding loop, VCD with alpha = 0 equals greedy on the tiny
-VLM, the transformers adapter's VCD path with a stand-in model, and the ``hero diagnose --decode vcd`` flags."""
+VLM and on tiny transformers Qwen2-VL / LLaVA, their VCD logits against two explicit forwards at every step,
+and ``hero diagnose --decode vcd`` (flags, report, the CLI in a subprocess)."""
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from hero.experiments.confidence_trap.diagnose_cli import diagnose_main
 from hero.experiments.confidence_trap.diagnostics import HFVLMAdapter, TinyVLMAdapter, diagnose
 from hero.experiments.confidence_trap.digits_pope import build_digits_pope
 from hero.experiments.confidence_trap.vcd import (VCDConfig, alpha_bar, contrastive_logits, diffusion_noise,
-                                                  vcd_decode)
+                                                  distort_rows, vcd_decode)
 from test_diagnostics import _one_thread, tiny  # noqa: F401  (fixtures: one torch thread, the tiny VLM)
 
 
@@ -32,6 +32,24 @@ def test_diffusion_noise_schedule_seed_and_batch_independence():
     assert big.mean().item() == pytest.approx(0.5 * math.sqrt(ab), abs=0.01)
     assert big.std().item() == pytest.approx(math.sqrt(1 - ab), rel=0.02)
     assert diffusion_noise(x.to(torch.bfloat16), 10).dtype == torch.bfloat16
+    ref = torch.sigmoid(torch.linspace(-6, 6, 1000, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5  # VCD's code
+    assert alpha_bar(500, "vcd") == pytest.approx(float(torch.cumprod(1 - ref, 0)[499]), rel=1e-12)
+    assert alpha_bar(0, "vcd") == 1.0 and alpha_bar(500, "ddpm") < 0.1 < 0.7 < alpha_bar(500, "vcd")
+
+
+def test_distort_rows_per_image_seeds_padding_and_tiles():
+    cfg = VCDConfig(noise_steps=500, seed=3)
+    pv = torch.rand(2, 5, 12) * 2 - 1  # Qwen-style packed rows: row 1 has 3 patches + 2 padding patches
+    pv[1, 3:] = 0
+    out = distort_rows(pv, cfg, [b"a", b"b"], counts=[5, 3])
+    assert torch.equal(out[1, 3:], pv[1, 3:]) and not torch.equal(out[1, :3], pv[1, :3])
+    alone = distort_rows(pv[1:, :3], cfg, [b"b"], counts=[3])
+    assert torch.equal(alone[0], out[1, :3])  # seeded by the image's key, not its batch slot or padding
+    tiles = torch.rand(1, 3, 3, 4, 4)  # LLaVA-NeXT-style [B, tiles, 3, H, W]: tile noise does not depend on the count
+    assert torch.equal(distort_rows(tiles, cfg, [b"t"])[0, :2], distort_rows(tiles[:, :2], cfg, [b"t"])[0])
+    frames = torch.rand(2, 3, 1, 4).expand(2, 3, 2, 4).reshape(1, 2, 24)  # two copies of each patch's pixels
+    d = distort_rows(frames, cfg, [b"f"], counts=[2], frames=(2, 4)).view(2, 3, 2, 4)
+    assert torch.equal(d[:, :, 0], d[:, :, 1])
 
 
 def test_contrastive_logits_and_cutoff():
@@ -105,56 +123,113 @@ def test_vcd_with_alpha_zero_is_greedy_on_the_tiny_vlm(tiny):
         TinyVLMAdapter(model, proc, temperature=1.0, vcd=VCDConfig())
 
 
-class _Tok:
-    eos_token_id, pad_token_id, padding_side = 2, 0, "right"
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(["", "Yes", "", "No", " "][i] for i in ids)
-
-    def batch_decode(self, batch, skip_special_tokens=False):
-        return [self.decode(list(map(int, r))) for r in batch]
+# ---------------------------------------------------------------------------------------------- transformers VLMs
+HF_FAMILIES = ("qwen2_vl", "llava")
+#: the same checks on the other families (slow: each model costs a few seconds to build)
+MORE_FAMILIES = [pytest.param(f, marks=pytest.mark.slow) for f in ("qwen2_5_vl", "llava_next")]
 
 
-class _Proc:
-    tokenizer = _Tok()
+class _Models(dict):
+    def __missing__(self, fam):
+        from hero.testing.tiny_models import build_tiny_model
 
-    def __call__(self, images, text, return_tensors, padding):
-        n = len(text)
-        return SimpleNamespace(to=lambda dev: {"input_ids": torch.ones(n, 3, dtype=torch.long),
-                                               "attention_mask": torch.ones(n, 3, dtype=torch.long),
-                                               "pixel_values": torch.linspace(-1, 1, n * 12).view(n, 3, 2, 2)})
+        self[fam] = build_tiny_model(fam)
+        return self[fam]
 
 
-class _HFModel:
-    """logits[:, -1] = clean preference for "Yes" (1) plus the image's mean pushing "No" (3); eos after 2 tokens."""
-
-    device = "cpu"
-    config = SimpleNamespace(_name_or_path="fake-vlm")
-    generation_config = SimpleNamespace(eos_token_id=2)
-
-    def __call__(self, input_ids, attention_mask, pixel_values, use_cache):
-        assert not use_cache and attention_mask.shape == input_ids.shape
-        B, T = input_ids.shape
-        z = torch.zeros(B, 5)
-        z[:, 1] = 2.0
-        z[:, 3] = 1.0 + 4.0 * pixel_values.float().abs().mean((1, 2, 3))
-        if T >= 4:
-            z[:, 2] = 10.0
-        return SimpleNamespace(logits=z[:, None].expand(B, T, 5))
+@pytest.fixture(scope="module")
+def hf_models():
+    """Tiny random-init transformers VLMs by family (hero.testing.tiny_models, offline, built on first use)."""
+    pytest.importorskip("transformers")
+    return _Models()
 
 
-def test_hf_adapter_vcd_with_a_stand_in_model():
-    model = _HFModel()
-    ad = HFVLMAdapter(model, _Proc(), vcd=VCDConfig(alpha=1.0, beta=0.0, noise_steps=800), use_chat_template=False)
-    imgs = [np.zeros((2, 2, 3), np.uint8)] * 2
-    res = ad.answer_token_distribution(imgs, ["q1", "q2"])
-    x = _Proc()(None, ["a", "b"], None, None).to("cpu")
-    z = model(x["input_ids"], x["attention_mask"], x["pixel_values"], False).logits[:, -1]
-    zd = model(x["input_ids"], x["attention_mask"], diffusion_noise(x["pixel_values"], 800), False).logits[:, -1]
-    final = contrastive_logits(z, zd, 1.0, 0.0)
-    assert res.texts == [["Yes", "No"][int(final[i].argmax() == 3)] for i in range(2)]
-    probs = final.double().softmax(-1)
-    assert res.confidence.tolist() == pytest.approx(probs.max(-1).values.tolist(), rel=1e-6)
+def _hf_adapter(hf_models, fam, vcd=None, **kw):
+    model, proc = hf_models[fam]
+    return HFVLMAdapter(model.eval(), proc, vcd=vcd, max_new_tokens=kw.pop("max_new_tokens", 6), name=fam, **kw)
+
+
+def _hf_questions(n=3):
+    """n questions on images of different sizes (Qwen2-VL: different patch counts, so rows are packed/padded)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (28 + 14 * i, 56 - 7 * i, 3), dtype=np.uint8) for i in range(n)]
+    questions = ["Is there a cat?", "Is there a dog in the picture?", "Red?", "Two?"][:n]
+    return images, questions
+
+
+@pytest.mark.parametrize("fam", HF_FAMILIES)
+def test_hf_vcd_alpha_zero_is_greedy_and_batching_does_not_matter(hf_models, fam):
+    images, questions = _hf_questions()
+    greedy = _hf_adapter(hf_models, fam)
+    g_new, g_logits = greedy._decode(*greedy._encode(images, questions))
+    g_res = greedy.answer_token_distribution(images, questions)
+    for beta in (0.0, 0.1):  # the cutoff never removes the argmax
+        vcd = _hf_adapter(hf_models, fam, VCDConfig(alpha=0.0, beta=beta))
+        new, logits = vcd._decode(*vcd._encode(images, questions))
+        assert torch.equal(new, g_new)  # token for token
+        res = vcd.answer_token_distribution(images, questions)
+        assert res.texts == g_res.texts and res.predictions == g_res.predictions
+        if beta == 0:  # the doubled batch runs the clean rows as greedy does, up to float32 rounding
+            for z, zg in zip(logits, g_logits):
+                torch.testing.assert_close(z, zg.float(), rtol=0, atol=2e-5)
+            np.testing.assert_allclose(res.entropy, g_res.entropy, rtol=1e-6)
+            np.testing.assert_allclose(res.confidence, g_res.confidence, rtol=1e-5)
+    # batching: each question alone decodes the same tokens as in the batch (noise seeded per image)
+    vcd = _hf_adapter(hf_models, fam, VCDConfig(alpha=1.0, beta=0.1))
+    batch, b_logits = vcd._decode(*vcd._encode(images, questions))
+    for i in (2, 0):
+        one, o_logits = vcd._decode(*vcd._encode(images[i : i + 1], questions[i : i + 1]))
+        T = one.shape[1]
+        assert torch.equal(one[0], batch[i, :T]) and (T == batch.shape[1] or batch[i, T] == vcd.vlm.pad_token_id)
+        torch.testing.assert_close(o_logits[0][0], b_logits[0][i], rtol=0, atol=2e-5)
+
+
+def _distinct_eos(new):
+    """(token, row) such that ``row`` emits ``token`` at some step t and another row never does up to t + 1."""
+    B, T = new.shape
+    for t in range(T - 1):
+        for r in range(B):
+            tok = int(new[r, t])
+            if tok not in new[r, :t].tolist() and any(tok not in new[s, : t + 2].tolist() for s in range(B) if s != r):
+                return tok, r
+    raise AssertionError(f"no row-specific token in {new.tolist()}")
+
+
+@pytest.mark.parametrize("fam", list(HF_FAMILIES) + MORE_FAMILIES)
+def test_hf_vcd_logits_equal_the_formula_from_two_explicit_forwards(hf_models, fam):
+    images, questions = _hf_questions()
+    cfg = VCDConfig(alpha=1.5, beta=0.9, noise_steps=300)  # beta near 1: the cutoff removes tokens
+    ad = _hf_adapter(hf_models, fam, cfg)
+    eos, row = _distinct_eos(ad._decode(*ad._encode(images, questions))[0])
+    ad.vlm.eos_token_ids = list(ad.vlm.eos_token_ids) + [eos]  # one row stops early; the others go on
+    enc, keys = ad._encode(images, questions)
+    new, logits = ad._decode(enc, keys)
+    stop = new[row].tolist().index(eos)
+    assert stop < new.shape[1] - 1 and (new[row, stop + 1 :] == ad.vlm.pad_token_id).all()
+    assert any(eos not in new[s].tolist() for s in range(len(images)) if s != row)
+    noisy = ad._distorted(enc, keys)
+    assert not torch.equal(noisy, enc["pixel_values"])
+    if fam.startswith("qwen"):  # flat patches (channel, frame, pixel): the image's two frames got the same noise
+        n = int(enc["image_grid_thw"][0].prod())
+        fr = noisy[0, :n].view(n, 3, 2, -1)
+        assert torch.equal(fr[:, :, 0], fr[:, :, 1])
+    model = hf_models[fam][0]
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    n_cut = 0
+    with torch.no_grad():
+        for t, z_vcd in enumerate(logits):  # step t: prompt + the t tokens decoded so far, no KV cache
+            ids = torch.cat([enc["input_ids"], new[:, :t]], 1)
+            mask = torch.cat([enc["attention_mask"], torch.ones_like(new[:, :t])], 1)
+            z = [model(input_ids=ids, attention_mask=mask, use_cache=False,
+                       **ad.vlm._model_inputs(dict(extra, pixel_values=pv), ids.shape[1])).logits[:, -1]
+                 for pv in (enc["pixel_values"], noisy)]
+            want = contrastive_logits(z[0], z[1], cfg.alpha, cfg.beta)
+            assert torch.equal(torch.isinf(z_vcd), torch.isinf(want))
+            torch.testing.assert_close(z_vcd[~torch.isinf(want)], want[~torch.isinf(want)], rtol=0, atol=5e-5)
+            live = ~torch.isin(new[:, :t], torch.tensor(ad.vlm.eos_token_ids)).any(1)  # rows not finished yet
+            assert torch.equal(new[live, t], want[live].argmax(-1))
+            n_cut += int(torch.isinf(want).sum())
+    assert 0 < n_cut < sum(z.numel() for z in logits)
 
 
 def test_cli_decode_vcd_and_flag_errors(tiny, tmp_path, capsys):
@@ -178,7 +253,56 @@ def test_cli_decode_vcd_and_flag_errors(tiny, tmp_path, capsys):
     for extra, msg in [(["--vcd-alpha", "1"], "--vcd-alpha needs --decode vcd"),
                        (["--decode", "beam"], "--decode must be greedy or vcd"),
                        (["--decode", "vcd", "--vcd-beta", "2"], "--vcd-beta must be in [0, 1]"),
-                       (["--decode", "vcd", "--vcd-noise-steps", "x"], "--vcd-noise-steps must be an integer")]:
+                       (["--decode", "vcd", "--vcd-noise-steps", "x"], "--vcd-noise-steps must be an integer"),
+                       (["--vcd-schedule", "vcd"], "--vcd-schedule needs --decode vcd"),
+                       (["--decode", "vcd", "--vcd-schedule", "cosine"], "--vcd-schedule must be one of ddpm, vcd")]:
         assert diagnose_main(common + ["--out", str(tmp_path / "bad")] + extra) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_vcd_on_a_transformers_vlm_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from hero.testing.tiny_models import write_tiny_model
+
+    model_dir = write_tiny_model("llava", str(tmp_path / "llava"))
+    common = ["--model", model_dir, "--data", "digits_pope:1", "--sigmas", "0,50", "--max-new-tokens", "3",
+              "--device", "cpu", "--threads", "1"]
+    outs = {}
+    for name, extra in [("greedy", []), ("vcd", ["--decode", "vcd"])]:
+        assert diagnose_main(common + ["--out", str(tmp_path / name)] + extra, log=lambda *_: None) == 0
+        with open(tmp_path / name / "diagnosis.json") as f:
+            outs[name] = json.load(f)["per_sigma"]
+    for sigma, r in outs["greedy"].items():  # reported exactly as for greedy
+        assert set(outs["vcd"][sigma]) == set(r) and outs["vcd"][sigma]["pope"] is not None
+        assert outs["vcd"][sigma]["mean_entropy"] != r["mean_entropy"]
+    md = (tmp_path / "vcd" / "diagnosis.md").read_text()
+    assert "## Decoding: visual contrastive decoding (VCD)" in md and "`ddpm` diffusion schedule" in md
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~15 s on one CPU
+def test_cli_vcd_on_a_transformers_vlm_folder_in_a_subprocess(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from hero.testing.tiny_models import write_tiny_model
+
+    model_dir, out = write_tiny_model("qwen2_vl", str(tmp_path / "qwen")), tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [repo] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+    cmd = [sys.executable, "-m", "hero", "diagnose", "--model", model_dir, "--data", "digits_pope:1",
+           "--sigmas", "0,50", "--max-new-tokens", "3", "--device", "cpu", "--decode", "vcd", "--vcd-schedule", "vcd",
+           "--out", str(out)]
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out / "diagnosis.json") as f:
+        diag = json.load(f)
+    assert diag["meta"]["decode"] == "vcd" and diag["meta"]["vcd"]["schedule"] == "vcd"
+    assert diag["per_sigma"]["50"]["n"] == 3 and diag["per_sigma"]["50"]["pope"] is not None
+    md = (out / "diagnosis.md").read_text()
+    assert "## Decoding: visual contrastive decoding (VCD)" in md and "signal x0.864" in md
+    bad = subprocess.run(cmd[:-2] + ["--vcd-beta", "-1", "--out", str(out)], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "hero diagnose: --vcd-beta must be in [0, 1], got -1.0"

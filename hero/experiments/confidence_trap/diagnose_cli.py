@@ -9,14 +9,14 @@ and ``DIR/{reliability,entropy_vs_sigma,entropy_bins}.png``.
 
 * ``--model``: a folder saved by ``hero.experiments.confidence_trap.tiny_vlm`` (``config.json`` with ``model_type: hero-tiny-vlm``, e.g.
   ``demo_out/models/sft`` or ``demo_out/runs/hero/final``) -> ``hero.experiments.confidence_trap.diagnostics.TinyVLMAdapter``; anything else
-  (a local folder or a hub id) is loaded with transformers' ``AutoModelForImageTextToText`` /
-  ``AutoModelForVision2Seq`` + ``AutoProcessor`` -> ``hero.experiments.confidence_trap.diagnostics.HFVLMAdapter``.
+  (a local folder or a hub id) is loaded by the trainer's ``hero.models.hf_vlm.load_vlm`` (transformers'
+  ``AutoModelForImageTextToText`` + its processor) -> ``hero.experiments.confidence_trap.diagnostics.HFVLMAdapter``.
 * ``--data``: a JSONL file in the format of ``hero.data.jsonl`` (one object per line: ``image`` path relative
   to the file, ``question``, ``answer`` "yes"/"no", optional ``split`` and ``id``), or ``digits_pope[:N]`` for
   the built-in digits-POPE test set with N questions per split (default 100).
 * ``--sigmas``: Gaussian pixel-noise levels (std on the 0..255 scale) added to every image, seeded per example.
 * ``--decode vcd``: visual contrastive decoding instead of greedy (``hero.experiments.confidence_trap.vcd``);
-  the same report, from the contrastive answer distribution.
+  the same report, from the contrastive answer distribution, plus a section with the VCD settings.
 
 This module imports nothing heavy at import time, so ``hero diagnose --help`` stays fast.
 """
@@ -51,7 +51,9 @@ DIR/diagnosis.md and PNG plots.
                         (1 + alpha) z(image) - alpha z(image under diffusion noise), plausibility cutoff beta
   --vcd-alpha X         contrast strength alpha >= 0 (default 1.0)
   --vcd-beta X          plausibility cutoff beta in [0, 1] (default 0.1)
-  --vcd-noise-steps N   diffusion step of the distorted image, 0..1000, linear beta schedule (default 500)
+  --vcd-noise-steps N   diffusion step of the distorted image, 0..1000 (default 500)
+  --vcd-schedule S      ddpm (default: linear betas 1e-4..0.02) | vcd (the VCD reference code's sigmoid
+                        betas 1e-5..5e-3: milder, at step 500 signal x0.86 / noise x0.50 vs x0.28 / x0.96)
 transformers models only:
   --device D            auto (cuda if available) | cpu | cuda | cuda:1 ...
   --dtype T             bfloat16 | float16 | float32 (default bfloat16 on CUDA, float32 on CPU)
@@ -62,7 +64,7 @@ transformers models only:
 
 _VALUED = {"--model", "--data", "--out", "--sigmas", "--limit", "--batch-size", "--max-new-tokens", "--seed",
            "--low-entropy", "--n-bins", "--threads", "--device", "--dtype", "--prompt", "--answer-mode", "--decode",
-           "--vcd-alpha", "--vcd-beta", "--vcd-noise-steps"}
+           "--vcd-alpha", "--vcd-beta", "--vcd-noise-steps", "--vcd-schedule"}
 _FLAGS = {"--keep-records", "--no-chat-template"}
 
 
@@ -129,7 +131,7 @@ def vcd_config(opts: dict):
     decode = opts.get("--decode", "greedy")
     if decode not in ("greedy", "vcd"):
         raise ValueError(f"--decode must be greedy or vcd, got {decode!r}")
-    given = [k for k in ("--vcd-alpha", "--vcd-beta", "--vcd-noise-steps") if k in opts]
+    given = [k for k in ("--vcd-alpha", "--vcd-beta", "--vcd-noise-steps", "--vcd-schedule") if k in opts]
     if decode == "greedy":
         if given:
             raise ValueError(f"{given[0]} needs --decode vcd")
@@ -137,7 +139,22 @@ def vcd_config(opts: dict):
     from hero.experiments.confidence_trap.vcd import VCDConfig
 
     return VCDConfig(alpha=_float(opts, "--vcd-alpha", 1.0), beta=_float(opts, "--vcd-beta", 0.1),
-                     noise_steps=_int(opts, "--vcd-noise-steps", 500, lo=0), seed=_int(opts, "--seed", 0, lo=0))
+                     noise_steps=_int(opts, "--vcd-noise-steps", 500, lo=0), seed=_int(opts, "--seed", 0, lo=0),
+                     schedule=opts.get("--vcd-schedule", "ddpm"))
+
+
+def vcd_section(vcd) -> str:
+    """The report's markdown section on the VCD settings (what the numbers above were decoded with)."""
+    from hero.experiments.confidence_trap.vcd import alpha_bar
+
+    ab = alpha_bar(vcd.noise_steps, vcd.schedule)
+    return (f"\n## Decoding: visual contrastive decoding (VCD)\n\n"
+            f"- Each token is the argmax of `(1 + alpha) z(v) - alpha z(v')`, alpha = {vcd.alpha:g}, among the tokens "
+            f"with `p(y | v) >= beta * max p(. | v)`, beta = {vcd.beta:g}.\n"
+            f"- v': every image's processed pixel values after {vcd.noise_steps} steps of the `{vcd.schedule}` "
+            f"diffusion schedule (signal x{ab ** 0.5:.3f}, Gaussian noise x{(1 - ab) ** 0.5:.3f}; seed {vcd.seed}).\n"
+            "- The entropy, confidence, accuracy per entropy bin and POPE numbers above are those of this contrastive "
+            "distribution at the answer position.\n")
 
 
 def is_tiny_vlm(path: str) -> bool:
@@ -260,7 +277,8 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
     diag.meta.update({"model": opts["--model"], "data": opts["--data"], "seconds": time.perf_counter() - t0,
                       "decode": "greedy" if vcd is None else "vcd"})
     if vcd is not None:
-        diag.meta["vcd"] = {"alpha": vcd.alpha, "beta": vcd.beta, "noise_steps": vcd.noise_steps, "seed": vcd.seed}
+        diag.meta["vcd"] = {"alpha": vcd.alpha, "beta": vcd.beta, "noise_steps": vcd.noise_steps, "seed": vcd.seed,
+                            "schedule": vcd.schedule}
     diag.save_json(os.path.join(out, "diagnosis.json"))
     plots = diag.save_plots(out)
     title = f"Confidence-trap diagnosis of `{opts['--model']}`" + (" (VCD)" if vcd else "")
@@ -268,6 +286,7 @@ def diagnose_main(argv: Optional[Sequence[str]] = None, log=print) -> int:
                               plots=[os.path.basename(p) for p in plots], level=1)
     how = "greedy decoding" if vcd is None else (
         f"visual contrastive decoding (alpha {vcd.alpha:g}, beta {vcd.beta:g}, noise step {vcd.noise_steps})")
+    md += "" if vcd is None else vcd_section(vcd)
     md += (f"\nData: `{opts['--data']}` ({len(examples)} questions), sigmas {sigmas}, seed {seed}, {how}, "
            f"{diag.meta['seconds']:.1f}s.\n")
     atomic_write_text(os.path.join(out, "diagnosis.md"), md)

@@ -13,9 +13,9 @@ Models plug in through an adapter with one method::
 
     adapter.answer_token_distribution(images, questions) -> AnswerBatch
 
-``TinyVLMAdapter`` wraps ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM`` (tested); ``HFVLMAdapter`` wraps any Hugging Face
-image-text-to-text model + processor (AutoModelForImageTextToText / AutoModelForVision2Seq), for GPU users
-(only import-tested here).
+``TinyVLMAdapter`` wraps ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM``; ``HFVLMAdapter`` wraps any
+transformers image-text-to-text model + processor through the trainer's ``hero.models.hf_vlm.HFVLMAdapter``
+(tested on tiny random-init Qwen2-VL and LLaVA from ``hero.testing.tiny_models``).
 
 Both adapters decode greedily, or with visual contrastive decoding (``vcd=VCDConfig(...)``, see
 ``hero.experiments.confidence_trap.vcd``): then the answer distribution, its entropy and the confidence are
@@ -50,7 +50,8 @@ from .metrics import (
     pope_metrics_by_split,
     reliability_bins,
 )
-from .vcd import VCDConfig, contrastive_logits, diffusion_noise, hf_branch, tiny_vlm_branch, vcd_decode
+from .vcd import (VCDConfig, VCDLogitsProcessor, contrastive_logits, diffusion_noise, distort_rows, tiny_vlm_branch,
+                  vcd_decode)
 
 __all__ = [
     "AnswerBatch",
@@ -139,7 +140,7 @@ class TinyVLMAdapter:
         dev = model.device
         inputs = {k: v.to(dev) for k, v in proc(images, questions).items()}
         noisy = None if self.vcd is None else diffusion_noise(inputs["pixel_values"], self.vcd.noise_steps,
-                                                              self.vcd.seed)
+                                                              self.vcd.seed, self.vcd.schedule)
         out = self._decode(inputs, noisy)
         B = len(questions)
         V = out.logits.shape[-1]
@@ -204,27 +205,34 @@ class TinyVLMAdapter:
 
 
 class HFVLMAdapter:
-    """Adapter for a Hugging Face vision-language model + processor (e.g. Qwen2.5-VL, LLaVA, idefics).
+    """Adapter for a transformers vision-language model + processor (tested on tiny Qwen2-VL and LLaVA).
 
-    prompt: format string with ``{question}``; with ``use_chat_template`` (default) it is wrapped in the
-    processor's chat template as one user turn [image, text]. Greedy generation of ``max_new_tokens``.
+    Encoding goes through the trainer's ``hero.models.hf_vlm.HFVLMAdapter`` (``vlm``): its image checks and
+    resizing (``prepare_row``), chat template (one user turn [image, text]), per-row tensor layout and eos ids.
+    prompt: format string with ``{question}``; ``use_chat_template=False`` feeds it to the processor as is (it
+    must then hold the model's image placeholder). Greedy generation of ``max_new_tokens``.
     answer_mode="first_token": the answer position is the first generated token that decodes to non-blank
     text (typical "Answer yes or no." prompting); predictions parsed with ``parse_mode="yesno"``.
     answer_mode="tag": the first token after the text "<answer>" appears (for models trained with the tag);
     predictions parsed with ``parse_mode="tag"``. If the position is not found, step 0 is used and
-    ``answer_found`` is False. With ``vcd``, the clean and the distorted branch re-run the whole sequence each
-    step (no KV cache, so any model's own position ids work). Untested here beyond import: needs a real model.
+    ``answer_found`` is False. The answer distribution is the raw logits at that step (before any
+    generation-config processor such as a repetition penalty), with ``vcd`` their contrast
+    ``contrastive_logits(z, z')``; ``vcd`` decodes with one ``generate`` over [clean rows; distorted rows]
+    (``hero.experiments.confidence_trap.vcd``: KV cache, eos per row, twice the batch of greedy).
     """
 
     def __init__(self, model, processor, *, prompt: str = "{question} Answer the question with yes or no.",
                  max_new_tokens: int = 8, answer_mode: str = "first_token", use_chat_template: bool = True,
                  parse_mode: Optional[str] = None, entropy_fn: Optional[EntropyFn] = None, name: Optional[str] = None,
-                 vcd: Optional[VCDConfig] = None):
-        self.vcd = vcd
+                 vcd: Optional[VCDConfig] = None, vlm=None):
+        from hero.models.hf_vlm import HFVLMAdapter as TrainerVLMAdapter
+
         if answer_mode not in ("first_token", "tag"):
             raise ValueError(f"answer_mode must be 'first_token' or 'tag', got {answer_mode!r}")
+        self.vcd = vcd
         self.model = model
-        self.processor = processor
+        self.vlm = vlm if vlm is not None else TrainerVLMAdapter(processor, model, source=name)
+        self.processor = self.vlm.processor
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self.answer_mode = answer_mode
@@ -232,49 +240,70 @@ class HFVLMAdapter:
         self.parse_mode = parse_mode or ("tag" if answer_mode == "tag" else "yesno")
         self.entropy_fn = entropy_fn
         self.name = name or getattr(getattr(model, "config", None), "_name_or_path", "hf-vlm") or "hf-vlm"
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        if hasattr(self.tokenizer, "padding_side"):
-            self.tokenizer.padding_side = "left"  # batched generation needs left padding
+        self.tokenizer = self.vlm.tokenizer
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str = "cuda", dtype=torch.bfloat16, **kwargs) -> "HFVLMAdapter":
-        """Load model + processor with transformers (AutoModelForImageTextToText, else AutoModelForVision2Seq)."""
-        import transformers
+        """Load model + processor with ``hero.models.hf_vlm.load_vlm`` (AutoModelForImageTextToText, the
+        processor without its video part when torchvision is missing)."""
+        from hero.models.hf_vlm import load_vlm
 
-        auto = getattr(transformers, "AutoModelForImageTextToText", None) or getattr(transformers, "AutoModelForVision2Seq")
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in 4.56
-        model = auto.from_pretrained(name_or_path, **{dtype_kw: dtype}).to(device).eval()
-        processor = transformers.AutoProcessor.from_pretrained(name_or_path)
-        return cls(model, processor, name=name_or_path, **kwargs)
+        model, vlm = load_vlm(name_or_path, attn_implementation="sdpa", dtype=dtype, freeze_vision=False)
+        return cls(model.to(device).eval(), vlm.processor, name=name_or_path, vlm=vlm, **kwargs)
 
-    def _texts(self, questions: Sequence[str]) -> List[str]:
-        out = []
-        for q in questions:
-            text = self.prompt.format(question=q)
-            if self.use_chat_template and hasattr(self.processor, "apply_chat_template"):
-                msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-                text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-            out.append(text)
-        return out
+    def _encode(self, images: Sequence[np.ndarray], questions: Sequence[str]):
+        """(per-row tensors of the prompts in ``hero.models.hf_vlm.HFVLMAdapter.encode``'s layout on the model's
+        device, each row's image bytes: the seed of its VCD noise)."""
+        from hero.models.hf_vlm import HFVLMAdapter as TrainerVLMAdapter
 
-    def _decode(self, inputs: dict):
-        """(new tokens [B, T] on CPU, T step logits [B, V]): transformers' greedy generate, or VCD (no KV cache)."""
-        if self.vcd is None:
-            gen = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      output_logits=True, return_dict_in_generate=True)
-            steps = len(gen.logits)
-            return gen.sequences[:, -steps:].cpu(), gen.logits  # decoder-only and encoder-decoder outputs
-        if "pixel_values" not in inputs:
-            raise ValueError("VCD needs the processor's pixel_values; this processor gave " + ", ".join(inputs))
-        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        eos = [eos] if isinstance(eos, int) else list(eos)
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        noisy = diffusion_noise(inputs["pixel_values"], self.vcd.noise_steps, self.vcd.seed)
-        seq, _, logits = vcd_decode(hf_branch(self.model, inputs), hf_branch(self.model, inputs, pixel_values=noisy),
-                                    self.vcd, self.max_new_tokens, eos, eos[0] if pad is None else pad)
-        return seq.cpu(), list(logits.unbind(1))
+        field = self.vlm.image_field
+        rows = [self.vlm.prepare_row({field: np.asarray(im), "id": str(i)}, "", i) for i, im in enumerate(images)]
+        texts = [self.prompt.format(question=q) for q in questions]
+        if self.use_chat_template:
+            enc = self.vlm.encode(rows, texts)
+        else:  # the prompt as is, packed per row like encode()
+            out = self.processor(images=[r[field] for r in rows], text=texts, return_tensors="pt", padding=True,
+                                 padding_side="left")
+            enc = {k: v for k, v in out.items() if isinstance(v, Tensor)}
+            if enc.get("pixel_values") is not None and enc["pixel_values"].shape[0] != len(rows):
+                enc["pixel_values"] = TrainerVLMAdapter._pack(enc["pixel_values"], enc.get("image_grid_thw"), len(rows))
+        keys = [r[field].tobytes() + str(r[field].shape).encode() for r in rows]
+        return {k: v.to(self.model.device) for k, v in enc.items()}, keys
+
+    def _distorted(self, enc: Dict[str, Tensor], keys: Sequence[bytes]) -> Tensor:
+        """Every row's processed pixel values under the VCD diffusion noise (``vcd.distort_rows``)."""
+        pv = enc.get("pixel_values")
+        if pv is None:
+            raise ValueError("VCD needs the processor's pixel_values; this processor gave " + ", ".join(enc))
+        grid = enc.get("image_grid_thw")
+        counts = grid.prod(-1).tolist() if grid is not None and pv.dim() == 3 else None
+        ip = self.processor.image_processor
+        T, P = getattr(ip, "temporal_patch_size", None), getattr(ip, "patch_size", None)
+        frames = (int(T), int(P) ** 2) if counts is not None and T and P else None
+        return distort_rows(pv, self.vcd, keys, counts, frames)
+
+    def _decode(self, enc: Dict[str, Tensor], keys: Sequence[bytes]):
+        """(new tokens [B, T] on CPU, T step logits [B, V]): transformers' greedy generate, or VCD on the
+        doubled batch [clean; distorted] (module ``vcd``); the step logits are raw (VCD: their contrast)."""
+        B = enc["input_ids"].shape[0]
+        procs = None
+        if self.vcd is not None:
+            noisy = self._distorted(enc, keys)
+            enc = {k: torch.cat([v, noisy if k == "pixel_values" else v]) for k, v in enc.items()}
+            from transformers import LogitsProcessorList
+
+            procs = LogitsProcessorList([VCDLogitsProcessor(self.vcd.alpha, self.vcd.beta)])
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        gen = self.model.generate(
+            input_ids=ids, attention_mask=mask, **self.vlm._model_inputs(extra, ids.shape[1]), do_sample=False,
+            max_new_tokens=self.max_new_tokens, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=self.vlm.pad_token_id, eos_token_id=self.vlm.eos_token_ids, logits_processor=procs)
+        steps = len(gen.logits)
+        logits = list(gen.logits)
+        if self.vcd is not None:
+            logits = [contrastive_logits(z[:B], z[B:], self.vcd.alpha, self.vcd.beta) for z in logits]
+        return gen.sequences[:B, -steps:].cpu(), logits
 
     def _answer_step(self, ids: List[int]) -> Optional[int]:
         dec = self.tokenizer.decode
@@ -293,12 +322,7 @@ class HFVLMAdapter:
 
     @torch.no_grad()
     def answer_token_distribution(self, images, questions) -> AnswerBatch:
-        from PIL import Image
-
-        pil = [Image.fromarray(np.asarray(im)).convert("RGB") for im in images]
-        inputs = self.processor(images=pil, text=self._texts(questions), return_tensors="pt", padding=True)
-        inputs = inputs.to(self.model.device)
-        new, step_logits = self._decode(dict(inputs))
+        new, step_logits = self._decode(*self._encode(images, questions))
         B = new.shape[0]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         sel, found = [], np.zeros(B, dtype=bool)

@@ -8,13 +8,26 @@ pixels under diffusion-style noise), and greedy decoding picks from
 restricted to the tokens that are plausible under the clean image (adaptive plausibility cutoff beta):
 tokens with p(y | v) < beta * max_w p(w | v) get -inf. The answer entropy, confidence and prediction are
 then those of z_vcd, so the diagnosis reports whether VCD escapes the confidence trap exactly as it does
-for greedy decoding. alpha = 0 and beta = 0 is greedy decoding bit for bit; alpha = 0 alone gives the
-greedy tokens (the argmax is always plausible).
+for greedy decoding. alpha = 0 and beta = 0 is greedy decoding; alpha = 0 alone gives the greedy tokens
+(the argmax is always plausible).
 
-Distortion: the forward diffusion process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with the linear
-beta schedule of DDPM (beta_1 = 1e-4 ... beta_T = 0.02, T = 1000), applied to the model's pixel values at
-step t = ``noise_steps`` (500 by default, VCD's setting). The Gaussian noise of each image is seeded by
-(``seed``, a CRC of its pixels), so it does not depend on batching or order.
+Distortion: the forward diffusion process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) at step
+t = ``noise_steps`` (500 by default, VCD's setting) of a 1000-step beta schedule, applied to the model's
+*processed* pixel values: resized and normalized by the image processor, no clipping. That is where VCD's
+reference code adds it (``add_diffusion_noise`` on the tensor LLaVA's image processor returns); noising the
+uint8 image before the processor would clip and quantize the noise instead. Schedules (``schedule``):
+
+* ``ddpm`` (default): DDPM's linear betas 1e-4 ... 0.02; abar_500 = 0.079 (signal x0.28, noise x0.96);
+* ``vcd``: the reference code's sigmoid betas, sigmoid(linspace(-6, 6)) * (5e-3 - 1e-5) + 1e-5;
+  abar_500 = 0.747 (signal x0.86, noise x0.50), a much milder distortion at the same step.
+
+Both apply t betas at step t (0 = the clean image; the reference code indexes t + 1 of them). The Gaussian
+noise of each image is seeded by (``seed``, a CRC of that image), so it does not depend on batching or order.
+
+Two drivers: ``vcd_decode`` runs two KV-cached branches in lockstep (the tiny VLM); transformers models run
+one ``generate`` over the batch doubled [clean rows; distorted rows] with ``VCDLogitsProcessor``, which
+gives both halves the same contrastive scores, so each row and its distorted twin pick the same token, keep
+their own KV cache rows and model-specific positions (Qwen2-VL's M-RoPE), and stop at eos together.
 """
 from __future__ import annotations
 
@@ -26,22 +39,25 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["VCDConfig", "alpha_bar", "diffusion_noise", "contrastive_logits", "vcd_decode", "tiny_vlm_branch",
-           "hf_branch"]
+__all__ = ["VCDConfig", "SCHEDULES", "alpha_bar", "diffusion_noise", "distort_rows", "contrastive_logits",
+           "vcd_decode", "tiny_vlm_branch", "VCDLogitsProcessor"]
 
-#: DDPM's linear schedule: T steps of beta from BETA_START to BETA_END.
+#: T steps; DDPM's linear schedule runs beta from BETA_START to BETA_END.
 DIFFUSION_T, BETA_START, BETA_END = 1000, 1e-4, 0.02
+#: noise schedules (module docstring)
+SCHEDULES = ("ddpm", "vcd")
 
 
 @dataclass(frozen=True)
 class VCDConfig:
     """alpha >= 0 (contrast strength), beta in [0, 1] (plausibility cutoff), noise_steps in [0, 1000]
-    (diffusion step of the distorted image), seed (its noise)."""
+    (diffusion step of the distorted image), seed (its noise), schedule (``SCHEDULES``)."""
 
     alpha: float = 1.0
     beta: float = 0.1
     noise_steps: int = 500
     seed: int = 0
+    schedule: str = "ddpm"
 
     def __post_init__(self):
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -50,25 +66,67 @@ class VCDConfig:
             raise ValueError(f"--vcd-beta must be in [0, 1], got {self.beta}")
         if not 0 <= self.noise_steps <= DIFFUSION_T:
             raise ValueError(f"--vcd-noise-steps must be in [0, {DIFFUSION_T}], got {self.noise_steps}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--vcd-schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
-def alpha_bar(t: int) -> float:
-    """prod_{s <= t} (1 - beta_s) of the linear schedule (t = 0: 1.0, the clean image)."""
-    betas = torch.linspace(BETA_START, BETA_END, DIFFUSION_T, dtype=torch.float64)
+def alpha_bar(t: int, schedule: str = "ddpm") -> float:
+    """prod_{s <= t} (1 - beta_s) of ``schedule`` (t = 0: 1.0, the clean image)."""
+    if schedule == "ddpm":
+        betas = torch.linspace(BETA_START, BETA_END, DIFFUSION_T, dtype=torch.float64)
+    elif schedule == "vcd":
+        betas = torch.linspace(-6, 6, DIFFUSION_T, dtype=torch.float64).sigmoid() * (5e-3 - 1e-5) + 1e-5
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     return float(torch.prod(1.0 - betas[:t]))
 
 
-def diffusion_noise(pixel_values: Tensor, noise_steps: int, seed: int = 0) -> Tensor:
+def _generator(seed: int, data: bytes) -> torch.Generator:
+    """A CPU generator seeded by (seed, crc32(data)); torch keeps 32 bits of a seed, so the seed is the CRC's salt."""
+    return torch.Generator().manual_seed(zlib.crc32(data, zlib.crc32(str(int(seed)).encode())))
+
+
+def diffusion_noise(pixel_values: Tensor, noise_steps: int, seed: int = 0, schedule: str = "ddpm") -> Tensor:
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps per image of pixel_values [B, ...] (same dtype / device);
     eps ~ N(0, I) from a generator seeded by (seed, crc32 of that image's values)."""
-    ab = alpha_bar(noise_steps)
+    ab = alpha_bar(noise_steps, schedule)
     x0 = pixel_values.detach().float().cpu()
     eps = torch.empty_like(x0)
-    salt = zlib.crc32(str(int(seed)).encode())
-    for i in range(x0.shape[0]):  # torch's CPU generator keeps 32 bits of a seed: fold the seed into the CRC
-        g = torch.Generator().manual_seed(zlib.crc32(x0[i].contiguous().numpy().tobytes(), salt))
-        eps[i] = torch.randn(x0[i].shape, generator=g)
+    for i in range(x0.shape[0]):
+        eps[i] = torch.randn(x0[i].shape, generator=_generator(seed, x0[i].contiguous().numpy().tobytes()))
     out = math.sqrt(ab) * x0 + math.sqrt(1.0 - ab) * eps
+    return out.to(device=pixel_values.device, dtype=pixel_values.dtype)
+
+
+def _image_eps(x: Tensor, g: torch.Generator, frames: Optional[Tuple[int, int]]) -> Tensor:
+    """Standard normal noise shaped like one image's processed pixels ``x`` (float32, CPU).
+
+    frames (T, P*P): ``x`` is [n patches, C * T * P*P] (Qwen-VL layout: channel, frame, pixel), and an image's
+    T frames are copies of it; they get the same noise, as if the image was noised before the copy (checked:
+    frames that differ get their own noise). Else x is [3, H, W] (one noise tensor) or [tiles, 3, H, W]
+    (one per tile, in order, so a tile's noise does not depend on how many padding tiles follow)."""
+    if frames is not None and x.dim() == 2:
+        T, pp = frames
+        v = x.view(x.shape[0], -1, T, pp)
+        if T > 1 and torch.equal(v, v[:, :, :1].expand_as(v)):
+            return torch.randn(v[:, :, :1].shape, generator=g).expand_as(v).reshape(x.shape)
+    if x.dim() >= 4:
+        return torch.stack([torch.randn(t.shape, generator=g) for t in x])
+    return torch.randn(x.shape, generator=g)
+
+
+def distort_rows(pixel_values: Tensor, cfg: "VCDConfig", keys: Sequence[bytes], counts: Optional[Sequence[int]] = None,
+                 frames: Optional[Tuple[int, int]] = None) -> Tensor:
+    """The distorted image v' of every row of processed pixel values, one image per row: [B, ...] -> same shape,
+    dtype and device. Row i's noise is seeded by (cfg.seed, keys[i]) (the raw image's bytes, so it does not
+    depend on batching or padding). counts[i]: row i's valid leading entries (Qwen-VL patches packed per row;
+    the padding after them is left as is); frames: see ``_image_eps``."""
+    ab = alpha_bar(cfg.noise_steps, cfg.schedule)
+    out = pixel_values.detach().float().cpu().clone()
+    for i, key in enumerate(keys):
+        x = out[i] if counts is None else out[i, : int(counts[i])]
+        eps = _image_eps(x, _generator(cfg.seed, key), frames)
+        x.mul_(math.sqrt(ab)).add_(eps, alpha=math.sqrt(1.0 - ab))  # in place: x views out's row
     return out.to(device=pixel_values.device, dtype=pixel_values.dtype)
 
 
@@ -133,21 +191,19 @@ def tiny_vlm_branch(model, input_ids: Tensor, attention_mask: Tensor, pixel_valu
     return start, step
 
 
-def hf_branch(model, inputs: dict, pixel_key: str = "pixel_values", pixel_values: Optional[Tensor] = None) -> Branch:
-    """A branch of any transformers VLM called as ``model(**inputs)``, without a KV cache (the whole sequence
-    is re-run each step: model-specific position ids, e.g. Qwen2-VL's rope, stay the model's business).
-    ``pixel_values`` replaces ``inputs[pixel_key]`` (the distorted image)."""
-    state = dict(inputs)
-    if pixel_values is not None:
-        state[pixel_key] = pixel_values
+class VCDLogitsProcessor:
+    """A transformers logits processor for ``generate`` on the doubled batch [clean rows; distorted rows]
+    ([2B, V] scores in, [2B, V] out): both halves get ``contrastive_logits(clean, distorted)``, so greedy
+    search picks the same token for a row and its distorted twin. Runs after the model's own generation-config
+    processors, if any (e.g. a repetition penalty; VCD's reference code applies those after the contrast:
+    without any, as in the tiny test models, the two orders agree)."""
 
-    def run() -> Tensor:
-        return model(**state, use_cache=False).logits[:, -1].float()
+    def __init__(self, alpha: float, beta: float):
+        self.alpha, self.beta = float(alpha), float(beta)
 
-    def step(nxt: Tensor) -> Tensor:
-        state["input_ids"] = torch.cat([state["input_ids"], nxt[:, None].to(state["input_ids"])], 1)
-        m = state["attention_mask"]
-        state["attention_mask"] = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-        return run()
-
-    return run, step
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] % 2:
+            raise ValueError(f"VCD needs the doubled batch [clean; distorted], got {scores.shape[0]} rows")
+        B = scores.shape[0] // 2
+        final = contrastive_logits(scores[:B], scores[B:], self.alpha, self.beta).to(scores.dtype)
+        return torch.cat([final, final])
