@@ -20,8 +20,9 @@ from test_diagnostics import _one_thread, tiny  # noqa: F401  (fixtures: one tor
 
 def test_diffusion_noise_schedule_seed_and_batch_independence():
     betas = np.linspace(1e-4, 0.02, 1000)
-    assert alpha_bar(0) == 1.0 and alpha_bar(500) == pytest.approx(np.prod(1 - betas[:500]), rel=1e-12)
-    assert alpha_bar(1000) < 1e-4 < alpha_bar(500) < alpha_bar(100) < 1
+    assert alpha_bar(0, "ddpm") == 1.0 and alpha_bar(500, "ddpm") == pytest.approx(np.prod(1 - betas[:500]), rel=1e-12)
+    assert alpha_bar(1000, "ddpm") < 1e-4 < alpha_bar(500, "ddpm") < alpha_bar(100, "ddpm") < 1
+    assert alpha_bar(500) == alpha_bar(500, "vcd")  # the default is VCD's own schedule
     x = torch.rand(3, 1, 8, 24) * 2 - 1
     assert torch.equal(diffusion_noise(x, 0), x)
     a = diffusion_noise(x, 500, seed=1)
@@ -277,7 +278,7 @@ def test_cli_vcd_on_a_transformers_vlm_folder(tmp_path):
         assert set(outs["vcd"][sigma]) == set(r) and outs["vcd"][sigma]["pope"] is not None
         assert outs["vcd"][sigma]["mean_entropy"] != r["mean_entropy"]
     md = (tmp_path / "vcd" / "diagnosis.md").read_text()
-    assert "## Decoding: visual contrastive decoding (VCD)" in md and "`ddpm` diffusion schedule" in md
+    assert "## Decoding: visual contrastive decoding (VCD)" in md and "`vcd` diffusion schedule" in md
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~15 s on one CPU

@@ -52,8 +52,8 @@ DIR/diagnosis.md and PNG plots.
   --vcd-alpha X         contrast strength alpha >= 0 (default 1.0)
   --vcd-beta X          plausibility cutoff beta in [0, 1] (default 0.1)
   --vcd-noise-steps N   diffusion step of the distorted image, 0..1000 (default 500)
-  --vcd-schedule S      ddpm (default: linear betas 1e-4..0.02) | vcd (the VCD reference code's sigmoid
-                        betas 1e-5..5e-3: milder, at step 500 signal x0.86 / noise x0.50 vs x0.28 / x0.96)
+  --vcd-schedule S      vcd (default: the VCD reference code's sigmoid betas 1e-5..5e-3) | ddpm (linear
+                        betas 1e-4..0.02: stronger, at step 500 signal x0.28 / noise x0.96 vs x0.86 / x0.50)
 transformers models only:
   --device D            auto (cuda if available) | cpu | cuda | cuda:1 ...
   --dtype T             bfloat16 | float16 | float32 (default bfloat16 on CUDA, float32 on CPU)
@@ -140,7 +140,7 @@ def vcd_config(opts: dict):
 
     return VCDConfig(alpha=_float(opts, "--vcd-alpha", 1.0), beta=_float(opts, "--vcd-beta", 0.1),
                      noise_steps=_int(opts, "--vcd-noise-steps", 500, lo=0), seed=_int(opts, "--seed", 0, lo=0),
-                     schedule=opts.get("--vcd-schedule", "ddpm"))
+                     schedule=opts.get("--vcd-schedule", "vcd"))
 
 
 def vcd_section(vcd) -> str:
