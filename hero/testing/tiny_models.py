@@ -12,6 +12,9 @@ Families (real transformers classes, loadable with ``from_pretrained(DIR)``):
 * ``llava``: ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) + ``LlavaProcessor``
   (``CLIPImageProcessor``, 28 x 28 input, 4 image tokens);
 * ``llava_next``: ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor`` (any-resolution tiles of 28 x 28);
+* ``idefics3``: ``Idefics3ForConditionalGeneration`` (SmolVLM v1's class; SmolVLM2 has its own ``smolvlm`` type)
+  + ``Idefics3Processor`` with the PIL ``Idefics3ImageProcessorPil`` (no torchvision): images resized to a
+  112-pixel longest edge and split into 56 x 56 tiles plus a global view, 4 ``<image>`` tokens per tile;
 * ``llama``: ``LlamaForCausalLM`` + tokenizer (text only).
 
 The tokenizer is built with the ``tokenizers`` library: byte-level BPE with the 256 byte symbols, no merges
@@ -43,11 +46,15 @@ import torch
 __all__ = ["FAMILIES", "build_tokenizer", "build_tiny_model", "write_tiny_model", "load_processor",
            "image_only_processor", "main"]
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llama")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "llama")
 
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 _LLAVA_SPECIALS = ["<s>", "</s>", "<pad>", "<image>"]
+# Idefics3 / SmolVLM: the processor spells an image as <fake_token_around_image> (<row_i_col_j> <image>*n)* ...
+# <global-img> <image>*n <fake_token_around_image>; each of these is one token in the real vocabularies
+_IDEFICS3_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                       "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 
 # Minimal chat templates of each family: one or more turns, images as the family's placeholder.
 _QWEN_TEMPLATE = (
@@ -64,6 +71,13 @@ _LLAVA_TEMPLATE = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}</s>{% endif %} {% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_IDEFICS3_TEMPLATE = (  # SmolVLM's: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:"
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
 
@@ -82,6 +96,12 @@ def build_tokenizer(family: str):
                                       chat_template=_LLAVA_TEMPLATE)
         if family != "llama":
             tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        return tok
+    if family == "idefics3":
+        tk.add_special_tokens(_IDEFICS3_SPECIALS)
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                      pad_token="<|endoftext|>", chat_template=_IDEFICS3_TEMPLATE)
+        tok.add_special_tokens({"additional_special_tokens": _IDEFICS3_SPECIALS[1:]})
         return tok
     tk.add_special_tokens(_QWEN_SPECIALS)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -170,6 +190,24 @@ def _build_qwen(family: str, tok, V: int, hidden: int, layers: int, max_pixels: 
     return model_cls(cfg), proc
 
 
+def _build_idefics3(tok, V: int, hidden: int, layers: int, max_pixels: int):
+    """Idefics3 (SmolVLM v1's class): SigLIP-style tower on 56 x 56 tiles, pixel shuffle 2 -> 4 tokens per tile;
+    images are resized to a longest edge of 2 tiles and split into up to 2 x 2 tiles plus a global view."""
+    import transformers
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tile = 56
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=tile,
+                  patch_size=14)
+    cfg = transformers.Idefics3Config(vision_config=vision, text_config=_llama_text_config(V, hidden, layers, tok),
+                                      image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
+                                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
+    proc = transformers.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=(tile // 14 // 2) ** 2,
+                                          chat_template=_IDEFICS3_TEMPLATE)
+    return transformers.Idefics3ForConditionalGeneration(cfg), proc
+
+
 def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
                      max_pixels: int = 56 * 56) -> Tuple[torch.nn.Module, Any]:
     """(random-init model, processor or tokenizer) of ``family``; the global torch RNG is left untouched."""
@@ -185,6 +223,8 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
             model, proc = LlamaForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok)), tok
         elif family.startswith("llava"):
             model, proc = _build_llava(family, tok, V, hidden_size, num_layers, max_pixels)
+        elif family == "idefics3":
+            model, proc = _build_idefics3(tok, V, hidden_size, num_layers, max_pixels)
         else:
             model, proc = _build_qwen(family, tok, V, hidden_size, num_layers, max_pixels)
     model.generation_config.pad_token_id = tok.pad_token_id
