@@ -11,12 +11,12 @@ pytest.importorskip("PIL")
 
 from hero.config import TrainConfig, apply_overrides  # noqa: E402
 from hero.data.jsonl import load_jsonl, save_image_png  # noqa: E402
-from hero.models.hf_vlm import HFVLMAdapter, load_vlm  # noqa: E402
+from hero.models.hf_vlm import VISION_MODULE_NAMES, HFVLMAdapter, load_vlm  # noqa: E402
 from hero.testing.tiny_models import load_processor, write_tiny_model  # noqa: E402
 from hero.trainer import BadRowError, Trainer  # noqa: E402
 
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3")
 
 
 def vowel_reward(completions, **_):
@@ -34,6 +34,10 @@ def tiny_dir(tmp_path_factory):
         lines.append({"image": f"im{i}.png", "question": f"Is there a {i} in the image?", "answer": "yes",
                       "id": f"r{i}"})
     (root / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    multi = [dict(lines[0], image=["im0.png", "im1.png"], question="<image> left, <image> right: the same?", id="m0"),
+             dict(lines[2], id="m1"),  # one image, in the same batch as rows with two
+             dict(lines[3], image=["im3.png", "im1.png"], question="Do these match?", id="m2")]
+    (root / "multi.jsonl").write_text("\n".join(json.dumps(x) for x in multi) + "\n")
     for fam in FAMILIES:
         write_tiny_model(fam, str(root / fam))
     return root
@@ -48,9 +52,9 @@ def cfg_for(tmp_path, **over) -> TrainConfig:
     return cfg.validate()
 
 
-def trainer_for(tiny_dir, tmp_path, fam, **over):
+def trainer_for(tiny_dir, tmp_path, fam, data_file="data.jsonl", **over):
     model, ad = load_vlm(str(tiny_dir / fam), attn_implementation="sdpa", dtype=torch.float32)
-    data = load_jsonl(str(tiny_dir / "data.jsonl"), load_images=False)
+    data = load_jsonl(str(tiny_dir / data_file), load_images=False)
     return Trainer(cfg_for(tmp_path, **over), model=model, adapter=ad, dataset=data, reward_funcs=[vowel_reward])
 
 
@@ -60,8 +64,8 @@ def test_trains_and_exports(tiny_dir, tmp_path, fam):
 
     tr = trainer_for(tiny_dir, tmp_path, fam, **{"kl.beta": 0.05, "gate.enabled": False})
     frozen = [n for n, p in tr.model.named_parameters() if not p.requires_grad]
-    assert frozen and all("visual" in n or "vision_tower" in n for n in frozen)  # model.freeze_vision default
-    assert not any("merger" in n or "multi_modal_projector" in n for n in frozen)  # the projector trains
+    assert frozen and all(any(m in n for m in VISION_MODULE_NAMES) for n in frozen)  # model.freeze_vision default
+    assert not any(m in n for n in frozen for m in ("merger", "multi_modal_projector", "connector"))  # projector trains
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     m = tr.train()
     assert all(np.isfinite(m[k]) for k in ("loss", "entropy", "reward", "kl")) and m["grad_norm"] > 0
@@ -139,6 +143,7 @@ def test_max_pixels_limits_image_tokens(tiny_dir, tmp_path):
     assert row["image"].shape[0] * row["image"].shape[1] <= 28 * 28
     enc = ad.encode([row], ["q"])
     assert int(enc["image_grid_thw"].prod()) == 4  # one 2x2 merge window: a single image token
+    assert ad.processor.image_processor.size["longest_edge"] == 28 * 28  # the processor's own pixel budget too
 
 
 def test_config_name_loads_the_vlm_folder(tiny_dir, tmp_path):
@@ -153,3 +158,114 @@ def test_config_name_loads_the_vlm_folder(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="data.image_field is empty"):
         Trainer(cfg_for(tmp_path, **over, **{"data.image_field": "", "output_dir": str(tmp_path / "run2")}),
                 reward_funcs=[vowel_reward])
+
+
+def own_forward_loss(tr, ro) -> float:
+    """The loss of rollout ``ro`` from each completion's own processor output (its row alone, no padding, the
+    user turn written out by hand) and the model's own forward (logits), through the trainer's loss."""
+    proc, ad = tr.adapter.processor, tr.adapter
+    G, labels = ro.group_size, ro.labels
+    C = max(int((labels != -100).sum(1).max()), 1)
+    logits = []
+    for g in range(len(ro.row_indices)):  # the G completions of one row together: same prompt, no padding
+        row = tr.dataset[ro.row_indices[g]]
+        paths = row["image"] if isinstance(row["image"], list) else [row["image"]]
+        q = row["question"]
+        if "<image>" in q:  # "<image> left, <image> right: ..." -> images in place
+            _, b, c = q.split("<image>")
+            content = [{"type": "image"}, {"type": "text", "text": b}, {"type": "image"}, {"type": "text", "text": c}]
+        else:
+            content = [{"type": "image"}] * len(paths) + [{"type": "text", "text": q}]
+        text = proc.apply_chat_template([[{"role": "user", "content": content}]], add_generation_prompt=True,
+                                        tokenize=False)
+        images = [ad.prepare_row({"image": p}, "", 0)["image"] for p in paths]
+        enc = dict(proc(images=images * G, text=text * G, return_tensors="pt"))
+        comp = ro.completion_ids[g * G:(g + 1) * G, :C].clone()
+        comp[comp == ad.image_token_id] = ad.pad_token_id  # a sampled placeholder ends the completion anyway
+        P = enc["input_ids"].shape[1]
+        enc["input_ids"] = torch.cat([enc["input_ids"], comp], 1)
+        enc["attention_mask"] = torch.cat([enc["attention_mask"], ro.completion_mask[g * G:(g + 1) * G, :C]], 1)
+        for key in [key for key in enc if key.endswith("token_type_ids")]:
+            enc[key] = torch.cat([enc[key], enc[key].new_zeros(G, C)], 1)
+        logits.append(tr.model(**enc, use_cache=False).logits[:, P - 1: P - 1 + C])
+    from hero_kernels.loss import hero_loss, loss_normalizer
+
+    cfg = tr.cfg
+    config = cfg.loss.hero_loss_config(beta=float(tr.kl_ctl.beta), temperature=float(cfg.generation.temperature),
+                                       max_len=cfg.generation.max_new_tokens)
+    assert ro.kept.tolist() == list(range(len(ro.row_indices) * G))  # every completion kept (no gate)
+    adv = ro.advantages[ro.kept]
+    loss, _ = hero_loss(torch.cat(logits), labels[:, :C], adv, config=config, old_logp=ro.old_logp[:, :C],
+                        ref_logp=ro.ref_logp[:, :C], normalizer=float(loss_normalizer(labels, cfg.loss.loss_agg)),
+                        ignore_index=-100)
+    return float(loss)
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", "llava"] + [pytest.param(f, marks=pytest.mark.slow)
+                                                         for f in ("qwen2_5_vl", "llava_next", "idefics3")])
+def test_rows_with_several_images_train_and_match_the_models_own_forward(tiny_dir, tmp_path, fam):
+    """A batch mixing 2-image rows (placeholders in the prompt or not) and a 1-image row: the trainer's packed
+    per-row inputs give the loss of the model's own forward on each row alone, and a step trains."""
+    tr = trainer_for(tiny_dir, tmp_path, fam, "multi.jsonl", **{
+        "kl.beta": 0.1, "num_iterations": 2, "batch_size": 3, "micro_batch_size": 6, "data.shuffle": False,
+        "generation.temperature": 0.7, "gate.enabled": False, "data.prompt_template": "{question}"})
+    ro = tr.rollout()
+    assert sorted(ro.row_indices) == [0, 1, 2] and ro.kept.numel() == 6
+    assert tr.adapter.encode([tr.adapter.prepare_row(r, r["question"], i) for i, r in enumerate(tr.dataset)],
+                             [r["question"] for r in tr.dataset])["hero_n_images"].tolist() == [2, 1, 2]
+    with torch.no_grad():
+        ro.old_logp += 0.3 * torch.randn_like(ro.old_logp)
+        ro.ref_logp -= 0.1 * torch.rand_like(ro.ref_logp)
+        own = own_forward_loss(tr, ro)
+    tr.model.zero_grad(set_to_none=True)
+    loss = tr.backward(ro)["loss"]  # fused path on the batched, packed inputs
+    assert loss == pytest.approx(own, rel=1e-4, abs=1e-6) and abs(own) > 1e-4
+    assert np.isfinite(tr.optimizer_step()) and tr.model.lm_head.weight.grad is None  # stepped and zeroed
+
+
+def test_image_count_errors_are_one_line(tiny_dir, tmp_path):
+    tr = trainer_for(tiny_dir, tmp_path, "llava", "multi.jsonl")
+    ad: HFVLMAdapter = tr.adapter
+    row = tr.dataset[0]  # two images
+    with pytest.raises(BadRowError, match=r"row id='m0' \(index 0\) has 2 image\(s\) but its prompt has 3 <image> "
+                                          "placeholder"):
+        ad.prepare_row(row, "<image> <image> <image> q", 0)
+    with pytest.raises(BadRowError, match=r"field 'image' is an empty list"):
+        ad.prepare_row(dict(row, image=[]), "q", 0)
+    with pytest.raises(BadRowError, match=r"image 1 does not load"):
+        ad.prepare_row(dict(row, image=[row["image"][0], str(tmp_path / "missing.png")]), "q", 0)
+    ad.model_type = "blip-2"  # a model type whose processor takes one image per prompt
+    with pytest.raises(BadRowError, match=r"has 2 images but blip-2 models take one image per prompt"):
+        ad.prepare_row(row, "q", 0)
+    assert ad.prepare_row(tr.dataset[1], "q", 1)["image"].ndim == 3  # one image: fine
+    msg = str(pytest.raises(BadRowError, ad.prepare_row, row, "q", 0).value)
+    assert "\n" not in msg
+
+
+def test_idefics3_splits_images_into_tiles(tiny_dir, tmp_path):
+    """Idefics3 / SmolVLM: an image is resized, split into 56 x 56 tiles plus a global view, 4 tokens each;
+    pixel_values [B, max tiles, 3, 56, 56] is per row already, padding tiles are all zero (the model drops them)."""
+    _, ad = load_vlm(str(tiny_dir / "idefics3"), attn_implementation="sdpa", dtype=torch.float32)
+    wide, square = np.zeros((20, 40, 3), np.uint8) + 9, np.zeros((30, 30, 3), np.uint8) + 9
+    enc = ad.encode([{"image": wide}, {"image": square}, {"image": [square, wide]}], ["a", "b", "c"])
+    assert enc["pixel_values"].shape == (3, 8, 3, 56, 56) and enc["pixel_attention_mask"].shape == (3, 8, 56, 56)
+    tiles = (enc["pixel_values"].flatten(2) != 0).any(-1).sum(1).tolist()
+    assert tiles == [3, 5, 8]  # 1 x 2 tiles + global; 2 x 2 + global; both
+    assert enc["hero_n_image_tokens"].tolist() == [4 * t for t in tiles]
+    _, small = load_vlm(str(tiny_dir / "idefics3"), attn_implementation="sdpa", dtype=torch.float32,
+                        max_pixels=60 * 60)  # one tile edge: no splitting
+    assert small.encode([{"image": wide}], ["a"])["pixel_values"].shape[1] == 1
+
+
+def test_jsonl_image_lists(tiny_dir, tmp_path):
+    rows = load_jsonl(str(tiny_dir / "multi.jsonl"), load_images=False)
+    assert rows[0]["image"] == [str(tiny_dir / "im0.png"), str(tiny_dir / "im1.png")] and isinstance(rows[1]["image"], str)
+    loaded = load_jsonl(str(tiny_dir / "multi.jsonl"))
+    assert [im.shape for im in loaded[0]["image"]] == [(20, 40, 3), (28, 40, 3)]
+    from hero.data.jsonl import JSONLFormatError
+
+    for bad, msg in (([], "must be an image path or a non-empty list"), (["im0.png", 3], "non-empty list of paths"),
+                     (["im0.png", "nope.png"], "image file not found")):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"image": bad, "question": "q", "answer": "yes"}) + "\n")
+        with pytest.raises(JSONLFormatError, match=f"bad.jsonl, line 1: .*{msg}"):
+            load_jsonl(str(tmp_path / "bad.jsonl"))

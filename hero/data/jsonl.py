@@ -6,7 +6,8 @@ Format: UTF-8, one JSON object per line (blank lines are skipped)::
      "split": "adversarial", "id": "coco-42"}
 
 * ``image`` (required, str): path to an image file PIL can open; relative paths are resolved against the
-  folder that contains the JSONL file, absolute paths are used as is.
+  folder that contains the JSONL file, absolute paths are used as is. A non-empty list of such paths is a
+  row with several images (the trainer's vision-language adapter places them, see ``hero.models.hf_vlm``).
 * ``question`` (required, str).
 * ``answer`` (required, str): "yes"/"no" for POPE-style scoring (case-insensitive, normalized to lower
   case), or any free text for other tasks.
@@ -15,7 +16,8 @@ Format: UTF-8, one JSON object per line (blank lines are skipped)::
 * any other field is kept as is (e.g. ``digits`` for the digits task).
 
 Loaded examples are dicts with the same keys plus ``image`` = uint8 array ([H, W] for grayscale files,
-[H, W, 3] otherwise, or per ``mode``) and ``image_path`` = the resolved absolute path.
+[H, W, 3] otherwise, or per ``mode``; a list of them for a list of paths) and ``image_path`` = the resolved
+absolute path (or list of paths).
 Errors raise ``JSONLFormatError`` naming the file and line number (or, with ``on_bad_line="skip"``, warn once
 per bad line and leave it out).
 """
@@ -115,6 +117,8 @@ def _parse_line(line: str, path: str, lineno: int, required: Sequence[str], imag
     for field in required:
         if field not in obj:
             raise JSONLFormatError(f"{where}: missing required field '{field}'")
+        if field == image_field and isinstance(obj[field], list):
+            continue  # several images: _resolve_images checks the list
         if not isinstance(obj[field], str) or not obj[field].strip():
             raise JSONLFormatError(f"{where}: field '{field}' must be a non-empty string")
     for field in ("split", "id"):
@@ -126,21 +130,35 @@ def _parse_line(line: str, path: str, lineno: int, required: Sequence[str], imag
         ex["answer"] = ans.lower() if ans.lower() in ("yes", "no") else ans
     ex.setdefault("split", "default")
     ex.setdefault("id", f"line{lineno}")
-    if image_field and isinstance(ex.get(image_field), str):
-        root = os.path.dirname(os.path.abspath(path))
-        img_path = os.path.normpath(os.path.join(root, ex[image_field]))  # an absolute path stays as is
+    if image_field and isinstance(ex.get(image_field), (str, list)):  # other values stay as they are
+        ex[image_field] = ex["image_path"] = _resolve_images(ex[image_field], where, path, image_field)
+        if load_images:
+            paths = ex[image_field]
+            loaded = [_load_line_image(p, where, mode) for p in (paths if isinstance(paths, list) else [paths])]
+            ex[image_field] = loaded if isinstance(paths, list) else loaded[0]
+    return ex
+
+
+def _resolve_images(value, where: str, path: str, image_field: str):
+    """A path or a non-empty list of paths -> absolute path(s); JSONLFormatError for anything else or a missing file."""
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise JSONLFormatError(f"{where}: field '{image_field}' must be an image path or a non-empty list of paths")
+    root = os.path.dirname(os.path.abspath(path))
+    resolved = [os.path.normpath(os.path.join(root, p)) for p in paths]  # an absolute path stays as is
+    for img_path in resolved:
         if not os.path.isfile(img_path):
             raise JSONLFormatError(f"{where}: image file not found: {img_path}")
-        ex["image_path"] = img_path
-        ex[image_field] = img_path
-        if load_images:
-            try:
-                ex[image_field] = load_image(img_path, mode)
-            except ImportError:
-                raise
-            except Exception as e:  # PIL raises several types for corrupt/unsupported files
-                raise JSONLFormatError(f"{where}: cannot load image {img_path}: {e}") from None
-    return ex
+    return resolved if isinstance(value, list) else resolved[0]
+
+
+def _load_line_image(img_path: str, where: str, mode: Optional[str]) -> np.ndarray:
+    try:
+        return load_image(img_path, mode)
+    except ImportError:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt/unsupported files
+        raise JSONLFormatError(f"{where}: cannot load image {img_path}: {e}") from None
 
 
 def save_image_png(image: np.ndarray, path: str) -> None:

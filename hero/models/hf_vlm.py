@@ -2,12 +2,17 @@
 
 Any model that loads with ``AutoModelForImageTextToText`` (``AutoModelForVision2Seq`` on older
 transformers) and ``AutoProcessor``; tested with Qwen2-VL (``Qwen2VLForConditionalGeneration``, the same
-code serves Qwen2.5-VL) and LLaVA (``LlavaForConditionalGeneration``) through ``hero.testing.tiny_models``.
+code serves Qwen2.5-VL), LLaVA / LLaVA-NeXT and Idefics3 (``Idefics3ForConditionalGeneration``, SmolVLM v1's
+class) through ``hero.testing.tiny_models``.
 
-* Rows: the JSONL format of ``hero.data.jsonl`` (``image`` path, ``question``, ``answer``, ...). The
-  trainer formats ``data.prompt_template`` over the row; ``prepare_row`` loads the image (a bad one is a
-  one-line ``BadRowError`` naming the row) and downscales it to ``max_pixels``.
-* Prompts: the processor's chat template, one user turn ``[image, text]`` with the generation prompt.
+* Rows: the JSONL format of ``hero.data.jsonl`` (``image`` path, ``question``, ``answer``, ...); the image
+  field may also hold a list of images. The trainer formats ``data.prompt_template`` over the row;
+  ``prepare_row`` loads the images (a bad one is a one-line ``BadRowError`` naming the row) and downscales
+  them to ``max_pixels``.
+* Prompts: the processor's chat template, one user turn with the generation prompt: ``[image, ..., text]``,
+  or, when the prompt has ``<image>`` placeholders (IMAGE_PLACEHOLDER), the images at those places. A row
+  whose image count differs from its placeholders, or with several images for a model type that takes one
+  (SINGLE_IMAGE_MODEL_TYPES), is a ``BadRowError``.
 * Rollouts: ``model.generate`` (KV cache, ``do_sample``) on the repeated prompts: G completions per prompt.
 * Loss inputs: ``hidden_states`` runs the multimodal base model (``model.model``: vision tower, projector
   and language model, no LM head) and returns the language model's last hidden states; the trainer slices
@@ -15,11 +20,19 @@ code serves Qwen2.5-VL) and LLaVA (``LlavaForConditionalGeneration``) through ``
   exist for image or prompt tokens. The no-grad old-policy / reference passes take the same route.
 
 Batch layout. The trainer repeats and indexes every tensor of ``encode``'s output along dim 0, so each one
-is per row here: Qwen-style flat ``pixel_values`` ([sum of patches, F], split by ``image_grid_thw``) are
-packed to [B, max patches, F] and unpacked before the model sees them; ``*token_type_ids`` ([B, P]) are
-zero-extended over the completion. A completion that samples the image placeholder token ends there (it is
-an end-of-sequence id) and the placeholder is replaced by pad as an input, so the model never counts more
-image tokens than it has features.
+is per prompt row here, and ``_model_inputs`` restores the processor's layout before the model sees it:
+
+* Qwen-style flat ``pixel_values`` ([sum of patches, F], split by ``image_grid_thw``) are packed to
+  [B, max patches per row, F];
+* with several images in some row, per-image tensors (LLaVA's ``pixel_values`` [images, 3, H, W],
+  ``image_grid_thw``, LLaVA-NeXT's ``image_sizes``) are packed to [B, max images per row, ...] under the
+  private name ``hero_per_image.<key>`` (with one image per row they already are per row);
+* Idefics3's ``pixel_values`` [B, tiles, 3, H, W] and ``pixel_attention_mask`` are per row already (the
+  model drops all-zero padding tiles);
+* ``*token_type_ids`` ([B, P]) are zero-extended over the completion.
+
+A completion that samples the image placeholder token ends there (it is an end-of-sequence id) and the
+placeholder is replaced by pad as an input, so the model never counts more image tokens than it has features.
 """
 from __future__ import annotations
 
@@ -33,14 +46,32 @@ from torch import Tensor, nn
 
 from hero.rollout import BadRowError, ModelAdapter, completion_mask_from_eos, row_name
 
-__all__ = ["HFVLMAdapter", "is_vlm_checkpoint", "load_vlm", "freeze_vision_tower", "VISION_MODULE_NAMES"]
+__all__ = ["HFVLMAdapter", "is_vlm_checkpoint", "load_vlm", "freeze_vision_tower", "VISION_MODULE_NAMES",
+           "IMAGE_PLACEHOLDER", "SINGLE_IMAGE_MODEL_TYPES"]
 
 #: attribute names of the vision encoder in transformers VLMs (Qwen2-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM, ...)
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
 #: parts of a vision module that stay trainable when it is frozen (the projector into the language model)
 _PROJECTOR_PARTS = ("merger",)
-#: private key of encode()'s output: image placeholder tokens per prompt row
+#: where a row's images go in its prompt (each becomes the model's own image placeholder via the chat template)
+IMAGE_PLACEHOLDER = "<image>"
+#: model types whose processors pair exactly one image with each prompt (a row with more is a BadRowError;
+#: other processors that refuse several images fail in encode() with a one-line ValueError)
+SINGLE_IMAGE_MODEL_TYPES = ("blip", "blip-2", "instructblip", "git", "kosmos-2", "kosmos-2.5", "pix2struct")
+#: private keys of encode()'s output (never passed to the model): image placeholder tokens per prompt row,
+#: images per row, and the prefix of per-image tensors packed per row
+_PRIVATE = "hero_"
 _N_IMG = "hero_n_image_tokens"
+_N_IMAGES = "hero_n_images"
+_PER_IMAGE = "hero_per_image."
+
+
+def _pad_split(x: Tensor, sizes: Sequence[int]) -> Tensor:
+    """x [sum sizes, ...] -> [len(sizes), max sizes, ...]: row i holds its sizes[i] entries, zeros after."""
+    out = x.new_zeros(len(sizes), max(sizes), *x.shape[1:])
+    for i, part in enumerate(torch.split(x, list(sizes))):
+        out[i, : sizes[i]] = part
+    return out
 
 
 def _auto_model_classes():
@@ -122,6 +153,7 @@ class HFVLMAdapter(ModelAdapter):
         self.processor, self.tokenizer = processor, tok
         self.image_field, self.max_pixels, self.source = image_field, int(max_pixels), source
         cfg = model.config
+        self.model_type = getattr(cfg, "model_type", type(model).__name__)
         self.image_token_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
         if self.image_token_id is None:
             raise ValueError(f"{type(model).__name__}'s config names no image token (image_token_id)")
@@ -139,12 +171,21 @@ class HFVLMAdapter(ModelAdapter):
         self._set_processor_max_pixels()
 
     def _set_processor_max_pixels(self) -> None:
-        """Qwen-style processors resize to a pixel budget: cap it (``size.longest_edge`` in transformers 5)."""
+        """Qwen-style processors resize to a pixel budget: cap it (``size.longest_edge`` in transformers 5).
+        Idefics3-style ones resize every image to ``size.longest_edge`` and split it into tiles of
+        ``max_image_size.longest_edge``: cap that edge to the whole tiles within sqrt(max_pixels), at least one."""
         ip = self.processor.image_processor
         if self.max_pixels <= 0:
             return
-        size = getattr(ip, "size", None)
-        if hasattr(ip, "merge_size") and isinstance(size, dict) and "longest_edge" in size:
+        size = getattr(ip, "size", None)  # a dict, or transformers 5's SizeDict (item access, not a dict)
+        if size is None or not hasattr(size, "__setitem__") or size.get("longest_edge") is None:
+            size = None
+        tile = getattr(ip, "max_image_size", None)
+        if size is not None and isinstance(tile, dict) and "longest_edge" in tile:
+            t = int(tile["longest_edge"])
+            size["longest_edge"] = min(int(size["longest_edge"]), max(t, int(self.max_pixels ** 0.5) // t * t))
+            return
+        if size is not None and hasattr(ip, "merge_size"):
             size["longest_edge"] = min(int(size["longest_edge"]), self.max_pixels)
             size["shortest_edge"] = min(int(size.get("shortest_edge", 0)), size["longest_edge"])
         if hasattr(ip, "max_pixels"):
@@ -155,23 +196,44 @@ class HFVLMAdapter(ModelAdapter):
         name = row_name(row, index)
         if self.image_field not in row or row[self.image_field] is None:
             raise BadRowError(f"row {name} has no image field {self.image_field!r}", name)
-        try:
-            img = row[self.image_field]
-            if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
-                from hero.data.jsonl import load_image
-
-                img = load_image(img, "RGB")
-            arr = np.asarray(img)
-            if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-                raise ValueError(f"expected uint8 [H, W] or [H, W, 3], got {arr.dtype} {arr.shape}")
-            if arr.ndim == 2:
-                arr = np.repeat(arr[:, :, None], 3, axis=2)
-            arr = self._limit_pixels(arr)
-        except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken image
-            raise BadRowError(f"row {name}: image does not load ({type(e).__name__}: {e})", name) from None
+        value = row[self.image_field]
+        images = self._row_images(row)
+        self._check_image_count(len(images), prompt, name)
+        arrays = []
+        for k, img in enumerate(images):
+            try:
+                arrays.append(self._load_image(img))
+            except Exception as e:  # noqa: BLE001 - PIL and numpy raise many types for a broken image
+                which = "image" if len(images) == 1 else f"image {k}"
+                raise BadRowError(f"row {name}: {which} does not load ({type(e).__name__}: {e})", name) from None
         new = dict(row)
-        new[self.image_field] = arr
+        new[self.image_field] = arrays if isinstance(value, (list, tuple)) else arrays[0]
         return new
+
+    def _check_image_count(self, n: int, prompt: str, name: str) -> None:
+        """BadRowError unless the row's ``n`` images suit the model and the prompt's IMAGE_PLACEHOLDERs."""
+        if n == 0:
+            raise BadRowError(f"row {name}: field {self.image_field!r} is an empty list; give at least one image", name)
+        if n > 1 and self.model_type in SINGLE_IMAGE_MODEL_TYPES:
+            raise BadRowError(f"row {name} has {n} images but {self.model_type} models take one image per prompt: "
+                              "keep one image per row", name)
+        marks = prompt.count(IMAGE_PLACEHOLDER)
+        if marks and marks != n:
+            raise BadRowError(f"row {name} has {n} image(s) but its prompt has {marks} {IMAGE_PLACEHOLDER} "
+                              "placeholder(s): write one per image, or none to put all images before the text", name)
+
+    def _load_image(self, img) -> np.ndarray:
+        """A path / bytes / PIL image / array -> uint8 [H, W, 3], downscaled to max_pixels."""
+        if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
+            from hero.data.jsonl import load_image
+
+            img = load_image(img, "RGB")
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            raise ValueError(f"expected uint8 [H, W] or [H, W, 3], got {arr.dtype} {arr.shape}")
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        return self._limit_pixels(arr)
 
     def _limit_pixels(self, arr: np.ndarray) -> np.ndarray:
         h, w = arr.shape[:2]
@@ -183,38 +245,72 @@ class HFVLMAdapter(ModelAdapter):
         size = (max(1, int(w * s)), max(1, int(h * s)))
         return np.asarray(Image.fromarray(arr).resize(size, Image.BICUBIC))
 
+    def _row_images(self, row) -> list:
+        value = row[self.image_field]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    @staticmethod
+    def _content(prompt: str, n_images: int) -> List[Dict[str, str]]:
+        """One user turn: images where the prompt has IMAGE_PLACEHOLDERs, else all of them before the text."""
+        if IMAGE_PLACEHOLDER not in prompt:
+            return [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        content: List[Dict[str, str]] = []
+        for k, part in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+            if k:
+                content.append({"type": "image"})
+            if part:
+                content.append({"type": "text", "text": part})
+        return content
+
     def encode(self, rows, prompts):
-        msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+        images = [self._row_images(r) for r in rows]
+        msgs = [[{"role": "user", "content": self._content(p, len(im))}] for p, im in zip(prompts, images)]
         text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        enc = self.processor(images=[r[self.image_field] for r in rows], text=text, return_tensors="pt",
-                             padding=True, padding_side="left")
-        out = {k: v for k, v in enc.items() if isinstance(v, Tensor)}
-        B = out["input_ids"].shape[0]
-        if out.get("pixel_values") is not None and out["pixel_values"].shape[0] != B:
-            out["pixel_values"] = self._pack(out["pixel_values"], out.get("image_grid_thw"), B)
+        flat = [im for row_images in images for im in row_images]
+        try:
+            enc = self.processor(images=flat, text=text, return_tensors="pt", padding=True, padding_side="left")
+        except Exception as e:  # noqa: BLE001 - processors raise ValueError / IndexError / TypeError on layouts
+            if len(flat) == len(rows):
+                raise
+            raise ValueError(f"{type(self.processor).__name__} failed on rows with {[len(im) for im in images]} "
+                             f"images ({type(e).__name__}: {e}); keep one image per row for this model") from e
+        n_images = torch.tensor([len(im) for im in images])
+        out = self._per_row({k: v for k, v in enc.items() if isinstance(v, Tensor)}, n_images)
+        out[_N_IMAGES] = n_images
         out[_N_IMG] = (out["input_ids"] == self.image_token_id).sum(1)
         return out
 
     @staticmethod
-    def _pack(pv: Tensor, grid: Optional[Tensor], B: int) -> Tensor:
-        """Flat Qwen-style pixel_values [sum n_i, F] -> [B, max n_i, F] (row i = its image's n_i patches)."""
-        if grid is None or grid.shape[0] != B:
-            raise ValueError(f"pixel_values has {pv.shape[0]} rows for {B} prompts and no image_grid_thw [B, 3] to "
-                             "split them (one image per row is supported)")
-        n = grid.prod(-1).tolist()
-        packed = pv.new_zeros(B, max(n), *pv.shape[1:])
-        for i, part in enumerate(torch.split(pv, n)):
-            packed[i, : n[i]] = part
-        return packed
+    def _per_row(enc: Dict[str, Tensor], n_images: Tensor) -> Dict[str, Tensor]:
+        """Every tensor per prompt row on dim 0 (module docstring): Qwen's flat patches [sum n, F] -> [B, max n, F];
+        with several images in a row, per-image tensors [sum k, ...] -> [B, max k, ...] named _PER_IMAGE + key."""
+        B, total = enc["input_ids"].shape[0], int(n_images.sum())
+        out = dict(enc)
+        pv, grid = out.get("pixel_values"), out.get("image_grid_thw")
+        if pv is not None and grid is not None and grid.shape[0] == total and pv.shape[0] == int(grid.prod(-1).sum()):
+            patches = [int(g.prod(-1).sum()) for g in torch.split(grid, n_images.tolist())]
+            out["pixel_values"] = _pad_split(pv, patches)
+        elif pv is not None and pv.shape[0] not in (B, total):
+            raise ValueError(f"pixel_values has {pv.shape[0]} rows for {B} prompts with {total} images and no "
+                             "image_grid_thw to split them")
+        if total != B:  # (one image per row: per-image tensors are already per row)
+            qwen_patches = "pixel_values" if grid is not None else None  # packed per row above
+            for k in [k for k, v in out.items() if v.shape[0] == total and k != qwen_patches]:
+                out[_PER_IMAGE + k] = _pad_split(out.pop(k), n_images.tolist())
+        return out
 
     def _model_inputs(self, extra: Dict[str, Tensor], seq_len: int) -> Dict[str, Any]:
         """Per-row tensors of encode() -> the model's inputs for sequences of ``seq_len`` tokens."""
-        out = {k: v for k, v in extra.items() if k != _N_IMG}
-        grid = out.get("image_grid_thw")
-        pv = out.get("pixel_values")
-        if pv is not None and grid is not None and pv.dim() == 3 and grid.dim() == 2:
-            n = grid.prod(-1).tolist()
-            out["pixel_values"] = torch.cat([pv[i, : n[i]] for i in range(pv.shape[0])])
+        n_images = extra.get(_N_IMAGES)
+        counts = n_images.tolist() if n_images is not None else None
+        out = {k: v for k, v in extra.items() if not k.startswith(_PRIVATE)}
+        for k, v in extra.items():
+            if k.startswith(_PER_IMAGE):
+                out[k[len(_PER_IMAGE):]] = torch.cat([v[i, :n] for i, n in enumerate(counts)])
+        grid, pv = out.get("image_grid_thw"), out.get("pixel_values")
+        if pv is not None and grid is not None and pv.dim() == 3 and grid.dim() == 2:  # Qwen patches per row
+            patches = [int(g.prod(-1).sum()) for g in torch.split(grid, counts or [1] * pv.shape[0])]
+            out["pixel_values"] = torch.cat([pv[i, :n] for i, n in enumerate(patches)])
         for k, v in list(out.items()):
             if k.endswith("token_type_ids") and v.dim() == 2 and v.shape[1] < seq_len:
                 out[k] = torch.cat([v, v.new_zeros(v.shape[0], seq_len - v.shape[1])], 1)
