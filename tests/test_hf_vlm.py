@@ -241,6 +241,25 @@ def test_image_count_errors_are_one_line(tiny_dir, tmp_path):
     msg = str(pytest.raises(BadRowError, ad.prepare_row, row, "q", 0).value)
     assert "\n" not in msg
 
+    class Refusing:  # a processor that takes one image per text (BLIP-style), for a type not in the list
+        def __init__(self, proc):
+            self.proc = proc
+
+        def __getattr__(self, name):
+            return getattr(self.proc, name)
+
+        def __call__(self, images, text, **kw):
+            if len(images) != len(text):
+                raise ValueError("expected one image per text")
+            return self.proc(images=images, text=text, **kw)
+
+    ad.model_type, ad.processor = "llava", Refusing(ad.processor)
+    rows = [ad.prepare_row(r, r["question"], i) for i, r in enumerate(tr.dataset)]
+    assert ad.encode(rows[1:2], ["q"])["input_ids"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"failed on rows with \[2, 1\] images \(ValueError: expected one image per "
+                                         r"text\); keep one image per row for this model"):
+        ad.encode(rows[:2], ["q", "q"])
+
 
 def test_idefics3_splits_images_into_tiles(tiny_dir, tmp_path):
     """Idefics3 / SmolVLM: an image is resized, split into 56 x 56 tiles plus a global view, 4 tokens each;
