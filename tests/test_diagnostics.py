@@ -120,6 +120,9 @@ def test_diagnose_free_text_answers_and_errors():
         diagnose(ad, [{"image": np.zeros((2, 2), np.uint8), "question": "a"}])
     with pytest.raises(ValueError, match="uint8 array"):
         diagnose(ad, [{"image": "x.png", "question": "a", "answer": "yes"}])
+    two = [np.zeros((2, 2), np.uint8)] * 2  # a training row with several images: one line, not a dtype complaint
+    with pytest.raises(ValueError, match=r"examples\[0\] \(id 'q7'\) has 2 images; hero diagnose scores one image"):
+        diagnose(ad, [{"id": "q7", "image": two, "question": "a", "answer": "yes"}])
 
 
 # ---------------------------------------------------------------------------------------------

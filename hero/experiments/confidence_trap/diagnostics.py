@@ -477,6 +477,9 @@ def diagnose(adapter: VLMAdapter, examples: Sequence[dict], sigmas: Sequence[flo
         for k in ("image", "question", "answer"):
             if k not in ex:
                 raise ValueError(f"examples[{i}] is missing '{k}'")
+        if isinstance(ex["image"], (list, tuple)):  # JSONL allows image lists for training; POPE is one image
+            raise ValueError(f"examples[{i}] (id {ex.get('id', i)!r}) has {len(ex['image'])} images; hero diagnose "
+                             "scores one image per question: give 'image' a single path")
         if not isinstance(ex["image"], np.ndarray):
             raise ValueError(f"examples[{i}]['image'] must be a uint8 array (load_jsonl with load_images=True)")
     if batch_size < 1:
