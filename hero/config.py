@@ -82,6 +82,11 @@ class ModelConfig:
     # Long chain-of-thought: a forward/backward whose longest completion has at least this many tokens runs with
     # gradient checkpointing even when gradient_checkpointing is false (0 = never switched on automatically).
     gradient_checkpointing_min_len: int = 2048
+    # Padding-free policy / reference forward: a micro-batch's rows concatenated into one sequence with
+    # position ids restarting per row (no pad tokens through the decoder; same loss and gradients). "auto" =
+    # on for text causal LMs with eager / sdpa / flash_attention_2 attention, off otherwise (VLMs: their
+    # position ids, e.g. Qwen2-VL's M-RoPE, do not restart per row); "on" = fail when unsupported; "off".
+    packing: str = "auto"
     # Vision-language models: keep the vision encoder frozen (the projector and the language model train).
     freeze_vision: bool = True
     # Vision-language models: image size cap in pixels (H x W) passed to the processor; larger images are
@@ -275,10 +280,10 @@ class TrainConfig:
     batch_size: int = 4
     # Completions per forward/backward pass (gradient accumulation inside a step); 0 = all at once.
     micro_batch_size: int = 0
-    # Token budget per forward/backward pass: the kept completions are sorted by length and packed so that
-    # rows x (prompt + longest completion) <= micro_batch_tokens (a longer single completion runs alone), so one
-    # long chain of thought does not force small batches on the short ones. 0 = off; with micro_batch_size > 0
-    # both caps apply.
+    # Token budget per forward/backward pass: the kept completions are sorted by length and grouped so that
+    # rows x (prompt + longest completion) <= micro_batch_tokens (with model.packing on: the sum of the rows'
+    # unpadded prompt + completion lengths), a longer single completion runs alone; so one long chain of
+    # thought does not force small batches on the short ones. 0 = off; with micro_batch_size > 0 both caps apply.
     micro_batch_tokens: int = 0
     # Optimizer passes over each rollout (PPO epochs); > 1 computes old log-probs once, without grad.
     num_iterations: int = 1
@@ -331,6 +336,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check ranges and choices; raise ConfigError naming the field. Returns self."""
         _choice("model.dtype", self.model.dtype, ("float32", "bfloat16"))
+        _choice("model.packing", self.model.packing, ("auto", "on", "off"))
         _choice("data.name", self.data.name, dataset_names())
         if self.data.name == "jsonl" and not self.data.path:
             raise ConfigError("data.path must be set when data.name is 'jsonl'")
@@ -667,7 +673,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence = ()) -> TrainCo
 RESUMABLE_KEYS = (
     "steps", "save_steps", "save_total_limit", "resume", "overwrite", "allow_config_change", "export",
     "tensorboard", "progress", "output_dir", "on_bad_row", "device", "micro_batch_size", "loss.impl",
-    "model.attn_implementation", "model.gradient_checkpointing",
+    "model.attn_implementation", "model.gradient_checkpointing", "model.packing",
 )
 
 

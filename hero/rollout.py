@@ -11,13 +11,22 @@ experiment registers its tiny VLM and offline tokenizer there), and ``build_poli
 Sequence layout shared with the trainer: ``[left-padded prompt (P) | completion (C, right-padded)]``. Hidden
 state ``t`` predicts token ``t + 1``, so the completion tokens ``P .. P+C-1`` are scored from the hidden
 states ``P-1 .. P+C-2`` (``completion_hidden``); the prompt positions never reach the LM head.
+
+Padding-free (packed) layout (``pack_rows``, ``model.packing``): the attended tokens of m rows concatenated
+into ONE sequence ``[1, T]`` with ``position_ids`` restarting at 0 per row and no attention mask. transformers
+(>= 4.53, ``masking_utils.find_packed_sequence_indices``) reads the row boundaries off the position ids: a
+block-diagonal causal mask for eager / sdpa, ``flash_attn_varlen_func`` for flash_attention_2. The positions
+equal the padded layout's (``cumsum(attention_mask) - 1``), so both layouts give the same hidden states.
+Adapters opt in with ``packed_hidden_states`` / ``packing_unsupported``; VLM adapters do not (their position
+ids are not per-row ``0..L-1``: Qwen2-VL's M-RoPE ids are 3-D and skip over image grids).
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +42,9 @@ __all__ = [
     "completion_mask_from_eos",
     "completion_labels",
     "completion_hidden",
+    "PackedRows",
+    "pack_rows",
+    "PACKING_ATTENTION",
     "resolve_attn_implementation",
     "build_policy",
     "build_tiny_llama",
@@ -83,6 +95,44 @@ def completion_hidden(hidden: Tensor, prompt_len: int, completion_len: int) -> T
     return hidden[:, prompt_len - 1 : prompt_len - 1 + completion_len]
 
 
+#: Attention implementations whose transformers code path separates packed rows found from position_ids
+#: (masking_utils' block-diagonal mask for eager / sdpa, varlen kernels for flash_attention_2).
+PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+class PackedRows(NamedTuple):
+    """m rows in the padding-free layout (module docstring); N = their scored completion tokens."""
+
+    input_ids: Tensor  # [1, T]: each row's attended tokens (prompt without padding + completion through eos)
+    position_ids: Tensor  # [1, T]: 0 .. L_i - 1 per row
+    hidden_index: Tensor  # [N] position in T of the state that predicts each scored completion token
+    row: Tensor  # [N] row (0 .. m-1) of each scored token: its response id for hero_loss's seq_ids
+    col: Tensor  # [N] its column in the completion [m, C']
+
+    def unpack(self, values: Tensor, shape: Tuple[int, int]) -> Tensor:
+        """values [N, ...] -> [m, C', ...] (shape = (m, C')), zero where no token was scored."""
+        out = values.new_zeros(tuple(shape) + tuple(values.shape[1:]))
+        return out.index_put((self.row, self.col), values)
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> PackedRows:
+    """Padded rows ``[prompt (P) | completion (C')]``: input_ids / attention_mask [m, P + C'], labels [m, C']
+    (``ignore_index`` where not scored) -> ``PackedRows``. Rows keep their order; a scored token must be
+    attended and every row needs an attended prompt token (the state that predicts its first token)."""
+    keep = attention_mask.bool()
+    pos = keep.long().cumsum(1) - 1  # [m, P + C'] the padded layout's positions (CausalLMAdapter.hidden_states)
+    lengths = keep.sum(1)
+    starts = lengths.cumsum(0) - lengths  # [m] where each row begins in the packed sequence
+    row, col = (labels != ignore_index).nonzero(as_tuple=True)
+    target = input_ids.shape[1] - labels.shape[1] + col  # padded column of each scored token
+    if not bool(keep[row, target].all()):
+        raise ValueError("pack_rows: a scored completion token (label != ignore_index) has attention_mask 0")
+    if bool((pos[row, target] < 1).any()):
+        raise ValueError("pack_rows: a row has no attended prompt token before its completion (nothing predicts "
+                         "its first token); give every prompt at least one token (e.g. a BOS)")
+    return PackedRows(input_ids[keep][None], pos[keep][None], starts[row] + pos[row, target] - 1, row, col)
+
+
 def resolve_attn_implementation(name: str, device: torch.device) -> str:
     """"auto" -> "flash_attention_2" when flash_attn is importable and the device is CUDA, else "sdpa"."""
     if name != "auto":
@@ -123,6 +173,17 @@ class ModelAdapter:
     def hidden_states(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, **extra) -> Tensor:
         """Last hidden states [N, T, D] (the LM head's input), no logits."""
         raise NotImplementedError
+
+    def packing_unsupported(self, model: nn.Module) -> Optional[str]:
+        """None when ``packed_hidden_states`` is exact for ``model``, else why not (one clause, for messages)."""
+        if self.uses_images:
+            return (f"{type(self).__name__} feeds images, and packing a VLM is not implemented: its position ids are "
+                    "not 0..L-1 per row (Qwen2-VL's M-RoPE ids are 3-D and skip over each image grid)")
+        return f"{type(self).__name__} has no padding-free forward (packed_hidden_states)"
+
+    def packed_hidden_states(self, model: nn.Module, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+        """Last hidden states [1, T, D] of rows packed into one sequence (``pack_rows``), no logits."""
+        raise NotImplementedError(self.packing_unsupported(model))
 
     def lm_head(self, model: nn.Module) -> nn.Module:
         """The output projection (``.weight`` [V, D], ``.bias`` [V] or None)."""
@@ -190,6 +251,25 @@ class CausalLMAdapter(ModelAdapter):
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self._base(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                                 use_cache=False, **extra)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def packing_unsupported(self, model):
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl not in PACKING_ATTENTION:
+            return f"attention implementation {impl!r} is not one of {PACKING_ATTENTION}"
+        from transformers import masking_utils
+
+        base = self._base(model)
+        if not hasattr(masking_utils, "find_packed_sequence_indices"):
+            return "this transformers version does not detect packed rows from position_ids (needs >= 4.53)"
+        if not hasattr(sys.modules.get(type(base).__module__), "create_causal_mask"):
+            return (f"{type(base).__name__} does not build its attention mask with transformers.masking_utils, "
+                    "so packed rows could attend to each other")
+        return None
+
+    def packed_hidden_states(self, model, input_ids, position_ids):
+        # no attention mask: masking_utils (eager / sdpa) and flash_attention_2 then separate the rows by position_ids
+        out = self._base(model)(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def decode(self, ids, mask):

@@ -14,8 +14,11 @@ One step (``Trainer.train_step``):
    temperature=generation.temperature, beta=controller.beta, normalizer=<global count>, ...)``: the
    [tokens x vocab] logits are never materialized (``loss.path="fused"``); backward; then clip + optimizer
    step + LR schedule. Micro-batches hold ``micro_batch_size`` completions, or (``micro_batch_tokens``) are
-   length-sorted packs within a token budget; one whose longest completion reaches
-   ``model.gradient_checkpointing_min_len`` runs with gradient checkpointing;
+   length-sorted groups within a token budget; one whose longest completion reaches
+   ``model.gradient_checkpointing_min_len`` runs with gradient checkpointing. With ``model.packing`` (auto: on
+   for text causal LMs) a micro-batch's rows run padding-free, concatenated into one sequence with position
+   ids restarting per row (``hero.rollout.pack_rows``), and the loss sees only the scored tokens [N, D] with
+   ``seq_ids`` naming their rows: the same loss and gradients as the padded layout, no pad tokens computed;
 6. update the adaptive KL controller (dynamic balancer) from the measured KL and log.
 
 ``loss.path="logits"`` materializes the completion logits and feeds them to ``hero_loss``;
@@ -70,8 +73,8 @@ from hero.io import atomic_dir, atomic_write_text, json_safe, remove_stale_temp_
 from hero.omnex.hook import build_ntk_hook
 from hero.registry import dataset_builder
 from hero.rewards import check_rewards, get_reward, reward_name
-from hero.rollout import (IGNORE_INDEX, BadRowError, ModelAdapter, build_policy, completion_hidden, completion_labels,
-                          frozen_copy, row_name)
+from hero.rollout import (IGNORE_INDEX, BadRowError, ModelAdapter, PackedRows, build_policy, completion_hidden,
+                          completion_labels, frozen_copy, pack_rows, row_name)
 from hero_kernels import linear_entropy_logprob
 from hero_kernels.loss import METRIC_KEYS, hero_loss, loss_normalizer, metrics_to_floats
 
@@ -227,10 +230,21 @@ class MicroBatch(NamedTuple):
     extra: Dict[str, Tensor]  # other model inputs (pixel_values, ...)
     labels: Tensor  # [m, C']
     rows: Union[slice, Tensor]  # which kept completions (a slice, or row indices [m] under micro_batch_tokens)
+    packed: Optional[PackedRows] = None  # the padding-free layout of the same rows (model.packing), or None
 
     @property
     def completion_len(self) -> int:
         return self.labels.shape[1]
+
+    def scored(self, per_token: Optional[Tensor]) -> Optional[Tensor]:
+        """[m, C', ...] -> the loss's layout: as is, or (packed) the N scored tokens [N, ...] in row order."""
+        if per_token is None or self.packed is None:
+            return per_token
+        return per_token[self.packed.row, self.packed.col]
+
+    def padded(self, scored: Tensor) -> Tensor:
+        """Inverse of ``scored``: [N, ...] -> [m, C', ...] (zeros where nothing is scored) when packed."""
+        return scored if self.packed is None else self.packed.unpack(scored, tuple(self.labels.shape))
 
 
 #: How hero_loss's per-micro-batch metrics combine over a pass (every METRIC_KEYS entry is in exactly one).
@@ -398,6 +412,7 @@ class Trainer:
         self.kl_ctl = AdaptiveKLController(cfg.kl.beta, cfg.kl.target or None, cfg.kl.horizon, cfg.kl.clip)
         self.use_kl = cfg.kl.beta > 0
         self.ref_model, self.ref_is_copy = self._build_reference(ref_model) if self.use_kl else (None, False)
+        self.packing = self._resolve_packing()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
@@ -499,6 +514,17 @@ class Trainer:
                                  "gradient_checkpointing": False})
         model, _ = build_policy(ref_cfg, seed=self.cfg.seed, device=self.device)
         return frozen_copy(model), False
+
+    def _resolve_packing(self) -> bool:
+        """model.packing: "off" -> False; "auto" -> whether the adapter packs the policy (and reference) exactly;
+        "on" -> True, or a ConfigError saying why it cannot."""
+        if self.cfg.model.packing == "off":
+            return False
+        models = [self.model] + ([self.ref_model] if self.ref_model is not None else [])
+        why = next((w for w in map(self.adapter.packing_unsupported, models) if w), None)
+        if why and self.cfg.model.packing == "on":
+            raise ConfigError(f"model.packing=on: {why}; use model.packing auto (packs only where it is exact) or off")
+        return why is None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -615,13 +641,18 @@ class Trainer:
                 f"completions and each row field as lists of N and must return N floats (N={len(texts)} here)") from e
 
     # ------------------------------------------------------------------ loss
-    def _loss(self, hidden: Tensor, labels: Tensor, advantages: Tensor, old_logp: Optional[Tensor],
+    def _loss(self, hidden: Tensor, batch: MicroBatch, advantages: Tensor, old_logp: Optional[Tensor],
               ref_logp: Optional[Tensor], normalizer: float, beta: float) -> Tuple[Tensor, Dict[str, float]]:
-        """hero_loss on completion hidden states [m, C, D] -> (loss, float metrics); path per cfg.loss.path."""
+        """hero_loss on the micro-batch's completion hidden states in its layout (``_scored_hidden``: [m, C', D],
+        or packed [N, D] with seq_ids); advantages [m], old/ref log-probs [m, C'] -> (loss, float metrics)."""
         path = self.cfg.loss.path
         config = self.cfg.loss.hero_loss_config(beta=float(beta), temperature=float(self.cfg.generation.temperature),
                                                 max_len=self.cfg.generation.max_new_tokens)
-        inputs = dict(old_logp=old_logp, ref_logp=ref_logp, normalizer=float(normalizer), ignore_index=IGNORE_INDEX)
+        labels, seq_ids = batch.scored(batch.labels), None if batch.packed is None else batch.packed.row
+        if seq_ids is not None:  # packed: one advantage per token
+            advantages = advantages[seq_ids]
+        inputs = dict(old_logp=batch.scored(old_logp), ref_logp=batch.scored(ref_logp), seq_ids=seq_ids,
+                      normalizer=float(normalizer), ignore_index=IGNORE_INDEX)
         head = self.adapter.lm_head(self.model)
         weight, bias = head.weight, getattr(head, "bias", None)
         if path == "reference":  # the float64 spec, logits materialized in float64 (tests compare)
@@ -640,23 +671,32 @@ class Trainer:
             loss, metrics = hero_loss(hidden, labels, advantages, weight=weight, bias=bias, config=config, **inputs)
         return loss, metrics_to_floats(metrics)
 
-    def _completion_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
-        """Last hidden states that predict the micro-batch's completion tokens: [m, C', D]."""
+    def _scored_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
+        """Last hidden states that predict the micro-batch's completion tokens, in the loss's layout: [m, C', D]
+        (padded), or [N, D] for its N scored tokens when ``batch.packed`` (the decoder never sees a pad)."""
         with self._autocast():
-            hidden = self.adapter.hidden_states(model, batch.input_ids, batch.attention_mask, **batch.extra)
-        return completion_hidden(hidden, prompt_len, batch.completion_len)
+            if batch.packed is None:
+                hidden = self.adapter.hidden_states(model, batch.input_ids, batch.attention_mask, **batch.extra)
+                return completion_hidden(hidden, prompt_len, batch.completion_len)
+            hidden = self.adapter.packed_hidden_states(model, batch.packed.input_ids, batch.packed.position_ids)
+        return hidden[0, batch.packed.hidden_index]
+
+    def _completion_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
+        """Last hidden states that predict the micro-batch's completion tokens: [m, C', D] in either layout
+        (packed: zeros where no token is scored)."""
+        return batch.padded(self._scored_hidden(model, batch, prompt_len))
 
     def _logp_no_grad(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:
         """Per-token log-probs [m, C'] of the micro-batch's labels under ``model`` (fused op, no grad)."""
         with torch.no_grad():
-            hidden = self._completion_hidden(model, batch, prompt_len)
+            hidden = self._scored_hidden(model, batch, prompt_len)
             head = self.adapter.lm_head(model)
             bias = None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype)
             with self._autocast():
-                logp, _ = linear_entropy_logprob(hidden, head.weight.to(hidden.dtype), batch.labels, bias=bias,
-                                                 temperature=float(self.cfg.generation.temperature),
+                logp, _ = linear_entropy_logprob(hidden, head.weight.to(hidden.dtype), batch.scored(batch.labels),
+                                                 bias=bias, temperature=float(self.cfg.generation.temperature),
                                                  ignore_index=IGNORE_INDEX, impl=self.cfg.loss.impl)
-        return logp.float()
+        return batch.padded(logp.float())
 
     # ------------------------------------------------------------------ one step: sample
     def rollout(self) -> Rollout:
@@ -741,21 +781,28 @@ class Trainer:
 
     def _micro_batches(self, rollout: Rollout) -> List[Union[slice, Tensor]]:
         """Row selections of the kept completions, one per forward/backward: consecutive slices of
-        micro_batch_size, or (micro_batch_tokens > 0) length-sorted packs whose padded size
-        rows x (P + longest completion) stays within the budget (a longer single row goes alone)."""
+        micro_batch_size, or (micro_batch_tokens > 0) length-sorted groups whose size stays within the budget
+        (a longer single row goes alone): padded, rows x (P + longest completion); packed (``self.packing``),
+        the sum of the rows' unpadded prompt + completion lengths."""
         n, size, budget = rollout.labels.shape[0], self.cfg.micro_batch_size, self.cfg.micro_batch_tokens
         size = size or n
         if budget <= 0:
             return [slice(s, min(s + size, n)) for s in range(0, n, size)]
         lengths = (rollout.labels != IGNORE_INDEX).sum(1).clamp_min(1).tolist()
-        packs: List[List[int]] = []
-        for i in sorted(range(n), key=lambda r: -lengths[r]):  # longest first: a pack's width is its first row's
-            pack = packs[-1] if packs else None
-            if pack is None or len(pack) >= size or (len(pack) + 1) * (rollout.prompt_len + lengths[pack[0]]) > budget:
-                packs.append([i])
+        if self.packing:
+            prompt_lengths = rollout.prompt["attention_mask"][rollout.kept.to(self.device)].sum(1).tolist()
+            tokens = [p + c for p, c in zip(prompt_lengths, lengths)]
+            cost: Callable[[List[int]], int] = lambda rows: sum(tokens[r] for r in rows)
+        else:  # longest first: a group's width is its first row's
+            cost = lambda rows: len(rows) * (rollout.prompt_len + lengths[rows[0]])
+        groups: List[List[int]] = []
+        for i in sorted(range(n), key=lambda r: -lengths[r]):
+            group = groups[-1] if groups else None
+            if group is None or len(group) >= size or cost(group + [i]) > budget:
+                groups.append([i])
             else:
-                pack.append(i)
-        return [torch.tensor(sorted(p), dtype=torch.long) for p in packs]
+                group.append(i)
+        return [torch.tensor(sorted(g), dtype=torch.long) for g in groups]
 
     @contextlib.contextmanager
     def _checkpointing_for(self, completion_len: int) -> Iterator[None]:
@@ -781,7 +828,9 @@ class Trainer:
         input_ids = torch.cat([prompt["input_ids"][kept], rollout.completion_ids[kept, :length]], 1)
         attention_mask = torch.cat([prompt["attention_mask"][kept], rollout.completion_mask[kept, :length]], 1)
         extra = {k: v[kept] for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
-        return MicroBatch(input_ids, attention_mask, extra, labels[:, :length], rows)
+        labels = labels[:, :length]
+        packed = pack_rows(input_ids, attention_mask, labels) if self.packing else None
+        return MicroBatch(input_ids, attention_mask, extra, labels, rows, packed)
 
     def _fixed_policy_logp(self, model: nn.Module, rollout: Rollout) -> Tensor:
         """Log-probs [n, C] of the kept completions under a fixed policy, micro-batched, in eval mode."""
@@ -815,18 +864,18 @@ class Trainer:
             old_logp, ref_logp = (None if lp is None else lp[rows, : batch.completion_len]
                                   for lp in (rollout.old_logp, rollout.ref_logp))
             with self._checkpointing_for(batch.completion_len):
-                hidden = self._completion_hidden(self.model, batch, rollout.prompt_len)
-                loss, metrics = self._loss(hidden, batch.labels, advantages[rows], old_logp, ref_logp, normalizer,
-                                           beta)
+                hidden = self._scored_hidden(self.model, batch, rollout.prompt_len)
+                loss, metrics = self._loss(hidden, batch, advantages[rows], old_logp, ref_logp, normalizer, beta)
                 if self.ntk_hook is not None:
-                    loss = loss + self._ntk_loss(hidden, batch, rollout)
+                    loss = loss + self._ntk_loss(batch.padded(hidden), batch, rollout)
                 self._check_finite(loss, rollout, rows)
                 loss.backward()
             totals.add(float(loss.detach()), metrics)
         return totals.result()
 
     def _ntk_loss(self, hidden: Tensor, batch: MicroBatch, rollout: Rollout) -> Tensor:
-        """The NTK-conflict regularizer of the micro-batch's completions (hero.omnex.hook), pairs within prompts."""
+        """The NTK-conflict regularizer of the micro-batch's completions (hero.omnex.hook), pairs within prompts;
+        hidden [m, C', D]."""
         head = self.adapter.lm_head(self.model)
         bias = None if getattr(head, "bias", None) is None else head.bias.to(hidden.dtype)
         groups = rollout.kept[batch.rows].to(self.device) // rollout.group_size

@@ -29,13 +29,15 @@ def test_vlm_roundtrip_generates(tmp_path, family):
     assert type(load_processor(str(tmp_path / "again"))).__name__ == type(proc).__name__
 
 
-def test_llama_and_bad_family(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_text_families_and_bad_family(tmp_path, family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = str(tmp_path / "llama")
-    main(["--family", "llama", "--out", out])
+    out = str(tmp_path / family)
+    main(["--family", family, "--out", out])
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok("héllo wörld")["input_ids"]) == "héllo wörld"  # byte-level: any text round-trips
-    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size >= len(tok)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size >= len(tok) and model.config.model_type == family
     with pytest.raises(SystemExit):
         main(["--family", "gpt5", "--out", out])

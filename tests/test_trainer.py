@@ -301,8 +301,10 @@ def test_loss_metrics_combine_micro_batches_and_cover_every_metric_key():
 
 
 def test_micro_batch_tokens_packs_by_length_and_keeps_the_gradient(tmp_path):
-    """Token-budget micro-batches: length-sorted packs within rows x (P + longest) <= budget, same gradient."""
-    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "generation.max_new_tokens": 8}))
+    """Token-budget micro-batches, padded layout: length-sorted groups within rows x (P + longest) <= budget, the
+    same gradient (the packed layout's budget: tests/test_packing.py)."""
+    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "generation.max_new_tokens": 8,
+                                            "model.packing": "off"}))
     ro = tr.rollout()
     ro.labels[0, 2:] = -100  # lengths differ: one short completion
     grads, packs = [], None

@@ -15,7 +15,8 @@ Families (real transformers classes, loadable with ``from_pretrained(DIR)``):
 * ``idefics3``: ``Idefics3ForConditionalGeneration`` (SmolVLM v1's class; SmolVLM2 has its own ``smolvlm`` type)
   + ``Idefics3Processor`` with the PIL ``Idefics3ImageProcessorPil`` (no torchvision): images resized to a
   112-pixel longest edge and split into 56 x 56 tiles plus a global view, 4 ``<image>`` tokens per tile;
-* ``llama``: ``LlamaForCausalLM`` + tokenizer (text only).
+* ``llama``: ``LlamaForCausalLM`` + tokenizer (text only);
+* ``qwen2``: ``Qwen2ForCausalLM`` + the Qwen tokenizer (text only).
 
 The tokenizer is built with the ``tokenizers`` library: byte-level BPE with the 256 byte symbols, no merges
 (every UTF-8 byte is a token, so any text round-trips) plus the family's special tokens, wrapped in
@@ -46,7 +47,7 @@ import torch
 __all__ = ["FAMILIES", "build_tokenizer", "build_tiny_model", "write_tiny_model", "load_processor",
            "image_only_processor", "main"]
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "llama")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "llama", "qwen2")
 
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -221,6 +222,10 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
         torch.manual_seed(seed)
         if family == "llama":
             model, proc = LlamaForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok)), tok
+        elif family == "qwen2":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            model, proc = Qwen2ForCausalLM(_llama_text_config(V, hidden_size, num_layers, tok, cls=Qwen2Config)), tok
         elif family.startswith("llava"):
             model, proc = _build_llava(family, tok, V, hidden_size, num_layers, max_pixels)
         elif family == "idefics3":
@@ -303,7 +308,7 @@ def write_tiny_model(family: str, out: str, **kw) -> str:
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
     proc.save_pretrained(out)
-    if family.startswith("qwen"):
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         with open(os.path.join(out, "video_preprocessor_config.json"), "w", encoding="utf-8") as f:
             json.dump(_video_config(proc.image_processor), f, indent=2)
     return out

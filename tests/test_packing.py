@@ -1,0 +1,172 @@
+"""Padding-free (packed) policy forward: the packed layout, its equality with the padded layout (per-token
+log-probs / entropies, loss and parameter gradients of tiny Llama / Qwen2 from transformers configs), no
+attention across rows, and the trainer's model.packing option."""
+import pytest
+import torch
+
+from hero.config import ConfigError
+from hero.rollout import IGNORE_INDEX, CausalLMAdapter, completion_hidden, pack_rows
+from hero_kernels import hero_loss, linear_entropy_logprob
+from tests.test_trainer import make_trainer, tiny_cfg
+
+PROMPT = [7, 2, 12, 1]  # unpadded prompt lengths: left padding up to P = 12
+COMPLETION = [3, 61, 17, 90]  # very different completion lengths: right padding up to C = 90
+
+
+def _rows(seed=0, vocab=250):
+    """Left-padded prompts + right-padded completions: input_ids / attention_mask [4, P + C], labels [4, C]."""
+    g = torch.Generator().manual_seed(seed)
+    P, C = max(PROMPT), max(COMPLETION)
+    ids = torch.randint(3, vocab, (len(PROMPT), P + C), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(PROMPT, COMPLETION)):
+        mask[i, P - p: P + c] = 1
+    ids = ids * mask  # pad id 0 where masked
+    labels = torch.where(mask[:, P:].bool(), ids[:, P:], torch.full_like(ids[:, P:], IGNORE_INDEX))
+    return ids, mask, labels
+
+
+def _model(family, attn):
+    from hero.testing.tiny_models import build_tiny_model
+
+    model, tok = build_tiny_model(family, hidden_size=32, num_layers=2, seed=1)
+    model.config._attn_implementation = attn
+    return model.float(), CausalLMAdapter(tok)
+
+
+def test_pack_rows_layout_and_errors():
+    ids = torch.tensor([[0, 5, 6, 7, 8, 0], [0, 9, 4, 3, 2, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[7, 8, -100], [3, 2, -100]])  # P = 3, C' = 3
+    pk = pack_rows(ids, mask, labels)
+    assert pk.input_ids.tolist() == [[5, 6, 7, 8, 9, 4, 3, 2]]
+    assert pk.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    # token 7 (row 0, col 0) is predicted by the state of token 6 (packed position 1), ...
+    assert pk.hidden_index.tolist() == [1, 2, 5, 6] and pk.row.tolist() == [0, 0, 1, 1]
+    assert pk.unpack(torch.tensor([1.0, 2.0, 3.0, 4.0]), (2, 3)).tolist() == [[1, 2, 0], [3, 4, 0]]
+    with pytest.raises(ValueError, match="attention_mask 0"):
+        pack_rows(ids, mask * torch.tensor([1, 1, 1, 1, 0, 1]), labels)
+    with pytest.raises(ValueError, match="no attended prompt token"):
+        pack_rows(ids, torch.tensor([[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 1, 0]]), labels)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("qwen2", "sdpa"), ("llama", "eager")])
+def test_packed_forward_matches_padded_logp_entropy_and_grads(family, attn):
+    """The same rows padded [4, P + C] and packed [1, sum of lengths]: per-token log-prob / entropy, the HERO
+    loss and every parameter gradient agree to fp32 tolerance."""
+    model, adapter = _model(family, attn)
+    assert adapter.packing_unsupported(model) is None
+    ids, mask, labels = _rows()
+    P, C = ids.shape[1] - labels.shape[1], labels.shape[1]
+    pk = pack_rows(ids, mask, labels)
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    head = model.lm_head.weight
+    out = {}
+    for layout in ("padded", "packed"):
+        model.zero_grad(set_to_none=True)
+        if layout == "padded":
+            h = completion_hidden(adapter.hidden_states(model, ids, mask), P, C)
+            logp, H = linear_entropy_logprob(h, head, labels, impl="torch")
+            logp, H = logp[pk.row, pk.col], H[pk.row, pk.col]
+            loss, _ = hero_loss(h, labels, adv, weight=head, impl="torch", max_len=C)
+        else:
+            h = adapter.packed_hidden_states(model, pk.input_ids, pk.position_ids)[0, pk.hidden_index]
+            y = labels[pk.row, pk.col]
+            logp, H = linear_entropy_logprob(h, head, y, impl="torch")
+            loss, _ = hero_loss(h, y, adv[pk.row], weight=head, seq_ids=pk.row, impl="torch", max_len=C)
+        (loss + (logp * 0.01).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out[layout] = (logp.detach(), H.detach(), loss.detach(), grads)
+    (lp0, H0, l0, g0), (lp1, H1, l1, g1) = out["padded"], out["packed"]
+    assert lp1.shape == (sum(COMPLETION),)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(H1, H0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
+    assert g0.keys() == g1.keys() and "model.embed_tokens.weight" in g0
+    for n, g in g0.items():
+        torch.testing.assert_close(g1[n], g, atol=1e-5 * (g.abs().max().item() + 1e-12), rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_do_not_attend_to_each_other(attn):
+    """Changing row 1's tokens changes only row 1's hidden states: not the earlier row 0 (causality alone would
+    give that) and not the later rows 2, 3 (only the block-diagonal mask gives that)."""
+    model, adapter = _model("llama", attn)
+    ids, mask, labels = _rows()
+    other, _, _ = _rows(seed=5)
+    ids2 = ids.clone()
+    ids2[1] = torch.where(mask[1].bool(), other[1], ids[1])
+    labels2 = labels.clone()
+    labels2[1] = torch.where(labels[1] != IGNORE_INDEX, ids2[1, -labels.shape[1]:], labels[1])
+    with torch.no_grad():
+        hs = []
+        for x, y in ((ids, labels), (ids2, labels2)):
+            pk = pack_rows(x, mask, y)
+            hs.append(adapter.packed_hidden_states(model, pk.input_ids, pk.position_ids)[0, pk.hidden_index])
+    row = pk.row
+    assert not torch.allclose(hs[0][row == 1], hs[1][row == 1])
+    torch.testing.assert_close(hs[1][row != 1], hs[0][row != 1], atol=1e-6, rtol=0)
+
+
+def test_packing_option_resolves_per_model_and_on_fails_with_the_reason(tmp_path):
+    assert make_trainer(tiny_cfg(tmp_path)).packing  # auto: a text causal LM with sdpa
+    assert not make_trainer(tiny_cfg(tmp_path, **{"model.packing": "off"})).packing
+    assert not make_trainer(tiny_cfg(tmp_path, **{"model.attn_implementation": "flex_attention"})).packing
+    with pytest.raises(ConfigError, match="model.packing=on: attention implementation 'flex_attention'"):
+        make_trainer(tiny_cfg(tmp_path, **{"model.packing": "on", "model.attn_implementation": "flex_attention"}))
+    with pytest.raises(ConfigError, match="model.packing must be one of"):
+        tiny_cfg(tmp_path, **{"model.packing": "yes"})
+
+
+def test_packing_on_refuses_a_vlm_naming_mrope(tmp_path):
+    from hero.models.hf_vlm import HFVLMAdapter
+    from hero.testing.tiny_models import build_tiny_model
+
+    model, proc = build_tiny_model("qwen2_vl", hidden_size=32, num_layers=1)
+    why = HFVLMAdapter(proc, model).packing_unsupported(model)
+    assert "M-RoPE" in why
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_trainer_packed_step_equals_padded(tmp_path, path):
+    """Trainer.backward with packing on vs off on one rollout (completions of different lengths, KL term, old
+    log-probs, token-budget micro-batches): the same loss, metrics and gradients."""
+    cfg = tiny_cfg(tmp_path, **{"kl.beta": 0.1, "num_iterations": 2, "gate.enabled": False, "loss.path": path,
+                                "generation.max_new_tokens": 8})
+    tr = make_trainer(cfg)
+    assert tr.packing
+    ro = tr.rollout()
+    ro.labels[0, 2:] = IGNORE_INDEX  # one short completion: pad tokens in the padded layout
+    ro.labels[3, 5:] = IGNORE_INDEX
+    results = {}
+    for packing in (True, False):
+        tr.packing = packing
+        ro.old_logp, ro.ref_logp = tr._fixed_policy_logp(tr.model, ro), tr._fixed_policy_logp(tr.ref_model, ro)
+        logps = (ro.old_logp.clone(), ro.ref_logp.clone())
+        with torch.no_grad():  # ratios and KL away from 1 / 0
+            ro.old_logp += 0.3 * torch.randn(ro.old_logp.shape, generator=torch.Generator().manual_seed(0))
+        tr.cfg.micro_batch_tokens = 2 * (ro.prompt_len + 8)
+        tr.model.zero_grad(set_to_none=True)
+        metrics = tr.backward(ro)
+        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+        results[packing] = (logps, metrics, grads)
+    (lp1, m1, g1), (lp0, m0, g0) = results[True], results[False]
+    for a, b in zip(lp1, lp0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert m1.keys() == m0.keys()
+    for k in m0:
+        assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), k
+    for n, g in g0.items():
+        torch.testing.assert_close(g1[n], g, atol=1e-5 * (g.abs().max().item() + 1e-12), rtol=1e-4, msg=n)
+
+
+def test_micro_batch_tokens_counts_unpadded_tokens_when_packed(tmp_path):
+    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "generation.max_new_tokens": 8}))
+    ro = tr.rollout()
+    ro.labels[0, 2:] = IGNORE_INDEX
+    lengths = (ro.labels != IGNORE_INDEX).sum(1)
+    tokens = ro.prompt["attention_mask"][ro.kept].sum(1) + lengths
+    tr.cfg.micro_batch_tokens = int(tokens.max()) + 3
+    groups = tr._micro_batches(ro)
+    assert sorted(torch.cat(groups).tolist()) == list(range(ro.labels.shape[0])) and len(groups) > 1
+    assert all(len(g) == 1 or int(tokens[g].sum()) <= tr.cfg.micro_batch_tokens for g in groups)
