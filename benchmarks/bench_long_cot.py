@@ -1,6 +1,8 @@
 """Long chain-of-thought: peak memory and time of one RL training step against TRL, by completion length.
 
 Run: ``python -m benchmarks.bench_long_cot --json OUT.json [--budget-gb 8] [--lengths 1024,2048,4096,8192]``
+Mixed lengths: ``python -m benchmarks.bench_long_cot --mixed 256,768,1280,2048 --trainers hero,hero_packed`` (one
+group of completions of those lengths instead of G=2 per length; the row's ``completion_len`` is the longest).
 
 One step = the policy forward, the GRPO loss (per-token log-probs and entropies) and backward on fixed random
 completions (generation excluded, no optimizer step) of a random-init ``LlamaForCausalLM``: V=128256 (the Llama-3
@@ -22,7 +24,9 @@ Trainers
   Liger loss on a stock transformers model.
 * ``hero_trl``: ``hero.integrations.trl.HEROGRPOTrainer.compute_loss`` (fused LM head, entropy weighting on).
 * ``hero``: ``hero train``'s step: ``hero.trainer.Trainer.backward`` on a rollout of the same completions
-  (fused LM head, entropy weighting on).
+  (fused LM head, entropy weighting on), padded layout (``model.packing off``).
+* ``hero_packed``: the same with ``model.packing on`` (what ``hero train``'s default ``auto`` does for a text
+  causal LM): the rows concatenated into one sequence, no pad tokens through the decoder.
 
 Memory guard: each child's address space for data (``RLIMIT_DATA``) is capped at ``--mem-cap-gb`` (default:
 the machine's available memory minus 2 GB), so a run that would not fit fails inside the child with
@@ -41,7 +45,7 @@ import time
 
 from benchmarks.bench_trainer_memory import _rss_peak_mb
 
-TRAINERS = ("trl", "trl_liger", "hero_trl", "hero")
+TRAINERS = ("trl", "trl_liger", "hero_trl", "hero", "hero_packed")
 V, D, LAYERS, PROMPT, G = 128256, 256, 2, 64, 2
 
 
@@ -59,25 +63,37 @@ def _model(total_len: int):
     return model.train()
 
 
-def _batch(C: int):
-    """(prompt ids [G, P], completion ids [G, C], completion mask [G, C], advantages [G]) -- fixed random."""
+def _mixed(mixed: str):
+    """``--mixed`` "256,768" -> [256, 768] ([] when not given)."""
+    return [int(x) for x in mixed.split(",") if x.strip()]
+
+
+def _row_lengths(C: int, mixed: str = ""):
+    """Completion lengths of the step's rows: ``--mixed``, else G=2 rows of which the second ended 1/8 early."""
+    return _mixed(mixed) or [C, C - C // 8]
+
+
+def _batch(lengths):
+    """(prompt ids [n, P], completion ids [n, C], completion mask [n, C], advantages [n] = +-1) -- fixed random,
+    n = len(lengths) rows, C = max(lengths)."""
     import torch
 
+    n, C = len(lengths), max(lengths)
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, V, (G, PROMPT), generator=g)
-    comp = torch.randint(3, V, (G, C), generator=g)
-    cmask = torch.ones(G, C, dtype=torch.long)
-    cmask[1, C - C // 8:] = 0  # the second completion ended early
-    return prompt, comp, cmask, torch.tensor([1.0, -1.0])
+    prompt = torch.randint(3, V, (n, PROMPT), generator=g)
+    comp = torch.randint(3, V, (n, C), generator=g)
+    cmask = (torch.arange(C)[None] < torch.tensor(lengths)[:, None]).long()
+    return prompt, comp, cmask, torch.tensor([1.0 - 2 * (i % 2) for i in range(n)])
 
 
-def _trl_runner(kind: str, model, C: int, tmp: str):
+def _trl_runner(kind: str, model, lengths, tmp: str):
     """compute_loss + backward of a TRL trainer built around ``model`` (never .train()ed: no Liger patching)."""
     import torch
     from datasets import Dataset
 
     from hero.testing.tiny_models import build_tokenizer
 
+    G, C = len(lengths), max(lengths)
     common = dict(output_dir=tmp, per_device_train_batch_size=G, num_generations=G, max_completion_length=C,
                   beta=0.0, use_cpu=True, report_to=[], save_strategy="no", loss_type="grpo", seed=0)
     if kind == "hero_trl":
@@ -94,7 +110,7 @@ def _trl_runner(kind: str, model, C: int, tmp: str):
     tr.current_gradient_accumulation_steps = 1
 
     def run(c: int) -> float:
-        prompt, comp, cmask, adv = _batch(C)
+        prompt, comp, cmask, adv = _batch(lengths)
         inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": comp[:, :c],
                   "completion_mask": cmask[:, :c], "advantages": adv, "num_items_in_batch": cmask[:, :c].sum()}
         loss = tr.compute_loss(tr.model, inputs)
@@ -105,7 +121,7 @@ def _trl_runner(kind: str, model, C: int, tmp: str):
     return run
 
 
-def _hero_runner(model, C: int, tmp: str):
+def _hero_runner(model, lengths, tmp: str, packing: str):
     """hero.trainer.Trainer.backward on a Rollout of the fixed completions (gradient checkpointing already on)."""
     import torch
 
@@ -115,16 +131,17 @@ def _hero_runner(model, C: int, tmp: str):
     from hero.testing.tiny_models import build_tokenizer
     from hero.trainer import Rollout, Trainer
 
+    G, C = len(lengths), max(lengths)
     cfg = TrainConfig()
     apply_overrides(cfg, [("data.name", "jsonl"), ("data.path", "unused"), ("generation.max_new_tokens", C),
                           ("generation.num_generations", G), ("device", "cpu"), ("output_dir", tmp),
-                          ("progress", False), ("batch_size", 1),
+                          ("progress", False), ("batch_size", 1), ("model.packing", packing),
                           ("model.gradient_checkpointing", True)])  # on already (_model); the config says so
     tr = Trainer(cfg.validate(), model=model, adapter=CausalLMAdapter(build_tokenizer("llama")), dataset=[{}],
                  reward_funcs=[lambda completions, **_: [0.0] * len(completions)])
 
     def run(c: int) -> float:
-        prompt, comp, cmask, adv = _batch(C)
+        prompt, comp, cmask, adv = _batch(lengths)
         comp, cmask = comp[:, :c], cmask[:, :c]
         rewards = adv.double().view(G, 1)
         ro = Rollout(row_indices=[0], group_size=G, completion_ids=comp,
@@ -150,9 +167,13 @@ def _child(a) -> dict:
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     torch.set_num_threads(a.threads)
     C = a.completion_len
+    lengths = _row_lengths(C, a.mixed)
     model = _model(PROMPT + C)
     with tempfile.TemporaryDirectory() as tmp:
-        run = _hero_runner(model, C, tmp) if a.trainer == "hero" else _trl_runner(a.trainer, model, C, tmp)
+        if a.trainer.startswith("hero") and a.trainer != "hero_trl":
+            run = _hero_runner(model, lengths, tmp, "on" if a.trainer == "hero_packed" else "off")
+        else:
+            run = _trl_runner(a.trainer, model, lengths, tmp)
         run(8)  # warm-up: kernels / extensions loaded, code paths touched
         base = _rss_peak_mb()
         if a.trainer == "trl_liger":
@@ -161,7 +182,7 @@ def _child(a) -> dict:
         loss = run(C)
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"peak_mb": _rss_peak_mb() - base, "step_s": dt, "cpu_s": cpu, "loss": loss, "status": "ok",
-            "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
+            "lengths": lengths, "checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
 
 
 def _mem_available_gb() -> float:
@@ -177,7 +198,7 @@ def _mem_available_gb() -> float:
 
 def _run_one(trainer: str, C: int, a) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_long_cot", "--child", trainer, "--completion-len", str(C),
-           "--threads", str(a.threads), "--mem-cap-gb", str(a.mem_cap_gb)]
+           "--threads", str(a.threads), "--mem-cap-gb", str(a.mem_cap_gb), "--mixed", a.mixed]
     row = {"trainer": trainer, "completion_len": C, "peak_mb": None, "step_s": None}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -207,6 +228,8 @@ def _parser():
     p.add_argument("--json", default="", help="write rows (+ budget fits) to this JSON file")
     p.add_argument("--budget-gb", type=float, default=0.0, help="report the longest completion fitting this peak growth")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated completion lengths")
+    p.add_argument("--mixed", default="", help="instead of --lengths: one step on one group of completions of these "
+                                               "comma-separated lengths (e.g. 256,768,1280,2048)")
     p.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma-separated subset of {','.join(TRAINERS)}")
     p.add_argument("--threads", type=int, default=2, help="torch threads per child")
     p.add_argument("--mem-cap-gb", type=float, default=-1.0,
@@ -228,8 +251,15 @@ def main(argv=None) -> int:
     bad = [t for t in trainers if t not in TRAINERS]
     if bad:
         raise SystemExit(f"--trainers: unknown {bad}; choose from {TRAINERS}")
-    lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
-    print(f"one RL step, Llama V={V} D={D} layers={LAYERS} fp32, prompt {PROMPT}, G={G}, checkpointing on, "
+    try:
+        mixed = _mixed(a.mixed)
+        lengths = [max(mixed)] if mixed else [int(x) for x in a.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--lengths / --mixed: comma-separated integers, got {a.lengths!r} / {a.mixed!r}") from None
+    if any(n < 8 for n in mixed + lengths):
+        raise SystemExit("--lengths / --mixed: every completion length must be >= 8 (the warm-up step's length)")
+    rows_desc = f"rows of lengths {mixed}" if mixed else f"G={G}"
+    print(f"one RL step, Llama V={V} D={D} layers={LAYERS} fp32, prompt {PROMPT}, {rows_desc}, checkpointing on, "
           f"{a.threads} threads, child memory cap {a.mem_cap_gb} GB", flush=True)
     rows = []
     for C in lengths:
@@ -239,7 +269,7 @@ def main(argv=None) -> int:
             pk = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
             st = "-" if r["step_s"] is None else f"{r['step_s']:.2f}"
             cs = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.2f}"
-            print(f"{t:<10} C={C:<6} peak_mb={pk:>7} step_s={st:>7} cpu_s={cs:>7} {r['status']} {r.get('error', '')}",
+            print(f"{t:<11} C={C:<6} peak_mb={pk:>7} step_s={st:>7} cpu_s={cs:>7} {r['status']} {r.get('error', '')}",
                   flush=True)
             if a.json:  # written after every row: a long run that is stopped keeps what it measured
                 _write(a, rows)
@@ -252,7 +282,9 @@ def main(argv=None) -> int:
 def _write(a, rows) -> None:
     from benchmarks.common import write_json
 
-    out = {"config": {"vocab": V, "hidden": D, "layers": LAYERS, "prompt": PROMPT, "G": G, "dtype": "float32",
+    mixed = _mixed(a.mixed)
+    out = {"config": {"vocab": V, "hidden": D, "layers": LAYERS, "prompt": PROMPT, "dtype": "float32",
+                      "G": len(mixed) if mixed else G, "mixed_lengths": mixed or None,
                       "checkpointing": True, "threads": a.threads, "mem_cap_gb": a.mem_cap_gb,
                       "measure": "growth of ru_maxrss during one forward+loss+backward (CPU)",
                       "trl_liger": "TRL's Liger loss on the unpatched model (Liger's Triton model patches need a GPU)"},

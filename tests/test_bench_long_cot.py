@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.bench_long_cot import longest_fit, main
+from benchmarks.bench_long_cot import _row_lengths, longest_fit, main
 
 
 def test_longest_fit_takes_the_longest_ok_row_under_budget():
@@ -25,3 +25,23 @@ def test_end_to_end_hero_row(tmp_path):
     assert row["trainer"] == "hero" and row["completion_len"] == 16 and row["status"] == "ok", row
     assert row["peak_mb"] >= 0 and row["step_s"] > 0 and row["checkpointing"] is True
     assert d["longest_fit"] == {"hero": 16}
+
+
+def test_mixed_lengths_and_their_errors():
+    assert _row_lengths(64) == [64, 56] and _row_lengths(64, "16, 40,9") == [16, 40, 9]
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        main(["--mixed", "16,x"])
+    with pytest.raises(SystemExit, match=">= 8"):
+        main(["--mixed", "4,16"])
+
+
+@pytest.mark.slow  # two fresh child processes with a 128k-vocabulary model (~1 min on 2 shared cores)
+def test_end_to_end_mixed_lengths_packed_and_padded_agree(tmp_path):
+    out = tmp_path / "mixed.json"
+    assert main(["--trainers", "hero,hero_packed", "--mixed", "16,40,9", "--json", str(out), "--threads", "1"]) == 0
+    d = json.loads(out.read_text())
+    padded, packed = d["rows"]
+    assert d["config"]["mixed_lengths"] == [16, 40, 9] and d["config"]["G"] == 3
+    assert (padded["trainer"], packed["trainer"]) == ("hero", "hero_packed")
+    assert padded["status"] == packed["status"] == "ok" and padded["completion_len"] == 40
+    assert packed["lengths"] == [16, 40, 9] and packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)

@@ -127,12 +127,13 @@ def test_packing_on_refuses_a_vlm_naming_mrope(tmp_path):
     assert "M-RoPE" in why
 
 
-@pytest.mark.parametrize("path", ["fused", "reference"])
-def test_trainer_packed_step_equals_padded(tmp_path, path):
+@pytest.mark.parametrize("path,loss_agg", [("fused", "seq-mean-token-mean"), ("fused", "token-mean"),
+                                           ("fused", "seq-mean-token-sum-norm"), ("reference", "seq-mean-token-mean")])
+def test_trainer_packed_step_equals_padded(tmp_path, path, loss_agg):
     """Trainer.backward with packing on vs off on one rollout (completions of different lengths, KL term, old
     log-probs, token-budget micro-batches): the same loss, metrics and gradients."""
     cfg = tiny_cfg(tmp_path, **{"kl.beta": 0.1, "num_iterations": 2, "gate.enabled": False, "loss.path": path,
-                                "generation.max_new_tokens": 8})
+                                "loss.loss_agg": loss_agg, "generation.max_new_tokens": 8})
     tr = make_trainer(cfg)
     assert tr.packing
     ro = tr.rollout()
