@@ -17,6 +17,9 @@ the logits / weights dtype:
   backward read, dlogits write), divided by the GPU's HBM bandwidth.
 * ``linear_entropy_logprob`` (hidden ``[N, D]``, weight ``[V, D]``): fwd ``2*N*D*V`` FLOPs, fwd+bwd
   ``8*N*D*V`` (forward, recompute, dh, dW GEMMs), divided by the bf16 tensor-core peak (989 TFLOP/s).
+* ``linear_grad_sketch`` (the same head with a ``[k, V]`` projection, k = ``SKETCH_K`` = 128): the head's GEMMs
+  plus the sketch products, fwd ``2*N*D*V + 2*N*V*k`` (logits, e @ proj^T), fwd+bwd ``8*N*D*V + 4*N*V*k``
+  (+ the backward's v @ proj), over the same peak.
 
 ``ratio = modeled_s / floor_s``. A launcher without ``plan`` yields a row with ``status`` "no plan" and
 reason "no plan (launcher not ported)", a plan that raises yields ``status`` "error": never a crash.
@@ -42,18 +45,23 @@ from . import common as C
 __all__ = ["IMPL_MODULES", "NO_PLAN", "floor_seconds", "model_row", "rows_for", "shapes", "modeled_for",
            "gpu_key", "main"]
 
-OPS = ("entropy_logprob", "linear_entropy_logprob")
-#: (op, impl) -> the launcher module whose ``plan`` describes what that impl runs on a GPU
+OPS = ("entropy_logprob", "linear_entropy_logprob", "linear_grad_sketch")
+#: (op, impl) -> the launcher module whose ``plan`` describes what that impl runs on a GPU (the sketch: Triton
+#: only, the CUDA backend has no sketch kernel)
 IMPL_MODULES: Dict[Tuple[str, str], str] = {
     (op, impl): f"hero_kernels.backends.{impl}.{op}" for op in OPS for impl in ("triton", "cuda")
+    if (op, impl) != ("linear_grad_sketch", "cuda")
 }
+#: sketch size k of the linear_grad_sketch rows: the benchmarks' (hero.omnex's default k1), passed to its plan
+SKETCH_K = C.SKETCH_K
 NO_PLAN = "no plan (launcher not ported)"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # Shapes. "headline": the two targets of the design; "design": its whole grid (V in {32000, 128256, 151936},
 # D in {2048, 4096}, N in {4096, 16384, 65536}); "bench": the GPU benchmark's own shapes (size full), so a
 # measured row always has its modeled twin.
-_HEADLINE = {"entropy_logprob": [(16384, 0, 151936)], "linear_entropy_logprob": [(16384, 4096, 128256)]}
+_HEADLINE = {"entropy_logprob": [(16384, 0, 151936)], "linear_entropy_logprob": [(16384, 4096, 128256)],
+             "linear_grad_sketch": [(16384, 4096, 151936)]}
 _NS, _DS, _VS = (4096, 16384, 65536), (2048, 4096), (32000, 128256, 151936)
 
 
@@ -62,7 +70,8 @@ def shapes(which: str = "design") -> Dict[str, List[Tuple[int, int, int]]]:
     out = {op: list(_HEADLINE[op]) for op in OPS}
     if which in ("design", "all"):
         out["entropy_logprob"] += [(n, 0, v) for n, v in itertools.product(_NS, _VS)]
-        out["linear_entropy_logprob"] += [(n, d, v) for n, d, v in itertools.product(_NS, _DS, _VS)]
+        for op in ("linear_entropy_logprob", "linear_grad_sketch"):
+            out[op] += [(n, d, v) for n, d, v in itertools.product(_NS, _DS, _VS)]
     if which in ("bench", "all"):
         for op in OPS:
             out[op] += [(c.N, c.D, c.V) for c in C.cases_for(op, "full")]
@@ -75,6 +84,9 @@ def floor_seconds(op: str, pass_: str, N: int, D: int, V: int, elt: int, gpu: Gp
     """The floor of the module docstring: HBM bytes for the logits op, GEMM FLOPs for the fused head."""
     if op == "entropy_logprob":
         return (1 if pass_ == "fwd" else 3) * N * V * elt / gpu.hbm_bytes_per_s
+    if op == "linear_grad_sketch":
+        fwd = pass_ == "fwd"
+        return ((2 if fwd else 8) * N * D * V + (2 if fwd else 4) * N * V * SKETCH_K) / gpu.bf16_flops_per_s
     return (2 if pass_ == "fwd" else 8) * N * D * V / gpu.bf16_flops_per_s
 
 
@@ -92,6 +104,8 @@ def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: to
     try:
         if op == "entropy_logprob":
             launches = fn(N, V, dtype, pass_=pass_, **kw)
+        elif op == "linear_grad_sketch":
+            launches = fn(N, D, V, dtype, k=SKETCH_K, pass_=pass_, **kw)
         else:
             launches = fn(N, D, V, dtype, pass_=pass_, **kw)
         launches = list(launches)
@@ -144,7 +158,8 @@ def rows_for(which: str = "design", gpus: Sequence[str] = ("h100", "h200"), ops:
     grid = shapes(which)
     for op in ops:
         for (N, D, V), pass_, gpu, impl in itertools.product(grid[op], passes, gpus, impls):
-            out.append(model_row(op, impl, pass_, N, D, V, dtype, gpu))
+            if (op, impl) in IMPL_MODULES:
+                out.append(model_row(op, impl, pass_, N, D, V, dtype, gpu))
     return out
 
 

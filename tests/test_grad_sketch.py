@@ -247,7 +247,9 @@ def test_linear_values_and_grads(impl, bias):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_bf16_and_frozen_head(impl):
-    """bf16 hidden / weight (logits rounded to bf16 like the model's own matmul), a frozen LM head (no dW)."""
+    """bf16 hidden / weight, a frozen LM head (no dW). Against the float64 oracle of the exact logits of the bf16
+    inputs, within 2x eager PyTorch (bf16 logits, fp32 sketch): the chunked paths see bf16-rounded logits like
+    eager, the fused Triton kernels keep fp32 logits and dot in bf16 (proj, e, v rounded)."""
     N, D, V, k = 9, 32, 130, 16
     h = torch.randn(2, N, D).to(torch.bfloat16).requires_grad_(True)
     W = (torch.randn(V, D) / D**0.5 * 2).to(torch.bfloat16)
@@ -257,21 +259,25 @@ def test_linear_bf16_and_frozen_head(impl):
     a = lsketch(h, W, y, P, impl)
     (a * v).sum().backward()
     assert a.shape == (2, N, k) and h.grad.dtype == torch.bfloat16 and W.grad is None
-    z = (h.detach() @ W.t()).reshape(-1, V)  # the bf16 logits the op sees
-    torch.testing.assert_close(a.double().reshape(-1, k), oracle(z, y.reshape(-1), P), atol=1e-5, rtol=0)
-    dz = oracle_grad(z, y.reshape(-1), P, v.reshape(-1, k))
-    dh = (dz @ W.double()).reshape(2, N, D)
-    assert (h.grad.double() - dh).abs().max() <= 2 * 2.0**-8 * dh.abs().max() + 1e-6
+    yf, vf = y.reshape(-1), v.reshape(-1, k)
+    z = h.detach().double().reshape(-1, D) @ W.double().t()  # exact logits of the bf16 inputs
+    z16 = (h.detach() @ W.t()).reshape(-1, V)  # eager: bf16 logits, fp32 sketch
+    _bound(a.reshape(-1, k), oracle(z, yf, P), oracle(z16, yf, P, dtype=torch.float32), 1e-5)
+    he = h.detach().clone().requires_grad_(True)
+    (oracle((he @ W.t()).reshape(-1, V), yf, P, dtype=torch.float32) * vf).sum().backward()
+    dh = (oracle_grad(z, yf, P, vf) @ W.double()).reshape(2, N, D)
+    _bound(h.grad, dh, he.grad, 1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_many_chunks(impl, monkeypatch):
     """Tiny chunk budgets: the row ranges (torch) and the LM-head row chunks (every backend) split the rows."""
     from hero_kernels.backends.torch import grad_sketch as rows_torch
-    from hero_kernels.backends.triton import linear_grad_sketch as lin_triton
+    from hero_kernels.backends.triton.linear import sketch_launch
 
     monkeypatch.setattr(rows_torch, "CHUNK_ELEMENTS", 3 * 41)
-    monkeypatch.setattr(lin_triton, "CHUNK_ELEMENTS", 3 * 41)
+    small = _fused_cfg(chunk_rows=3)
+    monkeypatch.setattr(sketch_launch, "default_sketch_config", lambda dtype, arch=None: small)
     z, y, P, v = _case(N=10, V=41, k=7, neg_inf_cols=())
     a, dz = _run(z, y, P, v, impl)
     torch.testing.assert_close(a.double(), oracle(z, y, P), atol=2e-6, rtol=0)
@@ -296,6 +302,107 @@ def test_linear_float64_and_impl_agreement():
     gr = torch.autograd.grad((oracle(h @ W.t(), y, P) * v.float().double()).sum(), (h, W))
     for a, b in zip(gs, gr):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused Triton head (hero_kernels/backends/triton/linear/sketch_*.py), small tiles so one problem covers
+# several vocab splits, row blocks, sketch blocks (k > block_p) and backward chunks
+# ----------------------------------------------------------------------------------------------
+def _fused_cfg(**kw):
+    from hero_kernels.backends.triton.linear.config import LinearSketchConfig, Tile
+
+    base = dict(fwd=Tile(16, 32, 16), dz=Tile(16, 32, 16), block_p=16, vocab_splits=3, chunk_rows=7)
+    return LinearSketchConfig(**dict(base, **kw))
+
+
+def _head_case(dtype, bias, N=19, D=37, V=211, k=21, tau=0.7, offset=0.0, seed=5):
+    """Odd D / V / k, masked rows, -inf bias entries (a whole first vocab tile and a masked LABEL column), a
+    dominant label (p_y -> 1), a logit offset, random upstream grads; hidden a non-contiguous view."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(V, D, generator=g) * (2 / D**0.5)
+    y = torch.randint(40, V, (N,), generator=g)
+    y[[2, 11]] = -100
+    hb = torch.randn(2 * N, D + 3, generator=g)
+    hb[12, :D] = W[y[6]] * 15.0  # hidden row 6  # x_y ~ 60, the others ~ +-10: p_y = 1 - O(e^-30)
+    h = hb[::2, :D]  # row stride 2 (D + 3), not contiguous
+    b = torch.randn(V, generator=g) + offset if bias else None
+    if bias:
+        b[:32] = float("-inf")  # the first tile of the first split: all -inf
+        b[y[4]] = float("-inf")  # a masked label: p_y = 0
+    P = torch.randn(k, V, generator=g) / k**0.5
+    v = torch.randn(N, k, generator=g)
+    return h.to(dtype), W.to(dtype), None if b is None else b.to(dtype), y, P, v, tau
+
+
+def _head_ref(h, W, b, y, P, v, tau, dtype):
+    """(a, dh, dW, db) by autograd with the logits z = h W^T + b computed in ``dtype`` (float64: the oracle;
+    the input dtype: eager PyTorch, whose sketch is then taken in fp32)."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (h, W) + ((b,) if b is not None else ())]
+    z = leaves[0] @ leaves[1].t() + (leaves[2] if b is not None else 0)
+    a = oracle(z, y, P, tau, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    (a * v.to(a.dtype)).sum().backward()
+    return [a.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,offset", [(False, 0.0), (True, 0.0), (True, 1.0e3)])
+def test_fused_head_awkward_inputs(dtype, bias, offset):
+    """The fused kernels vs the float64 oracle, within 2x eager PyTorch in the input dtype (+ a floor)."""
+    from hero_kernels.backends.triton.linear import sketch_launch as SL
+    from hero_kernels.options import RowOptions
+
+    h, W, b, y, P, v, tau = _head_case(dtype, bias, offset=offset)
+    opts, cfg = RowOptions(tau), _fused_cfg()
+    a, stats = SL.forward(h, W, b, y, P, opts, cfg)
+    grads = SL.backward(h, W, b, y, P, a, stats, v, opts, config=cfg)
+    exact = _head_ref(h, W, b, y, P, v, tau, torch.float64)
+    eager = _head_ref(h, W, b, y, P, v, tau, dtype)
+    masked = y == -100
+    assert (a[masked] == 0).all() and (grads[0][masked] == 0).all()
+    assert a[6].abs().max() < 1e-4  # p_y -> 1: a -> 0
+    floor = 2e-6 if dtype == torch.float32 else 1e-4
+    for name, ours, ex, ea in zip(("a", "dh", "dW", "db"), [a] + list(grads), exact, eager):
+        if ex is None:
+            assert ours is None
+            continue
+        assert ours.dtype == (torch.float32 if name == "a" else dtype) and torch.isfinite(ours).all(), name
+        _bound(ours, ex, ea, floor * max(1.0, ex.abs().max().item()))
+    if bias:
+        assert (grads[2][:32] == 0).all() and (grads[1][:32] == 0).all()  # -inf columns: p = 0
+
+
+def test_fused_head_uncompacted_rows_and_one_chunk(monkeypatch):
+    """Without the masked-row compaction (CUDA graph capture) the masked rows are computed and zeroed; one
+    sketch block (k <= block_p), one backward chunk, need_dh only."""
+    from hero_kernels.backends.triton.linear import launch, sketch_launch as SL
+    from hero_kernels.options import RowOptions
+
+    h, W, b, y, P, v, tau = _head_case(torch.float32, True, k=16)
+    opts, cfg = RowOptions(tau), _fused_cfg(chunk_rows=None, vocab_splits=None)
+    a0, s0 = SL.forward(h, W, b, y, P, opts, cfg)
+    dh0, _, _ = SL.backward(h, W, b, y, P, a0, s0, v, opts, config=cfg)
+    monkeypatch.setattr(launch, "compact_rows", lambda labels, ignore_index: None)
+    a1, s1 = SL.forward(h, W, b, y, P, opts, cfg)
+    dh1, dW1, db1 = SL.backward(h, W, b, y, P, a1, s1, v, opts, need_dw=False, config=cfg)
+    assert dW1 is None and db1 is None
+    torch.testing.assert_close(a1, a0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dh1, dh0, atol=1e-6, rtol=0)
+    assert (dh1[y == -100] == 0).all() and torch.isfinite(dh1).all()
+
+
+def test_fused_plan_is_what_runs():
+    """plan() gives the grids the launchers use; the headline shape's forward has vocab splits and one sketch
+    block, the backward equal chunks of the dz kernel + cuBLAS dh / dW."""
+    from hero_kernels.backends.triton import linear_grad_sketch as L
+
+    fwd = L.plan(16384, 4096, 151936, "bf16", pass_="fwd")
+    part = next(x for x in fwd if x.name == "_sketch_fwd_partials_kernel")
+    assert part.meta["splits"] > 1 and part.grid[1] == 1 and part.l2_bytes > 0
+    bwd = L.plan(16384, 4096, 151936, "bf16", pass_="bwd")
+    names = [x.name for x in bwd]
+    assert "_sketch_bwd_dz_kernel" in names and "cublas_dh" in names and "cublas_dw" in names
+    assert L.plan(16384, 4096, 151936, "bf16", k=300, pass_="fwd")[1].grid[1] == 3  # k > 128: 3 sketch blocks
+    assert L.plan(100, 64, 1000, "bf16", pass_="bwd", need_dh=False, need_dw=False) == []
 
 
 _NO_ORACLE_SCRIPT = r"""
@@ -371,5 +478,25 @@ def test_gpu_compile_no_spills():
 
     rows = run_json_script(_COMPILE_SCRIPT, timeout=1200)
     assert len(rows) == 4 * len(K.KERNEL_CONFIGS)
+    spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
+    assert not spills, f"local-memory spills: {spills}"
+
+
+def test_fused_sketch_compile_no_spills():
+    """Every build of the fused sketch (forward partials, merge, dz; each dtype, bias, arch it runs on) compiles
+    for sm_80 / sm_90a without local-memory spills."""
+    require_compiler()
+    from hero_kernels.backends.triton.linear import compile as C
+
+    script = r"""
+import json
+from hero_kernels.backends.triton.linear import compile as C
+from hero_kernels.gpu_compile import triton_resource_usage
+rows = [triton_resource_usage(fn, sig, const, cc, nw, ns, config=desc, attrs=C.compile_attrs(fn, sig)).as_dict()
+        for fn, sig, const, nw, ns, desc, archs in C.SKETCH_KERNEL_CONFIGS for cc in archs]
+print(json.dumps(rows))
+"""
+    rows = run_json_script(script, timeout=3000)
+    assert len(rows) == sum(len(e[6]) for e in C.SKETCH_KERNEL_CONFIGS)
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"local-memory spills: {spills}"

@@ -16,7 +16,8 @@ import torch
 
 from hero_kernels.backends.plan import KernelLaunch
 
-__all__ = ["as_dtype", "eager_peak_bytes", "chunk_rows", "accumulate_dw", "mm_into", "chunked_backward_plan",
+__all__ = ["as_dtype", "eager_peak_bytes", "chunk_rows", "accumulate_dw", "mm_into", "chunk_grads",
+           "chunked_backward_plan",
            "compaction_plan", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
@@ -113,6 +114,19 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor, slice_rows: int = 16384) -> None:
         b_up = b.to(out.dtype)
         for r0 in range(0, a.shape[0], slice_rows):
             torch.mm(a[r0:r0 + slice_rows].to(out.dtype), b_up, out=out[r0:r0 + slice_rows])
+
+
+def chunk_grads(dz: Tensor, h_c: Tensor, weight: Tensor, dh: Optional[Tensor], dW: Optional[Tensor],
+                db: Optional[Tensor], first: bool) -> None:
+    """The GEMM half of one chunk: dh = dz @ W (written once into the chunk's rows ``dh``), dW (+)= dz^T h_c and
+    db (+)= column sums of dz, in fp32; ``first``: the first chunk writes dW / db (beta = 0, no zero-fill pass).
+    dz [C, V] and h_c [C, D] in the input dtype, weight [V, D]; None skips a gradient."""
+    if dh is not None:
+        mm_into(dz, weight, dh)
+    if dW is not None:
+        mm_into(dz.t(), h_c, dW) if first else accumulate_dw(dW, dz, h_c)
+    if db is not None:
+        torch.sum(dz, 0, dtype=torch.float32, out=db) if first else db.add_(dz.sum(0, dtype=torch.float32))
 
 
 def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches, *, has_bias: bool,

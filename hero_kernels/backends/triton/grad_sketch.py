@@ -20,7 +20,7 @@ that size on every p of a row with large logits, while x - m is exact.
 c = (proj p) . v is a per-row scalar the launcher computes from the forward output:
 proj p = proj[:, y] - tau a, so c = v . proj[:, y] - tau (v . a) ([N, k] work, no vocabulary pass). Every tile
 is independent (no loop-carried state), and each element is loaded and stored by the same program, so the
-output may alias the logits (in-place; used by the fused LM-head loop).
+output may alias the logits (in-place).
 
 Dots: with a 16-bit proj both operands are in that dtype (e in [0, 1] and v rounded to it), accumulating in
 fp32 (tensor cores); with an fp32 proj they are IEEE fp32 (``input_precision="ieee"``) so fp32 matches

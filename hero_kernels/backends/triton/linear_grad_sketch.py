@@ -1,22 +1,19 @@
-"""Triton backend of ``linear_grad_sketch``: row chunks of the LM head (cuBLAS GEMMs in the input dtype, widened to
-fp32) through the one-pass Triton row kernels of ``grad_sketch``. Logits exist for one chunk of rows at a time,
-never [N, V]; the loop and its memory bound are in backends/torch/linear_grad_sketch.py. A fully fused kernel
-(logit tiles kept in registers, as in linear_entropy_logprob) is not written: the chunk's [C, V] fp32 tile is
-the only extra memory."""
-from hero_kernels.backends.torch.linear_grad_sketch import chunked_backward, chunked_forward
+"""Triton backend of ``linear_grad_sketch``: the fused gradient sketch through the LM head, no [N, V] logits.
 
-from . import grad_sketch as rows
+Entry point; the code lives with the fused entropy head in ``hero_kernels/backends/triton/linear/``
+(sketch_kernels.py: the Triton kernels; config.py: ``LinearSketchConfig``; sketch_launch.py: ``plan`` and the
+launchers; compile.py: ``SKETCH_KERNEL_CONFIGS``, generated from the kernels' own argument lists).
 
-__all__ = ["forward", "backward", "CHUNK_ELEMENTS"]
+forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N], proj [k, V], opts) -> (a [N, k], stats [N, 2])
+backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw) -> (dh, dW, db)
+plan(N, D, V, dtype, *, k, pass_, has_bias, need_dh, need_dw) -> list[KernelLaunch]
+"""
+from __future__ import annotations
 
-#: elements of one fp32 [C, V] logits chunk (512 MiB): ~1000 rows per GEMM at V = 128k
-CHUNK_ELEMENTS = 1 << 27
+from hero_kernels.backends.triton.linear.compile import SKETCH_KERNEL_CONFIGS as KERNEL_CONFIGS
+from hero_kernels.backends.triton.linear.compile import compile_attrs
+from hero_kernels.backends.triton.linear.config import LinearSketchConfig, default_sketch_config
+from hero_kernels.backends.triton.linear.sketch_launch import SKETCH_K, backward, forward, plan
 
-
-def forward(hidden, weight, bias, labels, proj, opts):
-    return chunked_forward(rows, hidden, weight, bias, labels, proj, opts, CHUNK_ELEMENTS)
-
-
-def backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh=True, need_dw=True):
-    return chunked_backward(rows, hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw,
-                            CHUNK_ELEMENTS)
+__all__ = ["LinearSketchConfig", "default_sketch_config", "plan", "forward", "backward", "KERNEL_CONFIGS",
+           "compile_attrs", "SKETCH_K"]

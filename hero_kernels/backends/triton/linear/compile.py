@@ -15,19 +15,22 @@ import torch
 import triton.language as tl
 
 from . import kernels as K
-from .config import ARCHS, GROUP_N, MERGE_BLOCK, default_config
+from . import sketch_kernels as SK
+from .config import ARCHS, GROUP_N, MERGE_BLOCK, SKETCH_MERGE_BLOCK, default_config, default_sketch_config
 
-__all__ = ["KERNEL_CONFIGS", "signature", "compile_attrs", "compile_resource_report"]
+__all__ = ["KERNEL_CONFIGS", "SKETCH_KERNEL_CONFIGS", "signature", "compile_attrs", "compile_resource_report"]
 
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-#: Pointers to the inputs carry the input dtype; every other pointer is fp32 except the labels.
-_INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")
+#: Pointers to the inputs carry the input dtype, and so do the dz chunk buffer (written in the input dtype for
+#: cuBLAS) and the sketch's projection / upstream grads (the operands of its 16-bit dots); every other
+#: pointer is fp32 except the labels.
+_INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr", "dz_ptr", "proj_ptr", "v_ptr")
 _I64 = ("labels_ptr", "label_offset")
 #: Arguments every launch keeps divisible by 16 (see launch._prepare): pointers (16-byte aligned), D and
 #: the row strides (padded; the dz chunk buffer's rows too), cols_per_split (a multiple of BLOCK_V).
 #: Triton's runtime specializes on exactly this, so compiling with these attributes reproduces the code
 #: that runs on the GPU.
-_ALIGNED_INTS = ("D", "stride_h", "stride_w", "stride_dz", "cols_per_split")
+_ALIGNED_INTS = ("D", "stride_h", "stride_w", "stride_dz", "stride_p", "cols_per_split")
 #: So the compile report builds only the aligned variant of these kernels: no launch runs an unaligned one.
 ALIGNED_ONLY = True
 
@@ -119,6 +122,35 @@ def _kernel_configs() -> List[tuple]:
 
 
 KERNEL_CONFIGS: List[tuple] = _kernel_configs()
+
+
+def _sketch_configs() -> List[tuple]:
+    """Every build the fused gradient sketch's launchers run (``sketch_launch``), archs as in ``KERNEL_CONFIGS``."""
+    archs: Dict[str, list] = {}
+    entries: Dict[str, tuple] = {}
+    for torch_dt, dt in _TL.items():
+        for arch in ARCHS:
+            base = default_sketch_config(torch_dt, arch)
+            for prec in (["ieee", "tf32"] if torch_dt == torch.float32 else ["ieee"]):
+                for has_bias in (False, True):
+                    for fn, t, bp in ((SK._sketch_fwd_partials_kernel, base.fwd, base.block_p),
+                                      (SK._sketch_bwd_dz_kernel, base.dz, base.dz_block_p)):
+                        const = {"HAS_BIAS": has_bias, "DOT_PRECISION": prec, "UPCAST_DOT": False,
+                                 "BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "BLOCK_P": bp}
+                        desc = (f"{fn.__name__} {dt} bias={has_bias} {prec} BN={t.block_n} BV={t.block_v} "
+                                f"BK={t.block_k} BP={bp} w={t.num_warps} s={t.num_stages}")
+                        entries.setdefault(desc, _entry(fn, dt, const, t.num_warps, t.num_stages, desc))
+                        archs.setdefault(desc, []).append(arch)
+                desc = f"_sketch_merge_kernel {dt} BLOCK_R={SKETCH_MERGE_BLOCK} BP={base.block_p} w=4"
+                const = {"BLOCK_R": SKETCH_MERGE_BLOCK, "BLOCK_P": base.block_p}
+                entries.setdefault(desc, _entry(SK._sketch_merge_kernel, dt, const, 4, 1, desc))
+                archs.setdefault(desc, []).append(arch)
+    return [entries[d] + (tuple(dict.fromkeys(archs[d])),) for d in entries]
+
+
+#: The fused gradient sketch's builds (``hero_kernels.backends.triton.linear_grad_sketch`` exports them as its
+#: KERNEL_CONFIGS for the compile report).
+SKETCH_KERNEL_CONFIGS: List[tuple] = _sketch_configs()
 
 
 def compile_attrs(fn, signature: Dict[str, str]) -> Dict[tuple, list]:

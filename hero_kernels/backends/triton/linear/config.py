@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 __all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
-           "device_arch"]
+           "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,62 @@ def forward_splits(row_blocks: int, V: int, block_v: int, sms: int, forced: Opti
         s += 1
     s = max(s, -(-2 * sms // max(row_blocks, 1)))
     return max(1, min(s, tiles))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused gradient sketch (``linear_grad_sketch``; kernels in ``sketch_kernels.py``)
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LinearSketchConfig:
+    """Launch configuration of the fused gradient sketch through the LM head.
+
+    fwd: tile of ``_sketch_fwd_partials_kernel`` (logits tile block_n x block_v, GEMM step block_k);
+    dz: tile of ``_sketch_bwd_dz_kernel``; block_p: sketch columns of the forward's accumulator (a power of
+    two >= 16; k above it: forward programs per sketch block, each recomputing the logits); dz_block_p: the
+    dz kernel's step over the sketch dimension (it loops, any k).
+    vocab_splits / chunk_rows / allow_tf32: as in ``LinearEntropyConfig``.
+    """
+
+    fwd: Tile
+    dz: Tile
+    block_p: int = 128
+    dz_block_p: int = 64
+    vocab_splits: Optional[int] = None
+    chunk_rows: Optional[int] = None
+    allow_tf32: bool = False
+
+    def __post_init__(self):
+        for name in ("block_p", "dz_block_p"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"LinearSketchConfig.{name} must be a power of two >= 16, got {v}")
+        for name in ("vocab_splits", "chunk_rows"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"LinearSketchConfig.{name} must be None or an int >= 1, got {v!r}")
+
+
+# Two fp32 accumulators per program (the logits tile and the [block_n, block_p] sketch / w tile), like a
+# flash-attention forward: tiles chosen as the largest that compile without spills on sm_80 and sm_90a
+# (tests/test_grad_sketch.py::test_fused_sketch_compile_no_spills; numbers in sketch_launch's docstring).
+_SKETCH_16 = LinearSketchConfig(fwd=Tile(block_n=128, block_v=64, block_k=64, num_warps=8, num_stages=3),
+                                dz=Tile(block_n=128, block_v=64, block_k=64, num_warps=8, num_stages=3))
+# fp32 (IEEE dots on the FMA units): 64 x 64 forward tiles with a 64- or 32-column sketch block spill 160-384 B;
+# 64 x 32 with 32 sketch columns (4 sketch blocks at k = 128, each recomputing the logits) compiles to 128
+# registers. The fp32 path is the accurate one, not the fast one.
+_SKETCH_32 = LinearSketchConfig(fwd=Tile(block_n=64, block_v=32, block_k=32, num_warps=8, num_stages=2),
+                                dz=Tile(block_n=64, block_v=64, block_k=32, num_warps=4, num_stages=2), block_p=32,
+                                dz_block_p=32)
+# sm_90: the dz kernel at 128 x 128 (wgmma, 254 registers, no spills; 48-112 B of spills on sm_80 and with
+# dz_block_p = 128, so sm_80 runs 128 x 64 (207 registers) and both step 64 sketch columns at a time).
+_SKETCH_BY_ARCH = {90: replace(_SKETCH_16, dz=Tile(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=3))}
+
+#: Rows per program of the sketch merge kernel.
+SKETCH_MERGE_BLOCK = 16
+
+
+def default_sketch_config(dtype: torch.dtype, arch: Optional[int] = None) -> LinearSketchConfig:
+    """The sketch launchers' configuration for ``dtype`` on compute capability ``arch`` (None: sm_80's)."""
+    if dtype == torch.float32:
+        return _SKETCH_32
+    return _SKETCH_BY_ARCH.get(None if arch is None else arch // 10 * 10, _SKETCH_16)

@@ -377,12 +377,7 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
             BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, LABEL_STATS=label_stats,
             num_warps=dz_launch.num_warps, num_stages=dz_launch.num_stages,
         )
-        if dh is not None:
-            gemm.mm_into(z, w, dh[s:e])
-        if dW is not None:
-            gemm.mm_into(z.t(), h_c, dW) if s == 0 else gemm.accumulate_dw(dW, z, h_c)
-        if db is not None:
-            torch.sum(z, 0, dtype=torch.float32, out=db) if s == 0 else db.add_(z.sum(0, dtype=torch.float32))
+        gemm.chunk_grads(z, h_c, w, None if dh is None else dh[s:e], dW, db, first=s == 0)
     return dh, dW, db
 
 
