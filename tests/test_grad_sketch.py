@@ -482,21 +482,31 @@ def test_gpu_compile_no_spills():
     assert not spills, f"local-memory spills: {spills}"
 
 
+@pytest.mark.slow  # 38 builds, minutes of CPU
 def test_fused_sketch_compile_no_spills():
     """Every build of the fused sketch (forward partials, merge, dz; each dtype, bias, arch it runs on) compiles
-    for sm_80 / sm_90a without local-memory spills."""
+    for sm_80 / sm_90a without local-memory spills, and its bf16 GEMM kernels use wgmma on sm_90a."""
     require_compiler()
     from hero_kernels.backends.triton.linear import compile as C
 
     script = r"""
 import json
 from hero_kernels.backends.triton.linear import compile as C
-from hero_kernels.gpu_compile import triton_resource_usage
+from hero_kernels.gpu_compile import triton_compile, triton_resource_usage
 rows = [triton_resource_usage(fn, sig, const, cc, nw, ns, config=desc, attrs=C.compile_attrs(fn, sig)).as_dict()
         for fn, sig, const, nw, ns, desc, archs in C.SKETCH_KERNEL_CONFIGS for cc in archs]
-print(json.dumps(rows))
+wgmma = {desc: triton_compile(fn, sig, const, 90, nw, ns, C.compile_attrs(fn, sig)).asm["ptx"].count("wgmma.mma_async")
+         for fn, sig, const, nw, ns, desc, archs in C.SKETCH_KERNEL_CONFIGS
+         if " bf16 bias=False " in desc and 90 in archs}
+print(json.dumps({"rows": rows, "wgmma": wgmma}))
 """
-    rows = run_json_script(script, timeout=3000)
+    out = run_json_script(script, timeout=3000)
+    rows = out["rows"]
+    for u in rows:
+        print(f"{u['config']:90s} {u['arch']:7s} registers={u['registers']:3d} shared={u['shared_bytes']:6d} "
+              f"stack={u['stack_bytes']}")
     assert len(rows) == sum(len(e[6]) for e in C.SKETCH_KERNEL_CONFIGS)
     spills = [u for u in rows if u["local_bytes"] != 0 or u["stack_bytes"] != 0]
     assert not spills, f"local-memory spills: {spills}"
+    assert {d.split()[0] for d in out["wgmma"]} == {"_sketch_fwd_partials_kernel", "_sketch_bwd_dz_kernel"}
+    assert all(n > 0 for n in out["wgmma"].values()), out["wgmma"]

@@ -2,7 +2,8 @@
 
 Modules: ``kernels.py`` (the Triton kernels), ``config.py`` (tiles, vocab splits), ``launch.py`` (``plan``
 and the launchers; every grid, split and chunk size comes from ``plan``), ``compile.py`` (compile metadata
-derived from the kernels' own argument lists). The chunked backward's GEMM half is shared with the CUDA
+derived from the kernels' own argument lists). The fused gradient sketch (``linear_grad_sketch``) reuses the
+logits tile, vocab splits and chunked backward: ``sketch_kernels.py`` and ``sketch_launch.py`` (its ``plan``). The chunked backward's GEMM half is shared with the CUDA
 backend in ``hero_kernels.backends.gemm``.
 
 Numbers below: N = 16384 tokens, D = 4096, V = 128256, bf16, H100 SXM (3.35 TB/s, 989 TFLOP/s bf16,

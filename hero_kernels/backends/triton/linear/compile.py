@@ -16,7 +16,8 @@ import triton.language as tl
 
 from . import kernels as K
 from . import sketch_kernels as SK
-from .config import ARCHS, GROUP_N, MERGE_BLOCK, SKETCH_MERGE_BLOCK, default_config, default_sketch_config
+from .config import (ARCHS, GROUP_N, MERGE_BLOCK, SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, default_config,
+                     default_sketch_config)
 
 __all__ = ["KERNEL_CONFIGS", "SKETCH_KERNEL_CONFIGS", "signature", "compile_attrs", "compile_resource_report"]
 
@@ -141,9 +142,9 @@ def _sketch_configs() -> List[tuple]:
                                 f"BK={t.block_k} BP={bp} w={t.num_warps} s={t.num_stages}")
                         entries.setdefault(desc, _entry(fn, dt, const, t.num_warps, t.num_stages, desc))
                         archs.setdefault(desc, []).append(arch)
-                desc = f"_sketch_merge_kernel {dt} BLOCK_R={SKETCH_MERGE_BLOCK} BP={base.block_p} w=4"
+                desc = f"_sketch_merge_kernel {dt} BLOCK_R={SKETCH_MERGE_BLOCK} BP={base.block_p} w={SKETCH_MERGE_WARPS}"
                 const = {"BLOCK_R": SKETCH_MERGE_BLOCK, "BLOCK_P": base.block_p}
-                entries.setdefault(desc, _entry(SK._sketch_merge_kernel, dt, const, 4, 1, desc))
+                entries.setdefault(desc, _entry(SK._sketch_merge_kernel, dt, const, SKETCH_MERGE_WARPS, 1, desc))
                 archs.setdefault(desc, []).append(arch)
     return [entries[d] + (tuple(dict.fromkeys(archs[d])),) for d in entries]
 

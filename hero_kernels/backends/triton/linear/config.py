@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 __all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
-           "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK"]
+           "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK",
+           "SKETCH_MERGE_WARPS"]
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,9 @@ _SKETCH_32 = LinearSketchConfig(fwd=Tile(block_n=64, block_v=32, block_k=32, num
 # dz_block_p = 128, so sm_80 runs 128 x 64 (207 registers) and both step 64 sketch columns at a time).
 _SKETCH_BY_ARCH = {90: replace(_SKETCH_16, dz=Tile(block_n=128, block_v=128, block_k=64, num_warps=8, num_stages=3))}
 
-#: Rows per program of the sketch merge kernel.
-SKETCH_MERGE_BLOCK = 16
+#: Rows per program and warps of the sketch merge kernel (16 rows x 128 sketch columns: 4 warps leave 8 B of
+#: stack on sm_80, 8 warps 77 registers and none).
+SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS = 16, 8
 
 
 def default_sketch_config(dtype: torch.dtype, arch: Optional[int] = None) -> LinearSketchConfig:

@@ -45,6 +45,14 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _block(pid, n, BLOCK: tl.constexpr):
+    """(idx, mask, idx_c) of block ``pid`` of a dimension of size n: indices, in-range mask, indices clamped
+    into range (padded lanes repeat a real row / column, see the note above ``_mma``)."""
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    return idx, idx < n, tl.minimum(idx, n - 1)
+
+
+@triton.jit
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -119,9 +127,7 @@ def _fwd_partials_kernel(
     pid = tl.program_id(0)
     pid_n = pid // splits
     pid_s = pid % splits
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
+    rows, row_mask, rows_c = _block(pid_n, N, BLOCK_N)
     labels = tl.load(labels_ptr + rows_c) - label_offset
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
@@ -186,6 +192,18 @@ def _log1p_unit(r):
 
 
 @triton.jit
+def _split_max(m_ptr, rows, mask, N, S, BLOCK: tl.constexpr):
+    """(M, M_safe) [BLOCK]: the max of the rows' S split partials m [S, N] and a finite stand-in, 0 where every
+    split is empty (-inf; such rows keep zero sums, never exp(-inf - (-inf)))."""
+    M = tl.full((BLOCK,), float("-inf"), tl.float32)
+    off = rows.to(tl.int64)
+    for _ in range(0, S):
+        M = tl.maximum(M, tl.load(m_ptr + off, mask=mask, other=float("-inf")))
+        off += N
+    return M, tl.where(M > float("-inf"), M, 0.0)
+
+
+@triton.jit
 def _merge_partials_kernel(
     m_ptr, s_ptr, so_ptr, t_ptr, xl_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, N, S,
     FINAL: tl.constexpr, BLOCK: tl.constexpr,
@@ -197,13 +215,7 @@ def _merge_partials_kernel(
     """
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
-    M = tl.full((BLOCK,), float("-inf"), tl.float32)
-    off = rows.to(tl.int64)
-    for _ in range(0, S):
-        M = tl.maximum(M, tl.load(m_ptr + off, mask=mask, other=float("-inf")))
-        off += N
-    # Rows whose partials are all empty keep (-inf, 0, 0); never exp(-inf - (-inf)).
-    M_safe = tl.where(M > float("-inf"), M, 0.0)
+    M, M_safe = _split_max(m_ptr, rows, mask, N, S, BLOCK)
     s = tl.zeros((BLOCK,), tl.float32)
     so = tl.zeros((BLOCK,), tl.float32)
     t = tl.zeros((BLOCK,), tl.float32)
@@ -262,12 +274,8 @@ def _dz_tile(
 ):
     """(rows, row_mask, rows_c, cols, col_mask, cols_c, dz fp32 [BLOCK_N, BLOCK_V]) of tile (pid_n, pid_v):
     the logits recomputed in registers, then ``_dlogits_tile``."""
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols_c = tl.minimum(cols, V - 1)
+    rows, row_mask, rows_c = _block(pid_n, N, BLOCK_N)
+    cols, col_mask, cols_c = _block(pid_v, V, BLOCK_V)
     labels, lse_hi, lse_lo, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c,
                                                    label_offset)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,

@@ -81,6 +81,31 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
     ]
 
 
+def plan_target(pass_: str, dtype, sms: Optional[int]) -> Tuple[torch.dtype, int, int]:
+    """(dtype, bytes per element, SM count) of a plan: the dtype as a torch.dtype, sms defaulting to an H100's;
+    rejects an unknown pass."""
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    dt = gemm.as_dtype(dtype)
+    return dt, torch.finfo(dt).bits // 8, sms or GPU_SPECS["h100"].sms
+
+
+def plan_passes(N: int, D: int, V: int, e: int, pass_: str, total_rows: Optional[int],
+                weight_copied: Optional[bool], need_dh: bool, need_dw: bool, forward) -> Tuple[List[KernelLaunch], bool]:
+    """How the fused heads' plans start: for a forward pass the input preparation and ``forward(D_pad)`` (the
+    head's forward launches at D rounded up to 16), then the backward's input preparation when a backward
+    runs. Returns (launches, whether the backward's own launches follow)."""
+    out: List[KernelLaunch] = []
+    if N <= 0:
+        return out, False
+    if pass_ in ("fwd", "fwd+bwd"):
+        out += _prepare_plan(N, D, V, e, "fwd", total_rows, weight_copied)
+        out += forward(triton.cdiv(D, _ALIGN) * _ALIGN)
+    if pass_ == "fwd" or not (need_dh or need_dw):
+        return out, False
+    return out + _prepare_plan(N, D, V, e, "bwd", total_rows, weight_copied, need_dh), True
+
+
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None,
@@ -98,25 +123,15 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     (``config.default_config``); default: the H100 / H200's (90), like ``sms``. The launchers pass their
     device's configuration as ``config``.
     """
-    dt = gemm.as_dtype(dtype)
+    dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     if config is not None:
         deterministic = cfg.deterministic
-    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
-        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
-    e = torch.finfo(dt).bits // 8
-    sms = sms or GPU_SPECS["h100"].sms
-    out: List[KernelLaunch] = []
-    if N <= 0:
+    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw,
+                                lambda D_pad: _forward_plan(N, D_pad, V, e, has_bias, cfg, sms))
+    if not backward:
         return out
-    D_pad = triton.cdiv(D, _ALIGN) * _ALIGN
-    if pass_ in ("fwd", "fwd+bwd"):
-        out += _prepare_plan(N, D, V, e, "fwd", total_rows, weight_copied)
-        out += _forward_plan(N, D_pad, V, e, has_bias, cfg, sms)
-    if pass_ == "fwd" or not (need_dh or need_dw):
-        return out
-    out += _prepare_plan(N, D, V, e, "bwd", total_rows, weight_copied, need_dh)
-    D = D_pad
+    D = triton.cdiv(D, _ALIGN) * _ALIGN
     if not deterministic and need_dh and need_dw:
         return out + _atomic_plan(N, D, V, e, has_bias, cfg)
     C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _log1p_unit, _logits_tile, _mma
+from .kernels import _block, _log1p_unit, _logits_tile, _mma, _split_max
 
 
 @triton.jit
@@ -48,9 +48,7 @@ def _sketch_fwd_partials_kernel(
     pid = tl.program_id(0)
     pid_n = pid // splits
     pid_s = pid % splits
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
+    rows, row_mask, rows_c = _block(pid_n, N, BLOCK_N)
     labels = tl.load(labels_ptr + rows_c)
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = ps < KS
@@ -103,12 +101,7 @@ def _sketch_merge_kernel(
     mask = rows < N
     ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = mask[:, None] & (ps < KS)[None, :]
-    M = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    off = rows.to(tl.int64)
-    for _ in range(0, S):
-        M = tl.maximum(M, tl.load(m_ptr + off, mask=mask, other=float("-inf")))
-        off += N
-    M_safe = tl.where(M > float("-inf"), M, 0.0)
+    M, M_safe = _split_max(m_ptr, rows, mask, N, S, BLOCK_R)
     so = tl.zeros((BLOCK_R,), tl.float32)
     xl = tl.zeros((BLOCK_R,), tl.float32)
     u = tl.zeros((BLOCK_R, BLOCK_P), tl.float32)
@@ -148,12 +141,8 @@ def _sketch_bwd_dz_kernel(
     row_blocks = tl.cdiv(N, BLOCK_N)
     pid_n = pid % row_blocks
     pid_v = pid // row_blocks
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    rows_c = tl.minimum(rows, N - 1)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    cols_c = tl.minimum(cols, V - 1)
+    rows, row_mask, rows_c = _block(pid_n, N, BLOCK_N)
+    cols, col_mask, cols_c = _block(pid_v, V, BLOCK_V)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
                      HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
     wt = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)

@@ -35,9 +35,10 @@ from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
 from hero_kernels.options import RowOptions
 
 from . import sketch_kernels as SK
-from .config import SKETCH_MERGE_BLOCK, LinearSketchConfig, default_sketch_config, device_arch, forward_splits
+from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig, default_sketch_config, device_arch,
+                     forward_splits)
 from .launch import (_ALIGN, _MASKED_LSE, _aligned_2d, _check, _device_sms, _dot_precision, _entry, _prepare,
-                     _prepare_plan, _upcast_dot)
+                     _upcast_dot, plan_passes, plan_target)
 
 __all__ = ["plan", "forward", "backward", "SKETCH_K"]
 
@@ -83,7 +84,7 @@ def _forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: L
                      note, t.num_warps, t.num_stages, meta, l2_bytes=l2),
         KernelLaunch("_sketch_merge_kernel", (triton.cdiv(N, mb), kb), "stream", 0.0,
                      S * N * (12 + 4 * k) + 32 * N * k + 4 * N * k + 16 * N,
-                     "partials read once; proj[:, y] gathered (one 32-byte sector per element)", 4, 1,
+                     "partials read once; proj[:, y] gathered (one 32-byte sector per element)", SKETCH_MERGE_WARPS, 1,
                      {"BLOCK_R": mb, "BLOCK_P": bp, "splits": S}),
     ]
 
@@ -94,26 +95,16 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
          arch: Optional[int] = None) -> List[KernelLaunch]:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows, hidden width D,
     V vocabulary rows and a k-row projection. Other arguments as the entropy head's ``launch.plan``."""
-    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
-        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
-    dt = gemm.as_dtype(dtype)
+    dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
-    e = torch.finfo(dt).bits // 8
-    sms = sms or GPU_SPECS["h100"].sms
-    out: List[KernelLaunch] = []
-    if N <= 0:
+    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw,
+                                lambda D_pad: _forward_plan(N, D_pad, V, k, e, has_bias, cfg, sms))
+    if not backward:
         return out
-    D_pad = triton.cdiv(D, _ALIGN) * _ALIGN
-    if pass_ in ("fwd", "fwd+bwd"):
-        out += _prepare_plan(N, D, V, e, "fwd", total_rows, weight_copied)
-        out += _forward_plan(N, D_pad, V, k, e, has_bias, cfg, sms)
-    if pass_ == "fwd" or not (need_dh or need_dw):
-        return out
-    out += _prepare_plan(N, D, V, e, "bwd", total_rows, weight_copied, need_dh)
     out.append(_proj_plan(k, V, e))
     out.append(KernelLaunch("row_terms", (), "stream", 0.0, N * k * (32 + 4 + 4 + 2 * e) + 8 * N,
                             "torch ops: proj[:, y] gathered, v cast, c = (P p) . v and the label term", external=True))
-    D = D_pad
+    D = triton.cdiv(D, _ALIGN) * _ALIGN
     C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
     t, bp = cfg.dz, cfg.dz_block_p
     kp = triton.cdiv(k, bp) * bp
