@@ -390,6 +390,21 @@ def test_fused_head_uncompacted_rows_and_one_chunk(monkeypatch):
     assert (dh1[y == -100] == 0).all() and torch.isfinite(dh1).all()
 
 
+def test_fused_head_nan_row():
+    """NaN in one row's hidden state gives that row a NaN sketch and leaves the other rows exact."""
+    from hero_kernels.backends.triton.linear import sketch_launch as SL
+    from hero_kernels.options import RowOptions
+
+    h, W, b, y, P, v, tau = _head_case(torch.float32, True, k=16)
+    h = h.clone()
+    h[3, 5] = float("nan")
+    a, _ = SL.forward(h, W, b, y, P, RowOptions(tau), _fused_cfg())
+    assert torch.isnan(a[3]).all()
+    ok = torch.arange(h.shape[0]) != 3
+    exact = _head_ref(h[ok], W, b, y[ok], P, v[ok], tau, torch.float64)[0]
+    torch.testing.assert_close(a[ok].double(), exact, atol=2e-6, rtol=0)
+
+
 def test_fused_plan_is_what_runs():
     """plan() gives the grids the launchers use; the headline shape's forward has vocab splits and one sketch
     block, the backward equal chunks of the dz kernel + cuBLAS dh / dW."""
