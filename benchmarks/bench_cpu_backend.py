@@ -77,12 +77,13 @@ def run_eager(logits, labels, g, k):
 
 
 def run_fused(logits, labels, g, k, inplace: bool = False):
+    from hero_kernels.backends import UpstreamGrads
     from hero_kernels.backends.cpu import entropy_logprob as cpu_el
     from hero_kernels.options import RowOptions
 
     opts = RowOptions()
-    logp, H, lse = cpu_el.forward(logits, labels, opts)
-    return cpu_el.backward(logits, labels, lse, H, g, k, opts, out=logits if inplace else None)
+    saved = cpu_el.forward(logits, labels, opts)
+    return cpu_el.backward(logits, labels, saved, UpstreamGrads(g, k), opts, out=logits if inplace else None)
 
 
 def variant_fn(name: str):

@@ -79,14 +79,15 @@ def _run(variant: str, h, W, y, g, k, chunk_bytes: Optional[int]):
         (g * logp + k * H).sum().backward()
         return logp.detach(), H.detach(), h_.grad, W_.grad
     if variant == "chunked":
+        from hero_kernels.backends import UpstreamGrads
         from hero_kernels.backends.torch import linear_entropy_logprob as TB
         from hero_kernels.options import RowOptions
 
         cfg = TB.TorchChunkConfig(max_chunk_bytes=chunk_bytes) if chunk_bytes else None
         opts = RowOptions()
-        logp, H, lse = TB.forward(h, W, None, y, opts, cfg)
-        dh, dW, _ = TB.backward(h, W, None, y, lse, H, g, k, opts, cfg)
-        return logp, H, dh, dW
+        saved = TB.forward(h, W, None, y, opts, cfg)
+        dh, dW, _ = TB.backward(h, W, None, y, saved, UpstreamGrads(g, k), opts, cfg)
+        return saved.logp, saved.H, dh, dW
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 

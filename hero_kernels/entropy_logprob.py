@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import UpstreamGrads
+from .backends import RowStats, UpstreamGrads
 from .dispatch import backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
@@ -160,20 +160,22 @@ def _bwd(
     impl: str,
 ) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backward_into(out, logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), impl)
+    _backward_into(out, logits, labels, RowStats(None, H, lse), UpstreamGrads(grad_logp, grad_H),
+                   RowOptions(temperature, ignore_index), impl)
     return out
 
 
-def _backward_into(out, logits, labels, lse, H, grad_logp, grad_H, opts: RowOptions, impl: str) -> None:
-    """dlogits of every block into ``out`` (which may be ``logits`` itself: in-place)."""
+def _backward_into(out, logits, labels, saved: RowStats, grads: UpstreamGrads, opts: RowOptions, impl: str) -> None:
+    """dlogits of every block into ``out`` (which may be ``logits`` itself: in-place); saved.lse / saved.H and
+    grads [N] split per block like the labels."""
     if labels.numel() == 0:
         return
     mod = backend_module(impl, "entropy_logprob")
     with device_guard(logits):
         b = _batched(mod)
-        for (x, y, l, h, g, k), (o, _) in zip(_blocks(logits, labels, lse, H, grad_logp, grad_H, batched=b),
+        for (x, y, l, h, g, k), (o, _) in zip(_blocks(logits, labels, saved.lse, saved.H, *grads, batched=b),
                                              _blocks(out, labels, batched=b)):
-            mod.backward(x, y, l, h, g, k, opts, out=o)
+            mod.backward(x, y, RowStats(None, h, l), UpstreamGrads(g, k), opts, out=o)
 
 
 @_bwd.register_fake
@@ -193,7 +195,8 @@ def _bwd_inplace(
     ignore_index: int,
     impl: str,
 ) -> None:
-    _backward_into(logits, logits, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index), impl)
+    _backward_into(logits, logits, labels, RowStats(None, H, lse), UpstreamGrads(grad_logp, grad_H),
+                   RowOptions(temperature, ignore_index), impl)
 
 
 @_bwd_inplace.register_fake

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .backends import RowStats, UpstreamGrads
 from .dispatch import backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
@@ -97,7 +98,8 @@ def _fwd(
         return e, e.clone(), e.to(torch.float64)
     mod = backend_module(impl, "linear_entropy_logprob")
     with device_guard(hidden):
-        return mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index))
+        # the op's schema returns a plain tuple of tensors, not the backends' RowStats
+        return tuple(mod.forward(hidden, weight, bias, labels, RowOptions(temperature, ignore_index)))
 
 
 @_fwd.register_fake
@@ -143,10 +145,9 @@ def _bwd(
         return dh, dW, db
     mod = backend_module(impl, "linear_entropy_logprob")
     with device_guard(hidden):
-        dh, dW, db = mod.backward(
-            hidden, weight, bias, labels, lse, H, grad_logp, grad_H, RowOptions(temperature, ignore_index),
-            logp=logp, need_dh=need_dh, need_dw=need_dw,
-        )
+        saved, grads = RowStats(logp, H, lse), UpstreamGrads(grad_logp, grad_H)
+        dh, dW, db = mod.backward(hidden, weight, bias, labels, saved, grads, RowOptions(temperature, ignore_index),
+                                  need_dh=need_dh, need_dw=need_dw)
     return (
         hidden.new_empty(0) if dh is None else dh,
         weight.new_empty(0) if dW is None else dW,

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends import gemm
+from .backends import UpstreamGrads, gemm
 from .dispatch import backend_module, device_guard, resolve_impl
 from .linear_entropy_logprob import prepare_inputs
 from .options import RowOptions
@@ -325,8 +325,9 @@ class _Run:
         idx = r.idx[sl]
         hc, yc = self.h.index_select(0, idx), self.y.index_select(0, idx)
         z = eng.logits(hc)  # GEMM 1
-        lp, Hc, lse = eng.rows.forward(z, yc, self.opts)
-        r.logp[sl], r.H[sl] = lp, Hc
+        saved = eng.rows.forward(z, yc, self.opts)
+        lp = saved.logp
+        r.logp[sl], r.H[sl] = lp, saved.H
         dpg, dkl = _token_grads(o.token_loss, lp, r.A[sl], None if r.old is None else r.old[sl],
                                 None if r.ref is None else r.ref[sl], o.eps_low, o.eps_high)
         r.dpg[sl] = dpg
@@ -336,7 +337,7 @@ class _Run:
             self.m, self.Z = _merge_max(self.m, self.Z, r.seg[sl], self.x(sl))
         zero = torch.zeros_like(lp)
         scale = torch.ones_like(lp) if is_open else self.coef(sl)
-        dz = eng.rows.backward(z, yc, lse, Hc, scale, zero, self.opts, out=eng.dz_buffer(z))
+        dz = eng.rows.backward(z, yc, saved, UpstreamGrads(scale, zero), self.opts, out=eng.dz_buffer(z))
         del z
         if self.dh is not None:  # GEMM 2
             self.dh.index_copy_(0, idx, eng.dh(dz).to(self.dh.dtype))

@@ -22,7 +22,7 @@ Forward
        large logit offsets). Accuracy note: when a column OTHER than the label dominates, log s ~ 0 is taken
        as log(s), so H -> 0 there keeps an absolute (not relative) accuracy of ~eps.
 
-Backward (``shard_backward``), given the GLOBAL lse, H and (for the label column) logp from the forward:
+Backward (``shard_backward``), given the GLOBAL RowStats (lse, H and, for the label column, logp) from ``finalize``:
     dz_ij = (1/tau) [g_i (1[j=y_i] - p_ij) - k_i p_ij (log p_ij + H_i)],  log p_ij = (x_ij - hi_i) - lo_i
     with the float64 lse split per row into fp32 hi + lo (as the unsharded backward does): x - hi is exact
     near the row max, so p carries no ulp(lse) error at large logit offsets (x - fp32 lse would);
@@ -38,6 +38,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.options import RowOptions
 
 __all__ = [
@@ -189,8 +190,8 @@ def merge_stacked_partials(stacked: Partials) -> Partials:
     return Partials(M, s, so, t, stacked.label_x.sum(0))
 
 
-def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H) fp32 [N] and lse float64 [N] from merged partials; masked rows 0 (accurate forms: module
+def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -> RowStats:
+    """RowStats: (logp, H) fp32 [N] and lse float64 [N] from merged partials; masked rows 0 (accurate forms: module
     docstring). lse = float64(M) + float64(log s) unrounded, for the backward's hi + lo split."""
     M = parts.m
     M_safe = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
@@ -204,7 +205,7 @@ def finalize(parts: Partials, labels: Tensor, opts: RowOptions = RowOptions()) -
     valid = labels != opts.ignore_index
     zero = torch.zeros((), dtype=M.dtype, device=M.device)
     lse = M.to(torch.float64) + log_s.to(torch.float64)
-    return torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero.double())
+    return RowStats(torch.where(valid, logp, zero), torch.where(valid, H, zero), torch.where(valid, lse, zero.double()))
 
 
 def all_reduce_partials(parts: Partials, group=None) -> Partials:
@@ -227,34 +228,24 @@ def all_reduce_partials(parts: Partials, group=None) -> Partials:
     return merge_stacked_partials(Partials(*stacked))
 
 
-def shard_backward(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    vocab_start: int,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_H: Optional[Tensor],
-    bias: Optional[Tensor] = None,
-    opts: RowOptions = RowOptions(),
-    impl: str = "auto",
-    max_chunk_bytes: int = 16 << 20,
-    *,
-    logp: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def shard_backward(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: int, saved: RowStats,
+                   grads: UpstreamGrads, bias: Optional[Tensor] = None, opts: RowOptions = RowOptions(),
+                   impl: str = "auto", max_chunk_bytes: int = 16 << 20) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """(grad_hidden share fp32 [N, D], grad_weight [V_local, D] weight.dtype, grad_bias [V_local] | None).
 
-    lse float64, H, logp fp32: GLOBAL [N] from ``finalize`` (an fp32 lse is widened, lo = 0); logp gives the label column its accurate 1 - p_y
-    (None: the plain 1 - exp(x_y - lse), rounding noise as p_y -> 1). grad_logp, grad_H: fp32 [N] or None (= 0).
+    saved: the GLOBAL RowStats [N] from ``finalize`` (lse float64; an fp32 lse is widened, lo = 0); saved.logp
+    gives the label column its accurate 1 - p_y (None: the plain 1 - exp(x_y - lse), rounding noise as
+    p_y -> 1). grads.g, grads.k: fp32 [N] or None (= 0).
     Sum grad_hidden over shards (``all_reduce_grad_hidden``) before casting it to hidden.dtype.
     """
     _check_shard(hidden, weight, bias, labels, vocab_start)
     if _resolve_impl(impl, hidden) == "triton":
         from hero_kernels.backends.triton.linear_entropy_logprob import backward
 
-        return backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts,
-                        vocab_start=vocab_start, grad_hidden_dtype=torch.float32, logp=logp)
+        return backward(hidden, weight, bias, labels, saved, grads, opts, vocab_start=vocab_start,
+                        grad_hidden_dtype=torch.float32)
+    logp, H, lse = saved
+    grad_logp, grad_H = grads
     N, D = hidden.shape
     V_local = weight.shape[0]
     dev = hidden.device

@@ -21,6 +21,7 @@ import torch
 
 from hero_kernels import _cpp_build
 from hero_kernels import reference as R
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.backends.cpu import entropy_logprob as cpu_el
 from hero_kernels.backends.cpu import linear_entropy_logprob as cpu_lin
 from hero_kernels.options import RowOptions
@@ -108,7 +109,7 @@ def run_and_check(logits, labels, tau, dev, gen, ignore_index=-100, check_invari
     logp, H, lse = be.forward(logits, labels, opts)
     assert logp.dtype == H.dtype == torch.float32 and lse.dtype == torch.float64  # lse: split hi + lo in bwd
     assert logp.shape == H.shape == lse.shape == (N,)
-    dz = be.backward(logits, labels, lse, H, g, k, opts)
+    dz = be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     assert dz.dtype == logits.dtype and dz.shape == logits.shape
 
     r_logp, r_H, r_lse = R.entropy_logprob(logits.cpu(), labels.cpu(), tau, ignore_index)
@@ -242,8 +243,8 @@ def test_padded_vocab_minus_inf(dev):
     labels = torch.randint(0, 250, (N,), generator=gen)
     g, k = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     be, opts = backend(dev), RowOptions()
-    logp, H, lse = be.forward(logits.to(dev), labels.to(dev), opts)
-    dz = be.backward(logits.to(dev), labels.to(dev), lse, H, g.to(dev), k.to(dev), opts).cpu()
+    logp, H, lse = saved = be.forward(logits.to(dev), labels.to(dev), opts)
+    dz = be.backward(logits.to(dev), labels.to(dev), saved, UpstreamGrads(g.to(dev), k.to(dev)), opts).cpu()
     r_logp, r_H, r_lse = R.entropy_logprob(logits[:, :250], labels)
     r_dz = R.entropy_logprob_backward(logits[:, :250], labels, g, k)
     torch.testing.assert_close(logp.cpu().double(), r_logp, rtol=1e-5, atol=1e-6)
@@ -261,7 +262,7 @@ def test_empty_and_all_ignored(dev):
     logp, H, lse = be.forward(z0, y0, opts)
     assert logp.shape == H.shape == lse.shape == (0,)
     e = torch.zeros(0, device=dev)
-    assert be.backward(z0, y0, e, e, e, e, opts).shape == (0, 11)
+    assert be.backward(z0, y0, RowStats(None, e, e), UpstreamGrads(e, e), opts).shape == (0, 11)
 
     z = torch.randn(4, 11, device=dev)
     y = torch.full((4,), -1, dtype=torch.long, device=dev)
@@ -269,7 +270,7 @@ def test_empty_and_all_ignored(dev):
     assert torch.all(logp == 0) and torch.all(H == 0) and torch.all(lse == 0)
     ones = torch.ones(4, device=dev)
     out = torch.full_like(z, 7.0)
-    be.backward(z, y, lse, H, ones, ones, opts, out=out)
+    be.backward(z, y, RowStats(None, H, lse), UpstreamGrads(ones, ones), opts, out=out)
     assert torch.all(out == 0)
 
 
@@ -283,9 +284,9 @@ def test_inplace_backward_matches(dev, dtype):
     g, k = torch.randn(N, generator=gen).to(dev), torch.randn(N, generator=gen).to(dev)
     be, opts = backend(dev), RowOptions(temperature=0.9)
     logp, H, lse = be.forward(logits, labels, opts)
-    ref = be.backward(logits, labels, lse, H, g, k, opts)
+    ref = be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     work = logits.clone()
-    got = be.backward(work, labels, lse, H, g, k, opts, out=work)
+    got = be.backward(work, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=work)
     assert got.data_ptr() == work.data_ptr()
     assert torch.equal(got, ref)
 
@@ -302,8 +303,8 @@ def test_fp32_out_for_low_precision_logits(dev, dtype):
     be, opts = backend(dev), RowOptions()
     logp, H, lse = be.forward(logits, labels, opts)
     out32 = torch.empty(N, V, device=dev)
-    be.backward(logits, labels, lse, H, g, k, opts, out=out32)
-    low = be.backward(logits, labels, lse, H, g, k, opts)
+    be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=out32)
+    low = be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     # same fp32 values, one rounding: equal up to a last-bit difference where FMA contraction differs
     torch.testing.assert_close(out32.to(dtype), low, rtol=torch.finfo(dtype).eps, atol=0)
     r = R.entropy_logprob_backward(logits.cpu(), labels.cpu(), g.cpu(), k.cpu())
@@ -319,7 +320,7 @@ def test_float64_input_cpu():
     g, k = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
     opts = RowOptions(temperature=0.8)
     logp, H, lse = cpu_el.forward(logits, labels, opts)
-    dz = cpu_el.backward(logits, labels, lse, H, g, k, opts)
+    dz = cpu_el.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     r_logp, r_H, r_lse = R.entropy_logprob(logits, labels, 0.8)
     r_dz = R.entropy_logprob_backward(logits, labels, g, k, 0.8)
     torch.testing.assert_close(logp.double(), r_logp, rtol=2e-7, atol=1e-7)
@@ -358,13 +359,14 @@ def test_errors_name_the_argument():
     logp, H, lse = cpu_el.forward(z, y, opts)
     g = torch.randn(4)
     with pytest.raises(RuntimeError, match="grad_H must be float32"):
-        cpu_el.backward(z, y, lse, H, g, g.double(), opts)
+        cpu_el.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, g.double()), opts)
     with pytest.raises(RuntimeError, match="lse must be \\[N\\]"):
-        cpu_el.backward(z, y, lse[:2], H, g, g, opts)
+        cpu_el.backward(z, y, RowStats(None, H, lse[:2]), UpstreamGrads(g, g), opts)
     with pytest.raises(RuntimeError, match="out must have the shape"):
-        cpu_el.backward(z, y, lse, H, g, g, opts, out=torch.empty(4, 11))
+        cpu_el.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, g), opts, out=torch.empty(4, 11))
     with pytest.raises(RuntimeError, match="out must have the dtype of logits"):
-        cpu_el.backward(z, y, lse, H, g, g, opts, out=torch.empty(4, 10, dtype=torch.float64))
+        cpu_el.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, g), opts,
+                        out=torch.empty(4, 10, dtype=torch.float64))
 
 
 def test_meta_shapes():
@@ -464,7 +466,8 @@ def test_linear_path(dev, dtype, with_bias, tiny_chunks, monkeypatch):
     opts = RowOptions(temperature=tau)
     to = lambda t: None if t is None else t.to(dev)  # noqa: E731
     logp, H, lse = lin.forward(to(hidden), to(weight), to(bias), to(labels), opts)
-    dh, dW, db = lin.backward(to(hidden), to(weight), to(bias), to(labels), lse, H, to(g), to(k), opts)
+    dh, dW, db = lin.backward(to(hidden), to(weight), to(bias), to(labels), RowStats(None, H, lse),
+                              UpstreamGrads(to(g), to(k)), opts)
     assert dh.dtype == hidden.dtype and dW.dtype == weight.dtype
     assert (db is None) == (bias is None)
 
@@ -495,7 +498,7 @@ def test_linear_path_empty_and_all_ignored(dev):
         logp, H, lse = lin.forward(hidden, weight, bias, labels, opts)
         assert logp.shape == (N,) and torch.all(logp == 0) and torch.all(H == 0)
         ones = torch.ones(N, device=dev)
-        dh, dW, db = lin.backward(hidden, weight, bias, labels, lse, H, ones, ones, opts)
+        dh, dW, db = lin.backward(hidden, weight, bias, labels, RowStats(None, H, lse), UpstreamGrads(ones, ones), opts)
         assert dh.shape == (N, D) and torch.all(dh == 0)
         assert dW.shape == (V, D) and torch.all(dW == 0) and torch.all(db == 0)
 
@@ -519,7 +522,7 @@ def test_linear_cuda_python_logic_on_cpu(monkeypatch):
         g, k = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
         opts = RowOptions(temperature=1.3)
         logp, H, lse = cuda_lin.forward(hidden, weight, bias, labels, opts)
-        dh, dW, db = cuda_lin.backward(hidden, weight, bias, labels, lse, H, g, k, opts)
+        dh, dW, db = cuda_lin.backward(hidden, weight, bias, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
         r_logp, r_H, _ = R.linear_entropy_logprob(hidden, weight, labels, bias, 1.3)
         r_dh, r_dW, r_db = R.linear_entropy_logprob_backward(hidden, weight, labels, g, k, bias, 1.3)
         e_logp, e_H, e_dh, e_dW, e_db = eager_linear_same_dtype(hidden, weight, bias, labels, g, k, 1.3)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hero_kernels import reference as R
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.gpu_compile import nvcc_path, nvcc_resource_usage
 from hero_kernels.options import RowOptions
 
@@ -92,7 +93,7 @@ def _check_vs_reference(logits, labels, g, k, tau, lse_tol_rel=2e-6):
     be = _cuda_backend()
     opts = RowOptions(temperature=tau)
     logp, H, lse = be.forward(logits, labels, opts)
-    dz = be.backward(logits, labels, lse, H, g, k, opts)
+    dz = be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     zc, yc = logits.float().cpu(), labels.cpu()
     r_logp, r_H, r_lse = R.entropy_logprob(zc, yc, tau)
     r_dz = R.entropy_logprob_backward(zc, yc, g.cpu(), k.cpu(), tau)
@@ -141,9 +142,9 @@ def test_cuda_matches_cpu_backend_and_inplace():
     d = be.forward(logits.cuda(), labels.cuda(), opts)
     for a, b in zip(c, d):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
-    dz_cpu = cpu_el.backward(logits, labels, c[2], c[1], g, k, opts)
+    dz_cpu = cpu_el.backward(logits, labels, c, UpstreamGrads(g, k), opts)
     work = logits.cuda().clone()
-    dz_gpu = be.backward(work, labels.cuda(), d[2], d[1], g.cuda(), k.cuda(), opts, out=work)
+    dz_gpu = be.backward(work, labels.cuda(), d, UpstreamGrads(g.cuda(), k.cuda()), opts, out=work)
     assert dz_gpu.data_ptr() == work.data_ptr()
     diff = (dz_gpu.cpu().float() - dz_cpu.float()).abs().max().item()
     assert diff <= 2 * torch.finfo(torch.bfloat16).eps * dz_cpu.float().abs().max().item()
@@ -193,7 +194,7 @@ def test_cuda_int64_offsets():
     torch.testing.assert_close(lse[tail].cpu().double(), r_lse, rtol=0, atol=3e-5)
     torch.testing.assert_close(H[tail].cpu().double(), r_H, rtol=0, atol=3e-5)
     torch.testing.assert_close(logp[tail].cpu().double(), r_logp, rtol=0, atol=3e-5)
-    be.backward(logits, labels, lse, H, g, k, opts, out=logits)  # in place, 4 GiB
+    be.backward(logits, labels, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=logits)  # in place, 4 GiB
     r_dz = R.entropy_logprob_backward(z_tail, y_tail, g[tail].cpu(), k[tail].cpu())
     atol = 2 * torch.finfo(torch.bfloat16).eps * r_dz.abs().max().item()
     torch.testing.assert_close(logits[tail].cpu().double(), r_dz, rtol=0, atol=atol)

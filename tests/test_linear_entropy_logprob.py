@@ -25,6 +25,7 @@ from dataclasses import replace  # noqa: E402
 import pytest  # noqa: E402
 
 from hero_kernels import reference as R  # noqa: E402
+from hero_kernels.backends import RowStats, UpstreamGrads  # noqa: E402
 from hero_kernels.backends.torch import linear_entropy_logprob as TB  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
 from gpu_compile_support import compile_env, require_compiler, run_json_script  # noqa: E402
@@ -146,7 +147,7 @@ def test_triton_matches_reference(dtype, bias, tau, small):
     cfg = _small_config(dtype, vocab_splits=3) if small else None
     opts = RowOptions(temperature=tau, ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    bwd = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
 
 
@@ -159,7 +160,7 @@ def test_triton_sm90_config_matches_reference():
     h, W, b, y, g, k = _problem(37, 96, 1003, torch.bfloat16, bias=True)
     opts = RowOptions(temperature=0.8, ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    bwd = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, 0.8)
 
 
@@ -191,7 +192,7 @@ def test_triton_fp16_odd_hidden_size_strided_input():
     hv = big[:, 7:57]  # row stride 80, misaligned base
     opts = RowOptions(temperature=0.9)
     logp, H, lse = K.forward(hv, W, None, y, opts)
-    bwd = K.backward(hv, W, None, y, lse, H, g, k, opts)
+    bwd = K.backward(hv, W, None, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     _check_all((logp, H, lse), bwd, h, W, None, y, g, k, 0.9)
 
 
@@ -201,7 +202,7 @@ def test_triton_atomic_backward_matches_reference():
     cfg = replace(K.default_config(torch.float32), deterministic=False)
     opts = RowOptions(temperature=0.8)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    bwd = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    bwd = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, 0.8)
 
 
@@ -211,8 +212,8 @@ def test_triton_backward_is_deterministic():
     cfg = replace(K.default_config(torch.bfloat16), chunk_rows=16)
     opts = RowOptions()
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    first = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
-    second = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    first = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
+    second = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
@@ -239,7 +240,7 @@ def test_triton_empty_and_all_masked(n):
     opts = RowOptions()
     logp, H, lse = K.forward(h, W, b, y, opts)
     assert logp.shape == (n,) and not logp.any() and not H.any() and not lse.any()
-    dh, dW, db = K.backward(h, W, b, y, lse, H, g, k, opts)
+    dh, dW, db = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     assert dh.shape == h.shape and dW.shape == W.shape and db.shape == b.shape
     assert not dh.any() and not dW.any() and not db.any()
 
@@ -339,7 +340,7 @@ def test_triton_dominant_label_backend(variant):
     cfg = _small_config(torch.float32, vocab_splits=3, deterministic=(variant == "splits"))
     opts = RowOptions(ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
-    dh, dW, db = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp)
+    dh, dW, db = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     _dominant_check(torch.float32, logp, H, dh, dW, db, h, W, b, y, g, k)
 
 
@@ -350,13 +351,13 @@ def test_triton_dominant_label_without_logp_is_the_old_formula():
     h, W, b, y, g, k = _problem(37, 96, 1003, torch.float32, n_masked=3, confident_row=False)
     opts = RowOptions(temperature=0.8)
     logp, H, lse = K.forward(h, W, b, y, opts)
-    with_lp = K.backward(h, W, b, y, lse, H, g, k, opts, logp=logp)
-    without = K.backward(h, W, b, y, lse, H, g, k, opts)
+    with_lp = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts)
+    without = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     for a, c in zip(with_lp, without):
         assert _err(a, c) <= 1e-5 * max(1.0, c.abs().max().item())
     h, W, b, y, g, k = _dominant_problem(torch.float32, False)
     logp, H, lse = K.forward(h, W, b, y, RowOptions())
-    dh, _, _ = K.backward(h, W, b, y, lse, H, g, None, RowOptions())
+    dh, _, _ = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, None), RowOptions())
     dh64 = R.linear_entropy_logprob_backward(h, W, y, g, None)[0]
     valid = y != IGNORE
     assert ((dh.double() - dh64).norm(dim=1)[valid] / dh64.norm(dim=1)[valid]).max() > 1e-3
@@ -394,7 +395,7 @@ def test_torch_chunked_matches_reference(dtype, bias, tau):
     assert TB.chunk_rows(1003, cfg) == 8
     opts = RowOptions(temperature=tau)
     logp, H, lse = TB.forward(h, W, b, y, opts, cfg)
-    bwd = TB.backward(h, W, b, y, lse, H, g, k, opts, cfg)
+    bwd = TB.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
 
 
@@ -403,11 +404,11 @@ def test_torch_chunked_empty_and_none_grads():
     opts = RowOptions()
     logp, H, lse = TB.forward(h[:0], W, b, y[:0], opts)
     assert logp.shape == (0,)
-    dh, dW, db = TB.backward(h[:0], W, b, y[:0], lse, H, g[:0], k[:0], opts)
+    dh, dW, db = TB.backward(h[:0], W, b, y[:0], RowStats(None, H, lse), UpstreamGrads(g[:0], k[:0]), opts)
     assert dh.shape == (0, 16) and not dW.any() and not db.any()
     # None upstream gradient = 0.
     logp, H, lse = TB.forward(h, W, b, y, opts)
-    dh, dW, db = TB.backward(h, W, b, y, lse, H, None, k, opts)
+    dh, dW, db = TB.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(None, k), opts)
     ref = R.linear_entropy_logprob_backward(h, W, y, None, k, b)
     assert _err(dh, ref[0]) < 1e-4 and _err(dW, ref[1]) < 1e-4
 
@@ -589,7 +590,7 @@ def test_torch_backend_skips_the_skipped_gemms():
 
     def run(**flags):
         with Count() as c:
-            out = TB.backward(h, W, b, y, lse, H, g, k, opts, cfg, **flags)
+            out = TB.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, cfg, **flags)
         return c, out
 
     full, (dh, dW, db) = run()
@@ -601,7 +602,8 @@ def test_torch_backend_skips_the_skipped_gemms():
     assert no_dw.gemm == 2 * chunks and no_dw.big_zeros == 1 and dW2 is None and db2 is None
     assert no_dh.gemm == 2 * chunks and no_dh.big_zeros == 1 and dh3 is None
     assert torch.equal(dh2, dh) and torch.equal(dW3, dW) and torch.equal(db3, db)
-    assert TB.backward(h, W, b, y, lse, H, g, k, opts, cfg, need_dh=False, need_dw=False) == (None, None, None)
+    none = TB.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, cfg, need_dh=False, need_dw=False)
+    assert none == (None, None, None)
 
 
 class _CallCounter:
@@ -643,7 +645,7 @@ def test_triton_backend_skips_kernel_launches(deterministic, monkeypatch):
     def run(**flags):
         for c in counters.values():
             c.calls = 0
-        out = K.backward(h, W, b, y, lse, H, g, k, opts, cfg, logp=logp, **flags)
+        out = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg, **flags)
         return out, {n: c.calls for n, c in counters.items()}
 
     chunks = 3  # 18 valid rows in chunks of 8
@@ -696,13 +698,13 @@ def test_cuda_launcher_need_flags_on_cpu(dtype, monkeypatch):
     h, W, b, y, g, k = _problem(21, 32, 301, dtype)
     opts = RowOptions(temperature=1.1)
     logp, H, lse = cuda_lin.forward(h, W, b, y, opts)
-    dh, dW, db = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts)
-    dh2, dW2, db2 = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts, need_dw=False)
+    dh, dW, db = cuda_lin.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
+    dh2, dW2, db2 = cuda_lin.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, need_dw=False)
     assert dW2 is None and db2 is None and torch.equal(dh2, dh)
-    dh3, dW3, db3 = cuda_lin.backward(h, W, b, y, lse, H, g, k, opts, need_dh=False)
+    dh3, dW3, db3 = cuda_lin.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, need_dh=False)
     assert dh3 is None and torch.equal(dW3, dW) and torch.equal(db3, db)
     # 5-row chunks: the first writes dW / db (beta = 0, no zero-fill), the others accumulate.
-    ref = TB.backward(h, W, b, y, lse, H, g, k, opts)
+    ref = TB.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for got, want in zip((dh, dW, db), ref):
         assert _err(got, want) <= tol * max(1.0, want.abs().max().item())
@@ -870,7 +872,7 @@ def test_chunked_backward_reads_the_dz_grid_from_the_plan(monkeypatch):
 
     monkeypatch.setattr(L.K, "_bwd_dz_kernel", Spy())
     monkeypatch.setattr(L, "plan", plan)
-    K.backward(h, W, b, y, lse, H, g, k, RowOptions(), cfg, logp=logp)
+    K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), RowOptions(), cfg)
     assert [x.meta["chunk_rows"] for x in planned] == [8, 2]
     assert grids == [x.grid for x in planned for _ in range(x.repeats)]
 
@@ -956,7 +958,7 @@ def test_uncompacted_rows_match_compacted(impl, monkeypatch):
 
     def run():
         logp, H, lse = mod.forward(h, W, b, y, opts)
-        return (logp, H, lse) + tuple(mod.backward(h, W, b, y, lse, H, g, k, opts, logp=logp))
+        return (logp, H, lse) + tuple(mod.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts))
 
     want = run()
     monkeypatch.setattr(patch_at, "compact_rows", lambda labels, ignore_index: None)

@@ -642,6 +642,7 @@ import importlib.util, os, sys
 import torch
 import hero_kernels as hk
 from hero_kernels import sharded
+from hero_kernels.backends import UpstreamGrads
 from hero_kernels.dispatch import _cpp_ok
 from hero_kernels.options import RowOptions
 
@@ -663,8 +664,9 @@ for impl in impls:
         opts = RowOptions(temperature=0.9)
         hf, yf = h.detach().reshape(-1, D), y.reshape(-1)
         parts = [sharded.shard_partials(hf, W.detach()[a:e], yf, a, None, opts, impl=impl) for a, e in ((0, 5), (5, V))]
-        lp, H, lse = sharded.finalize(sharded.merge_stacked_partials(sharded.stack_partials(parts)), yf, opts)
-        sharded.shard_backward(hf, W.detach()[:5], yf, 0, lse, H, torch.ones_like(lp), None, None, opts, impl=impl, logp=lp)
+        saved = sharded.finalize(sharded.merge_stacked_partials(sharded.stack_partials(parts)), yf, opts)
+        grads = UpstreamGrads(torch.ones_like(saved.logp), None)
+        sharded.shard_backward(hf, W.detach()[:5], yf, 0, saved, grads, None, opts, impl=impl)
 print("impls", impls)
 assert "hero_kernels.reference" not in sys.modules, "production code imported the test oracle"
 """

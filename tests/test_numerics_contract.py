@@ -455,15 +455,27 @@ def test_fused_head_backward_at_large_offset_has_no_lse_rounding(impl):
 
 def test_backend_modules_satisfy_the_protocols():
     import importlib
+    import inspect
 
     from hero_kernels.backends import LinearBackend, RowBackend, RowStats
+
+    def params(fn):
+        ps = inspect.signature(fn).parameters.values()
+        return ([p.name for p in ps if p.kind == p.POSITIONAL_OR_KEYWORD],
+                [p.name for p in ps if p.kind == p.KEYWORD_ONLY])
 
     for impl in ("torch", "cpu", "cuda", "triton"):
         if impl == "triton" and "triton" not in BACKENDS:
             continue
-        assert isinstance(importlib.import_module(f"hero_kernels.backends.{impl}.entropy_logprob"), RowBackend)
-        assert isinstance(importlib.import_module(f"hero_kernels.backends.{impl}.linear_entropy_logprob"),
-                          LinearBackend)
+        rows = importlib.import_module(f"hero_kernels.backends.{impl}.entropy_logprob")
+        head = importlib.import_module(f"hero_kernels.backends.{impl}.linear_entropy_logprob")
+        assert isinstance(rows, RowBackend) and isinstance(head, LinearBackend)
+        # Protocol isinstance checks only names: the backward signatures are checked here (the saved
+        # RowStats and the UpstreamGrads travel as two arguments; backend extras only after opts / out).
+        assert params(rows.backward)[0][:6] == ["logits", "labels", "saved", "grads", "opts", "out"], impl
+        positional, keyword = params(head.backward)
+        assert positional[:7] == ["hidden", "weight", "bias", "labels", "saved", "grads", "opts"], impl
+        assert {"need_dh", "need_dw"} <= set(keyword), impl
     from hero_kernels.backends.torch import entropy_logprob as tb
     from hero_kernels.options import RowOptions
 

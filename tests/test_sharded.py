@@ -13,6 +13,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 from hero_kernels import reference as R  # noqa: E402
+from hero_kernels.backends import RowStats, UpstreamGrads  # noqa: E402
 from hero_kernels import sharded as S  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
 
@@ -82,7 +83,7 @@ def test_two_shards_match_unsharded(impl, bias):
     assert not logp.cpu()[~valid].any() and not H.cpu()[~valid].any()
 
     # Backward per shard with the GLOBAL lse / H: shard grads concatenate, grad_hidden shares sum.
-    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl, logp=logp)
+    outs = [S.shard_backward(h, Ws, y, start, RowStats(logp, H, lse), UpstreamGrads(g, k), bs, opts, impl=impl)
             for Ws, bs, start in _shards(W, b)]
     dh = sum(o[0] for o in outs)
     dW = torch.cat([o[1] for o in outs])
@@ -127,7 +128,7 @@ def test_two_shards_bf16(impl):
     opts = RowOptions(temperature=1.2)
     parts = [S.shard_partials(h, Ws, y, start, bs, opts, impl=impl) for Ws, bs, start in _shards(W, b)]
     logp, H, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), y, opts)
-    outs = [S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl=impl, logp=logp)
+    outs = [S.shard_backward(h, Ws, y, start, RowStats(logp, H, lse), UpstreamGrads(g, k), bs, opts, impl=impl)
             for Ws, bs, start in _shards(W, b)]
     dh = sum(o[0] for o in outs).to(torch.bfloat16)
     dW = torch.cat([o[1] for o in outs])
@@ -221,8 +222,8 @@ def test_offset_three_shards_match_unsharded_accuracy(impl, dominant):
     dz_y, u_dz_y = torch.zeros(len(y), dtype=torch.float64), torch.zeros(len(y), dtype=torch.float64)
     for i in range(len(y)):
         gi, ki = (torch.zeros_like(g).index_fill_(0, torch.tensor([i], device=g.device), 1.0) * v for v in (g, k))
-        db = torch.cat([S.shard_backward(h, W[a:e], y, a, lse, H, gi, ki, b[a:e], opts, impl=impl, logp=logp)[2]
-                        for a, e in cuts])
+        db = torch.cat([S.shard_backward(h, W[a:e], y, a, RowStats(logp, H, lse), UpstreamGrads(gi, ki), b[a:e], opts,
+                                         impl=impl)[2] for a, e in cuts])
         dz_y[i] = db[y[i]].double()
         (gb,) = torch.autograd.grad((u_logp * gi + u_H * ki).sum(), bb, retain_graph=True)
         u_dz_y[i] = gb[y[i]].double()
@@ -258,9 +259,9 @@ def test_shard_backward_at_large_offset_has_no_lse_rounding(impl, cuts):
 
     hd, Wd, bd, yd, gd, kd = (t.to(DEVICE) for t in (h, W, b, y, g, k))
     parts = [S.shard_partials(hd, Wd[a:e], yd, a, bd[a:e], impl=impl) for a, e in cuts]
-    logp, Hs, lse = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), yd)
-    assert lse.dtype == torch.float64
-    outs = [S.shard_backward(hd, Wd[a:e], yd, a, lse, Hs, gd, kd, bd[a:e], impl=impl, logp=logp) for a, e in cuts]
+    saved = S.finalize(S.merge_stacked_partials(S.stack_partials(parts)), yd)
+    assert saved.lse.dtype == torch.float64
+    outs = [S.shard_backward(hd, Wd[a:e], yd, a, saved, UpstreamGrads(gd, kd), bd[a:e], impl=impl) for a, e in cuts]
     got = (sum(o[0] for o in outs), torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs]))
     leaves = [t.clone().requires_grad_(True) for t in (hd, Wd, bd)]  # the unsharded op: the yardstick
     u_logp, u_H = hk.linear_entropy_logprob(leaves[0], leaves[1], yd, bias=leaves[2], impl=impl)
@@ -292,8 +293,8 @@ def test_masked_label_gives_finite_gradients(impl):
     assert logp[0].item() == float("-inf")
     dh, dW, db = torch.zeros(3, 16, dtype=torch.float64), [], []
     for a, e in cuts:
-        gh, gw, gb = S.shard_backward(to(h), to(W[a:e]), to(y), a, lse, Hs, to(g), to(k), to(b[a:e]), impl=impl,
-                                      logp=logp)
+        gh, gw, gb = S.shard_backward(to(h), to(W[a:e]), to(y), a, RowStats(logp, Hs, lse), UpstreamGrads(to(g), to(k)),
+                                      to(b[a:e]), impl=impl)
         dh += gh.double().cpu()
         dW.append(gw)
         db.append(gb)
@@ -327,10 +328,10 @@ def _gloo_worker(rank, world, init_file, out_dir):
         h, W, b, y, g, k = (None if x is None else x.cpu() for x in _problem())
         Ws, bs, start = _shards(W, b)[rank]
         opts = RowOptions(temperature=0.8)
-        logp, H, lse = S.sharded_linear_entropy_logprob(h, Ws, y, start, bs, opts, impl="torch")
-        dh, dW, db = S.shard_backward(h, Ws, y, start, lse, H, g, k, bs, opts, impl="torch", logp=logp)
+        saved = S.sharded_linear_entropy_logprob(h, Ws, y, start, bs, opts, impl="torch")
+        dh, dW, db = S.shard_backward(h, Ws, y, start, saved, UpstreamGrads(g, k), bs, opts, impl="torch")
         S.all_reduce_grad_hidden(dh)
-        torch.save({"vals": (logp, H, lse), "dh": dh, "dW": dW, "db": db}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"vals": tuple(saved), "dh": dh, "dW": dW, "db": db}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

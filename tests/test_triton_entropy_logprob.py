@@ -20,6 +20,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 from hero_kernels import reference as R  # noqa: E402
+from hero_kernels.backends import RowStats, UpstreamGrads  # noqa: E402
 from hero_kernels.backends.triton import entropy_logprob as K  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
 from gpu_compile_support import require_compiler, run_json_script  # noqa: E402
@@ -56,7 +57,7 @@ def _labels(N, V, n_masked, ignore_index=-100, gen=None):
 
 def _run(z, y, opts, g, k, out=None):
     logp, H, lse = K.forward(z, y, opts)
-    dz = K.backward(z, y, lse, H, g, k, opts, out=out)
+    dz = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=out)
     return logp, H, lse, dz
 
 
@@ -214,7 +215,7 @@ def test_dominant_logit_target_gradient_bf16():
     _check(z, y, opts, g, k, logp, H, lse, dz, "dominant")
     rows = torch.arange(N)
     # without the entropy term: g (1 - p_y) to the output rounding, although 1 - p_y << ulp(lse)
-    dz0 = K.backward(z, y, lse, H, g, torch.zeros_like(k), opts)
+    dz0 = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, torch.zeros_like(k)), opts)
     want0 = R.entropy_logprob_backward(z.cpu(), y.cpu(), g.cpu(), None)[rows, y.cpu()]
     rel0 = ((dz0.cpu()[rows, y.cpu()].double() - want0) / want0).abs().max().item()
     assert rel0 < _out_eps(torch.bfloat16) + 1e-4, f"g (1 - p_y) relative error {rel0:.3g}"
@@ -242,7 +243,7 @@ def test_empty_batch():
     logp, H, lse = K.forward(z, y, RowOptions())
     assert logp.shape == H.shape == lse.shape == (0,) and logp.dtype == torch.float32
     e = torch.zeros(0, device=DEVICE)
-    dz = K.backward(z, y, lse, H, e, e, RowOptions())
+    dz = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(e, e), RowOptions())
     assert dz.shape == (0, V) and dz.dtype == z.dtype
 
 
@@ -256,7 +257,7 @@ def test_all_rows_ignored(ignore_index):
     assert (logp == 0).all() and (H == 0).all() and (lse == 0).all()
     out = torch.full((N, V), float("nan"), dtype=z.dtype, device=DEVICE)
     g, k = _rand_grads(N)
-    dz = K.backward(z, y, lse, H, g, k, opts, out=out)
+    dz = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=out)
     assert dz.data_ptr() == out.data_ptr() and (dz == 0).all()
 
 
@@ -283,9 +284,9 @@ def test_inplace_backward_matches_out_of_place(dtype):
     g, k = _rand_grads(N)
     opts = RowOptions(temperature=0.7)
     logp, H, lse = K.forward(z, y, opts)
-    ref = K.backward(z, y, lse, H, g, k, opts)
+    ref = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
     pad = buf[:, V:].clone()
-    res = K.backward(z, y, lse, H, g, k, opts, out=z)
+    res = K.backward(z, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=z)
     assert res.data_ptr() == z.data_ptr()
     assert torch.equal(z, ref), "in-place backward differs from out-of-place"
     assert torch.equal(buf[:, V:], pad), "in-place backward wrote outside the [N, V] view"
@@ -297,10 +298,10 @@ def test_upstream_grad_forms():
     z = torch.randn(N, V, device=DEVICE)
     y = _labels(N, V, n_masked=1).to(DEVICE)
     opts = RowOptions()
-    _, H, lse = K.forward(z, y, opts)
+    saved = K.forward(z, y, opts)
     g = torch.ones((), device=DEVICE).expand(N)
-    a = K.backward(z, y, lse, H, g, None, opts)
-    b = K.backward(z, y, lse, H, torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE), opts)
+    a = K.backward(z, y, saved, UpstreamGrads(g, None), opts)
+    b = K.backward(z, y, saved, UpstreamGrads(torch.ones(N, device=DEVICE), torch.zeros(N, device=DEVICE)), opts)
     assert torch.equal(a, b)
 
 
@@ -312,7 +313,8 @@ def test_bad_input_errors():
         K.forward(torch.randn(4, 10, dtype=torch.float64), y, RowOptions())
     with pytest.raises(ValueError, match="out"):
         z = torch.randn(4, 10)
-        K.backward(z, y, torch.zeros(4), torch.zeros(4), None, None, RowOptions(), out=torch.empty(4, 11))
+        K.backward(z, y, RowStats(None, torch.zeros(4), torch.zeros(4)), UpstreamGrads(None, None), RowOptions(),
+                   out=torch.empty(4, 11))
 
 
 def test_launch_config_heuristic():

@@ -6,8 +6,10 @@ The contract every backend module satisfies is written down here as Protocols (c
 tests/test_numerics_contract.py), with small named tuples for what crosses it:
 
 * ``RowStats(logp, H, lse)``: a forward's per-row results [N], logp / H fp32, lse fp64 (see RowStats; a plain
-  tuple to callers that unpack).
-* ``UpstreamGrads(g, k)``: dL/dlogp and dL/dH, fp32 [N], as the public ops hand them to a backward.
+  tuple to callers that unpack). A backward takes them back as ``saved``.
+* ``UpstreamGrads(g, k)``: dL/dlogp and dL/dH, fp32 [N], as the public ops hand them to a backward (``grads``).
+
+So every backward reads ``backward(<inputs>, labels, saved: RowStats, grads: UpstreamGrads, opts, ...)``.
 
 Launchers shared by the compiled backends live in ``cpp_launch``; launch plans (grid, tiles, HBM bytes) for the
 GPU launchers and the roofline model in ``plan``.
@@ -30,7 +32,9 @@ class RowStats(NamedTuple):
     lse is float64 (m + log s to ~2^-48): its backward splits it into fp32 hi + lo and forms
     log p = (x - hi) - lo, so p carries no ulp(lse) error at large logit offsets (an fp32 lse costs
     ulp(lse)/2 = 1.2e-4 relative on every p at |x| ~ 3e3). The same for the fused heads.
-    Masked rows (ignore_index) are 0; rows without a distribution or with a bad label NaN."""
+    Masked rows (ignore_index) are 0; rows without a distribution or with a bad label NaN.
+    As a backward's ``saved``: logp may be None where the forward's is not at hand (the fused heads then keep
+    the tile's own 1 - p_y); the row backends read lse and H only (or recompute them from whole rows)."""
 
     logp: Tensor
     H: Tensor
@@ -38,7 +42,8 @@ class RowStats(NamedTuple):
 
 
 class UpstreamGrads(NamedTuple):
-    """Upstream gradients of a backward, float32 [N]: g = dL/dlogp, k = dL/dH (zeros when unused)."""
+    """Upstream gradients of a backward, float32 [N]: g = dL/dlogp, k = dL/dH (zeros when unused; the Triton
+    and torch backends also take None for zeros)."""
 
     g: Tensor
     k: Tensor
@@ -49,12 +54,13 @@ class RowBackend(Protocol):
     """``hero_kernels.backends.<impl>.entropy_logprob``. logits [N, V] (or [B, T, V] when the module sets
     ``BATCHED = True``), last-dim stride 1; labels [N] int64."""
 
-    def forward(self, logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, logits: Tensor, labels: Tensor, opts: RowOptions) -> RowStats:
         """-> RowStats(logp, H, lse)."""
 
-    def backward(self, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
-                 opts: RowOptions, out: Optional[Tensor] = None) -> Tensor:
-        """dlogits (shape and dtype of logits, or into ``out``, which may be logits itself)."""
+    def backward(self, logits: Tensor, labels: Tensor, saved: RowStats, grads: UpstreamGrads, opts: RowOptions,
+                 out: Optional[Tensor] = None) -> Tensor:
+        """saved: the forward's RowStats [N] (lse, H read); grads: UpstreamGrads [N] -> dlogits (shape and dtype
+        of logits, or into ``out``, which may be logits itself)."""
 
 
 @runtime_checkable
@@ -64,13 +70,14 @@ class LinearBackend(Protocol):
     and skips what need_dh / need_dw say is not needed."""
 
     def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+                opts: RowOptions) -> RowStats:
         """-> RowStats(logp, H, lse)."""
 
-    def backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                 H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, *, logp: Optional[Tensor] = None,
-                 need_dh: bool = True, need_dw: bool = True) -> Tuple[Optional[Tensor], ...]:
-        """-> (grad_hidden, grad_weight, grad_bias)."""
+    def backward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, saved: RowStats,
+                 grads: UpstreamGrads, opts: RowOptions, *, need_dh: bool = True,
+                 need_dw: bool = True) -> Tuple[Optional[Tensor], ...]:
+        """saved: the forward's RowStats [N] (saved.logp, when not None, gives tiled backends the label column's
+        accurate 1 - p_y = -expm1(logp)); grads: UpstreamGrads [N] -> (grad_hidden, grad_weight, grad_bias)."""
 
 
 def compact_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:

@@ -13,14 +13,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from hero_kernels.backends import RowStats, gemm
+from hero_kernels.backends import RowStats, UpstreamGrads, gemm
 from hero_kernels.options import RowOptions
 
 __all__ = ["rows_forward", "rows_backward", "logits_chunk", "linear_rows_forward", "linear_rows_backward"]
 
 
 def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
-                 threads: int = 0, grid: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                 threads: int = 0, grid: int = 0) -> RowStats:
     """Forward through the compiled row ops ``ops`` (torch.ops.hero_kernels_cpp); shared with the CUDA backend.
     threads / grid: CUDA threads per row block and row blocks, from the CUDA plan (0: the C++ default; ignored
     on CPU)."""
@@ -28,14 +28,15 @@ def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
                                              threads, grid))
 
 
-def rows_backward(ops, logits: Tensor, labels: Tensor, lse: Tensor, H: Tensor, grad_logp: Tensor, grad_H: Tensor,
-                  opts: RowOptions, out: Optional[Tensor] = None, threads: int = 0, grid: int = 0) -> Tensor:
-    """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None)."""
+def rows_backward(ops, logits: Tensor, labels: Tensor, saved: RowStats, grads: UpstreamGrads, opts: RowOptions,
+                  out: Optional[Tensor] = None, threads: int = 0, grid: int = 0) -> Tensor:
+    """Backward through the compiled row ops ``ops`` into ``out`` (allocated when None); saved.lse / saved.H
+    and grads [N] as the RowBackend protocol (``hero_kernels.backends``)."""
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     # lse: float64 from rows_forward (an fp32 lse is accepted and widened: the old, ulp(lse)-limited accuracy)
-    ops.entropy_logprob_bwd(logits, labels.reshape(-1), lse.to(torch.float64), H, grad_logp.reshape(-1),
-                            grad_H.reshape(-1), opts.inv_temperature, opts.ignore_index, out, threads, grid)
+    ops.entropy_logprob_bwd(logits, labels.reshape(-1), saved.lse.to(torch.float64), saved.H, grads.g.reshape(-1),
+                            grads.k.reshape(-1), opts.inv_temperature, opts.ignore_index, out, threads, grid)
     return out
 
 
@@ -60,7 +61,7 @@ def _row_chunks(rows: Optional[Tensor], N: int, step: int):
 
 
 def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
-                        step: int, threads: int = 0, *, rows: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+                        step: int, threads: int = 0, *, rows: Optional[Tensor]) -> RowStats:
     """The chunk loop shared with the CUDA backend: the rows of ``rows`` (``compact_rows``; None: all, the
     row kernel zeroes masked ones) in chunks of ``step``, each chunk's logits through ``logits_chunk`` and
     the fused row kernel ``ops.entropy_logprob_fwd`` (``threads`` per row block: the CUDA row plan's; 0 on
@@ -74,11 +75,11 @@ def linear_rows_forward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tens
         res = ops.entropy_logprob_fwd(z, take(labels), opts.inv_temperature, opts.ignore_index, threads)
         for o, r in zip((logp, H, lse), res):
             put(o, r)
-    return logp, H, lse  # a plain tuple: the fused-head custom op returns it as is
+    return RowStats(logp, H, lse)
 
 
-def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, lse: Tensor,
-                         H: Tensor, grad_logp: Tensor, grad_H: Tensor, opts: RowOptions, step: int, *, need_dh: bool,
+def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                         saved: RowStats, grads: UpstreamGrads, opts: RowOptions, step: int, *, need_dh: bool,
                          need_dw: bool, fp32_dlogits: bool, accumulate_dw, threads: int = 0,
                          rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The chunk loop shared with the CUDA backend: per chunk of valid rows, recompute the logits, turn them
@@ -88,6 +89,7 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
     fp32_dlogits: 16-bit logits get their dlogits in a separate fp32 buffer (so the grad_weight GEMM sees
     unrounded values); otherwise dlogits overwrite the logits chunk in place.
     grad_weight / grad_bias accumulate in fp32 (fp64 for fp64 weights) and are cast at the end.
+    saved.logp is not read: the row kernels see whole rows and get 1 - p_y right themselves.
     """
     V, D = weight.shape
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -102,8 +104,8 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
         wide = fp32_dlogits and z.dtype not in (torch.float32, torch.float64)
         dz = torch.empty(z.shape, dtype=torch.float32, device=z.device) if wide else z
         # lse float64 (an fp32 one is widened: the old, ulp(lse)-limited accuracy)
-        ops.entropy_logprob_bwd(z, take(labels), take(lse).to(torch.float64), take(H), take(grad_logp),
-                                take(grad_H), opts.inv_temperature, opts.ignore_index, dz, threads)
+        ops.entropy_logprob_bwd(z, take(labels), take(saved.lse).to(torch.float64), take(saved.H), take(grads.g),
+                                take(grads.k), opts.inv_temperature, opts.ignore_index, dz, threads)
         if grad_hidden is not None:
             dz_w = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
             put(grad_hidden, (dz_w @ weight).to(hidden.dtype))

@@ -5,7 +5,8 @@ for [N, V] and for [B, T, V] views of any batch stride. ``plan`` is the single s
 (threads per row) and grid; the launchers pass its choice to the C++ launcher.
 
 forward(logits [N, V] or [B, T, V], labels, opts) -> (logp, H, lse), each fp32 [N]
-backward(logits, labels, lse, H, grad_logp, grad_H, opts, out=None) -> dlogits (shape of logits) in logits.dtype
+backward(logits, labels, saved: RowStats, grads: UpstreamGrads, opts, out=None) -> dlogits (shape of logits) in
+    logits.dtype (saved.lse, saved.H and grads.g, grads.k: [N])
 
 logits: last-dim stride 1, any row / batch stride; bf16 / fp16 / fp32 (fp64 is refused). Masked rows (label ==
 opts.ignore_index) give 0 outputs and 0 gradient; a label outside [0, V) a NaN row (no host sync). ``out``
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
 from hero_kernels.backends.plan import KernelLaunch, sass_per_element
 from hero_kernels.dispatch import check_capability
@@ -92,19 +94,10 @@ def _launch(logits: Tensor, labels: Tensor, pass_: str) -> Tuple[int, int]:
     return k.meta["threads"], k.grid[0]
 
 
-def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> RowStats:
     return rows_forward(require_cuda(), logits, labels, opts, *_launch(logits, labels, "fwd"))
 
 
-def backward(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Tensor,
-    grad_H: Tensor,
-    opts: RowOptions,
-    out: Optional[Tensor] = None,
-) -> Tensor:
-    return rows_backward(require_cuda(), logits, labels, lse, H, grad_logp, grad_H, opts, out,
-                         *_launch(logits, labels, "bwd"))
+def backward(logits: Tensor, labels: Tensor, saved: RowStats, grads: UpstreamGrads, opts: RowOptions,
+             out: Optional[Tensor] = None) -> Tensor:
+    return rows_backward(require_cuda(), logits, labels, saved, grads, opts, out, *_launch(logits, labels, "bwd"))

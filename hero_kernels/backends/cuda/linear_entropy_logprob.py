@@ -2,7 +2,7 @@
 [chunk, V] logits buffer, then the fused CUDA row kernels (csrc/entropy_logprob_cuda.cu).
 
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N] int64, opts) -> (logp, H, lse) fp32 [N]
-backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts)
+backward(hidden, weight, bias, labels, saved: RowStats, grads: UpstreamGrads, opts)
     -> (grad_hidden [N, D] in hidden.dtype, grad_weight [V, D] in weight.dtype, grad_bias [V] | None)
     need_dh=False / need_dw=False (keywords): that gradient is None and GEMM 2 / GEMM 3 (with db and the
     fp32 grad_weight buffer) is skipped.
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
-from hero_kernels.backends import compact_rows, gemm
+from hero_kernels.backends import RowStats, UpstreamGrads, compact_rows, gemm
 from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
 from hero_kernels.backends.cuda import entropy_logprob as _rows
 from hero_kernels.backends.plan import KernelLaunch
@@ -104,35 +104,24 @@ def _step(rows: Optional[Tensor], labels: Tensor, weight: Tensor, pass_: str) ->
 
 def forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> RowStats:
     check_capability("cuda", hidden.device, hidden.dtype, "hidden")
     rows = compact_rows(labels, opts.ignore_index)
     step, threads = _step(rows, labels, weight, "fwd")
     return linear_rows_forward(require_cuda(), hidden, weight, bias, labels, opts, step, threads, rows=rows)
 
 
-def backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Tensor,
-    grad_H: Tensor,
-    opts: RowOptions,
-    *,
-    logp: Optional[Tensor] = None,  # unused: the row kernels see whole rows and get 1 - p_y right themselves
-    need_dh: bool = True,
-    need_dw: bool = True,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, saved: RowStats,
+             grads: UpstreamGrads, opts: RowOptions, *, need_dh: bool = True,
+             need_dw: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    # saved.logp is not read: the row kernels see whole rows and get 1 - p_y right themselves
     if not (need_dh or need_dw):
         return None, None, None
     check_capability("cuda", hidden.device, hidden.dtype, "hidden")
     rows = compact_rows(labels, opts.ignore_index)
     step, threads = _step(rows, labels, weight, "bwd")
     # dlogits in place in the logits chunk; the first chunk writes grad_weight's fp32 sums, accumulate_dw adds
-    return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, step,
+    return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, saved, grads, opts, step,
                                 need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw,
                                 threads=threads, rows=rows)
 

@@ -9,13 +9,13 @@ row whose max is not finite (NaN anywhere, a +inf, or every column -inf) and a r
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ...options import RowOptions
-from .. import RowStats
+from .. import RowStats, UpstreamGrads
 from .rowmath import row_dlogits, row_outputs, scaled_logits
 
 #: elements of one [chunk, V] temporary (16M fp32 = 64 MiB)
@@ -30,7 +30,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> RowStats:
     """logits [N, V], labels [N] int64 -> (logp, H float32, lse float64) [N]; masked rows 0."""
     N, V = logits.shape
     outs = [torch.empty(N, dtype=dt, device=logits.device) for dt in (torch.float32, torch.float32, torch.float64)]
@@ -44,19 +44,11 @@ def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, T
     return RowStats(outs[0], outs[1], outs[2])
 
 
-def backward(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Tensor,
-    grad_H: Tensor,
-    opts: RowOptions,
-    out: Optional[Tensor] = None,
-) -> Tensor:
-    """dlogits [N, V] in logits.dtype (into ``out`` if given; ``out`` may alias ``logits``).
+def backward(logits: Tensor, labels: Tensor, saved: RowStats, grads: UpstreamGrads, opts: RowOptions,
+             out: Optional[Tensor] = None) -> Tensor:
+    """dlogits [N, V] in logits.dtype (into ``out`` if given; ``out`` may alias ``logits``); grads [N].
 
-    Each chunk holds whole rows, so lse and H are recomputed from them; the saved ``lse``/``H`` are not needed.
+    Each chunk holds whole rows, so lse and H are recomputed from them; ``saved`` is not read.
     """
     N, V = logits.shape
     if out is None:
@@ -66,7 +58,7 @@ def backward(
     for s in range(0, N, step):
         e = min(N, s + step)
         x = scaled_logits(logits[s:e], opts.temperature, cdt)
-        dz = row_dlogits(x, labels[s:e], grad_logp[s:e], grad_H[s:e], opts.temperature, opts.ignore_index)
+        dz = row_dlogits(x, labels[s:e], grads.g[s:e], grads.k[s:e], opts.temperature, opts.ignore_index)
         # reads of logits[s:e] are done before this write, so out may alias logits
         out[s:e].copy_(dz)
     return out

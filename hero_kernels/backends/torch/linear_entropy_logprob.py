@@ -15,7 +15,7 @@ O(C * V) for the chunk plus the fp32 copies / accumulators O(N * D + V * D) (fp3
 weight is 16-bit, fp32 grad_weight and grad_hidden accumulators), never O(N * V). C is chosen so one fp32
 [C, V] chunk stays under ``TorchChunkConfig.max_chunk_bytes``.
 
-The backward takes the saved (lse, H) for interface parity but recomputes them from the chunk's logits;
+The backward takes the saved RowStats for interface parity but recomputes lse and H from the chunk's logits;
 both are the same quantities of the same row.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.options import RowOptions
 
 from .rowmath import row_dlogits, row_outputs, scaled_logits
@@ -80,15 +81,15 @@ def forward(
     labels: Tensor,
     opts: RowOptions,
     config: Optional[TorchChunkConfig] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H, lse), each fp32 [N]; masked rows 0."""
+) -> RowStats:
+    """RowStats(logp, H fp32, lse fp64) [N]; masked rows 0."""
     N = hidden.shape[0]
     V = weight.shape[0]
     # Three separate tensors: the public custom op may not return outputs that alias each other.
     out = tuple(torch.zeros(N, dtype=dt, device=hidden.device) for dt in (torch.float32, torch.float32, torch.float64))
     idx = _valid_rows(labels, opts.ignore_index)
     if idx.numel() == 0:
-        return out
+        return RowStats(*out)
     cd = _compute_dtype(hidden)
     # One fp32 copy of the (possibly 16-bit) weight, reused by every chunk (no-op for fp32).
     w32, b32 = weight.to(cd), _cast(bias, cd)
@@ -101,31 +102,18 @@ def forward(
         del z
         for o, r in zip(out, res):
             o.index_copy_(0, rows, r.to(o.dtype))
-    return out
+    return RowStats(*out)
 
 
-def backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_H: Optional[Tensor],
-    opts: RowOptions,
-    config: Optional[TorchChunkConfig] = None,
-    *,
-    logp: Optional[Tensor] = None,
-    need_dh: bool = True,
-    need_dw: bool = True,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, saved: RowStats,
+             grads: UpstreamGrads, opts: RowOptions, config: Optional[TorchChunkConfig] = None, *,
+             need_dh: bool = True, need_dw: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients accumulated in fp32 over row chunks, cast to the input dtypes at the end.
 
     need_dh=False: grad_hidden is None and the dz @ W GEMM is skipped. need_dw=False: grad_weight and
     grad_bias are None and neither the fp32 [V, D] accumulator nor the dz^T h GEMM exists.
-    ``logp`` (the forward's output) is not needed: each chunk holds whole rows, so the row math computes
-    the label column's 1 - p_y accurately from them."""
+    grads: fp32 [N] (g / k None = zeros). ``saved`` is not read: each chunk holds whole rows, so the row math
+    recomputes lse / H and the label column's 1 - p_y accurately from them."""
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -141,7 +129,7 @@ def backward(
     dh = torch.zeros((N, D), dtype=cd, device=dev) if need_dh else None
     dw = torch.zeros((V, D), dtype=cd, device=dev) if need_dw else None
     db = torch.zeros((V,), dtype=cd, device=dev) if need_db else None
-    g_all, k_all = _cast(grad_logp, cd), _cast(grad_H, cd)
+    g_all, k_all = _cast(grads.g, cd), _cast(grads.k, cd)
     C = chunk_rows(V, config)
     for start in range(0, idx.numel(), C):
         rows = idx[start:start + C]

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hero_kernels.backends import RowStats
+from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.backends.plan import KernelLaunch, sass_per_element
 from hero_kernels.backends.triton.linear.kernels import _log1p_unit
 from hero_kernels.dispatch import check_capability
@@ -454,7 +454,7 @@ def _round_x() -> bool:
     return not triton_interpreter_on()
 
 
-def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor, Tensor]:
+def forward(logits: Tensor, labels: Tensor, opts: RowOptions) -> RowStats:
     """logits [N, V] or [B, T, V] (bf16/fp16/fp32, last-dim stride 1, any row / batch stride), labels [N]
     or [B, T] int64. One launch either way.
 
@@ -487,18 +487,10 @@ def _row_vector(t: Optional[Tensor], N: int, dev) -> Tensor:
     return t.reshape(-1).to(torch.float32)
 
 
-def backward(
-    logits: Tensor,
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_H: Optional[Tensor],
-    opts: RowOptions,
-    out: Optional[Tensor] = None,
-) -> Tensor:
-    """dL/dlogits (shape of logits, in logits.dtype) from the saved (lse [N], H [N]) and upstream grads
-    [N] (fp32). logits [N, V] or [B, T, V] as in ``forward``; one launch.
+def backward(logits: Tensor, labels: Tensor, saved: RowStats, grads: UpstreamGrads, opts: RowOptions,
+             out: Optional[Tensor] = None) -> Tensor:
+    """dL/dlogits (shape of logits, in logits.dtype) from the forward's saved.lse / saved.H [N] and the
+    upstream grads.g / grads.k [N] (fp32). logits [N, V] or [B, T, V] as in ``forward``; one launch.
 
     ``out`` (optional, shape of logits, logits.dtype, last-dim stride 1) receives the result; it may be
     ``logits`` itself (in-place). Masked rows get 0, rows with a label outside [0, V) NaN. ``None``
@@ -518,10 +510,10 @@ def backward(
     if N == 0 or V == 0:
         return out
     labels = labels.reshape(-1).contiguous()
-    g = _row_vector(grad_logp, N, dev)
-    k = _row_vector(grad_H, N, dev)
-    lse = lse.to(torch.float64).contiguous()  # an fp32 lse is widened (then lo = 0: the old accuracy)
-    H = H.to(torch.float32).contiguous()
+    g = _row_vector(grads.g, N, dev)
+    k = _row_vector(grads.k, N, dev)
+    lse = saved.lse.to(torch.float64).contiguous()  # an fp32 lse is widened (then lo = 0: the old accuracy)
+    H = saved.H.to(torch.float32).contiguous()
     (launch,) = plan(N, V, logits.dtype, pass_="bwd", batch=B)
     sb, sr = _strides(logits)
     ob, orow = _strides(out)

@@ -8,7 +8,7 @@ package's docstring.
 
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N], opts) -> (logp, H, lse) fp32 [N]
 forward_partials(...) -> per-row (m, s, t, label_x) of a vocab shard
-backward(hidden, weight, bias, labels, lse, H, grad_logp, grad_H, opts, ...) -> (dh, dW, db)
+backward(hidden, weight, bias, labels, saved: RowStats, grads: UpstreamGrads, opts, ...) -> (dh, dW, db)
 plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> list[KernelLaunch]
 """
 from __future__ import annotations

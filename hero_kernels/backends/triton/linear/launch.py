@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from hero_kernels.backends import compact_rows, gemm
+from hero_kernels.backends import RowStats, UpstreamGrads, compact_rows, gemm
 from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
 from hero_kernels.dispatch import check_capability
@@ -313,23 +313,25 @@ def _launch_forward(h, weight, bias, labels, inv_temp, label_offset, cfg, final:
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
-            config: Optional[LinearEntropyConfig] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H fp32, lse fp64) [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None, labels [N]."""
+            config: Optional[LinearEntropyConfig] = None) -> RowStats:
+    """RowStats(logp, H fp32, lse fp64) [N]; masked rows 0. hidden [N, D], weight [V, D], bias [V] | None,
+    labels [N]."""
     _check(hidden, weight, bias, labels)
     cfg = config or default_config(hidden.dtype, device_arch(hidden.device))
     N = hidden.shape[0]
     idx, h, w, b, lab = _prepare(hidden, weight, bias, labels, opts.ignore_index, may_skip_compaction=True)
     dts = (torch.float32, torch.float32, torch.float64)  # lse in float64 (backends/__init__.py RowStats)
     if h.shape[0] == 0:
-        return tuple(torch.zeros(N, dtype=dt, device=hidden.device) for dt in dts)
+        return RowStats(*(torch.zeros(N, dtype=dt, device=hidden.device) for dt in dts))
     res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
     # A label outside [0, V) never matches a column in the kernels (no out-of-bounds read), so its row would
     # come out as if the label's logit were 0: make it a NaN row instead (backend contract; no host sync).
     bad, _ = out_of_range_labels(lab, weight.shape[0], opts.ignore_index)
     res = tuple(r.masked_fill_(bad, float("nan")) for r in res)
     if idx is None:  # uncompacted: masked rows (if any) were computed, their results are 0
-        return tuple(r.masked_fill_(lab == opts.ignore_index, 0.0) for r in res)
-    return tuple(torch.zeros(N, dtype=dt, device=hidden.device).index_copy_(0, idx, r) for dt, r in zip(dts, res))
+        return RowStats(*(r.masked_fill_(lab == opts.ignore_index, 0.0) for r in res))
+    return RowStats(*(torch.zeros(N, dtype=dt, device=hidden.device).index_copy_(0, idx, r)
+                      for dt, r in zip(dts, res)))
 
 
 def forward_partials(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, opts: RowOptions,
@@ -418,37 +420,23 @@ def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, l
     return dh, dW, db
 
 
-def backward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    labels: Tensor,
-    lse: Tensor,
-    H: Tensor,
-    grad_logp: Optional[Tensor],
-    grad_H: Optional[Tensor],
-    opts: RowOptions,
-    config: Optional[LinearEntropyConfig] = None,
-    vocab_start: int = 0,
-    grad_hidden_dtype: Optional[torch.dtype] = None,
-    *,
-    logp: Optional[Tensor] = None,
-    need_dh: bool = True,
-    need_dw: bool = True,
-) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, saved: RowStats,
+             grads: UpstreamGrads, opts: RowOptions, config: Optional[LinearEntropyConfig] = None,
+             vocab_start: int = 0, grad_hidden_dtype: Optional[torch.dtype] = None, *, need_dh: bool = True,
+             need_dw: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_hidden [N, D], grad_weight [V, D] in weight.dtype, grad_bias [V] | None).
 
     need_dh=False: grad_hidden is None and no dh GEMM runs. need_dw=False: grad_weight and grad_bias are
     None, no fp32 [V, D] buffer and no dW GEMM. The atomic kernel (``deterministic=False``) writes both, so
     with only one gradient wanted the chunked path runs instead.
 
-    lse float64 (an fp32 one is widened), H fp32: [N] saved by the forward (GLOBAL values when weight is a vocab shard starting at
-    ``vocab_start``; then grad_hidden is this shard's share, to be summed over shards).
-    grad_logp, grad_H: fp32 [N] upstream gradients (None = 0). grad_hidden_dtype: defaults to hidden.dtype
+    saved: the forward's RowStats [N], lse float64 (an fp32 one is widened), H / logp fp32 (GLOBAL values
+    when weight is a vocab shard starting at ``vocab_start``; then grad_hidden is this shard's share, to be
+    summed over shards). saved.logp, the forward's (accurate) log p(label): given, the label column takes
+    1 - p_y = -expm1(logp) and log p_y = logp from it (accurate as p_y -> 1); None keeps the tile's
+    1 - e^{x_y - lse}, which is rounding noise when p_y -> 1.
+    grads.g, grads.k: fp32 [N] upstream gradients (None = 0). grad_hidden_dtype: defaults to hidden.dtype
     (pass torch.float32 for shards).
-    logp: fp32 [N], the forward's (accurate) log p(label), GLOBAL like lse / H. Given, the label column
-    takes 1 - p_y = -expm1(logp) and log p_y = logp from it (accurate as p_y -> 1); None (e.g. vocab
-    shards without it) keeps the tile's 1 - e^{x_y - lse}, which is rounding noise when p_y -> 1.
     """
     _check(hidden, weight, bias, labels)
     if not (need_dh or need_dw):
@@ -466,9 +454,9 @@ def backward(
                 torch.zeros_like(weight) if need_dw else None,
                 torch.zeros_like(bias) if (bias is not None and need_dw) else None)
     zeros = torch.zeros(N, dtype=torch.float32, device=dev)
-    label_stats = logp is not None
-    stats = (lse, H, grad_logp if grad_logp is not None else zeros, grad_H if grad_H is not None else zeros,
-             logp if label_stats else zeros)
+    label_stats = saved.logp is not None
+    stats = (saved.lse, saved.H, grads.g if grads.g is not None else zeros, grads.k if grads.k is not None else zeros,
+             saved.logp if label_stats else zeros)
     if idx is not None:
         stats = tuple(x.index_select(0, idx) for x in stats)
     lse_, H_, g, k, lp = (_aligned_1d(x.to(torch.float64 if i == 0 else torch.float32).contiguous())
