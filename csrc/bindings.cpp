@@ -6,6 +6,11 @@
 //       pass over the labels).
 //   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!, threads=0)
 //       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
+//   grad_sketch_fwd(logits, labels, proj [k, V], inv_temperature, ignore_index) -> (a [N, k] fp32, stats [N, 2]
+//       fp32 = the float64 lse as hi + lo); CPU only (grad_sketch_cpu.cpp). proj: float32 (float64 for float64
+//       logits), contiguous.
+//   grad_sketch_bwd(logits, labels, proj, a, stats, grad_a [N, k] fp32, inv_temperature, ignore_index, out!)
+//       writes dlogits into out (dtype of logits, or fp32; may be logits itself).
 //
 // logits / out need unit column stride; any row and batch stride is fine (one launch for [B, T, V] views).
 // Implementations: CPU (always), CUDA (when built with HK_WITH_CUDA), Meta (shapes only). No autograd here:
@@ -13,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -161,6 +168,103 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
 }
 
 // ------------------------------------------------------------------------------------------------
+// grad_sketch (CPU): the kernels' tile products go to torch's BLAS through this callback (MKL / OpenBLAS run
+// single-threaded inside at::parallel_for's threads).
+// ------------------------------------------------------------------------------------------------
+void sketch_gemm(bool dbl, int64_t m, int64_t n, int64_t kd, const void* a, int64_t lda, const void* b, int64_t ldb,
+                 bool b_trans, void* c, int64_t ldc, bool accumulate) {
+  const auto opts = at::TensorOptions().dtype(dbl ? at::kDouble : at::kFloat);
+  const Tensor A = at::from_blob(const_cast<void*>(a), {m, kd}, {lda, 1}, opts);
+  const Tensor B = b_trans ? at::from_blob(const_cast<void*>(b), {n, kd}, {ldb, 1}, opts).t()
+                           : at::from_blob(const_cast<void*>(b), {kd, n}, {ldb, 1}, opts);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
+void check_sketch_args(const Tensor& logits, const Tensor& proj, const Tensor* a, const Tensor* stats,
+                       const Tensor* grad_a, int dt, const char* op) {
+  const int64_t N = num_rows(logits), V = logits.size(-1);
+  const auto pdt = dt == hk::kF64 ? at::kDouble : at::kFloat;
+  TORCH_CHECK(proj.device() == logits.device(), op, ": proj must be on ", logits.device(), ", got ", proj.device());
+  TORCH_CHECK(proj.scalar_type() == pdt, op, ": proj must be ", pdt == at::kDouble ? "float64" : "float32",
+              " for ", logits.scalar_type(), " logits, got ", proj.scalar_type());
+  TORCH_CHECK(proj.dim() == 2 && proj.size(1) == V && proj.size(0) >= 1 && proj.is_contiguous(), op,
+              ": proj must be a contiguous [k, V = ", V, "] tensor with k >= 1, got shape ", proj.sizes());
+  const int64_t k = proj.size(0);
+  const Tensor* nk[] = {a, grad_a};
+  const char* names[] = {"a", "grad_a"};
+  for (int i = 0; i < 2; ++i) {
+    if (nk[i] == nullptr) continue;
+    TORCH_CHECK(nk[i]->scalar_type() == at::kFloat && nk[i]->sizes() == at::IntArrayRef({N, k}) &&
+                    nk[i]->device() == logits.device(),
+                op, ": ", names[i], " must be float32 [N, k] = [", N, ", ", k, "] on ", logits.device(), ", got ",
+                nk[i]->scalar_type(), " ", nk[i]->sizes());
+  }
+  if (stats != nullptr)
+    TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->sizes() == at::IntArrayRef({N, 2}), op,
+                ": stats must be float32 [N, 2] = [", N, ", 2], got ", stats->scalar_type(), " ", stats->sizes());
+}
+
+std::tuple<Tensor, Tensor> sketch_fwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& proj,
+                                          double inv_temperature, int64_t ignore_index) {
+  const char* op = "hero_kernels_cpp.grad_sketch_fwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
+  check_sketch_args(logits, proj, nullptr, nullptr, nullptr, dt, op);
+  const int64_t N = num_rows(logits), V = logits.size(-1), k = proj.size(0);
+  const Tensor labels = labels_in.contiguous();
+  auto opts = logits.options().dtype(at::kFloat);
+  Tensor a = at::empty({N, k}, opts), stats = at::empty({N, 2}, opts);
+  const void* z = logits.data_ptr();
+  const hk::RowLayout rs = layout_of(logits);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const void* P = proj.data_ptr();
+  float *pa = a.data_ptr<float>(), *ps = stats.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
+    hk::cpu_sketch_fwd_rows(dt, z, rs, y, b, e, V, P, k, inv_temperature, ignore_index, pa, ps,
+                            hk::SketchGemm{&sketch_gemm});
+  });
+  return {a, stats};
+}
+
+void sketch_bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& proj, const Tensor& a_in,
+                    const Tensor& stats_in, const Tensor& grad_a_in, double inv_temperature, int64_t ignore_index,
+                    const Tensor& out) {
+  const char* op = "hero_kernels_cpp.grad_sketch_bwd";
+  const int dt = check_logits_labels(logits, labels_in, c10::DeviceType::CPU, op);
+  check_sketch_args(logits, proj, &a_in, &stats_in, &grad_a_in, dt, op);
+  check_out(out, logits, op);
+  const int64_t N = num_rows(logits), V = logits.size(-1), k = proj.size(0);
+  if (N == 0) return;
+  const Tensor labels = labels_in.contiguous(), a = a_in.contiguous(), stats = stats_in.contiguous();
+  const Tensor ga = grad_a_in.contiguous();
+  const int odt = dtype_code(out, "out");
+  const void* z = logits.data_ptr();
+  void* o = out.data_ptr();
+  const hk::RowLayout rs = layout_of(logits), ors = layout_of(out);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const void* P = proj.data_ptr();
+  const float *pa = a.data_ptr<float>(), *ps = stats.data_ptr<float>(), *pg = ga.data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(V), [&](int64_t b, int64_t e) {
+    hk::cpu_sketch_bwd_rows(dt, z, rs, y, b, e, V, P, k, pa, ps, pg, inv_temperature, ignore_index, odt, o, ors,
+                            hk::SketchGemm{&sketch_gemm});
+  });
+}
+
+std::tuple<Tensor, Tensor> sketch_fwd_meta(const Tensor& logits, const Tensor& labels, const Tensor& proj, double,
+                                           int64_t) {
+  auto opts = logits.options().dtype(at::kFloat);
+  const int64_t N = num_rows(logits);
+  return {at::empty({N, proj.size(0)}, opts), at::empty({N, 2}, opts)};
+}
+
+void sketch_bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                     int64_t, const Tensor&) {}
+
+// ------------------------------------------------------------------------------------------------
 // Meta (shape propagation for FakeTensor / torch.compile tracing)
 // ------------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& labels, double, int64_t, int64_t,
@@ -238,6 +342,10 @@ TORCH_LIBRARY(hero_kernels_cpp, m) {
         "int grid=0) -> (Tensor, Tensor, Tensor)");
   m.def("entropy_logprob_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor H, Tensor grad_logp, "
         "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out, int threads=0, int grid=0) -> ()");
+  m.def("grad_sketch_fwd(Tensor logits, Tensor labels, Tensor proj, float inv_temperature, int ignore_index) -> "
+        "(Tensor, Tensor)");
+  m.def("grad_sketch_bwd(Tensor logits, Tensor labels, Tensor proj, Tensor a, Tensor stats, Tensor grad_a, "
+        "float inv_temperature, int ignore_index, Tensor(a!) out) -> ()");
   // Lets Python ask what this build contains without touching a device.
   m.def("built_with_cuda() -> bool", []() -> bool {
 #ifdef HK_WITH_CUDA
@@ -251,11 +359,15 @@ TORCH_LIBRARY(hero_kernels_cpp, m) {
 TORCH_LIBRARY_IMPL(hero_kernels_cpp, CPU, m) {
   m.impl("entropy_logprob_fwd", &fwd_cpu);
   m.impl("entropy_logprob_bwd", &bwd_cpu);
+  m.impl("grad_sketch_fwd", &sketch_fwd_cpu);
+  m.impl("grad_sketch_bwd", &sketch_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(hero_kernels_cpp, Meta, m) {
   m.impl("entropy_logprob_fwd", &fwd_meta);
   m.impl("entropy_logprob_bwd", &bwd_meta);
+  m.impl("grad_sketch_fwd", &sketch_fwd_meta);
+  m.impl("grad_sketch_bwd", &sketch_bwd_meta);
 }
 
 #ifdef HK_WITH_CUDA

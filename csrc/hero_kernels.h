@@ -43,6 +43,31 @@ void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
                   RowLayout out_layout);
 
+// ---- CPU grad_sketch (grad_sketch_cpu.cpp): rows [row_begin, row_end) on the calling thread. ----
+// The vocabulary is walked in tiles; the [rows, tile] x [tile, k] products go through `gemm` (the bindings
+// hand in torch's BLAS), everything elementwise runs here. Element type of E / proj / buffers: float, or
+// double for kF64 logits (`dbl`).
+// gemm: C[m, n] = (accumulate ? C : 0) + A[m, kd] @ op(B), all row-major with leading dims in elements;
+// op(B) = B [kd, n] (ldb), or with b_trans B^T where B is [n, kd] (ldb).
+struct SketchGemm {
+  void (*fn)(bool dbl, int64_t m, int64_t n, int64_t kd, const void* a, int64_t lda, const void* b, int64_t ldb,
+             bool b_trans, void* c, int64_t ldc, bool accumulate);
+};
+
+// a [N, k] fp32 = (1/tau) (proj[:, y] - proj p), stats [N, 2] fp32 = (hi, lo): the float64 lse of x = z / tau as
+// hi + lo. proj: contiguous [k, V], float (double for kF64). Masked rows 0, bad labels / rows without a
+// distribution NaN.
+void cpu_sketch_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                         int64_t row_end, int64_t V, const void* proj, int64_t k, double inv_tau,
+                         int64_t ignore_index, float* a, float* stats, SketchGemm gemm);
+
+// dz = -(p / tau^2) (proj^T v - (proj p) . v) into out (dtype or kF32, may alias logits), v = grad_a [N, k] fp32,
+// p from stats, (proj p) . v = v . proj[:, y] - tau (v . a) from the forward's a.
+void cpu_sketch_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                         int64_t row_end, int64_t V, const void* proj, int64_t k, const float* a,
+                         const float* stats, const float* grad_a, double inv_tau, int64_t ignore_index,
+                         int out_dtype, void* out, RowLayout out_layout, SketchGemm gemm);
+
 }  // namespace hk
 
 #if defined(HK_WITH_CUDA) || defined(__CUDACC__)

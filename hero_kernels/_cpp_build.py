@@ -59,9 +59,9 @@ _STATE = {
     "built": None,  # this process compiled it (False: loaded from the cache)
 }
 
-_CPU_SOURCES = ("entropy_logprob_cpu.cpp", "bindings.cpp")
+_CPU_SOURCES = ("entropy_logprob_cpu.cpp", "grad_sketch_cpu.cpp", "bindings.cpp")
 _CUDA_SOURCES = ("entropy_logprob_cuda.cu",)
-_ALL_FILES = ("hero_rowmath.h", "hero_kernels.h") + _CPU_SOURCES + _CUDA_SOURCES
+_ALL_FILES = ("hero_rowmath.h", "hero_cpu.h", "hero_kernels.h") + _CPU_SOURCES + _CUDA_SOURCES
 
 
 def csrc_dir() -> Optional[Path]:

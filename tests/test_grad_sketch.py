@@ -272,10 +272,12 @@ def test_linear_bf16_and_frozen_head(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_many_chunks(impl, monkeypatch):
     """Tiny chunk budgets: the row ranges (torch) and the LM-head row chunks (every backend) split the rows."""
+    from hero_kernels.backends.cpu import linear_grad_sketch as lin_cpu
     from hero_kernels.backends.torch import grad_sketch as rows_torch
     from hero_kernels.backends.triton.linear import sketch_launch
 
     monkeypatch.setattr(rows_torch, "CHUNK_ELEMENTS", 3 * 41)
+    monkeypatch.setattr(lin_cpu, "CHUNK_ELEMENTS", 3 * 41)
     small = _fused_cfg(chunk_rows=3)
     monkeypatch.setattr(sketch_launch, "default_sketch_config", lambda dtype, arch=None: small)
     z, y, P, v = _case(N=10, V=41, k=7, neg_inf_cols=())
@@ -525,3 +527,137 @@ print(json.dumps({"rows": rows, "wgmma": wgmma}))
     assert not spills, f"local-memory spills: {spills}"
     assert {d.split()[0] for d in out["wgmma"]} == {"_sketch_fwd_partials_kernel", "_sketch_bwd_dz_kernel"}
     assert all(n > 0 for n in out["wgmma"].values()), out["wgmma"]
+
+
+# ----------------------------------------------------------------------------------------------
+# impl="cpu": the C++ kernel (csrc/grad_sketch_cpu.cpp) past its row block (128 rows) and vocabulary tile (1024)
+# ----------------------------------------------------------------------------------------------
+def _cpu_case(dtype, N=301, V=2309, k=37, seed=3):
+    """Several row blocks and vocabulary tiles (odd sizes), with rows whose max moves to a later tile (the
+    online rescaling), -inf columns covering a whole tile, p -> 1, a +1e3 offset, masked rows."""
+    z, y, P, v = _case(N=N, V=V, k=k, dtype=torch.float32, n_masked=40, neg_inf_cols=(0, 7, 1500, V - 1), seed=seed)
+    z[1] += torch.linspace(0, 30, V)  # the max moves right every tile: U rescaled each time
+    z[2, :1100] = float("-inf")  # the first tile and part of the second fully masked
+    z[3] += 1.0e3  # large common offset
+    z[4, 2000] = 40.0  # p -> 1 on a column of the last tile...
+    y[4] = 2000  # ...that is the label
+    z[5, torch.isfinite(z[5])] = 0.0  # all ties
+    for i in (1, 2, 3, 4, 5):
+        y[i] = y[i] if y[i] != -100 else 1500 + i
+    return z.to(dtype), y, P, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_cpu_kernel_blocks_tiles_and_awkward_rows(dtype, tau):
+    z, y, P, v = _cpu_case(dtype)
+    a, dz = _run(z, y, P, v, "cpu", temperature=tau)
+    assert a.dtype == torch.float32 and dz.dtype == dtype
+    _bound(a, oracle(z, y, P, tau), oracle(z, y, P, tau, dtype=torch.float32 if dtype == torch.float16 else dtype),
+           2e-6)
+    g_exact = oracle_grad(z, y, P, v, tau)
+    zs = z.detach().clone().requires_grad_(True)
+    (oracle(zs, y, P, tau, dtype=torch.float32 if dtype == torch.float16 else dtype) * v).sum().backward()
+    floor = 4e-6 if dtype == torch.float32 else 2 * 2.0**-8 * g_exact.abs().max().item()
+    _bound(dz, g_exact, zs.grad, floor)
+    masked = y == -100
+    assert (a[masked] == 0).all() and (dz[masked] == 0).all()
+    assert torch.isfinite(a).all() and torch.isfinite(dz).all() and (dz[:, [0, 7, 1500, 2308]] == 0).all()
+    assert (dz[2, :1100] == 0).all()
+    assert a[4].abs().max() < 1e-5 and dz[4].abs().max() < 1e-5  # p -> 1: a -> 0, dz -> 0
+
+
+def test_cpu_kernel_threads_agree_and_inplace():
+    """One thread vs the default thread count give the same bits (rows are independent), and the backward may
+    write over the logits (the fused LM-head path does)."""
+    from hero_kernels.backends.cpu import grad_sketch as cpu_rows
+    from hero_kernels.options import RowOptions
+
+    z, y, P, v = _cpu_case(torch.float32)
+    opts = RowOptions(0.9, -100)
+    a, st = cpu_rows.forward(z, y, P, opts)
+    dz = cpu_rows.backward(z, y, P, a, st, v, opts)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a1, st1 = cpu_rows.forward(z, y, P, opts)
+        dz1 = cpu_rows.backward(z, y, P, a1, st1, v, opts)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(a, a1) and torch.equal(st, st1) and torch.equal(dz, dz1)
+    zi = z.clone()
+    assert cpu_rows.backward(zi, y, P, a, st, v, opts, out=zi) is zi and torch.equal(zi, dz)
+
+
+def test_cpu_kernel_saves_a_split_float64_lse():
+    """stats = (hi, lo) with hi + lo the float64 lse of x = z / tau (not the torch path's (m, log s)): at a +3e3
+    offset the backward's p has no ulp(lse) error, so dz stays at the eager fp32 accuracy."""
+    from hero_kernels.backends.cpu import grad_sketch as cpu_rows
+    from hero_kernels.options import RowOptions
+
+    z, y, P, v = _case(N=9, V=1500, k=16, n_masked=0, neg_inf_cols=())
+    z = z + 3.0e3
+    _, st = cpu_rows.forward(z, y, P, RowOptions(0.8, -100))
+    lse = torch.logsumexp((z * 1.25).double(), -1)  # of the fp32-rounded x the kernel sees (1 / 0.8 is exact)
+    # fp32 sums of e^{x - m} (~1e-7 relative on s), far below ulp(3.8e3) / 2 = 1.2e-4 of an fp32 lse
+    assert ((st[:, 0].double() + st[:, 1].double()) - lse).abs().max() < 1e-6
+    a, dz = _run(z, y, P, v, "cpu", temperature=0.8)
+    zs = z.clone().requires_grad_(True)
+    (oracle(zs, y, P, 0.8, dtype=torch.float32) * v).sum().backward()
+    _bound(dz, oracle_grad(z, y, P, v, 0.8), zs.grad, 1e-6)
+
+
+def test_cpu_non_finite_rows_and_bad_labels():
+    """The non-finite contract: a NaN anywhere, a +inf or no finite column -> a NaN sketch row and a NaN gradient
+    row; an out-of-range label (label check off) -> NaN rows, never a wild read; other rows unaffected."""
+    V = 1100  # two tiles: the NaN / -inf handling must survive the tile boundary
+    z, y, P, v = _case(N=10, V=V, k=9, n_masked=0, neg_inf_cols=())
+    z[0, 5] = float("nan")
+    z[1, 1050] = float("nan")  # NaN in the second tile only
+    z[2, 9] = float("inf")
+    z[3, :] = float("-inf")
+    z[4, :1024] = float("-inf")
+    z[4, 3] = float("nan")  # NaN inside an all -inf tile
+    y[5], y[6] = V, -7
+    with hk.checks(labels=False):
+        a, dz = _run(z, y, P, v, "cpu")
+    assert torch.isnan(a[:7]).all() and torch.isnan(dz[:7]).all()
+    ok = torch.arange(7, 10)
+    torch.testing.assert_close(a[ok].double(), oracle(z[ok], y[ok], P), atol=2e-6, rtol=0)
+    torch.testing.assert_close(dz[ok].double(), oracle_grad(z[ok], y[ok], P, v[ok]), atol=4e-6, rtol=0)
+
+
+def test_cpu_float64_vjp_matches_float64_autograd():
+    """fp64 logits: the C++ kernel computes in fp64; for random upstream grads the backward agrees with float64
+    autograd of the oracle (gradcheck-level; the sketch itself is returned in fp32) at several tiles / blocks."""
+    z, y, P, v = _cpu_case(torch.float64, N=150, k=12)
+    z.requires_grad_(True)
+    a = hk.grad_sketch(z, y, P.double(), temperature=0.9, impl="cpu")
+    (dz,) = torch.autograd.grad((a * v).sum(), z)
+    zr = z.detach().clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad((oracle(zr, y, P.double(), 0.9) * v.float().double()).sum(), zr)
+    torch.testing.assert_close(a.double(), oracle(z.detach(), y, P, 0.9), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dz, gr, atol=1e-12, rtol=1e-10)
+
+
+def test_cpu_runs_the_cpp_kernel(monkeypatch):
+    """impl="cpu" (and the cpu linear_grad_sketch) go through torch.ops.hero_kernels_cpp.grad_sketch_*, never
+    the chunked torch row path."""
+    from hero_kernels.backends.torch import grad_sketch as rows_torch
+
+    def boom(*a, **k):
+        raise AssertionError("impl='cpu' ran the torch path")
+
+    for name in ("forward", "backward", "_softmax"):
+        monkeypatch.setattr(rows_torch, name, boom)
+    calls = []
+    ops = torch.ops.hero_kernels_cpp
+    for name in ("grad_sketch_fwd", "grad_sketch_bwd"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a), raising=False)
+    z, y, P, v = _case(N=6, V=40, k=5, neg_inf_cols=())
+    _run(z, y, P, v, "cpu")
+    h = torch.randn(6, 4, requires_grad=True)
+    W = torch.randn(40, 4, requires_grad=True)
+    (lsketch(h, W, y, P, "cpu") * v).sum().backward()
+    assert calls == ["grad_sketch_fwd", "grad_sketch_bwd"] * 2
