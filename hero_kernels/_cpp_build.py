@@ -1,7 +1,8 @@
 """Build and load the C++ / CUDA extension in ``csrc/`` on first use (never at import time).
 
 The extension registers ``torch.ops.hero_kernels_cpp.entropy_logprob_fwd`` / ``entropy_logprob_bwd`` with
-CPU (always), CUDA (when built with CUDA) and Meta kernels. It is compiled by
+CPU (always), CUDA (when built with CUDA) and Meta kernels, and ``grad_sketch_fwd`` / ``grad_sketch_bwd`` (CPU,
+Meta). It is compiled by
 ``torch.utils.cpp_extension.load`` with ninja, once per distinct build, into a cache:
 ``$HERO_KERNELS_BUILD_DIR`` or ``~/.cache/hero_kernels``, one sub-directory per KEY, a hash of the source
 contents, the build flags, the variant and the torch / python versions (never of the source's path, so every

@@ -53,7 +53,7 @@ def grad_sketch(logits: Tensor, labels: Tensor, proj: Tensor, *, temperature: fl
         proj: [k, V] projection (any float dtype; the Triton kernel dots in proj's dtype when it equals the
             logits dtype, else in fp32). Constant: it receives no gradient.
         temperature: tau > 0; every quantity uses logits / tau.
-        impl: "auto" | "triton" | "cpu" | "torch" ("cpu" runs the chunked torch path).
+        impl: "auto" | "triton" | "cpu" | "torch" ("cpu": the C++ kernel of csrc/grad_sketch_cpu.cpp).
 
     Returns:
         float32 [..., k]; differentiable w.r.t. logits.

@@ -1,4 +1,4 @@
-"""Fused CPU C++ backend (csrc/entropy_logprob_cpu.cpp via torch.ops.hero_kernels_cpp).
+"""Fused CPU C++ backend (csrc/entropy_logprob_cpu.cpp, csrc/grad_sketch_cpu.cpp via torch.ops.hero_kernels_cpp).
 
 The extension is built on first use (hero_kernels._cpp_build); ``available()`` triggers that build.
 """

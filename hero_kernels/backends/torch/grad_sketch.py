@@ -1,4 +1,4 @@
-"""Gradient sketch, chunked PyTorch path (``impl="torch"``; also what ``impl="cpu"`` runs).
+"""Gradient sketch, chunked PyTorch path (``impl="torch"``; ``impl="cpu"`` is the C++ kernel in backends/cpu).
 
 forward(logits [N, V], labels [N] int64, proj [k, V], opts) -> (a [N, k] fp32, stats [N, 2] fp32 = (max x, log s))
 backward(logits, labels, proj, a, stats, grad_a [N, k], opts, out=None) -> dlogits [N, V] in out's dtype
