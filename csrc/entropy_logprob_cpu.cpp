@@ -39,17 +39,9 @@ HK_HD void fwd_row(const T* z, int64_t V, typename AccOf<T>::type inv_tau, int64
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, V - j0));
     const T* zb = z + j0;
-    A bm = neg_inf<A>();
-#pragma omp simd reduction(max : bm)
-    for (int j = 0; j < n; ++j) {
-      const A x = scale_(to_acc(zb[j]), inv_tau);
-      buf[j] = x;
-      bm = bm > x ? bm : x;
-    }
+    const A bm = scale_block(zb, n, inv_tau, buf);
     if (bm == neg_inf<A>()) {  // every column -inf (no mass; x - m would be NaN), or NaN among -inf
-      bool nan = false;        // rare path: a scalar scan, so NaN still reaches the result
-      for (int j = 0; j < n; ++j) nan = nan || buf[j] != buf[j];
-      if (nan) acc.r = static_cast<double>(NAN);
+      if (any_nan(buf, n)) acc.r = static_cast<double>(NAN);
       continue;
     }
     // Block partial (bm, br, bu): br leaves out one argmax (ties counted separately, exact), so a
@@ -151,84 +143,52 @@ HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, const 
   }
 }
 
-#define HK_FWD_ENTRY(NAME, T)                                                                                   \
-  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, int64_t b, int64_t e, int64_t V,   \
-                      double it, int64_t ig, float* logp, float* H, double* lse) {                             \
+// One overload per storage type (fwd_entry) and per (storage, output) pair (bwd_entry).
+#define HK_FWD_ENTRY(T)                                                                                         \
+  HK_CLONES void fwd_entry(const T* logits, RowLayout rs, const int64_t* labels, int64_t b, int64_t e,         \
+                           int64_t V, double it, int64_t ig, float* logp, float* H, double* lse) {             \
     fwd_range<T>(logits, rs, labels, b, e, V, it, ig, logp, H, lse);                                            \
   }
-HK_FWD_ENTRY(fwd_f32, float)
-HK_FWD_ENTRY(fwd_bf16, bf16_t)
-HK_FWD_ENTRY(fwd_f16, f16_t)
-HK_FWD_ENTRY(fwd_f64, double)
+HK_FWD_ENTRY(float)
+HK_FWD_ENTRY(bf16_t)
+HK_FWD_ENTRY(f16_t)
+HK_FWD_ENTRY(double)
 
-#define HK_BWD_ENTRY(NAME, T, O)                                                                                \
-  HK_CLONES void NAME(const T* logits, RowLayout rs, const int64_t* labels, const double* lse, const float* H, \
-                      const float* g, const float* k, int64_t b, int64_t e, int64_t V, double it, int64_t ig,  \
-                      O* out, RowLayout ors) {                                                                  \
+#define HK_BWD_ENTRY(T, O)                                                                                      \
+  HK_CLONES void bwd_entry(const T* logits, RowLayout rs, const int64_t* labels, const double* lse,            \
+                           const float* H, const float* g, const float* k, int64_t b, int64_t e, int64_t V,    \
+                           double it, int64_t ig, O* out, RowLayout ors) {                                      \
     bwd_range<T, O>(logits, rs, labels, lse, H, g, k, b, e, V, it, ig, out, ors);                               \
   }
-HK_BWD_ENTRY(bwd_f32, float, float)
-HK_BWD_ENTRY(bwd_bf16, bf16_t, bf16_t)
-HK_BWD_ENTRY(bwd_f16, f16_t, f16_t)
-HK_BWD_ENTRY(bwd_f64, double, double)
-HK_BWD_ENTRY(bwd_bf16_f32, bf16_t, float)
-HK_BWD_ENTRY(bwd_f16_f32, f16_t, float)
+HK_BWD_ENTRY(float, float)
+HK_BWD_ENTRY(bf16_t, bf16_t)
+HK_BWD_ENTRY(f16_t, f16_t)
+HK_BWD_ENTRY(double, double)
+HK_BWD_ENTRY(bf16_t, float)
+HK_BWD_ENTRY(f16_t, float)
 
 }  // namespace
 
 void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                   int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,
                   double* lse) {
-  switch (dtype) {
-    case kF32:
-      return fwd_f32(static_cast<const float*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
-                     ignore_index, logp, H, lse);
-    case kBF16:
-      return fwd_bf16(static_cast<const bf16_t*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
-                      ignore_index, logp, H, lse);
-    case kF16:
-      return fwd_f16(static_cast<const f16_t*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
-                     ignore_index, logp, H, lse);
-    case kF64:
-      return fwd_f64(static_cast<const double*>(logits), layout, labels, row_begin, row_end, V, inv_tau,
-                     ignore_index, logp, H, lse);
-    default:
-      return;  // unreachable: the bindings check the dtype
-  }
+  with_dtype(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    fwd_entry(static_cast<const T*>(logits), layout, labels, row_begin, row_end, V, inv_tau, ignore_index, logp, H,
+              lse);
+  });
 }
 
 void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, const double* lse,
                   const float* H, const float* grad_logp, const float* grad_H, int64_t row_begin, int64_t row_end,
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
                   RowLayout out_layout) {
-#define HK_CALL_BWD(FN, T, O)                                                                                  \
-  return FN(static_cast<const T*>(logits), layout, labels, lse, H, grad_logp, grad_H, row_begin, row_end, \
-            V, inv_tau, ignore_index, static_cast<O*>(out), out_layout)
-  if (out_dtype == dtype) {
-    switch (dtype) {
-      case kF32:
-        HK_CALL_BWD(bwd_f32, float, float);
-      case kBF16:
-        HK_CALL_BWD(bwd_bf16, bf16_t, bf16_t);
-      case kF16:
-        HK_CALL_BWD(bwd_f16, f16_t, f16_t);
-      case kF64:
-        HK_CALL_BWD(bwd_f64, double, double);
-      default:
-        return;
-    }
-  }
-  if (out_dtype == kF32) {
-    switch (dtype) {
-      case kBF16:
-        HK_CALL_BWD(bwd_bf16_f32, bf16_t, float);
-      case kF16:
-        HK_CALL_BWD(bwd_f16_f32, f16_t, float);
-      default:
-        return;
-    }
-  }
-#undef HK_CALL_BWD
+  with_in_out(dtype, out_dtype, [&](auto t, auto o) {
+    using T = typename decltype(t)::type;
+    using O = typename decltype(o)::type;
+    bwd_entry(static_cast<const T*>(logits), layout, labels, lse, H, grad_logp, grad_H, row_begin, row_end, V,
+              inv_tau, ignore_index, static_cast<O*>(out), out_layout);
+  });
 }
 
 }  // namespace hk

@@ -44,17 +44,9 @@ HK_HD bool is_nan(A v) {
 // u [k] rescaled when M grew. A tile without a finite max leaves e = 0 (NaN poisons r).
 template <typename T, typename A>
 HK_HD void tile_fwd(const T* z, int n, A inv_tau, A* e, Partial<double>& acc, A* u, int64_t k) {
-  A bm = neg_inf<A>();
-#pragma omp simd reduction(max : bm)
-  for (int j = 0; j < n; ++j) {
-    const A x = scale_(to_acc(z[j]), inv_tau);
-    e[j] = x;
-    bm = bm > x ? bm : x;
-  }
-  bool nan = is_nan(bm);
-  if (bm == neg_inf<A>() || nan) {  // rare path: scalar scan so a NaN among -inf still reaches the result
-    for (int j = 0; j < n; ++j) nan = nan || is_nan(e[j]);
-    if (nan) acc.r = static_cast<double>(NAN);
+  const A bm = scale_block(z, n, inv_tau, e);
+  if (bm == neg_inf<A>() || is_nan(bm)) {  // no finite max: no mass, and no NaN x - M below
+    if (is_nan(bm) || any_nan(e, n)) acc.r = static_cast<double>(NAN);
     std::fill(e, e + n, A(0));
     return;
   }
@@ -182,31 +174,46 @@ HK_HD void bwd_block(const T* logits, RowLayout L, const int64_t* ids, const int
   }
 }
 
-// Rows [b, e): masked rows get 0, bad labels NaN, valid ones are gathered into blocks of kRows.
+// Rows [b, e): skip(i, y) for a masked (y == ignore_index) or bad-label row; the valid rows gathered into blocks
+// of up to kRows, block(ids, ys, nb).
+template <typename Skip, typename Block>
+HK_HD void for_row_blocks(const int64_t* labels, int64_t b, int64_t e, int64_t V, int64_t ignore_index, Skip&& skip,
+                          Block&& block) {
+  int64_t ids[kRows], ys[kRows];
+  int nb = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t y = labels[i];
+    if (y == ignore_index || bad_label(y, V)) {
+      skip(i, y);
+      continue;
+    }
+    ids[nb] = i;
+    ys[nb++] = y;
+    if (nb == kRows) {
+      block(ids, ys, nb);
+      nb = 0;
+    }
+  }
+  if (nb) block(ids, ys, nb);
+}
+
+// Masked rows get 0, bad labels NaN.
 template <typename T>
 HK_HD void fwd_range(const T* logits, RowLayout L, const int64_t* labels, int64_t b, int64_t e, int64_t V,
                      const typename AccOf<T>::type* proj, int64_t k, double inv_tau, int64_t ignore_index,
                      float* a, float* stats, const SketchGemm& g) {
   using A = typename AccOf<T>::type;
   std::vector<A> E(static_cast<size_t>(kRows) * kTile), U(static_cast<size_t>(kRows) * k);
-  int64_t ids[kRows], ys[kRows];
-  int nb = 0;
-  for (int64_t i = b; i < e; ++i) {
-    const int64_t y = labels[i];
-    if (y == ignore_index || bad_label(y, V)) {
-      const float v = y == ignore_index ? 0.f : nan_();
-      std::fill(a + i * k, a + (i + 1) * k, v);
-      stats[2 * i] = stats[2 * i + 1] = v;
-      continue;
-    }
-    ids[nb] = i;
-    ys[nb++] = y;
-    if (nb == kRows) {
-      fwd_block<T>(logits, L, ids, ys, nb, V, proj, k, inv_tau, a, stats, g, E.data(), U.data());
-      nb = 0;
-    }
-  }
-  if (nb) fwd_block<T>(logits, L, ids, ys, nb, V, proj, k, inv_tau, a, stats, g, E.data(), U.data());
+  for_row_blocks(
+      labels, b, e, V, ignore_index,
+      [&](int64_t i, int64_t y) HK_LAMBDA_INLINE {
+        const float v = y == ignore_index ? 0.f : nan_();
+        std::fill(a + i * k, a + (i + 1) * k, v);
+        stats[2 * i] = stats[2 * i + 1] = v;
+      },
+      [&](const int64_t* ids, const int64_t* ys, int nb) HK_LAMBDA_INLINE {
+        fwd_block<T>(logits, L, ids, ys, nb, V, proj, k, inv_tau, a, stats, g, E.data(), U.data());
+      });
 }
 
 template <typename T, typename O>
@@ -216,111 +223,71 @@ HK_HD void bwd_range(const T* logits, RowLayout L, const int64_t* labels, int64_
                      const SketchGemm& g) {
   using A = typename AccOf<T>::type;
   std::vector<A> W(static_cast<size_t>(kRows) * kTile), G(static_cast<size_t>(kRows) * k);
-  int64_t ids[kRows], ys[kRows];
-  int nb = 0;
-  for (int64_t i = b; i < e; ++i) {
-    const int64_t y = labels[i];
-    if (y == ignore_index) {
-      zero_row<O>(out + OL.offset(i), V);
-      continue;
-    }
-    if (bad_label(y, V)) {
-      nan_row<O>(out + OL.offset(i), V);
-      continue;
-    }
-    ids[nb] = i;
-    ys[nb++] = y;
-    if (nb == kRows) {
-      bwd_block<T, O>(logits, L, ids, ys, nb, V, proj, k, a, stats, grad_a, inv_tau, out, OL, g, W.data(), G.data());
-      nb = 0;
-    }
-  }
-  if (nb) bwd_block<T, O>(logits, L, ids, ys, nb, V, proj, k, a, stats, grad_a, inv_tau, out, OL, g, W.data(),
-                          G.data());
+  for_row_blocks(
+      labels, b, e, V, ignore_index,
+      [&](int64_t i, int64_t y) HK_LAMBDA_INLINE {
+        if (y == ignore_index) {
+          zero_row<O>(out + OL.offset(i), V);
+        } else {
+          nan_row<O>(out + OL.offset(i), V);
+        }
+      },
+      [&](const int64_t* ids, const int64_t* ys, int nb) HK_LAMBDA_INLINE {
+        bwd_block<T, O>(logits, L, ids, ys, nb, V, proj, k, a, stats, grad_a, inv_tau, out, OL, g, W.data(),
+                        G.data());
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
-// multiversioned entry points (see entropy_logprob_cpu.cpp)
+// multiversioned entry points, one overload per storage type (see entropy_logprob_cpu.cpp)
 // ---------------------------------------------------------------------------------------------
-#define HK_SKETCH_FWD(NAME, T)                                                                                    \
-  HK_CLONES void NAME(const T* z, RowLayout L, const int64_t* y, int64_t b, int64_t e, int64_t V,                 \
-                      const AccOf<T>::type* proj, int64_t k, double it, int64_t ig, float* a, float* st,          \
-                      const SketchGemm& g) {                                                                      \
+#define HK_SKETCH_FWD(T)                                                                                        \
+  HK_CLONES void fwd_entry(const T* z, RowLayout L, const int64_t* y, int64_t b, int64_t e, int64_t V,            \
+                           const AccOf<T>::type* proj, int64_t k, double it, int64_t ig, float* a, float* st,     \
+                           const SketchGemm& g) {                                                                 \
     fwd_range<T>(z, L, y, b, e, V, proj, k, it, ig, a, st, g);                                                    \
   }
-HK_SKETCH_FWD(sketch_fwd_f32, float)
-HK_SKETCH_FWD(sketch_fwd_bf16, bf16_t)
-HK_SKETCH_FWD(sketch_fwd_f16, f16_t)
-HK_SKETCH_FWD(sketch_fwd_f64, double)
+HK_SKETCH_FWD(float)
+HK_SKETCH_FWD(bf16_t)
+HK_SKETCH_FWD(f16_t)
+HK_SKETCH_FWD(double)
 
-#define HK_SKETCH_BWD(NAME, T, O)                                                                                 \
-  HK_CLONES void NAME(const T* z, RowLayout L, const int64_t* y, int64_t b, int64_t e, int64_t V,                 \
-                      const AccOf<T>::type* proj, int64_t k, const float* a, const float* st, const float* ga,    \
-                      double it, int64_t ig, O* out, RowLayout OL, const SketchGemm& g) {                         \
+#define HK_SKETCH_BWD(T, O)                                                                                       \
+  HK_CLONES void bwd_entry(const T* z, RowLayout L, const int64_t* y, int64_t b, int64_t e, int64_t V,            \
+                           const AccOf<T>::type* proj, int64_t k, const float* a, const float* st,                \
+                           const float* ga, double it, int64_t ig, O* out, RowLayout OL, const SketchGemm& g) {   \
     bwd_range<T, O>(z, L, y, b, e, V, proj, k, a, st, ga, it, ig, out, OL, g);                                    \
   }
-HK_SKETCH_BWD(sketch_bwd_f32, float, float)
-HK_SKETCH_BWD(sketch_bwd_bf16, bf16_t, bf16_t)
-HK_SKETCH_BWD(sketch_bwd_f16, f16_t, f16_t)
-HK_SKETCH_BWD(sketch_bwd_f64, double, double)
-HK_SKETCH_BWD(sketch_bwd_bf16_f32, bf16_t, float)
-HK_SKETCH_BWD(sketch_bwd_f16_f32, f16_t, float)
+HK_SKETCH_BWD(float, float)
+HK_SKETCH_BWD(bf16_t, bf16_t)
+HK_SKETCH_BWD(f16_t, f16_t)
+HK_SKETCH_BWD(double, double)
+HK_SKETCH_BWD(bf16_t, float)
+HK_SKETCH_BWD(f16_t, float)
 
 }  // namespace
 
 void cpu_sketch_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                          int64_t row_end, int64_t V, const void* proj, int64_t k, double inv_tau,
                          int64_t ignore_index, float* a, float* stats, SketchGemm gemm) {
-#define HK_CALL_FWD(FN, T, P)                                                                                  \
-  return FN(static_cast<const T*>(logits), layout, labels, row_begin, row_end, V, static_cast<const P*>(proj), \
-            k, inv_tau, ignore_index, a, stats, gemm)
-  switch (dtype) {
-    case kF32:
-      HK_CALL_FWD(sketch_fwd_f32, float, float);
-    case kBF16:
-      HK_CALL_FWD(sketch_fwd_bf16, bf16_t, float);
-    case kF16:
-      HK_CALL_FWD(sketch_fwd_f16, f16_t, float);
-    case kF64:
-      HK_CALL_FWD(sketch_fwd_f64, double, double);
-    default:
-      return;  // unreachable: the bindings check the dtype
-  }
-#undef HK_CALL_FWD
+  with_dtype(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    fwd_entry(static_cast<const T*>(logits), layout, labels, row_begin, row_end, V,
+              static_cast<const typename AccOf<T>::type*>(proj), k, inv_tau, ignore_index, a, stats, gemm);
+  });
 }
 
 void cpu_sketch_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                          int64_t row_end, int64_t V, const void* proj, int64_t k, const float* a,
                          const float* stats, const float* grad_a, double inv_tau, int64_t ignore_index,
                          int out_dtype, void* out, RowLayout out_layout, SketchGemm gemm) {
-#define HK_CALL_BWD(FN, T, P, O)                                                                               \
-  return FN(static_cast<const T*>(logits), layout, labels, row_begin, row_end, V, static_cast<const P*>(proj), \
-            k, a, stats, grad_a, inv_tau, ignore_index, static_cast<O*>(out), out_layout, gemm)
-  if (out_dtype == dtype) {
-    switch (dtype) {
-      case kF32:
-        HK_CALL_BWD(sketch_bwd_f32, float, float, float);
-      case kBF16:
-        HK_CALL_BWD(sketch_bwd_bf16, bf16_t, float, bf16_t);
-      case kF16:
-        HK_CALL_BWD(sketch_bwd_f16, f16_t, float, f16_t);
-      case kF64:
-        HK_CALL_BWD(sketch_bwd_f64, double, double, double);
-      default:
-        return;
-    }
-  }
-  if (out_dtype == kF32) {
-    switch (dtype) {
-      case kBF16:
-        HK_CALL_BWD(sketch_bwd_bf16_f32, bf16_t, float, float);
-      case kF16:
-        HK_CALL_BWD(sketch_bwd_f16_f32, f16_t, float, float);
-      default:
-        return;
-    }
-  }
-#undef HK_CALL_BWD
+  with_in_out(dtype, out_dtype, [&](auto t, auto o) {
+    using T = typename decltype(t)::type;
+    using O = typename decltype(o)::type;
+    bwd_entry(static_cast<const T*>(logits), layout, labels, row_begin, row_end, V,
+              static_cast<const typename AccOf<T>::type*>(proj), k, a, stats, grad_a, inv_tau, ignore_index,
+              static_cast<O*>(out), out_layout, gemm);
+  });
 }
 
 }  // namespace hk
