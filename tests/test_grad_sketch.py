@@ -661,3 +661,41 @@ def test_cpu_runs_the_cpp_kernel(monkeypatch):
     W = torch.randn(40, 4, requires_grad=True)
     (lsketch(h, W, y, P, "cpu") * v).sum().backward()
     assert calls == ["grad_sketch_fwd", "grad_sketch_bwd"] * 2
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
+def test_out_of_range_labels_give_nan_rows(impl):
+    """Label check off: a label outside [0, V) gives a NaN sketch row and a NaN gradient row on every backend
+    (never an indexing error or a plausible finite row); the other rows are unaffected."""
+    V = 70
+    z, y, P, v = _case(N=6, V=V, k=5, n_masked=1, neg_inf_cols=())
+    y[0], y[1] = V, -7
+    with hk.checks(labels=False):
+        a, dz = _run(z, y, P, v, impl)
+    assert torch.isnan(a[:2]).all() and torch.isnan(dz[:2]).all()
+    ok = torch.arange(2, 6)
+    ref = oracle(z[ok], y[ok], P)
+    assert torch.isfinite(a[ok]).all()
+    torch.testing.assert_close(a[ok].double(), ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu", "triton"])
+def test_linear_out_of_range_labels_give_nan_rows(impl):
+    """The fused head's label guard: out-of-range labels (checks off) -> NaN sketch rows and NaN dh rows, and
+    dW / db NaN (they sum over rows); in-range rows match the op with the bad rows masked instead."""
+    g = torch.Generator().manual_seed(3)
+    N, D, V, k = 7, 12, 53, 6
+    h = torch.randn(N, D, generator=g, requires_grad=True)
+    W = torch.randn(V, D, generator=g, requires_grad=True)
+    P = torch.randn(k, V, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[1], y[4] = V + 2, -3
+    with hk.checks(labels=False):
+        a = hk.linear_grad_sketch(h, W, y, P, impl=impl)
+        dh, dW = torch.autograd.grad(a.sum(), (h, W))
+    assert torch.isnan(a[[1, 4]]).all() and torch.isnan(dh[[1, 4]]).all() and torch.isnan(dW).any()
+    ym = y.clone()
+    ym[[1, 4]] = -100
+    ref = hk.linear_grad_sketch(h.detach(), W.detach(), ym, P, impl="torch")
+    ok = [0, 2, 3, 5, 6]
+    torch.testing.assert_close(a[ok], ref[ok], atol=1e-5, rtol=1e-5)

@@ -58,15 +58,22 @@ def forward(logits: Tensor, labels: Tensor, proj: Tensor, opts: RowOptions) -> T
     cd = compute_dtype(logits.dtype)
     P = proj.to(cd)
     valid = (labels != opts.ignore_index).unsqueeze(-1)
-    safe = torch.where(valid.squeeze(-1), labels, 0)
+    bad = _bad_labels(labels, V, opts)
+    safe = torch.where(valid.squeeze(-1) & ~bad.squeeze(-1), labels, 0)
     inv_t = opts.inv_temperature
     for s, e in _ranges(N, V):
         p, st = _softmax(logits[s:e], inv_t, cd)
         sk = (P.index_select(1, safe[s:e]).t() - p @ P.t()) * inv_t
         del p
-        a[s:e] = torch.where(valid[s:e], sk, 0.0)
-        stats[s:e] = torch.where(valid[s:e], st, 0.0)
+        a[s:e] = torch.where(valid[s:e], sk, 0.0).masked_fill_(bad[s:e], float("nan"))
+        stats[s:e] = torch.where(valid[s:e], st, 0.0).masked_fill_(bad[s:e], float("nan"))
     return a, stats
+
+
+def _bad_labels(labels: Tensor, V: int, opts: RowOptions) -> Tensor:
+    """[N, 1] bool: a label that is neither ignore_index nor in [0, V). With label checks off (or in a kernel
+    that cannot raise) such a row gets NaN results and gradients, as on every backend, never an indexing error."""
+    return ((labels != opts.ignore_index) & ((labels < 0) | (labels >= V))).unsqueeze(-1)
 
 
 def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
@@ -79,6 +86,7 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Ten
     cd = compute_dtype(logits.dtype)
     P = proj.to(cd)
     valid = (labels != opts.ignore_index).unsqueeze(-1)
+    bad = _bad_labels(labels, V, opts)
     inv_t = opts.inv_temperature
     for s, e in _ranges(N, V):
         p, _ = _softmax(logits[s:e], inv_t, cd)
@@ -86,5 +94,5 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Ten
         c = torch.bmm(p.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # (proj p) . v, [C, 1]; no [C, V] temporary
         dz = w.sub_(c).mul_(p).mul_(-inv_t * inv_t)
         del p
-        out[s:e] = dz.masked_fill_(~valid[s:e], 0.0)  # in place: no extra [C, V] buffer
+        out[s:e] = dz.masked_fill_(~valid[s:e], 0.0).masked_fill_(bad[s:e], float("nan"))  # in place
     return out

@@ -105,13 +105,15 @@ def _fwd_kernel(
         m = m_new
 
     labels = tl.load(labels_ptr + rows, mask=nmask, other=0)
+    # in-kernel label guard (no host sync): an out-of-range label is never read, its row is NaN
+    bad = (labels < 0) | (labels >= V)
     p_y = tl.load(proj_ptr + ks[None, :].to(tl.int64) * stride_pk + labels[:, None],
-                  mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-    a = (p_y - u / s[:, None]) * inv_t
+                  mask=nmask[:, None] & kmask[None, :] & ~bad[:, None], other=0.0).to(tl.float32)
+    a = tl.where(bad[:, None], float("nan"), (p_y - u / s[:, None]) * inv_t)
     omask = nmask[:, None] & kmask[None, :]
     tl.store(a_ptr + rows[:, None] * stride_a + ks[None, :], a, mask=omask)
     first = nmask & (tl.program_id(1) == 0)
-    tl.store(stats_ptr + 2 * rows, m, mask=first)
+    tl.store(stats_ptr + 2 * rows, tl.where(bad, float("nan"), m), mask=first)
     tl.store(stats_ptr + 2 * rows + 1, tl.log(s), mask=first)
 
 
@@ -287,7 +289,8 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Ten
         return out
     v = grad_a.index_select(0, rows).to(torch.float32).contiguous()
     # (proj p) . v from the forward output: proj p = proj[:, y] - tau a.
-    p_y = proj.index_select(1, labels.index_select(0, rows)).t().to(torch.float32)
+    # a bad label (checks off) clamped for the gather: its row of a is NaN, so c and dz stay NaN
+    p_y = proj.index_select(1, labels.index_select(0, rows).clamp(0, V - 1)).t().to(torch.float32)
     c = (v * (p_y - opts.temperature * a.index_select(0, rows))).sum(-1).contiguous()
     t, bk = TILES["bwd"], block_k(K)
     grid = (triton.cdiv(n, t.block_n), triton.cdiv(V, t.block_v))

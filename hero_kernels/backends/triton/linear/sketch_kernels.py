@@ -116,9 +116,14 @@ def _sketch_merge_kernel(
     dy = xl - M_safe
     e_y = tl.exp(dy)  # 0 for a masked (-inf) label
     s = tl.where(mask, so + e_y, 1.0)
-    labels = tl.minimum(tl.maximum(tl.load(labels_ptr + rows, mask=mask, other=0), 0), V - 1)
+    raw = tl.load(labels_ptr + rows, mask=mask, other=0)
+    # in-kernel label guard (no host sync): an out-of-range label matched no column, so its row is NaN
+    bad = (raw < 0) | (raw >= V)
+    labels = tl.minimum(tl.maximum(raw, 0), V - 1)
     p_y = tl.load(proj_ptr + ps[None, :].to(tl.int64) * stride_p + labels[:, None], mask=pm, other=0.0)
     a = (p_y.to(tl.float32) * so[:, None] - u) * (inv_temp / s)[:, None]
+    a = tl.where(bad[:, None], float("nan"), a)
+    M = tl.where(bad, float("nan"), M)
     tl.store(a_ptr + rows.to(tl.int64)[:, None] * KS + ps[None, :], a, mask=pm)
     dom = e_y >= so
     log_s = tl.where(dom, dy + _log1p_unit(tl.where(dom, so / tl.where(dom, e_y, 1.0), 0.0)), tl.log(s))
