@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, modeled_seconds, modeled_terms
+from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, launch_peak, modeled_seconds, modeled_terms
 
 from . import common as C
 
@@ -108,9 +108,10 @@ def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: to
             launches = fn(N, D, V, dtype, k=SKETCH_K, pass_=pass_, **kw)
         else:
             launches = fn(N, D, V, dtype, pass_=pass_, **kw)
-        launches = list(launches)
     except Exception as e:  # noqa: BLE001 - a plan that refuses a shape is a row, not a crash
         return None, "error", f"{name}.plan raised {type(e).__name__}: {str(e).strip()[:300]}"
+    if not isinstance(launches, list):
+        launches = list(launches)
     bad = [type(x).__name__ for x in launches if not isinstance(x, KernelLaunch)]
     if bad or not launches:
         return None, "error", f"{name}.plan returned {bad or 'no launches'} instead of a list of KernelLaunch"
@@ -118,7 +119,7 @@ def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: to
 
 
 def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
-    peak = gpu.fp32_flops_per_s if (fp32 and k.kind == "gemm") else None
+    peak = launch_peak(k, gpu, fp32)
     terms = modeled_terms(k, gpu, flops_per_s=peak)
     return {"name": k.name, "grid": list(k.grid), "kind": k.kind, "repeats": k.repeats, "external": k.external,
             "flops": k.flops * k.repeats, "hbm_bytes": k.hbm_bytes * k.repeats, "l2_bytes": k.l2_bytes * k.repeats,
@@ -130,7 +131,8 @@ def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
 def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str = "bf16", gpu: str = "h100",
               **plan_kw) -> Dict[str, Any]:
     """One roofline row (keys: op, pass, N, D, V, dtype, gpu, impl, status, reason, modeled_s, floor_s, ratio,
-    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes)."""
+    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the sketch's rows with a forward also
+    forward_variant, forward_s {design: modeled forward seconds} and forward_forced)."""
     spec = GPU_SPECS[gpu]
     tdt = _DTYPES[dtype]
     elt = torch.empty((), dtype=tdt).element_size()
@@ -138,9 +140,15 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
                            "dtype": dtype, "gpu": gpu, "impl": impl,
                            "floor_s": floor_seconds(op, pass_, N, D, V, elt, spec),
                            "modeled_s": None, "ratio": None, "status": "ok", "reason": None}
+    if op == "linear_grad_sketch":  # its plan picks a forward design by this model: price it on this GPU
+        plan_kw.setdefault("gpu", gpu)
     launches, row["status"], row["reason"] = _call_plan(op, impl, pass_, N, D, V, tdt, **plan_kw)
     if launches is None:
         return row
+    if getattr(launches, "forward_variant", None):  # the sketch: both forward designs, modeled, and the pick
+        row["forward_variant"] = launches.forward_variant
+        row["forward_s"] = dict(launches.forward_s)
+        row["forward_forced"] = launches.forward_forced
     ks = [_kernel_row(k, spec, tdt == torch.float32) for k in launches]
     row["kernels"] = ks
     row["modeled_s"] = sum(k["modeled_s"] for k in ks)
@@ -210,6 +218,18 @@ def table_rows(rows: Iterable[Dict[str, Any]]) -> List[list]:
 HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "ratio", "largest kernel / status"]
 
 
+def variant_lines(rows: Iterable[Dict[str, Any]]) -> List[str]:
+    """One line per row whose plan chose between forward designs: each design's modeled forward and the pick."""
+    out = []
+    for r in rows:
+        if r.get("forward_variant"):
+            how = "forced by config / env" if r["forward_forced"] else "faster by the model"
+            ms = ", ".join(f"{n} {_ms(s)} ms" for n, s in r["forward_s"].items())
+            out.append(f"{r['op']} {r['pass']} N={r['N']} D={r['D']} V={r['V']} {r['gpu']} {r['impl']}: forward "
+                       f"{ms} -> {r['forward_variant']} ({how})")
+    return out
+
+
 def render_markdown(rows: List[Dict[str, Any]]) -> str:
     out = ["# Roofline model of the GPU launch plans", "",
            "modeled = sum over the launcher's plan of max(FLOPs / (peak x tensor-core efficiency), L2 -> SM operand "
@@ -218,6 +238,9 @@ def render_markdown(rows: List[Dict[str, Any]]) -> str:
            "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
            "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head.", "",
            C.format_table(HEAD, table_rows(rows), markdown=True), ""]
+    picks = variant_lines(rows)
+    if picks:
+        out += ["## Forward designs modeled by the plans", ""] + [f"- {x}" for x in picks] + [""]
     notes = list(dict.fromkeys(n for r in rows for n in r.get("l2_notes", [])))
     if notes:
         out += ["## L2-residency assumptions", ""] + [f"- {n}" for n in notes] + [""]
@@ -247,6 +270,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     rows = rows_for(a.shapes, gpus, ops, impls, passes, a.dtype)
     print(C.format_table(HEAD, table_rows(rows)))
+    for line in variant_lines(rows):
+        print(line)
     if a.kernels:
         for r in rows:
             for k in r.get("kernels", []):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional, Tuple
 
 __all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds", "modeled_terms", "gemm_l2_bytes",
-           "sass_per_element"]
+           "sass_per_element", "launch_peak", "plan_seconds"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,14 @@ def modeled_seconds(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional
     if launch.host_sync:
         t += gpu.host_sync_s
     return t * launch.repeats
+
+
+def launch_peak(launch: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Optional[float]:
+    """The ``flops_per_s`` a launch of an fp32 plan is modeled at: GEMM entries at the FMA-unit peak (fp32
+    inputs, no TF32), everything else (and every 16-bit plan) at the default tensor-core term."""
+    return gpu.fp32_flops_per_s if (fp32 and launch.kind == "gemm") else None
+
+
+def plan_seconds(launches, gpu: GpuSpec, fp32: bool = False) -> float:
+    """Modeled seconds of a whole plan (a list of ``KernelLaunch``) on ``gpu``; fp32: the plan's dtype is fp32."""
+    return sum(modeled_seconds(k, gpu, flops_per_s=launch_peak(k, gpu, fp32)) for k in launches)

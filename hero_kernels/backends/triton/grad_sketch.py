@@ -38,7 +38,8 @@ from torch import Tensor
 
 from hero_kernels.options import RowOptions
 
-__all__ = ["SketchTile", "TILES", "BLOCK_KS", "block_k", "KERNEL_CONFIGS", "compile_attrs", "forward", "backward"]
+__all__ = ["SketchTile", "TILES", "BLOCK_KS", "block_k", "KERNEL_CONFIGS", "compile_attrs", "forward", "backward",
+           "forward_rows", "fwd_grid"]
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -198,7 +199,9 @@ def _kernel_configs() -> List[tuple]:
     """(kernel, signature, constexprs, num_warps, num_stages, description) of every build the launchers run."""
     rows = []
     for dt in ("bf16", "fp16", "fp32"):
-        for pdt in sorted({dt, "fp32"}):
+        # fp32 logits also run with a 16-bit proj: the LM head's chunked forward (fp32 logits, proj in the
+        # input dtype); the backward kernel never does
+        for pdt in (("bf16", "fp16", "fp32") if dt == "fp32" else sorted({dt, "fp32"})):
             for bk in BLOCK_KS:
                 ieee = pdt == "fp32"
                 fwd = {"logits_ptr": f"*{dt}", "rows_ptr": "*i64", "labels_ptr": "*i64", "proj_ptr": f"*{pdt}",
@@ -207,7 +210,8 @@ def _kernel_configs() -> List[tuple]:
                 bwd = {"logits_ptr": f"*{dt}", "out_ptr": f"*{dt}", "rows_ptr": "*i64", "proj_ptr": f"*{pdt}",
                        "stats_ptr": "*fp32", "v_ptr": "*fp32", "c_ptr": "*fp32", "n_rows": "i32", "V": "i32",
                        "K": "i32", "stride_row": "i32", "stride_out": "i32", "stride_pk": "i32", "inv_temp": "fp32"}
-                for name, fn, sig in (("fwd", _fwd_kernel, fwd), ("bwd", _bwd_kernel, bwd)):
+                kernels = (("fwd", _fwd_kernel, fwd), ("bwd", _bwd_kernel, bwd))
+                for name, fn, sig in kernels[:1] if dt == "fp32" != pdt else kernels:
                     t = TILES[name]
                     const = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": bk, "IEEE": ieee, "UPCAST": False}
                     sig = dict(sig, **{c: "constexpr" for c in const})
@@ -254,22 +258,33 @@ def _prepare(logits: Tensor, labels: Tensor, proj: Tensor, ignore_index: int) ->
 
 def forward(logits: Tensor, labels: Tensor, proj: Tensor, opts: RowOptions) -> Tuple[Tensor, Tensor]:
     """(a [N, k] fp32, stats [N, 2] fp32); masked rows 0."""
-    N, V = logits.shape
-    K = proj.shape[0]
+    N, K = logits.shape[0], proj.shape[0]
     proj, rows = _prepare(logits, labels, proj, opts.ignore_index)
     a = torch.zeros((N, K), dtype=torch.float32, device=logits.device)
     stats = torch.zeros((N, 2), dtype=torch.float32, device=logits.device)
-    n = rows.numel()
-    if n == 0:
-        return a, stats
-    t, bk = TILES["fwd"], block_k(K)
-    grid = (triton.cdiv(n, t.block_n), triton.cdiv(K, bk))
-    _fwd_kernel[grid](
-        logits, rows, labels.contiguous(), proj, a, stats, n, V, K, logits.stride(0), proj.stride(0), a.stride(0),
-        float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=bk,
+    if rows.numel():
+        forward_rows(logits, rows, labels.contiguous(), proj, a, stats, opts)
+    return a, stats
+
+
+def fwd_grid(n: int, K: int) -> Tuple[int, int]:
+    """Grid of ``_fwd_kernel`` for n rows and a k-row proj: (row blocks, k blocks)."""
+    return triton.cdiv(n, TILES["fwd"].block_n), triton.cdiv(K, block_k(K))
+
+
+def forward_rows(logits: Tensor, rows: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor,
+                 opts: RowOptions) -> None:
+    """``_fwd_kernel`` on the rows ``rows`` (int64 [n], ids into logits / labels / a / stats; their labels in
+    [0, V)), writing a [R, k] fp32 (row stride a.stride(0)) and stats [R, 2] fp32 (contiguous) there. logits
+    [R, V] last-dim stride 1; proj [k, V] last-dim stride 1, fp32 (IEEE dots) or 16-bit (the dots take e
+    rounded to proj's dtype, for any logits dtype: the fused LM head's chunked forward feeds fp32 logits
+    with a bf16 proj). No host sync: callers on a CUDA graph pass every row."""
+    t, K = TILES["fwd"], proj.shape[0]
+    _fwd_kernel[fwd_grid(rows.numel(), K)](
+        logits, rows, labels, proj, a, stats, rows.numel(), logits.shape[1], K, logits.stride(0), proj.stride(0),
+        a.stride(0), float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=block_k(K),
         IEEE=proj.dtype == torch.float32, UPCAST=_upcast(proj), num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return a, stats
 
 
 def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,

@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
            "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK",
-           "SKETCH_MERGE_WARPS"]
+           "SKETCH_MERGE_WARPS", "SKETCH_FORWARD_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,10 @@ def forward_splits(row_blocks: int, V: int, block_v: int, sms: int, forced: Opti
 # ----------------------------------------------------------------------------------------------
 # the fused gradient sketch (``linear_grad_sketch``; kernels in ``sketch_kernels.py``)
 # ----------------------------------------------------------------------------------------------
+#: Forward designs of the sketch through the LM head (``LinearSketchConfig.forward_variant``).
+SKETCH_FORWARD_VARIANTS = ("fused", "chunked")
+
+
 @dataclass(frozen=True)
 class LinearSketchConfig:
     """Launch configuration of the fused gradient sketch through the LM head.
@@ -147,6 +151,9 @@ class LinearSketchConfig:
     two >= 16; k above it: forward programs per sketch block, each recomputing the logits); dz_block_p: the
     dz kernel's step over the sketch dimension (it loops, any k).
     vocab_splits / chunk_rows / allow_tf32: as in ``LinearEntropyConfig``.
+    forward_variant: "fused" (the kernels above), "chunked" (per chunk of chunk_rows rows a cuBLAS logits GEMM
+    into an fp32 [C, V] buffer, then the row kernel of ``grad_sketch``) or None: the environment variable
+    ``HERO_KERNELS_SKETCH_FORWARD`` if set, else whichever ``sketch_launch.plan`` models faster.
     """
 
     fwd: Tile
@@ -156,8 +163,12 @@ class LinearSketchConfig:
     vocab_splits: Optional[int] = None
     chunk_rows: Optional[int] = None
     allow_tf32: bool = False
+    forward_variant: Optional[str] = None
 
     def __post_init__(self):
+        if self.forward_variant not in SKETCH_FORWARD_VARIANTS + (None,):
+            raise ValueError(f"LinearSketchConfig.forward_variant must be None or one of {SKETCH_FORWARD_VARIANTS}, "
+                             f"got {self.forward_variant!r}")
         for name in ("block_p", "dz_block_p"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):

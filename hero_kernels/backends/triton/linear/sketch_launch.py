@@ -24,23 +24,25 @@ linear_grad_sketch --shapes headline``): see docs/design.md (the fused gradient 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
 from hero_kernels.backends import gemm
-from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
+from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes, plan_seconds
+from hero_kernels.backends.triton import grad_sketch as ROWS
 from hero_kernels.options import RowOptions
 
 from . import sketch_kernels as SK
-from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig, default_sketch_config, device_arch,
-                     forward_splits)
+from .config import (SKETCH_FORWARD_VARIANTS, SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig,
+                     default_sketch_config, device_arch, forward_splits)
 from .launch import (_ALIGN, _MASKED_LSE, _aligned_2d, _check, _device_sms, _dot_precision, _entry, _prepare,
                      _upcast_dot, plan_passes, plan_target)
 
-__all__ = ["plan", "forward", "backward", "SKETCH_K"]
+__all__ = ["plan", "forward", "backward", "SKETCH_K", "SketchPlan", "FORWARD_ENV"]
 
 #: Sketch size k the plan models when none is given: hero.omnex's default k1.
 SKETCH_K = 128
@@ -89,16 +91,87 @@ def _forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: L
     ]
 
 
+def _chunked_forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: LinearSketchConfig,
+                          sms: int) -> List[KernelLaunch]:
+    """The chunked forward: per chunk of C rows (the backward's ``gemm.chunk_rows``) one cuBLAS GEMM writes the
+    fp32 logits [C, V] (fp32 output, never rounded to the input dtype), the bias is added in place, and the
+    row kernel ``grad_sketch._fwd_kernel`` streams them once per k block with proj in the input dtype."""
+    C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
+    t, bk = ROWS.TILES["fwd"], ROWS.block_k(k)
+    out = [_proj_plan(k, V, e)]
+    note = ("cuBLAS: operands streamed once per GEMM; the fp32 [C, V] output (2x the backward's chunk buffer) "
+            "is written to HBM")
+    for c, reps in [(C, N // C)] + ([(N % C, 1)] if N % C else []):
+        if reps == 0:
+            continue
+        grid = ROWS.fwd_grid(c, k)
+        sf = 2.0 * c * V * bk * grid[1]
+        out.append(KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + 4 * c * V, note,
+                                meta={"chunk_rows": c}, external=True, repeats=reps))
+        if has_bias:
+            out.append(KernelLaunch("bias_add", (), "stream", 0.0, 8 * c * V + V * e, "torch add_: the fp32 "
+                                    "logits read and written once", meta={"chunk_rows": c}, external=True,
+                                    repeats=reps))
+        # Per program: 16 logits rows (fp32, from HBM: the chunk is far beyond L2) and the proj tiles [BK, BV]
+        # (the k x V proj is read from HBM once per chunk: the programs sweep V in step, a wave shares each
+        # tile in L2). Fewer programs than SMs leave SMs idle: the L2 -> SM term scales by sms / programs.
+        busy = min(1.0, grid[0] * grid[1] / sms)
+        l2 = (grid[1] * 4.0 * c * V + sf * e / (2 * t.block_n)) / busy
+        out.append(KernelLaunch("grad_sketch._fwd_kernel", grid, "gemm", sf,
+                                grid[1] * 4 * c * V + V * bk * grid[1] * e + c * (4 * k + 24),
+                                f"fp32 logits chunk streamed from HBM once per k block; proj read once per chunk "
+                                f"and shared in L2 ({grid[0] * grid[1]} programs on {sms} SMs)",
+                                t.num_warps, t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v,
+                                                            "BLOCK_K": bk, "chunk_rows": c, "elt": e},
+                                repeats=reps, l2_bytes=l2))
+    return out
+
+
+#: Environment override of the forward design ("fused" | "chunked") when the config leaves it None.
+FORWARD_ENV = "HERO_KERNELS_SKETCH_FORWARD"
+
+_FORWARD_PLANS = {"fused": _forward_plan, "chunked": _chunked_forward_plan}
+
+
+class SketchPlan(list):
+    """A plan (list of ``KernelLaunch``) plus the forward design it runs: ``forward_variant`` ("fused" |
+    "chunked"; None without a forward pass), ``forward_s`` (modeled seconds of each design's forward on
+    ``gpu``) and ``forward_forced`` (the config or ``FORWARD_ENV`` chose, not the model)."""
+
+    forward_variant: Optional[str] = None
+    forward_s: Dict[str, float] = {}
+    forward_forced: bool = False
+
+
+def _forced_variant(cfg: LinearSketchConfig) -> Optional[str]:
+    v = cfg.forward_variant or os.environ.get(FORWARD_ENV) or None
+    if v is not None and v not in SKETCH_FORWARD_VARIANTS:
+        raise ValueError(f"{FORWARD_ENV}={v!r}: set it to one of {', '.join(SKETCH_FORWARD_VARIANTS)} or unset it")
+    return v
+
+
 def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd", has_bias: bool = False,
          need_dh: bool = True, need_dw: bool = True, config: Optional[LinearSketchConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None, weight_copied: Optional[bool] = None,
-         arch: Optional[int] = None) -> List[KernelLaunch]:
+         arch: Optional[int] = None, gpu: str = "h100") -> SketchPlan:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows, hidden width D,
-    V vocabulary rows and a k-row projection. Other arguments as the entropy head's ``launch.plan``."""
+    V vocabulary rows and a k-row projection. Other arguments as the entropy head's ``launch.plan``.
+    The forward is the design (``SketchPlan.forward_variant``) the roofline model prices faster on ``gpu``
+    (a ``GPU_SPECS`` key; the launchers price on the H100 at the device's SM count), unless the config or
+    ``FORWARD_ENV`` forces one."""
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
-    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw,
-                                lambda D_pad: _forward_plan(N, D_pad, V, k, e, has_bias, cfg, sms))
+    forced, out = _forced_variant(cfg), SketchPlan()
+
+    def forward(D_pad: int) -> List[KernelLaunch]:
+        priced = {name: fn(N, D_pad, V, k, e, has_bias, cfg, sms) for name, fn in _FORWARD_PLANS.items()}
+        out.forward_s = {n: plan_seconds(x, GPU_SPECS[gpu], dt == torch.float32) for n, x in priced.items()}
+        out.forward_variant = forced or min(out.forward_s, key=out.forward_s.get)
+        out.forward_forced = forced is not None
+        return priced[out.forward_variant]
+
+    launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
+    out += launches
     if not backward:
         return out
     out.append(_proj_plan(k, V, e))
@@ -122,8 +195,8 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
                              l2_bytes=gemm_l2_bytes(gf, t.block_n, t.block_v, e) + gemm_l2_bytes(sf, t.block_n,
                                                                                                  t.block_v, e))]
 
-    return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
-                                            need_dw=need_dw)
+    out += gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh, need_dw=need_dw)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,12 +230,50 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     dev = hidden.device
     a = torch.zeros((N, KS), dtype=torch.float32, device=dev)
     stats = torch.zeros((N, 2), dtype=torch.float32, device=dev)
-    n, D = h.shape
+    n = h.shape[0]
     if n == 0:
         return a, stats
     P = _proj(proj, h.dtype, V)
     launches = plan(n, hidden.shape[1], V, h.dtype, k=KS, pass_="fwd", has_bias=b is not None, config=cfg,
                     sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
+    a_c = torch.empty((n, KS), dtype=torch.float32, device=dev) if idx is not None else a
+    st_c = torch.empty((n, 2), dtype=torch.float32, device=dev) if idx is not None else stats
+    if launches.forward_variant == "chunked":
+        _chunked_forward(h, w, b, lab, P, a_c, st_c, opts, _entry(launches, "cublas_logits").meta["chunk_rows"])
+    else:
+        _fused_forward(h, w, b, lab, P, a_c, st_c, opts, cfg, launches)
+    if idx is None:  # uncompacted: masked rows (if any) were computed, their results are 0
+        masked = (lab == opts.ignore_index)[:, None]
+        return a.masked_fill_(masked, 0.0), stats.masked_fill_(masked, 0.0)
+    return a.index_copy_(0, idx, a_c), stats.index_copy_(0, idx, st_c)
+
+
+def _chunked_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: Tensor, a: Tensor, stats: Tensor,
+                     opts: RowOptions, C: int) -> None:
+    """The chunked design into a [n, k] / stats [n, 2] (h [n, D'], w [V, D']): per chunk of C rows the fp32
+    logits [C, V] by cuBLAS (``gemm.mm_into``: 16-bit operands, fp32 output), + bias, then the row kernel on
+    every row of the chunk (no host sync; a masked row of an uncompacted batch gets label 0 here and is zeroed
+    by the caller)."""
+    n, V = h.shape[0], w.shape[0]
+    buf = torch.empty((min(C, n), V), dtype=torch.float32, device=h.device)
+    rows = torch.arange(buf.shape[0], device=h.device)
+    lab = lab.clamp(0, V - 1)
+    bias = None if b is None else b.float()
+    for s in range(0, n, C):
+        e = min(n, s + C)
+        z = buf[:e - s]
+        gemm.mm_into(h[s:e], w.t(), z)
+        if bias is not None:
+            z.add_(bias)
+        ROWS.forward_rows(z, rows[:e - s], lab[s:e], P, a[s:e], stats[s:e], opts)
+
+
+def _fused_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: Tensor, a_c: Tensor, st_c: Tensor,
+                   opts: RowOptions, cfg: LinearSketchConfig, launches: List[KernelLaunch]) -> None:
+    """The fused design (partials + merge kernels) into a_c [n, k] / st_c [n, 2]."""
+    n, D = h.shape
+    V, KS = w.shape[0], P.shape[0]
+    dev = h.device
     fwd, merge = _entry(launches, "_sketch_fwd_partials_kernel"), _entry(launches, "_sketch_merge_kernel")
     S, t, inv_t = fwd.meta["splits"], cfg.fwd, float(opts.inv_temperature)
     parts = [torch.empty((S, n), dtype=torch.float32, device=dev) for _ in range(3)]  # m, so, xl
@@ -174,16 +285,10 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
         BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, BLOCK_P=cfg.block_p,
         num_warps=fwd.num_warps, num_stages=fwd.num_stages,
     )
-    a_c = torch.empty((n, KS), dtype=torch.float32, device=dev) if idx is not None else a
-    st_c = torch.empty((n, 2), dtype=torch.float32, device=dev) if idx is not None else stats
     SK._sketch_merge_kernel[merge.grid](
         parts[0], parts[1], parts[2], u, lab, P, a_c, st_c, n, V, KS, S, P.stride(0), inv_t,
         BLOCK_R=merge.meta["BLOCK_R"], BLOCK_P=merge.meta["BLOCK_P"], num_warps=merge.num_warps,
     )
-    if idx is None:  # uncompacted: masked rows (if any) were computed, their results are 0
-        masked = (lab == opts.ignore_index)[:, None]
-        return a.masked_fill_(masked, 0.0), stats.masked_fill_(masked, 0.0)
-    return a.index_copy_(0, idx, a_c), stats.index_copy_(0, idx, st_c)
 
 
 def _row_terms(P: Tensor, lab: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions, dtype,
