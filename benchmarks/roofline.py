@@ -131,8 +131,8 @@ def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
 def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str = "bf16", gpu: str = "h100",
               **plan_kw) -> Dict[str, Any]:
     """One roofline row (keys: op, pass, N, D, V, dtype, gpu, impl, status, reason, modeled_s, floor_s, ratio,
-    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the sketch's rows with a forward also
-    forward_variant, forward_s {design: modeled forward seconds} and forward_forced)."""
+    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the sketch's rows also variants:
+    {"forward" | "backward": {"pick", "modeled_s": {design: modeled seconds of that pass}, "forced"}})."""
     spec = GPU_SPECS[gpu]
     tdt = _DTYPES[dtype]
     elt = torch.empty((), dtype=tdt).element_size()
@@ -145,10 +145,8 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
     launches, row["status"], row["reason"] = _call_plan(op, impl, pass_, N, D, V, tdt, **plan_kw)
     if launches is None:
         return row
-    if getattr(launches, "forward_variant", None):  # the sketch: both forward designs, modeled, and the pick
-        row["forward_variant"] = launches.forward_variant
-        row["forward_s"] = dict(launches.forward_s)
-        row["forward_forced"] = launches.forward_forced
+    if getattr(launches, "variants", None):  # the sketch: both designs of each pass, modeled, and the picks
+        row["variants"] = {w: dict(v, modeled_s=dict(v["modeled_s"])) for w, v in launches.variants.items()}
     ks = [_kernel_row(k, spec, tdt == torch.float32) for k in launches]
     row["kernels"] = ks
     row["modeled_s"] = sum(k["modeled_s"] for k in ks)
@@ -219,14 +217,14 @@ HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "r
 
 
 def variant_lines(rows: Iterable[Dict[str, Any]]) -> List[str]:
-    """One line per row whose plan chose between forward designs: each design's modeled forward and the pick."""
+    """One line per pass whose plan chose between designs: each design's modeled time of that pass and the pick."""
     out = []
     for r in rows:
-        if r.get("forward_variant"):
-            how = "forced by config / env" if r["forward_forced"] else "faster by the model"
-            ms = ", ".join(f"{n} {_ms(s)} ms" for n, s in r["forward_s"].items())
-            out.append(f"{r['op']} {r['pass']} N={r['N']} D={r['D']} V={r['V']} {r['gpu']} {r['impl']}: forward "
-                       f"{ms} -> {r['forward_variant']} ({how})")
+        for which, v in r.get("variants", {}).items():
+            how = "forced by config / env" if v["forced"] else "faster by the model"
+            ms = ", ".join(f"{n} {_ms(s)} ms" for n, s in v["modeled_s"].items())
+            out.append(f"{r['op']} {r['pass']} N={r['N']} D={r['D']} V={r['V']} {r['gpu']} {r['impl']}: {which} "
+                       f"{ms} -> {v['pick']} ({how})")
     return out
 
 
@@ -240,7 +238,7 @@ def render_markdown(rows: List[Dict[str, Any]]) -> str:
            C.format_table(HEAD, table_rows(rows), markdown=True), ""]
     picks = variant_lines(rows)
     if picks:
-        out += ["## Forward designs modeled by the plans", ""] + [f"- {x}" for x in picks] + [""]
+        out += ["## Designs modeled by the plans (per pass)", ""] + [f"- {x}" for x in picks] + [""]
     notes = list(dict.fromkeys(n for r in rows for n in r.get("l2_notes", [])))
     if notes:
         out += ["## L2-residency assumptions", ""] + [f"- {n}" for n in notes] + [""]

@@ -278,7 +278,7 @@ def test_many_chunks(impl, monkeypatch):
 
     monkeypatch.setattr(rows_torch, "CHUNK_ELEMENTS", 3 * 41)
     monkeypatch.setattr(lin_cpu, "CHUNK_ELEMENTS", 3 * 41)
-    small = _fused_cfg(chunk_rows=3, forward_variant="chunked")  # the chunked forward's chunks too
+    small = _fused_cfg(chunk_rows=3, forward_variant="chunked", backward_variant="chunked")  # the chunked designs
     monkeypatch.setattr(sketch_launch, "default_sketch_config", lambda dtype, arch=None: small)
     z, y, P, v = _case(N=10, V=41, k=7, neg_inf_cols=())
     a, dz = _run(z, y, P, v, impl)
@@ -346,18 +346,20 @@ def _head_ref(h, W, b, y, P, v, tau, dtype):
     return [a.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("variant", ["fused", "chunked"])
+@pytest.mark.parametrize("fwd,bwd", [("fused", "fused"), ("chunked", "chunked"), ("chunked", "fused"),
+                                     ("fused", "chunked")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias,offset", [(False, 0.0), (True, 0.0), (True, 1.0e3)])
-def test_fused_head_awkward_inputs(dtype, bias, offset, variant):
-    """Both forward designs (forced by the config; the backward is the same dz kernel + cuBLAS for both, fed
-    their saved stats) vs the float64 oracle, within 2x eager PyTorch in the input dtype (+ a floor)."""
+def test_fused_head_awkward_inputs(dtype, bias, offset, fwd, bwd):
+    """Every pairing of the forward and backward designs (forced by the config: each backward takes either
+    forward's saved stats) vs the float64 oracle, within 2x eager PyTorch in the input dtype (+ a floor)."""
     from hero_kernels.backends.triton.linear import sketch_launch as SL
     from hero_kernels.options import RowOptions
 
     h, W, b, y, P, v, tau = _head_case(dtype, bias, offset=offset)
-    opts, cfg = RowOptions(tau), _fused_cfg(forward_variant=variant)
-    assert SL.plan(h.shape[0], h.shape[1], W.shape[0], dtype, k=P.shape[0], config=cfg).forward_variant == variant
+    opts, cfg = RowOptions(tau), _fused_cfg(forward_variant=fwd, backward_variant=bwd)
+    p = SL.plan(h.shape[0], h.shape[1], W.shape[0], dtype, k=P.shape[0], pass_="fwd+bwd", config=cfg)
+    assert (p.forward_variant, p.backward_variant) == (fwd, bwd)
     a, stats = SL.forward(h, W, b, y, P, opts, cfg)
     grads = SL.backward(h, W, b, y, P, a, stats, v, opts, config=cfg)
     exact = _head_ref(h, W, b, y, P, v, tau, torch.float64)
@@ -384,9 +386,11 @@ def test_fused_head_uncompacted_rows_and_one_chunk(monkeypatch, variant):
     from hero_kernels.options import RowOptions
 
     monkeypatch.setenv(SL.FORWARD_ENV, variant)
+    monkeypatch.setenv(SL.BACKWARD_ENV, variant)
     h, W, b, y, P, v, tau = _head_case(torch.float32, True, k=16)
     opts, cfg = RowOptions(tau), _fused_cfg(chunk_rows=None, vocab_splits=None)
-    assert SL.plan(h.shape[0], h.shape[1], W.shape[0], "fp32", k=16, config=cfg).forward_variant == variant
+    p = SL.plan(h.shape[0], h.shape[1], W.shape[0], "fp32", k=16, pass_="fwd+bwd", config=cfg)
+    assert p.forward_variant == p.backward_variant == variant
     a0, s0 = SL.forward(h, W, b, y, P, opts, cfg)
     dh0, _, _ = SL.backward(h, W, b, y, P, a0, s0, v, opts, config=cfg)
     monkeypatch.setattr(launch, "compact_rows", lambda labels, ignore_index: None)
@@ -420,11 +424,11 @@ def test_fused_plan_is_what_runs():
 
     from hero_kernels.backends.triton import linear_grad_sketch as L
 
-    fused = replace(L.default_sketch_config(torch.bfloat16, 90), forward_variant="fused")
+    fused = replace(L.default_sketch_config(torch.bfloat16, 90), forward_variant="fused", backward_variant="fused")
     fwd = L.plan(16384, 4096, 151936, "bf16", pass_="fwd", config=fused)
     part = next(x for x in fwd if x.name == "_sketch_fwd_partials_kernel")
     assert part.meta["splits"] > 1 and part.grid[1] == 1 and part.l2_bytes > 0
-    bwd = L.plan(16384, 4096, 151936, "bf16", pass_="bwd")
+    bwd = L.plan(16384, 4096, 151936, "bf16", pass_="bwd", config=fused)
     names = [x.name for x in bwd]
     assert "_sketch_bwd_dz_kernel" in names and "cublas_dh" in names and "cublas_dw" in names
     assert L.plan(16384, 4096, 151936, "bf16", k=300, pass_="fwd", config=fused)[1].grid[1] == 3  # 3 sketch blocks
@@ -433,34 +437,37 @@ def test_fused_plan_is_what_runs():
     assert L.plan(100, 64, 1000, "bf16", pass_="bwd", need_dh=False, need_dw=False) == []
 
 
-def test_plan_picks_the_faster_forward():
-    """The roofline model picks the chunked forward (cuBLAS logits + the row kernel) at the headline shape,
-    where the fused forward's 128 x 64 tile is L2-bound; tiny shapes stay fused (fewer launches). The config
-    and the environment force a design; a bad value names the variable."""
+def test_plan_picks_the_faster_designs():
+    """Pure Python: the roofline model picks the chunked forward and backward (cuBLAS fp32 logits + the row
+    kernels) at the headline shape, where the fused kernels' tl.dot tiles are L2-bound; tiny shapes stay fused
+    (fewer launches). The config and the environment force a design; a bad value names the variable."""
     from hero_kernels.backends.triton.linear import sketch_launch as SL
 
     for gpu in ("h100", "h200"):
         p = SL.plan(16384, 4096, 151936, "bf16", pass_="fwd+bwd", gpu=gpu)
-        assert p.forward_variant == "chunked" and not p.forward_forced
-        assert p.forward_s["chunked"] < 0.6 * p.forward_s["fused"]
-        assert "cublas_logits" in [x.name for x in p] and "_sketch_fwd_partials_kernel" not in [x.name for x in p]
-    assert SL.plan(64, 64, 1000, "bf16").forward_variant == "fused"
+        fw, bw = p.variants["forward"], p.variants["backward"]
+        assert (p.forward_variant, p.backward_variant) == ("chunked", "chunked") and not fw["forced"]
+        assert fw["modeled_s"]["chunked"] < 0.6 * fw["modeled_s"]["fused"]
+        assert bw["modeled_s"]["chunked"] < 0.95 * bw["modeled_s"]["fused"]
+        names = [x.name for x in p]
+        assert "grad_sketch._bwd_kernel" in names and "_sketch_fwd_partials_kernel" not in names
+    assert SL.plan(64, 64, 1000, "bf16", pass_="fwd+bwd").variants["forward"]["pick"] == "fused"
     assert SL.plan(16384, 4096, 151936, "bf16", pass_="bwd").forward_variant is None
     forced = SL.plan(16384, 4096, 151936, "bf16", config=_fused_cfg(forward_variant="fused", chunk_rows=None,
                                                                    vocab_splits=None))
-    assert forced.forward_variant == "fused" and forced.forward_forced
+    assert forced.forward_variant == "fused" and forced.variants["forward"]["forced"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(SL.FORWARD_ENV, "fused")
-        assert SL.plan(16384, 4096, 151936, "bf16").forward_variant == "fused"
+        mp.setenv(SL.BACKWARD_ENV, "fused")
+        assert SL.plan(16384, 4096, 151936, "bf16", pass_="bwd").backward_variant == "fused"
         mp.setenv(SL.FORWARD_ENV, "tiled")
         with pytest.raises(ValueError, match=SL.FORWARD_ENV):
             SL.plan(16384, 4096, 151936, "bf16")
-    with pytest.raises(ValueError, match="forward_variant"):
-        _fused_cfg(forward_variant="tiled")
-    from benchmarks import roofline as RL  # the roofline row shows both designs and the pick
+    with pytest.raises(ValueError, match="backward_variant"):
+        _fused_cfg(backward_variant="tiled")
+    from benchmarks import roofline as RL  # the roofline row shows both designs of each pass and the picks
 
     row = RL.model_row("linear_grad_sketch", "triton", "fwd", 16384, 4096, 151936, "bf16", "h200")
-    assert row["forward_variant"] == "chunked" and row["modeled_s"] == pytest.approx(row["forward_s"]["chunked"])
+    assert row["modeled_s"] == pytest.approx(row["variants"]["forward"]["modeled_s"]["chunked"])
     assert RL.variant_lines([row])[0].endswith("-> chunked (faster by the model)")
 
 

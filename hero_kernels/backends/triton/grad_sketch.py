@@ -39,7 +39,7 @@ from torch import Tensor
 from hero_kernels.options import RowOptions
 
 __all__ = ["SketchTile", "TILES", "BLOCK_KS", "block_k", "KERNEL_CONFIGS", "compile_attrs", "forward", "backward",
-           "forward_rows", "fwd_grid"]
+           "forward_rows", "fwd_grid", "backward_rows", "bwd_grid"]
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
@@ -199,24 +199,25 @@ def _kernel_configs() -> List[tuple]:
     """(kernel, signature, constexprs, num_warps, num_stages, description) of every build the launchers run."""
     rows = []
     for dt in ("bf16", "fp16", "fp32"):
-        # fp32 logits also run with a 16-bit proj: the LM head's chunked forward (fp32 logits, proj in the
-        # input dtype); the backward kernel never does
+        # fp32 logits also run with a 16-bit proj: the LM head's chunked passes (fp32 logits, proj and the
+        # backward's dz in the input dtype)
         for pdt in (("bf16", "fp16", "fp32") if dt == "fp32" else sorted({dt, "fp32"})):
+            odt = pdt if dt == "fp32" else dt
             for bk in BLOCK_KS:
                 ieee = pdt == "fp32"
                 fwd = {"logits_ptr": f"*{dt}", "rows_ptr": "*i64", "labels_ptr": "*i64", "proj_ptr": f"*{pdt}",
                        "a_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32", "V": "i32", "K": "i32",
                        "stride_row": "i32", "stride_pk": "i32", "stride_a": "i32", "inv_temp": "fp32"}
-                bwd = {"logits_ptr": f"*{dt}", "out_ptr": f"*{dt}", "rows_ptr": "*i64", "proj_ptr": f"*{pdt}",
+                bwd = {"logits_ptr": f"*{dt}", "out_ptr": f"*{odt}", "rows_ptr": "*i64", "proj_ptr": f"*{pdt}",
                        "stats_ptr": "*fp32", "v_ptr": "*fp32", "c_ptr": "*fp32", "n_rows": "i32", "V": "i32",
                        "K": "i32", "stride_row": "i32", "stride_out": "i32", "stride_pk": "i32", "inv_temp": "fp32"}
-                kernels = (("fwd", _fwd_kernel, fwd), ("bwd", _bwd_kernel, bwd))
-                for name, fn, sig in kernels[:1] if dt == "fp32" != pdt else kernels:
+                for name, fn, sig in (("fwd", _fwd_kernel, fwd), ("bwd", _bwd_kernel, bwd)):
                     t = TILES[name]
                     const = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": bk, "IEEE": ieee, "UPCAST": False}
                     sig = dict(sig, **{c: "constexpr" for c in const})
                     rows.append((fn, sig, const, t.num_warps, t.num_stages,
-                                 f"grad_sketch_{name}[{dt},proj={pdt},BLOCK_K={bk}]"))
+                                 f"grad_sketch_{name}[{dt},proj={pdt},BLOCK_K={bk}]"
+                                 + (f"[out={odt}]" if name == "bwd" and odt != dt else "")))
     return rows
 
 
@@ -290,8 +291,6 @@ def forward_rows(logits: Tensor, rows: Tensor, labels: Tensor, proj: Tensor, a: 
 def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
              out: Optional[Tensor] = None) -> Tensor:
     """dlogits [N, V] in logits.dtype (into ``out`` when given, which may be ``logits`` itself)."""
-    N, V = logits.shape
-    K = proj.shape[0]
     proj, rows = _prepare(logits, labels, proj, opts.ignore_index)
     if out is None:
         out = torch.empty_like(logits)
@@ -299,19 +298,31 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Ten
         raise ValueError(f"out must be [N, V] = {tuple(logits.shape)} {logits.dtype} with last-dim stride 1, got "
                          f"{tuple(out.shape)} {out.dtype}")
     out.index_fill_(0, torch.nonzero(labels == opts.ignore_index).flatten(), 0)
-    n = rows.numel()
-    if n == 0:
+    if rows.numel() == 0:
         return out
     v = grad_a.index_select(0, rows).to(torch.float32).contiguous()
     # (proj p) . v from the forward output: proj p = proj[:, y] - tau a.
     # a bad label (checks off) clamped for the gather: its row of a is NaN, so c and dz stay NaN
     p_y = proj.index_select(1, labels.index_select(0, rows).clamp(0, V - 1)).t().to(torch.float32)
     c = (v * (p_y - opts.temperature * a.index_select(0, rows))).sum(-1).contiguous()
-    t, bk = TILES["bwd"], block_k(K)
-    grid = (triton.cdiv(n, t.block_n), triton.cdiv(V, t.block_v))
-    _bwd_kernel[grid](
-        logits, out, rows, proj, stats, v, c, n, V, K, logits.stride(0), out.stride(0), proj.stride(0),
-        float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=bk,
+    backward_rows(logits, rows, proj, stats, v, c, out, opts)
+    return out
+
+
+def bwd_grid(n: int, V: int) -> Tuple[int, int]:
+    """Grid of ``_bwd_kernel`` for n rows and V vocabulary columns: (row blocks, vocab blocks)."""
+    return triton.cdiv(n, TILES["bwd"].block_n), triton.cdiv(V, TILES["bwd"].block_v)
+
+
+def backward_rows(logits: Tensor, rows: Tensor, proj: Tensor, stats: Tensor, v: Tensor, c: Tensor, out: Tensor,
+                  opts: RowOptions) -> None:
+    """``_bwd_kernel``: dz of the rows ``rows`` (int64 [n] ids into logits / stats / out) into ``out`` [R, V]
+    (last-dim stride 1, any float dtype: the LM head's chunked backward reads fp32 logits and writes dz in
+    the input dtype; may alias logits when the dtypes match). v [n, k] fp32 and c [n] fp32 are compacted
+    (row i of them belongs to rows[i]); proj as in ``forward_rows``."""
+    t, (V, K) = TILES["bwd"], (logits.shape[1], proj.shape[0])
+    _bwd_kernel[bwd_grid(rows.numel(), V)](
+        logits, out, rows, proj, stats, v, c, rows.numel(), V, K, logits.stride(0), out.stride(0), proj.stride(0),
+        float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=block_k(K),
         IEEE=proj.dtype == torch.float32, UPCAST=_upcast(proj), num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return out

@@ -1,4 +1,5 @@
-"""Triton backend of ``linear_grad_sketch``: the fused gradient sketch through the LM head, no [N, V] logits.
+"""Triton backend of ``linear_grad_sketch``: the gradient sketch through the LM head, no [N, V] logits; per pass
+the fused kernels or cuBLAS logits chunks + the row kernels of ``grad_sketch``, whichever ``plan`` models faster.
 
 Entry point; the code lives with the fused entropy head in ``hero_kernels/backends/triton/linear/``
 (sketch_kernels.py: the Triton kernels; config.py: ``LinearSketchConfig``; sketch_launch.py: ``plan`` and the
@@ -6,7 +7,7 @@ launchers; compile.py: ``SKETCH_KERNEL_CONFIGS``, generated from the kernels' ow
 
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N], proj [k, V], opts) -> (a [N, k], stats [N, 2])
 backward(hidden, weight, bias, labels, proj, a, stats, grad_a, opts, need_dh, need_dw) -> (dh, dW, db)
-plan(N, D, V, dtype, *, k, pass_, has_bias, need_dh, need_dw) -> list[KernelLaunch]
+plan(N, D, V, dtype, *, k, pass_, has_bias, need_dh, need_dw, gpu) -> SketchPlan (a list[KernelLaunch] + .variants)
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
            "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK",
-           "SKETCH_MERGE_WARPS", "SKETCH_FORWARD_VARIANTS"]
+           "SKETCH_MERGE_WARPS", "SKETCH_VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,9 @@ def forward_splits(row_blocks: int, V: int, block_v: int, sms: int, forced: Opti
 # ----------------------------------------------------------------------------------------------
 # the fused gradient sketch (``linear_grad_sketch``; kernels in ``sketch_kernels.py``)
 # ----------------------------------------------------------------------------------------------
-#: Forward designs of the sketch through the LM head (``LinearSketchConfig.forward_variant``).
-SKETCH_FORWARD_VARIANTS = ("fused", "chunked")
+#: Designs of each pass of the sketch through the LM head (``LinearSketchConfig.forward_variant`` /
+#: ``backward_variant``).
+SKETCH_VARIANTS = ("fused", "chunked")
 
 
 @dataclass(frozen=True)
@@ -151,9 +152,11 @@ class LinearSketchConfig:
     two >= 16; k above it: forward programs per sketch block, each recomputing the logits); dz_block_p: the
     dz kernel's step over the sketch dimension (it loops, any k).
     vocab_splits / chunk_rows / allow_tf32: as in ``LinearEntropyConfig``.
-    forward_variant: "fused" (the kernels above), "chunked" (per chunk of chunk_rows rows a cuBLAS logits GEMM
-    into an fp32 [C, V] buffer, then the row kernel of ``grad_sketch``) or None: the environment variable
-    ``HERO_KERNELS_SKETCH_FORWARD`` if set, else whichever ``sketch_launch.plan`` models faster.
+    forward_variant / backward_variant: "fused" (the kernels above; the backward's dz kernel recomputes the
+    logits tile), "chunked" (per chunk of chunk_rows rows a cuBLAS GEMM writes the fp32 logits [C, V], then
+    the row kernel of ``grad_sketch``: the forward's a / stats, the backward's dz) or None: the environment
+    variable ``HERO_KERNELS_SKETCH_FORWARD`` / ``_BACKWARD`` if set, else whichever ``sketch_launch.plan``
+    models faster. Both backwards end in the same cuBLAS dh / dW GEMMs; both take either forward's stats.
     """
 
     fwd: Tile
@@ -164,11 +167,13 @@ class LinearSketchConfig:
     chunk_rows: Optional[int] = None
     allow_tf32: bool = False
     forward_variant: Optional[str] = None
+    backward_variant: Optional[str] = None
 
     def __post_init__(self):
-        if self.forward_variant not in SKETCH_FORWARD_VARIANTS + (None,):
-            raise ValueError(f"LinearSketchConfig.forward_variant must be None or one of {SKETCH_FORWARD_VARIANTS}, "
-                             f"got {self.forward_variant!r}")
+        for name in ("forward_variant", "backward_variant"):
+            if getattr(self, name) not in SKETCH_VARIANTS + (None,):
+                raise ValueError(f"LinearSketchConfig.{name} must be None or one of {SKETCH_VARIANTS}, "
+                                 f"got {getattr(self, name)!r}")
         for name in ("block_p", "dz_block_p"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):

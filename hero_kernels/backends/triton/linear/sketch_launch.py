@@ -1,23 +1,31 @@
-"""Launchers of the fused gradient sketch through the LM head, and ``plan``: the one description of what they
-launch (grids, tiles, vocab splits, sketch blocks, chunk sizes; ``benchmarks/roofline.py`` prices it).
+"""Launchers of the gradient sketch through the LM head, and ``plan``: the one description of what they launch
+(design per pass, grids, tiles, vocab splits, sketch blocks, chunk sizes; ``benchmarks/roofline.py`` prices it).
 
 forward(hidden [N, D], weight [V, D], bias [V] | None, labels [N], proj [k, V], opts)
     -> (a [N, k] fp32, stats [N, 2] fp32 = (max x, log s)); masked rows 0
 backward(hidden, weight, bias, labels, proj, a, stats, grad_a [N, k], opts, need_dh, need_dw)
     -> (grad_hidden [N, D] | None, grad_weight [V, D] | None, grad_bias [V] | None)
 
-Forward: ``_sketch_fwd_partials_kernel`` (vocab splits, split-fastest order and the split count of the fused
-entropy head's forward, ``config.forward_splits``) then ``_sketch_merge_kernel``. Backward: the entropy head's
-chunked design: per chunk of C rows (``gemm.chunk_rows``) ``_sketch_bwd_dz_kernel`` writes dz [C, V] once in
-the input dtype, then cuBLAS dh = dz W and dW += dz^T h (``gemm.chunk_grads``). No [N, V] tensor anywhere.
+Two designs per pass; ``plan`` prices both with the roofline model and runs the faster (``SketchPlan.variants``;
+``LinearSketchConfig.forward_variant`` / ``backward_variant`` or ``FORWARD_ENV`` / ``BACKWARD_ENV`` force one).
+Fused forward: ``_sketch_fwd_partials_kernel`` (vocab splits, split-fastest order and the split count of the
+fused entropy head's forward, ``config.forward_splits``) then ``_sketch_merge_kernel``. Chunked forward: per
+chunk of C rows a cuBLAS GEMM writes the fp32 logits [C, V], then ``grad_sketch._fwd_kernel`` (the row op's
+kernel) gives a and the same (max x, log s) stats. Backward: per chunk of C rows (``gemm.chunk_rows``) dz
+[C, V] is written once in the input dtype, by ``_sketch_bwd_dz_kernel`` (fused: logits tile recomputed by
+tl.dot) or by cuBLAS fp32 logits + ``grad_sketch._bwd_kernel`` (chunked), then cuBLAS dh = dz W and
+dW += dz^T h (``gemm.chunk_grads``). Either backward takes either forward's stats. No [N, V] tensor anywhere.
 
 Precision. 16-bit inputs: both tensor-core dots of the sketch (e P^T forward, v P backward) take proj rounded
 to the input dtype (2^-9 relative per entry for bf16, below the effect of eager's own bf16 logits), e in [0, 1]
 and the upstream v rounded to it; accumulation is fp32, the logits stay fp32 (never rounded to bf16), and the
 per-row terms c = (P p) . v and the label column are formed in fp32 from the same rounded P and v, so dz is
 the exact gradient of the computed sketch for that P and v. fp32 inputs: IEEE fp32 dots (TF32 with
-``allow_tf32``). The label column is left out of the forward sums (a = (P_y so - uo) / (s tau), no
-cancellation as p_y -> 1) and the backward takes it from the forward's a.
+``allow_tf32``). The fused kernels leave the label column out of the forward sums (a = (P_y so - uo) /
+(s tau), no cancellation as p_y -> 1) and the fused backward takes it from the forward's a; the row kernels
+(chunked designs) sum it in like the row op (a = (P_y - u / s) / tau), within 2x eager's error in the tests.
+The chunked designs' cuBLAS logits are fp32 too (fp32 GEMM output), fp32 inputs run IEEE dots in the row
+kernels whatever ``allow_tf32`` says, and their fp32 [C, V] logits buffer is twice the dz chunk buffer.
 
 Modeled at N = 16384, D = 4096, V = 151936, k = 128, bf16 (``python -m benchmarks.roofline --op
 linear_grad_sketch --shapes headline``): see docs/design.md (the fused gradient sketch section).
@@ -37,12 +45,12 @@ from hero_kernels.backends.triton import grad_sketch as ROWS
 from hero_kernels.options import RowOptions
 
 from . import sketch_kernels as SK
-from .config import (SKETCH_FORWARD_VARIANTS, SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig,
-                     default_sketch_config, device_arch, forward_splits)
+from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, SKETCH_VARIANTS,
+                     LinearSketchConfig, default_sketch_config, device_arch, forward_splits)
 from .launch import (_ALIGN, _MASKED_LSE, _aligned_2d, _check, _device_sms, _dot_precision, _entry, _prepare,
                      _upcast_dot, plan_passes, plan_target)
 
-__all__ = ["plan", "forward", "backward", "SKETCH_K", "SketchPlan", "FORWARD_ENV"]
+__all__ = ["plan", "forward", "backward", "SKETCH_K", "SketchPlan", "FORWARD_ENV", "BACKWARD_ENV"]
 
 #: Sketch size k the plan models when none is given: hero.omnex's default k1.
 SKETCH_K = 128
@@ -91,62 +99,125 @@ def _forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: L
     ]
 
 
-def _chunked_forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: LinearSketchConfig,
-                          sms: int) -> List[KernelLaunch]:
-    """The chunked forward: per chunk of C rows (the backward's ``gemm.chunk_rows``) one cuBLAS GEMM writes the
-    fp32 logits [C, V] (fp32 output, never rounded to the input dtype), the bias is added in place, and the
-    row kernel ``grad_sketch._fwd_kernel`` streams them once per k block with proj in the input dtype."""
-    C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
-    t, bk = ROWS.TILES["fwd"], ROWS.block_k(k)
-    out = [_proj_plan(k, V, e)]
-    note = ("cuBLAS: operands streamed once per GEMM; the fp32 [C, V] output (2x the backward's chunk buffer) "
-            "is written to HBM")
-    for c, reps in [(C, N // C)] + ([(N % C, 1)] if N % C else []):
-        if reps == 0:
-            continue
-        grid = ROWS.fwd_grid(c, k)
-        sf = 2.0 * c * V * bk * grid[1]
-        out.append(KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + 4 * c * V, note,
-                                meta={"chunk_rows": c}, external=True, repeats=reps))
-        if has_bias:
-            out.append(KernelLaunch("bias_add", (), "stream", 0.0, 8 * c * V + V * e, "torch add_: the fp32 "
-                                    "logits read and written once", meta={"chunk_rows": c}, external=True,
-                                    repeats=reps))
-        # Per program: 16 logits rows (fp32, from HBM: the chunk is far beyond L2) and the proj tiles [BK, BV]
-        # (the k x V proj is read from HBM once per chunk: the programs sweep V in step, a wave shares each
-        # tile in L2). Fewer programs than SMs leave SMs idle: the L2 -> SM term scales by sms / programs.
-        busy = min(1.0, grid[0] * grid[1] / sms)
-        l2 = (grid[1] * 4.0 * c * V + sf * e / (2 * t.block_n)) / busy
-        out.append(KernelLaunch("grad_sketch._fwd_kernel", grid, "gemm", sf,
-                                grid[1] * 4 * c * V + V * bk * grid[1] * e + c * (4 * k + 24),
-                                f"fp32 logits chunk streamed from HBM once per k block; proj read once per chunk "
-                                f"and shared in L2 ({grid[0] * grid[1]} programs on {sms} SMs)",
-                                t.num_warps, t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v,
-                                                            "BLOCK_K": bk, "chunk_rows": c, "elt": e},
-                                repeats=reps, l2_bytes=l2))
+def _chunk_sizes(N: int, C: int) -> List[Tuple[int, int]]:
+    """(rows, repeats) of N rows in chunks of C: the equal chunks, then the tail."""
+    return [(c, r) for c, r in [(C, N // C), (N % C, 1)] if c and r]
+
+
+def _logits_chunk_plan(c: int, reps: int, D: int, V: int, e: int, has_bias: bool) -> List[KernelLaunch]:
+    """The chunked designs' logits: one cuBLAS GEMM writes the fp32 [c, V] (16-bit operands, fp32 output, never
+    rounded to the input dtype), the bias is added in place."""
+    out = [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + 4 * c * V,
+                        "cuBLAS: operands streamed once per GEMM; the fp32 [C, V] output is written to HBM",
+                        meta={"chunk_rows": c}, external=True, repeats=reps)]
+    if has_bias:
+        out.append(KernelLaunch("bias_add", (), "stream", 0.0, 8 * c * V + V * e,
+                                "torch add_: the fp32 logits read and written once", meta={"chunk_rows": c},
+                                external=True, repeats=reps))
     return out
 
 
-#: Environment override of the forward design ("fused" | "chunked") when the config leaves it None.
-FORWARD_ENV = "HERO_KERNELS_SKETCH_FORWARD"
+def _row_kernel_entry(name: str, grid: Tuple[int, int], c: int, V: int, k: int, e: int, reps: int, flops: float,
+                      hbm: float, l2: float, sms: int) -> KernelLaunch:
+    """A ``grad_sketch`` row kernel on a chunk's fp32 logits. Fewer programs than SMs leave SMs idle: the
+    L2 -> SM term then scales by sms / programs."""
+    t = ROWS.TILES["fwd" if name.endswith("_fwd_kernel") else "bwd"]
+    programs = grid[0] * grid[1]
+    return KernelLaunch(name, grid, "gemm", flops, hbm,
+                        f"fp32 logits chunk streamed from HBM; proj read once per chunk and shared in L2 by the "
+                        f"programs sweeping V in step ({programs} programs on {sms} SMs)",
+                        t.num_warps, t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v,
+                                                    "BLOCK_K": ROWS.block_k(k), "chunk_rows": c, "elt": e},
+                        repeats=reps, l2_bytes=l2 / min(1.0, programs / sms))
+
+
+def _chunked_forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: LinearSketchConfig,
+                          sms: int) -> List[KernelLaunch]:
+    """The chunked forward: per chunk of C rows (the backward's ``gemm.chunk_rows``; the fp32 buffer is twice
+    the backward's dz chunk) the fp32 logits, then ``grad_sketch._fwd_kernel`` streams them once per k block
+    (16 rows per program, proj tiles [BK, BV] in the input dtype, e in registers)."""
+    out = [_proj_plan(k, V, e)]
+    bn, bk = ROWS.TILES["fwd"].block_n, ROWS.block_k(k)
+    for c, reps in _chunk_sizes(N, gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)):
+        grid = ROWS.fwd_grid(c, k)
+        sf = 2.0 * c * V * bk * grid[1]
+        out += _logits_chunk_plan(c, reps, D, V, e, has_bias)
+        out.append(_row_kernel_entry("grad_sketch._fwd_kernel", grid, c, V, k, e, reps, sf,
+                                     grid[1] * (4 * c * V + V * bk * e) + c * (4 * k + 24),
+                                     grid[1] * 4.0 * c * V + sf * e / (2 * bn), sms))
+    return out
+
+
+def _fused_dz_plan(c: int, reps: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: LinearSketchConfig,
+                   sms: int) -> List[KernelLaunch]:
+    """The fused backward's dz of one chunk: ``_sketch_bwd_dz_kernel`` recomputes the logits tile (tl.dot)."""
+    t, bp = cfg.dz, cfg.dz_block_p
+    kp = triton.cdiv(k, bp) * bp
+    grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
+    gf, sf = 2.0 * c * D * V, 2.0 * c * V * kp
+    note = (f"W and proj streamed once per chunk (a wave shares each tile), chunk hidden rows "
+            f"{c * D * e / 2**20:.1f} MiB and v L2-resident, dz [C, V] written once")
+    return [KernelLaunch("_sketch_bwd_dz_kernel", grid, "gemm", gf + sf,
+                         c * D * e + V * (D + k) * e + c * V * e + c * (k * e + 16) + (V * e if has_bias else 0),
+                         note, t.num_warps, t.num_stages,
+                         {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "BLOCK_P": bp,
+                          "chunk_rows": c, "elt": e}, repeats=reps,
+                         l2_bytes=gemm_l2_bytes(gf, t.block_n, t.block_v, e) + gemm_l2_bytes(sf, t.block_n,
+                                                                                             t.block_v, e))]
+
+
+def _chunked_dz_plan(c: int, reps: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: LinearSketchConfig,
+                     sms: int) -> List[KernelLaunch]:
+    """The chunked backward's dz of one chunk: the fp32 logits, then ``grad_sketch._bwd_kernel`` (per program
+    16 rows x BV columns: v [16, k] fp32 and proj [k, BV] tiles, w = v proj by tl.dot) writes dz in the input
+    dtype into the chunk buffer."""
+    t, bk = ROWS.TILES["bwd"], ROWS.block_k(k)
+    kp = triton.cdiv(k, bk) * bk
+    grid = ROWS.bwd_grid(c, V)
+    l2 = (4 + e) * c * V + grid[0] * grid[1] * kp * (4 * t.block_n + e * t.block_v)
+    return _logits_chunk_plan(c, reps, D, V, e, has_bias) + [
+        _row_kernel_entry("grad_sketch._bwd_kernel", grid, c, V, k, e, reps, 2.0 * c * V * kp,
+                          (4 + e) * c * V + V * kp * e + c * (4 * k + 12), l2, sms)]
+
+
+#: Environment overrides of each pass's design ("fused" | "chunked") when the config leaves it None.
+FORWARD_ENV, BACKWARD_ENV = "HERO_KERNELS_SKETCH_FORWARD", "HERO_KERNELS_SKETCH_BACKWARD"
 
 _FORWARD_PLANS = {"fused": _forward_plan, "chunked": _chunked_forward_plan}
+_DZ_PLANS = {"fused": _fused_dz_plan, "chunked": _chunked_dz_plan}
 
 
 class SketchPlan(list):
-    """A plan (list of ``KernelLaunch``) plus the forward design it runs: ``forward_variant`` ("fused" |
-    "chunked"; None without a forward pass), ``forward_s`` (modeled seconds of each design's forward on
-    ``gpu``) and ``forward_forced`` (the config or ``FORWARD_ENV`` chose, not the model)."""
+    """A plan (list of ``KernelLaunch``) plus the design each pass runs. ``variants``: {"forward" | "backward":
+    {"pick": "fused" | "chunked", "modeled_s": {design: modeled seconds of that pass on ``gpu``}, "forced":
+    the config or the environment chose, not the model}}, for the passes the plan has."""
 
-    forward_variant: Optional[str] = None
-    forward_s: Dict[str, float] = {}
-    forward_forced: bool = False
+    def __init__(self):
+        super().__init__()
+        self.variants: Dict[str, dict] = {}
+
+    @property
+    def forward_variant(self) -> Optional[str]:
+        return self.variants.get("forward", {}).get("pick")
+
+    @property
+    def backward_variant(self) -> Optional[str]:
+        return self.variants.get("backward", {}).get("pick")
+
+    def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str], gpu: str,
+               fp32: bool) -> List[KernelLaunch]:
+        """Record both designs' modeled seconds for pass ``which``; return the launches of the pick."""
+        secs = {n: plan_seconds(x, GPU_SPECS[gpu], fp32) for n, x in priced.items()}
+        pick = forced or min(secs, key=secs.get)
+        self.variants[which] = {"pick": pick, "modeled_s": secs, "forced": forced is not None}
+        return priced[pick]
 
 
-def _forced_variant(cfg: LinearSketchConfig) -> Optional[str]:
-    v = cfg.forward_variant or os.environ.get(FORWARD_ENV) or None
-    if v is not None and v not in SKETCH_FORWARD_VARIANTS:
-        raise ValueError(f"{FORWARD_ENV}={v!r}: set it to one of {', '.join(SKETCH_FORWARD_VARIANTS)} or unset it")
+def _forced_variant(cfg: LinearSketchConfig, which: str) -> Optional[str]:
+    env = FORWARD_ENV if which == "forward" else BACKWARD_ENV
+    v = getattr(cfg, f"{which}_variant") or os.environ.get(env) or None
+    if v is not None and v not in SKETCH_VARIANTS:
+        raise ValueError(f"{env}={v!r}: set it to one of {', '.join(SKETCH_VARIANTS)} or unset it")
     return v
 
 
@@ -156,19 +227,17 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
          arch: Optional[int] = None, gpu: str = "h100") -> SketchPlan:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows, hidden width D,
     V vocabulary rows and a k-row projection. Other arguments as the entropy head's ``launch.plan``.
-    The forward is the design (``SketchPlan.forward_variant``) the roofline model prices faster on ``gpu``
-    (a ``GPU_SPECS`` key; the launchers price on the H100 at the device's SM count), unless the config or
-    ``FORWARD_ENV`` forces one."""
+    Each pass runs the design (``SketchPlan.variants``) the roofline model prices faster on ``gpu`` (a
+    ``GPU_SPECS`` key; the launchers price on the H100 at the device's SM count), unless the config or
+    ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one."""
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
-    forced, out = _forced_variant(cfg), SketchPlan()
+    out, fp32 = SketchPlan(), dt == torch.float32
+    forced = {w: _forced_variant(cfg, w) for w in ("forward", "backward")}
 
     def forward(D_pad: int) -> List[KernelLaunch]:
         priced = {name: fn(N, D_pad, V, k, e, has_bias, cfg, sms) for name, fn in _FORWARD_PLANS.items()}
-        out.forward_s = {n: plan_seconds(x, GPU_SPECS[gpu], dt == torch.float32) for n, x in priced.items()}
-        out.forward_variant = forced or min(out.forward_s, key=out.forward_s.get)
-        out.forward_forced = forced is not None
-        return priced[out.forward_variant]
+        return out.choose("forward", priced, forced["forward"], gpu, fp32)
 
     launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
     out += launches
@@ -179,23 +248,10 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
                             "torch ops: proj[:, y] gathered, v cast, c = (P p) . v and the label term", external=True))
     D = triton.cdiv(D, _ALIGN) * _ALIGN
     C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
-    t, bp = cfg.dz, cfg.dz_block_p
-    kp = triton.cdiv(k, bp) * bp
-
-    def dz(c: int, reps: int) -> List[KernelLaunch]:
-        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
-        gf, sf = 2.0 * c * D * V, 2.0 * c * V * kp
-        note = (f"W and proj streamed once per chunk (a wave shares each tile), chunk hidden rows "
-                f"{c * D * e / 2**20:.1f} MiB and v L2-resident, dz [C, V] written once")
-        return [KernelLaunch("_sketch_bwd_dz_kernel", grid, "gemm", gf + sf,
-                             c * D * e + V * (D + k) * e + c * V * e + c * (k * e + 16) + (V * e if has_bias else 0),
-                             note, t.num_warps, t.num_stages,
-                             {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "BLOCK_P": bp,
-                              "chunk_rows": c, "elt": e}, repeats=reps,
-                             l2_bytes=gemm_l2_bytes(gf, t.block_n, t.block_v, e) + gemm_l2_bytes(sf, t.block_n,
-                                                                                                 t.block_v, e))]
-
-    out += gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh, need_dw=need_dw)
+    priced = {name: gemm.chunked_backward_plan(
+        N, D, V, e, C, lambda c, reps, fn=fn: fn(c, reps, D, V, k, e, has_bias, cfg, sms), has_bias=has_bias,
+        need_dh=need_dh, need_dw=need_dw) for name, fn in _DZ_PLANS.items()}
+    out += out.choose("backward", priced, forced["backward"], gpu, fp32)
     return out
 
 
@@ -261,11 +317,15 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: 
     bias = None if b is None else b.float()
     for s in range(0, n, C):
         e = min(n, s + C)
-        z = buf[:e - s]
-        gemm.mm_into(h[s:e], w.t(), z)
-        if bias is not None:
-            z.add_(bias)
-        ROWS.forward_rows(z, rows[:e - s], lab[s:e], P, a[s:e], stats[s:e], opts)
+        _logits_into(h[s:e], w, bias, buf[:e - s])
+        ROWS.forward_rows(buf[:e - s], rows[:e - s], lab[s:e], P, a[s:e], stats[s:e], opts)
+
+
+def _logits_into(h: Tensor, w: Tensor, bias: Optional[Tensor], z: Tensor) -> None:
+    """z [c, V] fp32 = h [c, D'] @ w [V, D']^T (+ bias fp32): cuBLAS with 16-bit operands and an fp32 output."""
+    gemm.mm_into(h, w.t(), z)
+    if bias is not None:
+        z.add_(bias)
 
 
 def _fused_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: Tensor, a_c: Tensor, st_c: Tensor,
@@ -307,6 +367,21 @@ def _row_terms(P: Tensor, lab: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor,
     return stats.contiguous(), v.contiguous(), c.contiguous(), lab_term.contiguous()
 
 
+def _fused_dz(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: Tensor, st: Tensor, v: Tensor, c: Tensor,
+              lab_term: Tensor, z: Tensor, opts: RowOptions, cfg: LinearSketchConfig,
+              launches: List[KernelLaunch]) -> None:
+    """``_sketch_bwd_dz_kernel`` on one chunk (h [c, D'], row terms [c, ...]): dz into z [c, V]."""
+    t, (n, Dp), (KS, V) = cfg.dz, h.shape, P.shape
+    dz = next(x for x in launches if x.name == "_sketch_bwd_dz_kernel" and x.meta["chunk_rows"] == n)
+    SK._sketch_bwd_dz_kernel[dz.grid](
+        h, w, b if b is not None else w, lab, P, st, v, c, lab_term, z,
+        n, Dp, V, KS, h.stride(0), w.stride(0), P.stride(0), z.stride(0), float(opts.inv_temperature),
+        HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, BLOCK_P=cfg.dz_block_p,
+        num_warps=dz.num_warps, num_stages=dz.num_stages,
+    )
+
+
 def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, proj: Tensor, a: Tensor,
              stats: Tensor, grad_a: Tensor, opts: RowOptions, need_dh: bool = True, need_dw: bool = True,
              config: Optional[LinearSketchConfig] = None
@@ -329,24 +404,25 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
     st, v, c, lab_term = _row_terms(P, lab, rows[0].float(), rows[1], rows[2], opts, h.dtype, masked)
     launches = plan(n, D, V, h.dtype, k=KS, pass_="bwd", has_bias=b is not None, need_dh=need_dh, need_dw=need_dw,
                     config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
-    dz_launch, t = _entry(launches, "_sketch_bwd_dz_kernel"), cfg.dz
+    chunked = launches.backward_variant == "chunked"
+    dz_launch = _entry(launches, "grad_sketch._bwd_kernel" if chunked else "_sketch_bwd_dz_kernel")
     C = dz_launch.meta["chunk_rows"]
     Dp = h.shape[1]
     buf = torch.empty((min(C, n), triton.cdiv(V, _ALIGN) * _ALIGN), dtype=h.dtype, device=dev)
     dh = torch.empty((n, Dp), dtype=hidden.dtype, device=dev) if need_dh else None
     dW = torch.empty((V, Dp), dtype=torch.float32, device=dev) if need_dw else None
     db = torch.empty((V,), dtype=torch.float32, device=dev) if (need_dw and b is not None) else None
+    if chunked:  # the fp32 logits chunk, and v in fp32 for the row kernel (exact: v is already rounded)
+        zf, ids, vf, bias_f = (torch.empty((buf.shape[0], V), dtype=torch.float32, device=dev),
+                                torch.arange(buf.shape[0], device=dev), v.float(), None if b is None else b.float())
     for s in range(0, n, C):
         e = min(n, s + C)
         z = buf[:e - s, :V]
-        grid = next(x.grid for x in launches if x.name == "_sketch_bwd_dz_kernel" and x.meta["chunk_rows"] == e - s)
-        SK._sketch_bwd_dz_kernel[grid](
-            h[s:e], w, b if b is not None else w, lab[s:e], P, st[s:e], v[s:e], c[s:e], lab_term[s:e], z,
-            e - s, Dp, V, KS, h.stride(0), w.stride(0), P.stride(0), buf.stride(0), float(opts.inv_temperature),
-            HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, BLOCK_P=cfg.dz_block_p,
-            num_warps=dz_launch.num_warps, num_stages=dz_launch.num_stages,
-        )
+        if chunked:
+            _logits_into(h[s:e], w, bias_f, zf[:e - s])
+            ROWS.backward_rows(zf[:e - s], ids[:e - s], P, st[s:e], vf[s:e], c[s:e], z, opts)
+        else:
+            _fused_dz(h[s:e], w, b, lab[s:e], P, st[s:e], v[s:e], c[s:e], lab_term[s:e], z, opts, cfg, launches)
         gemm.chunk_grads(z, h[s:e], w, None if dh is None else dh[s:e], dW, db, first=s == 0)
     grad_hidden = grad_weight = grad_bias = None
     if dh is not None:
