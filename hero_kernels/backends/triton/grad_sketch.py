@@ -303,7 +303,7 @@ def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Ten
     v = grad_a.index_select(0, rows).to(torch.float32).contiguous()
     # (proj p) . v from the forward output: proj p = proj[:, y] - tau a.
     # a bad label (checks off) clamped for the gather: its row of a is NaN, so c and dz stay NaN
-    p_y = proj.index_select(1, labels.index_select(0, rows).clamp(0, V - 1)).t().to(torch.float32)
+    p_y = proj.index_select(1, labels.index_select(0, rows).clamp(0, logits.shape[1] - 1)).t().to(torch.float32)
     c = (v * (p_y - opts.temperature * a.index_select(0, rows))).sum(-1).contiguous()
     backward_rows(logits, rows, proj, stats, v, c, out, opts)
     return out

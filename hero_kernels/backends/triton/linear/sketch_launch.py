@@ -309,11 +309,13 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: 
     """The chunked design into a [n, k] / stats [n, 2] (h [n, D'], w [V, D']): per chunk of C rows the fp32
     logits [C, V] by cuBLAS (``gemm.mm_into``: 16-bit operands, fp32 output), + bias, then the row kernel on
     every row of the chunk (no host sync; a masked row of an uncompacted batch gets label 0 here and is zeroed
-    by the caller)."""
+    by the caller; a bad label gives a NaN row)."""
     n, V = h.shape[0], w.shape[0]
     buf = torch.empty((min(C, n), V), dtype=torch.float32, device=h.device)
     rows = torch.arange(buf.shape[0], device=h.device)
-    lab = lab.clamp(0, V - 1)
+    # masked rows of an uncompacted batch read column 0 (zeroed by the caller); an out-of-range label stays
+    # out of range, so the row kernel's guard makes that row NaN instead of a plausible sketch
+    lab = torch.where(lab == opts.ignore_index, 0, lab)
     bias = None if b is None else b.float()
     for s in range(0, n, C):
         e = min(n, s + C)
