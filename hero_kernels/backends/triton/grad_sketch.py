@@ -106,15 +106,13 @@ def _fwd_kernel(
         m = m_new
 
     labels = tl.load(labels_ptr + rows, mask=nmask, other=0)
-    # in-kernel label guard (no host sync): an out-of-range label is never read, its row is NaN
-    bad = (labels < 0) | (labels >= V)
     p_y = tl.load(proj_ptr + ks[None, :].to(tl.int64) * stride_pk + labels[:, None],
-                  mask=nmask[:, None] & kmask[None, :] & ~bad[:, None], other=0.0).to(tl.float32)
-    a = tl.where(bad[:, None], float("nan"), (p_y - u / s[:, None]) * inv_t)
+                  mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+    a = (p_y - u / s[:, None]) * inv_t
     omask = nmask[:, None] & kmask[None, :]
     tl.store(a_ptr + rows[:, None] * stride_a + ks[None, :], a, mask=omask)
     first = nmask & (tl.program_id(1) == 0)
-    tl.store(stats_ptr + 2 * rows, tl.where(bad, float("nan"), m), mask=first)
+    tl.store(stats_ptr + 2 * rows, m, mask=first)
     tl.store(stats_ptr + 2 * rows + 1, tl.log(s), mask=first)
 
 
@@ -275,17 +273,22 @@ def fwd_grid(n: int, K: int) -> Tuple[int, int]:
 
 def forward_rows(logits: Tensor, rows: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor,
                  opts: RowOptions) -> None:
-    """``_fwd_kernel`` on the rows ``rows`` (int64 [n], ids into logits / labels / a / stats; their labels in
-    [0, V)), writing a [R, k] fp32 (row stride a.stride(0)) and stats [R, 2] fp32 (contiguous) there. logits
+    """``_fwd_kernel`` on the rows ``rows`` (int64 [n], ids into logits / labels / a / stats; a label
+    outside [0, V) gives a NaN row), writing a [R, k] fp32 (row stride a.stride(0)) and stats [R, 2] fp32 (contiguous) there. logits
     [R, V] last-dim stride 1; proj [k, V] last-dim stride 1, fp32 (IEEE dots) or 16-bit (the dots take e
     rounded to proj's dtype, for any logits dtype: the fused LM head's chunked forward feeds fp32 logits
     with a bf16 proj). No host sync: callers on a CUDA graph pass every row."""
-    t, K = TILES["fwd"], proj.shape[0]
+    t, K, V = TILES["fwd"], proj.shape[0], logits.shape[1]
+    # label guard with device ops (no host sync; in the kernel it pushes the fp32-logits build past its
+    # registers): an out-of-range label is clamped for the read, and its row is NaN afterwards
+    bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= V))
     _fwd_kernel[fwd_grid(rows.numel(), K)](
-        logits, rows, labels, proj, a, stats, rows.numel(), logits.shape[1], K, logits.stride(0), proj.stride(0),
+        logits, rows, labels.clamp(0, V - 1), proj, a, stats, rows.numel(), V, K, logits.stride(0), proj.stride(0),
         a.stride(0), float(opts.inv_temperature), BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=block_k(K),
         IEEE=proj.dtype == torch.float32, UPCAST=_upcast(proj), num_warps=t.num_warps, num_stages=t.num_stages,
     )
+    a.masked_fill_(bad[:, None], float("nan"))
+    stats[:, 0].masked_fill_(bad, float("nan"))
 
 
 def backward(logits: Tensor, labels: Tensor, proj: Tensor, a: Tensor, stats: Tensor, grad_a: Tensor, opts: RowOptions,
