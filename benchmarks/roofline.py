@@ -21,7 +21,14 @@ the logits / weights dtype:
   plus the sketch products, fwd ``2*N*D*V + 2*N*V*k`` (logits, e @ proj^T), fwd+bwd ``8*N*D*V + 4*N*V*k``
   (+ the backward's v @ proj), over the same peak.
 
-``ratio = modeled_s / floor_s``. A launcher without ``plan`` yields a row with ``status`` "no plan" and
+``ratio = modeled_s / floor_s``.
+
+Memory (fused head): ``peak_extra_bytes`` is the plan's memory model (``plan.peak_extra_bytes``: the most
+device memory a launcher holds beyond its inputs and the outputs it returns), ``eager_peak_bytes`` eager
+PyTorch's lower bound ``N*V*(elt + 8)`` ([N, V] logits in the input dtype + fp32 log-softmax + fp32
+dlogits; ``hero_kernels.backends.gemm.eager_peak_bytes``), ``extra_share`` their ratio (target <= 0.02).
+
+A launcher without ``plan`` yields a row with ``status`` "no plan" and
 reason "no plan (launcher not ported)", a plan that raises yields ``status`` "error": never a crash.
 
     python -m benchmarks.roofline                         # the design grid, both GPUs, table on stdout
@@ -38,7 +45,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, launch_peak, modeled_seconds, modeled_terms
+from hero_kernels.backends import gemm
+from hero_kernels.backends.plan import (GPU_SPECS, GpuSpec, KernelLaunch, launch_peak, modeled_seconds,
+                                        modeled_terms, peak_extra_bytes)
 
 from . import common as C
 
@@ -131,7 +140,8 @@ def _kernel_row(k: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Dict[str, Any]:
 def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str = "bf16", gpu: str = "h100",
               **plan_kw) -> Dict[str, Any]:
     """One roofline row (keys: op, pass, N, D, V, dtype, gpu, impl, status, reason, modeled_s, floor_s, ratio,
-    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the sketch's rows also variants:
+    flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the fused head's rows also
+    peak_extra_bytes, eager_peak_bytes, extra_share; the sketch's rows also variants:
     {"forward" | "backward": {"pick", "modeled_s": {design: modeled seconds of that pass}, "forced"}})."""
     spec = GPU_SPECS[gpu]
     tdt = _DTYPES[dtype]
@@ -154,6 +164,10 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
     row["flops"] = sum(k["flops"] for k in ks)
     row["hbm_bytes"] = sum(k["hbm_bytes"] for k in ks)
     row["l2_notes"] = list(dict.fromkeys(k["l2_note"] for k in ks if k["l2_note"]))
+    if op == "linear_entropy_logprob":
+        row["peak_extra_bytes"] = peak_extra_bytes(launches)
+        row["eager_peak_bytes"] = gemm.eager_peak_bytes(N, V, elt)
+        row["extra_share"] = row["peak_extra_bytes"] / row["eager_peak_bytes"]
     return row
 
 
@@ -208,12 +222,16 @@ def table_rows(rows: Iterable[Dict[str, Any]]) -> List[list]:
         if r.get("kernels"):
             k = max(r["kernels"], key=lambda k: k["modeled_s"])
             top = f"{k['name']} {100 * k['modeled_s'] / r['modeled_s']:.0f}% ({k['bound']})"
+        mem = ""
+        if r.get("peak_extra_bytes") is not None:
+            mem = f"{r['peak_extra_bytes'] / 1e9:.2f} GB ({100 * r['extra_share']:.1f}%)"
         out.append([r["op"], r["pass"], r["N"], r["D"], r["V"], r["gpu"], r["impl"], _ms(r["modeled_s"]),
-                    _ms(r["floor_s"]), C._fmt(r["ratio"], ".2f"), top if r["status"] == "ok" else r["reason"]])
+                    _ms(r["floor_s"]), C._fmt(r["ratio"], ".2f"), mem, top if r["status"] == "ok" else r["reason"]])
     return out
 
 
-HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "ratio", "largest kernel / status"]
+HEAD = ["op", "pass", "N", "D", "V", "gpu", "impl", "modeled ms", "floor ms", "ratio", "extra mem (of eager)",
+        "largest kernel / status"]
 
 
 def variant_lines(rows: Iterable[Dict[str, Any]]) -> List[str]:
@@ -234,7 +252,8 @@ def render_markdown(rows: List[Dict[str, Any]]) -> str:
            "bytes / L2 bandwidth, HBM bytes / (bandwidth x HBM efficiency), elements x SASS per element / issue "
            "rate) + launch overhead (constants in hero_kernels.backends.plan.GpuSpec); "
            "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
-           "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head.", "",
+           "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head; extra mem = the plan's memory model (bytes "
+           "held beyond inputs and returned gradients) and its share of eager's lower bound N*V*(elt + 8).", "",
            C.format_table(HEAD, table_rows(rows), markdown=True), ""]
     picks = variant_lines(rows)
     if picks:

@@ -991,3 +991,152 @@ def test_compute_capability_gate(monkeypatch):
     assert dispatch.resolve_impl("auto", dev, torch.float16, "hidden") == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert dispatch.resolve_impl("auto", dev, torch.bfloat16, "hidden") == "triton"
+
+
+# ----------------------------------------------------------------------------------------------
+# backward loop order and memory model: the "vocab" order holds no fp32 [V, D]
+# ----------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("dtype,bias,tau,logp_given", [
+    (torch.float32, True, 0.7, True),
+    (torch.bfloat16, False, 1.3, True),
+    (torch.bfloat16, True, 1.0, False),
+])
+def test_triton_vocab_order_matches_reference(dtype, bias, tau, logp_given):
+    """The "vocab" order at N=37, D=96, V=1003: slices of 256 columns (the tail 235, masked last vocab
+    tiles inside each slice), dz launched in row chunks of 8 (+ a tail), labels and the confident row's
+    label column landing in different slices; with and without the forward's logp."""
+    h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
+    cfg = _small_config(dtype, vocab_cols=256)
+    opts = RowOptions(temperature=tau, ignore_index=IGNORE)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    plan = K.plan(int((y != IGNORE).sum()), 96, 1003, dtype, pass_="bwd", has_bias=bias, config=cfg)
+    assert {x.meta["vocab_cols"] for x in plan if x.name == "_bwd_dz_kernel"} == {256, 235}
+    assert "dw_cast" not in [x.name for x in plan]
+    bwd = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts, cfg)
+    _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
+    again = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts, cfg)
+    assert all(torch.equal(a, c) for a, c in zip(bwd, again) if a is not None)  # deterministic
+    rows = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts,
+                      _small_config(dtype))
+    for a, c in zip(bwd, rows):  # the "rows" order: same gradients up to rounding
+        if a is not None:
+            assert torch.allclose(a.float(), c.float(), rtol=2e-2, atol=2e-2 * c.float().abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("need_dh,need_dw", [(True, False), (False, True)])
+def test_triton_vocab_order_skipped_grads(need_dh, need_dw):
+    h, W, b, y, g, k = _problem(21, 32, 301, torch.bfloat16, bias=True)
+    cfg = _small_config(torch.bfloat16, vocab_cols=128)
+    opts = RowOptions()
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    got = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg, need_dh=need_dh,
+                     need_dw=need_dw)
+    full = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
+    for a, c, want in zip(got, full, (need_dh, need_dw, need_dw)):
+        assert (a is not None) == want
+        if want:
+            assert torch.equal(a, c)
+
+
+def _fake_dz(monkeypatch, launch):
+    """Replace the dz kernel by an in-place fill of its output (no allocation) and the GEMM helpers by
+    blockwise products writing into their outputs: on CPU, torch has no 16-bit GEMM with an fp32 output,
+    so the real helpers upcast whole operands (a CPU-only temporary a GPU run does not have). Counted:
+    what the orchestration allocates, not the kernels' or cuBLAS' internals."""
+    def blockwise(out, a, b, acc, B=32):  # out (+)= a @ b in B x B blocks, fp32 sums
+        for i in range(0, out.shape[0], B):
+            for j in range(0, out.shape[1], B):
+                o = out[i:i + B, j:j + B]
+                blk = o.float() if acc else torch.zeros(o.shape)
+                for q in range(0, a.shape[1], B):
+                    blk.addmm_(a[i:i + B, q:q + B].float(), b[q:q + B, j:j + B].float())
+                o.copy_(blk)
+
+    class Fill:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: args[8].fill_(0.01)
+
+    monkeypatch.setattr(launch.K, "_bwd_dz_kernel", Fill())
+    monkeypatch.setattr(launch.gemm, "mm_into", lambda a, b, out: blockwise(out, a, b, False))
+    monkeypatch.setattr(launch.gemm, "accumulate_mm", lambda out, a, b: blockwise(out, a, b, True))
+    monkeypatch.setattr(launch.gemm, "accumulate_dw", lambda dW, dz, h: blockwise(dW, dz.t(), h, True))
+
+
+def _measured_peak(fn):
+    """(peak bytes the CPU allocator held while fn ran, fn's result, fp32 shapes allocated): the memory
+    profiler's allocations and frees in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t._base is None:
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p, Log():
+        out = fn()
+    evs = [e for e in p.events() if (e.name == "[memory]" or not e.cpu_children) and e.cpu_memory_usage]
+    cur = peak = 0
+    for e in sorted(evs, key=lambda e: e.time_range.start):
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak, out, shapes
+
+
+@needs_triton
+def test_backward_peak_memory_matches_the_model(monkeypatch):
+    """The orchestration's allocations on CPU (dz kernel and GEMMs faked, see ``_fake_dz``) against the
+    plan's memory model: the default order ("vocab", 2 slices at N=64, D=64, V=2000 bf16) peaks within its
+    model + the returned gradients and never allocates an fp32 [V, D]; the "rows" order (forced chunk)
+    holds the fp32 [V, D] accumulator, as its model says."""
+    from hero_kernels.backends.plan import peak_extra_bytes
+    from hero_kernels.backends.triton.linear import launch as L
+
+    N, D, V = 64, 64, 2000
+    h, W, _, y, g, k = _problem(N, D, V, torch.bfloat16, bias=False, n_masked=0)
+    logp, H, lse = K.forward(h, W, None, y, RowOptions())
+    _fake_dz(monkeypatch, L)
+    for cfg, order in ((None, "vocab"), (replace(K.default_config(torch.bfloat16), chunk_rows=32), "rows")):
+        plan = K.plan(N, D, V, torch.bfloat16, pass_="bwd", config=cfg or K.default_config(torch.bfloat16))
+        assert next(x for x in plan if x.name == "_bwd_dz_kernel").meta["order"] == order
+        peak, out, fp32 = _measured_peak(lambda: K.backward(h, W, None, y, RowStats(logp, H, lse),
+                                                            UpstreamGrads(g, k), RowOptions(), cfg))
+        returned = sum(x.numel() * x.element_size() for x in out if x is not None)
+        model = peak_extra_bytes(plan)
+        assert peak <= model + returned + 4096, (order, peak, model, returned)
+        if order == "vocab":
+            assert (V, D) not in fp32 and model < 4 * V * D
+            assert len({x.meta["vocab_cols"] for x in plan if x.name == "_bwd_dz_kernel"}) == 2
+        else:
+            assert (V, D) in fp32 and peak >= 4 * V * D and model >= 4 * V * D
+
+
+@needs_triton
+def test_plan_memory_model_flagship():
+    """(16384, 4096, 128256) bf16: the Triton backward runs the "vocab" order and holds <= 2% of eager's
+    lower bound N V (e + 8) beyond the gradients it returns; the "rows" order (and the CUDA path, whose row
+    kernel needs whole rows) holds the fp32 [V, D] (~12%). Where 4 N D outgrows 4 V D (N = 65536,
+    V = 32000) the choice flips to "rows"."""
+    from hero_kernels.backends import gemm
+    from hero_kernels.backends.cuda import linear_entropy_logprob as CU
+    from hero_kernels.backends.plan import peak_extra_bytes
+
+    N, D, V = 16384, 4096, 128256
+    bound = gemm.eager_peak_bytes(N, V, 2)
+    tri = K.plan(N, D, V, "bf16", pass_="fwd+bwd")
+    assert {x.meta.get("order") for x in tri if x.name == "_bwd_dz_kernel"} == {"vocab"}
+    assert "dw_cast" not in [x.name for x in tri] and "dh_cast" in [x.name for x in tri]
+    assert peak_extra_bytes(tri) <= 0.02 * bound
+    rows = K.plan(N, D, V, "bf16", pass_="bwd", config=replace(K.default_config(torch.bfloat16, 90), chunk_rows=1504))
+    assert peak_extra_bytes(rows) >= 4 * V * D and peak_extra_bytes(CU.plan(N, D, V, "bf16", pass_="bwd")) >= 4 * V * D
+    assert gemm.backward_order(N, D, V, 2)[0] == "vocab" and gemm.backward_order(65536, D, 32000, 2)[0] == "rows"
+    assert gemm.backward_order(N, D, V, 2, need_dw=False)[0] == "rows"
+    assert gemm.backward_order(N, D, V, 2, vocab_ok=False)[0] == "rows"
+

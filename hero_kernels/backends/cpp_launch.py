@@ -116,5 +116,6 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
                 accumulate_dw(dW, dz, h)
         if db is not None:
             torch.sum(dz, 0, dtype=acc, out=db) if s == 0 else db.add_(dz.sum(0, dtype=acc))
+    z = dz = h = None  # the last chunk is freed before dW's cast (the CUDA plan's memory model counts on it)
     return (grad_hidden, None if dW is None else dW.to(weight.dtype),
             None if db is None else db.to(bias.dtype))

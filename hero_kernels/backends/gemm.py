@@ -5,20 +5,29 @@ kernel turns them into dz IN PLACE, then dh_c = dz @ W (one GEMM, fp32 accumulat
 dW += dz^T @ h_c (one GEMM with an fp32 C operand and beta = 1: the fp32 [V, D] accumulator is read and
 written once per chunk, inside the GEMM's epilogue). C comes from a memory budget (``chunk_rows``).
 Shapes: h [n, D], weight [V, D], dz [C, V] (input dtype), dW fp32 [V, D].
+
+Two loop orders (``backward_order``), chosen per shape by the memory model (``backward_memory``):
+  "rows"  (above) vocab-wide chunks of C rows: dW needs an fp32 [V, D] accumulator (4 V D bytes, plus its
+          cast to the weight dtype at the end: 2.1 GB + 1.05 GB at V=128256, D=4096 bf16).
+  "vocab" slices of Vc vocab columns over ALL n rows, outer: dz [n, Vc], then dW[slice] = dz^T @ h is ONE
+          GEMM over all rows (fp32 accumulation inside it, written once in the weight dtype: no fp32
+          [V, D] anywhere) and dh += dz @ W[slice] into an fp32 [n, D] accumulator (4 n D bytes), cast once
+          at the end. Needs a dz producer that works on a vocab slice (the Triton dz kernel does; the CUDA
+          row kernel needs whole rows, so the CUDA backend runs "rows" only).
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
-from torch import Tensor
+import dataclasses
+from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 from hero_kernels.backends.plan import KernelLaunch
 
-__all__ = ["as_dtype", "eager_peak_bytes", "chunk_rows", "accumulate_dw", "mm_into", "chunk_grads",
-           "chunked_backward_plan",
-           "compaction_plan", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS"]
+__all__ = ["as_dtype", "eager_peak_bytes", "memory_budget", "chunk_rows", "accumulate_dw", "accumulate_mm",
+           "mm_into", "chunk_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan", "vocab_cols",
+           "backward_memory", "backward_order", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS", "VOCAB_MIN_COLS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
 CHUNK_MEMORY_SHARE = 0.02
@@ -27,6 +36,11 @@ CHUNK_MEMORY_SHARE = 0.02
 CHUNK_MIN_ROWS = 1280
 #: The budget's chunk rows are rounded down to a multiple of this (GEMM tiles).
 CHUNK_ALIGN = 256
+#: "vocab" order: at least this many columns per slice, so the dh GEMM's fp32 read-modify-write of [n, D]
+#: per slice (8 n D bytes) stays under its 2 n Vc D FLOPs on an H100 (the same bound as CHUNK_MIN_ROWS).
+VOCAB_MIN_COLS = 1280
+#: Per-row fp32 / fp64 statistics the backward keeps (lse, H, g, k, label term, c; ~48 bytes a row).
+_ROW_STAT_BYTES = 48
 
 
 _DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -49,18 +63,86 @@ def eager_peak_bytes(N: int, V: int, elem: int) -> int:
     return N * V * (elem + 8)
 
 
+def memory_budget(n: int, V: int, elem: int) -> int:
+    """Bytes the backward may hold beyond its inputs and the gradients it returns: CHUNK_MEMORY_SHARE of
+    eager's lower bound (``eager_peak_bytes``; eager returns the same gradients on top of it)."""
+    return int(CHUNK_MEMORY_SHARE * eager_peak_bytes(n, V, elem))
+
+
 def chunk_rows(n: int, D: int, V: int, elem: int, forced: Optional[int] = None) -> int:
     """Rows C per chunk for n valid rows. Extra memory per row: the [C, V] logits / dz buffer and the
     [C, D] hidden rows of the chunk (both in the input dtype)."""
     if forced is not None:
         return max(1, min(n, forced))
-    c = int(CHUNK_MEMORY_SHARE * eager_peak_bytes(n, V, elem)) // ((V + D) * elem)
+    c = memory_budget(n, V, elem) // ((V + D) * elem)
     c = max(CHUNK_MIN_ROWS, c - c % CHUNK_ALIGN)
     if c >= n:
         return max(1, n)
     # Even chunks (multiples of 16 rows): no short tail chunk whose dW pass would be memory-bound.
     chunks = -(-n // c)
     return min(c, -(-(-(-n // chunks)) // 16) * 16)
+
+
+def vocab_cols(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, has_bias: bool = False,
+               forced: Optional[int] = None) -> int:
+    """Columns Vc per vocab slice of the "vocab" order: what the budget leaves after the fp32 dh accumulator
+    (4 n D), db and the row statistics, spent on the [n, Vc] dz buffer; a multiple of CHUNK_ALIGN, at least
+    VOCAB_MIN_COLS, at most V."""
+    if forced is not None:
+        return max(1, min(V, forced))
+    fixed = (4 * n * D if need_dh else 0) + (4 * V if has_bias else 0) + _ROW_STAT_BYTES * n
+    c = (memory_budget(n, V, elem) - fixed) // max(n * elem, 1)
+    return min(V, max(VOCAB_MIN_COLS, c - c % CHUNK_ALIGN))
+
+
+def _pad16(x: int) -> int:
+    return -(-x // 16) * 16
+
+
+def backward_memory(order: str, n: int, D: int, V: int, elem: int, C: int, Vc: int, *, need_dh: bool = True,
+                    need_dw: bool = True, has_bias: bool = False, dh_elem: Optional[int] = None,
+                    chunk_row_bytes: int = 0, copies: int = 0) -> Dict[str, int]:
+    """Bytes the chunked backward holds beyond its inputs and the gradients it returns, per phase:
+    {"loop": while the chunks / slices run, "final": during the last cast}. dh_elem: bytes per element of
+    grad_hidden (default elem). chunk_row_bytes: other per-row temporaries of a chunk (the CUDA path's
+    hidden-row copy and dh product); copies: input copies alive throughout (gathered / padded hidden, a
+    copied weight). The dz buffer rows are padded to 16 columns (the Triton launcher's).
+    "rows": the [C, V] buffer + the fp32 dW [V, D] (unless the weight is fp32: then it is the output), and
+    in the final cast the fp32 dW while its cast (returned) exists.
+    "vocab": the [n, Vc] buffer + the fp32 dh [n, D] (none with one slice: dh is written once), nothing of
+    [V, D] size: each dW slice is written once in the weight dtype; final: the fp32 dh while it is cast."""
+    dh_elem = elem if dh_elem is None else dh_elem
+    small = (4 * V if (has_bias and need_dw) else 0) + _ROW_STAT_BYTES * n + copies
+    if order == "rows":
+        acc = 4 * V * D if (need_dw and elem != 4) else 0
+        return {"loop": C * (_pad16(V) * elem + chunk_row_bytes) + acc + small, "final": acc + copies}
+    if order != "vocab":
+        raise ValueError(f"order must be 'rows' or 'vocab', got {order!r}")
+    acc = 4 * n * D if (need_dh and dh_elem != 4 and Vc < V) else 0
+    return {"loop": n * _pad16(Vc) * elem + acc + small, "final": acc + copies}
+
+
+def backward_order(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, need_dw: bool = True,
+                   has_bias: bool = False, forced_rows: Optional[int] = None, forced_cols: Optional[int] = None,
+                   vocab_ok: bool = True, **memory_kw) -> Tuple[str, int, int]:
+    """(order, C, Vc) of the chunked backward for n valid rows, by the memory model (``backward_memory``):
+    "vocab" where its peak is smaller than "rows"' (n < V with dW wanted, i.e. every LLM training shape),
+    else "rows" (Vc = V). C also sizes the "vocab" order's dz launches (row chunks whose hidden rows stay in
+    L2). forced_cols: "vocab" with slices of that many columns; forced_rows alone: "rows" (a config that
+    forces the chunk). vocab_ok False: the backend has no vocab-slice dz producer (CUDA's row kernel needs
+    whole rows). Both orders cost the same 6 n D V FLOPs; "vocab" moves fewer bytes (no [V, D] fp32 pass)."""
+    C = chunk_rows(n, D, V, elem, forced_rows)
+    if not vocab_ok or n <= 0:
+        return "rows", C, V
+    if forced_cols is not None:
+        return "vocab", C, vocab_cols(n, D, V, elem, forced=forced_cols)
+    if forced_rows is not None or not need_dw:  # no fp32 dW to avoid: "vocab" would only add the dh acc
+        return "rows", C, V
+    Vc = vocab_cols(n, D, V, elem, need_dh=need_dh, has_bias=has_bias)
+    kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, **memory_kw)
+    rows = max(backward_memory("rows", n, D, V, elem, C, V, **kw).values())
+    vocab = max(backward_memory("vocab", n, D, V, elem, C, Vc, **kw).values())
+    return ("vocab", C, Vc) if vocab < rows else ("rows", C, V)
 
 
 #: Does this torch run a 16-bit GEMM with an fp32 output (``out_dtype``; CUDA builds only)? Per call form:
@@ -84,22 +166,27 @@ def _out_dtype_call(key: str, fn) -> bool:
     return True
 
 
-def accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor, slice_rows: int = 16384) -> None:
-    """dW (fp32 / fp64) += dz^T @ h without rounding partial sums to dz's dtype. dz [C, V], h [C, D].
+def accumulate_mm(out: Tensor, a: Tensor, b: Tensor, slice_rows: int = 16384) -> None:
+    """out (fp32 / fp64) += a @ b without rounding partial sums to a's dtype. a [M, K], b [K, P], out [M, P].
 
-    16-bit inputs: one cuBLAS GEMM with bf16 / fp16 operands and the fp32 dW as C (beta = 1, fp32 output;
-    ``torch.addmm(..., out_dtype=float32, out=dW)``). Where torch lacks ``out_dtype`` (CPU builds) the
-    operands are upcast ``slice_rows`` vocab rows at a time (correct, slower; bounded extra memory).
+    16-bit inputs: one cuBLAS GEMM with bf16 / fp16 operands and the fp32 ``out`` as C (beta = 1, fp32
+    output; ``torch.addmm(..., out_dtype=float32, out=out)``). Where torch lacks ``out_dtype`` (CPU builds)
+    the operands are upcast ``slice_rows`` rows of ``out`` at a time (correct, slower; bounded memory).
     """
-    if dz.dtype == dW.dtype:
-        dW.addmm_(dz.t(), h.to(dW.dtype))
+    if a.dtype == out.dtype:
+        out.addmm_(a, b.to(out.dtype))
         return
-    if dW.dtype == torch.float32 and _out_dtype_call(
-            "addmm", lambda: torch.addmm(dW, dz.t(), h, out_dtype=torch.float32, out=dW)):
+    if out.dtype == torch.float32 and _out_dtype_call(
+            "addmm", lambda: torch.addmm(out, a, b, out_dtype=torch.float32, out=out)):
         return
-    h_up = h.to(dW.dtype)
-    for v0 in range(0, dW.shape[0], slice_rows):
-        dW[v0:v0 + slice_rows].addmm_(dz[:, v0:v0 + slice_rows].t().to(dW.dtype), h_up)
+    b_up = b.to(out.dtype)
+    for r0 in range(0, out.shape[0], slice_rows):
+        out[r0:r0 + slice_rows].addmm_(a[r0:r0 + slice_rows].to(out.dtype), b_up)
+
+
+def accumulate_dw(dW: Tensor, dz: Tensor, h: Tensor, slice_rows: int = 16384) -> None:
+    """dW (fp32 / fp64) += dz^T @ h (``accumulate_mm``). dz [C, V], h [C, D]."""
+    accumulate_mm(dW, dz.t(), h, slice_rows)
 
 
 def mm_into(a: Tensor, b: Tensor, out: Tensor, slice_rows: int = 16384) -> None:
@@ -129,8 +216,18 @@ def chunk_grads(dz: Tensor, h_c: Tensor, weight: Tensor, dh: Optional[Tensor], d
         torch.sum(dz, 0, dtype=torch.float32, out=db) if first else db.add_(dz.sum(0, dtype=torch.float32))
 
 
+def _with_memory(launches: List[KernelLaunch], memory: Optional[Dict[str, int]],
+                 final: str) -> List[KernelLaunch]:
+    """Stamp ``backward_memory``'s phases on a backward plan: the final cast entry ``final`` gets
+    memory["final"], every other entry memory["loop"]."""
+    if memory is None:
+        return launches
+    return [dataclasses.replace(k, live_bytes=memory["final" if k.name == final else "loop"]) for k in launches]
+
+
 def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches, *, has_bias: bool,
-                          need_dh: bool, need_dw: bool, dw_zeroed: bool = False) -> List[KernelLaunch]:
+                          need_dh: bool, need_dw: bool, dw_zeroed: bool = False,
+                          memory: Optional[Dict[str, int]] = None) -> List[KernelLaunch]:
     """Plan of the chunked backward for n valid rows in chunks of C (equal chunks repeated, then the tail).
 
     dz_launches(c, reps) -> the backend's launches that leave dz [c, V] (input dtype) in the chunk buffer.
@@ -138,6 +235,7 @@ def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches
     Byte model: the [C, V] chunk (C V e bytes, ~0.4 GB at the flagship shape) is far beyond 50 MB of L2, so
     each GEMM reading it reads it from HBM; W [V, D] is streamed once per GEMM that reads it; the fp32 dW
     is read and written once per chunk inside the dW GEMM (beta = 1), written once by the first chunk.
+    memory: ``backward_memory("rows", ...)``, stamped on the entries as ``live_bytes``.
     """
     out: List[KernelLaunch] = []
     note = ("cuBLAS: operands streamed once per GEMM (its tile swizzle keeps reuse in L2); the [C, V] chunk "
@@ -167,7 +265,53 @@ def chunked_backward_plan(n: int, D: int, V: int, elem: int, C: int, dz_launches
     if need_dw and elem != 4:
         out.append(KernelLaunch("dw_cast", (), "stream", 0.0, V * D * (4 + elem), "fp32 dW -> weight dtype",
                                 external=True))
-    return out
+    return _with_memory(out, memory, "dw_cast")
+
+
+def _sizes(total: int, step: int) -> List[Tuple[int, int]]:
+    """[(step, full steps), (tail, 1)] without empty entries."""
+    return [(s, r) for s, r in ((step, total // step), (total % step, 1)) if s and r]
+
+
+def vocab_backward_plan(n: int, D: int, V: int, elem: int, C: int, Vc: int, dz_launches, *, has_bias: bool,
+                        need_dh: bool, need_dw: bool, dh_elem: int, memory: Optional[Dict[str, int]] = None
+                        ) -> List[KernelLaunch]:
+    """Plan of the "vocab" order (module docstring): per slice of Vc columns (equal slices, then the tail),
+    dz [n, Vc] from the backend's launches in row chunks of C (``dz_launches(c, vc, reps)``), then over all
+    n rows: cuBLAS dh (+)= dz @ W[slice] (fp32 [n, D]: the first slice writes it, later ones read and write
+    it in the GEMM's epilogue; one slice writes dh once in its own dtype) and dW[slice] = dz^T @ h (one
+    GEMM, K = n, written once in the weight dtype), db[slice] = column sums; last, the fp32 dh's cast.
+    Bytes: the [n, Vc] buffer is far beyond 50 MB of L2 (read from HBM by each GEMM); W[slice] once per
+    GEMM reading it; h [n, D] once per dW GEMM."""
+    note = ("cuBLAS over all n rows of a vocab slice: operands streamed once per GEMM; the [n, Vc] dz slice "
+            "does not fit in 50 MB of L2")
+    slices = -(-V // Vc)
+    out: List[KernelLaunch] = []
+    first = True
+    for vc, reps in _sizes(V, Vc):
+        nv = n * vc * elem
+        for c, creps in _sizes(n, C):
+            out += dz_launches(c, vc, reps * creps)
+        meta = {"vocab_cols": vc, "order": "vocab"}
+        if need_dh:
+            for r, acc in ((1, not first), (reps - 1, True)):
+                if r:
+                    dh_bytes = (8 if acc else 4) * n * D if slices > 1 else n * D * dh_elem
+                    out.append(KernelLaunch("cublas_dh", (), "gemm", 2.0 * n * vc * D, nv + vc * D * elem + dh_bytes,
+                                            note + ("; fp32 dh in the GEMM's epilogue" if slices > 1 else ""),
+                                            meta=meta, external=True, repeats=r))
+        if need_dw:
+            out.append(KernelLaunch("cublas_dw", (), "gemm", 2.0 * n * vc * D, nv + n * D * elem + vc * D * elem,
+                                    note + "; dW slice written once in the weight dtype", meta=meta,
+                                    external=True, repeats=reps))
+            if has_bias:
+                out.append(KernelLaunch("db_sum", (), "stream", 0.0, nv + 4 * vc, "column sums of the slice",
+                                        meta=meta, external=True, repeats=reps))
+        first = False
+    if need_dh and slices > 1 and dh_elem != 4:
+        out.append(KernelLaunch("dh_cast", (), "stream", 0.0, n * D * (4 + dh_elem), "fp32 dh -> grad dtype",
+                                external=True))
+    return _with_memory(out, memory, "dh_cast")
 
 
 def compaction_plan(total_rows: Optional[int], n: int, D: int, elem: int, pass_: str) -> List[KernelLaunch]:

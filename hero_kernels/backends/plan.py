@@ -18,6 +18,11 @@ Conventions
   streams; they give the instruction-issue term.
 - ``kind`` says which terms apply: "gemm" (tensor cores, L2 operand traffic) or "stream" (HBM, issue).
 - ``external`` marks work done by a library call (cuBLAS GEMM, a torch op) rather than our kernel.
+- ``live_bytes``: the memory model. Device memory the launcher holds while this entry runs BEYOND its
+  inputs and the outputs it returns (chunk buffers, fp32 accumulators, input copies, a cast's source);
+  ``peak_extra_bytes`` of a plan is the largest. The fused head's target: <= 2% of eager's lower bound
+  (``hero_kernels.backends.gemm.eager_peak_bytes``: what eager PyTorch's logits path must hold at its
+  peak, [N, V] logits + fp32 log-softmax + fp32 dlogits; eager returns the same gradients on top).
 
 The model (``modeled_terms``): per launch, the largest of
   compute  flops / (tensor-core peak x ``tc_efficiency``)      every GEMM, ours or cuBLAS
@@ -33,7 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional, Tuple
 
 __all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds", "modeled_terms", "gemm_l2_bytes",
-           "sass_per_element", "launch_peak", "plan_seconds"]
+           "sass_per_element", "launch_peak", "plan_seconds", "peak_extra_bytes", "gpu_spec",
+           "fastest_linear_impl", "LINEAR_IMPLS"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,12 @@ class KernelLaunch:
     repeats: int = 1               # launched this many times with the same plan (e.g. one per chunk)
     l2_bytes: float = 0.0          # L2 -> SM traffic of our tensor-core kernels (``gemm_l2_bytes``, atomics)
     host_sync: bool = False        # the call blocks the host until the GPU is done (e.g. ``nonzero``)
+    live_bytes: float = 0.0        # workspace held while it runs, beyond inputs and returned outputs
+
+
+def peak_extra_bytes(launches) -> float:
+    """The memory model of a plan: the largest ``live_bytes`` of its entries (0 for an empty plan)."""
+    return max((float(k.live_bytes) for k in launches), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -149,3 +161,35 @@ def launch_peak(launch: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Optional[floa
 def plan_seconds(launches, gpu: GpuSpec, fp32: bool = False) -> float:
     """Modeled seconds of a whole plan (a list of ``KernelLaunch``) on ``gpu``; fp32: the plan's dtype is fp32."""
     return sum(modeled_seconds(k, gpu, flops_per_s=launch_peak(k, gpu, fp32)) for k in launches)
+
+
+def gpu_spec(name: str, sms: int, cc: int) -> GpuSpec:
+    """The model's spec of a GPU: H100 / H200 by name (``GPU_SPECS``); any other GPU as an H100 with its own
+    SM count and compute capability (the constants are Hopper's, so only the relative ranking of plans on
+    such a GPU is meaningful)."""
+    key = next((k for k in GPU_SPECS if k in name.lower()), None)
+    if key is not None:
+        return GPU_SPECS[key]
+    import dataclasses
+
+    return dataclasses.replace(GPU_SPECS["h100"], name=name, sms=sms, cc=cc)
+
+
+#: The GPU paths of the fused LM head ``impl="auto"`` chooses between, each with the module of its plan.
+LINEAR_IMPLS = {"triton": "hero_kernels.backends.triton.linear.launch",
+                "cuda": "hero_kernels.backends.cuda.linear_entropy_logprob"}
+
+
+def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias: bool = False,
+                        impls=("triton", "cuda")) -> Tuple[str, Dict[str, float]]:
+    """(impl, {impl: modeled seconds}) of the fused LM head's fwd+bwd at (N, D, V) on ``gpu``: the impl
+    whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU."""
+    import importlib
+
+    times = {}
+    for impl in impls:
+        mod = importlib.import_module(LINEAR_IMPLS[impl])
+        kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
+        launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
+        times[impl] = sum(modeled_seconds(k, gpu) for k in launches)
+    return min(times, key=times.get), times

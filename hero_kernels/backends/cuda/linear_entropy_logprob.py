@@ -7,7 +7,10 @@ backward(hidden, weight, bias, labels, saved: RowStats, grads: UpstreamGrads, op
     need_dh=False / need_dw=False (keywords): that gradient is None and GEMM 2 / GEMM 3 (with db and the
     fp32 grad_weight buffer) is skipped.
 plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> list[KernelLaunch]: what the
-    launchers run (chunk size included), for them and for ``benchmarks/roofline.py``.
+    launchers run (chunk size included), for them and for ``benchmarks/roofline.py``, with the memory model
+    (``live_bytes``): the "rows" loop order of ``hero_kernels.backends.gemm`` only, since the row kernel
+    needs whole rows (no vocab slices), so the fp32 [V, D] grad_weight accumulator stays (~12% of eager's
+    lower bound at N=16384, D=4096, V=128256 bf16; the Triton path's "vocab" order holds <= 2%).
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3: cuBLAS with the fp32 grad_weight as its C operand,
@@ -79,6 +82,8 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                                         c * D * e + V * D * e + c * V * e, note, meta={"chunk_rows": c},
                                         external=True, repeats=reps))
                 out.append(rows("fwd", c, reps))
+    # Memory model of the forward: the [C, V] logits chunk and the chunk's hidden-row copy.
+    out = [dataclasses.replace(k, live_bytes=C * (V + D) * e) for k in out]
     if pass_ == "fwd" or not (need_dh or need_dw):
         return out
     out += gemm.compaction_plan(total_rows, N, D, e, "bwd")
@@ -89,8 +94,12 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                              note, meta={"chunk_rows": c}, external=True, repeats=reps),
                 rows("bwd", c, reps)]
 
+    # Memory model: the "rows" order only (the row kernel needs whole rows, so no vocab slices): the [C, V]
+    # chunk, the chunk's hidden-row copy and dh product ([C, D] each), the fp32 dW [V, D] and its cast.
+    memory = gemm.backward_memory("rows", N, D, V, e, C, V, need_dh=need_dh, need_dw=need_dw, has_bias=has_bias,
+                                  chunk_row_bytes=2 * D * e)
     return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
-                                            need_dw=need_dw)
+                                            need_dw=need_dw, memory=memory)
 
 
 def _step(rows: Optional[Tensor], labels: Tensor, weight: Tensor, pass_: str) -> Tuple[int, int]:

@@ -47,7 +47,16 @@ recompute (10 N D V FLOPs).
     85 FLOP/B; spill-free on sm_90a: 198 registers, 144 KB of shared memory, wgmma), elsewhere the
     forward's 128 x 128 (that tile spills 80-96 B on sm_80). Modeled on an H100: ``_bwd_dz_kernel``
     L2-bound at 33.7 ms (44.9 ms at 128 x 128), cuBLAS dh + dW 46.5 ms at 0.75 of the peak; fwd + bwd
-    126.1 ms = 1.81 x the floor on an H100, 122.8 ms = 1.76 x on an H200.
+    126.5 ms = 1.82 x the floor on an H100, 123.5 ms = 1.77 x on an H200.
+    Loop order and memory (``gemm.backward_order``, the plan's ``live_bytes``): chunks of rows over the
+    whole vocabulary need an fp32 dW [V, D] across chunks (2.1 GB) and its cast (1.05 GB): 2.5 GB = 12 %
+    of eager's lower bound beyond the returned gradients. So where n < V the loop runs over vocab SLICES
+    of Vc columns outside ("vocab" order): dz [n, Vc] (the dz kernel on W[slice] with the slice's label
+    offset, like a vocab shard; launched in the row chunks above so each launch's hidden rows stay in
+    L2), then dW[slice] = dz^T h as ONE cuBLAS GEMM over all rows (fp32 accumulation inside it, written
+    once in bf16) and dh += dz W[slice] into an fp32 [n, D] (268 MB, cast once at the end). Vc = 4608
+    from the rest of the budget: 0.42 GB = 2.0 %. Same 6 N D V FLOPs; the dh GEMM's fp32 epilogue moves
+    8 n D per slice (15 GB in all, compute-bound at Vc >= 1280) instead of dW's 8 V D per row chunk.
 (b) fused in the style of Cut Cross-Entropy: one kernel per (row tile, vocab tile), dz in registers,
     dh += dz W and dW += dz^T h through fp32 atomics, grouped program order so the tiles being added to
     stay in L2. Same 6 N D V FLOPs, but 4 N V D (1/BV + 1/BN) = 538 GB of fp32 atomics into L2 at

@@ -45,7 +45,10 @@ class LinearEntropyConfig:
         place, cuBLAS dh / dW GEMMs), bitwise reproducible; False = one fused kernel with fp32 atomics.
     vocab_splits: None = from the SM count (``forward_splits``); an int forces the forward's split count.
     chunk_rows: None = from the memory budget (``hero_kernels.backends.gemm.chunk_rows``); an int forces
-        the backward's chunk C.
+        the backward's chunk C (and, without vocab_cols, its "rows" loop order).
+    vocab_cols: None = the backward's loop order and vocab slice from the memory model
+        (``hero_kernels.backends.gemm.backward_order``); an int forces the "vocab" order with slices of
+        that many columns.
     allow_tf32: fp32 inputs only; TF32 tensor cores instead of IEEE fp32 dots (faster, ~1e-3 relative).
     """
 
@@ -56,9 +59,10 @@ class LinearEntropyConfig:
     vocab_splits: Optional[int] = None
     chunk_rows: Optional[int] = None
     allow_tf32: bool = False
+    vocab_cols: Optional[int] = None
 
     def __post_init__(self):
-        for name in ("vocab_splits", "chunk_rows"):
+        for name in ("vocab_splits", "chunk_rows", "vocab_cols"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"LinearEntropyConfig.{name} must be None or an int >= 1, got {v!r}")

@@ -7,6 +7,7 @@ GPU. Design and numbers: the package docstring (``hero_kernels/backends/triton/l
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import List, Optional, Tuple
 
@@ -109,49 +110,75 @@ def plan_passes(N: int, D: int, V: int, e: int, pass_: str, total_rows: Optional
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None,
-         weight_copied: Optional[bool] = None, arch: Optional[int] = None) -> List[KernelLaunch]:
+         weight_copied: Optional[bool] = None, arch: Optional[int] = None,
+         grad_hidden_dtype=None) -> List[KernelLaunch]:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D and
     V vocabulary rows (the kernels run at D rounded up to 16: ``_prepare`` pads).
 
-    deterministic=True (default): the chunked backward (``hero_kernels.backends.gemm``): per chunk of C
-    rows ``_bwd_dz_kernel`` (logits GEMM + dz epilogue, dz written once), cuBLAS dh and dW GEMMs. False
+    deterministic=True (default): the chunked backward (``hero_kernels.backends.gemm``) in the loop order
+    the memory model picks (``gemm.backward_order``: "vocab" slices over all rows for n < V, else "rows"
+    chunks): ``_bwd_dz_kernel`` (logits GEMM + dz epilogue, dz written once), cuBLAS dh and dW GEMMs. False
     (with both gradients wanted): the fused atomic kernel. sms: SM count of the target (default: an H100's 132).
     total_rows: rows before the masked-row compaction (> N: its nonzero / gathers / scatters are entries).
     weight_copied: ``_prepare`` copies the weight (D % 16 != 0, or a misaligned / strided weight); None:
     from D % 16 alone. Each pass prepares its inputs, so the copies count once per pass.
     arch: compute capability (major * 10 + minor) whose default configuration runs when ``config`` is None
     (``config.default_config``); default: the H100 / H200's (90), like ``sms``. The launchers pass their
-    device's configuration as ``config``.
+    device's configuration as ``config``. grad_hidden_dtype: the backward's grad_hidden dtype (default:
+    dtype); an fp32 one needs no fp32 dh accumulator of its own. Every entry carries the memory model
+    (``live_bytes``, ``hero_kernels.backends.plan.peak_extra_bytes``).
     """
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     if config is not None:
         deterministic = cfg.deterministic
-    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw,
-                                lambda D_pad: _forward_plan(N, D_pad, V, e, has_bias, cfg, sms))
+    def forward(D_pad: int) -> List[KernelLaunch]:
+        fwd = _forward_plan(N, D_pad, V, e, has_bias, cfg, sms)
+        # memory model: the fp32 split partials [5, S, N] + the input copies
+        live = 20 * fwd[0].meta["splits"] * N + _copy_bytes(N, D, V, e, total_rows, weight_copied)
+        return [dataclasses.replace(k, live_bytes=live) for k in fwd]
+
+    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
     if not backward:
         return out
-    D = triton.cdiv(D, _ALIGN) * _ALIGN
+    D_in, D = D, triton.cdiv(D, _ALIGN) * _ALIGN
     if not deterministic and need_dh and need_dw:
-        return out + _atomic_plan(N, D, V, e, has_bias, cfg)
-    C = gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)
+        live = 4 * (N * D + V * D) + _copy_bytes(N, D_in, V, e, total_rows, weight_copied)
+        return out + [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg)]
+    dh_e = e if grad_hidden_dtype is None else torch.finfo(gemm.as_dtype(grad_hidden_dtype)).bits // 8
+    mem_kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, dh_elem=dh_e,
+                  copies=_copy_bytes(N, D_in, V, e, total_rows, weight_copied))
+    order, C, Vc = gemm.backward_order(N, D, V, e, forced_rows=cfg.chunk_rows, forced_cols=cfg.vocab_cols, **mem_kw)
+    memory = gemm.backward_memory(order, N, D, V, e, C, Vc, **mem_kw)
     t = cfg.dz_tile
 
-    def dz(c: int, reps: int) -> List[KernelLaunch]:
-        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(V, t.block_v),)
-        # Row-block-fastest order: each W tile is read from HBM once per chunk, the chunk's hidden rows
-        # (c x D x e) stay in L2; dz is written once.
-        note = (f"W streamed once per chunk (a wave shares each tile), chunk hidden rows "
-                f"{c * D * e / 2**20:.1f} MiB L2-resident, dz [C, V] written once")
-        return [KernelLaunch("_bwd_dz_kernel", grid, "gemm", 2.0 * c * D * V,
-                             c * D * e + V * D * e + c * V * e + 20 * c + (V * e if has_bias else 0), note,
+    def dz(c: int, vc: int, reps: int) -> List[KernelLaunch]:
+        grid = (triton.cdiv(c, t.block_n) * triton.cdiv(vc, t.block_v),)
+        # Row-block-fastest order: each W tile (of the slice) is read from HBM once per launch, the chunk's
+        # hidden rows (c x D x e) stay in L2; dz is written once.
+        note = (f"W{'' if vc == V else ' slice'} streamed once per chunk (a wave shares each tile), chunk "
+                f"hidden rows {c * D * e / 2**20:.1f} MiB L2-resident, dz [C, {'V' if vc == V else 'Vc'}] "
+                f"written once")
+        return [KernelLaunch("_bwd_dz_kernel", grid, "gemm", 2.0 * c * D * vc,
+                             c * D * e + vc * D * e + c * vc * e + 20 * c + (vc * e if has_bias else 0), note,
                              t.num_warps, t.num_stages,
                              {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c,
-                              "elt": e}, repeats=reps,
-                             l2_bytes=gemm_l2_bytes(2.0 * c * D * V, t.block_n, t.block_v, e))]
+                              "vocab_cols": vc, "order": order, "elt": e}, repeats=reps,
+                             l2_bytes=gemm_l2_bytes(2.0 * c * D * vc, t.block_n, t.block_v, e))]
 
-    return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
-                                            need_dw=need_dw)
+    if order == "vocab":
+        return out + gemm.vocab_backward_plan(N, D, V, e, C, Vc, dz, has_bias=has_bias, need_dh=need_dh,
+                                              need_dw=need_dw, dh_elem=dh_e, memory=memory)
+    return out + gemm.chunked_backward_plan(N, D, V, e, C, lambda c, reps: dz(c, V, reps), has_bias=has_bias,
+                                            need_dh=need_dh, need_dw=need_dw, memory=memory)
+
+
+def _copy_bytes(n: int, D: int, V: int, e: int, total_rows: Optional[int], weight_copied: Optional[bool]) -> int:
+    """Input copies ``_prepare`` keeps alive through a pass (the memory model): the gathered and / or padded
+    hidden rows [n, D_pad], a padded or realigned weight copy [V, D_pad]."""
+    D_pad = triton.cdiv(D, _ALIGN) * _ALIGN
+    compacted = total_rows is not None and total_rows > n
+    return (n * D_pad * e if (compacted or D_pad != D) else 0) + (V * D_pad * e if (D_pad != D or weight_copied) else 0)
 
 
 def _prepare_plan(n: int, D: int, V: int, e: int, pass_: str, total_rows: Optional[int],
@@ -362,19 +389,40 @@ def forward_partials(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], lab
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
+def _launch_dz(launches, cfg, h_c, w, b, labs, row_stats, label_stats: bool, z, stride_z: int,
+               label_offset: int, inv_temp: float) -> None:
+    """``_bwd_dz_kernel`` on chunk rows h_c [c, D] x vocab rows w [vc, D] (a slice: label_offset includes
+    its first column) into z (row stride stride_z), with the grid of the plan entry of (c, vc).
+    row_stats: the chunk's fp32 [c] (lse, k, c_row, label term (label_stats) or any [c] tensor)."""
+    (c, D), vc = h_c.shape, w.shape[0]
+    entry = next(x for x in launches if x.name == "_bwd_dz_kernel" and x.meta["chunk_rows"] == c
+                 and x.meta["vocab_cols"] == vc)
+    t = cfg.dz_tile
+    K._bwd_dz_kernel[entry.grid](
+        h_c, w, b if b is not None else w, labs, *row_stats, z,
+        c, D, vc, h_c.stride(0), w.stride(0), stride_z, int(label_offset), float(inv_temp),
+        HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h_c.dtype, cfg), UPCAST_DOT=_upcast_dot(h_c.dtype),
+        BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, LABEL_STATS=label_stats,
+        num_warps=entry.num_warps, num_stages=entry.num_stages,
+    )
+
+
 def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, gh_dtype,
                       need_dh: bool, need_dw: bool):
-    """The deterministic backward: per chunk of C rows, ``_bwd_dz_kernel`` writes dz [C, V] (input dtype),
-    then cuBLAS dh_c = dz @ W (written once) and dW += dz^T h_c (fp32, see ``hero_kernels.backends.gemm``).
+    """The deterministic backward, in the plan's loop order (``gemm.backward_order``). "rows": per chunk of
+    C rows, ``_bwd_dz_kernel`` writes dz [C, V] (input dtype), then cuBLAS dh_c = dz @ W (written once) and
+    dW += dz^T h_c (fp32, see ``hero_kernels.backends.gemm``). "vocab": ``_vocab_backward``.
     h [n, D] compact rows, w [V, D]; stats: fp32 [n] (lse, H, g, k, lab | None).
-    Returns (dh [n, D] gh_dtype | None, dW fp32 [V, D] | None, db fp32 [V] | None)."""
+    Returns (dh [n, D] gh_dtype | None, dW [V, D] fp32 ("rows") or w.dtype ("vocab") | None, db fp32 [V] | None)."""
+    dz_entry = _entry(launches, "_bwd_dz_kernel")
+    if dz_entry.meta["order"] == "vocab":
+        return _vocab_backward(h, w, b, labs, stats, opts, vocab_start, launches, cfg, gh_dtype, need_dh, need_dw)
     n, D = h.shape
     V = w.shape[0]
     lse, H, g, k, lab = stats
     c_row = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
-    label_stats = lab is not None
-    dz_launch = _entry(launches, "_bwd_dz_kernel")
-    C, t = dz_launch.meta["chunk_rows"], cfg.dz_tile
+    last = lab if lab is not None else g
+    C = dz_entry.meta["chunk_rows"]
     V_pad = triton.cdiv(V, _ALIGN) * _ALIGN  # 16-aligned rows of the chunk buffer (vector stores, cuBLAS)
     buf = torch.empty((min(C, n), V_pad), dtype=h.dtype, device=h.device)
     dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
@@ -383,19 +431,49 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
     for s in range(0, n, C):
         e = min(n, s + C)
-        c, h_c = e - s, h[s:e]
-        z = buf[:c, :V]
-        grid = next(x.grid for x in launches if x.name == "_bwd_dz_kernel" and x.meta["chunk_rows"] == c)
-        K._bwd_dz_kernel[grid](
-            h_c, w, b if b is not None else w, labs[s:e], lse[s:e], k[s:e], c_row[s:e],
-            (lab if label_stats else g)[s:e], z,
-            c, D, V, h.stride(0), w.stride(0), buf.stride(0), int(vocab_start), float(opts.inv_temperature),
-            HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
-            BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, LABEL_STATS=label_stats,
-            num_warps=dz_launch.num_warps, num_stages=dz_launch.num_stages,
-        )
+        h_c, z = h[s:e], buf[:e - s, :V]
+        _launch_dz(launches, cfg, h_c, w, b, labs[s:e], (lse[s:e], k[s:e], c_row[s:e], last[s:e]),
+                   lab is not None, z, buf.stride(0), vocab_start, opts.inv_temperature)
         gemm.chunk_grads(z, h_c, w, None if dh is None else dh[s:e], dW, db, first=s == 0)
     return dh, dW, db
+
+
+def _vocab_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, gh_dtype,
+                    need_dh: bool, need_dw: bool):
+    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] in row chunks of C (``_bwd_dz_kernel`` on
+    the slice, like a vocab shard), then over all n rows dh (+)= dz @ W[slice] (fp32 [n, D] accumulator,
+    cast once at the end; one slice: written once) and dW[slice] = dz^T @ h, ONE GEMM over all rows,
+    written once in w.dtype: no fp32 [V, D]. Same inputs / outputs as ``_chunked_backward``."""
+    n, D = h.shape
+    V = w.shape[0]
+    lse, H, g, k, lab = stats
+    c_row = torch.addcmul(g, k, H)
+    last = lab if lab is not None else g
+    dz_entry = _entry(launches, "_bwd_dz_kernel")
+    C, Vc = dz_entry.meta["chunk_rows"], dz_entry.meta["vocab_cols"]
+    one_slice = Vc >= V
+    buf = torch.empty((n, triton.cdiv(Vc, _ALIGN) * _ALIGN), dtype=h.dtype, device=h.device)
+    acc = None
+    if need_dh:  # fp32 accumulator across slices (the gradient itself when it is fp32 or there is one slice)
+        acc_dtype = gh_dtype if (one_slice or gh_dtype == torch.float32) else torch.float32
+        acc = torch.empty((n, D), dtype=acc_dtype, device=h.device)
+    dW = torch.empty((V, D), dtype=w.dtype, device=h.device) if need_dw else None
+    db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
+    for v0 in range(0, V, Vc):
+        v1 = min(V, v0 + Vc)
+        w_s, b_s, z = w[v0:v1], (b[v0:v1] if b is not None else None), buf[:, :v1 - v0]
+        for s in range(0, n, C):
+            e = min(n, s + C)
+            _launch_dz(launches, cfg, h[s:e], w_s, b_s, labs[s:e], (lse[s:e], k[s:e], c_row[s:e], last[s:e]),
+                       lab is not None, buf[s:e], buf.stride(0), vocab_start + v0, opts.inv_temperature)
+        if acc is not None:
+            gemm.mm_into(z, w_s, acc) if v0 == 0 else gemm.accumulate_mm(acc, z, w_s)
+        if dW is not None:
+            gemm.mm_into(z.t(), h, dW[v0:v1])
+        if db is not None:
+            torch.sum(z, 0, dtype=torch.float32, out=db[v0:v1])
+    del buf, z  # before the cast: the memory model's "final" phase holds only the fp32 dh
+    return (None if acc is None else acc.to(gh_dtype)), dW, db
 
 
 def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launch: KernelLaunch, cfg):
@@ -476,7 +554,8 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
         lab = -torch.expm1(lp) * g - k * torch.where(p_y > 0, p_y * (lp + H_), torch.zeros_like(p_y))
     stats = (lse_, H_, g, k, lab)
     launches = plan(n, D, V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
-                    need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
+                    need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight,
+                    grad_hidden_dtype=gh_dtype)
     if atomic:
         dh, dW, db = _atomic_backward(h, w, b, labs, stats, opts, vocab_start,
                                       _entry(launches, "_bwd_atomic_kernel"), cfg)
