@@ -1,6 +1,7 @@
 """Which backend runs an op: resolves ``impl`` and imports backend modules lazily (no work at import)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -11,7 +12,8 @@ import torch
 
 from .options import IMPLS
 
-__all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on", "check_capability"]
+__all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on", "check_capability",
+           "auto_linear_impl"]
 
 # dtypes each backend accepts for the big float inputs
 _DTYPES = {
@@ -116,6 +118,27 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
         raise TypeError(f"impl={impl!r} does not support {arg} dtype {str(dtype).replace('torch.', '')}")
     check_capability(impl, device, dtype, arg)
     return impl
+
+
+@_constant_under_compile
+def auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, has_bias: bool) -> str:
+    """``impl="auto"`` for the fused LM head on a CUDA device, where ``resolve_impl`` chose "triton": the
+    GPU path whose launch plan models faster for this shape and GPU (``plan.fastest_linear_impl``: the
+    Triton kernels or the cuBLAS-chunked CUDA backend), "triton" when the CUDA extension is unavailable.
+    The model is pure Python (no sync); cached per shape and device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _auto_linear_impl(int(N), int(D), int(V), dtype, index, bool(has_bias))
+
+
+@functools.lru_cache(maxsize=1024)
+def _auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, index: int, has_bias: bool) -> str:
+    from .backends import plan
+
+    props = torch.cuda.get_device_properties(index)
+    gpu = plan.gpu_spec(props.name, props.multi_processor_count, 10 * props.major + props.minor)
+    best, _ = plan.fastest_linear_impl(N, D, V, dtype, gpu, has_bias=has_bias)
+    # Building the CUDA extension on first use is what impl="auto" already does on CPU tensors.
+    return "cuda" if best == "cuda" and _cpp_ok("cuda") else "triton"
 
 
 def backend_module(impl: str, op: str) -> ModuleType:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _checks
 from .backends import RowStats, UpstreamGrads
-from .dispatch import backend_module, device_guard, resolve_impl
+from .dispatch import auto_linear_impl, backend_module, device_guard, resolve_impl
 from .options import RowOptions
 
 __all__ = ["linear_entropy_logprob"]
@@ -36,12 +36,18 @@ def linear_entropy_logprob(
         weight: [V, D] LM-head weight, same dtype as hidden.
         labels: [N] or [B, T] integer ids; ``ignore_index`` rows cost no GEMM work and get zero grad.
         bias: optional [V].
-        temperature, ignore_index, impl: as in ``entropy_logprob``.
+        temperature, ignore_index, impl: as in ``entropy_logprob``; ``"auto"`` on a CUDA device picks the
+            Triton or the cuBLAS-chunked CUDA path per shape and GPU by the roofline model
+            (``hero_kernels.dispatch.auto_linear_impl``).
 
     Returns:
         (logp, H), float32, shaped like ``labels``; differentiable w.r.t. hidden, weight and bias.
     """
-    h, w, b, y, opts, impl = prepare_inputs(hidden, weight, labels, bias, temperature, ignore_index, impl)
+    h, w, b, y, opts, resolved = prepare_inputs(hidden, weight, labels, bias, temperature, ignore_index, impl)
+    if impl == "auto" and resolved == "triton" and h.device.type == "cuda":
+        # per shape and GPU: the faster of the Triton and cuBLAS-chunked paths by the roofline model
+        resolved = auto_linear_impl(h.shape[0], h.shape[1], w.shape[0], h.dtype, h.device, b is not None)
+    impl = resolved
     logp, H, _ = torch.ops.hero_kernels.linear_entropy_logprob(h, w, b, y, opts.temperature, opts.ignore_index, impl)
     return logp.view(labels.shape), H.view(labels.shape)
 

@@ -1140,3 +1140,34 @@ def test_plan_memory_model_flagship():
     assert gemm.backward_order(N, D, V, 2, need_dw=False)[0] == "rows"
     assert gemm.backward_order(N, D, V, 2, vocab_ok=False)[0] == "rows"
 
+
+@needs_triton
+def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
+    """impl="auto" on CUDA: the fused head's Triton or cuBLAS-chunked path, whichever plan models faster for
+    the shape and GPU (pure Python, checked here with a simulated device); Triton when the CUDA extension
+    is unavailable."""
+    from types import SimpleNamespace
+
+    from hero_kernels import dispatch
+    from hero_kernels.backends import plan as P
+
+    h100 = P.GPU_SPECS["h100"]
+    best, t = P.fastest_linear_impl(16384, 4096, 128256, "bf16", h100)
+    assert best == min(t, key=t.get) == "cuda" and set(t) == {"triton", "cuda"}  # 4 cuBLAS GEMMs vs L2-bound tl.dot
+    assert P.fastest_linear_impl(512, 896, 151936, "bf16", h100)[0] == "triton"  # launch-bound: fewer launches
+    a100 = P.gpu_spec("NVIDIA A100-SXM4-80GB", 108, 80)
+    assert (a100.sms, a100.cc) == (108, 80) and P.gpu_spec("NVIDIA H200", 132, 90) is P.GPU_SPECS["h200"]
+
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(dispatch, "_cpp_ok", lambda kind: True)
+    dev = torch.device("cuda", 0)
+    dispatch._auto_linear_impl.cache_clear()
+    try:
+        assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"
+        assert dispatch.auto_linear_impl(512, 896, 151936, torch.bfloat16, dev, False) == "triton"
+        dispatch._auto_linear_impl.cache_clear()
+        monkeypatch.setattr(dispatch, "_cpp_ok", lambda kind: False)
+        assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "triton"
+    finally:
+        dispatch._auto_linear_impl.cache_clear()
