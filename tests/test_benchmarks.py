@@ -253,14 +253,14 @@ def test_roofline_calls_the_launchers_plans(monkeypatch, tmp_path):
 
 def test_roofline_reports_the_memory_model():
     """Fused-head rows carry the plans' memory model next to eager's lower bound N V (e + 8): at the
-    headline shape the Triton backward ("vocab" order) holds <= 2% of it, the CUDA one (fp32 [V, D]) more."""
+    headline shape both backwards ("vocab" order) hold <= 2% of it."""
     pytest.importorskip("triton")
     from benchmarks import roofline as RL
 
     rows = {impl: RL.model_row("linear_entropy_logprob", impl, "fwd+bwd", 16384, 4096, 128256, "bf16", "h100")
             for impl in ("triton", "cuda")}
     assert rows["triton"]["eager_peak_bytes"] == 16384 * 128256 * 10
-    assert rows["triton"]["extra_share"] <= 0.02 < 0.1 < rows["cuda"]["extra_share"]
+    assert rows["triton"]["extra_share"] <= 0.02 and rows["cuda"]["extra_share"] <= 0.02
     line = RL.table_rows([rows["triton"]])[0]
     assert line[RL.HEAD.index("extra mem (of eager)")].endswith("(2.0%)")
 

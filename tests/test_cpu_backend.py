@@ -552,13 +552,14 @@ def test_cuda_plan_without_a_gpu():
 
 
 def test_cuda_linear_plan_takes_the_row_plans_threads_and_writes_dw_first():
-    """The fused head's CUDA plan launches the row kernel at the row op's block size (512 threads at an LM
-    vocabulary, not a copy of some number), and its first dW GEMM writes dW (beta = 0): no zero-fill entry."""
+    """The fused head's CUDA plan ("rows" order) launches the row kernel at the row op's block size (512
+    threads at an LM vocabulary, not a copy of some number), and its first dW GEMM writes dW (beta = 0): no
+    zero-fill entry. The default ("vocab") order runs it at the slice width's."""
     from hero_kernels.backends.cuda import entropy_logprob as cu
     from hero_kernels.backends.cuda import linear_entropy_logprob as cul
 
     N, D, V = 16384, 4096, 128256
-    launches = cul.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd", has_bias=True)
+    launches = cul.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd", has_bias=True, order="rows")
     rows = [k for k in launches if k.name.startswith("entropy_logprob_")]
     assert rows and {k.meta["threads"] for k in rows} == {cu.threads_per_row(V, 2)} == {512}
     assert {k.num_warps for k in rows} == {16}
@@ -568,3 +569,6 @@ def test_cuda_linear_plan_takes_the_row_plans_threads_and_writes_dw_first():
     assert dw[0].repeats == 1 and dw[0].hbm_bytes == C * V * 2 + C * D * 2 + 4 * V * D  # written, not read
     assert all(k.hbm_bytes - k.meta["chunk_rows"] * (V + D) * 2 == 8 * V * D for k in dw[1:])
     assert sum(k.repeats for k in dw) == -(-N // C)
+    vocab = [k for k in cul.plan(N, D, V, torch.bfloat16, pass_="bwd") if k.name == "entropy_logprob_bwd_kernel"]
+    assert {k.meta["order"] for k in vocab} == {"vocab"}
+    assert all(k.meta["threads"] == cu.threads_per_row(k.meta["vocab_cols"], 2) for k in vocab)

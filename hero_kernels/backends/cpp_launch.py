@@ -16,7 +16,8 @@ from torch import Tensor
 from hero_kernels.backends import RowStats, UpstreamGrads, gemm
 from hero_kernels.options import RowOptions
 
-__all__ = ["rows_forward", "rows_backward", "logits_chunk", "linear_rows_forward", "linear_rows_backward"]
+__all__ = ["rows_forward", "rows_backward", "logits_chunk", "linear_rows_forward", "linear_rows_backward",
+           "linear_vocab_backward"]
 
 
 def rows_forward(ops, logits: Tensor, labels: Tensor, opts: RowOptions,
@@ -119,3 +120,69 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
     z = dz = h = None  # the last chunk is freed before dW's cast (the CUDA plan's memory model counts on it)
     return (grad_hidden, None if dW is None else dW.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
+
+
+def _slice_label_column(x: Tensor, inside: Tensor, lse: Tensor, H: Tensor, g: Tensor, k: Tensor,
+                        logp: Optional[Tensor], inv_tau: float) -> Tensor:
+    """dz at the one column per row that ``linear_vocab_backward`` hands the row kernel as the label (fp64 [n]).
+    x: fp32 [n], that column's x = z / tau (rounded as the kernel rounds it). inside: the row's label is that
+    column: (1/tau) [g (1 - p_y) - k p_y (log p_y + H)], with log p_y = the forward's logp when given (accurate
+    as p_y -> 1, the row kernel's own label term needs the whole row); else a column like any other:
+    -(1/tau) p (g + k (log p + H)), p = 0 giving 0 as in the row kernel."""
+    lq = x.double() - lse
+    lp = torch.where(inside, logp.double(), lq) if logp is not None else lq
+    p = torch.exp(lp)
+    ent = torch.where(p > 0, p * (lp + H.double()), torch.zeros_like(p))
+    lab = g.double() * -torch.expm1(lp) - k.double() * ent
+    other = -(g.double() * p + k.double() * ent)
+    return inv_tau * torch.where(inside, lab, other)
+
+
+def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                          saved: RowStats, grads: UpstreamGrads, opts: RowOptions, cols: int, *, need_dh: bool,
+                          need_dw: bool, threads, rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """The "vocab" loop order (``hero_kernels.backends.gemm``) through the whole-row kernels: per slice of
+    ``cols`` vocab rows, logits [n, vc] = h @ W[slice].T (one GEMM over all n valid rows), dz in place by
+    ``ops.entropy_logprob_bwd`` on the slice with each row's label moved into it (its label column when
+    the label is in the slice, else column 0), that one column per row then rewritten by
+    ``_slice_label_column`` from saved.logp (the kernel's label term would sum p over the slice only;
+    saved.logp None: the old 1 - e^{x_y - lse}); then dW[slice] =
+    dz^T h, ONE GEMM written once in weight.dtype, and dh += dz W[slice] into fp32 [n, D] (one slice:
+    written once). No fp32 [V, D]. threads(vc): the row kernel's threads for a slice width (0 on CPU)."""
+    V, D = weight.shape
+    # contiguous per-row vectors, as index_select's copies (upstream grads may be stride-0 expands)
+    take = (lambda t: t.contiguous()) if rows is None else (lambda t: t.index_select(0, rows))
+    h, y = (hidden if rows is None else take(hidden)), take(labels)
+    lse_, H_, g, k = take(saved.lse).to(torch.float64), take(saved.H), take(grads.g), take(grads.k)
+    lp = None if saved.logp is None else take(saved.logp)
+    n, dev, inv = h.shape[0], hidden.device, float(opts.inv_temperature)
+    masked = y == opts.ignore_index
+    buf = torch.empty(n * min(cols, V), dtype=h.dtype, device=dev)
+    acc_dtype = hidden.dtype if cols >= V else torch.float32
+    acc = torch.empty((n, D), dtype=acc_dtype, device=dev) if need_dh else None
+    dW = torch.empty((V, D), dtype=weight.dtype, device=dev) if need_dw else None
+    db = torch.empty(V, dtype=torch.float32, device=dev) if (need_dw and bias is not None) else None
+    for v0 in range(0, V, cols):
+        vc = min(cols, V - v0)
+        z, w_s = buf[:n * vc].view(n, vc), weight[v0:v0 + vc]
+        torch.addmm(bias[v0:v0 + vc], h, w_s.t(), out=z) if bias is not None else torch.mm(h, w_s.t(), out=z)
+        inside, at_row = (y >= v0) & (y < v0 + vc), torch.arange(n, device=dev) * vc
+        col = torch.where(inside, y - v0, torch.zeros_like(y))
+        x = z.gather(1, col[:, None]).squeeze(1).float() * torch.tensor(inv, dtype=torch.float32)
+        ops.entropy_logprob_bwd(z, torch.where(masked, y, col), lse_, H_, g, k, inv, opts.ignore_index, z,
+                                threads(vc))
+        fix = _slice_label_column(x, inside, lse_, H_, g, k, lp, inv).masked_fill(masked, 0.0)
+        z.view(-1).index_copy_(0, at_row + col, fix.to(z.dtype))  # (scatter_ allocates [n, vc] fp32 on CPU)
+        if acc is not None:
+            gemm.mm_into(z, w_s, acc) if v0 == 0 else gemm.accumulate_mm(acc, z, w_s)
+        if dW is not None:
+            gemm.mm_into(z.t(), h, dW[v0:v0 + vc])
+        if db is not None:
+            torch.sum(z, 0, dtype=torch.float32, out=db[v0:v0 + vc])
+    del buf, z  # before the cast (the memory model's final phase)
+    grad_hidden = None
+    if acc is not None:
+        dh = acc.to(hidden.dtype)
+        del acc
+        grad_hidden = dh if rows is None else torch.zeros_like(hidden).index_copy_(0, rows, dh)
+    return grad_hidden, dW, (None if db is None else db.to(bias.dtype))

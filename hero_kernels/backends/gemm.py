@@ -12,8 +12,9 @@ Two loop orders (``backward_order``), chosen per shape by the memory model (``ba
   "vocab" slices of Vc vocab columns over ALL n rows, outer: dz [n, Vc], then dW[slice] = dz^T @ h is ONE
           GEMM over all rows (fp32 accumulation inside it, written once in the weight dtype: no fp32
           [V, D] anywhere) and dh += dz @ W[slice] into an fp32 [n, D] accumulator (4 n D bytes), cast once
-          at the end. Needs a dz producer that works on a vocab slice (the Triton dz kernel does; the CUDA
-          row kernel needs whole rows, so the CUDA backend runs "rows" only).
+          at the end. Needs a dz producer that works on a vocab slice: the Triton dz kernel does (like a
+          vocab shard); the CUDA backend runs its whole-row kernel on the slice and rewrites the one label
+          column per row from the forward's logp (``cpp_launch.linear_vocab_backward``).
 """
 from __future__ import annotations
 
@@ -129,8 +130,8 @@ def backward_order(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, n
     "vocab" where its peak is smaller than "rows"' (n < V with dW wanted, i.e. every LLM training shape),
     else "rows" (Vc = V). C also sizes the "vocab" order's dz launches (row chunks whose hidden rows stay in
     L2). forced_cols: "vocab" with slices of that many columns; forced_rows alone: "rows" (a config that
-    forces the chunk). vocab_ok False: the backend has no vocab-slice dz producer (CUDA's row kernel needs
-    whole rows). Both orders cost the same 6 n D V FLOPs; "vocab" moves fewer bytes (no [V, D] fp32 pass)."""
+    forces the chunk). vocab_ok False: the backend has no vocab-slice dz producer. Both orders cost the
+    same 6 n D V FLOPs; "vocab" moves fewer bytes (no [V, D] fp32 pass)."""
     C = chunk_rows(n, D, V, elem, forced_rows)
     if not vocab_ok or n <= 0:
         return "rows", C, V

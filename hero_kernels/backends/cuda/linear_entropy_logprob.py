@@ -8,9 +8,11 @@ backward(hidden, weight, bias, labels, saved: RowStats, grads: UpstreamGrads, op
     fp32 grad_weight buffer) is skipped.
 plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> list[KernelLaunch]: what the
     launchers run (chunk size included), for them and for ``benchmarks/roofline.py``, with the memory model
-    (``live_bytes``): the "rows" loop order of ``hero_kernels.backends.gemm`` only, since the row kernel
-    needs whole rows (no vocab slices), so the fp32 [V, D] grad_weight accumulator stays (~12% of eager's
-    lower bound at N=16384, D=4096, V=128256 bf16; the Triton path's "vocab" order holds <= 2%).
+    (``live_bytes``). The backward's loop order comes from ``gemm.backward_order``: "vocab" slices where
+    n < V (``cpp_launch.linear_vocab_backward``: the row kernel on each [n, Vc] slice, the one label
+    column per row rewritten from the forward's logp, dW slices written once, no fp32 [V, D]: 0.42 GB =
+    2.0 % of eager's lower bound at N=16384, D=4096, V=128256 bf16, ~1.6 % slower in the model from the
+    per-slice label fix), else "rows" (below; 2.51 GB = 12 % there).
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3: cuBLAS with the fp32 grad_weight as its C operand,
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends import RowStats, UpstreamGrads, compact_rows, gemm
-from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward
+from hero_kernels.backends.cpp_launch import linear_rows_backward, linear_rows_forward, linear_vocab_backward
 from hero_kernels.backends.cuda import entropy_logprob as _rows
 from hero_kernels.backends.plan import KernelLaunch
 from hero_kernels.dispatch import check_capability
@@ -56,13 +58,19 @@ def _chunk_rows(n: int, D: int, V: int, elem: int) -> int:
 
 
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
-         need_dw: bool = True, deterministic: bool = True, total_rows: Optional[int] = None) -> List[KernelLaunch]:
+         need_dw: bool = True, deterministic: bool = True, total_rows: Optional[int] = None,
+         order: Optional[str] = None) -> List[KernelLaunch]:
     """Launches of ``pass_`` ("fwd", "bwd", "fwd+bwd") for N valid rows; the chunk rows are in each entry's
-    meta["chunk_rows"]. ``deterministic`` is accepted for a uniform signature: this path always is.
+    meta["chunk_rows"]. The backward's loop order (``gemm.backward_order``: "vocab" slices where n < V,
+    else "rows" chunks) comes from the memory model; ``order`` forces one. ``deterministic`` is accepted
+    for a uniform signature: this path always is.
     The row-kernel entries are the row op's own plan (``cuda.entropy_logprob.plan``: block size, measured
     SASS per element) for a chunk. total_rows > N: the masked-row compaction's entries too."""
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    if order not in (None, "rows", "vocab"):
+        raise ValueError(f"order must be None, 'rows' or 'vocab', got {order!r}")
+    order_ = order
     e = torch.finfo(gemm.as_dtype(dtype)).bits // 8
     out: List[KernelLaunch] = []
     if N <= 0:
@@ -94,12 +102,40 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                              note, meta={"chunk_rows": c}, external=True, repeats=reps),
                 rows("bwd", c, reps)]
 
-    # Memory model: the "rows" order only (the row kernel needs whole rows, so no vocab slices): the [C, V]
-    # chunk, the chunk's hidden-row copy and dh product ([C, D] each), the fp32 dW [V, D] and its cast.
+    order, _, Vc = gemm.backward_order(N, D, V, e, need_dh=need_dh, need_dw=need_dw, has_bias=has_bias,
+                                       chunk_row_bytes=2 * D * e)
+    order = order if order_ is None else order_
+    if order == "vocab":
+        copies = N * D * e if (total_rows is not None and total_rows > N) else 0  # the gathered valid rows
+        memory = gemm.backward_memory("vocab", N, D, V, e, N, Vc, need_dh=need_dh, need_dw=need_dw,
+                                      has_bias=has_bias, copies=copies)
+        return out + gemm.vocab_backward_plan(N, D, V, e, N, Vc, _vocab_dz(dtype, D, e, note), has_bias=has_bias,
+                                              need_dh=need_dh, need_dw=need_dw, dh_elem=e, memory=memory)
+    # "rows": the [C, V] chunk, the chunk's hidden-row copy and dh product ([C, D] each), the fp32 dW [V, D]
+    # and its cast.
     memory = gemm.backward_memory("rows", N, D, V, e, C, V, need_dh=need_dh, need_dw=need_dw, has_bias=has_bias,
                                   chunk_row_bytes=2 * D * e)
     return out + gemm.chunked_backward_plan(N, D, V, e, C, dz, has_bias=has_bias, need_dh=need_dh,
                                             need_dw=need_dw, memory=memory)
+
+
+#: Small torch ops per vocab slice that rewrite the one label column per row (``cpp_launch``'s
+#: ``_slice_label_column`` and the gather / scatter around it): launch-bound, modeled as this many launches.
+SLICE_FIX_OPS = 20
+
+
+def _vocab_dz(dtype, D: int, e: int, note: str):
+    """dz_launches of the "vocab" order: per slice, the logits GEMM over all n rows, the row kernel in place
+    on the [n, vc] slice (the row op's own plan at width vc), the label-column rewrite."""
+    def dz(n: int, vc: int, reps: int) -> List[KernelLaunch]:
+        (k,) = _rows.plan(n, vc, dtype, pass_="bwd", inplace_backward=True)
+        meta = {"chunk_rows": n, "vocab_cols": vc, "order": "vocab"}
+        return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * n * D * vc, n * D * e + vc * D * e + n * vc * e,
+                             note, meta=meta, external=True, repeats=reps),
+                dataclasses.replace(k, l2_note=note, meta=dict(k.meta, **meta), repeats=reps),
+                KernelLaunch("slice_label_fix", (), "stream", 0.0, 8.0 * n, "[n] vectors: gather, per-row math, "
+                             "scatter of one column per row", meta=meta, external=True, repeats=reps * SLICE_FIX_OPS)]
+    return dz
 
 
 def _step(rows: Optional[Tensor], labels: Tensor, weight: Tensor, pass_: str) -> Tuple[int, int]:
@@ -123,12 +159,22 @@ def forward(
 def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, saved: RowStats,
              grads: UpstreamGrads, opts: RowOptions, *, need_dh: bool = True,
              need_dw: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    # saved.logp is not read: the row kernels see whole rows and get 1 - p_y right themselves
+    # saved.logp: the "vocab" order's label column 1 - p_y (a slice is not a whole row); "rows" ignores it
     if not (need_dh or need_dw):
         return None, None, None
     check_capability("cuda", hidden.device, hidden.dtype, "hidden")
     rows = compact_rows(labels, opts.ignore_index)
-    step, threads = _step(rows, labels, weight, "bwd")
+    V, D = weight.shape
+    n = labels.numel() if rows is None else rows.numel()
+    launches = plan(n, D, V, weight.dtype, pass_="bwd", has_bias=bias is not None, need_dh=need_dh,
+                    need_dw=need_dw, total_rows=labels.numel())
+    rk = [x for x in launches if x.name == "entropy_logprob_bwd_kernel"]
+    if rk and rk[0].meta.get("order") == "vocab":  # no fp32 [V, D] (module docstring)
+        threads = {x.meta["vocab_cols"]: x.meta["threads"] for x in rk}
+        return linear_vocab_backward(require_cuda(), hidden, weight, bias, labels, saved, grads, opts,
+                                     rk[0].meta["vocab_cols"], need_dh=need_dh, need_dw=need_dw,
+                                     threads=threads.__getitem__, rows=rows)
+    step, threads = (rk[0].meta["chunk_rows"], rk[0].meta["threads"]) if rk else (1, 0)
     # dlogits in place in the logits chunk; the first chunk writes grad_weight's fp32 sums, accumulate_dw adds
     return linear_rows_backward(require_cuda(), hidden, weight, bias, labels, saved, grads, opts, step,
                                 need_dh=need_dh, need_dw=need_dw, fp32_dlogits=False, accumulate_dw=_accumulate_dw,

@@ -57,6 +57,10 @@ recompute (10 N D V FLOPs).
     once in bf16) and dh += dz W[slice] into an fp32 [n, D] (268 MB, cast once at the end). Vc = 4608
     from the rest of the budget: 0.42 GB = 2.0 %. Same 6 N D V FLOPs; the dh GEMM's fp32 epilogue moves
     8 n D per slice (15 GB in all, compute-bound at Vc >= 1280) instead of dW's 8 V D per row chunk.
+    Rejected: casting the fp32 dW down in place into the front half of its own storage. The returned
+    grad (kept by AccumulateGrad through the optimizer step) would own a storage twice its size, and
+    shrinking it does not help: ``untyped_storage().resize_()`` on CUDA allocates the new block and
+    copies before it frees the old one (ATen ``resize_bytes_cuda``), a 6 V D peak again.
 (b) fused in the style of Cut Cross-Entropy: one kernel per (row tile, vocab tile), dz in registers,
     dh += dz W and dW += dz^T h through fp32 atomics, grouped program order so the tiles being added to
     stay in L2. Same 6 N D V FLOPs, but 4 N V D (1/BV + 1/BN) = 538 GB of fp32 atomics into L2 at
