@@ -53,12 +53,12 @@ def _block(pid, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(
-    h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
+def _logits_acc(
+    h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """x = (h[rows_c] @ w[cols_c].T + b[cols_c]) / tau, fp32 [BLOCK_N, BLOCK_V]; -inf where ~col_mask.
+    """x = (h[rows_c] @ w[cols_c].T + b[cols_c]) / tau, fp32 [BLOCK_N, BLOCK_V], NO column mask.
 
     rows_c / cols_c: row / vocab indices already clamped into range (padded lanes repeat a real one).
     """
@@ -76,8 +76,18 @@ def _logits_tile(
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
-    x = acc * inv_temp
-    # Padded vocab columns must contribute nothing: -inf, never a logit of 0.
+    return acc * inv_temp
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_logits_acc``, -inf where ~col_mask (padded vocab columns must contribute nothing, never a 0)."""
+    x = _logits_acc(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, inv_temp, HAS_BIAS,
+                    DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
     return tl.where(col_mask[None, :], x, float("-inf"))
 
 
@@ -108,6 +118,58 @@ def _dlogits_tile(x, cols, col_mask, row_mask, labels, lse_hi, lse_lo, k, c, lab
     return dz * inv_temp
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _online_update(x, m, s, so, t, xl, lab_local, n_valid, GENERAL: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Fold one logits tile x [BLOCK_N, BLOCK_V] into the running (m, s, so, t, xl) of its rows.
+
+    GENERAL=False is the common tile: all BLOCK_V columns are real and no row's label is among them, so
+    the per-element work is the max, x - m, one exp2 and the s and t sums (so gets the same tile sum as
+    s). GENERAL=True first masks the padded columns (n_valid real ones) and takes the label column out
+    of the tile (lab_local: its column in this tile, -1 if elsewhere; an int32 per row against the
+    tile's column index, no 64-bit compare, no per-column registers): its logit goes to xl and the tile
+    keeps -inf there, so the sums over the tile are so's, and the label's own term e_y = e^{x_y - m}
+    (and its t term) is added to s and t per row.
+    """
+    if GENERAL:
+        idx = tl.arange(0, BLOCK_V)[None, :]
+        x = tl.where(idx < n_valid, x, float("-inf"))
+        is_label = idx == lab_local[:, None]
+        xl_t = tl.sum(tl.where(is_label, x, 0.0), axis=1)
+        x = tl.where(is_label, float("-inf"), x)
+        has = lab_local >= 0
+        xl += xl_t
+        tile_max = tl.maximum(tl.max(x, axis=1), tl.where(has, xl_t, float("-inf")))
+    else:
+        tile_max = tl.max(x, axis=1)
+    # A tile (or every tile so far) may be all -inf (masked vocabulary): then m_new = -inf, and the
+    # exponents use the finite stand-in m_ref = 0 (e = 0, alpha = 0 or 1), never e^{-inf - (-inf)}.
+    m_new = tl.maximum(m, tile_max)
+    m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp2((m - m_ref) * _LOG2E)
+    # Rebasing the shifted t from m to m_new adds (m - m_new) s (<= 0); s = 0 before the first tile.
+    shift = tl.where(m > float("-inf"), m - m_ref, 0.0) * s
+    xs = x - m_ref[:, None]
+    e = tl.exp2(xs * _LOG2E)
+    # xs is -inf where e = 0 (-inf logits, padded columns, the label's slot): clamped to a finite value
+    # for the product, so no (-inf) * 0 = NaN. A NaN logit gives e = NaN, which still poisons s, so, t.
+    t_tile = tl.sum(tl.maximum(xs, -_FLT_MAX) * e, axis=1)
+    so_tile = tl.sum(e, axis=1)
+    s_tile = so_tile
+    if GENERAL:
+        d = xl_t - m_ref
+        e_y = tl.where(has, tl.exp2(d * _LOG2E), 0.0)
+        s_tile += e_y
+        t_tile += tl.maximum(d, -_FLT_MAX) * e_y
+    t = (t + shift) * alpha + t_tile
+    s = s * alpha + s_tile
+    so = so * alpha + so_tile
+    return m_new, s, so, t, xl
+
+
 @triton.jit
 def _fwd_partials_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr,
@@ -122,6 +184,8 @@ def _fwd_partials_kernel(
     (shifted: every term <= 0, so H = log s - t / s has no cancellation against |lse| when p_y -> 1);
     xl = x[label] when the label falls in this split, else 0 (so partials of disjoint splits merge by a
     plain sum).
+    Registers: a tile takes the lean epilogue (``_online_update`` GENERAL=False) unless it is the split's
+    partial last tile or holds some row's label; the test is per row, then one max over the block.
     """
     # Split-fastest order: the S programs of one row block run side by side and share its hidden rows.
     pid = tl.program_id(0)
@@ -132,38 +196,24 @@ def _fwd_partials_kernel(
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
 
-    # s is not carried through the loop (registers: the 16-bit tiles sit at the sm_80 limit): the label's
-    # term is added back to so from xl whenever s is needed, s = so + e^{xl - m} once the label was seen.
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
     so = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
     xl = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_mask = cols < v_end
-        x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, tl.minimum(cols, v_end - 1), col_mask, D, stride_h,
-                         stride_w, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
-        # Rebasing t from m to m_new adds (m - m_new) s (<= 0); s before this tile, 0 on the first one.
-        seen = (labels >= v_begin) & (labels < v0)
-        s_prev = so + tl.where(seen, tl.exp(tl.where(seen, xl - tl.where(m > float("-inf"), m, 0.0), 0.0)), 0.0)
-        # Mask the padded columns too: for a vocab shard a label of the NEXT shard can equal one of them.
-        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        xl += tl.sum(tl.where(is_label, x, 0.0), axis=1)
-        # A tile (or every tile so far) may be all -inf (masked vocabulary): then m_new = -inf, and the
-        # exponents use the finite stand-in m_ref = 0 (e = 0, alpha = 0 or 1), never e^{-inf - (-inf)}.
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m - m_ref)
-        shift = tl.where(m > float("-inf"), m - m_ref, 0.0) * s_prev
-        xs = x - m_ref[:, None]
-        e = tl.exp(xs)
-        so = so * alpha + tl.sum(tl.where(is_label, 0.0, e), axis=1)
-        # xs is -inf where e = 0 (padded columns, -inf logits): zero it there, no (-inf) * 0 = NaN. A NaN
-        # logit fails e > 0 and gives 0 * NaN = NaN: it poisons t and so (and so the row's logp and H).
-        t = (t + shift) * alpha + tl.sum(tl.where(e > 0, xs, 0.0) * e, axis=1)
-        m = m_new
-    in_split = (labels >= v_begin) & (labels < v_end)
-    s = so + tl.where(in_split, tl.exp(tl.where(in_split, xl - tl.where(m > float("-inf"), m, 0.0), 0.0)), 0.0)
+        x = _logits_acc(h_ptr, w_ptr, b_ptr, rows_c, tl.minimum(v0 + tl.arange(0, BLOCK_V), v_end - 1), D,
+                        stride_h, stride_w, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V,
+                        BLOCK_K)
+        n_valid = v_end - v0
+        # Only real columns: for a vocab shard a label of the NEXT shard can equal a padded column.
+        hit = (labels >= v0) & (labels < v0 + tl.minimum(n_valid, BLOCK_V))
+        lab_local = tl.where(hit, labels - v0, -1).to(tl.int32)
+        # The select pass runs only on a split's partial last tile or a tile holding some row's label.
+        if (n_valid < BLOCK_V) | (tl.max(lab_local, axis=0) >= 0):
+            m, s, so, t, xl = _online_update(x, m, s, so, t, xl, lab_local, n_valid, True, BLOCK_V)
+        else:
+            m, s, so, t, xl = _online_update(x, m, s, so, t, xl, lab_local, n_valid, False, BLOCK_V)
 
     out = pid_s.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_mask)
