@@ -19,13 +19,17 @@ co-resident programs on 132 different row blocks: each re-read its own 1 MB hidd
 with a 132 MB working set, ~134 GB of HBM traffic (~40 ms) against a 17.4 ms compute floor. Now the grid
 is 1-D and split-fastest with S = 12 splits (8..16, ~sqrt(SMs)): a wave is 11 row blocks x 12 splits, the
 11 hidden blocks (11 MB) stay in L2 and each W tile is shared by 11 programs, so W is streamed 12 times:
-12.7 GB of HBM, not the bound. The bound is L2 -> SM: a 128 x 128 x 64 tile (no TMA multicast) pulls
-(128 + 128) x 64 x 2 bytes per 2 x 128 x 128 x 64 FLOPs = 64 FLOP/B, 269 GB at the flagship shape, 44.8 ms
-at 6 TB/s (384 TFLOP/s, 39 % of the peak) against 23.2 ms of tensor-core time at 0.75: modeled 2.58 x the
-2 N D V floor. Larger forward tiles spill on sm_90a (the epilogue's online-softmax state on top of the
-accumulator): 128 x 256 and 256 x 128, 8 or 16 warps, BLOCK_K 32 or 64, 2-4 stages all leave 470-740 B of
-stack, so the tile stays. The merge
-kernel (fixed split order) reads 5 S N fp32 partials (3.9 MB). No [N, V] anywhere.
+12.7 GB of HBM, not the bound. The bound is L2 -> SM: a BN x BV x 64 tile (no TMA multicast) pulls
+(BN + BV) x 64 x 2 bytes per 2 x BN x BV x 64 FLOPs. On sm_90 the tile is 128 x 256 (8 warps = two
+consumer warpgroups, 128 fp32 accumulator registers per thread, as CUTLASS runs it): 85 FLOP/B, 202 GB at
+the flagship shape, 33.6 ms at 6 TB/s (512 TFLOP/s) against 23.2 ms of tensor-core time at 0.75: modeled
+1.93 x the 2 N D V floor (128 x 128, sm_80's tile: 64 FLOP/B, 44.8 ms, 2.58 x). It fits in registers
+(255, no spill on sm_90a) because the epilogue is lean (``kernels._online_update``): exp2, one int32
+compare of the label's column per row against the tile's column index, and the select pass (column mask,
+label logit taken out of the tile and added back per row) only on tiles holding a label or padded
+columns; ~12 SASS per element on the other tiles (~30 on every tile before, when every larger tile
+spilled 470-740 B). The merge kernel (fixed split order) reads 5 S N fp32 partials (3.9 MB). No [N, V]
+anywhere.
 
 Backward: two designs, chosen by the model
 ------------------------------------------

@@ -84,12 +84,15 @@ _CONFIG_32 = LinearEntropyConfig(
 )
 
 
-# sm_90 (H100 / H200), 16-bit inputs: the dz kernel at 128 x 256 (85 FLOP per L2 byte instead of 64; its
-# L2 -> SM operand traffic bounds it, see ``hero_kernels.backends.plan.gemm_l2_bytes``) compiles to wgmma
-# without spills on sm_90a (198 registers, 144 KB shared) but spills on sm_80, so only sm_90 runs it. The
-# forward stays at 128 x 128: every larger tile tried spills on sm_90a (its epilogue keeps five running
-# statistics per row): 128x256 and 256x128 with 8 or 16 warps, BLOCK_K 32 or 64, 2-4 stages.
-_CONFIG_16_SM90 = replace(_CONFIG_16, dz=Tile(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=3))
+# sm_90 (H100 / H200), 16-bit inputs: the forward and the dz kernel at 128 x 256 x 64, 8 warps (two
+# consumer warpgroups, 128 fp32 accumulator registers per thread), 3 stages: 85 FLOP per L2 byte instead of
+# 64 (their L2 -> SM operand traffic bounds them, see ``hero_kernels.backends.plan.gemm_l2_bytes``). Both
+# compile to wgmma without spills on sm_90a (255 / 198 registers, 144 KB shared; bf16 and fp16, with and
+# without bias, checked by the compile tests). The forward fits because its epilogue is lean
+# (``kernels._online_update``): exp2, an int32 label-column test and a select pass only on tiles holding a
+# label or padded columns. Both spill on sm_80, so only sm_90 runs them.
+_TILE_SM90 = Tile(block_n=128, block_v=256, block_k=64, num_warps=8, num_stages=3)
+_CONFIG_16_SM90 = replace(_CONFIG_16, fwd=_TILE_SM90, dz=_TILE_SM90)
 
 #: Compute capabilities with their own tuned configurations (major * 10 + minor); others use sm_80's.
 ARCHS = (80, 90)

@@ -65,7 +65,15 @@ def _logits_acc(
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows_c.to(tl.int64)[:, None] * stride_h + ks[None, :]
     w_ptrs = w_ptr + cols_c.to(tl.int64)[:, None] * stride_w + ks[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # 16-bit inputs (tensor cores): the bias starts the accumulator, so no tile of bias registers is live
+    # next to it after the K loop (what lets the 128 x 256 forward fit on sm_90a). fp32 FMA dots keep the
+    # bias last (accumulating onto it costs them registers). Forward and backward share this function,
+    # so both see the same rounding.
+    BIAS_FIRST: tl.constexpr = HAS_BIAS and w_ptr.dtype.element_ty != tl.float32
+    if BIAS_FIRST:
+        acc = tl.broadcast_to(tl.load(b_ptr + cols_c).to(tl.float32)[None, :], (BLOCK_N, BLOCK_V))
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         # D need not be a multiple of BLOCK_K: the tail lanes load 0 and add nothing.
         k_mask = ks[None, :] < D - k0
@@ -74,7 +82,7 @@ def _logits_acc(
         acc = _mma(h, tl.trans(w), acc, DOT_PRECISION, UPCAST_DOT)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_FIRST:
         acc += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
     return acc * inv_temp
 

@@ -37,7 +37,7 @@ def _forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEnt
     S = forward_splits(row_blocks, V, t.block_v, sms, cfg.vocab_splits)
     per = triton.cdiv(triton.cdiv(V, S), t.block_v) * t.block_v
     S = triton.cdiv(V, per)  # no empty split
-    # One CTA per SM (a 128 x 128 fp32 accumulator + the tile epilogue fill the register file), so a wave
+    # One CTA per SM (the fp32 accumulator + the tile epilogue fill the register file), so a wave
     # is `sms` programs: ~sms / S row blocks x S splits. Each wave reads its hidden blocks once (they stay
     # in L2: (sms / S) x BLOCK_N x D x e bytes, 11 MB at the flagship shape) and streams W once, each W
     # tile shared by the wave's row blocks in L2 (the programs sweep their splits in lockstep).
