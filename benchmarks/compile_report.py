@@ -173,29 +173,73 @@ def _load_bytes(ins: str) -> int:
     return 4
 
 
+_BRA = re.compile(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w*,\s*)?(0x[0-9a-f]+)")
+
+
+def _shortest_path(body: List[Tuple[int, str]], min_exp: int = 0) -> int:
+    """Instructions on the shortest path from a loop's head to its back-edge branch that issues at least
+    ``min_exp`` MUFU.EX2 (body: the loop's instructions in address order, NOPs removed). A loop whose body
+    branches around a rare case (a CUDA chunk that raises the running max, a -inf / NaN fixup) executes
+    only its common path per iteration; the static body would count every branch's instructions as if
+    each ran. The exp floor (one per element in every row kernel) keeps a shortcut that skips the math
+    (an all -inf chunk) from passing for the common path. Straight-line loops: the body."""
+    index = {a: i for i, (a, _) in enumerate(body)}
+    succ: List[List[int]] = []
+    for i, (_, ins) in enumerate(body):
+        m = _BRA.search(ins)
+        nxt = [] if ins.split()[0] == "EXIT" else [i + 1]
+        if m:
+            # Unconditional (no guard, no predicate operand): only the target; else both edges.
+            uncond = not ins.startswith("@") and not re.search(r"\bBRA(?:\.\w+)*\s+!?U?P", ins) \
+                and ".DIV" not in ins.split()[0]
+            tgt = index.get(int(m.group(1), 16))
+            nxt = ([] if uncond else nxt) + ([tgt] if tgt is not None else [])
+        succ.append([j for j in nxt if j < len(body)])
+    ex2 = [int("MUFU.EX2" in ins) for _, ins in body]
+    # BFS over (instruction, exps issued so far capped at min_exp): every instruction weighs 1.
+    start = (0, min(ex2[0], min_exp))
+    dist = {start: 1}
+    frontier = [start]
+    while frontier:
+        nxt_frontier = []
+        for i, k in frontier:
+            for j in succ[i]:
+                st = (j, min(k + ex2[j], min_exp))
+                if st not in dist:
+                    dist[st] = dist[(i, k)] + 1
+                    nxt_frontier.append(st)
+        frontier = nxt_frontier
+    return dist.get((len(body) - 1, min_exp), len(body))
+
+
 def hot_loop(instrs: List[Tuple[int, str]], elt: Optional[int]) -> Optional[dict]:
-    """The innermost loop (a backward branch) with the most bytes loaded per thread per iteration: its SASS
-    instruction count, elements per thread per iteration (bytes / elt) and instructions per element."""
+    """The innermost loop (a backward branch) with the most bytes loaded per thread per iteration (on a tie,
+    the one with fewer instructions: a row's masked tail loop runs at most once per row, its steady-state
+    loop ~V / BLOCK_V times): its SASS instruction count, the instructions on its common path (see
+    ``_shortest_path``), elements per thread per iteration (bytes / elt) and instructions per element
+    (common path)."""
     addr = [a for a, _ in instrs]
     loops = []
     for a, ins in instrs:
-        m = re.search(r"\bBRA(?:\.\w+)*\s+(?:!?U?P\w*,\s*)?(0x[0-9a-f]+)", ins)
+        m = _BRA.search(ins)
         if m and int(m.group(1), 16) < a:
             lo = int(m.group(1), 16)
             body = [x for x in instrs if lo <= x[0] <= a and not x[1].startswith("NOP")]
             loops.append((lo, a, body))
     inner = [lp for lp in loops if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] and
                                            sum(_load_bytes(i) for _, i in o[2]) for o in loops)]
-    cand = [(sum(_load_bytes(i) for _, i in b), len(b), lo, hi) for lo, hi, b in inner]
+    cand = [(sum(_load_bytes(i) for _, i in b), -len(b), lo, hi, b) for lo, hi, b in inner]
     cand = [c for c in cand if c[0] > 0]
     if not cand or not addr:
         return None
-    nbytes, n, lo, hi = max(cand)
-    r = {"instructions": n, "load_bytes_per_thread": nbytes, "loops_with_loads": len(cand),
-         "span": f"{lo:#x}-{hi:#x}"}
+    nbytes, neg_n, lo, hi, body = max(cand, key=lambda c: c[:4])
+    n_exp = sum("MUFU.EX2" in i for _, i in body)
+    path = _shortest_path(body, min(n_exp, nbytes // elt) if elt else 0)
+    r = {"instructions": -neg_n, "path_instructions": path, "load_bytes_per_thread": nbytes,
+         "loops_with_loads": len(cand), "span": f"{lo:#x}-{hi:#x}"}
     if elt:
         r["elements_per_thread"] = nbytes / elt
-        r["instr_per_element"] = n * elt / nbytes
+        r["instr_per_element"] = path * elt / nbytes
         r["h100_issue_bound_TBps"] = H100_ISSUE_PER_S / r["instr_per_element"] * elt / 1e12
     return r
 
@@ -429,7 +473,8 @@ def render_markdown(rep: Dict[str, Any]) -> str:
            f"(spill rule: {rep['spill_rule']}), {rep['n_errors']} failed; {rep['wall_s']:.1f} s.", "",
            "CTAs/SM: resident CTAs per SM from registers (allocated per warp in units of 256), shared memory "
            "(+1 KB reserved per CTA), warps and the CTA cap; loop SASS: instructions in the hot loop (the "
-           "innermost loop loading the most bytes); SASS/elt: those per element a thread handles per iteration "
+           "innermost loop loading the most bytes; fewer instructions on a tie); SASS/elt: those on the loop's "
+           "common (shortest) path per element a thread handles per iteration "
            f"(at 1 instruction per lane per cycle an H100 issues {H100_ISSUE_PER_S / 1e12:.1f}e12 per second); "
            "KB/SM/iter: bytes the resident CTAs of one SM load per hot-loop iteration (a row kernel wants ~16-24 KB in "
            "flight); wgmma: HGMMA in the sm_90a SASS.", "",
