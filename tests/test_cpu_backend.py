@@ -541,13 +541,15 @@ def test_cuda_plan_without_a_gpu():
     N, V = 16384, 151936
     launches = cu.plan(N, V, torch.bfloat16, pass_="fwd+bwd", batch=4)
     assert [k.meta["threads"] for k in launches] == [512, 512] and launches[0].grid == (N,)
-    # The measured SASS per element of the template instances that run; ~28 per bf16 element make the forward
-    # issue-bound (~2.1 TB/s), so "<= 1.2x the 3 N V elt floor" does NOT hold for the CUDA rows on either GPU
-    # (benchmarks/results/README.md): the model says so instead of assuming the HBM floor.
+    # The measured SASS per element of the template instances that run, along the hot loop's common path
+    # (a chunk that does not raise the running max): ~11 per bf16 element, so the forward is HBM-bound and
+    # fwd+bwd stays within 1.2x the 3 N V elt floor on both GPUs (benchmarks/results/README.md); above the
+    # floor all the same (HBM at 0.9 of the datasheet).
     assert all(k.meta["sass_per_elt"] for k in launches)
     floor = 3 * N * V * 2
     for spec in GPU_SPECS.values():
-        assert sum(modeled_seconds(k, spec) for k in launches) > 1.2 * floor / spec.hbm_bytes_per_s
+        t = sum(modeled_seconds(k, spec) for k in launches)
+        assert floor / spec.hbm_bytes_per_s < t <= 1.2 * floor / spec.hbm_bytes_per_s
     assert cu.plan(8, 1000, "fp32")[0].meta["threads"] == 128
 
 

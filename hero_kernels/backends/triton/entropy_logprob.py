@@ -97,17 +97,20 @@ def _row_setup(labels_ptr, T, stride_b, stride_row, V, ignore_index):
 
 @triton.jit
 def _online_update(x, m, r, t):
-    """One tile into the per-lane state (m, r, t): one exp per element, no cross-thread work."""
+    """One tile into the per-lane state (m, r, t): one exp per element, no cross-thread work.
+
+    With d = x - m and e = e^{-|d|}: a new lane max (d > 0) rescales the old state by f = e and makes x
+    the argmax, r' = (r + 1) e, t' = (t - d s) e = t e - d r'; otherwise f = 1, r' = r + e, t' = t + d e.
+    Both as r' = r f + e and t' = d h + t f (h = -r' or e): two FMAs, a multiply and two selects.
+    Padded columns / -inf logits give d = -inf and e = 0: the clamp keeps d * e finite (d > 0 is never
+    clamped). A NaN x poisons r and t (and never becomes the max)."""
     d = x - m
-    up = d > 0  # new lane max: rescale the old state by e^{-d}, the new element is the new argmax
+    up = d > 0
     e = tl.exp2(tl.abs(d) * _NEG_LOG2E)  # e^{-|d|}: the only transcendental per element
-    # The rescale uses the OLD s = r + 1. Padded columns / -inf logits give d = -inf and e = 0: the clamp
-    # keeps d * e (and d * s) finite, so both branches stay free of -inf * 0 (d > 0 is never clamped).
-    # A NaN x poisons r and t (and never becomes the max).
-    dc = tl.maximum(d, -_D_CLAMP)
-    s = r + 1.0
-    t_new = tl.where(up, (t - dc * s) * e, t + dc * e)
-    r_new = tl.where(up, s * e, r + e)
+    f = tl.where(up, e, 1.0)
+    r_new = r * f + e
+    h = tl.where(up, -r_new, e)
+    t_new = tl.maximum(d, -_D_CLAMP) * h + t * f
     return tl.maximum(m, x), r_new, t_new
 
 
