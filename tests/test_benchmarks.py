@@ -337,6 +337,38 @@ def test_compile_report_occupancy_and_sass_loops():
     assert s["wgmma"] is True and CR.sass_summary(funcs["k"], "sm_80", 2)["wgmma"] is None
 
 
+def test_compile_report_counts_the_common_path_of_a_branchy_loop():
+    """A loop that branches around a rare case (a chunk raising the running max) runs its common path per
+    iteration: SASS per element counts that path (the shortest one issuing one exp per element), not the
+    static body, and not a shortcut that skips the math (an all -inf chunk)."""
+    from benchmarks import compile_report as CR
+
+    sass = """
+        Function : k
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/               @P2 BRA 0x100 ;
+        /*0020*/               @P0 BRA 0x90 ;
+        /*0030*/                   MUFU.EX2 R4, R4 ;
+        /*0040*/                   MUFU.EX2 R5, R5 ;
+        /*0050*/                   MUFU.EX2 R6, R6 ;
+        /*0060*/                   MUFU.EX2 R7, R7 ;
+        /*0070*/                   FADD R8, R8, R4 ;
+        /*0080*/                   BRA 0x100 ;
+        /*0090*/                   MUFU.EX2 R4, R4 ;
+        /*00a0*/                   MUFU.EX2 R5, R5 ;
+        /*00b0*/                   MUFU.EX2 R6, R6 ;
+        /*00c0*/                   MUFU.EX2 R7, R7 ;
+        /*00d0*/                   FMUL R8, R8, R4 ;
+        /*00e0*/                   FMUL R9, R9, R4 ;
+        /*00f0*/                   FMUL R10, R10, R4 ;
+        /*0100*/              @!P1 BRA 0x0 ;
+        /*0110*/                   EXIT ;
+    """
+    hl = CR.hot_loop(CR.sass_functions(sass)["k"], 4)
+    assert hl["instructions"] == 17 and hl["path_instructions"] == 10 and hl["elements_per_thread"] == 4
+    assert hl["instr_per_element"] == pytest.approx(10 / 4)
+
+
 def test_compile_report_builds_row_kernels_aligned_and_unaligned():
     """Both builds: pointers (+ the specializable ints, or the module's compile_attrs) divisible by 16, and
     pointers only (odd V)."""
