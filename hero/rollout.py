@@ -17,8 +17,8 @@ into ONE sequence ``[1, T]`` with ``position_ids`` restarting at 0 per row and n
 (>= 4.53, ``masking_utils.find_packed_sequence_indices``) reads the row boundaries off the position ids: a
 block-diagonal causal mask for eager / sdpa, ``flash_attn_varlen_func`` for flash_attention_2. The positions
 equal the padded layout's (``cumsum(attention_mask) - 1``), so both layouts give the same hidden states.
-Adapters opt in with ``packed_hidden_states`` / ``packing_unsupported``; VLM adapters do not (their position
-ids are not per-row ``0..L-1``: Qwen2-VL's M-RoPE ids are 3-D and skip over image grids).
+Adapters opt in with ``packed_hidden_states`` / ``packing_unsupported``; ``hero.models.hf_vlm`` packs the VLM
+families where it is exact (1-D positions over the image-expanded sequence, or Qwen2-VL's M-RoPE ids per row).
 """
 from __future__ import annotations
 
@@ -176,13 +176,15 @@ class ModelAdapter:
 
     def packing_unsupported(self, model: nn.Module) -> Optional[str]:
         """None when ``packed_hidden_states`` is exact for ``model``, else why not (one clause, for messages)."""
-        if self.uses_images:
-            return (f"{type(self).__name__} feeds images, and packing a VLM is not implemented: its position ids are "
-                    "not 0..L-1 per row (Qwen2-VL's M-RoPE ids are 3-D and skip over each image grid)")
         return f"{type(self).__name__} has no padding-free forward (packed_hidden_states)"
 
-    def packed_hidden_states(self, model: nn.Module, input_ids: Tensor, position_ids: Tensor) -> Tensor:
-        """Last hidden states [1, T, D] of rows packed into one sequence (``pack_rows``), no logits."""
+    def packed_hidden_states(self, model: nn.Module, input_ids: Tensor, position_ids: Tensor,
+                             padded_mask: Optional[Tensor] = None, **extra) -> Tensor:
+        """Last hidden states [1, T, D] of rows packed into one sequence (``pack_rows``), no logits.
+
+        ``padded_mask`` [m, P + C'] is the rows' attention mask in the padded layout (``input_ids`` holds its
+        attended tokens in row order) and ``extra`` the rows' other inputs as ``hidden_states`` takes them (per
+        row): adapters whose extra inputs or positions depend on the row layout (images) need them."""
         raise NotImplementedError(self.packing_unsupported(model))
 
     def lm_head(self, model: nn.Module) -> nn.Module:
@@ -267,7 +269,9 @@ class CausalLMAdapter(ModelAdapter):
                     "so packed rows could attend to each other")
         return None
 
-    def packed_hidden_states(self, model, input_ids, position_ids):
+    def packed_hidden_states(self, model, input_ids, position_ids, padded_mask=None, **extra):
+        if extra:  # encode() gives none; a subclass that adds some must pack them itself
+            raise ValueError(f"CausalLMAdapter.packed_hidden_states cannot pack extra inputs {sorted(extra)}")
         # no attention mask: masking_utils (eager / sdpa) and flash_attention_2 then separate the rows by position_ids
         out = self._base(model)(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

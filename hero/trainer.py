@@ -678,7 +678,8 @@ class Trainer:
             if batch.packed is None:
                 hidden = self.adapter.hidden_states(model, batch.input_ids, batch.attention_mask, **batch.extra)
                 return completion_hidden(hidden, prompt_len, batch.completion_len)
-            hidden = self.adapter.packed_hidden_states(model, batch.packed.input_ids, batch.packed.position_ids)
+            hidden = self.adapter.packed_hidden_states(model, batch.packed.input_ids, batch.packed.position_ids,
+                                                       padded_mask=batch.attention_mask, **batch.extra)
         return hidden[0, batch.packed.hidden_index]
 
     def _completion_hidden(self, model: nn.Module, batch: MicroBatch, prompt_len: int) -> Tensor:

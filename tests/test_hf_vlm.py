@@ -204,11 +204,13 @@ def own_forward_loss(tr, ro) -> float:
 @pytest.mark.parametrize("fam", ["qwen2_vl", "llava"] + [pytest.param(f, marks=pytest.mark.slow)
                                                          for f in ("qwen2_5_vl", "llava_next", "idefics3")])
 def test_rows_with_several_images_train_and_match_the_models_own_forward(tiny_dir, tmp_path, fam):
-    """A batch mixing 2-image rows (placeholders in the prompt or not) and a 1-image row: the trainer's packed
-    per-row inputs give the loss of the model's own forward on each row alone, and a step trains."""
+    """A batch mixing 2-image rows (placeholders in the prompt or not) and a 1-image row: the trainer's per-row
+    inputs, packed into one padding-free sequence, give the loss of the model's own forward on each row alone,
+    and a step trains."""
     tr = trainer_for(tiny_dir, tmp_path, fam, "multi.jsonl", **{
         "kl.beta": 0.1, "num_iterations": 2, "batch_size": 3, "micro_batch_size": 6, "data.shuffle": False,
         "generation.temperature": 0.7, "gate.enabled": False, "data.prompt_template": "{question}"})
+    assert tr.packing  # model.packing auto: the padding-free forward (tests/test_vlm_packing.py)
     ro = tr.rollout()
     assert sorted(ro.row_indices) == [0, 1, 2] and ro.kept.numel() == 6
     assert tr.adapter.encode([tr.adapter.prepare_row(r, r["question"], i) for i, r in enumerate(tr.dataset)],

@@ -118,13 +118,14 @@ def test_packing_option_resolves_per_model_and_on_fails_with_the_reason(tmp_path
         tiny_cfg(tmp_path, **{"model.packing": "yes"})
 
 
-def test_packing_on_refuses_a_vlm_naming_mrope(tmp_path):
+def test_packing_resolves_for_a_vlm(tmp_path):
+    """Qwen2-VL packs (per-row M-RoPE ids); tests/test_vlm_packing.py checks the VLM families' packed forward."""
     from hero.models.hf_vlm import HFVLMAdapter
     from hero.testing.tiny_models import build_tiny_model
 
     model, proc = build_tiny_model("qwen2_vl", hidden_size=32, num_layers=1)
-    why = HFVLMAdapter(proc, model).packing_unsupported(model)
-    assert "M-RoPE" in why
+    model.config._attn_implementation = "sdpa"
+    assert HFVLMAdapter(proc, model).packing_unsupported(model) is None
 
 
 @pytest.mark.parametrize("path,loss_agg", [("fused", "seq-mean-token-mean"), ("fused", "token-mean"),

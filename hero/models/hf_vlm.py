@@ -31,23 +31,39 @@ is per prompt row here, and ``_model_inputs`` restores the processor's layout be
   model drops all-zero padding tiles);
 * ``*token_type_ids`` ([B, P]) are zero-extended over the completion.
 
+Padding-free (packed) forward (``model.packing``, ``packed_hidden_states``): the rows' attended tokens as one
+[1, T] sequence with no attention mask, the image inputs concatenated in row order as in the padded batch (each
+model scatters its image features into the image-token positions in flattened order, so row i's images land
+in row i's tokens), per-token inputs (``*token_type_ids``) packed like the tokens. Exact where the positions
+are per row and transformers separates the rows by them:
+
+* PACKED_1D_MODEL_TYPES (LLaVA, LLaVA-NeXT, Idefics3): 1-D positions over the image-expanded sequence,
+  ``0 .. L_i - 1`` per row, as in the padded forward (which passes the same positions);
+* PACKED_MROPE_MODEL_TYPES (Qwen2-VL, Qwen2.5-VL): position ids [4, 1, T]: a text row ``0 .. L_i - 1`` per
+  row (the language model builds the mask / varlen boundaries from it) over the three M-RoPE rows, computed
+  by the model's own ``get_rope_index`` on the padded rows and gathered at the attended tokens.
+
+Other model types stay padded (``packing_unsupported`` says why).
+
 A completion that samples the image placeholder token ends there (it is an end-of-sequence id) and the
 placeholder is replaced by pad as an input, so the model never counts more image tokens than it has features.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
+import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hero.rollout import BadRowError, ModelAdapter, completion_mask_from_eos, row_name
+from hero.rollout import PACKING_ATTENTION, BadRowError, ModelAdapter, completion_mask_from_eos, row_name
 
 __all__ = ["HFVLMAdapter", "is_vlm_checkpoint", "load_vlm", "freeze_vision_tower", "VISION_MODULE_NAMES",
-           "IMAGE_PLACEHOLDER", "SINGLE_IMAGE_MODEL_TYPES"]
+           "IMAGE_PLACEHOLDER", "SINGLE_IMAGE_MODEL_TYPES", "PACKED_1D_MODEL_TYPES", "PACKED_MROPE_MODEL_TYPES"]
 
 #: attribute names of the vision encoder in transformers VLMs (Qwen2-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM, ...)
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder")
@@ -58,6 +74,10 @@ IMAGE_PLACEHOLDER = "<image>"
 #: model types whose processors pair exactly one image with each prompt (a row with more is a BadRowError;
 #: other processors that refuse several images fail in encode() with a one-line ValueError)
 SINGLE_IMAGE_MODEL_TYPES = ("blip", "blip-2", "instructblip", "git", "kosmos-2", "kosmos-2.5", "pix2struct")
+#: model types packed with 1-D positions 0..L_i-1 per row over the image-expanded tokens (module docstring)
+PACKED_1D_MODEL_TYPES = ("llava", "llava_next", "idefics3")
+#: model types packed with per-row M-RoPE ids from their own get_rope_index plus a text-position row
+PACKED_MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 #: private keys of encode()'s output (never passed to the model): image placeholder tokens per prompt row,
 #: images per row, and the prefix of per-image tensors packed per row
 _PRIVATE = "hero_"
@@ -331,18 +351,78 @@ class HFVLMAdapter(ModelAdapter):
             raise RuntimeError("generate returned no new tokens")
         return comp, completion_mask_from_eos(comp, self.eos_token_ids)
 
-    def hidden_states(self, model, input_ids, attention_mask, **extra):
+    def _drop_stray_images(self, input_ids: Tensor, extra: Dict[str, Tensor]) -> Tensor:
+        """[m, L] ids with image placeholders sampled in the completion replaced by pad (module docstring)."""
         n_img = extra.get(_N_IMG)
-        if n_img is not None:  # placeholders sampled in the completion become pad (module docstring)
-            is_img = input_ids == self.image_token_id
-            stray = is_img & (is_img.long().cumsum(1) > n_img.view(-1, 1))
-            input_ids = input_ids.masked_fill(stray, self.pad_token_id)
+        if n_img is None:
+            return input_ids
+        is_img = input_ids == self.image_token_id
+        stray = is_img & (is_img.long().cumsum(1) > n_img.view(-1, 1))
+        return input_ids.masked_fill(stray, self.pad_token_id)
+
+    @staticmethod
+    def _base(model: nn.Module) -> nn.Module:
         base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
         if base is None or base is model:
             raise TypeError(f"cannot find the multimodal base model of {type(model).__name__} (model.model)")
-        out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   **self._model_inputs(extra, input_ids.shape[1]))
+        return base
+
+    def hidden_states(self, model, input_ids, attention_mask, **extra):
+        input_ids = self._drop_stray_images(input_ids, extra)
+        inputs = self._model_inputs(extra, input_ids.shape[1])
+        if self.model_type in PACKED_1D_MODEL_TYPES:  # positions count real tokens only (= the packed layout's)
+            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self._base(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def packing_unsupported(self, model):
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in PACKING_ATTENTION:
+            return f"attention implementation {impl!r} is not one of {PACKING_ATTENTION}"
+        from transformers import masking_utils
+
+        if not hasattr(masking_utils, "find_packed_sequence_indices"):
+            return "this transformers version does not detect packed rows from position_ids (needs >= 4.53)"
+        if self.model_type not in PACKED_1D_MODEL_TYPES + PACKED_MROPE_MODEL_TYPES:
+            return (f"packing is verified only for {', '.join(PACKED_1D_MODEL_TYPES + PACKED_MROPE_MODEL_TYPES)}; "
+                    f"{self.model_type} models may position or mask image tokens otherwise")
+        base = self._base(model)
+        lm = next((getattr(base, n) for n in ("language_model", "text_model") if hasattr(base, n)), None)
+        if lm is None or not hasattr(sys.modules.get(type(lm).__module__), "create_causal_mask"):
+            return (f"the language model of {type(model).__name__} does not build its attention mask with "
+                    "transformers.masking_utils, so packed rows could attend to each other")
+        if self.model_type in PACKED_MROPE_MODEL_TYPES and (
+                not hasattr(base, "get_rope_index") or "text_position_ids" not in inspect.getsource(type(lm).forward)):
+            return (f"{type(lm).__name__} in this transformers version takes no text-position row in its position "
+                    "ids ([4, 1, T]), which packed M-RoPE rows need to keep apart")
+        return None
+
+    def packed_hidden_states(self, model, input_ids, position_ids, padded_mask=None, **extra):
+        if padded_mask is None:
+            raise ValueError("HFVLMAdapter.packed_hidden_states needs padded_mask (the rows' padded attention mask)")
+        keep = padded_mask.bool()
+        padded = input_ids.new_full(keep.shape, self.pad_token_id).masked_scatter(keep, input_ids)
+        padded = self._drop_stray_images(padded, extra)
+        inputs = self._model_inputs(extra, keep.shape[1])
+        base = self._base(model)
+        if self.model_type in PACKED_MROPE_MODEL_TYPES:
+            position_ids = torch.cat([position_ids[None], self._mrope_positions(base, padded, padded_mask, inputs)])
+        for k, v in list(inputs.items()):  # per-token inputs in the padded layout: pack them like the tokens
+            if isinstance(v, Tensor) and v.shape == keep.shape:
+                inputs[k] = v[keep][None]
+        out = base(input_ids=padded[keep][None], attention_mask=None, position_ids=position_ids, use_cache=False,
+                   **inputs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    @staticmethod
+    def _mrope_positions(base: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         inputs: Dict[str, Any]) -> Tensor:
+        """The model's own M-RoPE ids of the padded rows ([3, m, L], as its padded forward computes them) at the
+        attended tokens, in row order: [3, 1, T]."""
+        params = inspect.signature(base.get_rope_index).parameters
+        kw = {k: v for k, v in inputs.items() if k in params and k not in ("input_ids", "attention_mask")}
+        pos, _ = base.get_rope_index(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return pos[:, attention_mask.bool()][:, None]
 
     def decode(self, ids, mask):
         return self.tokenizer.batch_decode((ids * mask + self.pad_token_id * (1 - mask)).tolist(),
