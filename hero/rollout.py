@@ -45,6 +45,7 @@ __all__ = [
     "PackedRows",
     "pack_rows",
     "PACKING_ATTENTION",
+    "packing_attention_unsupported",
     "resolve_attn_implementation",
     "build_policy",
     "build_tiny_llama",
@@ -98,6 +99,19 @@ def completion_hidden(hidden: Tensor, prompt_len: int, completion_len: int) -> T
 #: Attention implementations whose transformers code path separates packed rows found from position_ids
 #: (masking_utils' block-diagonal mask for eager / sdpa, varlen kernels for flash_attention_2).
 PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+def packing_attention_unsupported(model: nn.Module) -> Optional[str]:
+    """None when ``model``'s attention implementation and transformers separate packed rows by their position
+    ids, else why not (the checks every adapter's ``packing_unsupported`` starts with)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        return f"attention implementation {impl!r} is not one of {PACKING_ATTENTION}"
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return "this transformers version does not detect packed rows from position_ids (needs >= 4.53)"
+    return None
 
 
 class PackedRows(NamedTuple):
@@ -256,14 +270,10 @@ class CausalLMAdapter(ModelAdapter):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def packing_unsupported(self, model):
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if impl not in PACKING_ATTENTION:
-            return f"attention implementation {impl!r} is not one of {PACKING_ATTENTION}"
-        from transformers import masking_utils
-
+        why = packing_attention_unsupported(model)
+        if why:
+            return why
         base = self._base(model)
-        if not hasattr(masking_utils, "find_packed_sequence_indices"):
-            return "this transformers version does not detect packed rows from position_ids (needs >= 4.53)"
         if not hasattr(sys.modules.get(type(base).__module__), "create_causal_mask"):
             return (f"{type(base).__name__} does not build its attention mask with transformers.masking_utils, "
                     "so packed rows could attend to each other")

@@ -13,6 +13,7 @@ pytest.importorskip("PIL")
 from hero.models.hf_vlm import HFVLMAdapter  # noqa: E402
 from hero.rollout import IGNORE_INDEX, completion_hidden, completion_labels, completion_mask_from_eos, pack_rows  # noqa: E402
 from hero_kernels import hero_loss, linear_entropy_logprob  # noqa: E402
+from tests.test_packing import assert_layouts_agree, assert_trainer_layouts_agree  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3")  # each test < 4 s on CPU
 #: image sizes per row: a 2-image row in the middle; Qwen grids of 2x1, 1x2, 2x2 and 1x2 merged tokens (M-RoPE
@@ -36,7 +37,6 @@ def _model(fam, attn="sdpa"):
 def _rows(adapter, seed=0, edit_row=None):
     """Padded rows [prompt | completion]: input_ids / attention_mask [3, P + C], labels [3, C], extra (per row).
     ``edit_row``: that row gets other image pixels (same sizes) and other completion tokens."""
-    rng = np.random.default_rng(seed)
     rows = []
     for i, sizes in enumerate(IMAGES):
         r = np.random.default_rng(100 + i + (1000 if i == edit_row else 0))
@@ -89,16 +89,11 @@ def test_packed_vlm_forward_matches_padded_logp_entropy_loss_and_grads(fam):
         (loss + (logp * 0.01).sum()).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         out[layout] = (logp.detach(), H.detach(), loss.detach(), grads)
-    (lp0, H0, l0, g0), (lp1, H1, l1, g1) = out["padded"], out["packed"]
-    assert lp1.shape == (sum(COMPLETION),)
-    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(H1, H0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-5)
-    assert g0.keys() == g1.keys()
+    assert out["packed"][0].shape == (sum(COMPLETION),)
+    g0 = out["padded"][3]
     vision = [n for n in g0 if any(k in n for k in ("visual", "vision_tower", "vision_model"))]
     assert vision and any(g0[n].abs().max() > 0 for n in vision)  # the images reach the loss
-    for n, g in g0.items():  # (+ 1e-9: key biases' gradients are 0 in exact arithmetic, ~1e-11 rounding here)
-        torch.testing.assert_close(g1[n], g, atol=1e-5 * g.abs().max().item() + 1e-9, rtol=1e-4, msg=n)
+    assert_layouts_agree(out["padded"], out["packed"])
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
@@ -126,7 +121,7 @@ def test_packing_refuses_unverified_vlms_and_unsupported_attention_with_the_reas
 
 def test_trainer_packed_vlm_step_equals_padded(tmp_path):
     """Trainer.backward with model.packing on vs off on one Qwen2-VL rollout (1- and 2-image rows, KL term, old
-    log-probs, token-budget micro-batches): the same fixed-policy log-probs, loss, metrics and gradients."""
+    log-probs, token-budget micro-batches of several rows): the same log-probs, loss, metrics and gradients."""
     from hero.trainer import Trainer
     from tests.test_hf_vlm import cfg_for, vowel_reward
 
@@ -141,24 +136,8 @@ def test_trainer_packed_vlm_step_equals_padded(tmp_path):
     assert tr.packing
     ro = tr.rollout()
     ro.labels[0, 2:] = IGNORE_INDEX  # one short completion: pad tokens in the padded layout
-    results = {}
-    for packing in (True, False):
-        tr.packing = packing
-        ro.old_logp, ro.ref_logp = tr._fixed_policy_logp(tr.model, ro), tr._fixed_policy_logp(tr.ref_model, ro)
-        logps = (ro.old_logp.clone(), ro.ref_logp.clone())
-        with torch.no_grad():  # ratios and KL away from 1 / 0
-            ro.old_logp += 0.3 * torch.randn(ro.old_logp.shape, generator=torch.Generator().manual_seed(0))
-        tr.cfg.micro_batch_tokens = int(ro.prompt["attention_mask"].sum(1).max()) * 2 + 16
-        tr.model.zero_grad(set_to_none=True)
-        metrics = tr.backward(ro)
-        grads = {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
-        results[packing] = (logps, metrics, grads)
-    (lp1, m1, g1), (lp0, m0, g0) = results[True], results[False]
-    assert len(tr._micro_batches(ro)) > 1
-    for a, b in zip(lp1, lp0):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for k in m0:
-        assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-6), k
-    assert g0.keys() == g1.keys()
-    for n, g in g0.items():
-        torch.testing.assert_close(g1[n], g, atol=1e-5 * g.abs().max().item() + 1e-9, rtol=1e-4, msg=n)
+    budget = int(ro.prompt["attention_mask"].sum(1).max()) * 2 + 16
+    assert_trainer_layouts_agree(tr, ro, micro_batch_tokens=budget)
+    tr.packing = True
+    groups = tr._micro_batches(ro)
+    assert len(groups) > 1 and max(len(g) for g in groups) > 1  # several forwards, each of several rows

@@ -60,7 +60,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hero.rollout import PACKING_ATTENTION, BadRowError, ModelAdapter, completion_mask_from_eos, row_name
+from hero.rollout import (BadRowError, ModelAdapter, completion_mask_from_eos, packing_attention_unsupported,
+                           row_name)
 
 __all__ = ["HFVLMAdapter", "is_vlm_checkpoint", "load_vlm", "freeze_vision_tower", "VISION_MODULE_NAMES",
            "IMAGE_PLACEHOLDER", "SINGLE_IMAGE_MODEL_TYPES", "PACKED_1D_MODEL_TYPES", "PACKED_MROPE_MODEL_TYPES"]
@@ -155,6 +156,15 @@ def load_vlm(path: str, *, attn_implementation: str, dtype: torch.dtype, freeze_
     adapter = HFVLMAdapter(load_processor(path), model, image_field=image_field, max_pixels=max_pixels,
                            source=path)
     return model, adapter
+
+
+def _takes_text_positions(lm: nn.Module) -> bool:
+    """Whether a Qwen-VL language model reads row 0 of [4, B, T] position ids as text positions for its mask
+    (transformers has no flag for it: its forward's source names them ``text_position_ids``)."""
+    try:
+        return "text_position_ids" in inspect.getsource(type(lm).forward)
+    except (OSError, TypeError):  # no source available: cannot tell, so do not pack
+        return False
 
 
 class HFVLMAdapter(ModelAdapter):
@@ -376,13 +386,9 @@ class HFVLMAdapter(ModelAdapter):
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def packing_unsupported(self, model):
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in PACKING_ATTENTION:
-            return f"attention implementation {impl!r} is not one of {PACKING_ATTENTION}"
-        from transformers import masking_utils
-
-        if not hasattr(masking_utils, "find_packed_sequence_indices"):
-            return "this transformers version does not detect packed rows from position_ids (needs >= 4.53)"
+        why = packing_attention_unsupported(model)
+        if why:
+            return why
         if self.model_type not in PACKED_1D_MODEL_TYPES + PACKED_MROPE_MODEL_TYPES:
             return (f"packing is verified only for {', '.join(PACKED_1D_MODEL_TYPES + PACKED_MROPE_MODEL_TYPES)}; "
                     f"{self.model_type} models may position or mask image tokens otherwise")
@@ -391,8 +397,8 @@ class HFVLMAdapter(ModelAdapter):
         if lm is None or not hasattr(sys.modules.get(type(lm).__module__), "create_causal_mask"):
             return (f"the language model of {type(model).__name__} does not build its attention mask with "
                     "transformers.masking_utils, so packed rows could attend to each other")
-        if self.model_type in PACKED_MROPE_MODEL_TYPES and (
-                not hasattr(base, "get_rope_index") or "text_position_ids" not in inspect.getsource(type(lm).forward)):
+        if self.model_type in PACKED_MROPE_MODEL_TYPES and not (hasattr(base, "get_rope_index")
+                                                                and _takes_text_positions(lm)):
             return (f"{type(lm).__name__} in this transformers version takes no text-position row in its position "
                     "ids ([4, 1, T]), which packed M-RoPE rows need to keep apart")
         return None
