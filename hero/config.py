@@ -84,8 +84,9 @@ class ModelConfig:
     gradient_checkpointing_min_len: int = 2048
     # Padding-free policy / reference forward: a micro-batch's rows concatenated into one sequence with
     # position ids restarting per row (no pad tokens through the decoder; same loss and gradients). "auto" =
-    # on for text causal LMs with eager / sdpa / flash_attention_2 attention, off otherwise (VLMs: their
-    # position ids, e.g. Qwen2-VL's M-RoPE, do not restart per row); "on" = fail when unsupported; "off".
+    # on for text causal LMs and LLaVA / LLaVA-NeXT / Idefics3 / Qwen2-VL / Qwen2.5-VL with eager / sdpa /
+    # flash_attention_2 attention, off otherwise (other VLMs: positions or masks not checked); "on" = fail when
+    # unsupported; "off".
     packing: str = "auto"
     # Vision-language models: keep the vision encoder frozen (the projector and the language model train).
     freeze_vision: bool = True
