@@ -16,8 +16,9 @@ One step (``Trainer.train_step``):
    step + LR schedule. Micro-batches hold ``micro_batch_size`` completions, or (``micro_batch_tokens``) are
    length-sorted groups within a token budget; one whose longest completion reaches
    ``model.gradient_checkpointing_min_len`` runs with gradient checkpointing. With ``model.packing`` (auto: on
-   for text causal LMs and the VLMs of ``hero.models.hf_vlm`` where it is exact) a micro-batch's rows run padding-free, concatenated into one sequence with position
-   ids restarting per row (``hero.rollout.pack_rows``), and the loss sees only the scored tokens [N, D] with
+   for text causal LMs and the VLMs of ``hero.models.hf_vlm`` where it is exact) a micro-batch's rows run
+   padding-free, concatenated into one sequence with position ids restarting per row
+   (``hero.rollout.pack_rows``), and the loss sees only the scored tokens [N, D] with
    ``seq_ids`` naming their rows: the same loss and gradients as the padded layout, no pad tokens computed;
 6. update the adaptive KL controller (dynamic balancer) from the measured KL and log.
 
