@@ -51,7 +51,7 @@ recompute (10 N D V FLOPs).
     85 FLOP/B; spill-free on sm_90a: 198 registers, 144 KB of shared memory, wgmma), elsewhere the
     forward's 128 x 128 (that tile spills 80-96 B on sm_80). Modeled on an H100: ``_bwd_dz_kernel``
     L2-bound at 33.7 ms (44.9 ms at 128 x 128), cuBLAS dh + dW 46.5 ms at 0.75 of the peak; fwd + bwd
-    126.5 ms = 1.82 x the floor on an H100, 123.5 ms = 1.77 x on an H200.
+    115.3 ms = 1.66 x the floor on an H100, 112.3 ms = 1.61 x on an H200 (the 128 x 256 forward included).
     Loop order and memory (``gemm.backward_order``, the plan's ``live_bytes``): chunks of rows over the
     whole vocabulary need an fp32 dW [V, D] across chunks (2.1 GB) and its cast (1.05 GB): 2.5 GB = 12 %
     of eager's lower bound beyond the returned gradients. So where n < V the loop runs over vocab SLICES
