@@ -40,6 +40,7 @@ autograd of the loss's own elementwise token function on each chunk's [C] log-pr
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -49,12 +50,14 @@ from torch import Tensor
 
 from . import _checks
 from .backends import UpstreamGrads, gemm
+from .backends.plan import KernelLaunch
 from .dispatch import backend_module, device_guard, resolve_impl
 from .linear_entropy_logprob import prepare_inputs
 from .options import RowOptions
 from .weights import Segments
 
-__all__ = ["TokenObjective", "applies", "run", "attach", "chunk_rows", "CHUNK_BYTES"]
+__all__ = ["TokenObjective", "applies", "run", "attach", "chunk_rows", "chunk_plan", "chunks_for", "plan",
+           "CHUNK_BYTES"]
 
 #: Memory budget of the [C, V] chunk buffers (logits, plus fp32 dlogits for 16-bit logits on CPU) per device
 #: type. CPU: every chunk streams W (GEMMs 1, 2) and dW (GEMM 3) once, so C should not be tiny; measured on a
@@ -145,6 +148,25 @@ def chunk_plan(run_starts: List[int], C: int, open_runs: bool) -> List[Tuple[int
     return plan
 
 
+def _wide_dz(impl: str, compute_dtype: torch.dtype) -> bool:
+    """16-bit logits: dlogits in a separate fp32 buffer on CPU (GEMM 3 sees unrounded values); in place on
+    CUDA, whose dW GEMM takes 16-bit inputs with an fp32 output."""
+    return impl != "cuda" and compute_dtype not in (torch.float32, torch.float64)
+
+
+def chunk_elem_bytes(compute_dtype: torch.dtype, wide: bool) -> int:
+    """Bytes per element of a chunk's [C, V] buffers: the logits (+ the fp32 dlogits when ``wide``)."""
+    return torch.empty((), dtype=compute_dtype).element_size() + (4 if wide else 0)
+
+
+def chunks_for(run_starts: List[int], V: int, elem_bytes: int, device_type: str, entropy_weighting: bool
+               ) -> Tuple[int, List[Tuple[int, int, bool]]]:
+    """(C, [(p0, p1, open)]): the chunk rows (``chunk_rows``) and the chunks (``chunk_plan``) that ``run``
+    visits, for sorted rows with responses starting at ``run_starts`` (then M). ``plan`` calls the same."""
+    C = chunk_rows(V, elem_bytes, device_type)
+    return C, chunk_plan(run_starts, C, entropy_weighting)
+
+
 class _Engine:
     """The backend pieces one chunk needs: logits GEMM, row kernels, dW accumulation."""
 
@@ -157,12 +179,10 @@ class _Engine:
         else:
             self.cd = hidden.dtype
             self.w, self.b = weight, bias
-        # 16-bit logits: dlogits in a separate fp32 buffer on CPU (GEMM 3 sees unrounded values); in place on
-        # CUDA, whose dW GEMM takes 16-bit inputs with an fp32 output.
-        self.wide = impl != "cuda" and self.cd not in (torch.float32, torch.float64)
+        self.wide = _wide_dz(impl, self.cd)
 
     def elem_bytes(self) -> int:
-        return torch.empty((), dtype=self.cd).element_size() + (4 if self.wide else 0)
+        return chunk_elem_bytes(self.cd, self.wide)
 
     def logits(self, h: Tensor) -> Tensor:
         h = h.to(self.cd)
@@ -429,11 +449,171 @@ def run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, 
         eng = _Engine(impl, h, w, b)
         rows = _Rows(obj, N, h.device)
         st = _Run(eng, rows, obj, h, y, opts, hidden.requires_grad, weight.requires_grad, need_b)
-        C = chunk_rows(w.shape[0], eng.elem_bytes(), h.device.type)
-        for p0, p1, is_open in chunk_plan(rows.run_starts, C, obj.entropy_weighting):
+        _, chunks = chunks_for(rows.run_starts, w.shape[0], eng.elem_bytes(), h.device.type, obj.entropy_weighting)
+        for p0, p1, is_open in chunks:
             st.chunk(p0, p1, is_open)
         st.finish()
         f32 = dict(dtype=torch.float32, device=h.device)
         logp = torch.zeros(N, **f32).index_copy_(0, rows.idx, rows.logp)
         H = torch.zeros(N, **f32).index_copy_(0, rows.idx, rows.H)
     return logp.view(labels.shape), H.view(labels.shape), _Grads(st.dh, st.dW, st.db, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch plan of the CUDA path, for benchmarks/roofline.py (hero_kernels.backends.plan's conventions)
+# ----------------------------------------------------------------------------------------------
+#: Small [C]-sized torch ops per chunk beyond the GEMMs, the row kernels, the [C, D] row gathers / stores and
+#: the host syncs: the token derivatives by autograd (``_token_grads``), the online normalizer (``_merge_max``),
+#: s_i (``coef``) and the per-row buffer stores. Counted with a TorchDispatchMode over one chunk of the CPU
+#: impl with the engine's calls excluded (~70 ops less those entries); each is one launch-bound kernel.
+TOKEN_OPS = 64
+#: Response length the plan assumes when none is given (a common GRPO completion budget).
+DEFAULT_RESPONSE_TOKENS = 1024
+# Per valid row: the sorted index / segment / count (int64), A, old, ref, c, logp, H, dpg, dkl (fp32), weighted.
+_ROW_BYTES = 3 * 8 + 8 * 4 + 1
+
+
+def _chunk_kinds(lengths: List[int], chunks: List[Tuple[int, int, bool]]) -> dict:
+    """{(rows, open, fold_before, x_start): count}: which work each chunk of ``run`` does. fold_before: an
+    open response is folded into dW first (``_fold``); x_start: the first chunk of an open response (X is
+    zeroed / allocated). Also the key "end_fold" (0 / 1) and "deferred" (dh rows rescaled in ``finish``)."""
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    kinds: dict = {}
+    open_seg, deferred = None, 0
+    for p0, p1, is_open in chunks:
+        seg = bisect.bisect_right(starts, p0) - 1
+        fold = open_seg is not None and (not is_open or open_seg != seg)
+        x_start = is_open and (open_seg is None or open_seg != seg)
+        open_seg = seg if is_open else None
+        deferred += (p1 - p0) if is_open else 0
+        key = (p1 - p0, is_open, fold, x_start)
+        kinds[key] = kinds.get(key, 0) + 1
+    kinds["end_fold"], kinds["deferred"] = int(open_seg is not None), deferred
+    return kinds
+
+
+def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Optional[List[int]] = None,
+         entropy_weighting: bool = True, kl: bool = False, weight_on: str = "all", has_bias: bool = False,
+         need_dh: bool = True, need_dw: bool = True) -> List[KernelLaunch]:
+    """Launches of the CUDA 3-GEMM path (``impl="cuda"``) for N valid tokens in responses of ``lengths``
+    valid tokens each (default: ``DEFAULT_RESPONSE_TOKENS``-token responses), as ``run`` visits them: the
+    chunk rows and chunks from ``chunks_for`` (the budget ``CHUNK_BYTES["cuda"]``). pass_ "fwd": the
+    forward (all three GEMMs per chunk: the gradients are made there); "bwd": the hand-over (``_Grads.take``:
+    scale by the upstream gradient, cast dW); "fwd+bwd": both. kl (a reference policy with beta > 0) or
+    weight_on="negative": an open chunk may also run the unweighted part's dW GEMM (assumed it does).
+    Per chunk: cuBLAS logits, the CUDA row forward and backward (in place on the chunk: the row op's own
+    ``plan``), cuBLAS dh and dW (open chunks: into the fp32 X instead), the row gathers / dh stores and
+    ``TOKEN_OPS`` token-sized ops. ``live_bytes``: the [C, V] chunk, the chunk's hidden rows and dh product,
+    the fp32 dW [V, D] (held from the forward to the hand-over), X [V, D] once an open response appears,
+    the per-row buffers; the hand-over: fp32 dW beside its returned cast."""
+    from .backends.cuda import entropy_logprob as _rows  # the row op's plan (imports no extension)
+
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    tdt = gemm.as_dtype(dtype)
+    e = torch.finfo(tdt).bits // 8
+    if lengths is None:
+        L = DEFAULT_RESPONSE_TOKENS
+        lengths = [L] * (N // L) + ([N % L] if N % L else [])
+    lengths = [int(n) for n in lengths if n > 0]
+    if sum(lengths) != N:
+        raise ValueError(f"lengths must sum to N = {N} valid tokens, got {sum(lengths)}")
+    run_starts = [0]
+    for n in lengths:
+        run_starts.append(run_starts[-1] + n)
+    C, chunks = chunks_for(run_starts, V, chunk_elem_bytes(tdt, _wide_dz("cuda", tdt)), "cuda", entropy_weighting)
+    kinds = _chunk_kinds(lengths, chunks)
+    VD = V * D
+    acc = 4 * VD if (need_dw and e != 4) else 0  # the fp32 dW beyond the returned weight-dtype gradient
+    x_bytes = 4 * VD if (need_dw and any(k[1] for k in kinds if isinstance(k, tuple))) else 0
+    small = _ROW_BYTES * N + (8 * V if has_bias else 0)
+    loop_mem = C * V * e + 2 * C * D * e + 6 * C * D + acc + x_bytes + small
+    note = "cuBLAS: operands streamed once per GEMM; the [C, V] chunk does not fit in 50 MB of L2"
+    ext = dict(external=True, live_bytes=loop_mem)
+
+    def stream(name, nbytes, why, reps, **kw):
+        return KernelLaunch(name, (), "stream", 0.0, float(nbytes), why, repeats=reps, **dict(ext, **kw))
+
+    def gemm_(name, c, nbytes, reps, why=note, is_open=False):
+        return KernelLaunch(name, (), "gemm", 2.0 * c * D * V, float(nbytes), why, repeats=reps,
+                            meta={"chunk_rows": c, "open": is_open}, **ext)
+
+    def row_kernel(c, which, reps):
+        (k,) = _rows.plan(c, V, tdt, pass_=which, inplace_backward=which == "bwd")
+        return dataclasses.replace(k, meta=dict(k.meta, chunk_rows=c), repeats=reps, live_bytes=loop_mem)
+
+    out: List[KernelLaunch] = []
+    if pass_ in ("fwd", "fwd+bwd"):
+        out += [stream("group_rows", 64 * N, "nonzero / stable sort by response / per-row gathers ([N] vectors); "
+                       "nonzero and the response starts' .tolist() sync the host", 2, host_sync=True),
+                stream("zero_grads", (4 * VD if need_dw else 0) + (N * D * e if need_dh else 0),
+                       "zero-filled fp32 dW and dh", 1)]
+        out += _chunk_launches(kinds, C, D, V, e, stream, gemm_, row_kernel, has_bias=has_bias, need_dh=need_dh,
+                               need_dw=need_dw, extra_open_gemm=kl or weight_on == "negative")
+        if kinds["end_fold"]:
+            out.append(stream("fold_x", 12 * VD if need_dw else 0, "dW += X exp(m_X - m_s) / Z_s; m, Z read "
+                              "back (host sync)", 1, host_sync=True))
+        if kinds["deferred"] and need_dh:
+            out += [stream("deferred_dh", 20 * kinds["deferred"] * D, "open responses' dh rows times s_i "
+                           "(gather, fp32 product, cast, store)", 1),
+                    stream("token_ops", 0, "s_i of the deferred rows", TOKEN_OPS // 4)]
+        out.append(stream("scatter_outputs", 16 * N, "logp, H back to the token order", 2))
+    if pass_ in ("bwd", "fwd+bwd"):
+        hand = dict(live_bytes=acc)
+        out += [stream("scale_grads", (8 * VD if need_dw else 0) + (2 * N * D * e if need_dh else 0),
+                       "dW (fp32) and dh times the upstream gradient, in place", 1, **hand)]
+        if acc:
+            out.append(stream("dw_cast", VD * (4 + e), "fp32 dW -> weight dtype", 1, **hand))
+    return out
+
+
+def _chunk_launches(kinds, C, D, V, e, stream, gemm_, row_kernel, *, has_bias, need_dh, need_dw,
+                    extra_open_gemm) -> list:
+    """The per-chunk entries of ``plan``, one group per kind of chunk (``_chunk_kinds``), repeats = count."""
+    VD = V * D
+    out = []
+    for key, reps in kinds.items():
+        if not isinstance(key, tuple):
+            continue
+        c, is_open, fold, x_start = key
+        cv = c * V * e
+        out += [stream("gather_rows", 2 * c * D * e + 24 * c, "the chunk's hidden rows and labels", reps),
+                gemm_("cublas_logits", c, c * D * e + VD * e + cv, reps, is_open=is_open),
+                row_kernel(c, "fwd", reps),
+                stream("token_ops", 0, "per-token derivatives, normalizer, s_i ([C] vectors)", reps * TOKEN_OPS),
+                row_kernel(c, "bwd", reps)]
+        if need_dh:
+            out += [gemm_("cublas_dh", c, cv + VD * e + c * D * e, reps, is_open=is_open),
+                    stream("dh_store", 2 * c * D * e + 8 * c, "index_copy of the chunk's dh rows", reps)]
+        if is_open:
+            syncs = 2 + int(extra_open_gemm)
+            out.append(stream("open_sync", 0, "segment id, running max (and the unweighted check) read back",
+                              reps * syncs, host_sync=True))
+            if x_start and need_dw:
+                out.append(stream("x_zero", 4 * VD, "X zeroed (allocated) for a new open response", reps))
+            gemms = (1 + int(extra_open_gemm)) if need_dw else 0
+            for g in range(gemms):
+                out += [stream("open_rows", 20 * c * D, "alpha * h in fp32, cast for the GEMM", reps),
+                        gemm_("cublas_x" if g == 0 else "cublas_dw", c, cv + c * D * e + 8 * VD, reps,
+                              _open_note(g), is_open=True)]
+            if has_bias:
+                out.append(stream("db_open", cv * (1 + int(extra_open_gemm)), "Xb += u^T alpha (GEMV)", reps))
+            continue
+        if fold:
+            out.append(stream("fold_x", 12 * VD if need_dw else 0, "dW += X exp(m_X - m_s) / Z_s; m, Z read back "
+                              "(host sync)", reps, host_sync=True))
+        if need_dw:
+            out.append(gemm_("cublas_dw", c, cv + c * D * e + 8 * VD, reps,
+                             "cuBLAS, fp32 dW read and written in its epilogue (beta = 1); the [C, V] chunk does "
+                             "not fit in 50 MB of L2"))
+            if has_bias:
+                out.append(stream("db_sum", cv + 8 * V, "column sums of the chunk", reps))
+    return out
+
+
+def _open_note(g: int) -> str:
+    """l2_note of an open chunk's g-th dW-sized GEMM."""
+    return ("cuBLAS into the fp32 X [V, D] (beta = 1): the open response's weighted part, unscaled" if g == 0 else
+            "cuBLAS into dW (beta = 1): the open response's unweighted part (KL / unweighted tokens)")

@@ -248,3 +248,88 @@ def test_chunk_plan_ends_on_response_boundaries():
     assert all(p[1] - p[0] + q[1] - q[0] > 5 for p, q in zip(plan, plan[1:]))
     assert LHL.chunk_rows(128256, 4, "cpu") == (32 << 20) // (128256 * 4)
     assert math.isclose(LHL.chunk_rows(100, 6, "cpu", budget=600), 1)
+
+
+# ---- launch plan of the CUDA path (pure Python: no GPU) ----
+_MIXED = [1, 5000, 300, 4185, 4186, 9000, 17, 1024, 1024, 12000, 2]  # closed, open, chunk-sized, tiny
+
+
+def _starts(lengths):
+    s = [0]
+    for n in lengths:
+        s.append(s[-1] + n)
+    return s
+
+
+def _plan_chunks(launches):
+    """{(rows, open): count} from the plan's logits GEMM entries (one per chunk visited)."""
+    out = {}
+    for k in launches:
+        if k.name == "cublas_logits":
+            key = (k.meta["chunk_rows"], k.meta["open"])
+            out[key] = out.get(key, 0) + k.repeats
+    return out
+
+
+@pytest.mark.parametrize("ew", [True, False])
+def test_plan_chunks_are_runs_chunks(ew):
+    """The plan visits the chunks ``chunk_plan`` gives for ``chunk_rows`` of the CUDA budget (bf16: 2 bytes a
+    logit), closed and open alike, and follows CHUNK_BYTES when it changes."""
+    N, D, V = sum(_MIXED), 4096, 128256
+    C = LHL.chunk_rows(V, 2, "cuda")
+    assert C == LHL.CHUNK_BYTES["cuda"] // (V * 2)
+    expect = {}
+    for p0, p1, o in LHL.chunk_plan(_starts(_MIXED), C, ew):
+        expect[(p1 - p0, o)] = expect.get((p1 - p0, o), 0) + 1
+    launches = LHL.plan(N, D, V, "bf16", lengths=_MIXED, entropy_weighting=ew)
+    assert _plan_chunks(launches) == expect
+    assert any(o for _, o in expect) == ew  # the mix has open responses only with entropy weighting
+    n_open = sum(c for (_, o), c in expect.items() if o)
+    assert sum(k.repeats for k in launches if k.name == "cublas_x") == n_open
+    rows_fwd = [k for k in launches if k.name == "entropy_logprob_fwd_kernel"]
+    assert sum(k.meta["chunk_rows"] * k.repeats for k in rows_fwd) == N
+
+
+def test_plan_follows_the_chunk_budget(monkeypatch):
+    monkeypatch.setattr(LHL, "CHUNK_BYTES", {"cpu": 1 << 20, "cuda": 1000 * 50 * 2})
+    got = _plan_chunks(LHL.plan(2500, 64, 50, "bf16", lengths=[2500], entropy_weighting=False))
+    assert got == {(1000, False): 2, (500, False): 1}
+
+
+def test_plan_flops_are_six_ndv_and_x_memory():
+    """3 GEMMs of 2 C D V per chunk: 6 N D V exactly (every other entry streams); a KL term adds the open
+    chunks' unweighted dW GEMM. Open responses hold the fp32 X [V, D] on top (live_bytes)."""
+    from hero_kernels.backends.plan import peak_extra_bytes
+
+    N, D, V = sum(_MIXED), 4096, 128256
+    launches = LHL.plan(N, D, V, "bf16", lengths=_MIXED)
+    assert sum(k.flops * k.repeats for k in launches) == 6 * N * D * V
+    assert all(k.flops == 0 for k in launches if k.kind == "stream")
+    open_rows = sum(k.meta["chunk_rows"] * k.repeats for k in launches if k.name == "cublas_x")
+    kl = LHL.plan(N, D, V, "bf16", lengths=_MIXED, kl=True)
+    assert sum(k.flops * k.repeats for k in kl) == 6 * N * D * V + 2 * open_rows * D * V
+    closed = LHL.plan(N, D, V, "bf16", lengths=[1024] * (N // 1024) + [N % 1024])
+    assert peak_extra_bytes(launches) - peak_extra_bytes(closed) == 4 * V * D
+    assert sum(k.flops * k.repeats for k in LHL.plan(N, D, V, "bf16", lengths=_MIXED, pass_="bwd")) == 0
+    with pytest.raises(ValueError, match="lengths must sum"):
+        LHL.plan(N + 1, D, V, "bf16", lengths=_MIXED)
+
+
+def test_run_visits_the_chunks_of_chunks_for(small_chunks, monkeypatch):
+    """``run`` takes its chunks from ``chunks_for`` (the function ``plan`` calls) and visits exactly them."""
+    h, W, b, y, old, _ = _problem()
+    seen, made = [], []
+    orig_for, orig_chunk = LHL.chunks_for, LHL._Run.chunk
+
+    def chunks_for(*a, **k):
+        made.append(orig_for(*a, **k)[1])
+        return orig_for(*a, **k)
+
+    def chunk(self, p0, p1, is_open):
+        seen.append((p0, p1, is_open))
+        return orig_chunk(self, p0, p1, is_open)
+
+    monkeypatch.setattr(LHL, "chunks_for", chunks_for)
+    monkeypatch.setattr(LHL._Run, "chunk", chunk)
+    hk.hero_loss(h, y, torch.randn(B), weight=W.clone().requires_grad_(True), old_logp=old, impl="cpu")
+    assert made and seen == made[0] and any(o for *_, o in seen)
