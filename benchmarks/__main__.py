@@ -145,7 +145,8 @@ def _attach_model(r: dict, op: str, impl_name: str, case: C.Case, pass_: str, dt
     ours:cuda on an H100 / H200; nothing for other impls, ops or devices."""
     if not impl_name.startswith("ours:") or gpu is None:
         return
-    m = R.modeled_for(op, impl_name.split(":", 1)[1], pass_, case.N, case.D, case.V, dt, gpu)
+    kw = {"lengths": R.hero_lengths(case.N, case.N // case.B)} if op == "linear_hero_loss" else {}
+    m = R.modeled_for(op, impl_name.split(":", 1)[1], pass_, case.N, case.D, case.V, dt, gpu, **kw)
     if m is None:
         return
     if m["modeled_s"] is None:

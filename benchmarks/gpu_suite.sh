@@ -13,6 +13,7 @@
 #             (V=151936, odd V, strided views, in-place backward, bias, masked rows, temperature), ~60 s
 #   timings   python -m benchmarks.kernel_timings: CUDA-event times of the fused head's forward and backward,
 #             per-kernel device times beside the roofline model and beside cuBLAS GEMMs of the same shape
+#             (plus hero_loss's 3-GEMM training path, impl cuda, at the fused head's shape)
 #   bench     python -m benchmarks --ops entropy_logprob,linear_entropy_logprob --impls
 #             ours,eager,compile,liger,cce (size full), with a time budget so the stage ends in time
 #   tests     pytest on the device-relevant files (GPU-marked tests first, then the Triton op files)

@@ -7,6 +7,10 @@ N=16384, V=151936; bf16) and each GPU backend (triton, cuda):
   alone (forward outside the timing), peak extra memory of forward+backward;
 * per kernel: device time from ``torch.profiler`` of one forward and one backward, beside the roofline
   model's time for the plan entry of the same name (``benchmarks/roofline.py``; summed over launches);
+* ``linear_hero_loss`` (impl cuda): ``hero_loss`` on hidden states + LM head, the training path that makes
+  the gradients in its forward (3 GEMMs per chunk, ``hero_kernels.linear_hero_loss``), in responses of
+  ``HERO_T`` tokens (the roofline's "closed" rows); its "fwd" is that forward WITH grad (all the GEMMs),
+  its "bwd" the hand-over of the stored gradients; modeled against ``linear_hero_loss.plan``;
 * beside them, cuBLAS GEMMs of the fused head's shapes (``torch.mm``): logits ``[N, D] x [D, V]``, dh
   ``[N, V] x [V, D]``, dW ``[V, N] x [N, D]`` (2*N*D*V FLOPs each), the rate our GEMM-bound pieces compare to.
 
@@ -27,7 +31,10 @@ import hero_kernels as hk
 from . import common as C
 from . import roofline as RL
 
-__all__ = ["profile_kernels", "gemm_timings", "time_op", "main"]
+__all__ = ["profile_kernels", "gemm_timings", "time_op", "main", "HERO_T"]
+
+#: tokens per response of the linear_hero_loss timing (the roofline's "closed" response length)
+HERO_T = RL.HERO_RESPONSES["closed"]
 
 
 def _events(fn: Callable[[], Any], reps: int) -> Dict[str, float]:
@@ -118,7 +125,18 @@ def time_op(op: str, impl: str, N: int, D: int, V: int, dtype: torch.dtype, reps
     dev = torch.device("cuda")
     y = torch.randint(0, V, (N,), device=dev)
     g, k = torch.randn(N, device=dev), torch.randn(N, device=dev)
-    if op == "linear_entropy_logprob":
+    plan_kw: Dict[str, Any] = {}
+    if op == "linear_hero_loss":  # the loss makes the gradients in its forward: time that forward with grad
+        from hero_kernels import linear_hero_loss as LHL
+
+        x = (torch.randn(N // HERO_T, HERO_T, D, device=dev) / 4).to(dtype).requires_grad_(True)
+        w = (torch.randn(V, D, device=dev) / D ** 0.5).to(dtype).requires_grad_(True)
+        A = torch.randn(N // HERO_T, device=dev)
+        if not LHL.applies(x, w, None, impl, False):
+            raise RuntimeError(f"hero_loss would not take the 3-GEMM path with impl={impl!r}")
+        fwd = lambda: hk.hero_loss(x, y.view(N // HERO_T, HERO_T), A, weight=w, impl=impl)[0]  # noqa: E731
+        leaves, plan_kw = [x, w], {"lengths": RL.hero_lengths(N, HERO_T)}
+    elif op == "linear_entropy_logprob":
         x = (torch.randn(N, D, device=dev) / 4).to(dtype).requires_grad_(True)
         w = (torch.randn(V, D, device=dev) / D ** 0.5).to(dtype).requires_grad_(True)
         fwd = lambda: hk.linear_entropy_logprob(x, w, y, impl=impl)  # noqa: E731
@@ -129,14 +147,18 @@ def time_op(op: str, impl: str, N: int, D: int, V: int, dtype: torch.dtype, reps
         leaves = [x]
 
     def no_grad():
+        if op == "linear_hero_loss":
+            fwd()  # with grad: this forward IS the work
+            return
         with torch.no_grad():
             fwd()
 
     state: Dict[str, Any] = {}
 
     def bwd():  # the forward outside: backward alone
-        logp, H = state.pop("out")
-        (logp * g + H * k).sum().backward()
+        out = state.pop("out")
+        loss = out if op == "linear_hero_loss" else (out[0] * g + out[1] * k).sum()
+        loss.backward()
         for t in leaves:
             t.grad = None
 
@@ -166,11 +188,11 @@ def time_op(op: str, impl: str, N: int, D: int, V: int, dtype: torch.dtype, reps
     res["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
     res["fwd"]["kernels"] = profile_kernels(no_grad)
     res["bwd"]["kernels"] = profile_kernels(bwd, setup=do_fwd)
-    model = RL.modeled_for(op, impl, "fwd", N, D, V, dtype, gpu)
+    model = RL.modeled_for(op, impl, "fwd", N, D, V, dtype, gpu, **plan_kw)
     if model and model["modeled_s"] is not None:
         res["fwd"]["modeled_ms"] = 1e3 * model["modeled_s"]
         res["fwd"]["by_plan_kernel"] = _match(res["fwd"]["kernels"], model)
-    full = RL.modeled_for(op, impl, "fwd+bwd", N, D, V, dtype, gpu)
+    full = RL.modeled_for(op, impl, "fwd+bwd", N, D, V, dtype, gpu, **plan_kw)
     if full and full["modeled_s"] is not None:
         res["fwd+bwd_modeled_ms"] = 1e3 * full["modeled_s"]
         res["fwd+bwd_ms"] = res["fwd"]["ms"] + res["bwd"]["ms"]
@@ -184,6 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_timings", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", default="triton,cuda")
+    ap.add_argument("--no-hero", action="store_true", help="skip the linear_hero_loss (3-GEMM, cuda) timing")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="N=1024, D=512, V=32000 (a quick check of the script)")
     ap.add_argument("--json", default=None)
@@ -201,23 +224,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     out["gemms"] = gemm_timings(*shapes["linear_entropy_logprob"], dt, a.reps)
     for g in out["gemms"]:
         print(f"{g['name']}: {g['ms']:.3f} ms ({g['tflops']:.0f} TFLOP/s)", flush=True)
-    for op, (n, d, v) in shapes.items():
-        for impl in [x for x in a.impls.split(",") if x]:
-            try:
-                r = time_op(op, impl, n, d, v, dt, a.reps, gpu)
-            except Exception as e:  # noqa: BLE001 - recorded, the next one runs
-                r = {"op": op, "impl": impl, "error": f"{type(e).__name__}: {e}"[:400]}
-            torch.cuda.empty_cache()
-            out["ops"].append(r)
-            if "error" in r:
-                print(f"{op}/{impl}: ERROR {r['error']}", flush=True)
-                continue
-            print(f"{op}/{impl} N={n} D={d} V={v}: fwd {r['fwd']['ms']:.3f} ms, bwd {r['bwd']['ms']:.3f} ms, "
-                  f"modeled fwd+bwd {C._fmt(r.get('fwd+bwd_modeled_ms'), '.3f')} ms, peak "
-                  f"{r['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
-            for k in r.get("by_plan_kernel") or r["fwd"]["kernels"] + r["bwd"]["kernels"]:
-                print(f"    {k['name'][:70]:70s} {C._fmt(k.get('ms'), '.3f'):>9} ms  modeled "
-                      f"{C._fmt(k.get('modeled_ms'), '.3f'):>9} ms", flush=True)
+    runs = [(op, nd, impl) for op, nd in shapes.items() for impl in a.impls.split(",") if impl]
+    if not a.no_hero:  # the training path of the fused head's shape: CUDA only (the Triton head has no chunk loop)
+        runs.append(("linear_hero_loss", shapes["linear_entropy_logprob"], "cuda"))
+    for op, (n, d, v), impl in runs:
+        try:
+            r = time_op(op, impl, n, d, v, dt, a.reps, gpu)
+        except Exception as e:  # noqa: BLE001 - recorded, the next one runs
+            r = {"op": op, "impl": impl, "error": f"{type(e).__name__}: {e}"[:400]}
+        torch.cuda.empty_cache()
+        out["ops"].append(r)
+        if a.json:  # after every op: a stage that runs out of time still leaves what it measured
+            C.write_json(a.json, dict(out, wall_s=time.perf_counter() - t0))
+        if "error" in r:
+            print(f"{op}/{impl}: ERROR {r['error']}", flush=True)
+            continue
+        print(f"{op}/{impl} N={n} D={d} V={v}: fwd {r['fwd']['ms']:.3f} ms, bwd {r['bwd']['ms']:.3f} ms, "
+              f"modeled fwd+bwd {C._fmt(r.get('fwd+bwd_modeled_ms'), '.3f')} ms, peak "
+              f"{r['peak_extra_bytes'] / 2**20:.0f} MiB", flush=True)
+        for k in r.get("by_plan_kernel") or r["fwd"]["kernels"] + r["bwd"]["kernels"]:
+            print(f"    {k['name'][:70]:70s} {C._fmt(k.get('ms'), '.3f'):>9} ms  modeled "
+                  f"{C._fmt(k.get('modeled_ms'), '.3f'):>9} ms", flush=True)
     out["wall_s"] = time.perf_counter() - t0
     if a.json:
         C.write_json(a.json, out)

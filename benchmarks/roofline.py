@@ -17,6 +17,14 @@ the logits / weights dtype:
   backward read, dlogits write), divided by the GPU's HBM bandwidth.
 * ``linear_entropy_logprob`` (hidden ``[N, D]``, weight ``[V, D]``): fwd ``2*N*D*V`` FLOPs, fwd+bwd
   ``8*N*D*V`` (forward, recompute, dh, dW GEMMs), divided by the bf16 tensor-core peak (989 TFLOP/s).
+* ``linear_hero_loss`` (the HERO loss from hidden states + LM head, ``hero_kernels.linear_hero_loss``: the gradients
+  made in the forward, 3 GEMMs per row chunk; impl cuda, the path ``hero_loss`` takes for training with
+  ``entropy_grad=False``): ``6*N*D*V`` FLOPs (logits, dh, dW) over the bf16 peak, fwd+bwd rows only (its
+  forward does all the work). Each row also gives ``generic_floor_s`` (the fused head's ``8*N*D*V`` floor,
+  what a user swapping ops compares) and ``ratio_generic``, and ``responses`` (valid tokens per response:
+  ``HERO_RESPONSES`` "closed" = every response fits in a chunk, "open" = responses longer than a chunk,
+  which add the fp32 [V, D] accumulator X). The name is the benchmark suite's (``benchmarks.common.OPS``:
+  ``hero_loss`` there is the loss from logits, which has no GEMM).
 * ``linear_grad_sketch`` (the same head with a ``[k, V]`` projection, k = ``SKETCH_K`` = 128): the head's GEMMs
   plus the sketch products, fwd ``2*N*D*V + 2*N*V*k`` (logits, e @ proj^T), fwd+bwd ``8*N*D*V + 4*N*V*k``
   (+ the backward's v @ proj), over the same peak.
@@ -54,13 +62,18 @@ from . import common as C
 __all__ = ["IMPL_MODULES", "NO_PLAN", "floor_seconds", "model_row", "rows_for", "shapes", "modeled_for",
            "gpu_key", "main"]
 
-OPS = ("entropy_logprob", "linear_entropy_logprob", "linear_grad_sketch")
+OPS = ("entropy_logprob", "linear_entropy_logprob", "linear_grad_sketch", "linear_hero_loss")
 #: (op, impl) -> the launcher module whose ``plan`` describes what that impl runs on a GPU (the sketch: Triton
 #: only, the CUDA backend has no sketch kernel)
 IMPL_MODULES: Dict[Tuple[str, str], str] = {
     (op, impl): f"hero_kernels.backends.{impl}.{op}" for op in OPS for impl in ("triton", "cuda")
-    if (op, impl) != ("linear_grad_sketch", "cuda")
+    if (op, impl) != ("linear_grad_sketch", "cuda") and op != "linear_hero_loss"
 }
+#: the 3-GEMM HERO loss has a chunk loop on the CUDA backend only (the Triton head keeps the 4-GEMM op)
+IMPL_MODULES[("linear_hero_loss", "cuda")] = "hero_kernels.linear_hero_loss"
+#: response lengths (valid tokens) of the linear_hero_loss rows: {name: tokens per response}; "closed" responses
+#: fit in a chunk, "open" ones span chunks (the X accumulator, deferred dh rows)
+HERO_RESPONSES = {"closed": 1024, "open": 8192}
 #: sketch size k of the linear_grad_sketch rows: the benchmarks' (hero.omnex's default k1), passed to its plan
 SKETCH_K = C.SKETCH_K
 NO_PLAN = "no plan (launcher not ported)"
@@ -70,7 +83,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # D in {2048, 4096}, N in {4096, 16384, 65536}); "bench": the GPU benchmark's own shapes (size full), so a
 # measured row always has its modeled twin.
 _HEADLINE = {"entropy_logprob": [(16384, 0, 151936)], "linear_entropy_logprob": [(16384, 4096, 128256)],
-             "linear_grad_sketch": [(16384, 4096, 151936)]}
+             "linear_grad_sketch": [(16384, 4096, 151936)], "linear_hero_loss": [(16384, 4096, 128256)]}
 _NS, _DS, _VS = (4096, 16384, 65536), (2048, 4096), (32000, 128256, 151936)
 
 
@@ -79,11 +92,12 @@ def shapes(which: str = "design") -> Dict[str, List[Tuple[int, int, int]]]:
     out = {op: list(_HEADLINE[op]) for op in OPS}
     if which in ("design", "all"):
         out["entropy_logprob"] += [(n, 0, v) for n, v in itertools.product(_NS, _VS)]
-        for op in ("linear_entropy_logprob", "linear_grad_sketch"):
+        for op in ("linear_entropy_logprob", "linear_grad_sketch", "linear_hero_loss"):
             out[op] += [(n, d, v) for n, d, v in itertools.product(_NS, _DS, _VS)]
     if which in ("bench", "all"):
         for op in OPS:
-            out[op] += [(c.N, c.D, c.V) for c in C.cases_for(op, "full")]
+            if op in C.OPS:
+                out[op] += [(c.N, c.D, c.V) for c in C.cases_for(op, "full")]
     elif which not in ("design", "headline"):
         raise ValueError(f"shapes must be one of headline, design, bench, all; got {which!r}")
     return {op: list(dict.fromkeys(v)) for op, v in out.items()}
@@ -93,6 +107,8 @@ def floor_seconds(op: str, pass_: str, N: int, D: int, V: int, elt: int, gpu: Gp
     """The floor of the module docstring: HBM bytes for the logits op, GEMM FLOPs for the fused head."""
     if op == "entropy_logprob":
         return (1 if pass_ == "fwd" else 3) * N * V * elt / gpu.hbm_bytes_per_s
+    if op == "linear_hero_loss":
+        return 6 * N * D * V / gpu.bf16_flops_per_s
     if op == "linear_grad_sketch":
         fwd = pass_ == "fwd"
         return ((2 if fwd else 8) * N * D * V + (2 if fwd else 4) * N * V * SKETCH_K) / gpu.bf16_flops_per_s
@@ -152,6 +168,8 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
                            "modeled_s": None, "ratio": None, "status": "ok", "reason": None}
     if op == "linear_grad_sketch":  # its plan picks a forward design by this model: price it on this GPU
         plan_kw.setdefault("gpu", gpu)
+    if op == "linear_hero_loss":
+        row["responses"] = _responses(plan_kw.get("lengths"))
     launches, row["status"], row["reason"] = _call_plan(op, impl, pass_, N, D, V, tdt, **plan_kw)
     if launches is None:
         return row
@@ -164,11 +182,29 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
     row["flops"] = sum(k["flops"] for k in ks)
     row["hbm_bytes"] = sum(k["hbm_bytes"] for k in ks)
     row["l2_notes"] = list(dict.fromkeys(k["l2_note"] for k in ks if k["l2_note"]))
-    if op == "linear_entropy_logprob":
+    if op == "linear_hero_loss":
+        row["generic_floor_s"] = floor_seconds("linear_entropy_logprob", "fwd+bwd", N, D, V, elt, spec)
+        row["ratio_generic"] = row["modeled_s"] / row["generic_floor_s"]
+    if op in ("linear_entropy_logprob", "linear_hero_loss"):
         row["peak_extra_bytes"] = peak_extra_bytes(launches)
         row["eager_peak_bytes"] = gemm.eager_peak_bytes(N, V, elt)
         row["extra_share"] = row["peak_extra_bytes"] / row["eager_peak_bytes"]
     return row
+
+
+def hero_lengths(N: int, tokens: int) -> List[int]:
+    """Valid tokens per response: N tokens in responses of ``tokens`` (the last one shorter)."""
+    return [tokens] * (N // tokens) + ([N % tokens] if N % tokens else [])
+
+
+def _responses(lengths: Optional[Sequence[int]]) -> str:
+    """'16x1024' / '2x8192+1x100' (None: the plan's default)."""
+    if lengths is None:
+        return "default"
+    counts: Dict[int, int] = {}
+    for n in lengths:
+        counts[n] = counts.get(n, 0) + 1
+    return "+".join(f"{c}x{n}" for n, c in counts.items())
 
 
 def rows_for(which: str = "design", gpus: Sequence[str] = ("h100", "h200"), ops: Sequence[str] = OPS,
@@ -178,8 +214,13 @@ def rows_for(which: str = "design", gpus: Sequence[str] = ("h100", "h200"), ops:
     grid = shapes(which)
     for op in ops:
         for (N, D, V), pass_, gpu, impl in itertools.product(grid[op], passes, gpus, impls):
-            if (op, impl) in IMPL_MODULES:
+            if (op, impl) not in IMPL_MODULES:
+                continue
+            if op != "linear_hero_loss":
                 out.append(model_row(op, impl, pass_, N, D, V, dtype, gpu))
+            elif pass_ == "fwd+bwd":  # its forward does all the work: no fwd-only row
+                out += [model_row(op, impl, pass_, N, D, V, dtype, gpu, lengths=hero_lengths(N, t))
+                        for t in HERO_RESPONSES.values()]
     return out
 
 
@@ -196,15 +237,18 @@ _CACHE: Dict[tuple, Dict[str, Any]] = {}
 
 
 def modeled_for(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: torch.dtype,
-                gpu: Optional[str]) -> Optional[Dict[str, Any]]:
+                gpu: Optional[str], **plan_kw) -> Optional[Dict[str, Any]]:
     """The model row of an ``ours:<impl>`` measurement (None when there is nothing to model: CPU backends,
-    other ops, unknown GPU or dtype). Cached: the benchmark asks once per case and pass."""
+    other ops, unknown GPU or dtype). Cached: the benchmark asks once per case and pass. plan_kw: passed
+    to the plan (linear_hero_loss: ``lengths``)."""
     dt = next((k for k, v in _DTYPES.items() if v == dtype), None)
     if gpu not in GPU_SPECS or (op, impl) not in IMPL_MODULES or dt is None:
         return None
-    key = (op, impl, pass_, N, D, V, dt, gpu)
+    if op == "linear_hero_loss" and pass_ != "fwd+bwd":  # a no-grad forward runs the fused head, not this path
+        return None
+    key = (op, impl, pass_, N, D, V, dt, gpu, repr(sorted(plan_kw.items())))
     if key not in _CACHE:
-        _CACHE[key] = model_row(op, impl, pass_, N, D, V, dt, gpu)
+        _CACHE[key] = model_row(op, impl, pass_, N, D, V, dt, gpu, **plan_kw)
     return _CACHE[key]
 
 
@@ -225,8 +269,12 @@ def table_rows(rows: Iterable[Dict[str, Any]]) -> List[list]:
         mem = ""
         if r.get("peak_extra_bytes") is not None:
             mem = f"{r['peak_extra_bytes'] / 1e9:.2f} GB ({100 * r['extra_share']:.1f}%)"
-        out.append([r["op"], r["pass"], r["N"], r["D"], r["V"], r["gpu"], r["impl"], _ms(r["modeled_s"]),
-                    _ms(r["floor_s"]), C._fmt(r["ratio"], ".2f"), mem, top if r["status"] == "ok" else r["reason"]])
+        impl, ratio = r["impl"], C._fmt(r["ratio"], ".2f")
+        if r["op"] == "linear_hero_loss":  # its responses, and the ratio to the generic op's 8NDV floor beside
+            impl = f"{impl} {r['responses']}"
+            ratio += f" (8NDV: {C._fmt(r.get('ratio_generic'), '.2f')})"
+        out.append([r["op"], r["pass"], r["N"], r["D"], r["V"], r["gpu"], impl, _ms(r["modeled_s"]),
+                    _ms(r["floor_s"]), ratio, mem, top if r["status"] == "ok" else r["reason"]])
     return out
 
 
@@ -252,7 +300,8 @@ def render_markdown(rows: List[Dict[str, Any]]) -> str:
            "bytes / L2 bandwidth, HBM bytes / (bandwidth x HBM efficiency), elements x SASS per element / issue "
            "rate) + launch overhead (constants in hero_kernels.backends.plan.GpuSpec); "
            "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
-           "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head; extra mem = the plan's memory model (bytes "
+           "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head, 6*N*D*V for linear_hero_loss (hero_loss's "
+           "3-GEMM path; its ratio to the fused head's 8*N*D*V floor in parentheses); extra mem = the plan's memory model (bytes "
            "held beyond inputs and returned gradients) and its share of eager's lower bound N*V*(elt + 8).", "",
            C.format_table(HEAD, table_rows(rows), markdown=True), ""]
     picks = variant_lines(rows)

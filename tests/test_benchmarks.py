@@ -465,3 +465,37 @@ def test_kernel_timings_match_plan_kernels():
     no_ext = {"kernels": model["kernels"][:1]}
     names = [r["name"] for r in KT._match(measured, no_ext)]
     assert names[0] == "_fwd_kernel" and "sm90_xmma_gemm_bf16" in names
+
+
+def test_roofline_models_the_hero_loss_training_path():
+    """linear_hero_loss rows: the 3-GEMM CUDA plan against 6 N D V, its ratio to the fused head's 8 N D V floor
+    beside it, closed and open responses in the headline rows, fwd+bwd only; kernel_timings' entry models
+    the same plan (and needs CUDA to run)."""
+    from benchmarks import kernel_timings as KT
+    from benchmarks import roofline as RL
+
+    N, D, V = 16384, 4096, 128256
+    rows = [r for r in RL.rows_for("headline", ("h100",), ("linear_hero_loss",), ("triton", "cuda")) if r]
+    assert [(r["impl"], r["pass"], r["responses"]) for r in rows] == [("cuda", "fwd+bwd", "16x1024"),
+                                                                     ("cuda", "fwd+bwd", "2x8192")]
+    closed, open_ = rows
+    assert closed["floor_s"] == pytest.approx(6 * N * D * V / 989e12)
+    assert closed["generic_floor_s"] == pytest.approx(8 * N * D * V / 989e12)
+    assert closed["flops"] == 6 * N * D * V and closed["ratio_generic"] == pytest.approx(closed["ratio"] * 0.75)
+    assert open_["peak_extra_bytes"] > closed["peak_extra_bytes"] and open_["modeled_s"] > closed["modeled_s"]
+    assert "(8NDV: " in RL.table_rows([closed])[0][RL.HEAD.index("ratio")]
+    assert RL.modeled_for("linear_hero_loss", "cuda", "fwd", N, D, V, torch.bfloat16, "h100") is None
+    m = RL.modeled_for("linear_hero_loss", "cuda", "fwd+bwd", N, D, V, torch.bfloat16, "h100",
+                       lengths=RL.hero_lengths(N, KT.HERO_T))
+    assert m["modeled_s"] == pytest.approx(closed["modeled_s"])
+    if not torch.cuda.is_available():
+        assert KT.main(["--small"]) == 2
+    from benchmarks import __main__ as M
+
+    case = C.Case("linear_hero_loss", N, V, D=D, B=N // KT.HERO_T)
+    r = {"time_ms": 80.0}
+    M._attach_model(r, "linear_hero_loss", "ours:cuda", case, "fwd+bwd", torch.bfloat16, "h100")
+    assert r["modeled_ms"] == pytest.approx(1e3 * closed["modeled_s"])
+    r2 = {"time_ms": 1.0}
+    M._attach_model(r2, "linear_hero_loss", "ours:cuda", case, "fwd", torch.bfloat16, "h100")
+    assert r2 == {"time_ms": 1.0}  # a no-grad forward runs the fused head, not the 3-GEMM path
