@@ -53,6 +53,19 @@ def test_distort_rows_per_image_seeds_padding_and_tiles():
     assert torch.equal(d[:, :, 0], d[:, :, 1])
 
 
+def test_hf_vcd_leaves_idefics3_padding_images_alone(hf_models):
+    """Idefics3 pads a row with fewer tiles with all-zero images and drops them by that test; noising them
+    made them real images without placeholder tokens ("Image features and image tokens do not match")."""
+    images = [np.full((112, 112, 3), 90, np.uint8), np.full((14, 112, 3), 200, np.uint8)]  # 5 vs 3 tiles
+    ad = _hf_adapter(hf_models, "idefics3", VCDConfig(alpha=1.0, beta=0.1), max_new_tokens=2)
+    enc, keys = ad._encode(images, ["Cat?", "Red?"])
+    pad = (enc["pixel_values"] == 0).flatten(2).all(-1)
+    assert pad[1].any() and not pad[0].any()
+    noisy = ad._distorted(enc, keys)
+    assert torch.equal((noisy == 0).flatten(2).all(-1), pad) and not torch.equal(noisy, enc["pixel_values"])
+    assert len(ad.answer_token_distribution(images, ["Cat?", "Red?"]).texts) == 2
+
+
 def test_contrastive_logits_and_cutoff():
     z = torch.tensor([[2.0, 1.0, -3.0, 0.0]])
     zd = torch.tensor([[1.0, 2.0, 0.0, 0.0]])

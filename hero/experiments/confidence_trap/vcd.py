@@ -105,14 +105,17 @@ def _image_eps(x: Tensor, g: torch.Generator, frames: Optional[Tuple[int, int]])
     frames (T, P*P): ``x`` is [n patches, C * T * P*P] (Qwen-VL layout: channel, frame, pixel), and an image's
     T frames are copies of it; they get the same noise, as if the image was noised before the copy (checked:
     frames that differ get their own noise). Else x is [3, H, W] (one noise tensor) or [tiles, 3, H, W]
-    (one per tile, in order, so a tile's noise does not depend on how many padding tiles follow)."""
+    (one per tile, in order, so a tile's noise does not depend on how many padding tiles follow). An all-zero
+    tile is padding and gets no noise: Idefics3 tells its padding images from real ones by exactly that, so a
+    noised padding tile would become an extra image with no placeholder tokens."""
     if frames is not None and x.dim() == 2:
         T, pp = frames
         v = x.view(x.shape[0], -1, T, pp)
         if T > 1 and torch.equal(v, v[:, :, :1].expand_as(v)):
             return torch.randn(v[:, :, :1].shape, generator=g).expand_as(v).reshape(x.shape)
     if x.dim() >= 4:
-        return torch.stack([torch.randn(t.shape, generator=g) for t in x])
+        eps = torch.stack([torch.randn(t.shape, generator=g) for t in x])
+        return eps.masked_fill_((x == 0).flatten(1).all(1).view(-1, *[1] * (x.dim() - 1)), 0.0)
     return torch.randn(x.shape, generator=g)
 
 
