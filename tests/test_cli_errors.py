@@ -170,6 +170,21 @@ def test_bad_jsonl_rows_are_skipped_with_one_warning_each_or_stop_the_run(tmp_pa
     assert not os.path.exists(tmp_path / "t" / "metrics.jsonl")
 
 
+def test_tiny_vlm_row_with_several_images_is_a_one_line_bad_row(tmp_path):
+    """A JSONL row may list several images (transformers VLMs place them); the tiny VLM has one image slot, so
+    such a row is a bad row naming its image count, not a traceback from sizing the model by the list."""
+    from hero.data.jsonl import save_image_png
+
+    save_image_png(np.full((8, 24), 128, np.uint8), str(tmp_path / "img.png"))
+    row = {"image": ["img.png", "img.png"], "question": "Is there a cat?", "answer": "yes"}
+    data = tmp_path / "multi.jsonl"
+    data.write_text("\n".join(json.dumps(dict(row, id=f"r{i}")) for i in range(4)) + "\n")
+    cfg = config(tmp_path, TINY.replace("tiny-llama", "tiny-vlm").replace("image_field: ''", "image_field: image"))
+    rc, out, err = hero(tmp_path, "train", "--config", cfg, "--data.name", "jsonl", "--data.path", str(data),
+                        "--output_dir", str(tmp_path / "run"), "--on_bad_row", "stop")
+    assert "has 2 images but the tiny VLM takes one image per row" in one_line_error(rc, err, code=3)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2, 3, 6, 9. runs never mixed, resume checks the config, summary, plot, complete runs, stale temp folders
 # ----------------------------------------------------------------------------------------------

@@ -44,6 +44,12 @@ class TinyVLMModelAdapter(ModelAdapter):
         if self.image_field not in row:
             raise BadRowError(f"row {row_name(row, index)} has no image field {self.image_field!r}", row_name(row, index))
         img = row[self.image_field]
+        if isinstance(img, (list, tuple)):  # a JSONL row may list several images; TinyVLM has one image slot
+            if len(img) != 1:
+                raise BadRowError(f"row {row_name(row, index)} has {len(img)} images but the tiny VLM takes one "
+                                  "image per row: keep one image per row (or use a transformers VLM)",
+                                  row_name(row, index))
+            img = img[0]
         try:
             if isinstance(img, (str, bytes)) or hasattr(img, "__fspath__"):
                 img = load_image(img)
@@ -87,6 +93,8 @@ class TinyVLMModelAdapter(ModelAdapter):
 def _image_size(ctx):
     """(H, W) of the first row's image when it is an array (a path is sized by the default)."""
     img = (ctx.sample_row or {}).get(ctx.image_field)
+    if isinstance(img, (list, tuple)):  # several images (prepare_row refuses the row): size by the first
+        img = img[0] if img else None
     return tuple(np.asarray(img).shape[:2]) if img is not None and not isinstance(img, str) else (8, 24)
 
 
