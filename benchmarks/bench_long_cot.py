@@ -25,8 +25,9 @@ Trainers
 * ``hero_trl``: ``hero.integrations.trl.HEROGRPOTrainer.compute_loss`` (fused LM head, entropy weighting on).
 * ``hero``: ``hero train``'s step: ``hero.trainer.Trainer.backward`` on a rollout of the same completions
   (fused LM head, entropy weighting on), padded layout (``model.packing off``).
-* ``hero_packed``: the same with ``model.packing on`` (what ``hero train``'s default ``auto`` does for a text
-  causal LM): the rows concatenated into one sequence, no pad tokens through the decoder.
+* ``hero_packed``: the same with ``model.packing on`` (``auto`` does this for a text causal LM with
+  flash_attention_2, and with eager / sdpa where the packed T^2 attention is no larger than the padded one):
+  the rows concatenated into one sequence, no pad tokens through the decoder.
 
 Memory guard: each child's address space for data (``RLIMIT_DATA``) is capped at ``--mem-cap-gb`` (default:
 the machine's available memory minus 2 GB), so a run that would not fit fails inside the child with

@@ -85,8 +85,9 @@ class ModelConfig:
     # Padding-free policy / reference forward: a micro-batch's rows concatenated into one sequence with
     # position ids restarting per row (no pad tokens through the decoder; same loss and gradients). "auto" =
     # on for text causal LMs and LLaVA / LLaVA-NeXT / Idefics3 / Qwen2-VL / Qwen2.5-VL with eager / sdpa /
-    # flash_attention_2 attention, off otherwise (other VLMs: positions or masks not checked); "on" = fail when
-    # unsupported; "off".
+    # flash_attention_2 attention, off otherwise (other VLMs: positions or masks not checked); with eager / sdpa
+    # (a [T, T] mask over the packed T tokens) only for micro-batches where T^2 <= rows x padded width^2;
+    # "on" = always (fail when unsupported); "off".
     packing: str = "auto"
     # Vision-language models: keep the vision encoder frozen (the projector and the language model train).
     freeze_vision: bool = True

@@ -16,7 +16,8 @@ One step (``Trainer.train_step``):
    step + LR schedule. Micro-batches hold ``micro_batch_size`` completions, or (``micro_batch_tokens``) are
    length-sorted groups within a token budget; one whose longest completion reaches
    ``model.gradient_checkpointing_min_len`` runs with gradient checkpointing. With ``model.packing`` (auto: on
-   for text causal LMs and the VLMs of ``hero.models.hf_vlm`` where it is exact) a micro-batch's rows run
+   for text causal LMs and the VLMs of ``hero.models.hf_vlm`` where it is exact; with eager / sdpa only where
+   the packed T^2 attention is no larger than the padded one, ``Trainer._packs``) a micro-batch's rows run
    padding-free, concatenated into one sequence with position ids restarting per row
    (``hero.rollout.pack_rows``), and the loss sees only the scored tokens [N, D] with
    ``seq_ids`` naming their rows: the same loss and gradients as the padded layout, no pad tokens computed;
@@ -414,6 +415,11 @@ class Trainer:
         self.use_kl = cfg.kl.beta > 0
         self.ref_model, self.ref_is_copy = self._build_reference(ref_model) if self.use_kl else (None, False)
         self.packing = self._resolve_packing()
+        # eager / sdpa attend packed rows through a materialized [T, T] block-diagonal mask (and eager a [heads, T, T]
+        # score tensor): "auto" packs a micro-batch only where that is no larger than the padded rows x width^2
+        # (_packs); flash_attention_2's varlen kernels, and model.packing on, always pack
+        self.pack_always = (self.cfg.model.packing == "on"
+                            or getattr(self.model.config, "_attn_implementation", None) == "flash_attention_2")
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
@@ -526,6 +532,11 @@ class Trainer:
         if why and self.cfg.model.packing == "on":
             raise ConfigError(f"model.packing=on: {why}; use model.packing auto (packs only where it is exact) or off")
         return why is None
+
+    def _packs(self, tokens: int, rows: int, width: int) -> bool:
+        """Whether a micro-batch of ``rows`` rows (``tokens`` attended in all, padded width ``width``) runs packed:
+        always with pack_always, else only when its T^2 attention area does not exceed rows x width^2."""
+        return self.packing and (self.pack_always or tokens * tokens <= rows * width * width)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -784,19 +795,22 @@ class Trainer:
     def _micro_batches(self, rollout: Rollout) -> List[Union[slice, Tensor]]:
         """Row selections of the kept completions, one per forward/backward: consecutive slices of
         micro_batch_size, or (micro_batch_tokens > 0) length-sorted groups whose size stays within the budget
-        (a longer single row goes alone): padded, rows x (P + longest completion); packed (``self.packing``),
+        (a longer single row goes alone): padded, rows x (P + longest completion); packed (``self._packs``),
         the sum of the rows' unpadded prompt + completion lengths."""
         n, size, budget = rollout.labels.shape[0], self.cfg.micro_batch_size, self.cfg.micro_batch_tokens
         size = size or n
         if budget <= 0:
             return [slice(s, min(s + size, n)) for s in range(0, n, size)]
         lengths = (rollout.labels != IGNORE_INDEX).sum(1).clamp_min(1).tolist()
+        tokens = lengths
         if self.packing:
             prompt_lengths = rollout.prompt["attention_mask"][rollout.kept.to(self.device)].sum(1).tolist()
             tokens = [p + c for p, c in zip(prompt_lengths, lengths)]
-            cost: Callable[[List[int]], int] = lambda rows: sum(tokens[r] for r in rows)
-        else:  # longest first: a group's width is its first row's
-            cost = lambda rows: len(rows) * (rollout.prompt_len + lengths[rows[0]])
+
+        def cost(rows: List[int]) -> int:  # the tokens the group runs: packed, or padded where _packs says no
+            t, w = sum(tokens[r] for r in rows), rollout.prompt_len + lengths[rows[0]]  # longest first: width
+            return t if self._packs(t, len(rows), w) else len(rows) * w
+
         groups: List[List[int]] = []
         for i in sorted(range(n), key=lambda r: -lengths[r]):
             group = groups[-1] if groups else None
@@ -831,7 +845,8 @@ class Trainer:
         attention_mask = torch.cat([prompt["attention_mask"][kept], rollout.completion_mask[kept, :length]], 1)
         extra = {k: v[kept] for k, v in prompt.items() if k not in ("input_ids", "attention_mask")}
         labels = labels[:, :length]
-        packed = pack_rows(input_ids, attention_mask, labels) if self.packing else None
+        packs = self.packing and self._packs(int(attention_mask.sum()), *input_ids.shape)
+        packed = pack_rows(input_ids, attention_mask, labels) if packs else None
         return MicroBatch(input_ids, attention_mask, extra, labels, rows, packed)
 
     def _fixed_policy_logp(self, model: nn.Module, rollout: Rollout) -> Tensor:

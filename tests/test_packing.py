@@ -153,7 +153,7 @@ def assert_trainer_layouts_agree(tr, ro, micro_batch_tokens):
     and off (old log-probs moved off the policy's): the same in both layouts."""
     results = {}
     for packing in (True, False):
-        tr.packing = packing
+        tr.packing = tr.pack_always = packing  # every micro-batch packed (auto + sdpa packs only where it pays)
         ro.old_logp, ro.ref_logp = tr._fixed_policy_logp(tr.model, ro), tr._fixed_policy_logp(tr.ref_model, ro)
         logps = (ro.old_logp.clone(), ro.ref_logp.clone())
         with torch.no_grad():  # ratios and KL away from 1 / 0
@@ -184,3 +184,26 @@ def test_micro_batch_tokens_counts_unpadded_tokens_when_packed(tmp_path):
     groups = tr._micro_batches(ro)
     assert sorted(torch.cat(groups).tolist()) == list(range(ro.labels.shape[0])) and len(groups) > 1
     assert all(len(g) == 1 or int(tokens[g].sum()) <= tr.cfg.micro_batch_tokens for g in groups)
+
+
+def test_auto_packs_a_micro_batch_only_where_the_sdpa_mask_is_no_larger(tmp_path):
+    """eager / sdpa attend packed rows through a [T, T] mask (eager: [heads, T, T] scores), so "auto" packs a
+    micro-batch only when T^2 <= rows x width^2: equal-length rows stay padded (packing them grew the attention
+    memory ~rows x: 12x sdpa / 23x eager peak at 32 x 256 tokens), one long row among short ones is packed;
+    "on" always packs."""
+    tr = make_trainer(tiny_cfg(tmp_path, **{"gate.enabled": False, "generation.max_new_tokens": 16}))
+    assert tr.packing and not tr.pack_always  # auto, sdpa
+    ro = tr.rollout()
+    assert ro.labels.shape[1] == 16 and ro.prompt_len <= 6  # (random tiny model: no early eos everywhere)
+    ro.completion_mask[:] = 1
+    ro.labels[:] = ro.completion_ids[:, : ro.labels.shape[1]]
+    rows = torch.arange(ro.labels.shape[0])
+    assert tr._micro_batch(ro, rows).packed is None  # equal lengths: T^2 = rows^2 L^2 > rows L^2
+    ro.labels[1:, 1:] = IGNORE_INDEX  # one 16-token completion, the others 1 token
+    ro.completion_mask[1:, 1:] = 0
+    assert tr._micro_batch(ro, rows).packed is not None
+    ro.labels[:] = ro.completion_ids[:, : ro.labels.shape[1]]
+    ro.completion_mask[:] = 1
+    tr.pack_always = True  # model.packing on / flash_attention_2
+    assert tr._micro_batch(ro, rows).packed is not None
+    assert make_trainer(tiny_cfg(tmp_path, **{"model.packing": "on"})).pack_always
