@@ -240,6 +240,20 @@ def test_hf_adapter_answer_position(mode):
     assert enc["pixel_values"].shape[0] == 2 and keys[0] != keys[1]
 
 
+def test_hf_adapter_without_chat_template_on_qwen_vl():
+    """--no-chat-template on Qwen-VL: the processor's flat patches [sum of patches, F] are packed per row like
+    encode() does (this path called a helper that no longer existed: AttributeError)."""
+    from hero.testing.tiny_models import build_tiny_model
+
+    model, proc = build_tiny_model("qwen2_vl", hidden_size=32, num_layers=1)
+    raw = HFVLMAdapter(model.eval(), proc, use_chat_template=False, max_new_tokens=2,
+                       prompt="<|vision_start|><|image_pad|><|vision_end|>{question} Answer:")
+    imgs = [np.zeros((28, 56, 3), np.uint8), np.full((56, 28, 3), 200, np.uint8)]
+    enc, _ = raw._encode(imgs, ["Cat?", "Red?"])
+    assert enc["pixel_values"].dim() == 3 and enc["pixel_values"].shape[0] == 2  # [rows, max patches, F]
+    assert len(raw.answer_token_distribution(imgs, ["Cat?", "Red?"]).texts) == 2
+
+
 def test_imports_without_triton_or_hero_kernels():
     import subprocess
     import sys

@@ -264,9 +264,8 @@ class HFVLMAdapter:
         else:  # the prompt as is, packed per row like encode()
             out = self.processor(images=[r[field] for r in rows], text=texts, return_tensors="pt", padding=True,
                                  padding_side="left")
-            enc = {k: v for k, v in out.items() if isinstance(v, Tensor)}
-            if enc.get("pixel_values") is not None and enc["pixel_values"].shape[0] != len(rows):
-                enc["pixel_values"] = TrainerVLMAdapter._pack(enc["pixel_values"], enc.get("image_grid_thw"), len(rows))
+            enc = TrainerVLMAdapter._per_row({k: v for k, v in out.items() if isinstance(v, Tensor)},
+                                             torch.ones(len(rows), dtype=torch.long))
         keys = [r[field].tobytes() + str(r[field].shape).encode() for r in rows]
         return {k: v.to(self.model.device) for k, v in enc.items()}, keys
 
