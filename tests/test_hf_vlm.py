@@ -1,6 +1,5 @@
 """hero.models.hf_vlm: the trainer on transformers VLMs (tiny random-init Qwen2-VL and LLaVA, offline)."""
 import json
-import os
 
 import numpy as np
 import pytest

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from hero_kernels._cpp_build import require_cuda
