@@ -210,6 +210,7 @@ def test_rows_with_several_images_train_and_match_the_models_own_forward(tiny_di
         "kl.beta": 0.1, "num_iterations": 2, "batch_size": 3, "micro_batch_size": 6, "data.shuffle": False,
         "generation.temperature": 0.7, "gate.enabled": False, "data.prompt_template": "{question}"})
     assert tr.packing  # model.packing auto: the padding-free forward (tests/test_vlm_packing.py)
+    tr.pack_always = True  # every micro-batch packed (auto + sdpa packs only where T^2 <= rows x width^2)
     ro = tr.rollout()
     assert sorted(ro.row_indices) == [0, 1, 2] and ro.kept.numel() == 6
     assert tr.adapter.encode([tr.adapter.prepare_row(r, r["question"], i) for i, r in enumerate(tr.dataset)],

@@ -138,6 +138,6 @@ def test_trainer_packed_vlm_step_equals_padded(tmp_path):
     ro.labels[0, 2:] = IGNORE_INDEX  # one short completion: pad tokens in the padded layout
     budget = int(ro.prompt["attention_mask"].sum(1).max()) * 2 + 16
     assert_trainer_layouts_agree(tr, ro, micro_batch_tokens=budget)
-    tr.packing = True
+    tr.packing = tr.pack_always = True
     groups = tr._micro_batches(ro)
     assert len(groups) > 1 and max(len(g) for g in groups) > 1  # several forwards, each of several rows
