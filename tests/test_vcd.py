@@ -198,6 +198,23 @@ def test_hf_vcd_alpha_zero_is_greedy_and_batching_does_not_matter(hf_models, fam
         torch.testing.assert_close(o_logits[0][0], b_logits[0][i], rtol=0, atol=2e-5)
 
 
+def test_hf_decode_reports_the_scores_its_tokens_were_picked_from(hf_models):
+    """A checkpoint's generation config (here a strong repetition penalty) must not make generate pick tokens
+    from other scores than the logits the diagnosis reports, for greedy and VCD; the model's config is restored."""
+    model, _ = hf_models["qwen2_vl"]
+    before = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 3.0
+    try:
+        images, questions = _hf_questions()
+        for vcd in (None, VCDConfig(alpha=1.0, beta=0.1)):
+            ad = _hf_adapter(hf_models, "qwen2_vl", vcd, max_new_tokens=8)
+            new, logits = ad._decode(*ad._encode(images, questions))
+            live = new != ad.vlm.pad_token_id  # after its eos a row emits pads
+            assert torch.equal(torch.stack([z.argmax(-1).cpu() for z in logits], 1)[live], new[live])
+        assert model.generation_config.repetition_penalty == 3.0
+    finally:
+        model.generation_config.repetition_penalty = before
+
 def _distinct_eos(new):
     """(token, row) such that ``row`` emits ``token`` at some step t and another row never does up to t + 1."""
     B, T = new.shape

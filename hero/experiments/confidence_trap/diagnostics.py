@@ -215,8 +215,9 @@ class HFVLMAdapter:
     text (typical "Answer yes or no." prompting); predictions parsed with ``parse_mode="yesno"``.
     answer_mode="tag": the first token after the text "<answer>" appears (for models trained with the tag);
     predictions parsed with ``parse_mode="tag"``. If the position is not found, step 0 is used and
-    ``answer_found`` is False. The answer distribution is the raw logits at that step (before any
-    generation-config processor such as a repetition penalty), with ``vcd`` their contrast
+    ``answer_found`` is False. The answer distribution is the raw logits at that step, the ones the token
+    was picked from (generate runs a plain greedy config: the checkpoint's processors such as a repetition
+    penalty are not applied), with ``vcd`` their contrast
     ``contrastive_logits(z, z')``; ``vcd`` decodes with one ``generate`` over [clean rows; distorted rows]
     (``hero.experiments.confidence_trap.vcd``: KV cache, eos per row, twice the batch of greedy).
     """
@@ -294,10 +295,20 @@ class HFVLMAdapter:
             procs = LogitsProcessorList([VCDLogitsProcessor(self.vcd.alpha, self.vcd.beta)])
         ids, mask = enc["input_ids"], enc["attention_mask"]
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-        gen = self.model.generate(
-            input_ids=ids, attention_mask=mask, **self.vlm._model_inputs(extra, ids.shape[1]), do_sample=False,
-            max_new_tokens=self.max_new_tokens, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=self.vlm.pad_token_id, eos_token_id=self.vlm.eos_token_ids, logits_processor=procs)
+        # Plain greedy: the checkpoint's score processors (e.g. Qwen2-VL's repetition_penalty 1.05) would pick
+        # tokens from other scores than the raw logits the diagnosis reports, and generate fills every option
+        # a passed config leaves unset from model.generation_config, so that one is swapped for a bare one.
+        from transformers import GenerationConfig
+
+        saved = self.model.generation_config
+        self.model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
+        try:
+            gen = self.model.generate(
+                input_ids=ids, attention_mask=mask, **self.vlm._model_inputs(extra, ids.shape[1]), do_sample=False,
+                max_new_tokens=self.max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=self.vlm.pad_token_id, eos_token_id=self.vlm.eos_token_ids, logits_processor=procs)
+        finally:
+            self.model.generation_config = saved
         steps = len(gen.logits)
         logits = list(gen.logits)
         if self.vcd is not None:

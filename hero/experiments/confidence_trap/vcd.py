@@ -198,9 +198,9 @@ def tiny_vlm_branch(model, input_ids: Tensor, attention_mask: Tensor, pixel_valu
 class VCDLogitsProcessor:
     """A transformers logits processor for ``generate`` on the doubled batch [clean rows; distorted rows]
     ([2B, V] scores in, [2B, V] out): both halves get ``contrastive_logits(clean, distorted)``, so greedy
-    search picks the same token for a row and its distorted twin. Runs after the model's own generation-config
-    processors, if any (e.g. a repetition penalty; VCD's reference code applies those after the contrast:
-    without any, as in the tiny test models, the two orders agree)."""
+    search picks the same token for a row and its distorted twin. ``hero diagnose`` runs generate with a bare
+    generation config, so no other processor (e.g. a checkpoint's repetition penalty) touches the scores and
+    the token is the argmax of the contrast it reports."""
 
     def __init__(self, alpha: float, beta: float):
         self.alpha, self.beta = float(alpha), float(beta)
