@@ -83,3 +83,18 @@ def test_changed_sources_build_once_with_one_line(tmp_path):
     c2, err2 = _run(_checkout(tmp_path / "c2", edit="changed"), cache)
     assert c2["built"] is False and MESSAGE not in err2 and c2["path"] == c1["path"]
     assert not [d for d in cache.iterdir() if d.name.startswith(".tmp-")]
+
+
+def test_wheel_carries_the_extension_sources():
+    """hero_kernels/csrc links to csrc/ and pyproject's package data globs match every source file, so a
+    non-editable install (wheel) can build impl="cpu" / "cuda" on first use (_cpp_build.csrc_dir finds it)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    link = root / "hero_kernels" / "csrc"
+    assert link.is_symlink() and link.resolve() == (root / "csrc").resolve()
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hero_kernels"]
+    sources = [p.name for p in (root / "csrc").iterdir() if p.is_file()]
+    assert sources and all(any(fnmatch.fnmatch(f"csrc/{n}", g) for g in globs) for n in sources), (sources, globs)
