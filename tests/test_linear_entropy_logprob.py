@@ -1217,6 +1217,37 @@ def test_cuda_launcher_vocab_order_on_cpu(dtype, bias, logp_given, compacted, mo
     assert rows[1] is None and torch.allclose(rows[0].float(), got[0].float(), atol=3e-2 * got[0].abs().max().item())
 
 
+@pytest.mark.parametrize("compacted", [True, False])
+def test_cuda_launcher_vocab_order_ignore_index_inside_the_slice(compacted, monkeypatch):
+    """An ignore_index that is a vocabulary id (e.g. a pad id, here 0): the "vocab" order hands the row
+    kernel slice-local labels in [0, Vc), so a real row whose label is elsewhere (slice column 0) must not
+    read as masked there (it got a zero dz slice: dh off by ~0.4 on O(2) values). Masked rows stay 0."""
+    import functools
+
+    from hero_kernels import _cpp_build
+    from hero_kernels.backends import gemm
+    from hero_kernels.backends.cuda import linear_entropy_logprob as cuda_lin
+
+    if not _cpp_build.cpu_available():
+        pytest.skip("CPU extension not built")
+    monkeypatch.setattr(cuda_lin, "require_cuda", _cpp_build.require_cpu)
+    monkeypatch.setattr(gemm, "VOCAB_MIN_COLS", 64)
+    monkeypatch.setattr(cuda_lin, "plan", functools.partial(cuda_lin.plan, order="vocab"))
+    if not compacted:
+        monkeypatch.setattr(cuda_lin, "compact_rows", lambda labels, ignore_index: None)
+    h, W, b, y, g, k = _problem(9, 32, 150, torch.float32, n_masked=0)
+    y[y == 0] = 1
+    y[3] = 0  # masked
+    y[5] = 64  # a real label at a slice's column 0
+    opts = RowOptions(temperature=1.3, ignore_index=0)
+    logp, H, lse = cuda_lin.forward(h, W, b, y, opts)
+    got = cuda_lin.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts)
+    want = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.3, 0)
+    for a, w in zip(got, want):
+        assert _err(a, w) <= 1e-5 * max(1.0, w.abs().max().item())
+    assert (got[0][3] == 0).all()
+
+
 @pytest.mark.parametrize("order", ["vocab", "rows"])
 def test_cuda_launcher_peak_memory_matches_the_model(order, monkeypatch):
     """The CUDA launcher's orchestration (CPU row kernels in place, GEMM helpers faked as in ``_fake_dz``)

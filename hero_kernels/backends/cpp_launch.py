@@ -169,8 +169,9 @@ def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Te
         inside, at_row = (y >= v0) & (y < v0 + vc), torch.arange(n, device=dev) * vc
         col = torch.where(inside, y - v0, torch.zeros_like(y))
         x = z.gather(1, col[:, None]).squeeze(1).float() * torch.tensor(inv, dtype=torch.float32)
-        ops.entropy_logprob_bwd(z, torch.where(masked, y, col), lse_, H_, g, k, inv, opts.ignore_index, z,
-                                threads(vc))
+        # The kernel sees slice-local labels in [0, vc) and -1 (its ignore_index here) on masked rows: the
+        # user's ignore_index may itself lie in [0, vc) (e.g. a pad id), where it would zero real rows.
+        ops.entropy_logprob_bwd(z, col.masked_fill(masked, -1), lse_, H_, g, k, inv, -1, z, threads(vc))
         fix = _slice_label_column(x, inside, lse_, H_, g, k, lp, inv).masked_fill(masked, 0.0)
         z.view(-1).index_copy_(0, at_row + col, fix.to(z.dtype))  # (scatter_ allocates [n, vc] fp32 on CPU)
         if acc is not None:
