@@ -1153,6 +1153,7 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
     """impl="auto" on CUDA: the fused head's Triton or cuBLAS-chunked path, whichever plan models faster for
     the shape and GPU (pure Python, checked here with a simulated device); Triton when the CUDA extension
     is unavailable."""
+    import importlib
     from types import SimpleNamespace
 
     from hero_kernels import dispatch
@@ -1162,6 +1163,13 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
     best, t = P.fastest_linear_impl(16384, 4096, 128256, "bf16", h100)
     assert best == min(t, key=t.get) == "cuda" and set(t) == {"triton", "cuda"}  # 4 cuBLAS GEMMs vs L2-bound tl.dot
     assert P.fastest_linear_impl(512, 896, 151936, "bf16", h100)[0] == "triton"  # launch-bound: fewer launches
+    # fp32: both paths' GEMMs at the FMA peak (no tensor cores for either), as plan_seconds prices fp32 plans
+    # (it used the tensor-core peak, so cuBLAS looked 3x faster than it runs and won every large fp32 shape)
+    _, t32 = P.fastest_linear_impl(4096, 4096, 151936, torch.float32, h100)
+    for impl, secs in t32.items():
+        mod = importlib.import_module(P.LINEAR_IMPLS[impl])
+        kw = dict(sms=h100.sms, arch=h100.cc) if impl == "triton" else {}
+        assert secs == P.plan_seconds(mod.plan(4096, 4096, 151936, torch.float32, pass_="fwd+bwd", **kw), h100, True)
     a100 = P.gpu_spec("NVIDIA A100-SXM4-80GB", 108, 80)
     assert (a100.sms, a100.cc) == (108, 80) and P.gpu_spec("NVIDIA H200", 132, 90) is P.GPU_SPECS["h200"]
 

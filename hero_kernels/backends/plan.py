@@ -183,13 +183,20 @@ LINEAR_IMPLS = {"triton": "hero_kernels.backends.triton.linear.launch",
 def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias: bool = False,
                         impls=("triton", "cuda")) -> Tuple[str, Dict[str, float]]:
     """(impl, {impl: modeled seconds}) of the fused LM head's fwd+bwd at (N, D, V) on ``gpu``: the impl
-    whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU."""
+    whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU.
+    fp32 plans price their GEMMs at the FMA peak (``plan_seconds``), for both paths: neither the Triton kernels
+    (IEEE dots unless allow_tf32) nor torch's default fp32 matmul use tensor cores."""
     import importlib
 
+    import torch
+
+    from hero_kernels.backends import gemm
+
+    fp32 = gemm.as_dtype(dtype) == torch.float32
     times = {}
     for impl in impls:
         mod = importlib.import_module(LINEAR_IMPLS[impl])
         kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
         launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
-        times[impl] = sum(modeled_seconds(k, gpu) for k in launches)
+        times[impl] = plan_seconds(launches, gpu, fp32)
     return min(times, key=times.get), times
