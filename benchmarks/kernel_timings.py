@@ -7,8 +7,8 @@ N=16384, V=151936; bf16) and each GPU backend (triton, cuda):
   alone (forward outside the timing), peak extra memory of forward+backward;
 * per kernel: device time from ``torch.profiler`` of one forward and one backward, beside the roofline
   model's time for the plan entry of the same name (``benchmarks/roofline.py``; summed over launches);
-* ``linear_hero_loss`` (impl cuda): ``hero_loss`` on hidden states + LM head, the training path that makes
-  the gradients in its forward (3 GEMMs per chunk, ``hero_kernels.linear_hero_loss``), in responses of
+* ``linear_hero_loss`` (each impl's row kernels): ``hero_loss`` on hidden states + LM head, the training path
+  that makes the gradients in its forward (3 GEMMs per chunk, ``hero_kernels.linear_hero_loss``), in responses of
   ``HERO_T`` tokens (the roofline's "closed" rows); its "fwd" is that forward WITH grad (all the GEMMs),
   its "bwd" the hand-over of the stored gradients; modeled against ``linear_hero_loss.plan``;
 * beside them, cuBLAS GEMMs of the fused head's shapes (``torch.mm``): logits ``[N, D] x [D, V]``, dh
@@ -206,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_timings", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", default="triton,cuda")
-    ap.add_argument("--no-hero", action="store_true", help="skip the linear_hero_loss (3-GEMM, cuda) timing")
+    ap.add_argument("--no-hero", action="store_true", help="skip the linear_hero_loss (3-GEMM) timings")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="N=1024, D=512, V=32000 (a quick check of the script)")
     ap.add_argument("--json", default=None)
@@ -224,9 +224,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     out["gemms"] = gemm_timings(*shapes["linear_entropy_logprob"], dt, a.reps)
     for g in out["gemms"]:
         print(f"{g['name']}: {g['ms']:.3f} ms ({g['tflops']:.0f} TFLOP/s)", flush=True)
-    runs = [(op, nd, impl) for op, nd in shapes.items() for impl in a.impls.split(",") if impl]
-    if not a.no_hero:  # the training path of the fused head's shape: CUDA only (the Triton head has no chunk loop)
-        runs.append(("linear_hero_loss", shapes["linear_entropy_logprob"], "cuda"))
+    impls = [impl for impl in a.impls.split(",") if impl]
+    runs = [(op, nd, impl) for op, nd in shapes.items() for impl in impls]
+    if not a.no_hero:  # the training path at the fused head's shape, with each impl's row kernels
+        runs += [("linear_hero_loss", shapes["linear_entropy_logprob"], impl) for impl in impls]
     for op, (n, d, v), impl in runs:
         try:
             r = time_op(op, impl, n, d, v, dt, a.reps, gpu)

@@ -17,10 +17,10 @@ the logits / weights dtype:
   backward read, dlogits write), divided by the GPU's HBM bandwidth.
 * ``linear_entropy_logprob`` (hidden ``[N, D]``, weight ``[V, D]``): fwd ``2*N*D*V`` FLOPs, fwd+bwd
   ``8*N*D*V`` (forward, recompute, dh, dW GEMMs), divided by the bf16 tensor-core peak (989 TFLOP/s).
-* ``linear_hero_loss`` (the HERO loss from hidden states + LM head, ``hero_kernels.linear_hero_loss``: the gradients
-  made in the forward, 3 GEMMs per row chunk; impl cuda, the path ``hero_loss`` takes for training with
-  ``entropy_grad=False``): ``6*N*D*V`` FLOPs (logits, dh, dW) over the bf16 peak, fwd+bwd rows only (its
-  forward does all the work). Each row also gives ``generic_floor_s`` (the fused head's ``8*N*D*V`` floor,
+* ``linear_hero_loss`` (the HERO loss from hidden states + LM head, ``hero_kernels.linear_hero_loss``: the
+  gradients made in the forward, 3 GEMMs per row chunk with the triton or cuda row kernels, the path
+  ``hero_loss`` takes for training with ``entropy_grad=False``): ``6*N*D*V`` FLOPs (logits, dh, dW) over the
+  bf16 peak, fwd+bwd rows only (its forward does all the work). Each row also gives ``generic_floor_s`` (the fused head's ``8*N*D*V`` floor,
   what a user swapping ops compares) and ``ratio_generic``, and ``responses`` (valid tokens per response:
   ``HERO_RESPONSES`` "closed" = every response fits in a chunk, "open" = responses longer than a chunk,
   which add the fp32 [V, D] accumulator X). The name is the benchmark suite's (``benchmarks.common.OPS``:
@@ -69,8 +69,8 @@ IMPL_MODULES: Dict[Tuple[str, str], str] = {
     (op, impl): f"hero_kernels.backends.{impl}.{op}" for op in OPS for impl in ("triton", "cuda")
     if (op, impl) != ("linear_grad_sketch", "cuda") and op != "linear_hero_loss"
 }
-#: the 3-GEMM HERO loss has a chunk loop on the CUDA backend only (the Triton head keeps the 4-GEMM op)
-IMPL_MODULES[("linear_hero_loss", "cuda")] = "hero_kernels.linear_hero_loss"
+#: the 3-GEMM HERO loss: one chunk loop (cuBLAS GEMMs) with either backend's row kernels (its plan's ``impl=``)
+IMPL_MODULES.update({("linear_hero_loss", impl): "hero_kernels.linear_hero_loss" for impl in ("triton", "cuda")})
 #: response lengths (valid tokens) of the linear_hero_loss rows: {name: tokens per response}; "closed" responses
 #: fit in a chunk, "open" ones span chunks (the X accumulator, deferred dh rows)
 HERO_RESPONSES = {"closed": 1024, "open": 8192}
@@ -131,6 +131,8 @@ def _call_plan(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: to
             launches = fn(N, V, dtype, pass_=pass_, **kw)
         elif op == "linear_grad_sketch":
             launches = fn(N, D, V, dtype, k=SKETCH_K, pass_=pass_, **kw)
+        elif op == "linear_hero_loss":  # one plan for both impls: impl names the row kernels
+            launches = fn(N, D, V, dtype, pass_=pass_, impl=impl, **kw)
         else:
             launches = fn(N, D, V, dtype, pass_=pass_, **kw)
     except Exception as e:  # noqa: BLE001 - a plan that refuses a shape is a row, not a crash

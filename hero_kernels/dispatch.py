@@ -121,22 +121,25 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
 
 
 @_constant_under_compile
-def auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, has_bias: bool) -> str:
+def auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, has_bias: bool,
+                     op: str = "linear_entropy_logprob") -> str:
     """``impl="auto"`` for the fused LM head on a CUDA device, where ``resolve_impl`` chose "triton": the
     GPU path whose launch plan models faster for this shape and GPU (``plan.fastest_linear_impl``: the
     Triton kernels or the cuBLAS-chunked CUDA backend), "triton" when the CUDA extension is unavailable.
-    The model is pure Python (no sync); cached per shape and device."""
+    op "linear_hero_loss": the row kernels of hero_loss's 3-GEMM path (Triton's unless the CUDA ones model
+    faster). The model is pure Python (no sync); cached per shape, device and op."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _auto_linear_impl(int(N), int(D), int(V), dtype, index, bool(has_bias))
+    return _auto_linear_impl(int(N), int(D), int(V), dtype, index, bool(has_bias), op)
 
 
 @functools.lru_cache(maxsize=1024)
-def _auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, index: int, has_bias: bool) -> str:
+def _auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, index: int, has_bias: bool,
+                      op: str = "linear_entropy_logprob") -> str:
     from .backends import plan
 
     props = torch.cuda.get_device_properties(index)
     gpu = plan.gpu_spec(props.name, props.multi_processor_count, 10 * props.major + props.minor)
-    best, _ = plan.fastest_linear_impl(N, D, V, dtype, gpu, has_bias=has_bias)
+    best, _ = plan.fastest_linear_impl(N, D, V, dtype, gpu, has_bias=has_bias, op=op)
     # Building the CUDA extension on first use is what impl="auto" already does on CPU tensors.
     return "cuda" if best == "cuda" and _cpp_ok("cuda") else "triton"
 

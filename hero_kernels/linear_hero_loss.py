@@ -51,7 +51,7 @@ from torch import Tensor
 from . import _checks
 from .backends import UpstreamGrads, gemm
 from .backends.plan import KernelLaunch
-from .dispatch import backend_module, device_guard, resolve_impl
+from .dispatch import auto_linear_impl, backend_module, device_guard, resolve_impl
 from .linear_entropy_logprob import prepare_inputs
 from .options import RowOptions
 from .weights import Segments
@@ -62,12 +62,13 @@ __all__ = ["TokenObjective", "applies", "run", "attach", "chunk_rows", "chunk_pl
 #: Memory budget of the [C, V] chunk buffers (logits, plus fp32 dlogits for 16-bit logits on CPU) per device
 #: type. CPU: every chunk streams W (GEMMs 1, 2) and dW (GEMM 3) once, so C should not be tiny; measured on a
 #: 2-core x86 at V = 128256, D = 256, the GEMM time per row is flat from C = 64 up (and ~1.4x higher at
-#: C = 32), so 32 MiB (C = 65 there) keeps the peak at two [V, D] fp32 buffers + 32 MiB. CUDA: as the chunked
-#: CUDA backend.
+#: C = 32), so 32 MiB (C = 65 there) keeps the peak at two [V, D] fp32 buffers + 32 MiB. CUDA (impl "cuda" and
+#: "triton" alike, by the tensors' device): as the chunked CUDA backend.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 1 << 30}
 
-#: Backends with a chunk loop this path can drive (the Triton fused head has none: it keeps the 4-GEMM path).
-IMPLS = ("cpu", "torch", "cuda")
+#: Backends whose row kernels this path can drive (the GEMMs are torch's: cuBLAS on a GPU). "triton" is what
+#: impl="auto" resolves to on CUDA: its row kernels with cuBLAS GEMMs (the Triton fused head is not used here).
+IMPLS = ("cpu", "torch", "cuda", "triton")
 
 #: False sends every call to the recomputing 4-GEMM op (benchmarks and tests compare the two paths).
 ENABLED = True
@@ -150,8 +151,9 @@ def chunk_plan(run_starts: List[int], C: int, open_runs: bool) -> List[Tuple[int
 
 def _wide_dz(impl: str, compute_dtype: torch.dtype) -> bool:
     """16-bit logits: dlogits in a separate fp32 buffer on CPU (GEMM 3 sees unrounded values); in place on
-    CUDA, whose dW GEMM takes 16-bit inputs with an fp32 output."""
-    return impl != "cuda" and compute_dtype not in (torch.float32, torch.float64)
+    the GPU backends, whose dW GEMM takes 16-bit inputs with an fp32 output (and whose row backward writes
+    ``out`` in the logits dtype only: the Triton launcher refuses an fp32 ``out`` for 16-bit logits)."""
+    return impl not in ("cuda", "triton") and compute_dtype not in (torch.float32, torch.float64)
 
 
 def chunk_elem_bytes(compute_dtype: torch.dtype, wide: bool) -> int:
@@ -438,9 +440,15 @@ def run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, 
         ignore_index: int, impl: str, obj: TokenObjective) -> Tuple[Tensor, Tensor, _Grads]:
     """(logp, H) shaped like labels (float32, detached; 0 off the responses) and the loss's gradients.
 
-    hidden [..., D], weight [V, D], bias [V] | None, labels [...]: as ``linear_entropy_logprob``.
+    hidden [..., D], weight [V, D], bias [V] | None, labels [...]: as ``linear_entropy_logprob``. impl "auto"
+    on a CUDA device: the Triton row kernels, or the CUDA extension's where this path's plan models faster
+    (``dispatch.auto_linear_impl``); the GEMMs are cuBLAS either way.
     """
-    h, w, b, y, opts, impl = prepare_inputs(hidden, weight, labels, bias, temperature, ignore_index, impl)
+    h, w, b, y, opts, resolved = prepare_inputs(hidden, weight, labels, bias, temperature, ignore_index, impl)
+    if impl == "auto" and resolved == "triton" and h.device.type == "cuda":
+        resolved = auto_linear_impl(h.shape[0], h.shape[1], w.shape[0], h.dtype, h.device, b is not None,
+                                    op="linear_hero_loss")
+    impl = resolved
     _checks.check_label_values(y, w.shape[0], opts.ignore_index)
     _checks.check_finite(hidden=h, weight=w, bias=b)
     need_b = bias is not None and bias.requires_grad
@@ -460,7 +468,8 @@ def run(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------
-# launch plan of the CUDA path, for benchmarks/roofline.py (hero_kernels.backends.plan's conventions)
+# launch plan of the GPU path (impl "cuda" or "triton"), for benchmarks/roofline.py and impl="auto"
+# (hero_kernels.backends.plan's conventions)
 # ----------------------------------------------------------------------------------------------
 #: Small [C]-sized torch ops per chunk beyond the GEMMs, the row kernels, the [C, D] row gathers / stores and
 #: the host syncs: the token derivatives by autograd (``_token_grads``), the online normalizer (``_merge_max``),
@@ -496,22 +505,23 @@ def _chunk_kinds(lengths: List[int], chunks: List[Tuple[int, int, bool]]) -> dic
 
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Optional[List[int]] = None,
          entropy_weighting: bool = True, kl: bool = False, weight_on: str = "all", has_bias: bool = False,
-         need_dh: bool = True, need_dw: bool = True) -> List[KernelLaunch]:
-    """Launches of the CUDA 3-GEMM path (``impl="cuda"``) for N valid tokens in responses of ``lengths``
-    valid tokens each (default: ``DEFAULT_RESPONSE_TOKENS``-token responses), as ``run`` visits them: the
-    chunk rows and chunks from ``chunks_for`` (the budget ``CHUNK_BYTES["cuda"]``). pass_ "fwd": the
-    forward (all three GEMMs per chunk: the gradients are made there); "bwd": the hand-over (``_Grads.take``:
-    scale by the upstream gradient, cast dW); "fwd+bwd": both. kl (a reference policy with beta > 0) or
-    weight_on="negative": an open chunk may also run the unweighted part's dW GEMM (assumed it does).
-    Per chunk: cuBLAS logits, the CUDA row forward and backward (in place on the chunk: the row op's own
-    ``plan``), cuBLAS dh and dW (open chunks: into the fp32 X instead), the row gathers / dh stores and
-    ``TOKEN_OPS`` token-sized ops. ``live_bytes``: the [C, V] chunk, the chunk's hidden rows and dh product,
+         need_dh: bool = True, need_dw: bool = True, impl: str = "cuda") -> List[KernelLaunch]:
+    """Launches of the GPU 3-GEMM path (``impl`` "cuda" or "triton": whose row kernels) for N valid tokens in
+    responses of ``lengths`` valid tokens each (default: ``DEFAULT_RESPONSE_TOKENS``-token responses), as
+    ``run`` visits them: the chunk rows and chunks from ``chunks_for`` (the budget ``CHUNK_BYTES["cuda"]``).
+    pass_ "fwd": the forward (all three GEMMs per chunk: the gradients are made there); "bwd": the hand-over
+    (``_Grads.take``: scale by the upstream gradient, cast dW); "fwd+bwd": both. kl (a reference policy with
+    beta > 0) or weight_on="negative": an open chunk may also run the unweighted part's dW GEMM (assumed it
+    does). Per chunk: cuBLAS logits, the ``impl`` backend's row forward and backward (in place on the chunk:
+    that row op's own ``plan``), cuBLAS dh and dW (open chunks: into the fp32 X instead), the row gathers /
+    dh stores and ``TOKEN_OPS`` token-sized ops. ``live_bytes``: the [C, V] chunk, the chunk's hidden rows and dh product,
     the fp32 dW [V, D] (held from the forward to the hand-over), X [V, D] once an open response appears,
     the per-row buffers; the hand-over: fp32 dW beside its returned cast."""
-    from .backends.cuda import entropy_logprob as _rows  # the row op's plan (imports no extension)
-
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
+    if impl not in ("cuda", "triton"):
+        raise ValueError(f"impl must be 'cuda' or 'triton' (the GPU row kernels), got {impl!r}")
+    _rows = backend_module(impl, "entropy_logprob")  # the row op's plan (imports no extension)
     tdt = gemm.as_dtype(dtype)
     e = torch.finfo(tdt).bits // 8
     if lengths is None:
@@ -523,7 +533,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Opti
     run_starts = [0]
     for n in lengths:
         run_starts.append(run_starts[-1] + n)
-    C, chunks = chunks_for(run_starts, V, chunk_elem_bytes(tdt, _wide_dz("cuda", tdt)), "cuda", entropy_weighting)
+    C, chunks = chunks_for(run_starts, V, chunk_elem_bytes(tdt, _wide_dz(impl, tdt)), "cuda", entropy_weighting)
     kinds = _chunk_kinds(lengths, chunks)
     VD = V * D
     acc = 4 * VD if (need_dw and e != 4) else 0  # the fp32 dW beyond the returned weight-dtype gradient

@@ -468,17 +468,20 @@ def test_kernel_timings_match_plan_kernels():
 
 
 def test_roofline_models_the_hero_loss_training_path():
-    """linear_hero_loss rows: the 3-GEMM CUDA plan against 6 N D V, its ratio to the fused head's 8 N D V floor
-    beside it, closed and open responses in the headline rows, fwd+bwd only; kernel_timings' entry models
-    the same plan (and needs CUDA to run)."""
+    """linear_hero_loss rows: the 3-GEMM plan (Triton or CUDA row kernels) against 6 N D V, its ratio to the
+    fused head's 8 N D V floor beside it, closed and open responses in the headline rows, fwd+bwd only;
+    kernel_timings' entry models the same plan (and needs CUDA to run)."""
     from benchmarks import kernel_timings as KT
     from benchmarks import roofline as RL
 
     N, D, V = 16384, 4096, 128256
     rows = [r for r in RL.rows_for("headline", ("h100",), ("linear_hero_loss",), ("triton", "cuda")) if r]
-    assert [(r["impl"], r["pass"], r["responses"]) for r in rows] == [("cuda", "fwd+bwd", "16x1024"),
-                                                                     ("cuda", "fwd+bwd", "2x8192")]
-    closed, open_ = rows
+    assert [(r["impl"], r["pass"], r["responses"]) for r in rows] == [
+        (impl, "fwd+bwd", resp) for impl in ("triton", "cuda") for resp in ("16x1024", "2x8192")]
+    tri = rows[0]
+    assert tri["status"] == "ok" and tri["flops"] == 6 * N * D * V
+    assert {"_entropy_logprob_fwd_kernel", "_entropy_logprob_bwd_kernel"} <= {k["name"] for k in tri["kernels"]}
+    closed, open_ = rows[2:]
     assert closed["floor_s"] == pytest.approx(6 * N * D * V / 989e12)
     assert closed["generic_floor_s"] == pytest.approx(8 * N * D * V / 989e12)
     assert closed["flops"] == 6 * N * D * V and closed["ratio_generic"] == pytest.approx(closed["ratio"] * 0.75)

@@ -2,9 +2,12 @@
 
 Small shapes with a tiny chunk budget, so responses span several chunks ("open" responses: the unscaled X
 accumulator and the deferred dh rows), chunk boundaries fall inside and between responses, and the packed
-layouts reorder rows. CPU C++ and torch backends.
+layouts reorder rows. CPU C++ and torch backends; the Triton row kernels (what impl="auto" runs on CUDA) in
+the interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest without a GPU).
 """
+import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -333,3 +336,136 @@ def test_run_visits_the_chunks_of_chunks_for(small_chunks, monkeypatch):
     monkeypatch.setattr(LHL._Run, "chunk", chunk)
     hk.hero_loss(h, y, torch.randn(B), weight=W.clone().requires_grad_(True), old_logp=old, impl="cpu")
     assert made and seen == made[0] and any(o for *_, o in seen)
+
+
+# ---- impl "triton": the Triton row kernels in the chunk loop (interpreter on CPU tensors without a GPU) ----
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TDEV = "cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None or (_TDEV == "cpu" and not _INTERPRET),
+                                  reason="triton missing, or no GPU and TRITON_INTERPRET unset")
+# (kl terms, weight_on, per-token advantages, entropy weighting, loss_agg)
+_TRITON_COMBOS = [("old+ref", "negative", False, True, "seq-mean-token-mean"), ("old", "all", True, True, "token-mean"),
+                  ("none", "all", False, False, "seq-mean-token-sum-norm")]
+
+
+def _triton_kw(i, kl, weight_on, per_token_A, weighting, loss_agg, old, ref):
+    g = torch.Generator().manual_seed(10 + i)
+    A = torch.randn((B, T) if per_token_A else (B,), generator=g).to(_TDEV)
+    kw = dict(loss_agg=loss_agg, weight_on=weight_on, entropy_weighting=weighting, kappa=0.7, temperature=0.9)
+    if kl != "none":
+        kw["old_logp"] = old.to(_TDEV)
+    if kl == "old+ref":
+        kw.update(ref_logp=ref.to(_TDEV), beta=0.05)
+    return A, kw
+
+
+@needs_triton
+def test_triton_rows_match_four_gemm_path(small_chunks, monkeypatch):
+    """fp32, odd V, masked tokens, bias, temperature, responses over several chunks (open responses): the
+    3-GEMM path with the Triton row kernels equals the 4-GEMM op path (the Triton fused head), and that op
+    never runs on the 3-GEMM side (it raises there)."""
+    from hero_kernels import loss as L
+
+    h, W, b, y, old, ref = (t.to(_TDEV) for t in _problem())
+    op = L.linear_entropy_logprob
+
+    def refuse(*a, **k):
+        raise AssertionError("the 4-GEMM op ran on the 3-GEMM path")
+
+    for i, combo in enumerate(_TRITON_COMBOS):
+        A, kw = _triton_kw(i, *combo, old, ref)
+        monkeypatch.setattr(L, "linear_entropy_logprob", refuse)
+        three = _call(True, h, W, b, y, A, "triton", **kw)
+        monkeypatch.setattr(L, "linear_entropy_logprob", op)
+        four = _call(False, h, W, b, y, A, "triton", **kw)
+        _assert_same(three, four, rtol=5e-5)
+
+
+@needs_triton
+def test_triton_rows_bfloat16_within_twice_eager(small_chunks, monkeypatch):
+    """bf16: the chunk's dlogits are written over its bf16 logits (in place, as for impl "cuda"), and loss
+    and gradients stay within 2x eager bf16 PyTorch's error (logits GEMM in bf16, then hero_loss on them)
+    against the float64 reference. (The interpreter truncates fp32 -> bf16 where a GPU rounds.)"""
+    from hero_kernels.backends.triton import entropy_logprob as TR
+
+    h, W, b, y, old, ref = _problem()
+    inplace = []
+    orig = TR.backward
+
+    def spy(logits, *a, out=None, **k):
+        inplace.append(out is not None and out.data_ptr() == logits.data_ptr() and out.dtype == torch.bfloat16)
+        return orig(logits, *a, out=out, **k)
+
+    monkeypatch.setattr(TR, "backward", spy)
+    for i, combo in enumerate(_TRITON_COMBOS[:2]):
+        A, kw = _triton_kw(i, *combo, old, ref)
+        leaves = [t.double().requires_grad_(True) for t in (h, W, b)]
+        rkw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        rloss, _ = R.hero_loss(leaves[0], y, A.cpu(), weight=leaves[1], bias=leaves[2], **rkw)
+        (rloss * 1.7).backward()
+        exact = [rloss.detach()] + [t.grad for t in leaves]
+        hb, Wb, bb = (t.to(_TDEV, torch.bfloat16) for t in (h, W, b))
+        loss, _, grads = _call(True, hb, Wb, bb, y.to(_TDEV), A, "triton", **kw)
+        e_leaves = [t.clone().requires_grad_(True) for t in (hb, Wb, bb)]
+        z = torch.addmm(e_leaves[2], e_leaves[0].reshape(-1, D), e_leaves[1].t()).view(B, T, V)
+        eloss, _ = hk.hero_loss(z, y.to(_TDEV), A, impl="torch", **kw)
+        (eloss * 1.7).backward()
+        for ours, eager, ex in zip([loss] + list(grads), [eloss.detach()] + [t.grad for t in e_leaves], exact):
+            assert ours.dtype == eager.dtype
+            err_ours = (ours.double().cpu() - ex).abs().max()
+            err_eager = (eager.double().cpu() - ex).abs().max()
+            assert err_ours <= 2 * err_eager + 1e-6 * ex.abs().max(), (i, float(err_ours), float(err_eager))
+    assert inplace and all(inplace)
+
+
+@needs_triton
+def test_auto_on_cuda_takes_the_three_gemm_path(monkeypatch):
+    """impl="auto" resolves to "triton" on a CUDA device: applies() takes the 3-GEMM path for it; its row
+    kernels are Triton's unless the plan (``fastest_linear_impl(op="linear_hero_loss")``) models the CUDA
+    ones faster and the extension loads (simulated devices: pure Python)."""
+    from types import SimpleNamespace
+
+    from hero_kernels import dispatch
+    from hero_kernels.backends import plan as P
+
+    Wl = torch.randn(V, D, requires_grad=True)
+    monkeypatch.setattr(LHL, "resolve_impl", lambda impl, *a: "triton" if impl == "auto" else impl)
+    assert LHL.applies(torch.randn(5, D), Wl, None, "auto", False)
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        best, t = P.fastest_linear_impl(16384, 4096, 128256, "bf16", P.gpu_spec(name, 132, 90), op="linear_hero_loss")
+        assert set(t) == {"triton", "cuda"} and best == ("cuda" if t["cuda"] < t["triton"] else "triton")
+        props = SimpleNamespace(name=name, multi_processor_count=132, major=9, minor=0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, props=props: props)
+        dev = torch.device("cuda", 0)
+        for ext_ok in (True, False):
+            monkeypatch.setattr(dispatch, "_cpp_ok", lambda kind, ok=ext_ok: ok)
+            dispatch._auto_linear_impl.cache_clear()
+            got = dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False, op="linear_hero_loss")
+            assert got == (best if ext_ok else "triton")
+    dispatch._auto_linear_impl.cache_clear()
+    with pytest.raises(ValueError, match="op must be"):
+        P.fastest_linear_impl(16, 8, 32, "bf16", P.GPU_SPECS["h100"], op="entropy_logprob")
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_runs_the_three_gemm_path():
+    h, W, b, y, old, _ = (t.cuda() for t in _problem())
+    A = torch.randn(B, device="cuda")
+    three = _call(True, h, W, b, y, A, "auto", old_logp=old)
+    four = _call(False, h, W, b, y, A, "torch", old_logp=old)
+    _assert_same(three, four, rtol=1e-4)
+
+
+def test_plan_prices_the_triton_row_kernels():
+    """impl="triton": the same chunks and GEMMs, the Triton row backend's own launches (in place)."""
+    N, D_, V_ = sum(_MIXED), 4096, 128256
+    cu = LHL.plan(N, D_, V_, "bf16", lengths=_MIXED)
+    tr = LHL.plan(N, D_, V_, "bf16", lengths=_MIXED, impl="triton")
+    assert _plan_chunks(tr) == _plan_chunks(cu)
+    assert sum(k.flops * k.repeats for k in tr) == 6 * N * D_ * V_
+    rows = [k for k in tr if "entropy_logprob" in k.name]
+    assert {k.name for k in rows} == {"_entropy_logprob_fwd_kernel", "_entropy_logprob_bwd_kernel"}
+    assert all(k.meta["INPLACE"] == 1 for k in rows if "bwd" in k.name)
+    assert sum(k.meta["chunk_rows"] * k.repeats for k in rows if "fwd" in k.name) == N
+    with pytest.raises(ValueError, match="impl must be"):
+        LHL.plan(N, D_, V_, "bf16", lengths=_MIXED, impl="cpu")

@@ -39,7 +39,7 @@ from typing import Any, Dict, Literal, Optional, Tuple
 
 __all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds", "modeled_terms", "gemm_l2_bytes",
            "sass_per_element", "launch_peak", "plan_seconds", "peak_extra_bytes", "gpu_spec",
-           "fastest_linear_impl", "LINEAR_IMPLS"]
+           "fastest_linear_impl", "LINEAR_IMPLS", "HERO_LOSS_PLAN"]
 
 
 @dataclass(frozen=True)
@@ -180,23 +180,35 @@ LINEAR_IMPLS = {"triton": "hero_kernels.backends.triton.linear.launch",
                 "cuda": "hero_kernels.backends.cuda.linear_entropy_logprob"}
 
 
+#: hero_loss's 3-GEMM path (hidden states + LM head): one plan for both GPU impls, ``impl=`` names the row kernels.
+HERO_LOSS_PLAN = "hero_kernels.linear_hero_loss"
+
+
 def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias: bool = False,
-                        impls=("triton", "cuda")) -> Tuple[str, Dict[str, float]]:
+                        impls=("triton", "cuda"), op: str = "linear_entropy_logprob") -> Tuple[str, Dict[str, float]]:
     """(impl, {impl: modeled seconds}) of the fused LM head's fwd+bwd at (N, D, V) on ``gpu``: the impl
     whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU.
     fp32 plans price their GEMMs at the FMA peak (``plan_seconds``), for both paths: neither the Triton kernels
-    (IEEE dots unless allow_tf32) nor torch's default fp32 matmul use tensor cores."""
+    (IEEE dots unless allow_tf32) nor torch's default fp32 matmul use tensor cores.
+    op "linear_hero_loss": hero_loss's 3-GEMM path instead (``HERO_LOSS_PLAN``; its default response lengths),
+    whose impls differ only in the row kernels (the GEMMs are cuBLAS for both)."""
     import importlib
 
     import torch
 
     from hero_kernels.backends import gemm
 
+    if op not in ("linear_entropy_logprob", "linear_hero_loss"):
+        raise ValueError(f"op must be 'linear_entropy_logprob' or 'linear_hero_loss', got {op!r}")
     fp32 = gemm.as_dtype(dtype) == torch.float32
     times = {}
     for impl in impls:
-        mod = importlib.import_module(LINEAR_IMPLS[impl])
-        kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
-        launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
+        if op == "linear_hero_loss":
+            launches = importlib.import_module(HERO_LOSS_PLAN).plan(N, D, V, dtype, pass_="fwd+bwd",
+                                                                     has_bias=has_bias, impl=impl)
+        else:
+            mod = importlib.import_module(LINEAR_IMPLS[impl])
+            kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
+            launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
         times[impl] = plan_seconds(launches, gpu, fp32)
     return min(times, key=times.get), times
