@@ -221,8 +221,12 @@ class _Grads:
         out = []
         for t, dt in zip(bufs, self.dtypes):
             if t is not None:
-                if not unit:
+                if not unit and t.dtype in (torch.float32, torch.float64):
                     t.mul_(g.to(t.dtype))
+                elif not unit:
+                    # 16-bit dh: multiplied in fp32, rounded once. g cast to fp16 is inf at 2**16 (GradScaler's
+                    # first scale); cast to bf16 it is rounded.
+                    t.copy_(t.float().mul_(g.float()))
                 if dt is not None and t.dtype != dt:
                     t = t.to(dt)
             out.append(t)
@@ -516,7 +520,8 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Opti
     that row op's own ``plan``), cuBLAS dh and dW (open chunks: into the fp32 X instead), the row gathers /
     dh stores and ``TOKEN_OPS`` token-sized ops. ``live_bytes``: the [C, V] chunk, the chunk's hidden rows and dh product,
     the fp32 dW [V, D] (held from the forward to the hand-over), X [V, D] once an open response appears,
-    the per-row buffers; the hand-over: fp32 dW beside its returned cast."""
+    the per-row buffers; the hand-over: fp32 dW beside its returned cast (and a 16-bit dh's fp32 copy while
+    it is scaled)."""
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
     if impl not in ("cuda", "triton"):
@@ -572,8 +577,10 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Opti
         out.append(stream("scatter_outputs", 16 * N, "logp, H back to the token order", 2))
     if pass_ in ("bwd", "fwd+bwd"):
         hand = dict(live_bytes=acc)
-        out += [stream("scale_grads", (8 * VD if need_dw else 0) + (2 * N * D * e if need_dh else 0),
-                       "dW (fp32) and dh times the upstream gradient, in place", 1, **hand)]
+        dh_bytes = (2 * N * D * e if e == 4 else N * D * (2 * e + 12)) if need_dh else 0
+        out += [stream("scale_grads", (8 * VD if need_dw else 0) + dh_bytes, "dW (fp32) and dh times the upstream "
+                       "gradient, in place (16-bit dh: through an fp32 copy, 3 passes)", 1,
+                       live_bytes=acc + (4 * N * D if need_dh and e != 4 else 0))]
         if acc:
             out.append(stream("dw_cast", VD * (4 + e), "fp32 dW -> weight dtype", 1, **hand))
     return out

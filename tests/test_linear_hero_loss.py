@@ -469,3 +469,22 @@ def test_plan_prices_the_triton_row_kernels():
     assert sum(k.meta["chunk_rows"] * k.repeats for k in rows if "fwd" in k.name) == N
     with pytest.raises(ValueError, match="impl must be"):
         LHL.plan(N, D_, V_, "bf16", lengths=_MIXED, impl="cpu")
+
+
+def test_upstream_scale_of_16bit_dh_is_applied_in_fp32(small_chunks):
+    """dh is kept in the hidden dtype; the upstream scalar multiplies it in fp32 and the product is rounded
+    once: cast to fp16, GradScaler's first scale 2**16 is inf (every dh was inf), cast to bf16 1/3 is off
+    by 2e-3."""
+    dh = torch.randn(7, 5)
+    for dt, g in ((torch.float16, 65536.0), (torch.bfloat16, 1 / 3)):
+        grads = LHL._Grads(dh.to(dt), None, None, torch.empty(3, 5, dtype=dt), None)
+        got = grads.take(torch.tensor(g))[0]
+        assert got.dtype == dt and torch.equal(got, (dh.to(dt).float() * g).to(dt))
+    h, W, b, y, old, _ = _problem()
+    A = torch.randn(B)
+    hh, Wh, bh = h.half(), W.half(), b.half()
+    three = _call(True, hh, Wh, bh, y, A, upstream=65536.0, old_logp=old)
+    four = _call(False, hh, Wh, bh, y, A, upstream=65536.0, old_logp=old)
+    for g3, g4 in zip(three[2], four[2]):
+        assert torch.isfinite(g3).all()
+        torch.testing.assert_close(g3.float(), g4.float(), rtol=0, atol=1e-2 * float(g4.float().abs().max()))
