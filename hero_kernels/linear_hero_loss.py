@@ -108,11 +108,16 @@ def applies(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], impl: str, e
             others=()) -> bool:
     """Take the 3-GEMM path? Only when autograd will ask for dh / dW / db and for nothing else (``others``:
     advantages, old/ref log-probs, tensor options), eagerly (not under torch.compile, whose graph needs the
-    static-shape 4-GEMM op), and on a backend with a chunk loop."""
+    static-shape 4-GEMM op), and on a backend with a chunk loop. Not for float16 hidden states: this path
+    forms the dlogits in the forward, before any upstream gradient (a GradScaler's scale) multiplies them,
+    and fp16 flushes them to zero at LM vocabularies (p_j ~ 1/V times a 1/tokens coefficient: dh ~10x eager's
+    error at V = 32000 under a 2**16 scale); the op's backward forms them from the scaled upstream gradient."""
     if not ENABLED or entropy_grad or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
         return False  # let the fused op raise its argument errors
+    if hidden.dtype == torch.float16:
+        return False
     if not any(isinstance(t, Tensor) and t.requires_grad for t in (hidden, weight, bias)):
         return False
     if any(isinstance(t, Tensor) and t.requires_grad for t in others):
