@@ -170,11 +170,13 @@ def run_suite(
     threads: Optional[int] = None,
     seed: int = 0,
     write: bool = True,
+    shapes: Optional[Dict[str, list]] = None,
 ) -> Dict[str, Any]:
     """Run the benchmark suite in-process and return the result dict (also written unless write=False).
 
     The returned dict has ``files`` (paths written) and the JSON layout documented in
-    benchmarks/results/README.md.
+    benchmarks/results/README.md. ``shapes`` ({op: [shape rows]}, ``common.parse_shapes``) replaces the size's
+    shapes of the ops it names.
     """
     t_start = time.perf_counter()
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,12 +200,13 @@ def run_suite(
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress, seed, write)
+        return _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress, seed, write, shapes)
     finally:
         torch.set_num_threads(prev_threads)
 
 
-def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress, seed, write) -> Dict[str, Any]:
+def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress, seed, write,
+         shapes=None) -> Dict[str, Any]:
     timing = _TIMING[size]
     budget = float(budget_s if budget_s is not None else _BUDGET[size])
 
@@ -218,6 +221,8 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
         "schema": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "size": size,
+        # ops whose shapes --shapes replaced ({op: [rows]}; the others ran the size's)
+        "shapes_override": {op: [list(r) for r in rows] for op, rows in (shapes or {}).items()},
         "dtype": str(dt).replace("torch.", ""),
         "device": C.device_info(dev),
         "env": C.env_info(),
@@ -242,7 +247,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
                     avail[(op, impl.name)] = impl.check(op, dev, dt)
                 except Exception as e:  # noqa: BLE001 - a broken check is a skip reason, not a crash
                     avail[(op, impl.name)] = f"availability check failed: {_short(e)}"
-    total = sum(len(C.cases_for(op, size)) * len(C.PASSES) * sum(1 for i in chosen if op in i.ops) for op in ops)
+    total = sum(len(C.cases_for(op, size, shapes)) * len(C.PASSES) * sum(1 for i in chosen if op in i.ops) for op in ops)
     bar = None
     if progress:
         try:
@@ -286,7 +291,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
             why = "; ".join(f"{n}: {d['reason']}" for n, d in entry["impls"].items() if d["kind"] == "ours")
             entry["status"], entry["reason"] = "skipped", f"no ours implementation available ({why})"
 
-        for case in C.cases_for(op, size):
+        for case in C.cases_for(op, size, shapes):
             runnable = [i for i in op_impls if avail[(op, i.name)] is None]
             case_entry: Dict[str, Any] = {"shape": case.as_dict(), "model": {}, "results": {p: {} for p in C.PASSES}}
             for p in C.PASSES:
@@ -429,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting measurements after this many seconds (default: tiny 120, ci 95, full 300, counted from the start; shared equally by the ops)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--shapes", default=None,
+                    help="replace the size's shapes of some ops: 'OP=SHAPE[,SHAPE];OP=...', e.g. "
+                         "'grad_sketch=512x32000,2048x32000;linear_grad_sketch=128x128x8192' (rows: "
+                         + ", ".join(f"{o} {d}" for o, d in C.SHAPE_DIMS.items()) + ")")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return ap
@@ -437,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        shapes = C.parse_shapes(args.shapes) if args.shapes else None
         result = run_suite(size=args.size, ops=_csv(args.ops), impls=_csv(args.impls), out_dir=args.out,
                            stem=args.stem, device=args.device, dtype=args.dtype, budget_s=args.budget_s,
-                           progress=not args.no_progress, threads=args.threads, seed=args.seed)
+                           progress=not args.no_progress, threads=args.threads, seed=args.seed, shapes=shapes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ from hero.io import atomic_open, atomic_write_bytes, atomic_write_text
 from hero.io import write_json as hero_write_json
 
 __all__ = [
-    "OPS", "PASSES", "SIZES", "Case", "cases_for", "work_model", "floor_seconds",
+    "OPS", "PASSES", "SIZES", "Case", "cases_for", "parse_shapes", "SHAPE_DIMS", "work_model", "floor_seconds",
     "Ceilings", "measure_ceilings", "nominal_for", "sync", "time_fn", "MemoryMeter",
     "device_label", "default_out", "atomic_write", "write_json", "render_markdown", "plot_results",
     "format_table", "finalize_suite",
@@ -135,12 +135,38 @@ _SHAPES: Dict[str, Dict[str, list]] = {
 }
 
 
-def cases_for(op: str, size: str) -> List[Case]:
+def cases_for(op: str, size: str, shapes: Optional[Dict[str, list]] = None) -> List[Case]:
+    """The op's cases at ``size``, or the rows ``shapes[op]`` when given (``parse_shapes``)."""
     if size not in _SHAPES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    return _grid(op, _SHAPES[size][op])
+    return _grid(op, shapes[op] if shapes and op in shapes else _SHAPES[size][op])
+
+
+#: what one shape row of each op is (``--shapes``)
+SHAPE_DIMS = {"entropy_logprob": "NxV", "grad_sketch": "NxV", "linear_entropy_logprob": "NxDxV",
+              "linear_grad_sketch": "NxDxV", "hero_loss": "BxTxV", "linear_hero_loss": "BxTxDxV"}
+
+
+def parse_shapes(text: str) -> Dict[str, list]:
+    """``"grad_sketch=512x32000,2048x32000;linear_grad_sketch=128x128x8192"`` -> {op: [(512, 32000), ...]}:
+    the shapes of the named ops (the others keep their size's). Raises ValueError naming the bad part."""
+    out: Dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        op, eq, rows = part.partition("=")
+        op = op.strip()
+        if not eq or op not in SHAPE_DIMS:
+            raise ValueError(f"--shapes: {part!r} is not OP=SHAPE[,SHAPE...] with OP one of {', '.join(SHAPE_DIMS)}")
+        want = SHAPE_DIMS[op].count("x") + 1
+        for row in filter(None, (r.strip() for r in rows.split(","))):
+            dims = row.lower().split("x")
+            if len(dims) != want or not all(d.isdigit() and int(d) > 0 for d in dims):
+                raise ValueError(f"--shapes: {op} takes {SHAPE_DIMS[op]} with positive integers, got {row!r}")
+            out.setdefault(op, []).append(tuple(int(d) for d in dims))
+        if op not in out:
+            raise ValueError(f"--shapes: {op} has no shape; give {op}={SHAPE_DIMS[op]}[,...]")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

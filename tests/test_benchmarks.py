@@ -502,3 +502,27 @@ def test_roofline_models_the_hero_loss_training_path():
     r2 = {"time_ms": 1.0}
     M._attach_model(r2, "linear_hero_loss", "ours:cuda", case, "fwd", torch.bfloat16, "h100")
     assert r2 == {"time_ms": 1.0}  # a no-grad forward runs the fused head, not the 3-GEMM path
+
+
+def test_shapes_option_replaces_the_named_ops_shapes(capsys):
+    """--shapes 'OP=AxB,...;OP=...' replaces the size's shapes of the ops it names (the others keep theirs);
+    a malformed value is a one-line error naming the part (exit 2)."""
+    from benchmarks.__main__ import main, run_suite
+
+    got = C.parse_shapes(" grad_sketch=8x100, 4x37 ; linear_hero_loss=2x3x16x64")
+    assert got == {"grad_sketch": [(8, 100), (4, 37)], "linear_hero_loss": [(2, 3, 16, 64)]}
+    cases = C.cases_for("grad_sketch", "tiny", got)
+    assert [(c.N, c.V) for c in cases] == [(8, 100), (4, 37)]
+    assert C.cases_for("entropy_logprob", "tiny", got) == C.cases_for("entropy_logprob", "tiny")
+    for bad, msg in [("grad_sketch=8x100x3", "grad_sketch takes NxV"), ("nope=1x2", "is not OP=SHAPE"),
+                     ("hero_loss=2x0x9", "positive integers"), ("entropy_logprob=", "has no shape")]:
+        with pytest.raises(ValueError, match=msg):
+            C.parse_shapes(bad)
+        assert main(["--size", "tiny", "--shapes", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --shapes:") and "\n" not in err
+    res = run_suite(size="tiny", ops=["grad_sketch"], impls=["ours:torch", "eager"], device="cpu", write=False,
+                    progress=False, threads=1, shapes={"grad_sketch": [(6, 50)]})
+    cases = res["ops"]["grad_sketch"]["cases"]
+    assert [(c["shape"]["N"], c["shape"]["V"]) for c in cases] == [(6, 50)]
+    assert res["shapes_override"] == {"grad_sketch": [[6, 50]]}
