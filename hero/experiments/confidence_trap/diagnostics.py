@@ -108,6 +108,14 @@ def _entropy_np(fn: Optional[EntropyFn], logits: Tensor) -> np.ndarray:
     return H
 
 
+def _answer_batch(texts: List[str], parse_mode: str, entropy_fn: Optional[EntropyFn], ans_logits: Tensor,
+                  conf: Tensor, found: np.ndarray) -> "AnswerBatch":
+    """An adapter's answers: texts [B], answer-step logits [B, V], confidence of the answer token [B], found [B]."""
+    return AnswerBatch(texts=texts, predictions=[parse_answer(t, parse_mode) for t in texts],
+                       entropy=_entropy_np(entropy_fn, ans_logits),
+                       confidence=conf.cpu().numpy().astype(np.float64), answer_found=found)
+
+
 class TinyVLMAdapter:
     """Adapter for ``hero.experiments.confidence_trap.tiny_vlm.TinyVLM`` trained on ``<think>...</think><answer>...</answer>`` outputs.
 
@@ -175,13 +183,7 @@ class TinyVLMAdapter:
             ans_logits[forced_rows] = z
         probs = ans_logits.double().softmax(-1)
         conf = torch.where(emitted >= 0, probs.gather(1, emitted.clamp_min(0)[:, None])[:, 0], probs.max(-1).values)
-        return AnswerBatch(
-            texts=texts,
-            predictions=[parse_answer(t, self.parse_mode) for t in texts],
-            entropy=_entropy_np(self.entropy_fn, ans_logits),
-            confidence=conf.cpu().numpy().astype(np.float64),
-            answer_found=found,
-        )
+        return _answer_batch(texts, self.parse_mode, self.entropy_fn, ans_logits, conf, found)
 
     def _decode(self, inputs: Dict[str, Tensor], noisy: Optional[Tensor]):
         """Greedy / sampled generate, or VCD against the distorted pixel values ``noisy``: an object with
@@ -345,13 +347,7 @@ class HFVLMAdapter:
         probs = ans_logits.double().softmax(-1)
         emitted = torch.tensor([int(new[i, sel[i]]) for i in range(B)], dtype=torch.long)
         conf = probs.gather(1, emitted[:, None])[:, 0]
-        return AnswerBatch(
-            texts=texts,
-            predictions=[parse_answer(t, self.parse_mode) for t in texts],
-            entropy=_entropy_np(self.entropy_fn, ans_logits),
-            confidence=conf.cpu().numpy().astype(np.float64),
-            answer_found=found,
-        )
+        return _answer_batch(texts, self.parse_mode, self.entropy_fn, ans_logits, conf, found)
 
 
 # ----------------------------------------------------------------------------------------------
