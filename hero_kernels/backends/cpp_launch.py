@@ -174,12 +174,8 @@ def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Te
         ops.entropy_logprob_bwd(z, col.masked_fill(masked, -1), lse_, H_, g, k, inv, -1, z, threads(vc))
         fix = _slice_label_column(x, inside, lse_, H_, g, k, lp, inv).masked_fill(masked, 0.0)
         z.view(-1).index_copy_(0, at_row + col, fix.to(z.dtype))  # (scatter_ allocates [n, vc] fp32 on CPU)
-        if acc is not None:
-            gemm.mm_into(z, w_s, acc) if v0 == 0 else gemm.accumulate_mm(acc, z, w_s)
-        if dW is not None:
-            gemm.mm_into(z.t(), h, dW[v0:v0 + vc])
-        if db is not None:
-            torch.sum(z, 0, dtype=torch.float32, out=db[v0:v0 + vc])
+        gemm.slice_grads(z, h, w_s, acc, None if dW is None else dW[v0:v0 + vc],
+                         None if db is None else db[v0:v0 + vc], first=v0 == 0)
     del buf, z  # before the cast (the memory model's final phase)
     grad_hidden = None
     if acc is not None:

@@ -27,7 +27,7 @@ from torch import Tensor
 from hero_kernels.backends.plan import KernelLaunch
 
 __all__ = ["as_dtype", "eager_peak_bytes", "memory_budget", "chunk_rows", "accumulate_dw", "accumulate_mm",
-           "mm_into", "chunk_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan", "vocab_cols",
+           "mm_into", "chunk_grads", "slice_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan", "vocab_cols",
            "backward_memory", "backward_order", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS", "VOCAB_MIN_COLS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
@@ -216,6 +216,19 @@ def chunk_grads(dz: Tensor, h_c: Tensor, weight: Tensor, dh: Optional[Tensor], d
     if db is not None:
         torch.sum(dz, 0, dtype=torch.float32, out=db) if first else db.add_(dz.sum(0, dtype=torch.float32))
 
+
+
+def slice_grads(dz: Tensor, h: Tensor, w_s: Tensor, dh: Optional[Tensor], dW_s: Optional[Tensor],
+                db_s: Optional[Tensor], first: bool) -> None:
+    """The GEMM half of one vocab slice (the "vocab" order): dh (+)= dz @ W[slice] into the [n, D] accumulator
+    (``first``: the first slice writes it), dW[slice] = dz^T h written once (one GEMM over all n rows), and
+    db[slice] = column sums of dz in fp32. dz [n, vc], h [n, D] in the input dtype; None skips a gradient."""
+    if dh is not None:
+        mm_into(dz, w_s, dh) if first else accumulate_mm(dh, dz, w_s)
+    if dW_s is not None:
+        mm_into(dz.t(), h, dW_s)
+    if db_s is not None:
+        torch.sum(dz, 0, dtype=torch.float32, out=db_s)
 
 def _with_memory(launches: List[KernelLaunch], memory: Optional[Dict[str, int]],
                  final: str) -> List[KernelLaunch]:

@@ -466,12 +466,8 @@ def _vocab_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, la
             e = min(n, s + C)
             _launch_dz(launches, cfg, h[s:e], w_s, b_s, labs[s:e], (lse[s:e], k[s:e], c_row[s:e], last[s:e]),
                        lab is not None, buf[s:e], buf.stride(0), vocab_start + v0, opts.inv_temperature)
-        if acc is not None:
-            gemm.mm_into(z, w_s, acc) if v0 == 0 else gemm.accumulate_mm(acc, z, w_s)
-        if dW is not None:
-            gemm.mm_into(z.t(), h, dW[v0:v1])
-        if db is not None:
-            torch.sum(z, 0, dtype=torch.float32, out=db[v0:v1])
+        gemm.slice_grads(z, h, w_s, acc, None if dW is None else dW[v0:v1], None if db is None else db[v0:v1],
+                         first=v0 == 0)
     del buf, z  # before the cast: the memory model's "final" phase holds only the fp32 dh
     return (None if acc is None else acc.to(gh_dtype)), dW, db
 
