@@ -226,14 +226,18 @@ class _Grads:
         out = []
         for t, dt in zip(bufs, self.dtypes):
             if t is not None:
-                if not unit and t.dtype in (torch.float32, torch.float64):
+                cast = dt is not None and t.dtype != dt
+                if cast:
+                    # fp32 accumulator -> weight dtype: the scale rides on the cast (one pass over [V, D], the
+                    # product in fp32 and rounded once, bit-identical to scaling in place and then casting).
+                    r = torch.empty_like(t, dtype=dt)
+                    t = r.copy_(t) if unit else torch.mul(t, g.to(t.dtype), out=r)
+                elif not unit and t.dtype in (torch.float32, torch.float64):
                     t.mul_(g.to(t.dtype))
                 elif not unit:
                     # 16-bit dh: multiplied in fp32, rounded once. g cast to fp16 is inf at 2**16 (GradScaler's
                     # first scale); cast to bf16 it is rounded.
                     t.copy_(t.float().mul_(g.float()))
-                if dt is not None and t.dtype != dt:
-                    t = t.to(dt)
             out.append(t)
         return tuple(out)
 
@@ -326,7 +330,9 @@ class _Run:
         self.m = torch.full((S,), float("-inf"), dtype=torch.float32, device=dev)
         self.Z = torch.zeros(S, dtype=torch.float32, device=dev)
         self.dh = torch.zeros((N, D), dtype=h.dtype, device=dev) if need_dh else None
-        self.dW = torch.zeros((V, D), dtype=eng.acc, device=dev) if need_w else None
+        # dW and X start unwritten: their first GEMM writes them (beta = 0), so no [V, D] zero-fill pass
+        self.dW = torch.empty((V, D), dtype=eng.acc, device=dev) if need_w else None
+        self.fresh = {"dW": True, "X": True}
         self.db = torch.zeros(V, dtype=eng.acc, device=dev) if need_b else None
         self.X = self.Xb = None  # the open response's unscaled weighted dW / db, in units of exp(x - m_X)
         self.open_seg: Optional[int] = None
@@ -380,7 +386,7 @@ class _Run:
         if self.open_seg is not None:
             self._fold()
         if self.dW is not None:  # GEMM 3
-            eng.add_dw(self.dW, dz, hc)
+            self._gemm_into("dW", dz, hc)
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
@@ -393,11 +399,11 @@ class _Run:
             self._fold()
         if self.open_seg is None:  # first chunk of this response: X restarts at its running max
             self.open_seg, self.m_X = seg, m_seg
-            for t in (self.X, self.Xb):
-                if t is not None:
-                    t.zero_()
+            self.fresh["X"] = True
+            if self.Xb is not None:
+                self.Xb.zero_()
         elif m_seg > self.m_X + _RESCALE_AT:
-            for t in (self.X, self.Xb):
+            for t in (None if self.fresh["X"] else self.X, self.Xb):
                 if t is not None:
                     t.mul_(math.exp(self.m_X - m_seg))
             self.m_X = m_seg
@@ -408,8 +414,8 @@ class _Run:
         alpha = r.c[sl] * torch.where(r.weighted[sl], e, torch.zeros_like(e)) * r.dpg[sl]
         if self.dW is not None:
             if self.X is None:
-                self.X = torch.zeros_like(self.dW)
-            eng.add_dw(self.X, u, alpha[:, None].to(acc) * hc.to(acc))
+                self.X = torch.empty_like(self.dW)
+            self._gemm_into("X", u, alpha[:, None].to(acc) * hc.to(acc))
         if self.db is not None:
             if self.Xb is None:
                 self.Xb = torch.zeros_like(self.db)
@@ -422,7 +428,7 @@ class _Run:
         b = r.c[sl] * b
         if bool((b != 0).any()):  # KL term or unweighted (A >= 0 with weight_on="negative") tokens
             if self.dW is not None:
-                eng.add_dw(self.dW, u, b[:, None].to(acc) * hc.to(acc))
+                self._gemm_into("dW", u, b[:, None].to(acc) * hc.to(acc))
             if self.db is not None:
                 self.db.addmv_(u.t().to(acc), b.to(acc))
 
@@ -430,14 +436,29 @@ class _Run:
         """The open response is complete: dW += X exp(m_X - m_s) / Z_s (and db likewise)."""
         seg, self.open_seg = self.open_seg, None
         f = math.exp(self.m_X - float(self.m[seg])) / float(self.Z[seg])
-        if self.X is not None:
-            self.dW.add_(self.X, alpha=f)
+        if self.X is not None and not self.fresh["X"]:
+            if self.fresh["dW"]:
+                torch.mul(self.X, f, out=self.dW)
+                self.fresh["dW"] = False
+            else:
+                self.dW.add_(self.X, alpha=f)
         if self.Xb is not None:
             self.db.add_(self.Xb, alpha=f)
+
+    def _gemm_into(self, name: str, dz: Tensor, h: Tensor) -> None:
+        """dW or X (+)= dz^T h: the first GEMM into an unwritten accumulator writes it (no zero-fill)."""
+        t = getattr(self, name)
+        if self.fresh[name]:
+            gemm.mm_into(dz.t(), h if dz.dtype == t.dtype else h.to(dz.dtype), t)
+            self.fresh[name] = False
+        else:
+            self.eng.add_dw(t, dz, h)
 
     def finish(self) -> None:
         if self.open_seg is not None:
             self._fold()
+        if self.dW is not None and self.fresh["dW"]:  # nothing reached dW (e.g. every weight zero)
+            self.dW.zero_()
         self.X = self.Xb = None
         for p0, p1 in self.deferred:  # open responses' dh rows: s_i now that their Z_s is known
             idx = self.rows.idx[p0:p1]
@@ -568,8 +589,8 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Opti
     if pass_ in ("fwd", "fwd+bwd"):
         out += [stream("group_rows", 64 * N, "nonzero / stable sort by response / per-row gathers ([N] vectors); "
                        "nonzero and the response starts' .tolist() sync the host", 2, host_sync=True),
-                stream("zero_grads", (4 * VD if need_dw else 0) + (N * D * e if need_dh else 0),
-                       "zero-filled fp32 dW and dh", 1)]
+                stream("zero_grads", N * D * e if need_dh else 0, "zero-filled dh (masked rows stay 0; the fp32 "
+                       "dW is written by its first GEMM)", 1)]
         out += _chunk_launches(kinds, C, D, V, e, stream, gemm_, row_kernel, has_bias=has_bias, need_dh=need_dh,
                                need_dw=need_dw, extra_open_gemm=kl or weight_on == "negative")
         if kinds["end_fold"]:
@@ -583,11 +604,13 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd+bwd", lengths: Opti
     if pass_ in ("bwd", "fwd+bwd"):
         hand = dict(live_bytes=acc)
         dh_bytes = (2 * N * D * e if e == 4 else N * D * (2 * e + 12)) if need_dh else 0
-        out += [stream("scale_grads", (8 * VD if need_dw else 0) + dh_bytes, "dW (fp32) and dh times the upstream "
-                       "gradient, in place (16-bit dh: through an fp32 copy, 3 passes)", 1,
+        # fp32 weights: dW scaled in place; 16-bit: the scale rides on dW's cast (one pass, ``_Grads.take``).
+        out += [stream("scale_grads", (0 if acc or not need_dw else 8 * VD) + dh_bytes, "dh (and an fp32 dW) "
+                       "times the upstream gradient, in place (16-bit dh: through an fp32 copy, 3 passes)", 1,
                        live_bytes=acc + (4 * N * D if need_dh and e != 4 else 0))]
         if acc:
-            out.append(stream("dw_cast", VD * (4 + e), "fp32 dW -> weight dtype", 1, **hand))
+            out.append(stream("dw_cast", VD * (4 + e), "fp32 dW times the upstream gradient, cast to the weight "
+                              "dtype in one pass", 1, **hand))
     return out
 
 
@@ -613,8 +636,6 @@ def _chunk_launches(kinds, C, D, V, e, stream, gemm_, row_kernel, *, has_bias, n
             syncs = 2 + int(extra_open_gemm)
             out.append(stream("open_sync", 0, "segment id, running max (and the unweighted check) read back",
                               reps * syncs, host_sync=True))
-            if x_start and need_dw:
-                out.append(stream("x_zero", 4 * VD, "X zeroed (allocated) for a new open response", reps))
             gemms = (1 + int(extra_open_gemm)) if need_dw else 0
             for g in range(gemms):
                 out += [stream("open_rows", 20 * c * D, "alpha * h in fp32, cast for the GEMM", reps),

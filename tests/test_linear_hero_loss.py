@@ -484,6 +484,34 @@ def test_upstream_scale_of_16bit_dh_is_applied_in_fp32():
         assert got.dtype == dt and torch.equal(got, (dh.to(dt).float() * g).to(dt))
 
 
+def test_upstream_scale_rides_on_the_weight_cast():
+    """The fp32 dW (and db) accumulators are scaled and cast in one pass: the result equals scaling in fp32
+    and rounding once, for a plain backward (g = 1) and a GradScaler-sized g, in bf16 and fp16, and the fp32
+    accumulators are left as they were (no in-place scale)."""
+    dW, db = torch.randn(6, 5), torch.randn(6)
+    for dt, g in ((torch.bfloat16, 1.0), (torch.bfloat16, 65536.0), (torch.float16, 1 / 3)):
+        w, b = torch.empty(6, 5, dtype=dt), torch.empty(6, dtype=dt)
+        acc_w, acc_b = dW.clone(), db.clone()
+        _, got_w, got_b = LHL._Grads(None, acc_w, acc_b, w, b).take(torch.tensor(g))
+        assert got_w.dtype == dt and torch.equal(got_w, (dW * g).to(dt))
+        assert got_b.dtype == dt and torch.equal(got_b, (db * g).to(dt))
+        assert torch.equal(acc_w, dW) and torch.equal(acc_b, db)
+
+
+def test_accumulators_need_no_zero_fill(small_chunks, monkeypatch):
+    """dW and the open responses' X are written by their first GEMM: garbage in the fresh buffers (here NaN,
+    as torch.empty may return) never reaches the gradients, with open responses, a KL term and
+    weight_on="negative" (the unweighted part's GEMM into dW)."""
+    h, W, b, y, old, ref = _problem()
+    A = torch.randn(B, generator=torch.Generator().manual_seed(3))
+    kw = dict(old_logp=old, ref_logp=ref, beta=0.05, weight_on="negative", kappa=0.7)
+    want = _call(False, h, W, b, y, A, "cpu", **kw)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
+    _assert_same(_call(True, h, W, b, y, A, "cpu", **kw), want)
+
+
 def test_float16_hidden_keeps_the_recomputing_op(monkeypatch):
     """fp16 dlogits must see the upstream gradient (a GradScaler's scale) before they are rounded: at an LM
     vocabulary p_j / tokens is below fp16's subnormals, so the 3-GEMM path (dlogits made in the forward,
