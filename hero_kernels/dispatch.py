@@ -13,7 +13,7 @@ import torch
 from .options import IMPLS
 
 __all__ = ["resolve_impl", "backend_module", "device_guard", "triton_interpreter_on", "check_capability",
-           "auto_linear_impl"]
+           "auto_linear_impl", "cublas_tf32"]
 
 # dtypes each backend accepts for the big float inputs
 _DTYPES = {
@@ -132,19 +132,33 @@ def auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, device: torch.d
     GPU path whose launch plan models faster for this shape and GPU (``plan.fastest_linear_impl``: the
     Triton kernels or the cuBLAS-chunked CUDA backend), "triton" when the CUDA extension is unavailable.
     op "linear_hero_loss": the row kernels of hero_loss's 3-GEMM path (Triton's unless the CUDA ones model
-    faster). The model is pure Python (no sync); cached per shape, device and op."""
+    faster). fp32: priced with torch's cuBLAS TF32 setting (``cublas_tf32``: TF32 makes every cuBLAS GEMM a
+    tensor-core one, the Triton kernels' own dots stay IEEE). The model is pure Python (no sync); cached per
+    shape, device, op and that setting."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _auto_linear_impl(int(N), int(D), int(V), dtype, index, bool(has_bias), op)
+    tf32 = dtype == torch.float32 and cublas_tf32()
+    return _auto_linear_impl(int(N), int(D), int(V), dtype, index, bool(has_bias), op, tf32)
+
+
+def cublas_tf32() -> bool:
+    """Does cuBLAS run fp32 matmuls on TF32 tensor cores now (``torch.backends.cuda.matmul.allow_tf32``, also
+    set by ``torch.set_float32_matmul_precision("high")``)? Where that getter refuses because the legacy and
+    the new (torch >= 2.9) TF32 APIs were mixed, the new one's ``fp32_precision``, which cuBLAS follows."""
+    m = torch.backends.cuda.matmul
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return getattr(m, "fp32_precision", "ieee") == "tf32"
 
 
 @functools.lru_cache(maxsize=1024)
 def _auto_linear_impl(N: int, D: int, V: int, dtype: torch.dtype, index: int, has_bias: bool,
-                      op: str = "linear_entropy_logprob") -> str:
+                      op: str = "linear_entropy_logprob", tf32: bool = False) -> str:
     from .backends import plan
 
     props = torch.cuda.get_device_properties(index)
     gpu = plan.gpu_spec(props.name, props.multi_processor_count, 10 * props.major + props.minor)
-    _, t = plan.fastest_linear_impl(N, D, V, dtype, gpu, has_bias=has_bias, op=op)
+    _, t = plan.fastest_linear_impl(N, D, V, dtype, gpu, has_bias=has_bias, op=op, tf32=tf32)
     # CUDA only when it models clearly faster: a gain inside the (uncalibrated) model's error does not pay for
     # building the CUDA extension on first use (~1 min, as impl="auto" on CPU tensors builds the C++ one).
     faster = t["cuda"] < (1.0 - AUTO_CUDA_MARGIN) * t["triton"]

@@ -1188,6 +1188,54 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
         dispatch._auto_linear_impl.cache_clear()
 
 
+@needs_triton
+def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
+    """fp32 under torch's cuBLAS TF32 flag: every cuBLAS GEMM (all of the CUDA path's, the Triton backward's
+    dh / dW) runs on tensor cores, so the plan prices it at the TF32 term while the Triton kernels' own dots
+    stay IEEE (FMA peak) unless their config says tf32; impl="auto" follows the flag and its cache is keyed
+    on it (a cached "triton" from before the flag flipped would keep the 3x slower path)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from hero_kernels import dispatch
+    from hero_kernels.backends import plan as P
+    from hero_kernels.backends.triton.linear import launch as TL
+    from hero_kernels.backends.triton.linear.config import default_config
+
+    h100, shape = P.GPU_SPECS["h100"], (4096, 4096, 151936)
+    tc32 = h100.tf32_flops_per_s * h100.tc_efficiency
+    assert h100.tf32_flops_per_s == h100.bf16_flops_per_s / 2 and tc32 > 4 * h100.fp32_flops_per_s
+    launches = TL.plan(*shape, torch.float32, pass_="fwd+bwd", sms=h100.sms, arch=h100.cc)
+    ext = next(k for k in launches if k.kind == "gemm" and k.external)
+    own = next(k for k in launches if k.kind == "gemm" and not k.external)
+    assert P.launch_peak(ext, h100, True, True) == tc32 and P.launch_peak(ext, h100, True) == h100.fp32_flops_per_s
+    assert P.launch_peak(own, h100, True, True) == h100.fp32_flops_per_s  # IEEE dots: torch's flag does not apply
+    assert P.launch_peak(ext, h100, False, True) is None  # 16-bit plans: the default tensor-core term
+    cfg = dataclasses.replace(default_config(torch.float32, h100.cc), allow_tf32=True)
+    own32 = next(k for k in TL.plan(*shape, torch.float32, pass_="fwd", sms=h100.sms, config=cfg) if k.kind == "gemm")
+    assert own32.meta["precision"] == "tf32" and P.launch_peak(own32, h100, True) == tc32
+    _, t = P.fastest_linear_impl(*shape, torch.float32, h100)
+    _, t_tf32 = P.fastest_linear_impl(*shape, torch.float32, h100, tf32=True)
+    assert t["triton"] < t["cuda"] and t_tf32["cuda"] < 0.5 * t_tf32["triton"] and t_tf32["triton"] < t["triton"]
+    assert t_tf32["triton"] == P.plan_seconds(launches, h100, True, True)
+
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(dispatch, "_cpp_ok", lambda kind: True)
+    dev, matmul = torch.device("cuda", 0), torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    dispatch._auto_linear_impl.cache_clear()
+    try:
+        for flag, want in ((False, "triton"), (True, "cuda"), (False, "triton")):  # no cache clear between
+            matmul.allow_tf32 = flag
+            assert dispatch.cublas_tf32() is flag
+            assert dispatch.auto_linear_impl(*shape, torch.float32, dev, False) == want
+            assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"  # no effect
+    finally:
+        matmul.allow_tf32 = before
+        dispatch._auto_linear_impl.cache_clear()
+
+
 @pytest.mark.parametrize("dtype,bias,logp_given,compacted", [
     (torch.float32, True, True, True),
     (torch.bfloat16, False, True, False),

@@ -101,6 +101,12 @@ class GpuSpec:
     host_sync_s: float = 20e-6     # a host sync: drain the stream, copy a scalar back, relaunch
 
     @property
+    def tf32_flops_per_s(self) -> float:
+        """Dense TF32 tensor-core peak: half the bf16 one on every datasheet since Ampere (A100 156 / 312,
+        H100 SXM and H200 495 / 989 TFLOP/s)."""
+        return self.bf16_flops_per_s / 2
+
+    @property
     def thread_instr_per_s(self) -> float:
         """Thread-instructions per second (each warp-instruction covers 32 lanes)."""
         return self.sms * self.schedulers_per_sm * 32 * self.sm_clock_hz
@@ -152,15 +158,22 @@ def modeled_seconds(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional
     return t * launch.repeats
 
 
-def launch_peak(launch: KernelLaunch, gpu: GpuSpec, fp32: bool) -> Optional[float]:
-    """The ``flops_per_s`` a launch of an fp32 plan is modeled at: GEMM entries at the FMA-unit peak (fp32
-    inputs, no TF32), everything else (and every 16-bit plan) at the default tensor-core term."""
-    return gpu.fp32_flops_per_s if (fp32 and launch.kind == "gemm") else None
+def launch_peak(launch: KernelLaunch, gpu: GpuSpec, fp32: bool, tf32: bool = False) -> Optional[float]:
+    """The ``flops_per_s`` a launch of an fp32 plan is modeled at. GEMM entries: the TF32 tensor-core term
+    (``tf32_flops_per_s`` x ``tc_efficiency``) for cuBLAS calls (``external``) when ``tf32`` (torch's cuBLAS
+    TF32 flag, ``dispatch.cublas_tf32``) and for our kernels whose plan says ``meta["precision"] == "tf32"``
+    (their own config, whatever torch's flag says), else the FMA-unit peak (IEEE fp32). Everything else (and
+    every 16-bit plan): None, the default tensor-core term."""
+    if not (fp32 and launch.kind == "gemm"):
+        return None
+    on_tensor_cores = (tf32 and launch.external) or launch.meta.get("precision") == "tf32"
+    return gpu.tf32_flops_per_s * gpu.tc_efficiency if on_tensor_cores else gpu.fp32_flops_per_s
 
 
-def plan_seconds(launches, gpu: GpuSpec, fp32: bool = False) -> float:
-    """Modeled seconds of a whole plan (a list of ``KernelLaunch``) on ``gpu``; fp32: the plan's dtype is fp32."""
-    return sum(modeled_seconds(k, gpu, flops_per_s=launch_peak(k, gpu, fp32)) for k in launches)
+def plan_seconds(launches, gpu: GpuSpec, fp32: bool = False, tf32: bool = False) -> float:
+    """Modeled seconds of a whole plan (a list of ``KernelLaunch``) on ``gpu``; fp32: the plan's dtype is fp32;
+    tf32: cuBLAS runs fp32 GEMMs on TF32 tensor cores (``launch_peak``)."""
+    return sum(modeled_seconds(k, gpu, flops_per_s=launch_peak(k, gpu, fp32, tf32)) for k in launches)
 
 
 def gpu_spec(name: str, sms: int, cc: int) -> GpuSpec:
@@ -185,11 +198,13 @@ HERO_LOSS_PLAN = "hero_kernels.linear_hero_loss"
 
 
 def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias: bool = False,
-                        impls=("triton", "cuda"), op: str = "linear_entropy_logprob") -> Tuple[str, Dict[str, float]]:
+                        impls=("triton", "cuda"), op: str = "linear_entropy_logprob",
+                        tf32: bool = False) -> Tuple[str, Dict[str, float]]:
     """(impl, {impl: modeled seconds}) of the fused LM head's fwd+bwd at (N, D, V) on ``gpu``: the impl
     whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU.
-    fp32 plans price their GEMMs at the FMA peak (``plan_seconds``), for both paths: neither the Triton kernels
-    (IEEE dots unless allow_tf32) nor torch's default fp32 matmul use tensor cores.
+    fp32 plans (``plan_seconds``): the Triton kernels' own dots at the FMA peak (IEEE unless their config's
+    allow_tf32), the cuBLAS GEMMs (all of the CUDA path's, the Triton backward's dh / dW) at the FMA peak, or
+    at the TF32 tensor-core term when ``tf32`` (torch's cuBLAS TF32 flag: ``dispatch.cublas_tf32``).
     op "linear_hero_loss": hero_loss's 3-GEMM path instead (``HERO_LOSS_PLAN``; its default response lengths),
     whose impls differ only in the row kernels (the GEMMs are cuBLAS for both)."""
     import importlib
@@ -210,5 +225,5 @@ def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias
             mod = importlib.import_module(LINEAR_IMPLS[impl])
             kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
             launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
-        times[impl] = plan_seconds(launches, gpu, fp32)
+        times[impl] = plan_seconds(launches, gpu, fp32, tf32)
     return min(times, key=times.get), times

@@ -49,7 +49,7 @@ def _forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEnt
             f"+ in-flight W tiles, < 50 MB L2); W streamed from HBM once per wave of {wave_rows} row blocks "
             f"({w_passes} passes)")
     meta = {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "splits": S,
-            "cols_per_split": per, "elt": e}
+            "cols_per_split": per, "elt": e, **_precision_meta(e, cfg)}
     flops = 2.0 * N * D * V
     out = [KernelLaunch("_fwd_partials_kernel", (row_blocks * S,), "gemm", flops, hbm, note,
                         t.num_warps, t.num_stages, meta, l2_bytes=gemm_l2_bytes(flops, t.block_n, t.block_v, e))]
@@ -57,6 +57,12 @@ def _forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEnt
                             20 * S * N + (12 if final else 16) * N, "partials read once", 4, 1,
                             {"BLOCK": MERGE_BLOCK, "splits": S, "FINAL": int(final)}))
     return out
+
+
+def _precision_meta(e: int, cfg: LinearEntropyConfig) -> dict:
+    """fp32 plans: the tl.dot precision the kernel runs (``_dot_precision``), which prices it (FMA peak for
+    "ieee", the TF32 tensor-core term for "tf32": ``plan.launch_peak``); 16-bit plans: nothing."""
+    return {"precision": "tf32" if cfg.allow_tf32 else "ieee"} if e == 4 else {}
 
 
 def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig) -> List[KernelLaunch]:
@@ -76,7 +82,8 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
         KernelLaunch("zero_fill", (), "stream", 0.0, 4 * (N * D + V * D), "fp32 dh / dW zeroed", external=True),
         KernelLaunch("_bwd_atomic_kernel", (rb * vb,), "gemm", 6.0 * N * D * V, hbm, note, t.num_warps,
                      t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k,
-                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N, "elt": e}, l2_bytes=l2),
+                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N, "elt": e, **_precision_meta(e, cfg)},
+                     l2_bytes=l2),
         KernelLaunch("cast_grads", (), "stream", 0.0, (4 + e) * (N * D + V * D), "fp32 -> input dtype",
                      external=True),
     ]
@@ -163,7 +170,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                              c * D * e + vc * D * e + c * vc * e + 20 * c + (vc * e if has_bias else 0), note,
                              t.num_warps, t.num_stages,
                              {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c,
-                              "vocab_cols": vc, "order": order, "elt": e}, repeats=reps,
+                              "vocab_cols": vc, "order": order, "elt": e, **_precision_meta(e, cfg)}, repeats=reps,
                              l2_bytes=gemm_l2_bytes(2.0 * c * D * vc, t.block_n, t.block_v, e))]
 
     if order == "vocab":
