@@ -312,9 +312,9 @@ LAUNCH_CONFIGS: Tuple[LaunchConfig, ...] = (
 def launch_config(V: int) -> LaunchConfig:
     """Tile for a row of V columns: the smallest tile covering short rows (little padding waste), then
     2048 columns x 8 warps. For LM vocabularies (32k-262k) that is 8 elements (one 16-byte bf16 load) per
-    thread and iteration at 40 registers in the forward / 32-40 in the backward on sm_90a (6-8 CTAs = 48-64
-    warps per SM, ~25 KB of loads in flight per SM); 4096 x 8 needed 68 registers (3 CTAs per SM) and its
-    two loads per thread were serialized in SASS."""
+    thread and iteration; bf16 on sm_90a (compile report, triton 3.8): the forward 47-48 registers, 5 CTAs =
+    40 warps per SM, 20 KB of loads in flight per SM; the backward 40 registers, 6 CTAs, 24 KB. 4096 x 8
+    needed 68 registers (3 CTAs per SM) and its two loads per thread were serialized in SASS."""
     if V <= 256:
         return LAUNCH_CONFIGS[0]
     if V <= 1024:
