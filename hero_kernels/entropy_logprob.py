@@ -35,7 +35,8 @@ def entropy_logprob(
         logits: [N, V] or [B, T, V] (any leading dims), float16 / bfloat16 / float32 (float64 on CPU).
             The last dim must be the vocabulary and contiguous; then no copy is made for any row stride,
             nor for a [B, T, V] view whose batch stride is not T x row stride (the causal shift
-            ``logits[:, :-1]``): the op walks the batch instead.
+            ``logits[:, :-1]``): the triton / cuda / cpu backends take such a view in one launch, the
+            torch backend walks the batch.
         labels: [N] or [B, T] integer token ids; ``ignore_index`` masks a row.
         temperature: sampling temperature tau > 0 (Python float); every quantity uses logits / tau.
         ignore_index: masked rows return logp = H = 0 and get zero gradient.
@@ -87,7 +88,8 @@ def _check_inplace_target(logits: Tensor) -> None:
 
 def _walk_batch(logits: Tensor) -> bool:
     """[B, T, V] with a contiguous vocab dim whose rows are not evenly strided (batch stride != T x row
-    stride, e.g. logits[:, :-1]): flattening to [N, V] would copy it all, so the op loops over B instead."""
+    stride, e.g. logits[:, :-1]): flattening to [N, V] would copy it all, so the op passes the view on
+    (one launch where the backend is ``BATCHED``, else a loop over B: ``_blocks``)."""
     if logits.dim() != 3 or logits.stride(-1) != 1:
         return False
     B, T, _ = logits.shape
