@@ -43,9 +43,9 @@
 
 #include <math.h>
 #include <stdint.h>
-#if !defined(__CUDACC__)
+// Also under nvcc: its host pass compiles the host-only exp_poly below (std::memcpy); CUDA 13's headers no
+// longer pull <cstring> in, so `nvcc -c` of the .cu failed there.
 #include <cstring>
-#endif
 
 namespace hk {
 
