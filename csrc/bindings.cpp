@@ -6,6 +6,12 @@
 //       pass over the labels).
 //   entropy_logprob_bwd(logits, labels, lse, H, grad_logp, grad_H, inv_temperature, ignore_index, out!, threads=0)
 //       writes dlogits into out [N, V] (dtype of logits, or fp32); out may be logits itself (in place).
+//   entropy_logprob_slice_labels(z [n, vc], labels [n] int64, v0, inv_temperature, ignore_index, cols!, x!)
+//       the "vocab" loop order (hero_kernels/backends/cpp_launch.py), before the row backward on the vocabulary
+//       slice [v0, v0 + vc): cols [n] int64 = the slice-local labels it gets (-1 masked), x [n] fp64 = the
+//       z / tau of each row's slice column, read before the row backward overwrites z in place.
+//   entropy_logprob_slice_label_fix(dz [n, vc]!, labels, v0, x, lse, H, grad_logp, grad_H, logp?, inv_temperature,
+//       ignore_index) after it: rewrites each non-masked row's slice column in place (hero_rowmath.h slice_fix).
 //   grad_sketch_fwd(logits, labels, proj [k, V], inv_temperature, ignore_index) -> (a [N, k] fp32, stats [N, 2]
 //       fp32 = the float64 lse as hi + lo); CPU only (grad_sketch_cpu.cpp). proj: float32 (float64 for float64
 //       logits), contiguous.
@@ -168,6 +174,74 @@ void bwd_cpu(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_in
 }
 
 // ------------------------------------------------------------------------------------------------
+// "vocab" loop order: the slice label column (CPU and CUDA share the checks)
+// ------------------------------------------------------------------------------------------------
+void check_rows_out(const Tensor& t, const Tensor& z, at::ScalarType dtype, const char* name, const char* op) {
+  TORCH_CHECK(t.device() == z.device() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == num_rows(z) &&
+                  t.is_contiguous(),
+              op, ": ", name, " must be a contiguous ", dtype, " [n] = [", num_rows(z), "] tensor on ", z.device(),
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// Returns the dtype code of z.
+int check_slice_labels(const Tensor& z, const Tensor& labels, const Tensor& cols, const Tensor& x,
+                       c10::DeviceType dev, const char* op) {
+  const int dt = check_logits_labels(z, labels, dev, op);
+  check_rows_out(cols, z, at::kLong, "cols", op);
+  check_rows_out(x, z, at::kDouble, "x", op);
+  return dt;
+}
+
+int check_slice_fix(const Tensor& dz, const Tensor& labels, const Tensor& x, const Tensor& lse, const Tensor& H,
+                    const Tensor& g, const Tensor& k, const c10::optional<Tensor>& logp, c10::DeviceType dev,
+                    const char* op) {
+  const int dt = check_logits_labels(dz, labels, dev, op);
+  check_vec(x, dz, "x", op, at::kDouble);
+  check_vec(lse, dz, "lse", op, at::kDouble);
+  check_vec(H, dz, "H", op);
+  check_vec(g, dz, "grad_logp", op);
+  check_vec(k, dz, "grad_H", op);
+  if (logp.has_value()) check_vec(*logp, dz, "logp", op);
+  return dt;
+}
+
+void slice_labels_cpu(const Tensor& z, const Tensor& labels_in, int64_t v0, double inv_temperature,
+                      int64_t ignore_index, const Tensor& cols, const Tensor& x) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_slice_labels";
+  const int dt = check_slice_labels(z, labels_in, cols, x, c10::DeviceType::CPU, op);
+  const Tensor labels = labels_in.contiguous();
+  const int64_t n = num_rows(z), vc = z.size(-1);
+  const void* pz = z.data_ptr();
+  const hk::RowLayout L = layout_of(z);
+  const int64_t* y = labels.data_ptr<int64_t>();
+  int64_t* pc = cols.data_ptr<int64_t>();
+  double* px = x.data_ptr<double>();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    hk::cpu_slice_labels_rows(dt, pz, L, y, b, e, v0, vc, inv_temperature, ignore_index, pc, px);
+  });
+}
+
+void slice_label_fix_cpu(const Tensor& dz, const Tensor& labels_in, int64_t v0, const Tensor& x_in,
+                         const Tensor& lse_in, const Tensor& H_in, const Tensor& g_in, const Tensor& k_in,
+                         const c10::optional<Tensor>& logp_in, double inv_temperature, int64_t ignore_index) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_slice_label_fix";
+  const int dt = check_slice_fix(dz, labels_in, x_in, lse_in, H_in, g_in, k_in, logp_in, c10::DeviceType::CPU, op);
+  // contiguous: upstream grads may be stride-0 expands
+  const Tensor labels = labels_in.contiguous(), x = x_in.contiguous(), lse = lse_in.contiguous();
+  const Tensor H = H_in.contiguous(), g = g_in.contiguous(), k = k_in.contiguous();
+  const Tensor logp = logp_in.has_value() ? logp_in->contiguous() : Tensor();
+  const int64_t n = num_rows(dz), vc = dz.size(-1);
+  void* pd = dz.data_ptr();
+  const hk::RowLayout L = layout_of(dz);
+  const float* pl = logp.defined() ? logp.data_ptr<float>() : nullptr;
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    hk::cpu_slice_label_fix_rows(dt, pd, L, labels.data_ptr<int64_t>(), b, e, v0, vc, x.data_ptr<double>(),
+                                 lse.data_ptr<double>(), H.data_ptr<float>(), g.data_ptr<float>(),
+                                 k.data_ptr<float>(), pl, inv_temperature, ignore_index);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
 // grad_sketch (CPU): the kernels' tile products go to torch's BLAS through this callback (MKL / OpenBLAS run
 // single-threaded inside at::parallel_for's threads).
 // ------------------------------------------------------------------------------------------------
@@ -279,6 +353,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_meta(const Tensor& logits, const Tensor& 
 void bwd_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
               int64_t, const Tensor&, int64_t, int64_t) {}
 
+void slice_labels_meta(const Tensor&, const Tensor&, int64_t, double, int64_t, const Tensor&, const Tensor&) {}
+
+void slice_label_fix_meta(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const Tensor&,
+                          const Tensor&, const Tensor&, const c10::optional<Tensor>&, double, int64_t) {}
+
 // ------------------------------------------------------------------------------------------------
 // CUDA
 // ------------------------------------------------------------------------------------------------
@@ -331,6 +410,40 @@ void bwd_cuda(const Tensor& logits, const Tensor& labels_in, const Tensor& lse_i
                                          static_cast<int>(threads), grid, stream),
              op);
 }
+
+void slice_labels_cuda(const Tensor& z, const Tensor& labels_in, int64_t v0, double inv_temperature,
+                       int64_t ignore_index, const Tensor& cols, const Tensor& x) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_slice_labels";
+  const int dt = check_slice_labels(z, labels_in, cols, x, c10::DeviceType::CUDA, op);
+  TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 logits, got float64");
+  c10::cuda::CUDAGuard guard(z.device());
+  const Tensor labels = labels_in.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream(z.device().index()).stream();
+  check_cuda(hk_cuda_slice_labels(dt, z.data_ptr(), layout_of(z), labels.data_ptr<int64_t>(), num_rows(z), v0,
+                                  z.size(-1), static_cast<float>(inv_temperature), ignore_index,
+                                  cols.data_ptr<int64_t>(), x.data_ptr<double>(), stream),
+             op);
+}
+
+void slice_label_fix_cuda(const Tensor& dz, const Tensor& labels_in, int64_t v0, const Tensor& x_in,
+                          const Tensor& lse_in, const Tensor& H_in, const Tensor& g_in, const Tensor& k_in,
+                          const c10::optional<Tensor>& logp_in, double inv_temperature, int64_t ignore_index) {
+  const char* op = "hero_kernels_cpp.entropy_logprob_slice_label_fix";
+  const int dt = check_slice_fix(dz, labels_in, x_in, lse_in, H_in, g_in, k_in, logp_in, c10::DeviceType::CUDA, op);
+  TORCH_CHECK(dt != hk::kF64, op, ": the cuda backend takes float32, bfloat16 or float16 dz, got float64");
+  c10::cuda::CUDAGuard guard(dz.device());
+  // contiguous: upstream grads may be stride-0 expands
+  const Tensor labels = labels_in.contiguous(), x = x_in.contiguous(), lse = lse_in.contiguous();
+  const Tensor H = H_in.contiguous(), g = g_in.contiguous(), k = k_in.contiguous();
+  const Tensor logp = logp_in.has_value() ? logp_in->contiguous() : Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream(dz.device().index()).stream();
+  check_cuda(hk_cuda_slice_label_fix(dt, dz.data_ptr(), layout_of(dz), labels.data_ptr<int64_t>(), num_rows(dz), v0,
+                                     dz.size(-1), x.data_ptr<double>(), lse.data_ptr<double>(), H.data_ptr<float>(),
+                                     g.data_ptr<float>(), k.data_ptr<float>(),
+                                     logp.defined() ? logp.data_ptr<float>() : nullptr, inv_temperature,
+                                     ignore_index, stream),
+             op);
+}
 #endif
 
 }  // namespace
@@ -342,6 +455,10 @@ TORCH_LIBRARY(hero_kernels_cpp, m) {
         "int grid=0) -> (Tensor, Tensor, Tensor)");
   m.def("entropy_logprob_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor H, Tensor grad_logp, "
         "Tensor grad_H, float inv_temperature, int ignore_index, Tensor(a!) out, int threads=0, int grid=0) -> ()");
+  m.def("entropy_logprob_slice_labels(Tensor z, Tensor labels, int v0, float inv_temperature, int ignore_index, "
+        "Tensor(a!) cols, Tensor(b!) x) -> ()");
+  m.def("entropy_logprob_slice_label_fix(Tensor(a!) dz, Tensor labels, int v0, Tensor x, Tensor lse, Tensor H, "
+        "Tensor grad_logp, Tensor grad_H, Tensor? logp, float inv_temperature, int ignore_index) -> ()");
   m.def("grad_sketch_fwd(Tensor logits, Tensor labels, Tensor proj, float inv_temperature, int ignore_index) -> "
         "(Tensor, Tensor)");
   m.def("grad_sketch_bwd(Tensor logits, Tensor labels, Tensor proj, Tensor a, Tensor stats, Tensor grad_a, "
@@ -359,6 +476,8 @@ TORCH_LIBRARY(hero_kernels_cpp, m) {
 TORCH_LIBRARY_IMPL(hero_kernels_cpp, CPU, m) {
   m.impl("entropy_logprob_fwd", &fwd_cpu);
   m.impl("entropy_logprob_bwd", &bwd_cpu);
+  m.impl("entropy_logprob_slice_labels", &slice_labels_cpu);
+  m.impl("entropy_logprob_slice_label_fix", &slice_label_fix_cpu);
   m.impl("grad_sketch_fwd", &sketch_fwd_cpu);
   m.impl("grad_sketch_bwd", &sketch_bwd_cpu);
 }
@@ -366,6 +485,8 @@ TORCH_LIBRARY_IMPL(hero_kernels_cpp, CPU, m) {
 TORCH_LIBRARY_IMPL(hero_kernels_cpp, Meta, m) {
   m.impl("entropy_logprob_fwd", &fwd_meta);
   m.impl("entropy_logprob_bwd", &bwd_meta);
+  m.impl("entropy_logprob_slice_labels", &slice_labels_meta);
+  m.impl("entropy_logprob_slice_label_fix", &slice_label_fix_meta);
   m.impl("grad_sketch_fwd", &sketch_fwd_meta);
   m.impl("grad_sketch_bwd", &sketch_bwd_meta);
 }
@@ -374,5 +495,7 @@ TORCH_LIBRARY_IMPL(hero_kernels_cpp, Meta, m) {
 TORCH_LIBRARY_IMPL(hero_kernels_cpp, CUDA, m) {
   m.impl("entropy_logprob_fwd", &fwd_cuda);
   m.impl("entropy_logprob_bwd", &bwd_cuda);
+  m.impl("entropy_logprob_slice_labels", &slice_labels_cuda);
+  m.impl("entropy_logprob_slice_label_fix", &slice_label_fix_cuda);
 }
 #endif

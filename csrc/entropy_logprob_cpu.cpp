@@ -167,7 +167,57 @@ HK_BWD_ENTRY(double, double)
 HK_BWD_ENTRY(bf16_t, float)
 HK_BWD_ENTRY(f16_t, float)
 
+// ---------------------------------------------------------------------------------------------
+// "vocab" loop order: one column per row (hero_rowmath.h slice_col / slice_fix); scalar, memory-light
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void slice_labels_range(const T* z, RowLayout L, const int64_t* labels, int64_t b, int64_t e, int64_t v0,
+                        int64_t vc, double inv_tau, int64_t ignore_index, int64_t* cols, double* x) {
+  using A = typename AccOf<T>::type;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t c = slice_col(labels[i], v0, vc, ignore_index);
+    cols[i] = c;
+    // the row kernel's own rounding of x (scale_), so p_y matches the forward's
+    x[i] = c < 0 ? 0.0 : static_cast<double>(scale_(to_acc(z[L.offset(i) + c]), static_cast<A>(inv_tau)));
+  }
+}
+
+template <typename O>
+void slice_label_fix_range(O* dz, RowLayout L, const int64_t* labels, int64_t b, int64_t e, int64_t v0, int64_t vc,
+                           const double* x, const double* lse, const float* H, const float* g, const float* k,
+                           const float* logp, double inv_tau, int64_t ignore_index) {
+  using A = typename AccOf<O>::type;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t y = labels[i], c = slice_col(y, v0, vc, ignore_index);
+    if (c < 0) continue;  // masked: the row kernel zeroed the whole row
+    const double d = slice_fix(x[i], lse[i], H[i], g[i], k[i], logp != nullptr, logp ? logp[i] : 0.f,
+                               in_slice(y, v0, vc), inv_tau);
+    dz[L.offset(i) + c] = from_acc<O>(static_cast<A>(d));  // fp64 -> fp32 -> 16 bit, as torch casts
+  }
+}
+
 }  // namespace
+
+void cpu_slice_labels_rows(int dtype, const void* z, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                           int64_t row_end, int64_t v0, int64_t vc, double inv_tau, int64_t ignore_index,
+                           int64_t* cols, double* x) {
+  with_dtype(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    slice_labels_range(static_cast<const T*>(z), layout, labels, row_begin, row_end, v0, vc, inv_tau, ignore_index,
+                       cols, x);
+  });
+}
+
+void cpu_slice_label_fix_rows(int dtype, void* dz, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                              int64_t row_end, int64_t v0, int64_t vc, const double* x, const double* lse,
+                              const float* H, const float* grad_logp, const float* grad_H, const float* logp,
+                              double inv_tau, int64_t ignore_index) {
+  with_dtype(dtype, [&](auto t) {
+    using O = typename decltype(t)::type;
+    slice_label_fix_range(static_cast<O*>(dz), layout, labels, row_begin, row_end, v0, vc, x, lse, H, grad_logp,
+                          grad_H, logp, inv_tau, ignore_index);
+  });
+}
 
 void cpu_fwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t* labels, int64_t row_begin,
                   int64_t row_end, int64_t V, double inv_tau, int64_t ignore_index, float* logp, float* H,

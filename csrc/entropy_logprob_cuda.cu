@@ -279,6 +279,41 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
+// "vocab" loop order: one thread per row, one column of it (hero_rowmath.h slice_col / slice_fix). Two
+// launches per vocab slice around the row kernel instead of ~20 small torch ops.
+// ------------------------------------------------------------------------------------------------
+constexpr int kSliceThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kSliceThreads)
+    slice_labels_kernel(const T* __restrict__ z, hk::RowLayout layout, const int64_t* __restrict__ labels, int64_t n,
+                        int64_t v0, int64_t vc, float inv_tau, int64_t ignore_index, int64_t* __restrict__ cols,
+                        double* __restrict__ x) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kSliceThreads + threadIdx.x;
+  if (i >= n) return;
+  const int64_t c = hk::slice_col(labels[i], v0, vc, ignore_index);
+  cols[i] = c;
+  x[i] = c < 0 ? 0.0 : static_cast<double>(hk::scale_(to_f(z[layout.offset(i) + c]), inv_tau));
+}
+
+template <typename O>
+__global__ void __launch_bounds__(kSliceThreads)
+    slice_label_fix_kernel(O* __restrict__ dz, hk::RowLayout layout, const int64_t* __restrict__ labels, int64_t n,
+                           int64_t v0, int64_t vc, const double* __restrict__ x, const double* __restrict__ lse,
+                           const float* __restrict__ H, const float* __restrict__ g, const float* __restrict__ k,
+                           const float* __restrict__ logp, double inv_tau, int64_t ignore_index) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kSliceThreads + threadIdx.x;
+  if (i >= n) return;
+  const int64_t y = labels[i], c = hk::slice_col(y, v0, vc, ignore_index);
+  if (c < 0) return;  // masked: the row kernel zeroed the whole row
+  const double d = hk::slice_fix(x[i], lse[i], H[i], g[i], k[i], logp != nullptr, logp ? logp[i] : 0.f,
+                                 hk::in_slice(y, v0, vc), inv_tau);
+  dz[layout.offset(i) + c] = from_f<O>(static_cast<float>(d));  // fp64 -> fp32 -> 16 bit, as torch casts
+}
+
+inline unsigned slice_blocks(int64_t n) { return static_cast<unsigned>((n + kSliceThreads - 1) / kSliceThreads); }
+
+// ------------------------------------------------------------------------------------------------
 // launch configuration
 // ------------------------------------------------------------------------------------------------
 // Threads per row from the number of 16-byte vectors when the caller passes 0 (the Python launch plan,
@@ -399,4 +434,48 @@ extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits
   }
 #undef HK_BWD
   return cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t hk_cuda_slice_labels(int dtype, const void* z, hk::RowLayout layout, const int64_t* labels,
+                                            int64_t n, int64_t v0, int64_t vc, float inv_tau, int64_t ignore_index,
+                                            int64_t* cols, double* x, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+#define HK_SLICE(T)                                                                                            \
+  slice_labels_kernel<T><<<slice_blocks(n), kSliceThreads, 0, stream>>>(static_cast<const T*>(z), layout, labels, \
+                                                                        n, v0, vc, inv_tau, ignore_index, cols, x); \
+  return cudaGetLastError()
+  switch (dtype) {
+    case hk::kF32:
+      HK_SLICE(float);
+    case hk::kBF16:
+      HK_SLICE(__nv_bfloat16);
+    case hk::kF16:
+      HK_SLICE(__half);
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef HK_SLICE
+}
+
+extern "C" cudaError_t hk_cuda_slice_label_fix(int dtype, void* dz, hk::RowLayout layout, const int64_t* labels,
+                                               int64_t n, int64_t v0, int64_t vc, const double* x,
+                                               const double* lse, const float* H, const float* grad_logp,
+                                               const float* grad_H, const float* logp, double inv_tau,
+                                               int64_t ignore_index, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+#define HK_FIX(O)                                                                                                \
+  slice_label_fix_kernel<O><<<slice_blocks(n), kSliceThreads, 0, stream>>>(                                      \
+      static_cast<O*>(dz), layout, labels, n, v0, vc, x, lse, H, grad_logp, grad_H, logp, inv_tau, ignore_index); \
+  return cudaGetLastError()
+  switch (dtype) {
+    case hk::kF32:
+      HK_FIX(float);
+    case hk::kBF16:
+      HK_FIX(__nv_bfloat16);
+    case hk::kF16:
+      HK_FIX(__half);
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef HK_FIX
 }

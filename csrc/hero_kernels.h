@@ -43,6 +43,21 @@ void cpu_bwd_rows(int dtype, const void* logits, RowLayout layout, const int64_t
                   int64_t V, double inv_tau, int64_t ignore_index, int out_dtype, void* out,
                   RowLayout out_layout);
 
+// ---- CPU "vocab" loop order (hero_rowmath.h: slice_col / slice_fix): rows [row_begin, row_end) of a [n, vc]
+// slice of the vocabulary starting at column v0. ----
+// Before the row kernel: cols [n] = the slice-local labels it gets (slice_col), x [n] fp64 = the z / tau of
+// each row's slice column (0 on masked rows), read before the row kernel overwrites the slice in place.
+void cpu_slice_labels_rows(int dtype, const void* z, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                           int64_t row_end, int64_t v0, int64_t vc, double inv_tau, int64_t ignore_index,
+                           int64_t* cols, double* x);
+
+// After it: dz (dtype `dtype`, in place) at each non-masked row's slice column = slice_fix in fp64, rounded
+// to fp32 first (as torch casts fp64 to 16-bit types). logp may be null (no forward logp: 1 - e^{x_y - lse}).
+void cpu_slice_label_fix_rows(int dtype, void* dz, RowLayout layout, const int64_t* labels, int64_t row_begin,
+                              int64_t row_end, int64_t v0, int64_t vc, const double* x, const double* lse,
+                              const float* H, const float* grad_logp, const float* grad_H, const float* logp,
+                              double inv_tau, int64_t ignore_index);
+
 // ---- CPU grad_sketch (grad_sketch_cpu.cpp): rows [row_begin, row_end) on the calling thread. ----
 // The vocabulary is walked in tiles; the [rows, tile] x [tile, k] products go through `gemm` (the bindings
 // hand in torch's BLAS), everything elementwise runs here. Element type of E / proj / buffers: float, or
@@ -89,4 +104,15 @@ extern "C" cudaError_t hk_cuda_entropy_logprob_bwd(int dtype, const void* logits
                                                    int64_t V, float inv_tau, int64_t ignore_index, int out_dtype,
                                                    void* out, hk::RowLayout out_layout, int threads,
                                                    int64_t grid, cudaStream_t stream);
+
+// The "vocab" order's two one-thread-per-row kernels (the CPU entries above, same arguments, rows [0, n)).
+extern "C" cudaError_t hk_cuda_slice_labels(int dtype, const void* z, hk::RowLayout layout, const int64_t* labels,
+                                            int64_t n, int64_t v0, int64_t vc, float inv_tau, int64_t ignore_index,
+                                            int64_t* cols, double* x, cudaStream_t stream);
+
+extern "C" cudaError_t hk_cuda_slice_label_fix(int dtype, void* dz, hk::RowLayout layout, const int64_t* labels,
+                                               int64_t n, int64_t v0, int64_t vc, const double* x,
+                                               const double* lse, const float* H, const float* grad_logp,
+                                               const float* grad_H, const float* logp, double inv_tau,
+                                               int64_t ignore_index, cudaStream_t stream);
 #endif

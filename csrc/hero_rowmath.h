@@ -315,4 +315,46 @@ HK_HD A grad_label(A lq_y, A q, A H, A g, A k, A inv_tau) {
   return inv_tau * (g * one_minus_p - k * ent);
 }
 
+// ----------------------------------------------------------------------------------------------
+// "vocab" loop order (hero_kernels/backends/cpp_launch.py:linear_vocab_backward): the row backward runs on a
+// slice [v0, v0 + vc) of the vocabulary, each row's label moved into the slice; then the one column per row
+// that stood in for the label is rewritten (slice_fix): the row kernel's label term would sum p over the slice
+// only, and a column that is not the label must get the ordinary formula.
+// ----------------------------------------------------------------------------------------------
+HK_HD bool in_slice(int64_t y, int64_t v0, int64_t vc) { return y >= v0 && y < v0 + vc; }
+
+// The slice-local label handed to the row kernel: -1 on masked rows (the row kernel runs with ignore_index -1:
+// the user's may be a vocabulary id inside [0, vc), e.g. a pad id, where it would zero real rows), y - v0 when
+// the label is in the slice, else 0 (an ordinary column that slice_fix rewrites).
+HK_HD int64_t slice_col(int64_t y, int64_t v0, int64_t vc, int64_t ignore_index) {
+  return y == ignore_index ? -1 : (in_slice(y, v0, vc) ? y - v0 : 0);
+}
+
+// A product rounded on its own: the CUDA build contracts a * b + c into an FMA unless told not to, and the
+// slice fix must round as the torch ops it replaced (each op rounds; the CPU build passes -ffp-contract=off).
+HK_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// dz of a (non-masked) row's slice column, in fp64. x: that column's z / tau rounded as the row kernel rounds
+// it, read BEFORE the row kernel overwrites the slice in place. inside: the column is the row's label:
+// (1/tau) [g (1 - p_y) - k p_y (log p_y + H)] with log p_y = the forward's logp when has_logp (accurate as
+// p_y -> 1: the row's other columns are not all in the slice) and 1 - p_y = -expm1(log p_y); else an ordinary
+// column -(1/tau) p (g + k (log p + H)), p = 0 giving 0 as in the row kernel.
+HK_HD double slice_fix(double x, double lse, float H, float g, float k, bool has_logp, float logp, bool inside,
+                       double inv_tau) {
+  const double lq = x - lse;
+  const double lp = inside && has_logp ? static_cast<double>(logp) : lq;
+  const double p = exp(lp);
+  const double ent = p > 0.0 ? mul_rn(p, lp + static_cast<double>(H)) : 0.0;
+  const double k_ent = mul_rn(static_cast<double>(k), ent);
+  const double d = inside ? mul_rn(static_cast<double>(g), -expm1(lp)) - k_ent
+                          : -(mul_rn(static_cast<double>(g), p) + k_ent);
+  return inv_tau * d;
+}
+
 }  // namespace hk

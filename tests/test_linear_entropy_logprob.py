@@ -1304,6 +1304,152 @@ def test_cuda_launcher_vocab_order_ignore_index_inside_the_slice(compacted, monk
     assert (got[0][3] == 0).all()
 
 
+# ----------------------------------------------------------------------------------------------
+# "vocab" order: the slice label column (ops.entropy_logprob_slice_labels / _slice_label_fix) against the
+# ~20 torch ops it replaced, kept here as the reference
+# ----------------------------------------------------------------------------------------------
+def _old_label_column(x, inside, lse, H, g, k, logp, inv_tau):
+    """The torch formula the slice ops replaced (fp64 [n]): the label column (1/tau) [g (1 - p_y) - k p_y (log
+    p_y + H)] with log p_y = the forward's logp when given, else an ordinary column -(1/tau) p (g + k (log p + H))."""
+    lq = x.double() - lse
+    lp = torch.where(inside, logp.double(), lq) if logp is not None else lq
+    p = torch.exp(lp)
+    ent = torch.where(p > 0, p * (lp + H.double()), torch.zeros_like(p))
+    lab = g.double() * -torch.expm1(lp) - k.double() * ent
+    other = -(g.double() * p + k.double() * ent)
+    return inv_tau * torch.where(inside, lab, other)
+
+
+class _TorchSliceOps:
+    """An ops handle whose two slice ops are the old torch sequence (gather / where / index_copy_ around
+    ``_old_label_column``); every other op is the real one. x of fp64 logits stays fp64 (the old gather went
+    through fp32 there; the C++ op keeps the row kernel's fp64 x)."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    @staticmethod
+    def _col(z, y, v0):
+        inside = (y >= v0) & (y < v0 + z.shape[1])
+        return inside, torch.where(inside, y - v0, torch.zeros_like(y))
+
+    def entropy_logprob_slice_labels(self, z, y, v0, inv, ig, cols, x):
+        _, col = self._col(z, y, v0)
+        xs = z.gather(1, col[:, None]).squeeze(1)
+        xs = xs * inv if z.dtype == torch.float64 else xs.float() * torch.tensor(inv, dtype=torch.float32)
+        x.copy_(xs.masked_fill(y == ig, 0.0))
+        cols.copy_(col.masked_fill(y == ig, -1))
+
+    def entropy_logprob_slice_label_fix(self, dz, y, v0, x, lse, H, g, k, logp, inv, ig):
+        inside, col = self._col(dz, y, v0)
+        fix = _old_label_column(x, inside, lse, H, g, k, logp, inv).masked_fill(y == ig, 0.0)
+        dz.view(-1).index_copy_(0, torch.arange(dz.shape[0], device=dz.device) * dz.shape[1] + col, fix.to(dz.dtype))
+
+
+_SLICE_DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA")])]
+
+
+def _slice_ops(dev):
+    from hero_kernels import _cpp_build
+
+    if dev == "cpu" and not _cpp_build.cpu_available():
+        pytest.skip("CPU extension not built")
+    return _cpp_build.require_cpu() if dev == "cpu" else _cpp_build.require_cuda()
+
+
+def _slice_labels(N, V, v0, vc, ig, gen):
+    """Labels hitting a slice [v0, v0 + vc): its first and last column, the columns just outside, masked rows,
+    and (ig inside [0, vc)) a real label whose slice-local column is ig."""
+    y = torch.randint(0, V, (N,), generator=gen)
+    inner = v0 + ig if 0 <= ig < vc else v0 + 1
+    y[:7] = torch.tensor([v0, v0 + vc - 1, max(v0 - 1, 0), min(v0 + vc, V - 1), ig, ig, inner])
+    return y
+
+
+@pytest.mark.parametrize("dev", _SLICE_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("ig", [IGNORE, 3])
+@pytest.mark.parametrize("logp_given", [True, False])
+def test_slice_label_ops_match_the_torch_formula(dev, dtype, ig, logp_given):
+    """One slice [v0, v0 + 37) of V=203 through slice_labels -> row backward -> slice_label_fix, against the
+    old torch sequence: bit-identical dz (and slice labels). Labels at the slice's edges and just outside,
+    masked rows, a user ignore_index inside [0, vc), p_y -> 1 (a huge label logit), tau != 1, stride-0
+    upstream grads; the ops on a row-strided view of the slice give the same bits."""
+    if dev == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda backend takes 16/32-bit logits")
+    ops = _slice_ops(dev)
+    gen = torch.Generator().manual_seed(5)
+    N, V, v0, vc, inv = 41, 203, 64, 37, 1 / 0.7
+    y = _slice_labels(N, V, v0, vc, ig, gen)
+    zf = (3 * torch.randn(N, V, generator=gen)).to(dtype)
+    zf[0, v0] = zf[1, v0 + vc - 1] = 60.0  # p_y -> 1 at both slice edges
+    zf[7, y[7]] = 60.0 if y[7] != ig else 0.0  # and somewhere else
+    zf, y = zf.to(dev), y.to(dev)
+    logp, H, lse = ops.entropy_logprob_fwd(zf, y, inv, ig)
+    g = torch.randn(N, generator=gen).to(dev)
+    k = torch.tensor(0.7, device=dev).expand(N)  # stride 0, as an upstream grad of a sum may be
+    lp = logp if logp_given else None
+
+    def run(handle, z):
+        cols, x = torch.empty(N, dtype=torch.int64, device=dev), torch.empty(N, dtype=torch.float64, device=dev)
+        handle.entropy_logprob_slice_labels(z, y, v0, inv, ig, cols, x)
+        handle.entropy_logprob_bwd(z, cols, lse, H, g, k, inv, -1, z)
+        handle.entropy_logprob_slice_label_fix(z, y, v0, x, lse, H, g, k, lp, inv, ig)
+        return z, cols
+
+    want, want_cols = run(_TorchSliceOps(ops), zf[:, v0:v0 + vc].contiguous())
+    got, got_cols = run(ops, zf[:, v0:v0 + vc].contiguous())
+    assert torch.equal(got_cols, want_cols) and torch.equal(got, want)
+    # p_y -> 1: 1 - p_y ~ e^-72 is a nonzero label gradient (below fp16's range)
+    assert got[0].float().abs().max() < 1e-3 and (got[0, 0] != 0 or dtype == torch.float16)
+    strided = torch.zeros(N, vc + 9, dtype=dtype, device=dev)[:, 4:4 + vc]
+    assert torch.equal(run(ops, strided.copy_(zf[:, v0:v0 + vc]))[0], want)
+
+
+@pytest.mark.parametrize("dev", _SLICE_DEVICES)
+@pytest.mark.parametrize("dtype,bias,logp_given,compacted,ig", [
+    (torch.float32, True, True, True, IGNORE),
+    (torch.bfloat16, True, False, False, IGNORE),
+    (torch.bfloat16, False, True, True, 5),
+    (torch.float16, True, True, False, 5),
+])
+def test_vocab_backward_matches_the_torch_label_fix(dev, dtype, bias, logp_given, compacted, ig):
+    """``cpp_launch.linear_vocab_backward`` (the CUDA backend's "vocab" order) with the C++ slice ops against
+    the same loop with the old torch label fix: bit-identical grad_hidden / grad_weight / grad_bias. V=301 in
+    slices of 64 (a tail of 45), labels on the slice edges, masked rows compacted or computed, an ignore_index
+    inside a slice, tau != 1, bias, non-contiguous hidden."""
+    from hero_kernels.backends import compact_rows
+    from hero_kernels.backends.cpp_launch import linear_rows_forward, linear_vocab_backward
+
+    ops = _slice_ops(dev)
+    gen = torch.Generator().manual_seed(11)
+    N, D, V, cols = 29, 40, 301, 64
+    y = _slice_labels(N, V, 128, cols, ig, gen)
+    y[7:10] = torch.tensor([256, 300, 63])  # the tail's edges, the last column of a slice
+    h = torch.randn(N, D + 8, generator=gen)[:, 3:3 + D]  # non-contiguous rows
+    W = torch.randn(V, D, generator=gen) / math.sqrt(D) * 3.0
+    h[0] = W[y[0]] * 4.0  # p_y -> 1
+    b = torch.randn(V, generator=gen) if bias else None
+    g, k = torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    to = lambda t: None if t is None else t.to(dtype).to(dev)  # noqa: E731
+    h, W, b, y, g, k = to(h), to(W), to(b), y.to(dev), g.to(dev), k.to(dev)
+    h = torch.empty(N, D + 8, dtype=dtype, device=dev)[:, 3:3 + D].copy_(h)  # still non-contiguous on dev
+    opts = RowOptions(temperature=0.7, ignore_index=ig)
+    rows = compact_rows(y, ig) if compacted else None
+    logp, H, lse = linear_rows_forward(ops, h, W, b, y, opts, 8, rows=rows)
+    saved, grads = RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k)
+    run = lambda handle: linear_vocab_backward(handle, h, W, b, y, saved, grads, opts, cols, need_dh=True,  # noqa
+                                               need_dw=True, threads=lambda vc: 0, rows=rows)
+    got, want = run(ops), run(_TorchSliceOps(ops))
+    for a, w in zip(got, want):
+        assert (a is None) == (w is None) and (a is None or torch.equal(a, w))
+    assert (got[0][y == ig] == 0).all() and got[0].abs().max() > 0
+
+
 @pytest.mark.parametrize("order", ["vocab", "rows"])
 def test_cuda_launcher_peak_memory_matches_the_model(order, monkeypatch):
     """The CUDA launcher's orchestration (CPU row kernels in place, GEMM helpers faked as in ``_fake_dz``)

@@ -122,41 +122,27 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
             None if db is None else db.to(bias.dtype))
 
 
-def _slice_label_column(x: Tensor, inside: Tensor, lse: Tensor, H: Tensor, g: Tensor, k: Tensor,
-                        logp: Optional[Tensor], inv_tau: float) -> Tensor:
-    """dz at the one column per row that ``linear_vocab_backward`` hands the row kernel as the label (fp64 [n]).
-    x: fp32 [n], that column's x = z / tau (rounded as the kernel rounds it). inside: the row's label is that
-    column: (1/tau) [g (1 - p_y) - k p_y (log p_y + H)], with log p_y = the forward's logp when given (accurate
-    as p_y -> 1, the row kernel's own label term needs the whole row); else a column like any other:
-    -(1/tau) p (g + k (log p + H)), p = 0 giving 0 as in the row kernel."""
-    lq = x.double() - lse
-    lp = torch.where(inside, logp.double(), lq) if logp is not None else lq
-    p = torch.exp(lp)
-    ent = torch.where(p > 0, p * (lp + H.double()), torch.zeros_like(p))
-    lab = g.double() * -torch.expm1(lp) - k.double() * ent
-    other = -(g.double() * p + k.double() * ent)
-    return inv_tau * torch.where(inside, lab, other)
-
-
 def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                           saved: RowStats, grads: UpstreamGrads, opts: RowOptions, cols: int, *, need_dh: bool,
                           need_dw: bool, threads, rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The "vocab" loop order (``hero_kernels.backends.gemm``) through the whole-row kernels: per slice of
     ``cols`` vocab rows, logits [n, vc] = h @ W[slice].T (one GEMM over all n valid rows), dz in place by
     ``ops.entropy_logprob_bwd`` on the slice with each row's label moved into it (its label column when
-    the label is in the slice, else column 0), that one column per row then rewritten by
-    ``_slice_label_column`` from saved.logp (the kernel's label term would sum p over the slice only;
-    saved.logp None: the old 1 - e^{x_y - lse}); then dW[slice] =
-    dz^T h, ONE GEMM written once in weight.dtype, and dh += dz W[slice] into fp32 [n, D] (one slice:
-    written once). No fp32 [V, D]. threads(vc): the row kernel's threads for a slice width (0 on CPU)."""
+    the label is in the slice, else column 0; ``ops.entropy_logprob_slice_labels``, which also saves that
+    column's logit before dz overwrites it), that one column per row then rewritten by
+    ``ops.entropy_logprob_slice_label_fix`` from saved.logp (the kernel's label term would sum p over the
+    slice only; saved.logp None: the old 1 - e^{x_y - lse}): one launch on each side of the row kernel.
+    Then dW[slice] = dz^T h, ONE GEMM written once in weight.dtype, and dh += dz W[slice] into fp32 [n, D]
+    (one slice: written once). No fp32 [V, D]. threads(vc): the row kernel's threads for a slice width (0 on
+    CPU)."""
     V, D = weight.shape
     # contiguous per-row vectors, as index_select's copies (upstream grads may be stride-0 expands)
     take = (lambda t: t.contiguous()) if rows is None else (lambda t: t.index_select(0, rows))
     h, y = (hidden if rows is None else take(hidden)), take(labels)
     lse_, H_, g, k = take(saved.lse).to(torch.float64), take(saved.H), take(grads.g), take(grads.k)
     lp = None if saved.logp is None else take(saved.logp)
-    n, dev, inv = h.shape[0], hidden.device, float(opts.inv_temperature)
-    masked = y == opts.ignore_index
+    n, dev, inv, ig = h.shape[0], hidden.device, float(opts.inv_temperature), opts.ignore_index
+    cols_y, x_y = torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float64, device=dev)
     buf = torch.empty(n * min(cols, V), dtype=h.dtype, device=dev)
     acc_dtype = hidden.dtype if cols >= V else torch.float32
     acc = torch.empty((n, D), dtype=acc_dtype, device=dev) if need_dh else None
@@ -166,14 +152,11 @@ def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Te
         vc = min(cols, V - v0)
         z, w_s = buf[:n * vc].view(n, vc), weight[v0:v0 + vc]
         torch.addmm(bias[v0:v0 + vc], h, w_s.t(), out=z) if bias is not None else torch.mm(h, w_s.t(), out=z)
-        inside, at_row = (y >= v0) & (y < v0 + vc), torch.arange(n, device=dev) * vc
-        col = torch.where(inside, y - v0, torch.zeros_like(y))
-        x = z.gather(1, col[:, None]).squeeze(1).float() * torch.tensor(inv, dtype=torch.float32)
-        # The kernel sees slice-local labels in [0, vc) and -1 (its ignore_index here) on masked rows: the
+        # The row kernel sees slice-local labels in [0, vc) and -1 (its ignore_index here) on masked rows: the
         # user's ignore_index may itself lie in [0, vc) (e.g. a pad id), where it would zero real rows.
-        ops.entropy_logprob_bwd(z, col.masked_fill(masked, -1), lse_, H_, g, k, inv, -1, z, threads(vc))
-        fix = _slice_label_column(x, inside, lse_, H_, g, k, lp, inv).masked_fill(masked, 0.0)
-        z.view(-1).index_copy_(0, at_row + col, fix.to(z.dtype))  # (scatter_ allocates [n, vc] fp32 on CPU)
+        ops.entropy_logprob_slice_labels(z, y, v0, inv, ig, cols_y, x_y)
+        ops.entropy_logprob_bwd(z, cols_y, lse_, H_, g, k, inv, -1, z, threads(vc))
+        ops.entropy_logprob_slice_label_fix(z, y, v0, x_y, lse_, H_, g, k, lp, inv, ig)
         gemm.slice_grads(z, h, w_s, acc, None if dW is None else dW[v0:v0 + vc],
                          None if db is None else db[v0:v0 + vc], first=v0 == 0)
     del buf, z  # before the cast (the memory model's final phase)
