@@ -9,10 +9,11 @@ backward(hidden, weight, bias, labels, saved: RowStats, grads: UpstreamGrads, op
 plan(N, D, V, dtype, *, pass_, has_bias, need_dh, need_dw, deterministic) -> list[KernelLaunch]: what the
     launchers run (chunk size included), for them and for ``benchmarks/roofline.py``, with the memory model
     (``live_bytes``). The backward's loop order comes from ``gemm.backward_order``: "vocab" slices where
-    n < V (``cpp_launch.linear_vocab_backward``: the row kernel on each [n, Vc] slice, the one label
-    column per row rewritten from the forward's logp, dW slices written once, no fp32 [V, D]: 0.42 GB =
-    2.0 % of eager's lower bound at N=16384, D=4096, V=128256 bf16, ~1.6 % slower in the model from the
-    per-slice label fix), else "rows" (below; 2.51 GB = 12 % there).
+    n < V (``cpp_launch.linear_vocab_backward``: the row kernel on each [n, Vc] slice between two
+    one-thread-per-row launches that move the label into the slice and rewrite that column from the
+    forward's logp, dW slices written once, no fp32 [V, D]: 0.42 GB = 2.0 % of eager's lower bound at
+    N=16384, D=4096, V=128256 bf16, and 0.4 % faster than "rows" in the model there, fwd+bwd on an H100),
+    else "rows" (below; 2.51 GB = 12 % there).
 
 Per chunk the backward recomputes the logits (GEMM 1), turns them into dlogits IN PLACE with the row kernel,
 then dh = dz @ W (GEMM 2) and dW += dz^T h (GEMM 3: cuBLAS with the fp32 grad_weight as its C operand,
@@ -119,22 +120,32 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                                             need_dw=need_dw, memory=memory)
 
 
-#: Small torch ops per vocab slice that rewrite the one label column per row (``cpp_launch``'s
-#: ``_slice_label_column`` and the gather / scatter around it): launch-bound, modeled as this many launches.
-SLICE_FIX_OPS = 20
+#: Threads per block of the "vocab" order's one-thread-per-row kernels (csrc/entropy_logprob_cuda.cu kSliceThreads).
+SLICE_THREADS = 256
+#: HBM bytes per row of slice_labels_kernel: label 8, one 32-byte sector of the logits slice (its rows are far
+#: apart: one sector per row), the slice label and x written 8 + 8.
+SLICE_LABELS_ROW_BYTES = 56
+#: ... and of slice_label_fix_kernel: label, x, lse 8 each, H, g, k, logp 4 each, and the dz sector read and
+#: written back (a partial-sector write) 2 x 32.
+SLICE_FIX_ROW_BYTES = 104
 
 
 def _vocab_dz(dtype, D: int, e: int, note: str):
-    """dz_launches of the "vocab" order: per slice, the logits GEMM over all n rows, the row kernel in place
-    on the [n, vc] slice (the row op's own plan at width vc), the label-column rewrite."""
+    """dz_launches of the "vocab" order: per slice, the logits GEMM over all n rows, the slice labels (and the
+    label column's logit, saved before dz overwrites it), the row kernel in place on the [n, vc] slice (the row
+    op's own plan at width vc), the label-column rewrite."""
     def dz(n: int, vc: int, reps: int) -> List[KernelLaunch]:
         (k,) = _rows.plan(n, vc, dtype, pass_="bwd", inplace_backward=True)
         meta = {"chunk_rows": n, "vocab_cols": vc, "order": "vocab"}
+        grid = (-(-n // SLICE_THREADS),)
+        row_note = "one thread per row; [n] vectors and one logits sector per row"
         return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * n * D * vc, n * D * e + vc * D * e + n * vc * e,
                              note, meta=meta, external=True, repeats=reps),
+                KernelLaunch("slice_labels_kernel", grid, "stream", 0.0, SLICE_LABELS_ROW_BYTES * n, row_note,
+                             num_warps=SLICE_THREADS // 32, meta=meta, repeats=reps),
                 dataclasses.replace(k, l2_note=note, meta=dict(k.meta, **meta), repeats=reps),
-                KernelLaunch("slice_label_fix", (), "stream", 0.0, 8.0 * n, "[n] vectors: gather, per-row math, "
-                             "scatter of one column per row", meta=meta, external=True, repeats=reps * SLICE_FIX_OPS)]
+                KernelLaunch("slice_label_fix_kernel", grid, "stream", 0.0, SLICE_FIX_ROW_BYTES * n, row_note,
+                             num_warps=SLICE_THREADS // 32, meta=meta, repeats=reps)]
     return dz
 
 
