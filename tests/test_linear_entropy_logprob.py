@@ -1410,6 +1410,18 @@ def test_slice_label_ops_match_the_torch_formula(dev, dtype, ig, logp_given):
     assert torch.equal(run(ops, strided.copy_(zf[:, v0:v0 + vc]))[0], want)
 
 
+def test_slice_label_ops_name_the_bad_argument():
+    ops = _slice_ops("cpu")
+    z, y = torch.zeros(4, 7), torch.zeros(4, dtype=torch.int64)
+    f32, f64 = torch.zeros(4), torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="slice_labels: x must be a contiguous Double"):
+        ops.entropy_logprob_slice_labels(z, y, 0, 1.0, -100, y.clone(), f32)
+    with pytest.raises(RuntimeError, match="slice_labels: cols must be a contiguous Long"):
+        ops.entropy_logprob_slice_labels(z, y, 0, 1.0, -100, torch.zeros(3, dtype=torch.int64), f64)
+    with pytest.raises(RuntimeError, match="slice_label_fix: logp must be float32"):
+        ops.entropy_logprob_slice_label_fix(z, y, 0, f64, f64, f32, f32, f32, f64, 1.0, -100)
+
+
 @pytest.mark.parametrize("dev", _SLICE_DEVICES)
 @pytest.mark.parametrize("dtype,bias,logp_given,compacted,ig", [
     (torch.float32, True, True, True, IGNORE),
