@@ -127,7 +127,10 @@ def _check_linear(impl: str, c: dict, dev) -> dict:
     return _verdict(f"linear_entropy_logprob/{impl} {c['name']}", ours, base, ref)
 
 
-def run_checks(device: str, impls: Sequence[str], full: bool, log: Callable[[str], None] = print) -> List[dict]:
+def run_checks(device: str, impls: Sequence[str], full: bool, log: Callable[[str], None] = print,
+               json_path: Optional[str] = None) -> List[dict]:
+    """Every check of ``impls``; ``json_path``: the rows so far are written there after every check, so a run
+    cut short by the suite's stage timeout (first Triton / nvcc builds on the device) keeps what it checked."""
     dev = torch.device(device)
     torch.manual_seed(0)
     rows = []
@@ -143,6 +146,8 @@ def run_checks(device: str, impls: Sequence[str], full: bool, log: Callable[[str
                 r["seconds"] = time.perf_counter() - t0
                 rows.append(r)
                 errs = ", ".join(f"{k} {v['ours']:.2e}/{v['tol']:.2e}" for k, v in r.get("errors", {}).items())
+                if json_path:
+                    C.write_json(json_path, rows)
                 log(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']} ({r['seconds']:.1f} s) "
                     f"{errs or r.get('error', '')}")
     return rows
@@ -156,9 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--small", action="store_true", help="V=1999 instead of 151936 in the first cases")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    rows = run_checks(a.device, [x for x in a.impls.split(",") if x], full=not a.small)
+    rows = run_checks(a.device, [x for x in a.impls.split(",") if x], full=not a.small, json_path=a.json)
     if a.json:
-        C.write_json(a.json, rows)
+        C.write_json(a.json, rows)  # also when no check ran
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)}/{len(rows)} device checks passed")
     return 1 if bad else 0
