@@ -260,6 +260,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
     # extension, and the ceilings included); writing the files comes after it.
     end_all = t_start + budget
     result["phase_s"] = {"setup": time.perf_counter() - t_start}
+    paths = _out_paths(dev, size, out_dir, stem) if write else None
 
     for n_op, op in enumerate(ops):
         # Each op gets an equal share of what is left of the budget (an op that finishes early leaves the
@@ -270,6 +271,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
         # warm-up is the slowest thing here and must not eat the op's budget before the others ran)
         op_impls.sort(key=lambda i: 0 if i.name == "eager" else (2 if i.name == "compile" else 1))
         entry: Dict[str, Any] = {"impls": {}, "cases": [], "ratios": []}
+        result["ops"][op] = entry
         for impl in op_impls:
             reason = avail[(op, impl.name)]
             entry["impls"][impl.name] = {"kind": impl.kind, "status": "ok" if reason is None else "skipped",
@@ -349,7 +351,8 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
                 torch.cuda.empty_cache()
             entry["ratios"].extend(_ratios(op, case.label, case_entry["results"], kinds, dev))
             entry["cases"].append(case_entry)
-        result["ops"][op] = entry
+            if paths:  # after every case: a run killed past its budget (the GPU suite's stage timeout) keeps them
+                C.write_json(paths["json"], dict(result, partial=True, wall_s=time.perf_counter() - t_start))
     if bar is not None:
         bar.close()
     result["phase_s"]["measure"] = time.perf_counter() - t_start - result["phase_s"]["setup"]
@@ -373,12 +376,7 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
     result["summary"] = summary
     result["wall_s"] = time.perf_counter() - t_start
 
-    if write:
-        d0, s0 = C.default_out(dev, size)
-        out_dir = out_dir or d0
-        stem = stem or s0
-        os.makedirs(out_dir, exist_ok=True)
-        paths = {k: os.path.join(out_dir, f"{stem}.{k}") for k in ("json", "md", "png")}
+    if paths:
         try:
             C.plot_results(result, paths["png"])
         except Exception as e:  # noqa: BLE001 - a plotting failure must not lose the numbers
@@ -389,6 +387,13 @@ def _run(t_start, dev, size, dt, ops, chosen, out_dir, stem, budget_s, progress,
         C.write_json(paths["json"], result)
         C.atomic_write(paths["md"], C.render_markdown(result))
     return result
+
+
+def _out_paths(dev: torch.device, size: str, out_dir: Optional[str], stem: Optional[str]) -> Dict[str, str]:
+    """{json, md, png}: the result files (default folder and stem from ``common.default_out``), folder created."""
+    d0, s0 = C.default_out(dev, size)
+    os.makedirs(out_dir or d0, exist_ok=True)
+    return {k: os.path.join(out_dir or d0, f"{stem or s0}.{k}") for k in ("json", "md", "png")}
 
 
 def print_report(result: Dict[str, Any], log: Callable[[str], None] = print) -> None:
