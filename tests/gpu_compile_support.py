@@ -1,4 +1,5 @@
-"""Shared by the tests that compile real sm_80 / sm_90a code (no GPU needed).
+"""Shared by the tests that check GPU code without a GPU: compiles of real sm_80 / sm_90a code, and GPU-sized
+element offsets in the interpreter (``sparse_rows``).
 
 ``triton.compile`` needs real JIT functions, which ``TRITON_INTERPRET=1`` (set by conftest on CPU machines)
 replaces with interpreted ones, so each compile runs in a subprocess without that variable.
@@ -35,3 +36,15 @@ def run_json_script(script: str, *args: str, timeout: float):
                        cwd=REPO, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def sparse_rows(path, rows: int, row_stride: int, cols: int, dtype):
+    """A [rows, cols] view at row stride ``row_stride`` elements into a sparse file mapped shared (zeros): row
+    offsets beyond 2^31 elements, as at GPU shapes (16384 x 151936 logits: 2.49e9), without allocating the
+    memory between the rows (only the pages touched exist). For kernels run in the Triton interpreter."""
+    import torch
+
+    n = (rows - 1) * row_stride + cols
+    with open(path, "wb") as f:
+        f.truncate(n * torch.empty((), dtype=dtype).element_size())
+    return torch.from_file(str(path), shared=True, size=n, dtype=dtype).as_strided((rows, cols), (row_stride, 1))

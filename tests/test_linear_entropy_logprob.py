@@ -28,7 +28,7 @@ from hero_kernels import reference as R  # noqa: E402
 from hero_kernels.backends import RowStats, UpstreamGrads  # noqa: E402
 from hero_kernels.backends.torch import linear_entropy_logprob as TB  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
-from gpu_compile_support import compile_env, require_compiler, run_json_script  # noqa: E402
+from gpu_compile_support import compile_env, require_compiler, run_json_script, sparse_rows  # noqa: E402
 
 try:
     from hero_kernels.backends.triton import linear_entropy_logprob as K
@@ -1487,3 +1487,24 @@ def test_cuda_launcher_peak_memory_matches_the_model(order, monkeypatch):
     returned = sum(x.numel() * x.element_size() for x in out if x is not None)
     assert peak <= peak_extra_bytes(launches) + returned + 4096, (peak, peak_extra_bytes(launches), returned)
     assert ((V, D) in fp32) == (order == "rows") and (peak >= 4 * V * D) == (order == "rows")
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only: the rows live in a host memory map")
+def test_fused_head_offsets_beyond_int32(tmp_path):
+    """hidden and weight rows at element offsets beyond 2^31 (row index and row stride both int32: a 32-bit
+    product wraps) feed the forward partials and the backward's dz kernel the right rows: both widen row
+    indices to int64 before the stride."""
+    gen = torch.Generator().manual_seed(0)
+    N, D, V = 3, 32, 40
+    h = sparse_rows(tmp_path / "h.bin", N, 2**30 + 64, D, torch.float32)  # row 2 at 2^31 + 128
+    W = sparse_rows(tmp_path / "w.bin", V, 2**26, D, torch.float32)  # rows 32.. beyond 2^31
+    h.copy_(torch.randn(N, D, generator=gen))
+    W.copy_(torch.randn(V, D, generator=gen) / math.sqrt(D) * 3)
+    y, g, k = torch.tensor([3, V - 1, 35]), torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    opts = RowOptions(temperature=1.0)
+    stats = K.forward(h, W, None, y, opts)
+    dh, dW, _ = K.backward(h, W, None, y, stats, UpstreamGrads(g, k), opts)
+    (r_logp, r_H, _), (r_dh, r_dW, _) = _reference(h.clone(), W.clone(), None, y, g, k, 1.0)
+    for got, ref in ((stats.logp, r_logp), (stats.H, r_H), (dh, r_dh), (dW, r_dW)):
+        assert _err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item())

@@ -23,7 +23,7 @@ from hero_kernels import reference as R  # noqa: E402
 from hero_kernels.backends import RowStats, UpstreamGrads  # noqa: E402
 from hero_kernels.backends.triton import entropy_logprob as K  # noqa: E402
 from hero_kernels.options import RowOptions  # noqa: E402
-from gpu_compile_support import require_compiler, run_json_script  # noqa: E402
+from gpu_compile_support import require_compiler, run_json_script, sparse_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,3 +389,25 @@ def test_plan_is_what_runs_and_meets_the_hbm_model():
         K.plan(N, V, torch.bfloat16, pass_="both")
     with pytest.raises(TypeError, match="dtype"):
         K.plan(N, V, torch.float64)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only: the rows live in a host memory map")
+def test_row_offsets_beyond_int32(tmp_path):
+    """Rows whose element offset row * stride exceeds 2^31 (both factors int32: a 32-bit product wraps) read and
+    write the right memory, forward and in-place backward: the kernels form row offsets in int64. The row
+    stride fits int32, so only the kernels' own widening keeps the offset right (as for 16384 x 151936 logits,
+    2.49e9 elements, on a GPU)."""
+    gen = torch.Generator().manual_seed(0)
+    V, stride = 300, 2**30 + 64  # row 2 starts at 2^31 + 128 elements
+    x = sparse_rows(tmp_path / "x.bin", 3, stride, V, torch.float32)
+    x.copy_(torch.randn(3, V, generator=gen) * 3)
+    ref_x = x.clone()
+    y = torch.tensor([5, V - 1, 17])
+    g, k = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+    opts = RowOptions(temperature=1.0)
+    logp, H, lse = K.forward(x, y, opts)
+    r_logp, r_H, _ = R.entropy_logprob(ref_x, y, 1.0)
+    torch.testing.assert_close(logp.double(), r_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(H.double(), r_H, rtol=0, atol=1e-5)
+    K.backward(x, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=x)  # in place: row stride too
+    torch.testing.assert_close(x.double(), R.entropy_logprob_backward(ref_x, y, g, k, 1.0), rtol=0, atol=1e-6)
