@@ -543,6 +543,28 @@ def test_kernel_timings_time_op_runs_on_cpu_with_cuda_faked(monkeypatch, op):
     assert r["fwd"]["kernels"] == [] and r["bwd"]["kernels"] == [] and "peak_extra_bytes" in r
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton interpreter on CPU tensors")
+def test_kernel_timings_triton_rows_matched_to_the_plan_and_rendered(monkeypatch):
+    """time_op with impl triton (interpreter) and a fake profiler's kernel names: every plan kernel is matched
+    to its measured kernel, modeled beside it, and the suite's markdown renders the result."""
+    from benchmarks import kernel_timings as KT
+
+    for name, fn in (("synchronize", lambda *a, **k: None), ("reset_peak_memory_stats", lambda *a, **k: None),
+                     ("memory_allocated", lambda *a, **k: 0), ("max_memory_allocated", lambda *a, **k: 0)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    prof = [[{"name": "_entropy_logprob_fwd_kernel", "ms": 0.5, "count": 1}],
+            [{"name": "_entropy_logprob_bwd_kernel", "ms": 1.0, "count": 1}]]
+    monkeypatch.setattr(KT, "profile_kernels", lambda fn, setup=None: prof.pop(0))
+    r = KT.time_op("entropy_logprob", "triton", 16, 0, 4096, torch.float32, 2, "h200", device="cpu")
+    rows = {k["name"]: k for k in r["by_plan_kernel"]}
+    assert set(rows) == {"_entropy_logprob_fwd_kernel", "_entropy_logprob_bwd_kernel"}, rows
+    assert rows["_entropy_logprob_bwd_kernel"]["ms"] == 1.0 and rows["_entropy_logprob_bwd_kernel"]["modeled_ms"] > 0
+    md = C.render_kernel_timings({"gemms": [], "ops": [r, {"op": "x", "impl": "cuda", "error": "RuntimeError: y"}]})
+    assert "_entropy_logprob_bwd_kernel" in md and "error: RuntimeError: y" in md
+
+
 def test_roofline_models_the_hero_loss_training_path():
     """linear_hero_loss rows: the 3-GEMM plan (Triton or CUDA row kernels) against 6 N D V, its ratio to the
     fused head's 8 N D V floor beside it, closed and open responses in the headline rows, fwd+bwd only;
