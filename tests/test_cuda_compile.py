@@ -78,19 +78,11 @@ def test_cu_compiles_without_spills(resource_table, cc):
             assert r.registers <= 64, f"{cu.name} {r.arch} {_demangle(r.kernel)}: {r.registers} registers > 64"
 
 
-# csrc/hero_rowmath.h calls std::memcpy in host code (its bit casts outside __CUDA_ARCH__) but includes <cstring>
-# only when not compiled by nvcc: nvcc's HOST pass (``nvcc -c``, what the extension build runs) then fails, so the
-# CUDA extension never builds on a GPU machine (impl="cuda" unavailable there). Expected to fail until the
-# header includes <cstring> for nvcc too; after that fix the condition is False and the test must pass.
-_HOST_PASS_BROKEN = "#if !defined(__CUDACC__)\n#include <cstring>" in (CSRC / "hero_rowmath.h").read_text()
-
-
-@pytest.mark.xfail(_HOST_PASS_BROKEN, strict=True, reason="csrc/hero_rowmath.h: <cstring> not included under nvcc")
 def test_cu_compiles_like_the_extension_build(tmp_path):
     """``nvcc -c`` (host and device passes, as torch.utils.cpp_extension builds a .cu) of every csrc/*.cu for
     sm_90 with torch's flags. The resource check above builds device code only (``-cubin``), which never
-    compiles the host side: an error there surfaces only on a GPU machine, as a CUDA build that falls back to
-    the CPU-only extension."""
+    compiles the host side: an error there (hero_rowmath.h's std::memcpy without <cstring> under nvcc 13)
+    surfaces only on a GPU machine, as a CUDA build that falls back to the CPU-only extension."""
     if nvcc_path() is None:
         pytest.skip("nvcc not found: cannot compile csrc/*.cu")
     for cu in CU_FILES:
