@@ -59,9 +59,11 @@ TRITON_PKG = "hero_kernels.backends.triton"
 def discover_triton() -> Tuple[List[Tuple[str, int, str, Optional[tuple]]], List[dict]]:
     """(jobs, notes): one job (module, index, description, archs) per KERNEL_CONFIGS entry (archs: the
     entry's optional 7th field, the compute capabilities it is built for; None = all); notes for modules
-    without KERNEL_CONFIGS or failing to import. A list re-exported by a second module counts once."""
+    without KERNEL_CONFIGS or failing to import. A list re-exported by a second module counts once. A package
+    without KERNEL_CONFIGS (code split over submodules, e.g. ``linear/``) is no note when every ``*KERNEL_CONFIGS``
+    list of its submodules is built through an entry module; one that is not gets a note."""
     pkg = importlib.import_module(TRITON_PKG)
-    jobs, notes, seen = [], [], set()
+    jobs, notes, seen, packages = [], [], set(), []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         name = f"{TRITON_PKG}.{info.name}"
         try:
@@ -70,6 +72,9 @@ def discover_triton() -> Tuple[List[Tuple[str, int, str, Optional[tuple]]], List
             notes.append({"module": name, "status": "error", "reason": f"import failed: {type(e).__name__}: {e}"})
             continue
         configs = getattr(mod, "KERNEL_CONFIGS", None)
+        if configs is None and info.ispkg:
+            packages.append(mod)
+            continue
         if configs is None or id(configs) in seen:
             why = "no KERNEL_CONFIGS" if configs is None else "KERNEL_CONFIGS of another module (built there)"
             notes.append({"module": name, "status": "skipped", "reason": why})
@@ -78,7 +83,27 @@ def discover_triton() -> Tuple[List[Tuple[str, int, str, Optional[tuple]]], List
         for i, entry in enumerate(configs):
             jobs.append((name, i, str(entry[5]) if len(entry) > 5 else f"{name}[{i}]",
                          tuple(entry[6]) if len(entry) > 6 else None))
+    for mod in packages:  # after every entry module: only lists no entry module exposes are notes
+        notes += _unexposed_configs(mod, seen)
     return jobs, notes
+
+
+def _unexposed_configs(package, seen: set) -> List[dict]:
+    """Notes for the ``*KERNEL_CONFIGS`` lists of ``package``'s submodules that no entry module exposes (their
+    ids are not in ``seen``): kernels the report would otherwise silently leave out."""
+    out = []
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        try:
+            sub = importlib.import_module(info.name)
+        except Exception as e:  # noqa: BLE001
+            out.append({"module": info.name, "status": "error", "reason": f"import failed: {type(e).__name__}: {e}"})
+            continue
+        for attr, val in vars(sub).items():
+            if attr.endswith("KERNEL_CONFIGS") and isinstance(val, list) and id(val) not in seen:
+                seen.add(id(val))
+                out.append({"module": f"{info.name}.{attr}", "status": "skipped",
+                            "reason": f"no module of {TRITON_PKG} exposes it as KERNEL_CONFIGS (not built)"})
+    return out
 
 
 def _specializable_ints(fn, signature: Dict[str, str]) -> List[str]:
