@@ -521,8 +521,10 @@ def issue_table_key(r: dict) -> str:
 
 
 def render_issue_table(rep: Dict[str, Any]) -> str:
-    """hero_kernels/backends/sass_counts.py: SASS instructions per element of every sm_90a streaming build
-    (no tensor-core instructions) with a hot loop, for the roofline's instruction-issue term."""
+    """hero_kernels/backends/sass_counts.py: per sm_90a streaming build (no tensor-core instructions) with a hot
+    loop: SASS instructions per element (the roofline's instruction-issue term), and the measured registers,
+    resident CTAs per SM and bytes each thread loads per hot-loop iteration (the launch plans derive the bytes
+    in flight per SM of the latency term from them and their own tile)."""
     import platform
 
     try:
@@ -540,16 +542,18 @@ def render_issue_table(rep: Dict[str, Any]) -> str:
 
         out = subprocess.run([nv, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
         nvv = out[-1] if out else "unknown"
-    rows = sorted((issue_table_key(r), r["hot_loop"]["instr_per_element"]) for r in rep["rows"]
-                  if r["arch"] == "sm_90a" and not r["error"] and not r.get("mma") and r.get("hot_loop")
-                  and r["hot_loop"].get("instr_per_element"))
-    lines = ['"""Measured hot-loop SASS instructions per element of the streaming kernel builds on sm_90a (GENERATED).',
+    builds = sorted(((issue_table_key(r), r) for r in rep["rows"]
+                     if r["arch"] == "sm_90a" and not r["error"] and not r.get("mma") and r.get("hot_loop")
+                     and r["hot_loop"].get("instr_per_element")), key=lambda kr: kr[0])
+    lines = ['"""Measured hot-loop SASS instructions per element of the streaming kernel builds on sm_90a (GENERATED),',
+             "with each build's registers, resident CTAs per SM and bytes loaded per thread per hot-loop iteration.",
              "",
              "Regenerate: ``python -m benchmarks.compile_report --cc 90 --match entropy_logprob_ --issue-table``",
-             "(benchmarks/compile_report.py: the hot loop's SASS instructions x element size / bytes loaded per thread).",
-             "Read by the launch plans (``hero_kernels.backends.plan.sass_per_element``) for the instruction-issue term",
-             'of the roofline model. Keys: "triton:<KERNEL_CONFIGS description>:<aligned|unaligned>",',
-             '"cuda:<demangled kernel>". Do not edit by hand."""',
+             "(benchmarks/compile_report.py: the hot loop's SASS instructions x element size / bytes loaded per thread;",
+             "CTAs per SM from the registers, shared memory and warps against the SM's limits). Read by the launch plans",
+             "(``hero_kernels.backends.plan.sass_per_element`` / ``ctas_per_sm`` / ``load_bytes_per_thread``) for the",
+             "instruction-issue and latency (bytes in flight) terms of the roofline model. Keys:",
+             '"triton:<KERNEL_CONFIGS description>:<aligned|unaligned>", "cuda:<demangled kernel>". Do not edit by hand."""',
              "",
              f"TRITON_VERSION = {tv!r}",
              f"NVCC_VERSION = {nvv!r}",
@@ -557,8 +561,12 @@ def render_issue_table(rep: Dict[str, Any]) -> str:
              'ARCH = "sm_90a"',
              "",
              "SASS_PER_ELEMENT = {"]
-    lines += [f"    {k!r}: {v:.3f}," for k, v in rows]
+    lines += [f"    {k!r}: {r['hot_loop']['instr_per_element']:.3f}," for k, r in builds]
     lines += ["}", ""]
+    for name, get in (("REGISTERS", lambda r: r["registers"]), ("CTAS_PER_SM", lambda r: r["ctas_per_sm"]),
+                      ("LOAD_BYTES_PER_THREAD", lambda r: r["hot_loop"]["load_bytes_per_thread"])):
+        lines += [f"{name} = {{"] + [f"    {k!r}: {int(get(r))}," for k, r in builds if get(r) is not None]
+        lines += ["}", ""]
     return "\n".join(lines)
 
 

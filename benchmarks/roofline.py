@@ -6,9 +6,10 @@ the L2-residency assumption behind them) that its launcher runs for a shape. Thi
 functions (it never copies their numbers) and prices each launch with
 ``hero_kernels.backends.plan.modeled_seconds`` on the H100 SXM and H200 specs in ``GPU_SPECS``: the largest of
 tensor-core time at an achievable share of the peak, our tl.dot tiles' L2 -> SM operand traffic, HBM bytes at
-an achievable share of the bandwidth, and a streaming kernel's measured SASS instructions per element over
-the issue rate (``hero_kernels.backends.plan``'s docstring). Each kernel row names its limiting term
-(``bound``: compute | l2 | hbm | issue) and keeps every term (``terms_s``).
+an achievable share of the bandwidth, a streaming kernel's measured SASS instructions per element over
+the issue rate, and its loaded bytes over the rate its bytes in flight per SM sustain at the
+loaded DRAM latency (Little's law; ``hero_kernels.backends.plan``'s docstring). Each kernel row names its limiting
+term (``bound``: compute | l2 | hbm | issue | latency) and keeps every term (``terms_s``).
 
 Floors (at the DATASHEET peaks; ``ratio`` > 1 shows every efficiency term), ``elt`` = bytes per element of
 the logits / weights dtype:
@@ -300,7 +301,7 @@ def render_markdown(rows: List[Dict[str, Any]]) -> str:
     out = ["# Roofline model of the GPU launch plans", "",
            "modeled = sum over the launcher's plan of max(FLOPs / (peak x tensor-core efficiency), L2 -> SM operand "
            "bytes / L2 bandwidth, HBM bytes / (bandwidth x HBM efficiency), elements x SASS per element / issue "
-           "rate) + launch overhead (constants in hero_kernels.backends.plan.GpuSpec); "
+           "rate, loaded bytes x loaded DRAM latency / (bytes in flight per SM x SMs)) + launch overhead (constants in hero_kernels.backends.plan.GpuSpec); "
            "floor = N*V*elt (fwd) or 3*N*V*elt (fwd+bwd) bytes / bandwidth for the logits op, 2*N*D*V (fwd) or "
            "8*N*D*V (fwd+bwd) FLOPs / 989 TFLOP/s for the fused head, 6*N*D*V for linear_hero_loss (hero_loss's "
            "3-GEMM path; its ratio to the fused head's 8*N*D*V floor in parentheses); extra mem = the plan's memory model (bytes "

@@ -379,7 +379,7 @@ def test_plan_is_what_runs_and_meets_the_hbm_model():
     floor_bytes = 3 * N * V * 2
     assert fwd.hbm_bytes + bwd.hbm_bytes >= floor_bytes
     ratio = {}
-    for gpu, bound in (("h100", "hbm"), ("h200", "issue")):
+    for gpu, bound in (("h100", "hbm"), ("h200", "latency")):
         spec = GPU_SPECS[gpu]
         ratio[gpu] = sum(modeled_seconds(k, spec) for k in (fwd, bwd)) / (floor_bytes / spec.hbm_bytes_per_s)
         terms = modeled_terms(fwd, spec)
@@ -411,3 +411,29 @@ def test_row_offsets_beyond_int32(tmp_path):
     torch.testing.assert_close(H.double(), r_H, rtol=0, atol=1e-5)
     K.backward(x, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, out=x)  # in place: row stride too
     torch.testing.assert_close(x.double(), R.entropy_logprob_backward(ref_x, y, g, k, 1.0), rtol=0, atol=1e-6)
+
+
+def test_plan_bytes_in_flight_come_from_the_config_and_the_measured_build():
+    """The latency term's bytes in flight per SM: the program's tile (BLOCK_V x elt) x the build's resident CTAs
+    (sass_counts, from its measured registers), Little's law over the loaded bytes. Every Triton row build in the
+    table loads its whole tile per hot-loop iteration (warps x 32 x bytes per thread == BLOCK_V x elt), so the
+    config-derived figure is what the SASS keeps in flight."""
+    from hero_kernels.backends import sass_counts
+    from hero_kernels.backends.plan import GPU_SPECS, modeled_terms
+
+    for cfg in K.LAUNCH_CONFIGS:
+        for dt, e in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+            for kernel in ("fwd", "bwd"):
+                for variant in ("aligned", "unaligned"):
+                    key = f"triton:entropy_logprob_{kernel}[{dt},{cfg.name}]:{variant}"
+                    assert cfg.num_warps * 32 * sass_counts.LOAD_BYTES_PER_THREAD[key] == cfg.block_v * e, key
+                    assert 1 <= sass_counts.CTAS_PER_SM[key] <= 32 and sass_counts.REGISTERS[key] > 0, key
+    N, V = 16384, 151936
+    fwd, bwd = K.plan(N, V, torch.bfloat16, pass_="fwd+bwd")
+    spec = GPU_SPECS["h200"]
+    for k in (fwd, bwd):
+        ctas = sass_counts.CTAS_PER_SM[k.meta["sass_build"]]
+        assert k.meta["bytes_in_flight_per_sm"] == k.meta["BLOCK_V"] * 2 * ctas
+        want = k.meta["load_bytes"] * spec.dram_latency_s / (k.meta["bytes_in_flight_per_sm"] * spec.sms)
+        assert modeled_terms(k, spec)["latency"] == pytest.approx(want)
+    assert fwd.meta["load_bytes"] == N * (V * 2 + 8) and bwd.meta["load_bytes"] == N * (V * 2 + 28)

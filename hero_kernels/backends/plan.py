@@ -16,6 +16,11 @@ Conventions
 - ``meta["sass_per_elt"]`` / ``meta["elements"]``: a streaming kernel's hot-loop SASS instructions per
   element (the measured count of its build, ``hero_kernels.backends.sass_counts``) and the elements it
   streams; they give the instruction-issue term.
+- ``meta["bytes_in_flight_per_sm"]``: the bytes of global loads one SM's resident CTAs have outstanding per hot-loop
+  iteration: the kernel's own tile (bytes one CTA loads per iteration) x its resident CTAs per SM, measured on
+  its build (``ctas_per_sm``: registers, shared memory and warps from the sm_90a compile report).
+  ``meta["load_bytes"]``: the bytes it loads (default ``hbm_bytes``); stores retire without the SM waiting for
+  them, so only loads are latency-bound. Together they give the latency term.
 - ``kind`` says which terms apply: "gemm" (tensor cores, L2 operand traffic) or "stream" (HBM, issue).
 - ``external`` marks work done by a library call (cuBLAS GEMM, a torch op) rather than our kernel.
 - ``live_bytes``: the memory model. Device memory the launcher holds while this entry runs BEYOND its
@@ -29,6 +34,8 @@ The model (``modeled_terms``): per launch, the largest of
   l2       l2_bytes / ``l2_bytes_per_s``                        our tl.dot kernels (cuBLAS: inside its efficiency)
   hbm      hbm_bytes / (HBM peak x ``hbm_efficiency``)
   issue    elements x sass_per_elt / (SMs x 4 schedulers x 32 lanes x ``sm_clock_hz``)
+  latency  load_bytes / (bytes_in_flight_per_sm x SMs / ``dram_latency_s``)  (Little's law: a streaming kernel
+           cannot read faster than the bytes it keeps in flight per loaded DRAM latency)
 plus ``launch_s``, times ``repeats``. The floors of ``benchmarks/roofline.py`` stay at the DATASHEET peaks,
 so modeled / floor shows every efficiency term; no term is tuned to make a target hold.
 """
@@ -38,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional, Tuple
 
 __all__ = ["KernelLaunch", "GPU_SPECS", "GpuSpec", "modeled_seconds", "modeled_terms", "gemm_l2_bytes",
-           "sass_per_element", "launch_peak", "plan_seconds", "peak_extra_bytes", "gpu_spec",
+           "sass_per_element", "ctas_per_sm", "load_bytes_per_thread", "launch_peak", "plan_seconds", "peak_extra_bytes", "gpu_spec",
            "fastest_linear_impl", "LINEAR_IMPLS", "HERO_LOSS_PLAN"]
 
 
@@ -97,6 +104,15 @@ class GpuSpec:
     # SMs x 4 schedulers x 1 warp-instruction per cycle (32 lanes each).
     sm_clock_hz: float = 1.755e9
     schedulers_per_sm: int = 4
+    # Loaded DRAM latency: how long a load waits while the memory system streams near its bandwidth. IDLE (one
+    # dependent load at a time, pointer chasing through arrays far beyond L2, TLB misses included) it is ~655
+    # cycles = ~375 ns on an H100 PCIe at 1.755 GHz (gpu-benches by D. Ernst, NHR@FAU:
+    # github.com/te42kyfo/gpu-benches, gpu-latency/h100_pcie.txt); under load the queues of the memory
+    # controllers add to it. 700 ns (~1.9x the idle figure) is an ASSUMED loaded latency, NOT calibrated on
+    # either GPU (the H200's HBM3e is taken as the H100's): replace it with a measured one (a streaming copy's
+    # time against its bytes in flight per SM). By Little's law a kernel keeping B bytes of loads in flight per
+    # SM reads at most B x SMs / latency: ~16 KB per SM reach 0.9 of an H100's 3.35 TB/s, ~23 KB an H200's 4.8.
+    dram_latency_s: float = 700e-9
     launch_s: float = 4e-6         # per-launch overhead assumed by the model
     host_sync_s: float = 20e-6     # a host sync: drain the stream, copy a scalar back, relaunch
 
@@ -133,8 +149,24 @@ def sass_per_element(key: str) -> Optional[float]:
     return sass_counts.SASS_PER_ELEMENT.get(key)
 
 
+def ctas_per_sm(key: str) -> Optional[int]:
+    """Resident CTAs per SM of one kernel build on sm_90a (its registers, shared memory and warps against the
+    SM's limits: ``sass_counts.CTAS_PER_SM``, generated with ``SASS_PER_ELEMENT``); None when not there."""
+    from hero_kernels.backends import sass_counts
+
+    return getattr(sass_counts, "CTAS_PER_SM", {}).get(key)
+
+
+def load_bytes_per_thread(key: str) -> Optional[int]:
+    """Bytes one thread of a build loads per hot-loop iteration (``sass_counts.LOAD_BYTES_PER_THREAD``, the
+    LDG widths of its sm_90a hot loop); None when not there."""
+    from hero_kernels.backends import sass_counts
+
+    return getattr(sass_counts, "LOAD_BYTES_PER_THREAD", {}).get(key)
+
+
 def modeled_terms(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional[float] = None) -> Dict[str, float]:
-    """Seconds of one launch (one repeat, no overhead) under each bound: compute, l2, hbm, issue."""
+    """Seconds of one launch (one repeat, no overhead) under each bound: compute, l2, hbm, issue, latency."""
     if flops_per_s is None:
         peak = gpu.bf16_flops_per_s * gpu.tc_efficiency
     else:  # an fp32 (FMA-unit) GEMM: its own peak, no tensor-core efficiency
@@ -142,10 +174,14 @@ def modeled_terms(launch: KernelLaunch, gpu: GpuSpec, *, flops_per_s: Optional[f
     if launch.kind == "gemm" and not launch.external and launch.flops and launch.l2_bytes <= 0:
         raise ValueError(f"{launch.name}: a tensor-core kernel's plan entry must give l2_bytes (gemm_l2_bytes)")
     terms = {"compute": launch.flops / peak, "l2": launch.l2_bytes / gpu.l2_bytes_per_s,
-             "hbm": launch.hbm_bytes / (gpu.hbm_bytes_per_s * gpu.hbm_efficiency), "issue": 0.0}
+             "hbm": launch.hbm_bytes / (gpu.hbm_bytes_per_s * gpu.hbm_efficiency), "issue": 0.0, "latency": 0.0}
     ipe = launch.meta.get("sass_per_elt")
     if ipe:
         terms["issue"] = launch.meta["elements"] * ipe / gpu.thread_instr_per_s
+    in_flight = launch.meta.get("bytes_in_flight_per_sm")
+    if in_flight:
+        loads = launch.meta.get("load_bytes", launch.hbm_bytes)
+        terms["latency"] = loads * gpu.dram_latency_s / (in_flight * gpu.sms)
     return terms
 
 

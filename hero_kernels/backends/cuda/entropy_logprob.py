@@ -21,7 +21,7 @@ from torch import Tensor
 from hero_kernels._cpp_build import require_cuda
 from hero_kernels.backends import RowStats, UpstreamGrads
 from hero_kernels.backends.cpp_launch import rows_backward, rows_forward
-from hero_kernels.backends.plan import KernelLaunch, sass_per_element
+from hero_kernels.backends.plan import KernelLaunch, ctas_per_sm, load_bytes_per_thread, sass_per_element
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
@@ -60,7 +60,10 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     order; pass_ "fwd", "bwd" or "fwd+bwd". HBM bytes as the Triton plan: the forward reads every logit once,
     the backward reads it and writes dlogits once (logits dtype; in place the write lands in the logits);
     rows are streamed, nothing is assumed L2-resident. meta["sass_per_elt"]: the measured hot-loop SASS
-    instructions per element of the template instance that runs (``hero_kernels.backends.sass_counts``)."""
+    instructions per element of the template instance that runs (``hero_kernels.backends.sass_counts``);
+    meta["bytes_in_flight_per_sm"]: threads x the bytes each loads per hot-loop iteration x resident blocks per SM,
+    both measured on that instance (``plan.load_bytes_per_thread`` / ``plan.ctas_per_sm``), over meta["load_bytes"]
+    (the stores excluded): the roofline's latency term."""
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
     e = _ELEM[_dtype_name(dtype)]
@@ -71,18 +74,21 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     def meta(kernel: str) -> dict:  # the demangled template instance (dlogits in the logits dtype)
         key = f"cuda:entropy_logprob_{kernel}_kernel<{T}, {threads}>" if kernel == "fwd" else \
             f"cuda:entropy_logprob_bwd_kernel<{T}, {T}, {threads}>"
+        ctas, per_thread = ctas_per_sm(key), load_bytes_per_thread(key)
         return {"threads": threads, "batch": int(batch or 1), "elements": N * V,
-                "sass_per_elt": sass_per_element(key), "sass_build": key}
+                "sass_per_elt": sass_per_element(key), "sass_build": key, "ctas_per_sm": ctas,
+                "bytes_in_flight_per_sm": threads * per_thread * ctas if ctas and per_thread else None}
 
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
         out.append(KernelLaunch("entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 16), note,
-                                num_warps=threads // 32, meta=meta("fwd")))
+                                num_warps=threads // 32, meta=dict(meta("fwd"), load_bytes=float(N) * (V * e + 8))))
     if pass_ in ("bwd", "fwd+bwd"):
         out.append(KernelLaunch("entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 20),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
-                                num_warps=threads // 32, meta=dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
+                                num_warps=threads // 32, meta=dict(meta("bwd"), INPLACE=int(bool(inplace_backward)),
+                                                                   load_bytes=float(N) * (V * e + 28))))
     return out
 
 

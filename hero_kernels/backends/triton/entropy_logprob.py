@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hero_kernels.backends import RowStats, UpstreamGrads
-from hero_kernels.backends.plan import KernelLaunch, sass_per_element
+from hero_kernels.backends.plan import KernelLaunch, ctas_per_sm, sass_per_element
 from hero_kernels.backends.triton.linear.kernels import _log1p_unit
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
@@ -363,7 +363,10 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
     a row (<= 0.6 MB) is streamed once per kernel. The launchers call this and launch exactly it.
     meta["sass_per_elt"]: the measured hot-loop SASS instructions per element of the build that runs (aligned
     when V % 16 == 0, as Triton specializes it; ``hero_kernels.backends.sass_counts``), for the roofline's
-    instruction-issue term over meta["elements"] = N * V.
+    instruction-issue term over meta["elements"] = N * V. meta["bytes_in_flight_per_sm"]: the tile one program
+    loads per iteration (BLOCK_V x elt) x the build's resident CTAs per SM (``plan.ctas_per_sm``, from its
+    measured registers), and meta["load_bytes"] the bytes it loads (the outputs, and the backward's dlogits, are
+    stores): the roofline's latency term.
     """
     if pass_ not in ("fwd", "bwd", "fwd+bwd"):
         raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd', got {pass_!r}")
@@ -375,17 +378,20 @@ def plan(N: int, V: int, dtype, *, pass_: str = "fwd", inplace_backward: bool = 
 
     def meta(kernel: str) -> dict:
         key = f"triton:entropy_logprob_{kernel}[{build}"
-        return {"BLOCK_V": cfg.block_v, "elements": N * V, "sass_per_elt": sass_per_element(key), "sass_build": key}
+        ctas = ctas_per_sm(key)
+        return {"BLOCK_V": cfg.block_v, "elements": N * V, "sass_per_elt": sass_per_element(key), "sass_build": key,
+                "ctas_per_sm": ctas, "bytes_in_flight_per_sm": cfg.block_v * e * ctas if ctas else None}
 
     note = "stream: every logit crosses HBM once per kernel (rows are not reused; no L2 residency assumed)"
     out = []
     if pass_ in ("fwd", "fwd+bwd"):
         out.append(KernelLaunch("_entropy_logprob_fwd_kernel", grid, "stream", 0.0, float(N) * (V * e + 8 + 16),
-                                note, cfg.num_warps, cfg.num_stages, meta("fwd")))
+                                note, cfg.num_warps, cfg.num_stages, dict(meta("fwd"), load_bytes=float(N) * (V * e + 8))))
     if pass_ in ("bwd", "fwd+bwd"):
         out.append(KernelLaunch("_entropy_logprob_bwd_kernel", grid, "stream", 0.0, float(N) * (2 * V * e + 8 + 20),
                                 note + ("; dlogits written over the logits (in place)" if inplace_backward else ""),
-                                cfg.num_warps, cfg.num_stages, dict(meta("bwd"), INPLACE=int(bool(inplace_backward)))))
+                                cfg.num_warps, cfg.num_stages, dict(meta("bwd"), INPLACE=int(bool(inplace_backward)),
+                                                                    load_bytes=float(N) * (V * e + 28))))
     return out
 
 
