@@ -288,8 +288,10 @@ class LaunchConfig:
     """Tile of one loop iteration and the warps of one row program.
 
     block_v: vocabulary columns per iteration (constexpr); num_warps / num_stages: Triton launch options.
-    block_v / (32 * num_warps) is the elements each thread holds per iteration (8 for LM vocabularies:
-    one 16-byte bf16 vector per thread and iteration, 3 fp32 state registers each in the forward).
+    block_v / (32 * num_warps) is the elements each thread holds per iteration (16 for LM vocabularies:
+    two 16-byte bf16 vectors per thread and iteration, both loads issued before the math; 3 fp32 state
+    registers each in the forward). The lanes (the online state) are the block_v columns whatever the warps,
+    so the warps change no result.
     """
 
     block_v: int
@@ -305,16 +307,21 @@ class LaunchConfig:
 LAUNCH_CONFIGS: Tuple[LaunchConfig, ...] = (
     LaunchConfig(256, 1),
     LaunchConfig(1024, 4),
-    LaunchConfig(2048, 8),
+    LaunchConfig(2048, 4),
 )
 
 
 def launch_config(V: int) -> LaunchConfig:
     """Tile for a row of V columns: the smallest tile covering short rows (little padding waste), then
-    2048 columns x 8 warps. For LM vocabularies (32k-262k) that is 8 elements (one 16-byte bf16 load) per
-    thread and iteration; bf16 on sm_90a (compile report, triton 3.8): the forward 47-48 registers, 5 CTAs =
-    40 warps per SM, 20 KB of loads in flight per SM; the backward 40 registers, 6 CTAs, 24 KB. 4096 x 8
-    needed 68 registers (3 CTAs per SM) and its two loads per thread were serialized in SASS."""
+    2048 columns x 4 warps. For LM vocabularies (32k-262k) that is 16 elements (two 16-byte bf16 loads,
+    issued back to back) per thread and iteration. bf16 on sm_90a (compile report, triton 3.8): the forward
+    80 registers, 6 CTAs of 4 warps per SM, 24 KB of loads in flight per SM (by Little's law ~23 KB keep an
+    H200 at 0.9 of 4.8 TB/s through ~700 ns of loaded latency: ``plan.GpuSpec.dram_latency_s``), 14.25 SASS
+    per element; the backward 71 registers, 7 CTAs, 28 KB, 14.5. The 8-warp tile (8 elements per thread)
+    took 47 registers and 5 CTAs: 20 KB in flight, 14.75 SASS per element. Rejected (sm_90a builds): a
+    register cap on it (maxnreg 40 for 6 CTAs spills 16 bytes of stack), a software prefetch of the next
+    tile (56 registers, 4 CTAs, ~19 SASS per element), and 4096 columns (68 registers, 3 CTAs of 8 warps,
+    and other lanes, so other roundings)."""
     if V <= 256:
         return LAUNCH_CONFIGS[0]
     if V <= 1024:
