@@ -27,7 +27,8 @@ from torch import Tensor
 from hero_kernels.backends.plan import KernelLaunch
 
 __all__ = ["as_dtype", "eager_peak_bytes", "memory_budget", "chunk_rows", "accumulate_dw", "accumulate_mm",
-           "mm_into", "chunk_grads", "slice_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan", "vocab_cols",
+           "mm_into", "chunk_grads", "slice_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan",
+           "vocab_cols", "slice_label_plan", "SLICE_LABELS_ROW_BYTES", "SLICE_FIX_ROW_BYTES",
            "backward_memory", "backward_order", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS", "VOCAB_MIN_COLS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
@@ -70,13 +71,15 @@ def memory_budget(n: int, V: int, elem: int) -> int:
     return int(CHUNK_MEMORY_SHARE * eager_peak_bytes(n, V, elem))
 
 
-def chunk_rows(n: int, D: int, V: int, elem: int, forced: Optional[int] = None) -> int:
-    """Rows C per chunk for n valid rows. Extra memory per row: the [C, V] logits / dz buffer and the
-    [C, D] hidden rows of the chunk (both in the input dtype)."""
+def chunk_rows(n: int, D: int, V: int, elem: int, forced: Optional[int] = None, *, row_bytes: Optional[int] = None,
+               min_rows: int = CHUNK_MIN_ROWS) -> int:
+    """Rows C per chunk for n valid rows. Extra memory per row (row_bytes): by default the [C, V] logits / dz
+    buffer and the [C, D] hidden rows of the chunk (both in the input dtype). min_rows: the floor (a chunk
+    without a dW GEMM, e.g. a forward's, needs no CHUNK_MIN_ROWS)."""
     if forced is not None:
         return max(1, min(n, forced))
-    c = memory_budget(n, V, elem) // ((V + D) * elem)
-    c = max(CHUNK_MIN_ROWS, c - c % CHUNK_ALIGN)
+    c = memory_budget(n, V, elem) // (row_bytes or (V + D) * elem)
+    c = max(min_rows, c - c % CHUNK_ALIGN)
     if c >= n:
         return max(1, n)
     # Even chunks (multiples of 16 rows): no short tail chunk whose dW pass would be memory-bound.
@@ -85,14 +88,15 @@ def chunk_rows(n: int, D: int, V: int, elem: int, forced: Optional[int] = None) 
 
 
 def vocab_cols(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, has_bias: bool = False,
-               forced: Optional[int] = None) -> int:
+               forced: Optional[int] = None, logits_elem: int = 0) -> int:
     """Columns Vc per vocab slice of the "vocab" order: what the budget leaves after the fp32 dh accumulator
-    (4 n D), db and the row statistics, spent on the [n, Vc] dz buffer; a multiple of CHUNK_ALIGN, at least
+    (4 n D), db and the row statistics, spent on the [n, Vc] dz buffer (and a separate [n, Vc] logits buffer
+    of logits_elem bytes per element, ``backward_memory``); a multiple of CHUNK_ALIGN, at least
     VOCAB_MIN_COLS, at most V."""
     if forced is not None:
         return max(1, min(V, forced))
     fixed = (4 * n * D if need_dh else 0) + (4 * V if has_bias else 0) + _ROW_STAT_BYTES * n
-    c = (memory_budget(n, V, elem) - fixed) // max(n * elem, 1)
+    c = (memory_budget(n, V, elem) - fixed) // max(n * (elem + logits_elem), 1)
     return min(V, max(VOCAB_MIN_COLS, c - c % CHUNK_ALIGN))
 
 
@@ -102,12 +106,15 @@ def _pad16(x: int) -> int:
 
 def backward_memory(order: str, n: int, D: int, V: int, elem: int, C: int, Vc: int, *, need_dh: bool = True,
                     need_dw: bool = True, has_bias: bool = False, dh_elem: Optional[int] = None,
-                    chunk_row_bytes: int = 0, copies: int = 0) -> Dict[str, int]:
+                    chunk_row_bytes: int = 0, copies: int = 0, logits_elem: int = 0) -> Dict[str, int]:
     """Bytes the chunked backward holds beyond its inputs and the gradients it returns, per phase:
     {"loop": while the chunks / slices run, "final": during the last cast}. dh_elem: bytes per element of
     grad_hidden (default elem). chunk_row_bytes: other per-row temporaries of a chunk (the CUDA path's
     hidden-row copy and dh product); copies: input copies alive throughout (gathered / padded hidden, a
-    copied weight). The dz buffer rows are padded to 16 columns (the Triton launcher's).
+    copied weight). The dz buffer rows are padded to 16 columns (the Triton launcher's). logits_elem: bytes per
+    element of a separate logits buffer the dz producer reads (the Triton chunked design's fp32 cuBLAS logits
+    beside a 16-bit dz; 0: dz made in place or by a fused kernel): [C, V] in "rows", [n, Vc] in "vocab" (one
+    logits GEMM over all rows per slice).
     "rows": the [C, V] buffer + the fp32 dW [V, D] (unless the weight is fp32: then it is the output), and
     in the final cast the fp32 dW while its cast (returned) exists.
     "vocab": the [n, Vc] buffer + the fp32 dh [n, D] (none with one slice: dh is written once), nothing of
@@ -116,31 +123,33 @@ def backward_memory(order: str, n: int, D: int, V: int, elem: int, C: int, Vc: i
     small = (4 * V if (has_bias and need_dw) else 0) + _ROW_STAT_BYTES * n + copies
     if order == "rows":
         acc = 4 * V * D if (need_dw and elem != 4) else 0
-        return {"loop": C * (_pad16(V) * elem + chunk_row_bytes) + acc + small, "final": acc + copies}
+        return {"loop": C * (_pad16(V) * elem + chunk_row_bytes + V * logits_elem) + acc + small,
+                "final": acc + copies}
     if order != "vocab":
         raise ValueError(f"order must be 'rows' or 'vocab', got {order!r}")
     acc = 4 * n * D if (need_dh and dh_elem != 4 and Vc < V) else 0
-    return {"loop": n * _pad16(Vc) * elem + acc + small, "final": acc + copies}
+    return {"loop": n * (_pad16(Vc) * elem + Vc * logits_elem) + acc + small, "final": acc + copies}
 
 
 def backward_order(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, need_dw: bool = True,
                    has_bias: bool = False, forced_rows: Optional[int] = None, forced_cols: Optional[int] = None,
-                   vocab_ok: bool = True, **memory_kw) -> Tuple[str, int, int]:
+                   vocab_ok: bool = True, logits_elem: int = 0, **memory_kw) -> Tuple[str, int, int]:
     """(order, C, Vc) of the chunked backward for n valid rows, by the memory model (``backward_memory``):
     "vocab" where its peak is smaller than "rows"' (n < V with dW wanted, i.e. every LLM training shape),
     else "rows" (Vc = V). C also sizes the "vocab" order's dz launches (row chunks whose hidden rows stay in
     L2). forced_cols: "vocab" with slices of that many columns; forced_rows alone: "rows" (a config that
     forces the chunk). vocab_ok False: the backend has no vocab-slice dz producer. Both orders cost the
-    same 6 n D V FLOPs; "vocab" moves fewer bytes (no [V, D] fp32 pass)."""
-    C = chunk_rows(n, D, V, elem, forced_rows)
+    same 6 n D V FLOPs; "vocab" moves fewer bytes (no [V, D] fp32 pass). logits_elem: a separate logits buffer
+    beside the dz buffer (``backward_memory``), which the chunk and the slice are sized to fit in the budget."""
+    C = chunk_rows(n, D, V, elem, forced_rows, row_bytes=(V + D) * elem + V * logits_elem)
     if not vocab_ok or n <= 0:
         return "rows", C, V
     if forced_cols is not None:
         return "vocab", C, vocab_cols(n, D, V, elem, forced=forced_cols)
     if forced_rows is not None or not need_dw:  # no fp32 dW to avoid: "vocab" would only add the dh acc
         return "rows", C, V
-    Vc = vocab_cols(n, D, V, elem, need_dh=need_dh, has_bias=has_bias)
-    kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, **memory_kw)
+    Vc = vocab_cols(n, D, V, elem, need_dh=need_dh, has_bias=has_bias, logits_elem=logits_elem)
+    kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, logits_elem=logits_elem, **memory_kw)
     rows = max(backward_memory("rows", n, D, V, elem, C, V, **kw).values())
     vocab = max(backward_memory("vocab", n, D, V, elem, C, Vc, **kw).values())
     return ("vocab", C, Vc) if vocab < rows else ("rows", C, V)
@@ -326,6 +335,27 @@ def vocab_backward_plan(n: int, D: int, V: int, elem: int, C: int, Vc: int, dz_l
         out.append(KernelLaunch("dh_cast", (), "stream", 0.0, n * D * (4 + dh_elem), "fp32 dh -> grad dtype",
                                 external=True))
     return _with_memory(out, memory, "dh_cast")
+
+
+#: HBM bytes per row of the "vocab" order's slice-label launch (one thread per row, the CUDA and Triton
+#: backends alike): label 8, one 32-byte sector of the logits (rows are far apart: one sector each), the slice
+#: label and x written 8 + 8 ...
+SLICE_LABELS_ROW_BYTES = 56
+#: ... and of the label-column rewrite: label, x, lse 8 each, H, g, k, logp 4 each, and the dz sector read and
+#: written back (a partial-sector write) 2 x 32.
+SLICE_FIX_ROW_BYTES = 104
+
+
+def slice_label_plan(names: Tuple[str, str], n: int, grid: Tuple[int, ...], num_warps: int, meta: Dict,
+                     reps: int) -> Tuple[KernelLaunch, KernelLaunch]:
+    """The two launches around a row kernel that runs on a vocab slice of n rows (``names``: the backend's
+    slice-label and label-fix kernels): each row's label moved into the slice (its logit saved), then that one
+    column per row rewritten from the forward's logp (the row kernel's label term sums over the slice only)."""
+    note = "one thread per row; [n] vectors and one logits sector per row"
+    return (KernelLaunch(names[0], grid, "stream", 0.0, SLICE_LABELS_ROW_BYTES * n, note, num_warps=num_warps,
+                         meta=meta, repeats=reps),
+            KernelLaunch(names[1], grid, "stream", 0.0, SLICE_FIX_ROW_BYTES * n, note, num_warps=num_warps,
+                         meta=meta, repeats=reps))
 
 
 def compaction_plan(total_rows: Optional[int], n: int, D: int, elem: int, pass_: str) -> List[KernelLaunch]:

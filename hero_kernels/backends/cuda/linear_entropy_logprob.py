@@ -122,12 +122,6 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
 
 #: Threads per block of the "vocab" order's one-thread-per-row kernels (csrc/entropy_logprob_cuda.cu kSliceThreads).
 SLICE_THREADS = 256
-#: HBM bytes per row of slice_labels_kernel: label 8, one 32-byte sector of the logits slice (its rows are far
-#: apart: one sector per row), the slice label and x written 8 + 8.
-SLICE_LABELS_ROW_BYTES = 56
-#: ... and of slice_label_fix_kernel: label, x, lse 8 each, H, g, k, logp 4 each, and the dz sector read and
-#: written back (a partial-sector write) 2 x 32.
-SLICE_FIX_ROW_BYTES = 104
 
 
 def _vocab_dz(dtype, D: int, e: int, note: str):
@@ -137,15 +131,11 @@ def _vocab_dz(dtype, D: int, e: int, note: str):
     def dz(n: int, vc: int, reps: int) -> List[KernelLaunch]:
         (k,) = _rows.plan(n, vc, dtype, pass_="bwd", inplace_backward=True)
         meta = {"chunk_rows": n, "vocab_cols": vc, "order": "vocab"}
-        grid = (-(-n // SLICE_THREADS),)
-        row_note = "one thread per row; [n] vectors and one logits sector per row"
+        labels, fix = gemm.slice_label_plan(("slice_labels_kernel", "slice_label_fix_kernel"), n,
+                                            (-(-n // SLICE_THREADS),), SLICE_THREADS // 32, meta, reps)
         return [KernelLaunch("cublas_logits", (), "gemm", 2.0 * n * D * vc, n * D * e + vc * D * e + n * vc * e,
                              note, meta=meta, external=True, repeats=reps),
-                KernelLaunch("slice_labels_kernel", grid, "stream", 0.0, SLICE_LABELS_ROW_BYTES * n, row_note,
-                             num_warps=SLICE_THREADS // 32, meta=meta, repeats=reps),
-                dataclasses.replace(k, l2_note=note, meta=dict(k.meta, **meta), repeats=reps),
-                KernelLaunch("slice_label_fix_kernel", grid, "stream", 0.0, SLICE_FIX_ROW_BYTES * n, row_note,
-                             num_warps=SLICE_THREADS // 32, meta=meta, repeats=reps)]
+                labels, dataclasses.replace(k, l2_note=note, meta=dict(k.meta, **meta), repeats=reps), fix]
     return dz
 
 
