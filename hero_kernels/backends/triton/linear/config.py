@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["Tile", "LinearEntropyConfig", "default_config", "forward_splits", "MERGE_BLOCK", "GROUP_N", "ARCHS",
            "device_arch", "LinearSketchConfig", "default_sketch_config", "SKETCH_MERGE_BLOCK",
-           "SKETCH_MERGE_WARPS", "SKETCH_VARIANTS"]
+           "SKETCH_MERGE_WARPS", "SKETCH_VARIANTS", "VARIANTS"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ class Tile:
                 raise ValueError(f"Tile.{name} must be a power of two >= 16, got {v}")
 
 
+#: Designs of each pass of the fused heads (``LinearEntropyConfig`` / ``LinearSketchConfig``:
+#: ``forward_variant`` / ``backward_variant``).
+VARIANTS = ("fused", "chunked")
+SKETCH_VARIANTS = VARIANTS
+
+
+def _check_variants(cfg) -> None:
+    for name in ("forward_variant", "backward_variant"):
+        if getattr(cfg, name) not in VARIANTS + (None,):
+            raise ValueError(f"{type(cfg).__name__}.{name} must be None or one of {VARIANTS}, "
+                             f"got {getattr(cfg, name)!r}")
+
+
 @dataclass(frozen=True)
 class LinearEntropyConfig:
     """Launch configuration of the fused LM head.
@@ -50,6 +63,11 @@ class LinearEntropyConfig:
         (``hero_kernels.backends.gemm.backward_order``); an int forces the "vocab" order with slices of
         that many columns.
     allow_tf32: fp32 inputs only; TF32 tensor cores instead of IEEE fp32 dots (faster, ~1e-3 relative).
+    forward_variant / backward_variant: the design of each pass (``VARIANTS``): "fused" (the tl.dot kernels
+        above), "chunked" (per row chunk / vocab slice a cuBLAS GEMM writes fp32 logits, the Triton row
+        kernels of ``entropy_logprob`` read them; ``chunked.py``) or None: the environment variable
+        ``HERO_KERNELS_LINEAR_FORWARD`` / ``_BACKWARD`` if set, else whichever ``launch.plan`` models faster.
+        Either backward takes either forward's saved stats; deterministic=False runs the atomic kernel.
     """
 
     fwd: Tile
@@ -60,8 +78,11 @@ class LinearEntropyConfig:
     chunk_rows: Optional[int] = None
     allow_tf32: bool = False
     vocab_cols: Optional[int] = None
+    forward_variant: Optional[str] = None
+    backward_variant: Optional[str] = None
 
     def __post_init__(self):
+        _check_variants(self)
         for name in ("vocab_splits", "chunk_rows", "vocab_cols"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -145,9 +166,6 @@ def forward_splits(row_blocks: int, V: int, block_v: int, sms: int, forced: Opti
 # ----------------------------------------------------------------------------------------------
 # the fused gradient sketch (``linear_grad_sketch``; kernels in ``sketch_kernels.py``)
 # ----------------------------------------------------------------------------------------------
-#: Designs of each pass of the sketch through the LM head (``LinearSketchConfig.forward_variant`` /
-#: ``backward_variant``).
-SKETCH_VARIANTS = ("fused", "chunked")
 
 
 @dataclass(frozen=True)
@@ -177,10 +195,7 @@ class LinearSketchConfig:
     backward_variant: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("forward_variant", "backward_variant"):
-            if getattr(self, name) not in SKETCH_VARIANTS + (None,):
-                raise ValueError(f"LinearSketchConfig.{name} must be None or one of {SKETCH_VARIANTS}, "
-                                 f"got {getattr(self, name)!r}")
+        _check_variants(self)
         for name in ("block_p", "dz_block_p"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):

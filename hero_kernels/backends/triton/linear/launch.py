@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import List, Optional, Tuple
+import os
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import triton
 from torch import Tensor
 
 from hero_kernels.backends import RowStats, UpstreamGrads, compact_rows, gemm
-from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
+from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, gemm_l2_bytes, plan_seconds
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
 from hero_kernels.dispatch import check_capability
 from hero_kernels.options import RowOptions
 
+from . import chunked as CH
 from . import kernels as K
-from .config import GROUP_N, MERGE_BLOCK, LinearEntropyConfig, default_config, device_arch, forward_splits
+from .config import (GROUP_N, MERGE_BLOCK, VARIANTS, LinearEntropyConfig, default_config, device_arch,
+                     forward_splits)
 
-__all__ = ["plan", "forward", "forward_partials", "backward"]
+__all__ = ["plan", "forward", "forward_partials", "backward", "DesignPlan", "FORWARD_ENV", "BACKWARD_ENV"]
 
 _TL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # ----------------------------------------------------------------------------------------------
@@ -114,11 +117,53 @@ def plan_passes(N: int, D: int, V: int, e: int, pass_: str, total_rows: Optional
     return out + _prepare_plan(N, D, V, e, "bwd", total_rows, weight_copied, need_dh), True
 
 
+class DesignPlan(list):
+    """A plan (list of ``KernelLaunch``) plus the design each pass runs. ``variants``: {"forward" | "backward":
+    {"pick": "fused" | "chunked", "modeled_s": {design: modeled seconds of that pass on ``gpu``}, "forced":
+    the config or the environment chose, not the model}}, for the passes the plan has."""
+
+    def __init__(self):
+        super().__init__()
+        self.variants: Dict[str, dict] = {}
+
+    @property
+    def forward_variant(self) -> Optional[str]:
+        return self.variants.get("forward", {}).get("pick")
+
+    @property
+    def backward_variant(self) -> Optional[str]:
+        return self.variants.get("backward", {}).get("pick")
+
+    def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str],
+               gpu: Union[str, GpuSpec], fp32: bool) -> List[KernelLaunch]:
+        """Record both designs' modeled seconds for pass ``which`` on ``gpu`` (a ``GPU_SPECS`` key or a spec);
+        return the launches of the pick."""
+        spec = gpu if isinstance(gpu, GpuSpec) else GPU_SPECS[gpu]
+        secs = {n: plan_seconds(x, spec, fp32) for n, x in priced.items()}
+        pick = forced or min(secs, key=secs.get)
+        self.variants[which] = {"pick": pick, "modeled_s": secs, "forced": forced is not None}
+        return priced[pick]
+
+
+def forced_variant(cfg, which: str, envs: Tuple[str, str]) -> Optional[str]:
+    """The design of pass ``which`` ("forward" | "backward") the config (``<which>_variant``) or else the
+    environment variable (``envs``: the forward's and the backward's) forces; None: the model picks."""
+    env = envs[0] if which == "forward" else envs[1]
+    v = getattr(cfg, f"{which}_variant") or os.environ.get(env) or None
+    if v is not None and v not in VARIANTS:
+        raise ValueError(f"{env}={v!r}: set it to one of {', '.join(VARIANTS)} or unset it")
+    return v
+
+
+#: Environment overrides of each pass's design ("fused" | "chunked") when the config leaves it None.
+FORWARD_ENV, BACKWARD_ENV = "HERO_KERNELS_LINEAR_FORWARD", "HERO_KERNELS_LINEAR_BACKWARD"
+
+
 def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = False, need_dh: bool = True,
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None,
          weight_copied: Optional[bool] = None, arch: Optional[int] = None,
-         grad_hidden_dtype=None) -> List[KernelLaunch]:
+         grad_hidden_dtype=None, gpu: Union[str, GpuSpec] = "h100") -> DesignPlan:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D and
     V vocabulary rows (the kernels run at D rounded up to 16: ``_prepare`` pads).
 
@@ -134,18 +179,30 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     device's configuration as ``config``. grad_hidden_dtype: the backward's grad_hidden dtype (default:
     dtype); an fp32 one needs no fp32 dh accumulator of its own. Every entry carries the memory model
     (``live_bytes``, ``hero_kernels.backends.plan.peak_extra_bytes``).
+    Each pass runs the design (``DesignPlan.variants``: "fused" above, or "chunked": cuBLAS fp32 logits and the
+    Triton row kernels, ``chunked.py``) the roofline model prices faster on ``gpu`` (a ``GPU_SPECS`` key or a
+    spec; the launchers price on the H100 at the device's SM count), unless the config's forward_variant /
+    backward_variant or ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one. deterministic=False: the atomic backward.
     """
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     if config is not None:
         deterministic = cfg.deterministic
+    out, fp32 = DesignPlan(), dt == torch.float32
+    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV)) for w in ("forward", "backward")}
+    copies = _copy_bytes(N, D, V, e, total_rows, weight_copied)
+
     def forward(D_pad: int) -> List[KernelLaunch]:
         fwd = _forward_plan(N, D_pad, V, e, has_bias, cfg, sms)
-        # memory model: the fp32 split partials [5, S, N] + the input copies
-        live = 20 * fwd[0].meta["splits"] * N + _copy_bytes(N, D, V, e, total_rows, weight_copied)
-        return [dataclasses.replace(k, live_bytes=live) for k in fwd]
+        # memory model: the fp32 split partials [5, S, N] / the fp32 logits chunk, + the input copies
+        live = {"fused": 20 * fwd[0].meta["splits"] * N, "chunked": CH.forward_rows(N, D_pad, V, e, cfg.chunk_rows)
+                * V * 4 + (4 * V if has_bias else 0)}
+        priced = {"fused": fwd, "chunked": CH.forward_plan(N, D_pad, V, e, has_bias, cfg.chunk_rows)}
+        return out.choose("forward", {n: [dataclasses.replace(k, live_bytes=live[n] + copies) for k in x]
+                                      for n, x in priced.items()}, forced["forward"], gpu, fp32)
 
-    out, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
+    launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
+    out += launches
     if not backward:
         return out
     D_in, D = D, triton.cdiv(D, _ALIGN) * _ALIGN
@@ -155,11 +212,41 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     dh_e = e if grad_hidden_dtype is None else torch.finfo(gemm.as_dtype(grad_hidden_dtype)).bits // 8
     mem_kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, dh_elem=dh_e,
                   copies=_copy_bytes(N, D_in, V, e, total_rows, weight_copied))
-    order, C, Vc = gemm.backward_order(N, D, V, e, forced_rows=cfg.chunk_rows, forced_cols=cfg.vocab_cols, **mem_kw)
-    memory = gemm.backward_memory(order, N, D, V, e, C, Vc, **mem_kw)
+    priced = {"fused": _fused_backward_plan(N, D, V, e, has_bias, cfg, mem_kw),
+              "chunked": _chunked_backward_plan(N, D, V, e, has_bias, cfg, mem_kw)}
+    out += out.choose("backward", priced, forced["backward"], gpu, fp32)
+    return out
+
+
+def _backward_plan(N: int, D: int, V: int, e: int, cfg: LinearEntropyConfig, mem_kw: dict, logits_elem: int,
+                   dz_launches, vocab_rows: Optional[int] = None) -> List[KernelLaunch]:
+    """The deterministic backward in the loop order of the memory model (``gemm.backward_order``) around a
+    design's ``dz_launches(c, vc, reps, order)``; logits_elem: its separate logits buffer (``gemm``);
+    vocab_rows: the rows of its dz launches in the "vocab" order (default: the chunk rows C)."""
+    kw = dict(mem_kw, logits_elem=logits_elem)
+    order, C, Vc = gemm.backward_order(N, D, V, e, forced_rows=cfg.chunk_rows, forced_cols=cfg.vocab_cols, **kw)
+    memory = gemm.backward_memory(order, N, D, V, e, C, Vc, **kw)
+    grads = dict(has_bias=mem_kw["has_bias"], need_dh=mem_kw["need_dh"], need_dw=mem_kw["need_dw"], memory=memory)
+    if order == "vocab":
+        return gemm.vocab_backward_plan(N, D, V, e, vocab_rows or C, Vc, lambda c, vc, r: dz_launches(c, vc, r, order),
+                                        dh_elem=mem_kw["dh_elem"], **grads)
+    return gemm.chunked_backward_plan(N, D, V, e, C, lambda c, r: dz_launches(c, V, r, order), **grads)
+
+
+def _chunked_backward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig,
+                           mem_kw: dict) -> List[KernelLaunch]:
+    """The chunked design (``chunked.dz_plan``): fp32 logits beside a 16-bit dz buffer (none for fp32), one
+    logits GEMM over all n rows per vocab slice."""
+    return _backward_plan(N, D, V, e, cfg, mem_kw, 0 if e == 4 else 4,
+                          lambda c, vc, reps, order: CH.dz_plan(c, vc, reps, D, e, has_bias, order), vocab_rows=N)
+
+
+def _fused_backward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig,
+                         mem_kw: dict) -> List[KernelLaunch]:
+    """The fused design: ``_bwd_dz_kernel`` (the logits tile by tl.dot, dz written once) per row chunk."""
     t = cfg.dz_tile
 
-    def dz(c: int, vc: int, reps: int) -> List[KernelLaunch]:
+    def dz(c: int, vc: int, reps: int, order: str) -> List[KernelLaunch]:
         grid = (triton.cdiv(c, t.block_n) * triton.cdiv(vc, t.block_v),)
         # Row-block-fastest order: each W tile (of the slice) is read from HBM once per launch, the chunk's
         # hidden rows (c x D x e) stay in L2; dz is written once.
@@ -173,11 +260,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                               "vocab_cols": vc, "order": order, "elt": e, **_precision_meta(e, cfg)}, repeats=reps,
                              l2_bytes=gemm_l2_bytes(2.0 * c * D * vc, t.block_n, t.block_v, e))]
 
-    if order == "vocab":
-        return out + gemm.vocab_backward_plan(N, D, V, e, C, Vc, dz, has_bias=has_bias, need_dh=need_dh,
-                                              need_dw=need_dw, dh_elem=dh_e, memory=memory)
-    return out + gemm.chunked_backward_plan(N, D, V, e, C, lambda c, reps: dz(c, V, reps), has_bias=has_bias,
-                                            need_dh=need_dh, need_dw=need_dw, memory=memory)
+    return _backward_plan(N, D, V, e, cfg, mem_kw, 0, dz)
 
 
 def _copy_bytes(n: int, D: int, V: int, e: int, total_rows: Optional[int], weight_copied: Optional[bool]) -> int:
@@ -357,7 +440,12 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     dts = (torch.float32, torch.float32, torch.float64)  # lse in float64 (backends/__init__.py RowStats)
     if h.shape[0] == 0:
         return RowStats(*(torch.zeros(N, dtype=dt, device=hidden.device) for dt in dts))
-    res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
+    launches = plan(h.shape[0], hidden.shape[1], weight.shape[0], h.dtype, has_bias=b is not None, config=cfg,
+                    sms=_device_sms(hidden.device), total_rows=N, weight_copied=w is not weight)
+    if launches.forward_variant == "chunked":
+        res = CH.forward(h, w, b, lab, opts, _entry(launches, "_entropy_logprob_fwd_kernel").meta["chunk_rows"])
+    else:
+        res = _launch_forward(h, w, b, lab, float(opts.inv_temperature), 0, cfg, final=True)
     # A label outside [0, V) never matches a column in the kernels (no out-of-bounds read), so its row would
     # come out as if the label's logit were 0: make it a NaN row instead (backend contract; no host sync).
     bad, _ = out_of_range_labels(lab, weight.shape[0], opts.ignore_index)
@@ -414,52 +502,76 @@ def _launch_dz(launches, cfg, h_c, w, b, labs, row_stats, label_stats: bool, z, 
     )
 
 
+def _label_term(lp: Tensor, H: Tensor, g: Tensor, k: Tensor) -> Tensor:
+    """The label column's value from the forward's accurate logp [n]: g (1 - p_y) - k p_y (log p_y + H), with
+    1 - p_y = -expm1(logp) (no cancellation as p_y -> 1); p_y = 0 (a masked label) gives no 0 * inf."""
+    p_y = torch.exp(lp)
+    return -torch.expm1(lp) * g - k * torch.where(p_y > 0, p_y * (lp + H), torch.zeros_like(p_y))
+
+
+class _FusedDz:
+    """The fused backward's dz (``chunked.DzProducer``'s interface): ``_bwd_dz_kernel`` recomputes the logits tile
+    (tl.dot) and writes dz into a [rows, cols] buffer whose rows are 16-aligned (vector stores, cuBLAS); the
+    label column from the forward's logp (``label_stats``), else the tile's 1 - e^{x_y - lse}."""
+
+    def __init__(self, h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, rows: int,
+                 cols: int):
+        lse, H, g, k, lp = stats
+        self.label_stats = lp is not None
+        # per-row terms of dz (see kernels._dlogits_tile); without a label term any [n] fp32 (g) stands in
+        self.row_stats = (lse, k, torch.addcmul(g, k, H), g if lp is None else _label_term(lp, H, g, k))
+        self.h, self.w, self.b, self.labs, self.opts, self.v_start = h, w, b, labs, opts, vocab_start
+        self.launches, self.cfg = launches, cfg
+        self.buf = torch.empty((rows, triton.cdiv(cols, _ALIGN) * _ALIGN), dtype=h.dtype, device=h.device)
+
+    def view(self, rows: int, cols: int) -> Tensor:
+        return self.buf[:rows, :cols]
+
+    def fill(self, z: Tensor, s: int, e: int, v0: int, v1: int) -> None:
+        _launch_dz(self.launches, self.cfg, self.h[s:e], self.w[v0:v1], None if self.b is None else self.b[v0:v1],
+                   self.labs[s:e], tuple(x[s:e] for x in self.row_stats), self.label_stats, z, z.stride(0),
+                   self.v_start + v0, self.opts.inv_temperature)
+
+
 def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, gh_dtype,
                       need_dh: bool, need_dw: bool):
-    """The deterministic backward, in the plan's loop order (``gemm.backward_order``). "rows": per chunk of
-    C rows, ``_bwd_dz_kernel`` writes dz [C, V] (input dtype), then cuBLAS dh_c = dz @ W (written once) and
-    dW += dz^T h_c (fp32, see ``hero_kernels.backends.gemm``). "vocab": ``_vocab_backward``.
-    h [n, D] compact rows, w [V, D]; stats: fp32 [n] (lse, H, g, k, lab | None).
+    """The deterministic backward, in the plan's design (``DesignPlan.backward_variant``: the dz producer,
+    ``_FusedDz`` or ``chunked.DzProducer``) and loop order (``gemm.backward_order``). "rows": per chunk of C
+    rows, dz [C, V] (input dtype), then cuBLAS dh_c = dz @ W (written once) and dW += dz^T h_c (fp32, see
+    ``hero_kernels.backends.gemm``). "vocab": ``_vocab_backward``.
+    h [n, D] compact rows, w [V, D]; stats: (lse fp64, H, g, k fp32, logp fp32 | None) [n].
     Returns (dh [n, D] gh_dtype | None, dW [V, D] fp32 ("rows") or w.dtype ("vocab") | None, db fp32 [V] | None)."""
-    dz_entry = _entry(launches, "_bwd_dz_kernel")
-    if dz_entry.meta["order"] == "vocab":
-        return _vocab_backward(h, w, b, labs, stats, opts, vocab_start, launches, cfg, gh_dtype, need_dh, need_dw)
+    chunked = launches.backward_variant == "chunked"
+    meta = _entry(launches, "_entropy_logprob_bwd_kernel" if chunked else "_bwd_dz_kernel").meta
     n, D = h.shape
     V = w.shape[0]
-    lse, H, g, k, lab = stats
-    c_row = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
-    last = lab if lab is not None else g
-    C = dz_entry.meta["chunk_rows"]
-    V_pad = triton.cdiv(V, _ALIGN) * _ALIGN  # 16-aligned rows of the chunk buffer (vector stores, cuBLAS)
-    buf = torch.empty((min(C, n), V_pad), dtype=h.dtype, device=h.device)
+    C, Vc = meta["chunk_rows"], meta["vocab_cols"]
+    size = (n, Vc) if meta["order"] == "vocab" else (min(C, n), V)
+    dz = (CH.DzProducer(h, w, b, labs, stats, opts, vocab_start, *size) if chunked else
+          _FusedDz(h, w, b, labs, stats, opts, vocab_start, launches, cfg, *size))
+    if meta["order"] == "vocab":
+        return _vocab_backward(h, w, b, dz, C, Vc, gh_dtype, need_dh, need_dw)
     dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
     # The first chunk writes dW / db (beta = 0), the others accumulate: no zero-fill pass over [V, D].
     dW = torch.empty((V, D), dtype=torch.float32, device=h.device) if need_dw else None
     db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
     for s in range(0, n, C):
         e = min(n, s + C)
-        h_c, z = h[s:e], buf[:e - s, :V]
-        _launch_dz(launches, cfg, h_c, w, b, labs[s:e], (lse[s:e], k[s:e], c_row[s:e], last[s:e]),
-                   lab is not None, z, buf.stride(0), vocab_start, opts.inv_temperature)
-        gemm.chunk_grads(z, h_c, w, None if dh is None else dh[s:e], dW, db, first=s == 0)
+        z = dz.view(e - s, V)
+        dz.fill(z, s, e, 0, V)
+        gemm.chunk_grads(z, h[s:e], w, None if dh is None else dh[s:e], dW, db, first=s == 0)
     return dh, dW, db
 
 
-def _vocab_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launches, cfg, gh_dtype,
-                    need_dh: bool, need_dw: bool):
-    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] in row chunks of C (``_bwd_dz_kernel`` on
-    the slice, like a vocab shard), then over all n rows dh (+)= dz @ W[slice] (fp32 [n, D] accumulator,
-    cast once at the end; one slice: written once) and dW[slice] = dz^T @ h, ONE GEMM over all rows,
-    written once in w.dtype: no fp32 [V, D]. Same inputs / outputs as ``_chunked_backward``."""
+def _vocab_backward(h, w, b, dz, C: int, Vc: int, gh_dtype, need_dh: bool, need_dw: bool):
+    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] from the producer ``dz`` in row chunks of C
+    (the fused kernel on the slice, like a vocab shard; the chunked design: C = n), then over all n rows
+    dh (+)= dz @ W[slice] (fp32 [n, D] accumulator, cast once at the end; one slice: written once) and
+    dW[slice] = dz^T @ h, ONE GEMM over all rows, written once in w.dtype: no fp32 [V, D]. Same outputs as
+    ``_chunked_backward``."""
     n, D = h.shape
     V = w.shape[0]
-    lse, H, g, k, lab = stats
-    c_row = torch.addcmul(g, k, H)
-    last = lab if lab is not None else g
-    dz_entry = _entry(launches, "_bwd_dz_kernel")
-    C, Vc = dz_entry.meta["chunk_rows"], dz_entry.meta["vocab_cols"]
     one_slice = Vc >= V
-    buf = torch.empty((n, triton.cdiv(Vc, _ALIGN) * _ALIGN), dtype=h.dtype, device=h.device)
     acc = None
     if need_dh:  # fp32 accumulator across slices (the gradient itself when it is fp32 or there is one slice)
         acc_dtype = gh_dtype if (one_slice or gh_dtype == torch.float32) else torch.float32
@@ -468,23 +580,22 @@ def _vocab_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, la
     db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
     for v0 in range(0, V, Vc):
         v1 = min(V, v0 + Vc)
-        w_s, b_s, z = w[v0:v1], (b[v0:v1] if b is not None else None), buf[:, :v1 - v0]
+        z = dz.view(n, v1 - v0)
         for s in range(0, n, C):
-            e = min(n, s + C)
-            _launch_dz(launches, cfg, h[s:e], w_s, b_s, labs[s:e], (lse[s:e], k[s:e], c_row[s:e], last[s:e]),
-                       lab is not None, buf[s:e], buf.stride(0), vocab_start + v0, opts.inv_temperature)
-        gemm.slice_grads(z, h, w_s, acc, None if dW is None else dW[v0:v1], None if db is None else db[v0:v1],
-                         first=v0 == 0)
-    del buf, z  # before the cast: the memory model's "final" phase holds only the fp32 dh
+            dz.fill(z[s:min(n, s + C)], s, min(n, s + C), v0, v1)
+        gemm.slice_grads(z, h, w[v0:v1], acc, None if dW is None else dW[v0:v1],
+                         None if db is None else db[v0:v1], first=v0 == 0)
+    del dz, z  # before the cast: the memory model's "final" phase holds only the fp32 dh
     return (None if acc is None else acc.to(gh_dtype)), dW, db
 
 
 def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launch: KernelLaunch, cfg):
     n, D = h.shape
     V = w.shape[0]
-    lse, H, g, k, lab = stats
+    lse, H, g, k, lp = stats
     c = torch.addcmul(g, k, H)  # per-row terms of dz (see kernels._dlogits_tile)
-    label_stats = lab is not None
+    label_stats = lp is not None
+    lab = _label_term(lp, H, g, k) if label_stats else None
     dh = torch.zeros((n, D), dtype=torch.float32, device=h.device)
     dW = torch.zeros((V, D), dtype=torch.float32, device=h.device)
     db = torch.zeros((V,), dtype=torch.float32, device=h.device) if b is not None else None
@@ -549,13 +660,8 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
         # exactly on a masked row with finite logits (its dh row is then 0 and it adds nothing to dW).
         masked = labs == opts.ignore_index
         lse_, g, k = lse_.masked_fill(masked, _MASKED_LSE), g.masked_fill(masked, 0.0), k.masked_fill(masked, 0.0)
-    # The label column's value from the forward's accurate logp: g (1 - p_y) - k p_y (log p_y + H), with
-    # 1 - p_y = -expm1(logp) (no cancellation as p_y -> 1); p_y = 0 (a masked label) gives no 0 * inf.
-    lab = None
-    if label_stats:
-        p_y = torch.exp(lp)
-        lab = -torch.expm1(lp) * g - k * torch.where(p_y > 0, p_y * (lp + H_), torch.zeros_like(p_y))
-    stats = (lse_, H_, g, k, lab)
+    # The label column's value comes from the forward's accurate logp (``_FusedDz``, ``chunked.DzProducer``).
+    stats = (lse_, H_, g, k, lp if label_stats else None)
     launches = plan(n, D, V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
                     need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight,
                     grad_hidden_dtype=gh_dtype)

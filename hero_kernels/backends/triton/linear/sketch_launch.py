@@ -32,23 +32,23 @@ linear_grad_sketch --shapes headline``): see docs/design.md (the fused gradient 
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 from torch import Tensor
 
 from hero_kernels.backends import gemm
-from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes, plan_seconds
+from hero_kernels.backends.plan import GPU_SPECS, KernelLaunch, gemm_l2_bytes
 from hero_kernels.backends.triton import grad_sketch as ROWS
 from hero_kernels.options import RowOptions
 
 from . import sketch_kernels as SK
-from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, SKETCH_VARIANTS,
-                     LinearSketchConfig, default_sketch_config, device_arch, forward_splits)
-from .launch import (_ALIGN, _MASKED_LSE, _aligned_2d, _check, _device_sms, _dot_precision, _entry, _prepare,
-                     _upcast_dot, plan_passes, plan_target)
+from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig, default_sketch_config, device_arch,
+                     forward_splits)
+from .chunked import chunk_sizes, logits_chunk_plan, logits_into
+from .launch import (_ALIGN, _MASKED_LSE, DesignPlan, _aligned_2d, _check, _device_sms, _dot_precision, _entry,
+                     _prepare, _upcast_dot, forced_variant, plan_passes, plan_target)
 
 __all__ = ["plan", "forward", "backward", "SKETCH_K", "SketchPlan", "FORWARD_ENV", "BACKWARD_ENV"]
 
@@ -99,24 +99,6 @@ def _forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool, cfg: L
     ]
 
 
-def _chunk_sizes(N: int, C: int) -> List[Tuple[int, int]]:
-    """(rows, repeats) of N rows in chunks of C: the equal chunks, then the tail."""
-    return [(c, r) for c, r in [(C, N // C), (N % C, 1)] if c and r]
-
-
-def _logits_chunk_plan(c: int, reps: int, D: int, V: int, e: int, has_bias: bool) -> List[KernelLaunch]:
-    """The chunked designs' logits: one cuBLAS GEMM writes the fp32 [c, V] (16-bit operands, fp32 output, never
-    rounded to the input dtype), the bias is added in place."""
-    out = [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + 4 * c * V,
-                        "cuBLAS: operands streamed once per GEMM; the fp32 [C, V] output is written to HBM",
-                        meta={"chunk_rows": c}, external=True, repeats=reps)]
-    if has_bias:
-        out.append(KernelLaunch("bias_add", (), "stream", 0.0, 8 * c * V + V * e,
-                                "torch add_: the fp32 logits read and written once", meta={"chunk_rows": c},
-                                external=True, repeats=reps))
-    return out
-
-
 def _row_kernel_entry(name: str, grid: Tuple[int, int], c: int, V: int, k: int, e: int, reps: int, flops: float,
                       hbm: float, l2: float, sms: int) -> KernelLaunch:
     """A ``grad_sketch`` row kernel on a chunk's fp32 logits. Fewer programs than SMs leave SMs idle: the
@@ -138,10 +120,10 @@ def _chunked_forward_plan(N: int, D: int, V: int, k: int, e: int, has_bias: bool
     (16 rows per program, proj tiles [BK, BV] in the input dtype, e in registers)."""
     out = [_proj_plan(k, V, e)]
     bn, bk = ROWS.TILES["fwd"].block_n, ROWS.block_k(k)
-    for c, reps in _chunk_sizes(N, gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)):
+    for c, reps in chunk_sizes(N, gemm.chunk_rows(N, D, V, e, cfg.chunk_rows)):
         grid = ROWS.fwd_grid(c, k)
         sf = 2.0 * c * V * bk * grid[1]
-        out += _logits_chunk_plan(c, reps, D, V, e, has_bias)
+        out += logits_chunk_plan(c, reps, D, V, e, has_bias)
         out.append(_row_kernel_entry("grad_sketch._fwd_kernel", grid, c, V, k, e, reps, sf,
                                      grid[1] * (4 * c * V + V * bk * e) + c * (4 * k + 24),
                                      grid[1] * 4.0 * c * V + sf * e / (2 * bn), sms))
@@ -175,7 +157,7 @@ def _chunked_dz_plan(c: int, reps: int, D: int, V: int, k: int, e: int, has_bias
     kp = triton.cdiv(k, bk) * bk
     grid = ROWS.bwd_grid(c, V)
     l2 = (4 + e) * c * V + grid[0] * grid[1] * kp * (4 * t.block_n + e * t.block_v)
-    return _logits_chunk_plan(c, reps, D, V, e, has_bias) + [
+    return logits_chunk_plan(c, reps, D, V, e, has_bias) + [
         _row_kernel_entry("grad_sketch._bwd_kernel", grid, c, V, k, e, reps, 2.0 * c * V * kp,
                           (4 + e) * c * V + V * kp * e + c * (4 * k + 12), l2, sms)]
 
@@ -187,38 +169,8 @@ _FORWARD_PLANS = {"fused": _forward_plan, "chunked": _chunked_forward_plan}
 _DZ_PLANS = {"fused": _fused_dz_plan, "chunked": _chunked_dz_plan}
 
 
-class SketchPlan(list):
-    """A plan (list of ``KernelLaunch``) plus the design each pass runs. ``variants``: {"forward" | "backward":
-    {"pick": "fused" | "chunked", "modeled_s": {design: modeled seconds of that pass on ``gpu``}, "forced":
-    the config or the environment chose, not the model}}, for the passes the plan has."""
-
-    def __init__(self):
-        super().__init__()
-        self.variants: Dict[str, dict] = {}
-
-    @property
-    def forward_variant(self) -> Optional[str]:
-        return self.variants.get("forward", {}).get("pick")
-
-    @property
-    def backward_variant(self) -> Optional[str]:
-        return self.variants.get("backward", {}).get("pick")
-
-    def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str], gpu: str,
-               fp32: bool) -> List[KernelLaunch]:
-        """Record both designs' modeled seconds for pass ``which``; return the launches of the pick."""
-        secs = {n: plan_seconds(x, GPU_SPECS[gpu], fp32) for n, x in priced.items()}
-        pick = forced or min(secs, key=secs.get)
-        self.variants[which] = {"pick": pick, "modeled_s": secs, "forced": forced is not None}
-        return priced[pick]
-
-
-def _forced_variant(cfg: LinearSketchConfig, which: str) -> Optional[str]:
-    env = FORWARD_ENV if which == "forward" else BACKWARD_ENV
-    v = getattr(cfg, f"{which}_variant") or os.environ.get(env) or None
-    if v is not None and v not in SKETCH_VARIANTS:
-        raise ValueError(f"{env}={v!r}: set it to one of {', '.join(SKETCH_VARIANTS)} or unset it")
-    return v
+#: The sketch's plan: a ``DesignPlan`` (the design each pass runs, both designs' modeled seconds).
+SketchPlan = DesignPlan
 
 
 def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd", has_bias: bool = False,
@@ -233,7 +185,7 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     out, fp32 = SketchPlan(), dt == torch.float32
-    forced = {w: _forced_variant(cfg, w) for w in ("forward", "backward")}
+    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV)) for w in ("forward", "backward")}
 
     def forward(D_pad: int) -> List[KernelLaunch]:
         priced = {name: fn(N, D_pad, V, k, e, has_bias, cfg, sms) for name, fn in _FORWARD_PLANS.items()}
@@ -319,15 +271,8 @@ def _chunked_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: 
     bias = None if b is None else b.float()
     for s in range(0, n, C):
         e = min(n, s + C)
-        _logits_into(h[s:e], w, bias, buf[:e - s])
+        logits_into(h[s:e], w, bias, buf[:e - s])
         ROWS.forward_rows(buf[:e - s], rows[:e - s], lab[s:e], P, a[s:e], stats[s:e], opts)
-
-
-def _logits_into(h: Tensor, w: Tensor, bias: Optional[Tensor], z: Tensor) -> None:
-    """z [c, V] fp32 = h [c, D'] @ w [V, D']^T (+ bias fp32): cuBLAS with 16-bit operands and an fp32 output."""
-    gemm.mm_into(h, w.t(), z)
-    if bias is not None:
-        z.add_(bias)
 
 
 def _fused_forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, P: Tensor, a_c: Tensor, st_c: Tensor,
@@ -421,7 +366,7 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
         e = min(n, s + C)
         z = buf[:e - s, :V]
         if chunked:
-            _logits_into(h[s:e], w, bias_f, zf[:e - s])
+            logits_into(h[s:e], w, bias_f, zf[:e - s])
             ROWS.backward_rows(zf[:e - s], ids[:e - s], P, st[s:e], vf[s:e], c[s:e], z, opts)
         else:
             _fused_dz(h[s:e], w, b, lab[s:e], P, st[s:e], v[s:e], c[s:e], lab_term[s:e], z, opts, cfg, launches)
