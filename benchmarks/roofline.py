@@ -160,7 +160,7 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
               **plan_kw) -> Dict[str, Any]:
     """One roofline row (keys: op, pass, N, D, V, dtype, gpu, impl, status, reason, modeled_s, floor_s, ratio,
     flops, hbm_bytes, kernels [per launch, in launch order], l2_notes; the fused head's rows also
-    peak_extra_bytes, eager_peak_bytes, extra_share; the sketch's rows also variants:
+    peak_extra_bytes, eager_peak_bytes, extra_share; the Triton fused heads' rows (entropy and sketch) also variants:
     {"forward" | "backward": {"pick", "modeled_s": {design: modeled seconds of that pass}, "forced"}})."""
     spec = GPU_SPECS[gpu]
     tdt = _DTYPES[dtype]
@@ -169,8 +169,8 @@ def model_row(op: str, impl: str, pass_: str, N: int, D: int, V: int, dtype: str
                            "dtype": dtype, "gpu": gpu, "impl": impl,
                            "floor_s": floor_seconds(op, pass_, N, D, V, elt, spec),
                            "modeled_s": None, "ratio": None, "status": "ok", "reason": None}
-    if op == "linear_grad_sketch":  # its plan picks a forward design by this model: price it on this GPU
-        plan_kw.setdefault("gpu", gpu)
+    if op == "linear_grad_sketch" or (op, impl) == ("linear_entropy_logprob", "triton"):
+        plan_kw.setdefault("gpu", gpu)  # its plan picks each pass's design by this model: price it on this GPU
     if op == "linear_hero_loss":
         row["responses"] = _responses(plan_kw.get("lengths"))
     launches, row["status"], row["reason"] = _call_plan(op, impl, pass_, N, D, V, tdt, **plan_kw)

@@ -259,7 +259,7 @@ def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias
                                                                      has_bias=has_bias, impl=impl)
         else:
             mod = importlib.import_module(LINEAR_IMPLS[impl])
-            kw = dict(sms=gpu.sms, arch=gpu.cc) if impl == "triton" else {}
+            kw = dict(sms=gpu.sms, arch=gpu.cc, gpu=gpu) if impl == "triton" else {}
             launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
         times[impl] = plan_seconds(launches, gpu, fp32, tf32)
     return min(times, key=times.get), times
