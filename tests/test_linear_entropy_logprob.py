@@ -793,25 +793,27 @@ def test_plan_flagship_shape_model():
     L2-bound (85 FLOP/B x 6 TB/s = 512 TFLOP/s). The backward chunk stays <= 2% of eager's materialized peak."""
     from hero_kernels.backends import gemm
     from hero_kernels.backends.cuda import linear_entropy_logprob as CU
-    from hero_kernels.backends.plan import GPU_SPECS, gemm_l2_bytes, modeled_seconds, modeled_terms
+    from hero_kernels.backends.plan import GPU_SPECS, gemm_l2_bytes, modeled_seconds, modeled_terms, peak_extra_bytes
 
     N, D, V = 16384, 4096, 128256
     floor = 8 * N * D * V / 989e12
-    for mod in (K, CU):
-        launches = mod.plan(N, D, V, torch.bfloat16, pass_="fwd+bwd")
+    fused = replace(K.default_config(torch.bfloat16, 90), forward_variant="fused", backward_variant="fused")
+    for plan in (K.plan, CU.plan, lambda *a, **kw: K.plan(*a, config=fused, **kw)):
+        launches = plan(N, D, V, torch.bfloat16, pass_="fwd+bwd")
         for gpu in ("h100", "h200"):
             spec = GPU_SPECS[gpu]
             t = sum(modeled_seconds(x, spec) for x in launches)
-            assert t >= floor / spec.tc_efficiency, (mod.__name__, gpu, t / floor)
+            assert t >= floor / spec.tc_efficiency, (gpu, t / floor)
             if gpu == "h100":
                 assert t > 1.3 * floor, "the 1.3x target now holds: update benchmarks/results/README.md"
-        C = next(x.meta["chunk_rows"] for x in launches if "chunk_rows" in x.meta)
-        assert C * (V + D) * 2 <= 0.02 * gemm.eager_peak_bytes(N, V, 2) and C >= 1181
-    fwd = K.plan(N, D, V, "bf16")
+        assert peak_extra_bytes(launches) <= 0.02 * gemm.eager_peak_bytes(N, V, 2)
+    C = gemm.chunk_rows(N, D, V, 2)  # the fused backward's and the CUDA path's chunk
+    assert C * (V + D) * 2 <= 0.02 * gemm.eager_peak_bytes(N, V, 2) and C >= 1181
+    fwd = K.plan(N, D, V, "bf16", config=fused)
     assert [x.name for x in fwd] == ["_fwd_partials_kernel", "_merge_partials_kernel"]
     assert 8 <= fwd[0].meta["splits"] <= 16 and all(x.l2_note for x in fwd)
     # Our tl.dot kernels carry the L2 operand traffic of their tile; at 128 x 256 it is still the bound.
-    for x in K.plan(N, D, V, "bf16", pass_="fwd+bwd"):
+    for x in K.plan(N, D, V, "bf16", pass_="fwd+bwd", config=fused):
         if x.kind == "gemm" and not x.external:
             m = x.meta
             assert x.l2_bytes == pytest.approx(gemm_l2_bytes(x.flops, m["BLOCK_N"], m["BLOCK_V"], m["elt"]))
@@ -837,7 +839,7 @@ def test_model_can_miss_a_target():
     floor = 2 * N * D * V / 989e12
 
     def fwd_time(tile):
-        cfg = replace(K.default_config(torch.bfloat16), fwd=tile)
+        cfg = replace(K.default_config(torch.bfloat16), fwd=tile, forward_variant="fused")
         return sum(modeled_seconds(x, h100) for x in K.plan(N, D, V, "bf16", config=cfg))
 
     base = fwd_time(K.default_config(torch.bfloat16).fwd)
@@ -936,7 +938,8 @@ def test_compact_rows():
     assert compact_rows(torch.full((3,), IGNORE), IGNORE).numel() == 0
 
 
-@pytest.mark.parametrize("impl", ["cpu", "cuda_launcher", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", ["cpu", "cuda_launcher", pytest.param("triton", marks=needs_triton),
+                                  pytest.param("triton-chunked", marks=needs_triton)])
 def test_uncompacted_rows_match_compacted(impl, monkeypatch):
     """During CUDA graph capture ``compact_rows`` returns None without looking at the labels (its nonzero
     would sync the host) and the fused heads compute every row; simulated here. Masked rows still give 0
@@ -945,9 +948,13 @@ def test_uncompacted_rows_match_compacted(impl, monkeypatch):
 
     from hero_kernels import _cpp_build
 
-    if impl != "triton" and not _cpp_build.cpu_available():
+    if not impl.startswith("triton") and not _cpp_build.cpu_available():
         pytest.skip("CPU extension not built")
-    if impl == "triton":
+    if impl == "triton-chunked":  # both passes' chunked designs (cuBLAS logits, the row kernels, slice labels)
+        L = importlib.import_module("hero_kernels.backends.triton.linear.launch")
+        monkeypatch.setenv(L.FORWARD_ENV, "chunked")
+        monkeypatch.setenv(L.BACKWARD_ENV, "chunked")
+    if impl.startswith("triton"):
         mod, patch_at = K, importlib.import_module("hero_kernels.backends.triton.linear.launch")
     else:
         mod = importlib.import_module(f"hero_kernels.backends.{'cpu' if impl == 'cpu' else 'cuda'}"
@@ -999,29 +1006,35 @@ def test_compute_capability_gate(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # backward loop order and memory model: the "vocab" order holds no fp32 [V, D]
 # ----------------------------------------------------------------------------------------------
+#: The dz launch of each backward design (its meta: order, chunk_rows, vocab_cols).
+_DZ_ENTRY = {"fused": "_bwd_dz_kernel", "chunked": "_entropy_logprob_bwd_kernel"}
+
+
 @needs_triton
+@pytest.mark.parametrize("design", ["fused", "chunked"])
 @pytest.mark.parametrize("dtype,bias,tau,logp_given", [
     (torch.float32, True, 0.7, True),
     (torch.bfloat16, False, 1.3, True),
     (torch.bfloat16, True, 1.0, False),
 ])
-def test_triton_vocab_order_matches_reference(dtype, bias, tau, logp_given):
+def test_triton_vocab_order_matches_reference(dtype, bias, tau, logp_given, design):
     """The "vocab" order at N=37, D=96, V=1003: slices of 256 columns (the tail 235, masked last vocab
-    tiles inside each slice), dz launched in row chunks of 8 (+ a tail), labels and the confident row's
-    label column landing in different slices; with and without the forward's logp."""
+    tiles inside each slice), dz launched in row chunks of 8 (+ a tail; the chunked design: all rows at once),
+    labels and the confident row's label column landing in different slices; with and without the forward's
+    logp; each backward design."""
     h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
-    cfg = _small_config(dtype, vocab_cols=256)
+    cfg = _small_config(dtype, vocab_cols=256, backward_variant=design)
     opts = RowOptions(temperature=tau, ignore_index=IGNORE)
     logp, H, lse = K.forward(h, W, b, y, opts, cfg)
     plan = K.plan(int((y != IGNORE).sum()), 96, 1003, dtype, pass_="bwd", has_bias=bias, config=cfg)
-    assert {x.meta["vocab_cols"] for x in plan if x.name == "_bwd_dz_kernel"} == {256, 235}
+    assert {x.meta["vocab_cols"] for x in plan if x.name == _DZ_ENTRY[design]} == {256, 235}
     assert "dw_cast" not in [x.name for x in plan]
     bwd = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), bwd, h, W, b, y, g, k, tau)
     again = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts, cfg)
     assert all(torch.equal(a, c) for a, c in zip(bwd, again) if a is not None)  # deterministic
     rows = K.backward(h, W, b, y, RowStats(logp if logp_given else None, H, lse), UpstreamGrads(g, k), opts,
-                      _small_config(dtype))
+                      _small_config(dtype, backward_variant=design))
     for a, c in zip(bwd, rows):  # the "rows" order: same gradients up to rounding
         if a is not None:
             assert torch.allclose(a.float(), c.float(), rtol=2e-2, atol=2e-2 * c.float().abs().max().item())
@@ -1057,11 +1070,17 @@ def _fake_dz(monkeypatch, launch):
                     blk.addmm_(a[i:i + B, q:q + B].float(), b[q:q + B, j:j + B].float())
                 o.copy_(blk)
 
-    class Fill:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: args[8].fill_(0.01)
+    class Fill:  # the dz kernel's output: argument `at` (the fused dz kernel's z, the row kernel's out)
+        def __init__(self, at):
+            self.at = at
 
-    monkeypatch.setattr(launch.K, "_bwd_dz_kernel", Fill())
+        def __getitem__(self, grid):
+            return lambda *args, **kw: args[self.at].fill_(0.01)
+
+    monkeypatch.setattr(launch.K, "_bwd_dz_kernel", Fill(8))
+    monkeypatch.setattr(launch.CH.ROWS, "_entropy_logprob_bwd_kernel", Fill(1))  # the chunked design's
+    monkeypatch.setattr(launch.CH.SL, "slice_labels", lambda *a: None)
+    monkeypatch.setattr(launch.CH.SL, "slice_label_fix", lambda *a: None)
     monkeypatch.setattr(launch.gemm, "mm_into", lambda a, b, out: blockwise(out, a, b, False))
     monkeypatch.setattr(launch.gemm, "accumulate_mm", lambda out, a, b: blockwise(out, a, b, True))
     monkeypatch.setattr(launch.gemm, "accumulate_dw", lambda dW, dz, h: blockwise(dW, dz.t(), h, True))
@@ -1106,9 +1125,11 @@ def test_backward_peak_memory_matches_the_model(monkeypatch):
     h, W, _, y, g, k = _problem(N, D, V, torch.bfloat16, bias=False, n_masked=0)
     logp, H, lse = K.forward(h, W, None, y, RowOptions())
     _fake_dz(monkeypatch, L)
-    for cfg, order in ((None, "vocab"), (replace(K.default_config(torch.bfloat16), chunk_rows=32), "rows")):
-        plan = K.plan(N, D, V, torch.bfloat16, pass_="bwd", config=cfg or K.default_config(torch.bfloat16))
-        assert next(x for x in plan if x.name == "_bwd_dz_kernel").meta["order"] == order
+    base = K.default_config(torch.bfloat16)
+    for cfg, order in [(replace(base, backward_variant=d), "vocab") for d in _DZ_ENTRY] + \
+            [(replace(base, chunk_rows=32, backward_variant=d), "rows") for d in _DZ_ENTRY]:
+        plan = K.plan(N, D, V, torch.bfloat16, pass_="bwd", config=cfg)
+        assert next(x for x in plan if x.name == _DZ_ENTRY[cfg.backward_variant]).meta["order"] == order
         peak, out, fp32 = _measured_peak(lambda: K.backward(h, W, None, y, RowStats(logp, H, lse),
                                                             UpstreamGrads(g, k), RowOptions(), cfg))
         returned = sum(x.numel() * x.element_size() for x in out if x is not None)
@@ -1116,7 +1137,7 @@ def test_backward_peak_memory_matches_the_model(monkeypatch):
         assert peak <= model + returned + 4096, (order, peak, model, returned)
         if order == "vocab":
             assert (V, D) not in fp32 and model < 4 * V * D
-            assert len({x.meta["vocab_cols"] for x in plan if x.name == "_bwd_dz_kernel"}) == 2
+            assert len({x.meta["vocab_cols"] for x in plan if x.name == _DZ_ENTRY[cfg.backward_variant]}) == 2
         else:
             assert (V, D) in fp32 and peak >= 4 * V * D and model >= 4 * V * D
 
@@ -1133,10 +1154,12 @@ def test_plan_memory_model_flagship():
 
     N, D, V = 16384, 4096, 128256
     bound = gemm.eager_peak_bytes(N, V, 2)
-    tri = K.plan(N, D, V, "bf16", pass_="fwd+bwd")
-    assert {x.meta.get("order") for x in tri if x.name == "_bwd_dz_kernel"} == {"vocab"}
-    assert "dw_cast" not in [x.name for x in tri] and "dh_cast" in [x.name for x in tri]
-    assert peak_extra_bytes(tri) <= 0.02 * bound
+    for bwd, dz in _DZ_ENTRY.items():
+        tri = K.plan(N, D, V, "bf16", pass_="fwd+bwd", config=replace(K.default_config(torch.bfloat16, 90),
+                                                                      backward_variant=bwd))
+        assert {x.meta.get("order") for x in tri if x.name == dz} == {"vocab"}
+        assert "dw_cast" not in [x.name for x in tri] and "dh_cast" in [x.name for x in tri]
+        assert peak_extra_bytes(tri) <= 0.02 * bound
     rows = K.plan(N, D, V, "bf16", pass_="bwd", config=replace(K.default_config(torch.bfloat16, 90), chunk_rows=1504))
     assert peak_extra_bytes(rows) >= 4 * V * D and peak_extra_bytes(CU.plan(N, D, V, "bf16", pass_="bwd",
                                                                             order="rows")) >= 4 * V * D
@@ -1508,3 +1531,194 @@ def test_fused_head_offsets_beyond_int32(tmp_path):
     (r_logp, r_H, _), (r_dh, r_dW, _) = _reference(h.clone(), W.clone(), None, y, g, k, 1.0)
     for got, ref in ((stats.logp, r_logp), (stats.H, r_H), (dh, r_dh), (dW, r_dW)):
         assert _err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# the Triton head's designs per pass: "fused" (tl.dot kernels) and "chunked" (cuBLAS fp32 logits + the Triton
+# row kernels, the slice label column by the Triton slice-label kernels)
+# ----------------------------------------------------------------------------------------------
+_DESIGNS = [(f, b) for f in ("fused", "chunked") for b in ("fused", "chunked")]
+
+
+@needs_triton
+@pytest.mark.parametrize("fwd,bwd", _DESIGNS)
+@pytest.mark.parametrize("dtype,bias,tau,kw", [
+    (torch.float32, True, 0.7, dict(chunk_rows=8)),  # "rows" chunks of 8 + a tail
+    (torch.bfloat16, False, 1.3, dict(vocab_cols=256)),  # "vocab" slices of 256 + a tail of 235
+    (torch.bfloat16, True, 1.0, dict(chunk_rows=16)),
+], ids=["fp32-rows", "bf16-vocab", "bf16-rows-bias"])
+def test_triton_every_design_pair_matches_reference(fwd, bwd, dtype, bias, tau, kw):
+    """Every forward design x every backward design (each backward takes either forward's saved stats) at N=37,
+    D=96, V=1003 (odd V, V not a multiple of the slice): masked rows, a confident row (p_y -> 1), temperature,
+    bias, non-contiguous hidden; within the tolerance rule against the float64 oracle (bf16 in the interpreter
+    rounds by truncation on every kernel-side cast, the cuBLAS stand-in torch.mm to nearest)."""
+    h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=bias)
+    h = torch.empty(37, 104, dtype=dtype, device=DEVICE)[:, 5:101].copy_(h)  # row stride 104, offset 5
+    cfg = _small_config(dtype, vocab_splits=3, forward_variant=fwd, backward_variant=bwd, **kw)
+    p = K.plan(int((y != IGNORE).sum()), 96, 1003, dtype, pass_="fwd+bwd", has_bias=bias, config=cfg)
+    assert (p.forward_variant, p.backward_variant) == (fwd, bwd) and p.variants["backward"]["forced"]
+    opts = RowOptions(temperature=tau, ignore_index=IGNORE)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    grads = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
+    _check_all((logp, H, lse), grads, h, W, b, y, g, k, tau)
+    assert logp[(y != IGNORE).nonzero()[0]].abs().item() < 1e-4  # the confident row: log p_y -> 0
+
+
+@needs_triton
+@pytest.mark.parametrize("fwd", ["fused", "chunked"])
+@pytest.mark.parametrize("kw", [dict(vocab_cols=64), dict(chunk_rows=4)], ids=["vocab", "rows"])
+def test_triton_chunked_backward_ignore_index_inside_a_slice(fwd, kw):
+    """A user ignore_index that is a vocabulary id (3): the chunked backward hands the row kernel slice-local
+    labels with -1 on masked rows, so a real row whose label sits at slice column 3 (67) or 0 (64) is not read
+    as masked; masked rows stay 0. fp32 against the float64 oracle at that ignore_index. Without the forward's
+    logp the label column is the old 1 - e^{x_y - lse}, rounding noise as p_y -> 1 unless x_y and lse come from
+    the same logits (the same design: 1e-5 of relative error on the confident row when they do not)."""
+    h, W, b, y, g, k = _problem(9, 32, 150, torch.float32, n_masked=0)
+    y[y == 3] = 1
+    y[[2, 6]] = 3  # masked
+    y[4], y[5], y[7] = 67, 64, 149  # slice columns 3 and 0, the last column
+    opts = RowOptions(temperature=1.3, ignore_index=3)
+    cfg = _small_config(torch.float32, forward_variant=fwd, backward_variant="chunked", **kw)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    for given in (logp, None) if fwd == "chunked" else (logp,):  # the label column from the forward's logp or not
+        got = K.backward(h, W, b, y, RowStats(given, H, lse), UpstreamGrads(g, k), opts, cfg)
+        want = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.3, 3)
+        for a, w in zip(got, want):
+            assert _err(a, w) <= 1e-5 * max(1.0, w.abs().max().item())
+        assert (got[0][[2, 6]] == 0).all()
+
+
+def _torch_row_dz(z, y, lse, H, g, k, inv):
+    """dz of whole fp32 rows z [n, V] in fp64 (the row kernel's math; labels y in [0, V))."""
+    x = z.double() * inv
+    lp = x - lse[:, None]
+    p = lp.exp()
+    onehot = torch.zeros_like(p).scatter_(1, y[:, None], 1.0)
+    return inv * (g.double()[:, None] * (onehot - p) - k.double()[:, None] * p * (lp + H.double()[:, None]))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ig", [IGNORE, 3])
+@pytest.mark.parametrize("logp_given", [True, False])
+def test_triton_slice_label_kernels_match_the_torch_formula(dtype, ig, logp_given):
+    """One slice [v0, v0 + 37) of V=203 through the Triton slice_labels -> row backward (fp32 logits in, dz in
+    ``dtype``) -> slice_label_fix: the slice labels as ``hero_rowmath.h`` slice_col, x the row kernel's fp32
+    z / tau, the label / stand-in column the torch formula the C++ ops replaced (``_old_label_column``), every
+    other column the whole-row dz. Labels at the slice's edges and just outside, masked rows, a user
+    ignore_index inside [0, vc), p_y -> 1 (a huge label logit), tau != 1, stride-0 upstream grads, a row-strided
+    view of the slice."""
+    from hero_kernels.backends.triton import entropy_logprob as ROWS
+    from hero_kernels.backends.triton import slice_label as SL
+
+    gen = torch.Generator().manual_seed(5)
+    N, V, v0, vc, inv = 41, 203, 64, 37, 1 / 0.7
+    y = _slice_labels(N, V, v0, vc, ig, gen)
+    zf = 3 * torch.randn(N, V, generator=gen)
+    zf[0, v0] = zf[1, v0 + vc - 1] = 60.0  # p_y -> 1 at both slice edges
+    zf[7, y[7]] = 60.0 if y[7] != ig else 0.0  # and somewhere else
+    zf, y = zf.to(DEVICE), y.to(DEVICE)
+    logp, H, lse = ROWS.forward(zf, y, RowOptions(temperature=0.7, ignore_index=ig))
+    g = torch.randn(N, generator=gen).to(DEVICE)
+    k = torch.full((N,), 0.7, device=DEVICE)
+    lp = logp if logp_given else None
+    z = torch.zeros(N, vc + 9, device=DEVICE)[:, 4:4 + vc].copy_(zf[:, v0:v0 + vc])  # row stride vc + 9
+    dz = torch.zeros(N, vc + 3, dtype=dtype, device=DEVICE)[:, 1:1 + vc]
+    cols, x = torch.empty(N, dtype=torch.int64, device=DEVICE), torch.empty(N, dtype=torch.float64, device=DEVICE)
+    SL.slice_labels(z, y, v0, inv, ig, cols, x)
+    (launch,) = ROWS.plan(N, vc, torch.float32, pass_="bwd")
+    ROWS._entropy_logprob_bwd_kernel[launch.grid](
+        z, dz, cols, lse, H, g, k, vc, N, 0, z.stride(0), 0, dz.stride(0), 1, 1, inv, -1,
+        BLOCK_V=launch.meta["BLOCK_V"], ROUND_X=ROWS._round_x(), num_warps=launch.num_warps)
+    SL.slice_label_fix(dz, y, v0, x, lse, H, g, k, lp, inv, ig)
+
+    masked = y == ig
+    inside = (y >= v0) & (y < v0 + vc)
+    col = torch.where(inside, y - v0, torch.zeros_like(y))
+    assert torch.equal(cols, col.masked_fill(masked, -1))
+    x_want = (z.gather(1, col[:, None]).squeeze(1) * torch.tensor(inv, dtype=torch.float32)).double()
+    assert torch.equal(x[~masked], x_want[~masked]) and (x[masked] == 0).all()
+    # every other column: the whole-row formula of the fp32 row kernel (p from x - lse in fp32: ~1e-5 relative)
+    want = _torch_row_dz(z, col, lse, H, g, k, inv)
+    rows = torch.arange(N)
+    fix = _old_label_column(x, inside, lse, H, g, k, lp, torch.tensor(inv, dtype=torch.float32).double().item())
+    got_fix, want[rows, col], dz[rows, col] = dz[rows, col].double(), 0.0, 0.0
+    bf16 = dtype == torch.bfloat16  # the interpreter truncates bf16: up to 2^-7 relative
+    err = (dz.double() - want)[~masked].abs()
+    assert (err <= (2 ** -7 if bf16 else 2e-5) * want[~masked].abs() + 1e-30).all(), err.max()
+    assert (dz[masked] == 0).all() and (got_fix[masked] == 0).all()
+    # the rewritten column: the fp64 formula, rounded once
+    err = (got_fix - fix)[~masked].abs()
+    assert (err <= (2 ** -7 if bf16 else 2 ** -23) * fix[~masked].abs() + 1e-45).all(), err.max()
+    dz[rows, col] = got_fix.to(dtype)
+    # p_y -> 1: 1 - p_y ~ e^-72 is a nonzero label gradient, from the forward's logp (or the old formula)
+    assert dz[0].float().abs().max() < 1e-3 and (dz[0, 0] != 0 or not logp_given)
+
+
+@needs_triton
+def test_triton_plan_picks_the_faster_designs():
+    """Pure Python: at the headline shape (16384, 4096, 128256) bf16 the model picks the chunked forward and
+    backward on both GPUs (cuBLAS at the tensor-core term vs the L2-bound tl.dot tiles), the whole plan within 2%
+    of eager's memory bound; a tiny shape stays fused (fewer launches). The config and the environment force a
+    design; a bad value names the variable or the field in one line. The roofline row shows both designs."""
+    from hero_kernels.backends import gemm
+    from hero_kernels.backends.plan import peak_extra_bytes
+    from hero_kernels.backends.triton.linear import launch as L
+
+    N, D, V = 16384, 4096, 128256
+    for gpu in ("h100", "h200"):
+        p = K.plan(N, D, V, "bf16", pass_="fwd+bwd", gpu=gpu)
+        fw, bw = p.variants["forward"], p.variants["backward"]
+        assert (p.forward_variant, p.backward_variant) == ("chunked", "chunked") and not fw["forced"]
+        assert fw["modeled_s"]["chunked"] < 0.85 * fw["modeled_s"]["fused"]
+        assert bw["modeled_s"]["chunked"] < 0.95 * bw["modeled_s"]["fused"]
+        names = {x.name for x in p}
+        assert {"_entropy_logprob_fwd_kernel", "_slice_labels_kernel", "_slice_label_fix_kernel"} <= names
+        assert not {"_fwd_partials_kernel", "_bwd_dz_kernel", "dw_cast"} & names
+        assert peak_extra_bytes(p) <= 0.02 * gemm.eager_peak_bytes(N, V, 2)
+    assert K.plan(64, 64, 1000, "bf16", pass_="fwd+bwd").forward_variant == "fused"
+    assert K.plan(N, D, V, "bf16", pass_="bwd").forward_variant is None
+    assert K.plan(N, D, V, "bf16", pass_="bwd", deterministic=False).backward_variant is None  # atomic
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(L.FORWARD_ENV, "fused")
+        p = K.plan(N, D, V, "bf16")
+        assert p.forward_variant == "fused" and p.variants["forward"]["forced"]
+        mp.setenv(L.BACKWARD_ENV, "fused")
+        assert K.plan(N, D, V, "bf16", pass_="bwd").backward_variant == "fused"
+        assert K.plan(N, D, V, "bf16", pass_="bwd", config=replace(K.default_config(torch.bfloat16, 90),
+                                                                  backward_variant="chunked")).backward_variant \
+            == "chunked"  # the config wins over the environment
+        mp.setenv(L.BACKWARD_ENV, "tiled")
+        with pytest.raises(ValueError, match=f"^{L.BACKWARD_ENV}='tiled': set it to one of fused, chunked"):
+            K.plan(N, D, V, "bf16", pass_="bwd")
+    with pytest.raises(ValueError, match="forward_variant must be None or one of"):
+        replace(K.default_config(torch.bfloat16), forward_variant="tiled")
+    from benchmarks import roofline as RL
+
+    row = RL.model_row("linear_entropy_logprob", "triton", "fwd+bwd", N, D, V, "bf16", "h200")
+    assert row["modeled_s"] == pytest.approx(sum(v["modeled_s"]["chunked"] for v in row["variants"].values()))
+    assert all(x.endswith("-> chunked (faster by the model)") for x in RL.variant_lines([row]))
+
+
+_SLICE_COMPILE_SCRIPT = r"""
+import json, sys
+from hero_kernels.backends.triton import slice_label as S
+from hero_kernels.gpu_compile import triton_resource_usage
+print(json.dumps([triton_resource_usage(fn, sig, const, int(sys.argv[1]), w, s, desc, S.compile_attrs(fn, sig)).as_dict()
+                  for fn, sig, const, w, s, desc in S.KERNEL_CONFIGS]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(K is None, reason="triton missing")
+@pytest.mark.parametrize("cc", [80, 90])
+def test_gpu_compile_slice_label_kernels_no_spills(cc):
+    """The chunked design's own builds (the slice-label kernels, the row backward with fp32 logits in and 16-bit
+    dz out) compile for sm_80 / sm_90a without spills (STACK / LOCAL 0)."""
+    require_compiler()
+    rows = run_json_script(_SLICE_COMPILE_SCRIPT, str(cc), timeout=900)
+    from hero_kernels.backends.triton import slice_label as S
+
+    assert len(rows) == len(S.KERNEL_CONFIGS)
+    spills = [u for u in rows if u["local_bytes"] or u["stack_bytes"]]
+    assert not spills, spills

@@ -271,6 +271,19 @@ def test_shard_backward_at_large_offset_has_no_lse_rounding(impl, cuts):
         assert err <= 2 * base + 1e-7, (name, err, base)
 
 
+@pytest.mark.skipif(not HAVE_TRITON or (DEVICE == "cpu" and not INTERPRET), reason="triton missing")
+@pytest.mark.parametrize("design", ["fused", "chunked"])
+def test_triton_shard_backward_each_design(design, monkeypatch):
+    """The Triton shard backward in each design (the chunked one: the shard is a slice of the global vocabulary,
+    so labels outside it take the slice-label path, inside it the forward's logp): the two-shard problem and the
+    exact large-offset one, as above."""
+    from hero_kernels.backends.triton.linear import launch
+
+    monkeypatch.setenv(launch.BACKWARD_ENV, design)
+    test_two_shards_match_unsharded("triton", True)
+    test_shard_backward_at_large_offset_has_no_lse_rounding("triton", [(0, 100), (100, 200), (200, 301)])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_masked_label_gives_finite_gradients(impl):
     """A label on a -inf (masked) column: logp = -inf, p_y = 0, and every gradient stays finite (the label

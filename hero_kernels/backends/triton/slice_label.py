@@ -49,26 +49,28 @@ def _neg_expm1(x):
     return tl.where(tl.abs(x) < _EXPM1_SERIES, series, 1.0 - tl.exp(x))
 
 
+@triton.jit
+def _rows(labels_ptr, n, vc, v0, BLOCK: tl.constexpr):
+    """(rows, row < n, label, label in [v0, v0 + vc)) of this program's BLOCK rows."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < n
+    y = tl.load(labels_ptr + rows, mask=live, other=0)
+    return rows, live, y, (y >= v0) & (y < v0 + vc)
+
+
 @triton.jit(do_not_specialize=["v0", "inv_temp", "ignore_index"])
 def _slice_labels_kernel(
     z_ptr,  # [n, vc] logits of the slice (fp32), last-dim stride 1
     labels_ptr,  # [n] int64 global label ids
     cols_ptr,  # [n] int64 out: the row kernel's slice-local label (-1: masked)
     x_ptr,  # [n] fp64 out: that column's z / tau as the row kernel rounds it (0 on masked rows)
-    n,
-    vc,
-    stride_z,
-    v0,  # global id of the slice's first column
-    inv_temp,
-    ignore_index,
+    n, vc, stride_z, v0, inv_temp, ignore_index,  # v0: the global id of the slice's first column
     BLOCK: tl.constexpr,
     ROUND_X: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = rows < n
-    y = tl.load(labels_ptr + rows, mask=live, other=0)
+    rows, live, y, inside = _rows(labels_ptr, n, vc, v0, BLOCK)
     masked = y == ignore_index
-    col = tl.where(masked, -1, tl.where((y >= v0) & (y < v0 + vc), y - v0, 0))
+    col = tl.where(masked, -1, tl.where(inside, y - v0, 0))
     z = tl.load(z_ptr + rows.to(tl.int64) * stride_z + tl.maximum(col, 0), mask=live & ~masked, other=0.0)
     x = _scale(z.to(tl.float32), tl.cast(inv_temp, tl.float32), ROUND_X)
     tl.store(cols_ptr + rows, col.to(tl.int64), mask=live)
@@ -85,20 +87,12 @@ def _slice_label_fix_kernel(
     g_ptr,  # [n] fp32
     k_ptr,  # [n] fp32
     logp_ptr,  # [n] fp32 the forward's log p(label) (read when HAS_LOGP)
-    n,
-    vc,
-    stride_dz,
-    v0,
-    inv_temp,
-    ignore_index,
+    n, vc, stride_dz, v0, inv_temp, ignore_index,
     HAS_LOGP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    live = rows < n
-    y = tl.load(labels_ptr + rows, mask=live, other=0)
+    rows, live, y, inside = _rows(labels_ptr, n, vc, v0, BLOCK)
     valid = live & (y != ignore_index)
-    inside = (y >= v0) & (y < v0 + vc)
     x = tl.load(x_ptr + rows, mask=valid, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
     lq = x - lse

@@ -208,7 +208,8 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     D_in, D = D, triton.cdiv(D, _ALIGN) * _ALIGN
     if not deterministic and need_dh and need_dw:
         live = 4 * (N * D + V * D) + _copy_bytes(N, D_in, V, e, total_rows, weight_copied)
-        return out + [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg)]
+        out += [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg)]
+        return out
     dh_e = e if grad_hidden_dtype is None else torch.finfo(gemm.as_dtype(grad_hidden_dtype)).bits // 8
     mem_kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, dh_elem=dh_e,
                   copies=_copy_bytes(N, D_in, V, e, total_rows, weight_copied))
