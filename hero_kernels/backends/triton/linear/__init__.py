@@ -1,8 +1,9 @@
 """Fused LM head on Triton: design, and the numbers behind it (API: ``..linear_entropy_logprob``).
 
 Modules: ``kernels.py`` (the Triton kernels), ``config.py`` (tiles, vocab splits), ``launch.py`` (``plan``
-and the launchers; every grid, split and chunk size comes from ``plan``), ``compile.py`` (compile metadata
-derived from the kernels' own argument lists). The fused gradient sketch (``linear_grad_sketch``) reuses the
+and the launchers; every grid, split and chunk size comes from ``plan``), ``chunked.py`` (the chunked design of
+each pass: cuBLAS fp32 logits + the Triton row kernels of ``entropy_logprob``, the vocab slice's label column
+by ``..slice_label``), ``compile.py`` (compile metadata derived from the kernels' own argument lists). The fused gradient sketch (``linear_grad_sketch``) reuses the
 logits tile, vocab splits and chunked backward: ``sketch_kernels.py`` and ``sketch_launch.py`` (its ``plan``). The chunked backward's GEMM half is shared with the CUDA
 backend in ``hero_kernels.backends.gemm``.
 
@@ -81,6 +82,22 @@ eager bf16 PyTorch's 2.0e-2); refreshing lse / H from the chunk fixes the sum bu
 (row read + write, refresh read: ~3.8 ms on an H100). The dz epilogue keeps fp32 logits: grad_bias
 7.4e-3, grad_hidden 9.7e-3, grad_weight 2.2e-2 vs eager's 2.0e-2 / 2.5e-2 / 8.4e-2 on that problem
 (interpreter, which rounds bf16 by truncation).
+
+Each pass: the fused design above or the chunked one, whichever the model prices faster
+-------------------------------------------------------------------------------------------
+``plan`` prices both designs of each pass and runs the faster (``DesignPlan.variants``, printed by
+``python -m benchmarks.roofline``; the config's forward_variant / backward_variant or
+``HERO_KERNELS_LINEAR_FORWARD`` / ``_BACKWARD=fused|chunked`` force one). Chunked (``chunked.py``): the forward
+writes fp32 logits of C = 752 rows per cuBLAS GEMM (0.39 GB = 1.8 % of eager's bound) and streams them once
+through the Triton row forward: 23.3 ms of GEMM at 0.75 of the peak + 2.9 ms of HBM = 26.2 ms vs the fused
+33.6 ms on an H100 (23.9 ms on an H200). The backward runs the same loop orders; its dz producer is one cuBLAS
+GEMM of fp32 logits [n, Vc] per vocab slice (all rows), ``slice_label.py``'s label kernel, the Triton row
+backward writing bf16 dz beside them, and the label-column fix from the forward's logp; the two buffers fit
+the 2 % budget at Vc = 1536 (84 slices): 76.1 ms vs the fused 81.6 ms (70.4 vs 78.7 ms on an H200). Fwd + bwd
+102.3 ms = 1.47 x the floor on an H100 (94.2 ms = 1.35 x on an H200), 4.4 ms behind the CUDA path's in-place
+bf16 logits: the chunked logits stay fp32 so that either backward design may take either forward's stats
+(the reason below), which costs 4 bytes per element more through HBM per pass. Small shapes stay fused
+(fewer launches).
 
 Non-finite inputs: -inf logits (masked vocabulary) may fill whole tiles and whole splits, even the first
 ones (finite stand-in max, one select per row and tile); their p is 0 in the backward. NaN in a row's
