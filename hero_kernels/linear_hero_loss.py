@@ -449,7 +449,9 @@ class _Run:
         """dW or X (+)= dz^T h: the first GEMM into an unwritten accumulator writes it (no zero-fill)."""
         t = getattr(self, name)
         if self.fresh[name]:
-            gemm.mm_into(dz.t(), h if dz.dtype == t.dtype else h.to(dz.dtype), t)
+            # one operand dtype: dz's (fp32 dz from a CPU backend's wide buffer or the torch backend comes
+            # with the 16-bit hidden rows; mm_into, unlike accumulate_mm, does not cast b)
+            gemm.mm_into(dz.t(), h if h.dtype == dz.dtype else h.to(dz.dtype), t)
             self.fresh[name] = False
         else:
             self.eng.add_dw(t, dz, h)

@@ -525,3 +525,19 @@ def test_float16_hidden_keeps_the_recomputing_op(monkeypatch):
         loss, _ = hk.hero_loss(h.half(), y, torch.randn(B), weight=Wl, old_logp=old, impl=impl)
         (loss * 256.0).backward()
         assert torch.isfinite(Wl.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_16bit_first_dw_gemm_on_a_closed_chunk(impl, dtype=torch.bfloat16):
+    """One chunk, every response closed: the first dW GEMM writes the fp32 dW from fp32 dlogits (a CPU
+    backend's wide dz / the torch backend's fp32 math) and the 16-bit hidden rows (cast to one dtype)."""
+    h, W, b, y, old, _ = _problem()
+    A = torch.randn(B)
+    exact = _call(True, h.double(), W.double(), b.double(), y, A, impl, old_logp=old)
+    hb, Wb, bb = h.to(dtype), W.to(dtype), b.to(dtype)
+    ours = _call(True, hb, Wb, bb, y, A, impl, old_logp=old)
+    op = _call(False, hb, Wb, bb, y, A, impl, old_logp=old)
+    for go, gp, ge in zip(ours[2], op[2], exact[2]):
+        assert go.dtype == dtype
+        err_ours, err_op = (go.double() - ge).abs().max(), (gp.double() - ge).abs().max()
+        assert err_ours <= 2 * err_op + 1e-6 * ge.abs().max(), (float(err_ours), float(err_op))
