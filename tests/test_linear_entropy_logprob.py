@@ -1433,6 +1433,25 @@ def test_slice_label_ops_match_the_torch_formula(dev, dtype, ig, logp_given):
     assert torch.equal(run(ops, strided.copy_(zf[:, v0:v0 + vc]))[0], want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_slice_label_ops_schemas_match_what_they_write(dtype):
+    """torch.library.opcheck of the two slice ops: the schema's mutability annotations (cols!, x! / dz!) are
+    what the kernels write (functionalization and torch.compile rely on them) and the Meta impls trace."""
+    ops = _slice_ops("cpu")
+    gen = torch.Generator().manual_seed(2)
+    N, V, v0, vc, inv = 9, 50, 20, 13, 1 / 0.7
+    y = _slice_labels(N, V, v0, vc, IGNORE, gen)
+    z = torch.randn(N, V, generator=gen).to(dtype)
+    logp, H, lse = ops.entropy_logprob_fwd(z, y, inv, IGNORE)
+    zs, g, k = z[:, v0:v0 + vc].contiguous(), torch.randn(N, generator=gen), torch.randn(N, generator=gen)
+    cols, x = torch.empty(N, dtype=torch.int64), torch.empty(N, dtype=torch.float64)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(torch.ops.hero_kernels_cpp.entropy_logprob_slice_labels.default,
+                          (zs, y, v0, inv, IGNORE, cols, x), test_utils=utils)
+    torch.library.opcheck(torch.ops.hero_kernels_cpp.entropy_logprob_slice_label_fix.default,
+                          (zs, y, v0, x, lse, H, g, k, logp, inv, IGNORE), test_utils=utils)
+
+
 def test_slice_label_ops_name_the_bad_argument():
     ops = _slice_ops("cpu")
     z, y = torch.zeros(4, 7), torch.zeros(4, dtype=torch.int64)
