@@ -517,7 +517,8 @@ _ROW_BYTES = 3 * 8 + 8 * 4 + 1
 def _chunk_kinds(lengths: List[int], chunks: List[Tuple[int, int, bool]]) -> dict:
     """{(rows, open, fold_before, x_start): count}: which work each chunk of ``run`` does. fold_before: an
     open response is folded into dW first (``_fold``); x_start: the first chunk of an open response (X is
-    zeroed / allocated). Also the key "end_fold" (0 / 1) and "deferred" (dh rows rescaled in ``finish``)."""
+    allocated once; its first GEMM writes it). Also the key "end_fold" (0 / 1) and "deferred" (dh rows
+    rescaled in ``finish``)."""
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
