@@ -1675,6 +1675,88 @@ def test_triton_slice_label_kernels_match_the_torch_formula(dtype, ig, logp_give
 
 
 @needs_triton
+@pytest.mark.parametrize("design", ["fused", "chunked"])
+@pytest.mark.parametrize("kw", [dict(vocab_cols=48), dict(chunk_rows=4)], ids=["vocab", "rows"])
+def test_triton_backward_takes_int32_labels(design, kw):
+    """int32 labels (the backend API and ``hero_kernels.sharded.shard_backward`` pass them on as given): each
+    backward design gives the int64 labels' gradients, on the whole vocabulary and on a shard [50, 131) (the
+    chunked design's slice-label kernels read int64 labels)."""
+    h, W, b, y, g, k = _problem(13, 24, 131, torch.float32, n_masked=2)
+    opts = RowOptions(temperature=0.9, ignore_index=IGNORE)
+    cfg = _small_config(torch.float32, backward_variant=design, **kw)
+    stats = K.forward(h, W, b, y, opts, cfg)
+    for v0 in (0, 50):
+        want = K.backward(h, W[v0:], b[v0:], y, stats, UpstreamGrads(g, k), opts, cfg, vocab_start=v0)
+        got = K.backward(h, W[v0:], b[v0:], y.int(), stats, UpstreamGrads(g, k), opts, cfg, vocab_start=v0)
+        for a, w in zip(got, want):
+            assert torch.equal(a, w)
+
+
+@needs_triton
+def test_backward_frees_the_dz_buffers_before_the_dh_cast(monkeypatch):
+    """The "vocab" order casts the fp32 dh accumulator once at the end: by then the dz producer (the dz buffer
+    and, chunked, the fp32 logits beside it) is gone, as the memory model's "final" phase says (it holds the
+    fp32 dh only). Kernels and GEMMs faked (``_fake_dz``); bf16, 2 slices, each design."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hero_kernels.backends.triton.linear import launch as L
+
+    N, D, V = 16, 32, 200
+    h, W, _, y, g, k = _problem(N, D, V, torch.bfloat16, bias=False, n_masked=0)
+    logp, H, lse = K.forward(h, W, None, y, RowOptions())
+    _fake_dz(monkeypatch, L)
+    alive = []
+    for name in ("_FusedDz", "DzProducer"):
+        mod = L if name == "_FusedDz" else L.CH
+        cls = getattr(mod, name)
+        monkeypatch.setattr(mod, name, type(name, (cls,), {
+            "__init__": lambda self, *a, _cls=cls, **kw: (_cls.__init__(self, *a, **kw),
+                                                          alive.append(weakref.ref(self)))[0]}))
+    at_cast = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if (func is torch.ops.aten._to_copy.default and isinstance(x, torch.Tensor)
+                    and x.dtype == torch.float32 and tuple(x.shape) == (N, D)
+                    and (kwargs or {}).get("dtype") == torch.bfloat16):
+                at_cast.append(sum(r() is not None for r in alive))
+            return func(*args, **(kwargs or {}))
+
+    for design in _DZ_ENTRY:
+        alive.clear(), at_cast.clear()
+        cfg = replace(K.default_config(torch.bfloat16), vocab_cols=128, backward_variant=design)
+        with Watch():
+            K.backward(h, W, None, y, RowStats(logp, H, lse), UpstreamGrads(g, k), RowOptions(), cfg)
+        assert len(alive) == 1 and at_cast == [0], (design, at_cast)
+
+
+@needs_triton
+def test_forward_peak_memory_matches_the_model(monkeypatch):
+    """The forward's allocations on CPU (the logits GEMM faked: an in-place fill) within its plan's memory model + the
+    returned stats, in each design: the fused split partials, the chunked fp32 [C, V] logits chunk (bias
+    upcast once); bf16, N=40 in chunks of 16 + a tail, V=300, bias."""
+    from hero_kernels.backends.plan import peak_extra_bytes
+    from hero_kernels.backends.triton.linear import launch as L
+
+    N, D, V = 40, 32, 300
+    h, W, b, y, _, _ = _problem(N, D, V, torch.bfloat16, bias=True, n_masked=0)
+    monkeypatch.setattr(L.gemm, "mm_into", lambda a, b, out: out.fill_(0.5))  # cuBLAS writes its output only
+    for design in ("fused", "chunked"):
+        cfg = _small_config(torch.bfloat16, chunk_rows=16, forward_variant=design)
+        plan = K.plan(N, D, V, torch.bfloat16, has_bias=True, config=cfg)
+        assert plan.forward_variant == design
+        peak, out, _ = _measured_peak(lambda: K.forward(h, W, b, y, RowOptions(), cfg))
+        returned = sum(x.numel() * x.element_size() for x in out)
+        model = peak_extra_bytes(plan)
+        assert peak <= model + returned + 4096, (design, peak, model, returned)
+        if design == "chunked":
+            assert model >= 16 * V * 4 and peak >= 16 * V * 4
+
+
+@needs_triton
 def test_triton_plan_picks_the_faster_designs():
     """Pure Python: at the headline shape (16384, 4096, 128256) bf16 the model picks the chunked forward and
     backward on both GPUs (cuBLAS at the tensor-core term vs the L2-bound tl.dot tiles), the whole plan within 2%

@@ -122,7 +122,8 @@ class DzProducer:
     logp fp32 | None) [n]; rows x cols: the largest dz the plan asks for."""
 
     def __init__(self, h, w, b, labs, stats, opts: RowOptions, vocab_start: int, rows: int, cols: int):
-        self.h, self.w, self.labs, self.stats, self.opts, self.v_start = h, w, labs, stats, opts, vocab_start
+        self.h, self.w, self.stats, self.opts, self.v_start = h, w, stats, opts, vocab_start
+        self.labs = labs.long()  # the slice-label kernels read int64 ids (the backend API passes int32 on as given)
         self.bias = None if b is None else b.float()
         dev = h.device
         self.dz = torch.empty(rows * cols, dtype=h.dtype, device=dev)

@@ -548,10 +548,14 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     V = w.shape[0]
     C, Vc = meta["chunk_rows"], meta["vocab_cols"]
     size = (n, Vc) if meta["order"] == "vocab" else (min(C, n), V)
-    dz = (CH.DzProducer(h, w, b, labs, stats, opts, vocab_start, *size) if chunked else
-          _FusedDz(h, w, b, labs, stats, opts, vocab_start, launches, cfg, *size))
-    if meta["order"] == "vocab":
-        return _vocab_backward(h, w, b, dz, C, Vc, gh_dtype, need_dh, need_dw)
+
+    def producer():
+        return (CH.DzProducer(h, w, b, labs, stats, opts, vocab_start, *size) if chunked else
+                _FusedDz(h, w, b, labs, stats, opts, vocab_start, launches, cfg, *size))
+
+    if meta["order"] == "vocab":  # the producer made there: no reference here keeps its buffers past the loop
+        return _vocab_backward(h, w, b, producer, C, Vc, gh_dtype, need_dh, need_dw)
+    dz = producer()
     dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
     # The first chunk writes dW / db (beta = 0), the others accumulate: no zero-fill pass over [V, D].
     dW = torch.empty((V, D), dtype=torch.float32, device=h.device) if need_dw else None
@@ -564,15 +568,16 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     return dh, dW, db
 
 
-def _vocab_backward(h, w, b, dz, C: int, Vc: int, gh_dtype, need_dh: bool, need_dw: bool):
-    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] from the producer ``dz`` in row chunks of C
-    (the fused kernel on the slice, like a vocab shard; the chunked design: C = n), then over all n rows
+def _vocab_backward(h, w, b, make_dz, C: int, Vc: int, gh_dtype, need_dh: bool, need_dw: bool):
+    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] from the producer ``make_dz()`` in row chunks of
+    C (the fused kernel on the slice, like a vocab shard; the chunked design: C = n), then over all n rows
     dh (+)= dz @ W[slice] (fp32 [n, D] accumulator, cast once at the end; one slice: written once) and
     dW[slice] = dz^T @ h, ONE GEMM over all rows, written once in w.dtype: no fp32 [V, D]. Same outputs as
     ``_chunked_backward``."""
     n, D = h.shape
     V = w.shape[0]
     one_slice = Vc >= V
+    dz = make_dz()
     acc = None
     if need_dh:  # fp32 accumulator across slices (the gradient itself when it is fp32 or there is one slice)
         acc_dtype = gh_dtype if (one_slice or gh_dtype == torch.float32) else torch.float32
