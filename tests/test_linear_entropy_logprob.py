@@ -1213,10 +1213,11 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
 
 @needs_triton
 def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
-    """fp32 under torch's cuBLAS TF32 flag: every cuBLAS GEMM (all of the CUDA path's, the Triton backward's
-    dh / dW) runs on tensor cores, so the plan prices it at the TF32 term while the Triton kernels' own dots
-    stay IEEE (FMA peak) unless their config says tf32; impl="auto" follows the flag and its cache is keyed
-    on it (a cached "triton" from before the flag flipped would keep the 3x slower path)."""
+    """fp32 under torch's cuBLAS TF32 flag: every cuBLAS GEMM (all of the CUDA path's, the Triton path's
+    chunked designs' logits and its backward's dh / dW) runs on tensor cores, so the plan prices it at the TF32
+    term while the Triton kernels' own dots stay IEEE (FMA peak) unless their config says tf32; the Triton plan
+    then picks its chunked designs (``test_triton_designs_priced_with_torchs_tf32_flag``), within the margin of
+    the CUDA path. impl="auto" follows the flag and its cache is keyed on it (one model run per flag value)."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -1239,8 +1240,10 @@ def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
     assert own32.meta["precision"] == "tf32" and P.launch_peak(own32, h100, True) == tc32
     _, t = P.fastest_linear_impl(*shape, torch.float32, h100)
     _, t_tf32 = P.fastest_linear_impl(*shape, torch.float32, h100, tf32=True)
-    assert t["triton"] < t["cuda"] and t_tf32["cuda"] < 0.5 * t_tf32["triton"] and t_tf32["triton"] < t["triton"]
-    assert t_tf32["triton"] == P.plan_seconds(launches, h100, True, True)
+    assert t["triton"] < t["cuda"] and t_tf32["triton"] < 0.25 * t["triton"] and t_tf32["cuda"] < 0.25 * t["cuda"]
+    tf32_plan = TL.plan(*shape, torch.float32, pass_="fwd+bwd", sms=h100.sms, arch=h100.cc, tf32=True)
+    assert t_tf32["triton"] == P.plan_seconds(tf32_plan, h100, True, True)
+    assert abs(t_tf32["cuda"] / t_tf32["triton"] - 1) < dispatch.AUTO_CUDA_MARGIN  # within the margin: Triton
 
     props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", multi_processor_count=132, major=9, minor=0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
@@ -1249,11 +1252,14 @@ def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
     before = matmul.allow_tf32
     dispatch._auto_linear_impl.cache_clear()
     try:
-        for flag, want in ((False, "triton"), (True, "cuda"), (False, "triton")):  # no cache clear between
+        misses = []
+        for flag in (False, True, False):  # no cache clear between
             matmul.allow_tf32 = flag
             assert dispatch.cublas_tf32() is flag
-            assert dispatch.auto_linear_impl(*shape, torch.float32, dev, False) == want
+            assert dispatch.auto_linear_impl(*shape, torch.float32, dev, False) == "triton"
+            misses.append(dispatch._auto_linear_impl.cache_info().misses)
             assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"  # no effect
+        assert misses == [1, 3, 3]  # fp32 off (then bf16), fp32 on: a new entry; off again: the cached one
     finally:
         matmul.allow_tf32 = before
         dispatch._auto_linear_impl.cache_clear()
@@ -1754,6 +1760,44 @@ def test_forward_peak_memory_matches_the_model(monkeypatch):
         assert peak <= model + returned + 4096, (design, peak, model, returned)
         if design == "chunked":
             assert model >= 16 * V * 4 and peak >= 16 * V * 4
+
+
+@needs_triton
+def test_triton_designs_priced_with_torchs_tf32_flag(monkeypatch):
+    """fp32 under torch's cuBLAS TF32 flag: the chunked designs' cuBLAS logits GEMMs run on tensor cores while
+    the fused designs' own dots stay IEEE, so the plan picks each pass's design at the flag's prices (it picked
+    at IEEE prices: fused / fused, modeled 3x slower than chunked / chunked under TF32) and impl="auto" prices
+    the Triton path it would run. The launchers plan with the flag (fp32 only)."""
+    from hero_kernels.backends import plan as P
+    from hero_kernels.backends.triton.linear import launch as L
+
+    h100, shape = P.GPU_SPECS["h100"], (4096, 4096, 151936)
+    kw = dict(pass_="fwd+bwd", sms=h100.sms, arch=h100.cc)
+    p = L.plan(*shape, torch.float32, tf32=True, **kw)
+    assert (p.forward_variant, p.backward_variant) == ("chunked", "chunked")
+    assert L.plan(*shape, torch.float32, **kw).forward_variant == "fused"  # IEEE cuBLAS: fused as before
+    monkeypatch.setenv(L.FORWARD_ENV, "fused")
+    monkeypatch.setenv(L.BACKWARD_ENV, "fused")
+    fused = P.plan_seconds(L.plan(*shape, torch.float32, tf32=True, **kw), h100, True, True)
+    monkeypatch.delenv(L.FORWARD_ENV)
+    monkeypatch.delenv(L.BACKWARD_ENV)
+    _, t = P.fastest_linear_impl(*shape, torch.float32, h100, tf32=True)
+    assert t["triton"] == P.plan_seconds(p, h100, True, True) < 0.5 * fused
+    seen = []
+    real = L.plan
+    monkeypatch.setattr(L, "plan", lambda *a, **k: seen.append(k.get("tf32")) or real(*a, **k))
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (True, False):
+            matmul.allow_tf32 = flag
+            for dtype in (torch.float32, torch.bfloat16):
+                h, W, _, y, g, k = _problem(5, 16, 40, dtype, bias=False, n_masked=0)
+                seen.clear()
+                stats = K.forward(h, W, None, y, RowOptions())
+                K.backward(h, W, None, y, stats, UpstreamGrads(g, k), RowOptions())
+                assert seen == [flag and dtype == torch.float32] * 2, (flag, dtype, seen)
+    finally:
+        matmul.allow_tf32 = before
 
 
 @needs_triton

@@ -239,8 +239,9 @@ def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias
     """(impl, {impl: modeled seconds}) of the fused LM head's fwd+bwd at (N, D, V) on ``gpu``: the impl
     whose launch plan models fastest (ties: the first in ``impls``). Pure Python, no GPU.
     fp32 plans (``plan_seconds``): the Triton kernels' own dots at the FMA peak (IEEE unless their config's
-    allow_tf32), the cuBLAS GEMMs (all of the CUDA path's, the Triton backward's dh / dW) at the FMA peak, or
-    at the TF32 tensor-core term when ``tf32`` (torch's cuBLAS TF32 flag: ``dispatch.cublas_tf32``).
+    allow_tf32), the cuBLAS GEMMs (all of the CUDA path's, the Triton path's chunked-design logits and dh / dW) at
+    the FMA peak, or at the TF32 tensor-core term when ``tf32`` (torch's cuBLAS TF32 flag: ``dispatch.cublas_tf32``;
+    the Triton plan picks its designs per pass at those prices, as its launchers do).
     op "linear_hero_loss": hero_loss's 3-GEMM path instead (``HERO_LOSS_PLAN``; its default response lengths),
     whose impls differ only in the row kernels (the GEMMs are cuBLAS for both)."""
     import importlib
@@ -259,7 +260,7 @@ def fastest_linear_impl(N: int, D: int, V: int, dtype, gpu: GpuSpec, *, has_bias
                                                                      has_bias=has_bias, impl=impl)
         else:
             mod = importlib.import_module(LINEAR_IMPLS[impl])
-            kw = dict(sms=gpu.sms, arch=gpu.cc, gpu=gpu) if impl == "triton" else {}
+            kw = dict(sms=gpu.sms, arch=gpu.cc, gpu=gpu, tf32=tf32) if impl == "triton" else {}  # its picks too
             launches = mod.plan(N, D, V, dtype, pass_="fwd+bwd", has_bias=has_bias, **kw)
         times[impl] = plan_seconds(launches, gpu, fp32, tf32)
     return min(times, key=times.get), times

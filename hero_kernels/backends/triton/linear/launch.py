@@ -19,7 +19,7 @@ from torch import Tensor
 from hero_kernels.backends import RowStats, UpstreamGrads, compact_rows, gemm
 from hero_kernels.backends.plan import GPU_SPECS, GpuSpec, KernelLaunch, gemm_l2_bytes, plan_seconds
 from hero_kernels.backends.torch.rowmath import out_of_range_labels
-from hero_kernels.dispatch import check_capability
+from hero_kernels.dispatch import check_capability, cublas_tf32
 from hero_kernels.options import RowOptions
 
 from . import chunked as CH
@@ -135,11 +135,11 @@ class DesignPlan(list):
         return self.variants.get("backward", {}).get("pick")
 
     def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str],
-               gpu: Union[str, GpuSpec], fp32: bool) -> List[KernelLaunch]:
-        """Record both designs' modeled seconds for pass ``which`` on ``gpu`` (a ``GPU_SPECS`` key or a spec);
-        return the launches of the pick."""
+               gpu: Union[str, GpuSpec], fp32: bool, tf32: bool = False) -> List[KernelLaunch]:
+        """Record both designs' modeled seconds for pass ``which`` on ``gpu`` (a ``GPU_SPECS`` key or a spec;
+        tf32: cuBLAS runs fp32 GEMMs on TF32 tensor cores, ``plan_seconds``); return the launches of the pick."""
         spec = gpu if isinstance(gpu, GpuSpec) else GPU_SPECS[gpu]
-        secs = {n: plan_seconds(x, spec, fp32) for n, x in priced.items()}
+        secs = {n: plan_seconds(x, spec, fp32, tf32) for n, x in priced.items()}
         pick = forced or min(secs, key=secs.get)
         self.variants[which] = {"pick": pick, "modeled_s": secs, "forced": forced is not None}
         return priced[pick]
@@ -163,7 +163,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
          need_dw: bool = True, deterministic: bool = True, config: Optional[LinearEntropyConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None,
          weight_copied: Optional[bool] = None, arch: Optional[int] = None,
-         grad_hidden_dtype=None, gpu: Union[str, GpuSpec] = "h100") -> DesignPlan:
+         grad_hidden_dtype=None, gpu: Union[str, GpuSpec] = "h100", tf32: bool = False) -> DesignPlan:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows of width D and
     V vocabulary rows (the kernels run at D rounded up to 16: ``_prepare`` pads).
 
@@ -183,6 +183,8 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     Triton row kernels, ``chunked.py``) the roofline model prices faster on ``gpu`` (a ``GPU_SPECS`` key or a
     spec; the launchers price on the H100 at the device's SM count), unless the config's forward_variant /
     backward_variant or ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one. deterministic=False: the atomic backward.
+    tf32: fp32 plans priced with cuBLAS on TF32 tensor cores (torch's flag, ``dispatch.cublas_tf32``, which the
+    launchers pass: it decides what the chunked designs' GEMMs run at, not the Triton dots).
     """
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
@@ -199,7 +201,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                 * V * 4 + (4 * V if has_bias else 0)}
         priced = {"fused": fwd, "chunked": CH.forward_plan(N, D_pad, V, e, has_bias, cfg.chunk_rows)}
         return out.choose("forward", {n: [dataclasses.replace(k, live_bytes=live[n] + copies) for k in x]
-                                      for n, x in priced.items()}, forced["forward"], gpu, fp32)
+                                      for n, x in priced.items()}, forced["forward"], gpu, fp32, tf32)
 
     launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
     out += launches
@@ -215,7 +217,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
                   copies=_copy_bytes(N, D_in, V, e, total_rows, weight_copied))
     priced = {"fused": _fused_backward_plan(N, D, V, e, has_bias, cfg, mem_kw),
               "chunked": _chunked_backward_plan(N, D, V, e, has_bias, cfg, mem_kw)}
-    out += out.choose("backward", priced, forced["backward"], gpu, fp32)
+    out += out.choose("backward", priced, forced["backward"], gpu, fp32, tf32)
     return out
 
 
@@ -309,6 +311,11 @@ def _device_sms(device: torch.device) -> Optional[int]:
     if device.type != "cuda":
         return None
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tf32(dtype: torch.dtype) -> bool:
+    """Does cuBLAS run this dtype's GEMMs (the chunked designs' logits, dh, dW) on TF32 tensor cores now?"""
+    return dtype == torch.float32 and cublas_tf32()
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
@@ -442,7 +449,8 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
     if h.shape[0] == 0:
         return RowStats(*(torch.zeros(N, dtype=dt, device=hidden.device) for dt in dts))
     launches = plan(h.shape[0], hidden.shape[1], weight.shape[0], h.dtype, has_bias=b is not None, config=cfg,
-                    sms=_device_sms(hidden.device), total_rows=N, weight_copied=w is not weight)
+                    sms=_device_sms(hidden.device), total_rows=N, weight_copied=w is not weight,
+                    tf32=_tf32(h.dtype))
     if launches.forward_variant == "chunked":
         res = CH.forward(h, w, b, lab, opts, _entry(launches, "_entropy_logprob_fwd_kernel").meta["chunk_rows"])
     else:
@@ -670,7 +678,7 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
     stats = (lse_, H_, g, k, lp if label_stats else None)
     launches = plan(n, D, V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
                     need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight,
-                    grad_hidden_dtype=gh_dtype)
+                    grad_hidden_dtype=gh_dtype, tf32=_tf32(h.dtype))
     if atomic:
         dh, dW, db = _atomic_backward(h, w, b, labs, stats, opts, vocab_start,
                                       _entry(launches, "_bwd_atomic_kernel"), cfg)
