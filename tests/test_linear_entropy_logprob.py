@@ -1801,6 +1801,28 @@ def test_triton_designs_priced_with_torchs_tf32_flag(monkeypatch):
 
 
 @needs_triton
+def test_chunked_designs_need_torchs_fp32_output_gemm(monkeypatch):
+    """A torch without the 16-bit GEMM with an fp32 output (aten ``mm.dtype_out``: torch < 2.8, which
+    pyproject allows) makes ``gemm.mm_into`` upcast whole operands: every chunked logits GEMM would copy the
+    [V, D] weight to fp32 (2.1 GB at the headline shape, beyond the 2% memory model) and run at the fp32 FMA
+    peak. There the 16-bit plans keep the fused designs (the Triton head's and the sketch's) unless the config or
+    the environment forces one; fp32 plans are unaffected (a plain fp32 GEMM)."""
+    from hero_kernels.backends import gemm
+    from hero_kernels.backends.triton.linear import launch as L
+    from hero_kernels.backends.triton.linear import sketch_launch as SL
+
+    N, D, V = 16384, 4096, 128256
+    assert gemm.has_fp32_out_gemm()  # this torch (the model's default)
+    monkeypatch.setattr(gemm, "has_fp32_out_gemm", lambda: False)
+    for mod in (L, SL):
+        p = mod.plan(N, D, V, "bf16", pass_="fwd+bwd")
+        assert (p.forward_variant, p.backward_variant) == ("fused", "fused"), mod.__name__
+        monkeypatch.setenv(mod.BACKWARD_ENV, "chunked")
+        assert mod.plan(N, D, V, "bf16", pass_="bwd").backward_variant == "chunked"
+    assert L.plan(N, D, V, torch.float32, pass_="fwd", tf32=True).forward_variant == "chunked"
+
+
+@needs_triton
 def test_triton_plan_picks_the_faster_designs():
     """Pure Python: at the headline shape (16384, 4096, 128256) bf16 the model picks the chunked forward and
     backward on both GPUs (cuBLAS at the tensor-core term vs the L2-bound tl.dot tiles), the whole plan within 2%

@@ -28,7 +28,7 @@ from hero_kernels.backends.plan import KernelLaunch
 
 __all__ = ["as_dtype", "eager_peak_bytes", "memory_budget", "chunk_rows", "accumulate_dw", "accumulate_mm",
            "mm_into", "chunk_grads", "slice_grads", "chunked_backward_plan", "vocab_backward_plan", "compaction_plan",
-           "vocab_cols", "slice_label_plan", "SLICE_LABELS_ROW_BYTES", "SLICE_FIX_ROW_BYTES",
+           "vocab_cols", "slice_label_plan", "SLICE_LABELS_ROW_BYTES", "SLICE_FIX_ROW_BYTES", "has_fp32_out_gemm",
            "backward_memory", "backward_order", "CHUNK_MEMORY_SHARE", "CHUNK_MIN_ROWS", "VOCAB_MIN_COLS"]
 
 #: Chunk: extra memory <= this share of eager's peak (``eager_peak_bytes``) where possible ...
@@ -158,6 +158,13 @@ def backward_order(n: int, D: int, V: int, elem: int, *, need_dh: bool = True, n
 #: Does this torch run a 16-bit GEMM with an fp32 output (``out_dtype``; CUDA builds only)? Per call form:
 #: "ok" = torch.mm(..., out_dtype), "addmm" = torch.addmm(C, ..., out_dtype, out=C). None = untried.
 OUT_DTYPE_MM = {"ok": None, "addmm": None}
+
+
+def has_fp32_out_gemm() -> bool:
+    """Does this torch have the 16-bit GEMM with an fp32 output at all (aten ``mm.dtype_out``, torch >= 2.8; its
+    CUDA builds run it)? Without it ``mm_into`` upcasts whole operands, so a design whose cuBLAS GEMM writes fp32
+    logits from 16-bit operands would copy the [V, D] weight to fp32 per call and run at the fp32 peak."""
+    return "dtype_out" in torch.ops.aten.mm.overloads()
 
 
 def _out_dtype_call(key: str, fn) -> bool:

@@ -145,13 +145,17 @@ class DesignPlan(list):
         return priced[pick]
 
 
-def forced_variant(cfg, which: str, envs: Tuple[str, str]) -> Optional[str]:
+def forced_variant(cfg, which: str, envs: Tuple[str, str], dtype: torch.dtype) -> Optional[str]:
     """The design of pass ``which`` ("forward" | "backward") the config (``<which>_variant``) or else the
-    environment variable (``envs``: the forward's and the backward's) forces; None: the model picks."""
+    environment variable (``envs``: the forward's and the backward's) forces; else "fused" for 16-bit inputs
+    where torch has no fp32-output GEMM (``gemm.has_fp32_out_gemm``: the chunked logits would upcast the
+    weight); None: the model picks."""
     env = envs[0] if which == "forward" else envs[1]
     v = getattr(cfg, f"{which}_variant") or os.environ.get(env) or None
     if v is not None and v not in VARIANTS:
         raise ValueError(f"{env}={v!r}: set it to one of {', '.join(VARIANTS)} or unset it")
+    if v is None and dtype != torch.float32 and not gemm.has_fp32_out_gemm():
+        return "fused"
     return v
 
 
@@ -191,7 +195,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     if config is not None:
         deterministic = cfg.deterministic
     out, fp32 = DesignPlan(), dt == torch.float32
-    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV)) for w in ("forward", "backward")}
+    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV), dt) for w in ("forward", "backward")}
     copies = _copy_bytes(N, D, V, e, total_rows, weight_copied)
 
     def forward(D_pad: int) -> List[KernelLaunch]:

@@ -185,7 +185,7 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     out, fp32 = SketchPlan(), dt == torch.float32
-    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV)) for w in ("forward", "backward")}
+    forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV), dt) for w in ("forward", "backward")}
 
     def forward(D_pad: int) -> List[KernelLaunch]:
         priced = {name: fn(N, D_pad, V, k, e, has_bias, cfg, sms) for name, fn in _FORWARD_PLANS.items()}
