@@ -437,6 +437,33 @@ def test_fused_plan_is_what_runs():
     assert L.plan(100, 64, 1000, "bf16", pass_="bwd", need_dh=False, need_dw=False) == []
 
 
+def test_sketch_designs_priced_with_torchs_tf32_flag(monkeypatch):
+    """fp32 under torch's cuBLAS TF32 flag: the chunked designs' cuBLAS GEMMs run on tensor cores, so the plan
+    picks each pass's design at those prices (it priced them at the FMA peak: the fused backward, modeled 2.3x
+    slower than the chunked one at the headline shape); the launchers plan with the flag (fp32 only)."""
+    from hero_kernels.backends.triton.linear import sketch_launch as SL
+    from hero_kernels.options import RowOptions
+
+    N, D, V = 16384, 4096, 128256
+    assert SL.plan(N, D, V, "fp32", pass_="bwd").backward_variant == "fused"
+    p = SL.plan(N, D, V, "fp32", pass_="bwd", tf32=True)
+    assert p.backward_variant == "chunked"
+    assert p.variants["backward"]["modeled_s"]["chunked"] < 0.5 * p.variants["backward"]["modeled_s"]["fused"]
+    seen, real = [], SL.plan
+    monkeypatch.setattr(SL, "plan", lambda *a, **k: seen.append(k.get("tf32")) or real(*a, **k))
+    matmul, before = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (True, False):
+            matmul.allow_tf32 = flag
+            h, W, b, y, P, v, tau = _head_case(torch.float32, True, k=16)
+            seen.clear()
+            a, st = SL.forward(h, W, b, y, P, RowOptions(tau), _fused_cfg())
+            SL.backward(h, W, b, y, P, a, st, v, RowOptions(tau), config=_fused_cfg())
+            assert seen == [flag] * 2, (flag, seen)
+    finally:
+        matmul.allow_tf32 = before
+
+
 def test_plan_picks_the_faster_designs():
     """Pure Python: the roofline model picks the chunked forward and backward (cuBLAS fp32 logits + the row
     kernels) at the headline shape, where the fused kernels' tl.dot tiles are L2-bound; tiny shapes stay fused

@@ -48,7 +48,7 @@ from .config import (SKETCH_MERGE_BLOCK, SKETCH_MERGE_WARPS, LinearSketchConfig,
                      forward_splits)
 from .chunked import chunk_sizes, logits_chunk_plan, logits_into
 from .launch import (_ALIGN, _MASKED_LSE, DesignPlan, _aligned_2d, _check, _device_sms, _dot_precision, _entry,
-                     _prepare, _upcast_dot, forced_variant, plan_passes, plan_target)
+                     _prepare, _tf32, _upcast_dot, forced_variant, plan_passes, plan_target)
 
 __all__ = ["plan", "forward", "backward", "SKETCH_K", "SketchPlan", "FORWARD_ENV", "BACKWARD_ENV"]
 
@@ -176,12 +176,12 @@ SketchPlan = DesignPlan
 def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd", has_bias: bool = False,
          need_dh: bool = True, need_dw: bool = True, config: Optional[LinearSketchConfig] = None,
          sms: Optional[int] = None, total_rows: Optional[int] = None, weight_copied: Optional[bool] = None,
-         arch: Optional[int] = None, gpu: str = "h100") -> SketchPlan:
+         arch: Optional[int] = None, gpu: str = "h100", tf32: bool = False) -> SketchPlan:
     """Kernel launches, in order, of ``pass_`` ("fwd", "bwd" or "fwd+bwd") for N valid rows, hidden width D,
     V vocabulary rows and a k-row projection. Other arguments as the entropy head's ``launch.plan``.
     Each pass runs the design (``SketchPlan.variants``) the roofline model prices faster on ``gpu`` (a
-    ``GPU_SPECS`` key; the launchers price on the H100 at the device's SM count), unless the config or
-    ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one."""
+    ``GPU_SPECS`` key; the launchers price on the H100 at the device's SM count, fp32 under torch's cuBLAS TF32
+    flag: ``tf32``), unless the config or ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one."""
     dt, e, sms = plan_target(pass_, dtype, sms)
     cfg = config or default_sketch_config(dt, GPU_SPECS["h100"].cc if arch is None else arch)
     out, fp32 = SketchPlan(), dt == torch.float32
@@ -189,7 +189,7 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
 
     def forward(D_pad: int) -> List[KernelLaunch]:
         priced = {name: fn(N, D_pad, V, k, e, has_bias, cfg, sms) for name, fn in _FORWARD_PLANS.items()}
-        return out.choose("forward", priced, forced["forward"], gpu, fp32)
+        return out.choose("forward", priced, forced["forward"], gpu, fp32, tf32)
 
     launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
     out += launches
@@ -203,7 +203,7 @@ def plan(N: int, D: int, V: int, dtype, *, k: int = SKETCH_K, pass_: str = "fwd"
     priced = {name: gemm.chunked_backward_plan(
         N, D, V, e, C, lambda c, reps, fn=fn: fn(c, reps, D, V, k, e, has_bias, cfg, sms), has_bias=has_bias,
         need_dh=need_dh, need_dw=need_dw) for name, fn in _DZ_PLANS.items()}
-    out += out.choose("backward", priced, forced["backward"], gpu, fp32)
+    out += out.choose("backward", priced, forced["backward"], gpu, fp32, tf32)
     return out
 
 
@@ -243,7 +243,7 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tens
         return a, stats
     P = _proj(proj, h.dtype, V)
     launches = plan(n, hidden.shape[1], V, h.dtype, k=KS, pass_="fwd", has_bias=b is not None, config=cfg,
-                    sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
+                    sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight, tf32=_tf32(h.dtype))
     a_c = torch.empty((n, KS), dtype=torch.float32, device=dev) if idx is not None else a
     st_c = torch.empty((n, 2), dtype=torch.float32, device=dev) if idx is not None else stats
     if launches.forward_variant == "chunked":
@@ -350,7 +350,8 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
     masked = (lab == opts.ignore_index) if idx is None else None
     st, v, c, lab_term = _row_terms(P, lab, rows[0].float(), rows[1], rows[2], opts, h.dtype, masked)
     launches = plan(n, D, V, h.dtype, k=KS, pass_="bwd", has_bias=b is not None, need_dh=need_dh, need_dw=need_dw,
-                    config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight)
+                    config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight,
+                    tf32=_tf32(h.dtype))
     chunked = launches.backward_variant == "chunked"
     dz_launch = _entry(launches, "grad_sketch._bwd_kernel" if chunked else "_sketch_bwd_dz_kernel")
     C = dz_launch.meta["chunk_rows"]
