@@ -348,17 +348,20 @@ def test_triton_dominant_label_backend(variant):
 @needs_triton
 def test_triton_dominant_label_without_logp_is_the_old_formula():
     """Without logp (vocab shards) the label column uses the tile's 1 - e^{x_y - lse}: same result as with
-    logp on ordinary rows, rounding noise on dominant ones (why the public op passes logp)."""
+    logp on ordinary rows, rounding noise on dominant ones (why the public op passes logp). The fused designs
+    pinned (the chunked forward + backward take x_y and lse from the same fp32 logits: no such noise), so
+    HERO_KERNELS_LINEAR_FORWARD / _BACKWARD in the environment do not change what this checks."""
+    cfg = replace(K.default_config(torch.float32), forward_variant="fused", backward_variant="fused")
     h, W, b, y, g, k = _problem(37, 96, 1003, torch.float32, n_masked=3, confident_row=False)
     opts = RowOptions(temperature=0.8)
-    logp, H, lse = K.forward(h, W, b, y, opts)
-    with_lp = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts)
-    without = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    with_lp = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
+    without = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, k), opts, cfg)
     for a, c in zip(with_lp, without):
         assert _err(a, c) <= 1e-5 * max(1.0, c.abs().max().item())
     h, W, b, y, g, k = _dominant_problem(torch.float32, False)
-    logp, H, lse = K.forward(h, W, b, y, RowOptions())
-    dh, _, _ = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, None), RowOptions())
+    logp, H, lse = K.forward(h, W, b, y, RowOptions(), cfg)
+    dh, _, _ = K.backward(h, W, b, y, RowStats(None, H, lse), UpstreamGrads(g, None), RowOptions(), cfg)
     dh64 = R.linear_entropy_logprob_backward(h, W, y, g, None)[0]
     valid = y != IGNORE
     assert ((dh.double() - dh64).norm(dim=1)[valid] / dh64.norm(dim=1)[valid]).max() > 1e-3
