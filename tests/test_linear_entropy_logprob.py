@@ -127,6 +127,14 @@ def _small_config(dtype, **kw):
     return replace(K.default_config(dtype), **dict(small, **kw))
 
 
+@pytest.fixture
+def model_picks(monkeypatch):
+    """No HERO_KERNELS_LINEAR_FORWARD / _BACKWARD from the caller's environment: for the tests of what the plan
+    itself picks and launches (the others may run under a forced design, e.g. to cover the chunked one)."""
+    for name in ("HERO_KERNELS_LINEAR_FORWARD", "HERO_KERNELS_LINEAR_BACKWARD"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton
 # ----------------------------------------------------------------------------------------------
@@ -630,6 +638,7 @@ class _CallCounter:
 
 @needs_triton
 @pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.usefixtures("model_picks")
 def test_triton_backend_skips_kernel_launches(deterministic, monkeypatch):
     """Chunked backward: per chunk one dz-kernel launch, one dh GEMM (mm_into) and one dW GEMM (the first
     chunk writes, the others accumulate); a skipped gradient skips its GEMMs. Atomic: one launch."""
@@ -857,6 +866,7 @@ def test_model_can_miss_a_target():
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_chunked_backward_reads_the_dz_grid_from_the_plan(monkeypatch):
     """Every chunk's ``_bwd_dz_kernel`` launch (full chunks and the tail) takes its grid from the plan entry
     of its chunk size: the launcher computes no grid of its own."""
@@ -886,6 +896,7 @@ def test_chunked_backward_reads_the_dz_grid_from_the_plan(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_plan_counts_compaction_and_padding():
     """Masked rows (total_rows > N) add the nonzero (a host sync), the gathers and scatters; D % 16 != 0 adds
     the padded copies of hidden and weight (once per pass) and the dh unpad; a misaligned weight its copy."""
@@ -905,6 +916,7 @@ def test_plan_counts_compaction_and_padding():
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_launchers_use_the_plan(monkeypatch):
     """The forward launches exactly the plan's grid and splits (the plan is the single source of truth)."""
     from hero_kernels.backends.triton.linear import launch as L
@@ -1766,6 +1778,7 @@ def test_forward_peak_memory_matches_the_model(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_triton_designs_priced_with_torchs_tf32_flag(monkeypatch):
     """fp32 under torch's cuBLAS TF32 flag: the chunked designs' cuBLAS logits GEMMs run on tensor cores while
     the fused designs' own dots stay IEEE, so the plan picks each pass's design at the flag's prices (it picked
@@ -1826,6 +1839,7 @@ def test_chunked_designs_need_torchs_fp32_output_gemm(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_triton_plan_picks_the_faster_designs():
     """Pure Python: at the headline shape (16384, 4096, 128256) bf16 the model picks the chunked forward and
     backward on both GPUs (cuBLAS at the tensor-core term vs the L2-bound tl.dot tiles), the whole plan within 2%
