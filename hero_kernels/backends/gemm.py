@@ -210,7 +210,7 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor, slice_rows: int = 16384) -> None:
     """out = a @ b with fp32 accumulation, written once in out.dtype (a 16-bit GEMM straight into an fp32
     ``out`` where torch offers ``out_dtype``; else upcast operands, ``slice_rows`` rows of a at a time)."""
     if out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
+        torch.mm(a, b.to(out.dtype), out=out)  # b in out's dtype, as accumulate_mm (a no-op when it already is)
     elif out.dtype == torch.float32 and _out_dtype_call(
             "ok", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out)):
         return
