@@ -240,10 +240,15 @@ def shard_backward(hidden: Tensor, weight: Tensor, labels: Tensor, vocab_start: 
     """
     _check_shard(hidden, weight, bias, labels, vocab_start)
     if _resolve_impl(impl, hidden) == "triton":
-        from hero_kernels.backends.triton.linear_entropy_logprob import backward
+        from dataclasses import replace
 
-        return backward(hidden, weight, bias, labels, saved, grads, opts, vocab_start=vocab_start,
-                        grad_hidden_dtype=torch.float32)
+        from hero_kernels.backends.triton import linear_entropy_logprob as T
+
+        # The shards' forward is the fused partials kernel (fp32 logits, ``_triton_partials``): say so, or the
+        # backward would derive the design the unsharded forward of this shape picks (16-bit logits if chunked).
+        cfg = replace(T.default_config(hidden.dtype, T.device_arch(hidden.device)), forward_variant="fused")
+        return T.backward(hidden, weight, bias, labels, saved, grads, opts, cfg, vocab_start=vocab_start,
+                          grad_hidden_dtype=torch.float32)
     logp, H, lse = saved
     grad_logp, grad_H = grads
     N, D = hidden.shape

@@ -1757,8 +1757,8 @@ def test_backward_frees_the_dz_buffers_before_the_dh_cast(monkeypatch):
 @needs_triton
 def test_forward_peak_memory_matches_the_model(monkeypatch):
     """The forward's allocations on CPU (the logits GEMM faked: an in-place fill) within its plan's memory model + the
-    returned stats, in each design: the fused split partials, the chunked fp32 [C, V] logits chunk (bias
-    upcast once); bf16, N=40 in chunks of 16 + a tail, V=300, bias."""
+    returned stats, in each design: the fused split partials, the chunked [C, V] logits chunk in the input dtype
+    (the bias in the GEMM); bf16, N=40 in chunks of 16 + a tail, V=300, bias."""
     from hero_kernels.backends.plan import peak_extra_bytes
     from hero_kernels.backends.triton.linear import launch as L
 
@@ -1774,7 +1774,7 @@ def test_forward_peak_memory_matches_the_model(monkeypatch):
         model = peak_extra_bytes(plan)
         assert peak <= model + returned + 4096, (design, peak, model, returned)
         if design == "chunked":
-            assert model >= 16 * V * 4 and peak >= 16 * V * 4
+            assert model >= 16 * V * 2 and peak >= 16 * V * 2
 
 
 @needs_triton

@@ -60,7 +60,7 @@ def _rows(labels_ptr, n, vc, v0, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["v0", "inv_temp", "ignore_index"])
 def _slice_labels_kernel(
-    z_ptr,  # [n, vc] logits of the slice (fp32), last-dim stride 1
+    z_ptr,  # [n, vc] logits of the slice (fp32, or the 16-bit input dtype), last-dim stride 1
     labels_ptr,  # [n] int64 global label ids
     cols_ptr,  # [n] int64 out: the row kernel's slice-local label (-1: masked)
     x_ptr,  # [n] fp64 out: that column's z / tau as the row kernel rounds it (0 on masked rows)
@@ -132,7 +132,8 @@ def _check_slice(name: str, z: Tensor) -> None:
 
 def slice_labels(z: Tensor, labels: Tensor, v0: int, inv_temp: float, ignore_index: int, cols: Tensor,
                  x: Tensor) -> None:
-    """cols [n] int64 and x [n] fp64 (out) for the fp32 logits slice z [n, vc] of global columns [v0, v0 + vc)."""
+    """cols [n] int64 and x [n] fp64 (out) for the logits slice z [n, vc] (fp32 or 16-bit) of global columns
+    [v0, v0 + vc)."""
     _check_slice("z", z)
     n = z.shape[0]
     _check_rows("labels", labels, n, torch.int64)
@@ -167,8 +168,8 @@ def slice_label_fix(dz: Tensor, labels: Tensor, v0: int, x: Tensor, lse: Tensor,
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _labels_signature() -> Dict[str, str]:
-    return {"z_ptr": "*fp32", "labels_ptr": "*i64", "cols_ptr": "*i64", "x_ptr": "*fp64", "n": "i32", "vc": "i32",
+def _labels_signature(dt: str) -> Dict[str, str]:
+    return {"z_ptr": f"*{dt}", "labels_ptr": "*i64", "cols_ptr": "*i64", "x_ptr": "*fp64", "n": "i32", "vc": "i32",
             "stride_z": "i32", "v0": "i64", "inv_temp": "fp32", "ignore_index": "i64", "BLOCK": "constexpr",
             "ROUND_X": "constexpr"}
 
@@ -180,9 +181,10 @@ def _fix_signature(dt: str) -> Dict[str, str]:
 
 
 def _kernel_configs() -> List[tuple]:
-    rows = [(_slice_labels_kernel, _labels_signature(), {"BLOCK": BLOCK, "ROUND_X": True}, NUM_WARPS, 1,
-             "slice_labels[fp32]")]
-    for dt in _DT.values():
+    rows = []
+    for dt in _DT.values():  # the logits: fp32, or 16-bit after a chunked forward (dz in place over them)
+        rows.append((_slice_labels_kernel, _labels_signature(dt), {"BLOCK": BLOCK, "ROUND_X": True}, NUM_WARPS, 1,
+                     f"slice_labels[{dt}]"))
         for has_logp in (True, False):
             rows.append((_slice_label_fix_kernel, _fix_signature(dt), {"HAS_LOGP": has_logp, "BLOCK": BLOCK},
                          NUM_WARPS, 1, f"slice_label_fix[{dt},logp={int(has_logp)}]"))

@@ -49,14 +49,16 @@ def chunk_sizes(N: int, C: int) -> List[Tuple[int, int]]:
 
 
 def logits_chunk_plan(c: int, reps: int, D: int, V: int, e: int, has_bias: bool,
-                      meta: Optional[Dict] = None) -> List[KernelLaunch]:
-    """One cuBLAS GEMM writing the fp32 logits [c, V] (16-bit operands, fp32 output, never rounded to the input
-    dtype), the bias added in place."""
+                      meta: Optional[Dict] = None, logits_elem: int = 4) -> List[KernelLaunch]:
+    """One cuBLAS GEMM writing the logits [c, V] of ``logits_elem`` bytes per element: fp32 (16-bit operands,
+    fp32 output, never rounded), the bias added in place; or the input dtype (logits_elem = e), the bias in
+    the GEMM's epilogue (addmm: fp32 accumulation, one rounding)."""
     meta = meta or {"chunk_rows": c}
-    out = [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + 4 * c * V,
-                        "cuBLAS: operands streamed once per GEMM; the fp32 [C, V] output is written to HBM",
-                        meta=meta, external=True, repeats=reps)]
-    if has_bias:
+    le = logits_elem
+    out = [KernelLaunch("cublas_logits", (), "gemm", 2.0 * c * D * V, (c + V) * D * e + le * c * V,
+                        f"cuBLAS: operands streamed once per GEMM; the {'fp32' if le == 4 else '16-bit'} [C, V] "
+                        "output is written to HBM", meta=meta, external=True, repeats=reps)]
+    if has_bias and le == 4:
         out.append(KernelLaunch("bias_add", (), "stream", 0.0, 8 * c * V + V * e,
                                 "torch add_: the fp32 logits read and written once", meta=meta, external=True,
                                 repeats=reps))
@@ -64,52 +66,62 @@ def logits_chunk_plan(c: int, reps: int, D: int, V: int, e: int, has_bias: bool,
 
 
 def logits_into(h: Tensor, w: Tensor, bias: Optional[Tensor], z: Tensor) -> None:
-    """z [c, V] fp32 = h [c, D'] @ w [V, D']^T (+ bias fp32): cuBLAS with 16-bit operands and an fp32 output."""
+    """z [c, V] = h [c, D'] @ w [V, D']^T (+ bias) by cuBLAS with fp32 accumulation: an fp32 z (16-bit operands,
+    fp32 output) takes the bias in place after the GEMM; a z in the input dtype is written once, rounded once,
+    with the bias (cast to the input dtype, as eager F.linear needs) in the GEMM (addmm), as eager PyTorch."""
+    if bias is not None and z.dtype == h.dtype:
+        torch.addmm(bias.to(z.dtype), h, w.t(), out=z)
+        return
     gemm.mm_into(h, w.t(), z)
     if bias is not None:
         z.add_(bias)
 
 
 def forward_rows(N: int, D: int, V: int, e: int, forced: Optional[int]) -> int:
-    """Rows C of the chunked forward: the memory budget (``gemm.chunk_rows``) spent on the fp32 [C, V] logits
-    (no dW GEMM to keep busy: no CHUNK_MIN_ROWS floor). ``forced``: the config's chunk_rows."""
-    return gemm.chunk_rows(N, D, V, e, forced, row_bytes=4 * V, min_rows=gemm.CHUNK_ALIGN)
+    """Rows C of the chunked forward: the memory budget (``gemm.chunk_rows``) spent on the [C, V] logits in the
+    input dtype (no dW GEMM to keep busy: no CHUNK_MIN_ROWS floor). ``forced``: the config's chunk_rows."""
+    return gemm.chunk_rows(N, D, V, e, forced, row_bytes=e * V, min_rows=gemm.CHUNK_ALIGN)
 
 
 def forward_plan(N: int, D: int, V: int, e: int, has_bias: bool, forced_rows: Optional[int]) -> List[KernelLaunch]:
-    """Launches of the chunked forward for N rows (no ``live_bytes``: ``launch.plan`` stamps them)."""
+    """Launches of the chunked forward for N rows (no ``live_bytes``: ``launch.plan`` stamps them): logits in
+    the input dtype, then the row forward on them."""
+    dt = {2: torch.bfloat16, 4: torch.float32}[e]  # the row kernel's bf16 and fp16 builds cost the same
     out: List[KernelLaunch] = []
     for c, reps in chunk_sizes(N, forward_rows(N, D, V, e, forced_rows)):
-        out += logits_chunk_plan(c, reps, D, V, e, has_bias)
-        (k,) = ROWS.plan(c, V, torch.float32, pass_="fwd")
+        out += logits_chunk_plan(c, reps, D, V, e, has_bias, logits_elem=e)
+        (k,) = ROWS.plan(c, V, dt, pass_="fwd")
         out.append(dataclasses.replace(k, l2_note=_NOTE, meta=dict(k.meta, chunk_rows=c), repeats=reps))
     return out
 
 
-def dz_plan(c: int, w: int, reps: int, D: int, e: int, has_bias: bool, order: str) -> List[KernelLaunch]:
-    """dz [c, w] of a row chunk x vocab range (``DzProducer.fill``): fp32 logits, slice labels, the row backward
-    (fp32 logits read, dz written in the input dtype: in place for fp32), the label-column fix. The row entry is
-    ``entropy_logprob.plan``'s fp32 build (its measured SASS per element; the 16-bit store adds a convert)."""
+def dz_plan(c: int, w: int, reps: int, D: int, e: int, has_bias: bool, order: str,
+            in_place: bool) -> List[KernelLaunch]:
+    """dz [c, w] of a row chunk x vocab range (``DzProducer.fill``): the logits, slice labels, the row backward,
+    the label-column fix. in_place (fp32 inputs, or 16-bit logits after a chunked forward): logits in the input
+    dtype, dz written over them; else fp32 logits read, dz written in the input dtype beside them. The row
+    entry is ``entropy_logprob.plan``'s build of the logits' dtype (its measured SASS per element)."""
     meta = {"chunk_rows": c, "vocab_cols": w, "order": order}
+    le = e if in_place else 4
     labels, fix = SL.plan(c, reps, meta)
-    (k,) = ROWS.plan(c, w, torch.float32, pass_="bwd", inplace_backward=e == 4)
-    row = dataclasses.replace(k, hbm_bytes=float(c) * (w * (4 + e) + 28), l2_note=_NOTE, meta=dict(k.meta, **meta),
+    (k,) = ROWS.plan(c, w, torch.float32 if le == 4 else torch.bfloat16, pass_="bwd", inplace_backward=in_place)
+    row = dataclasses.replace(k, hbm_bytes=float(c) * (w * (le + e) + 28), l2_note=_NOTE, meta=dict(k.meta, **meta),
                               repeats=reps)
-    return logits_chunk_plan(c, reps, D, w, e, has_bias, meta) + [labels, row, fix]
+    return logits_chunk_plan(c, reps, D, w, e, has_bias, meta, le) + [labels, row, fix]
 
 
 def forward(h: Tensor, w: Tensor, b: Optional[Tensor], lab: Tensor, opts: RowOptions,
             C: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, H fp32, lse fp64) [n] of h [n, D'], w [V, D'] in chunks of C rows: the row kernel zeroes rows
-    whose label is opts.ignore_index and makes a row with a label outside [0, V) NaN (no host sync)."""
+    """(logp, H fp32, lse fp64) [n] of h [n, D'], w [V, D'] in chunks of C rows, from the logits in the input
+    dtype (``logits_into``: 16-bit ones rounded once, as eager): the row kernel zeroes rows whose label is
+    opts.ignore_index and makes a row with a label outside [0, V) NaN (no host sync)."""
     n, V = h.shape[0], w.shape[0]
     dev = h.device
     out = tuple(torch.empty(n, dtype=dt, device=dev) for dt in (torch.float32, torch.float32, torch.float64))
-    buf = torch.empty((min(C, n), V), dtype=torch.float32, device=dev)
-    bias = None if b is None else b.float()
+    buf = torch.empty((min(C, n), V), dtype=h.dtype, device=dev)
     for s in range(0, n, C):
         e = min(n, s + C)
-        logits_into(h[s:e], w, bias, buf[:e - s])
+        logits_into(h[s:e], w, b, buf[:e - s])
         for o, r in zip(out, ROWS.forward(buf[:e - s], lab[s:e], opts)):
             o[s:e].copy_(r)
     return out
@@ -121,14 +133,16 @@ class DzProducer:
     the weight into z. h [n, D'], w [V, D'], b [V] | None, labs [n] global ids, stats: (lse fp64, H, g, k fp32,
     logp fp32 | None) [n]; rows x cols: the largest dz the plan asks for."""
 
-    def __init__(self, h, w, b, labs, stats, opts: RowOptions, vocab_start: int, rows: int, cols: int):
+    def __init__(self, h, w, b, labs, stats, opts: RowOptions, vocab_start: int, rows: int, cols: int,
+                 in_place: bool):
         self.h, self.w, self.stats, self.opts, self.v_start = h, w, stats, opts, vocab_start
         self.labs = labs.long()  # the slice-label kernels read int64 ids (the backend API passes int32 on as given)
-        self.bias = None if b is None else b.float()
         dev = h.device
         self.dz = torch.empty(rows * cols, dtype=h.dtype, device=dev)
-        # fp32 inputs: dz in place over the logits; 16-bit: fp32 logits beside the dz buffer
-        self.logits = None if h.dtype == torch.float32 else torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        # in_place (fp32 inputs, or 16-bit logits after a chunked forward: ``launch.plan``): dz over the logits;
+        # else fp32 logits beside the 16-bit dz buffer (a fused forward's lse / H are those of fp32 logits)
+        self.logits = None if in_place else torch.empty(rows * cols, dtype=torch.float32, device=dev)
+        self.bias = None if b is None else b if in_place else b.float()
         self.cols = torch.empty(rows, dtype=torch.int64, device=dev)
         self.x = torch.empty(rows, dtype=torch.float64, device=dev)
 
@@ -143,7 +157,7 @@ class DzProducer:
         labs, inv, ig, g0 = self.labs[s:e], float(self.opts.inv_temperature), int(self.opts.ignore_index), \
             self.v_start + v0
         SL.slice_labels(zf, labs, g0, inv, ig, self.cols[:c], self.x[:c])
-        (launch,) = ROWS.plan(c, vc, torch.float32, pass_="bwd")
+        (launch,) = ROWS.plan(c, vc, zf.dtype, pass_="bwd", inplace_backward=zf is z)
         # slice-local labels, -1 on masked rows (ignore_index -1: the user's may lie inside [0, vc))
         ROWS._entropy_logprob_bwd_kernel[launch.grid](
             zf, z, self.cols[:c], lse, H, g, k, vc, c, 0, zf.stride(0), 0, z.stride(0), 1, 1, inv, -1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import replace
+from itertools import product
 from typing import Dict, List, Optional
 
 import torch
@@ -84,22 +85,23 @@ def _dtype_configs(torch_dt, dt: str) -> List[tuple]:
                                          f"_fwd_partials_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
                                          f"BV={t.block_v} BK={t.block_k} w={t.num_warps} s={t.num_stages}")))
                 # LABEL_STATS=True (the public op, logp given), False (vocab shards).
-                t = cfg.dz_tile
-                for label_stats in (True, False):
+                # ROUND_LOGITS=True: 16-bit inputs after a chunked forward (the logits rounded to the input dtype)
+                for label_stats, rnd in product((True, False), (False, True) if dt != "fp32" else (False,)):
+                    t = cfg.dz_tile
                     const = dict(common, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
-                                 LABEL_STATS=label_stats)
+                                 LABEL_STATS=label_stats, ROUND_LOGITS=rnd)
                     out.append((arch, _entry(K._bwd_dz_kernel, dt, const, t.num_warps, t.num_stages,
                                              f"_bwd_dz_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
                                              f"BV={t.block_v} BK={t.block_k} label_stats={int(label_stats)} "
-                                             f"w={t.num_warps} s={t.num_stages}")))
-                t = cfg.atomic
-                for label_stats in (True, False):
+                                             f"{'round_logits=1 ' if rnd else ''}w={t.num_warps} s={t.num_stages}")))
+                    t = cfg.atomic
                     const = dict(common, BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k,
-                                 BLOCK_D=t.block_d, LABEL_STATS=label_stats, GROUP_N=GROUP_N)
+                                 BLOCK_D=t.block_d, LABEL_STATS=label_stats, GROUP_N=GROUP_N, ROUND_LOGITS=rnd)
                     out.append((arch, _entry(K._bwd_atomic_kernel, dt, const, t.num_warps, t.num_stages,
                                              f"_bwd_atomic_kernel {dt} bias={has_bias} {prec} BN={t.block_n} "
                                              f"BV={t.block_v} BK={t.block_k} BD={t.block_d} "
-                                             f"label_stats={int(label_stats)} w={t.num_warps} s={t.num_stages}")))
+                                             f"label_stats={int(label_stats)} {'round_logits=1 ' if rnd else ''}"
+                                             f"w={t.num_warps} s={t.num_stages}")))
     return out
 
 

@@ -56,11 +56,13 @@ def _block(pid, n, BLOCK: tl.constexpr):
 def _logits_acc(
     h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_LOGITS: tl.constexpr = False,
 ):
     """x = (h[rows_c] @ w[cols_c].T + b[cols_c]) / tau, fp32 [BLOCK_N, BLOCK_V], NO column mask.
 
     rows_c / cols_c: row / vocab indices already clamped into range (padded lanes repeat a real one).
+    ROUND_LOGITS (16-bit inputs, a backward after the chunked forward): z = h w^T + b rounded once to the input
+    dtype before the temperature, the logits that forward's lse / H came from (``launch.plan``).
     """
     ks = tl.arange(0, BLOCK_K)
     h_ptrs = h_ptr + rows_c.to(tl.int64)[:, None] * stride_h + ks[None, :]
@@ -84,18 +86,33 @@ def _logits_acc(
         w_ptrs += BLOCK_K
     if HAS_BIAS and not BIAS_FIRST:
         acc += tl.load(b_ptr + cols_c).to(tl.float32)[None, :]
+    if ROUND_LOGITS:
+        acc = _round_to_input(acc, w_ptr.dtype.element_ty, UPCAST_DOT)
     return acc * inv_temp
+
+
+@triton.jit
+def _round_to_input(x, DT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """x (fp32) rounded to nearest in the 16-bit input dtype DT, as fp32: the logits a chunked forward wrote
+    (cuBLAS: fp32 accumulation, bias included, one rounding to the output dtype). The interpreter truncates
+    fp32 -> bf16 casts (UPCAST_DOT: set only there, for bf16), so there the round-to-nearest-even is done on
+    the bits (+-inf stay +-inf, NaN stays NaN); fp16 casts round to nearest in the interpreter too."""
+    if UPCAST_DOT:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    return x.to(DT).to(tl.float32)
 
 
 @triton.jit
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ROUND_LOGITS: tl.constexpr = False,
 ):
     """``_logits_acc``, -inf where ~col_mask (padded vocab columns must contribute nothing, never a 0)."""
     x = _logits_acc(h_ptr, w_ptr, b_ptr, rows_c, cols_c, D, stride_h, stride_w, inv_temp, HAS_BIAS,
-                    DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+                    DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K, ROUND_LOGITS)
     return tl.where(col_mask[None, :], x, float("-inf"))
 
 
@@ -329,15 +346,16 @@ def _dz_tile(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h, stride_w,
     label_offset, inv_temp, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, LABEL_STATS: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
 ):
     """(rows, row_mask, rows_c, cols, col_mask, cols_c, dz fp32 [BLOCK_N, BLOCK_V]) of tile (pid_n, pid_v):
-    the logits recomputed in registers, then ``_dlogits_tile``."""
+    the logits recomputed in registers (rounded to the input dtype with ROUND_LOGITS), then ``_dlogits_tile``."""
     rows, row_mask, rows_c = _block(pid_n, N, BLOCK_N)
     cols, col_mask, cols_c = _block(pid_v, V, BLOCK_V)
     labels, lse_hi, lse_lo, k, c, lab = _row_stats(labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, rows_c,
                                                    label_offset)
     x = _logits_tile(h_ptr, w_ptr, b_ptr, rows_c, cols_c, col_mask, D, stride_h, stride_w,
-                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K)
+                     inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K, ROUND_LOGITS)
     dz = _dlogits_tile(x, cols, col_mask, row_mask, labels, lse_hi, lse_lo, k, c, lab, inv_temp, LABEL_STATS)
     return rows, row_mask, rows_c, cols, col_mask, cols_c, dz
 
@@ -348,9 +366,11 @@ def _bwd_dz_kernel(
     N, D, V, stride_h, stride_w, stride_dz, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, LABEL_STATS: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,
 ):
     """dz [N, V] (input dtype, row stride stride_dz) of one chunk of N rows: the logits GEMM with the dz
-    epilogue, so the logits exist only as fp32 registers and dz is written once, rounded once.
+    epilogue, so the logits exist only as registers (fp32, or rounded to the input dtype with ROUND_LOGITS:
+    after a chunked 16-bit forward) and dz is written once, rounded once.
 
     Row-block-fastest order: the programs of a wave share one W tile (read once from HBM) and the chunk's
     hidden rows (N x D, ~12 MB at C = 1536, D = 4096) stay in L2.
@@ -362,7 +382,7 @@ def _bwd_dz_kernel(
     rows, row_mask, rows_c, cols, col_mask, cols_c, dz = _dz_tile(
         h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h,
         stride_w, label_offset, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K,
-        LABEL_STATS)
+        LABEL_STATS, ROUND_LOGITS)
     out = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + cols[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -373,7 +393,7 @@ def _bwd_atomic_kernel(
     N, D, V, stride_h, stride_w, label_offset, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    LABEL_STATS: tl.constexpr, GROUP_N: tl.constexpr,
+    LABEL_STATS: tl.constexpr, GROUP_N: tl.constexpr, ROUND_LOGITS: tl.constexpr,
 ):
     """One (row block, vocab block) tile: dh, dW, db via fp32 atomic_add (NOT deterministic).
 
@@ -393,7 +413,7 @@ def _bwd_atomic_kernel(
     rows, row_mask, rows_c, cols, col_mask, cols_c, dz = _dz_tile(
         h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, k_ptr, c_ptr, lab_ptr, pid_n, pid_v, N, D, V, stride_h,
         stride_w, label_offset, inv_temp, HAS_BIAS, DOT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_V, BLOCK_K,
-        LABEL_STATS)
+        LABEL_STATS, ROUND_LOGITS)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     dz_c = dz.to(w_ptr.dtype.element_ty)

@@ -68,7 +68,8 @@ def _precision_meta(e: int, cfg: LinearEntropyConfig) -> dict:
     return {"precision": "tf32" if cfg.allow_tf32 else "ieee"} if e == 4 else {}
 
 
-def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig) -> List[KernelLaunch]:
+def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig,
+                 round16: bool) -> List[KernelLaunch]:
     t = cfg.atomic
     rb, vb = triton.cdiv(N, t.block_n), triton.cdiv(V, t.block_v)
     l2_atomic = 4.0 * N * V * D * (1.0 / t.block_v + 1.0 / t.block_n)
@@ -85,7 +86,8 @@ def _atomic_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntr
         KernelLaunch("zero_fill", (), "stream", 0.0, 4 * (N * D + V * D), "fp32 dh / dW zeroed", external=True),
         KernelLaunch("_bwd_atomic_kernel", (rb * vb,), "gemm", 6.0 * N * D * V, hbm, note, t.num_warps,
                      t.num_stages, {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k,
-                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N, "elt": e, **_precision_meta(e, cfg)},
+                                    "BLOCK_D": t.block_d, "GROUP_N": GROUP_N, "elt": e, "ROUND_LOGITS": round16,
+                                    **_precision_meta(e, cfg)},
                      l2_bytes=l2),
         KernelLaunch("cast_grads", (), "stream", 0.0, (4 + e) * (N * D + V * D), "fp32 -> input dtype",
                      external=True),
@@ -134,15 +136,27 @@ class DesignPlan(list):
     def backward_variant(self) -> Optional[str]:
         return self.variants.get("backward", {}).get("pick")
 
+    @property
+    def round_logits(self) -> bool:
+        """The backward uses the logits rounded to the 16-bit input dtype (its forward ran the chunked design:
+        ``variants["backward"]["logits"]``), not fp32 ones."""
+        return self.variants.get("backward", {}).get("logits", "fp32") != "fp32"
+
     def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str],
                gpu: Union[str, GpuSpec], fp32: bool, tf32: bool = False) -> List[KernelLaunch]:
         """Record both designs' modeled seconds for pass ``which`` on ``gpu`` (a ``GPU_SPECS`` key or a spec;
         tf32: cuBLAS runs fp32 GEMMs on TF32 tensor cores, ``plan_seconds``); return the launches of the pick."""
-        spec = gpu if isinstance(gpu, GpuSpec) else GPU_SPECS[gpu]
-        secs = {n: plan_seconds(x, spec, fp32, tf32) for n, x in priced.items()}
-        pick = forced or min(secs, key=secs.get)
+        pick, secs = pick_design(priced, forced, gpu, fp32, tf32)
         self.variants[which] = {"pick": pick, "modeled_s": secs, "forced": forced is not None}
         return priced[pick]
+
+
+def pick_design(priced: Dict[str, List[KernelLaunch]], forced: Optional[str], gpu: Union[str, GpuSpec], fp32: bool,
+                tf32: bool = False) -> Tuple[str, Dict[str, float]]:
+    """(the design a pass runs, {design: modeled seconds on ``gpu``}): ``forced``, else the faster by the model."""
+    spec = gpu if isinstance(gpu, GpuSpec) else GPU_SPECS[gpu]
+    secs = {n: plan_seconds(x, spec, fp32, tf32) for n, x in priced.items()}
+    return forced or min(secs, key=secs.get), secs
 
 
 def forced_variant(cfg, which: str, envs: Tuple[str, str], dtype: torch.dtype) -> Optional[str]:
@@ -198,30 +212,43 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     forced = {w: forced_variant(cfg, w, (FORWARD_ENV, BACKWARD_ENV), dt) for w in ("forward", "backward")}
     copies = _copy_bytes(N, D, V, e, total_rows, weight_copied)
 
-    def forward(D_pad: int) -> List[KernelLaunch]:
+    def forward_priced(D_pad: int) -> Dict[str, List[KernelLaunch]]:
         fwd = _forward_plan(N, D_pad, V, e, has_bias, cfg, sms)
-        # memory model: the fp32 split partials [5, S, N] / the fp32 logits chunk, + the input copies
+        # memory model: the fp32 split partials [5, S, N] / the logits chunk (input dtype; bias in it), + copies
         live = {"fused": 20 * fwd[0].meta["splits"] * N, "chunked": CH.forward_rows(N, D_pad, V, e, cfg.chunk_rows)
-                * V * 4 + (4 * V if has_bias else 0)}
+                * V * e}
         priced = {"fused": fwd, "chunked": CH.forward_plan(N, D_pad, V, e, has_bias, cfg.chunk_rows)}
-        return out.choose("forward", {n: [dataclasses.replace(k, live_bytes=live[n] + copies) for k in x]
-                                      for n, x in priced.items()}, forced["forward"], gpu, fp32, tf32)
+        return {n: [dataclasses.replace(k, live_bytes=live[n] + copies) for k in x] for n, x in priced.items()}
+
+    def forward(D_pad: int) -> List[KernelLaunch]:
+        return out.choose("forward", forward_priced(D_pad), forced["forward"], gpu, fp32, tf32)
 
     launches, backward = plan_passes(N, D, V, e, pass_, total_rows, weight_copied, need_dh, need_dw, forward)
     out += launches
     if not backward:
         return out
     D_in, D = D, triton.cdiv(D, _ALIGN) * _ALIGN
+    # Which logits the backward must see: those the forward's lse / H came from. A chunked 16-bit forward wrote
+    # them rounded to the input dtype (``chunked.py``), a fused one kept them fp32. The backend API passes no
+    # design, so the backward derives it here from the forward's own pricing: the same N valid rows, D, V,
+    # dtype, bias, config (its forward_variant) and FORWARD_ENV give the same pick (``forward`` and
+    # ``backward`` both plan with the compacted row count, the device's SM count and torch's TF32 flag).
+    # A forward and backward that see different N (one under CUDA graph capture, ``compact_rows``) or a
+    # FORWARD_ENV changed in between may disagree: the backward then runs on the other rounding of the
+    # logits (grad_bias error ~3x eager's on the tests' bf16 problem, ``__init__``), never on wrong shapes.
+    fwd_pick = out.forward_variant or pick_design(forward_priced(D), forced["forward"], gpu, fp32, tf32)[0]
+    round16 = e != 4 and fwd_pick == "chunked"
     if not deterministic and need_dh and need_dw:
         live = 4 * (N * D + V * D) + _copy_bytes(N, D_in, V, e, total_rows, weight_copied)
-        out += [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg)]
+        out += [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg, round16)]
         return out
     dh_e = e if grad_hidden_dtype is None else torch.finfo(gemm.as_dtype(grad_hidden_dtype)).bits // 8
     mem_kw = dict(need_dh=need_dh, need_dw=need_dw, has_bias=has_bias, dh_elem=dh_e,
                   copies=_copy_bytes(N, D_in, V, e, total_rows, weight_copied))
-    priced = {"fused": _fused_backward_plan(N, D, V, e, has_bias, cfg, mem_kw),
-              "chunked": _chunked_backward_plan(N, D, V, e, has_bias, cfg, mem_kw)}
+    priced = {"fused": _fused_backward_plan(N, D, V, e, has_bias, cfg, mem_kw, round16),
+              "chunked": _chunked_backward_plan(N, D, V, e, has_bias, cfg, mem_kw, round16)}
     out += out.choose("backward", priced, forced["backward"], gpu, fp32, tf32)
+    out.variants["backward"]["logits"] = _TL_DTYPES[dt] if round16 else "fp32"
     return out
 
 
@@ -241,16 +268,20 @@ def _backward_plan(N: int, D: int, V: int, e: int, cfg: LinearEntropyConfig, mem
 
 
 def _chunked_backward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig,
-                           mem_kw: dict) -> List[KernelLaunch]:
-    """The chunked design (``chunked.dz_plan``): fp32 logits beside a 16-bit dz buffer (none for fp32), one
-    logits GEMM over all n rows per vocab slice."""
-    return _backward_plan(N, D, V, e, cfg, mem_kw, 0 if e == 4 else 4,
-                          lambda c, vc, reps, order: CH.dz_plan(c, vc, reps, D, e, has_bias, order), vocab_rows=N)
+                           mem_kw: dict, round16: bool) -> List[KernelLaunch]:
+    """The chunked design (``chunked.dz_plan``), one logits GEMM over all n rows per vocab slice: dz in place
+    over the logits (fp32 inputs, or round16: 16-bit logits after a chunked forward), else fp32 logits beside
+    the 16-bit dz buffer."""
+    in_place = e == 4 or round16
+    return _backward_plan(N, D, V, e, cfg, mem_kw, 0 if in_place else 4,
+                          lambda c, vc, reps, order: CH.dz_plan(c, vc, reps, D, e, has_bias, order, in_place),
+                          vocab_rows=N)
 
 
 def _fused_backward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: LinearEntropyConfig,
-                         mem_kw: dict) -> List[KernelLaunch]:
-    """The fused design: ``_bwd_dz_kernel`` (the logits tile by tl.dot, dz written once) per row chunk."""
+                         mem_kw: dict, round16: bool) -> List[KernelLaunch]:
+    """The fused design: ``_bwd_dz_kernel`` (the logits tile by tl.dot, rounded to the input dtype with
+    round16, dz written once) per row chunk."""
     t = cfg.dz_tile
 
     def dz(c: int, vc: int, reps: int, order: str) -> List[KernelLaunch]:
@@ -264,7 +295,8 @@ def _fused_backward_plan(N: int, D: int, V: int, e: int, has_bias: bool, cfg: Li
                              c * D * e + vc * D * e + c * vc * e + 20 * c + (vc * e if has_bias else 0), note,
                              t.num_warps, t.num_stages,
                              {"BLOCK_N": t.block_n, "BLOCK_V": t.block_v, "BLOCK_K": t.block_k, "chunk_rows": c,
-                              "vocab_cols": vc, "order": order, "elt": e, **_precision_meta(e, cfg)}, repeats=reps,
+                              "vocab_cols": vc, "order": order, "elt": e, "ROUND_LOGITS": round16,
+                              **_precision_meta(e, cfg)}, repeats=reps,
                              l2_bytes=gemm_l2_bytes(2.0 * c * D * vc, t.block_n, t.block_v, e))]
 
     return _backward_plan(N, D, V, e, cfg, mem_kw, 0, dz)
@@ -511,7 +543,7 @@ def _launch_dz(launches, cfg, h_c, w, b, labs, row_stats, label_stats: bool, z, 
         c, D, vc, h_c.stride(0), w.stride(0), stride_z, int(label_offset), float(inv_temp),
         HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h_c.dtype, cfg), UPCAST_DOT=_upcast_dot(h_c.dtype),
         BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, LABEL_STATS=label_stats,
-        num_warps=entry.num_warps, num_stages=entry.num_stages,
+        ROUND_LOGITS=entry.meta["ROUND_LOGITS"], num_warps=entry.num_warps, num_stages=entry.num_stages,
     )
 
 
@@ -562,7 +594,8 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     size = (n, Vc) if meta["order"] == "vocab" else (min(C, n), V)
 
     def producer():
-        return (CH.DzProducer(h, w, b, labs, stats, opts, vocab_start, *size) if chunked else
+        return (CH.DzProducer(h, w, b, labs, stats, opts, vocab_start, *size,
+                              in_place=h.dtype == torch.float32 or launches.round_logits) if chunked else
                 _FusedDz(h, w, b, labs, stats, opts, vocab_start, launches, cfg, *size))
 
     if meta["order"] == "vocab":  # the producer made there: no reference here keeps its buffers past the loop
@@ -624,7 +657,8 @@ def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, l
         n, D, V, h.stride(0), w.stride(0), int(vocab_start), float(opts.inv_temperature),
         HAS_BIAS=b is not None, DOT_PRECISION=_dot_precision(h.dtype, cfg), UPCAST_DOT=_upcast_dot(h.dtype),
         BLOCK_N=t.block_n, BLOCK_V=t.block_v, BLOCK_K=t.block_k, BLOCK_D=t.block_d,
-        LABEL_STATS=label_stats, GROUP_N=launch.meta["GROUP_N"], num_warps=launch.num_warps,
+        LABEL_STATS=label_stats, GROUP_N=launch.meta["GROUP_N"], ROUND_LOGITS=launch.meta["ROUND_LOGITS"],
+        num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
     return dh, dW, db
