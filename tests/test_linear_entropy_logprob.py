@@ -69,19 +69,19 @@ def _problem(N, D, V, dtype, bias=True, n_masked=3, seed=0, confident_row=True):
     return to(h), to(W), to(b), y.to(DEVICE), g.to(DEVICE), k.to(DEVICE)
 
 
-def _reference(h, W, b, y, g, k, tau):
-    vals = R.linear_entropy_logprob(h, W, y, b, tau, IGNORE)
-    grads = R.linear_entropy_logprob_backward(h, W, y, g, k, b, tau, IGNORE)
+def _reference(h, W, b, y, g, k, tau, ig=IGNORE):
+    vals = R.linear_entropy_logprob(h, W, y, b, tau, ig)
+    grads = R.linear_entropy_logprob_backward(h, W, y, g, k, b, tau, ig)
     return vals, grads
 
 
-def _same_dtype_torch(h, W, b, y, g, k, tau):
+def _same_dtype_torch(h, W, b, y, g, k, tau, ig=IGNORE):
     """Eager PyTorch in the input dtype: matmul in h.dtype, softmax math in fp32, autograd backward."""
     h_ = h.detach().clone().requires_grad_()
     W_ = W.detach().clone().requires_grad_()
     b_ = None if b is None else b.detach().clone().requires_grad_()
     z = R.linear_logits(h_, W_, b_, h.dtype)
-    logp, H, lse = R.entropy_logprob(z, y, tau, IGNORE, dtype=torch.float32)
+    logp, H, lse = R.entropy_logprob(z, y, tau, ig, dtype=torch.float32)
     (logp * g + H * k).sum().backward()
     return (logp.detach(), H.detach(), lse.detach()), (h_.grad, W_.grad, None if b is None else b_.grad)
 
@@ -96,14 +96,14 @@ def _check(name, got, ref, base, floor):
     assert e <= 2.0 * eb + floor * max(scale, 1.0), f"{name}: error {e:.3e} vs same-dtype torch {eb:.3e}"
 
 
-def _check_all(fwd, bwd, h, W, b, y, g, k, tau):
-    vals_ref, grads_ref = _reference(h, W, b, y, g, k, tau)
-    vals_base, grads_base = _same_dtype_torch(h, W, b, y, g, k, tau)
+def _check_all(fwd, bwd, h, W, b, y, g, k, tau, ig=IGNORE):
+    vals_ref, grads_ref = _reference(h, W, b, y, g, k, tau, ig)
+    vals_base, grads_base = _same_dtype_torch(h, W, b, y, g, k, tau, ig)
     logp, H, lse = fwd
     for name, got, ref, base in zip(("logp", "H", "lse"), (logp, H, lse), vals_ref, vals_base):
         assert got.dtype == (torch.float64 if name == "lse" else torch.float32) and got.shape == ref.shape
         _check(name, got, ref, base, 2e-6)
-    valid = (y != IGNORE).cpu()
+    valid = (y != ig).cpu()
     # Invariants on valid rows; masked rows are exactly 0.
     V = W.shape[0]
     assert (H.cpu()[valid] >= -1e-5).all() and (H.cpu()[valid] <= math.log(V) + 1e-4).all()
@@ -1602,6 +1602,70 @@ def test_triton_every_design_pair_matches_reference(fwd, bwd, dtype, bias, tau, 
     grads = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
     _check_all((logp, H, lse), grads, h, W, b, y, g, k, tau)
     assert logp[(y != IGNORE).nonzero()[0]].abs().item() < 1e-4  # the confident row: log p_y -> 0
+
+
+@needs_triton
+@pytest.mark.parametrize("fwd,bwd", [(f, b) for f in ("fused", "chunked") for b in ("fused", "chunked", "atomic")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_16bit_logits_every_pairing_matches_reference(fwd, bwd, dtype):
+    """16-bit inputs: a chunked forward writes the logits rounded once to the input dtype (as eager), a fused one
+    keeps them fp32, and every backward (fused dz kernel, chunked in place / beside fp32 logits, atomic) uses the
+    ones its forward's lse / H came from, derived from the forward's plan (the same config here). Within 2x eager
+    PyTorch's same-dtype error against the float64 oracle at N=37, D=96, odd V=1003 in vocab slices of 256:
+    bias, tau = 1.3, masked rows, a confident row (p_y -> 1), a user ignore_index (5) that is a vocabulary id
+    inside the first slice, real labels at slice columns 5 (261) and 0 (512)."""
+    ig = 5
+    h, W, b, y, g, k = _problem(37, 96, 1003, dtype, bias=True)
+    y[y == ig] = 6
+    y[y == IGNORE] = ig
+    y[[3, 4]] = torch.tensor([261, 512], device=y.device)
+    cfg = _small_config(dtype, vocab_splits=3, forward_variant=fwd, backward_variant=None if bwd == "atomic" else bwd,
+                        deterministic=bwd != "atomic", vocab_cols=256)
+    n = int((y != ig).sum())
+    p = K.plan(n, 96, 1003, dtype, pass_="fwd+bwd", has_bias=True, config=cfg)
+    assert p.forward_variant == fwd and p.round_logits == (fwd == "chunked")
+    assert K.plan(n, 96, 1003, dtype, pass_="bwd", has_bias=True, config=cfg).round_logits == (fwd == "chunked")
+    opts = RowOptions(temperature=1.3, ignore_index=ig)
+    logp, H, lse = K.forward(h, W, b, y, opts, cfg)
+    grads = K.backward(h, W, b, y, RowStats(logp, H, lse), UpstreamGrads(g, k), opts, cfg)
+    _check_all((logp, H, lse), grads, h, W, b, y, g, k, 1.3, ig)
+    assert logp[(y != ig).nonzero()[0]].abs().item() < 1e-3  # the confident row: log p_y -> 0
+
+
+@needs_triton
+@pytest.mark.usefixtures("model_picks")
+def test_triton_forward_and_backward_agree_on_the_logits_under_every_env_override(monkeypatch):
+    """The backend API tells the backward nothing of its forward's design: ``plan`` derives it from the forward's
+    own pricing (same N valid rows, D, V, dtype, bias, config, environment). Under every combination of
+    FORWARD_ENV / BACKWARD_ENV (unset, fused, chunked): at the headline shape (the model picks chunked) and a
+    tiny one (fused), bf16 / fp16 / fp32, the backward plan's logits are the input dtype exactly when the
+    forward plan runs chunked on 16-bit inputs; and the launchers (interpreter, a tiny bf16 problem with masked
+    rows) run the backward with the rounding of the forward they followed."""
+    from hero_kernels.backends.triton.linear import launch as L
+
+    envs = [None, "fused", "chunked"]
+    real = L.plan
+    for fe, be in [(f, b) for f in envs for b in envs]:
+        for name, v in ((L.FORWARD_ENV, fe), (L.BACKWARD_ENV, be)):
+            monkeypatch.delenv(name, raising=False) if v is None else monkeypatch.setenv(name, v)
+        for dt in ("bf16", "fp16", "fp32"):
+            for N, D, V, bias in ((16384, 4096, 128256, False), (16384, 4096, 128256, True), (40, 32, 300, True)):
+                fwd = real(N, D, V, dt, has_bias=bias).forward_variant
+                want = dt if (fwd == "chunked" and dt != "fp32") else "fp32"
+                for pass_ in ("bwd", "fwd+bwd"):
+                    p = real(N, D, V, dt, pass_=pass_, has_bias=bias)
+                    assert p.backward_logits == want, (fe, be, dt, N, pass_)
+                    dz = [x for x in p if x.name in ("_bwd_dz_kernel", "_entropy_logprob_bwd_kernel")]
+                    assert all(x.meta.get("ROUND_LOGITS", x.meta.get("INPLACE", want != "fp32")) == (want != "fp32")
+                               or dt == "fp32" for x in dz)
+        seen = []
+        monkeypatch.setattr(L, "plan", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+        h, W, b, y, g, k = _problem(40, 32, 300, torch.bfloat16, bias=True, n_masked=5)
+        stats = K.forward(h, W, b, y, RowOptions(ignore_index=IGNORE))
+        K.backward(h, W, b, y, stats, UpstreamGrads(g, k), RowOptions(ignore_index=IGNORE))
+        assert [x.forward_variant for x in seen] == [fe or "fused", None]
+        assert seen[1].round_logits == (seen[0].forward_variant == "chunked"), (fe, be)
+        monkeypatch.setattr(L, "plan", real)
 
 
 @needs_triton

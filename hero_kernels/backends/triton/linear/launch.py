@@ -127,6 +127,9 @@ class DesignPlan(list):
     def __init__(self):
         super().__init__()
         self.variants: Dict[str, dict] = {}
+        #: the logits the backward uses ("fp32" or the 16-bit input dtype's name: its forward ran chunked); None:
+        #: no backward planned (the entropy head's plan sets it; the sketch's keeps fp32 logits, None)
+        self.backward_logits: Optional[str] = None
 
     @property
     def forward_variant(self) -> Optional[str]:
@@ -139,8 +142,8 @@ class DesignPlan(list):
     @property
     def round_logits(self) -> bool:
         """The backward uses the logits rounded to the 16-bit input dtype (its forward ran the chunked design:
-        ``variants["backward"]["logits"]``), not fp32 ones."""
-        return self.variants.get("backward", {}).get("logits", "fp32") != "fp32"
+        ``backward_logits``), not fp32 ones."""
+        return self.backward_logits not in (None, "fp32")
 
     def choose(self, which: str, priced: Dict[str, List[KernelLaunch]], forced: Optional[str],
                gpu: Union[str, GpuSpec], fp32: bool, tf32: bool = False) -> List[KernelLaunch]:
@@ -238,6 +241,7 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     # logits (grad_bias error ~3x eager's on the tests' bf16 problem, ``__init__``), never on wrong shapes.
     fwd_pick = out.forward_variant or pick_design(forward_priced(D), forced["forward"], gpu, fp32, tf32)[0]
     round16 = e != 4 and fwd_pick == "chunked"
+    out.backward_logits = _TL_DTYPES[dt] if round16 else "fp32"
     if not deterministic and need_dh and need_dw:
         live = 4 * (N * D + V * D) + _copy_bytes(N, D_in, V, e, total_rows, weight_copied)
         out += [dataclasses.replace(k, live_bytes=live) for k in _atomic_plan(N, D, V, e, has_bias, cfg, round16)]
@@ -248,7 +252,6 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     priced = {"fused": _fused_backward_plan(N, D, V, e, has_bias, cfg, mem_kw, round16),
               "chunked": _chunked_backward_plan(N, D, V, e, has_bias, cfg, mem_kw, round16)}
     out += out.choose("backward", priced, forced["backward"], gpu, fp32, tf32)
-    out.variants["backward"]["logits"] = _TL_DTYPES[dt] if round16 else "fp32"
     return out
 
 
