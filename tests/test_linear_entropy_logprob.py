@@ -286,15 +286,24 @@ def _dominant_problem(dtype, bias, N=10, D=48, V=300, seed=1):
     return to(h), to(W), to(b), y.to(DEVICE), g.to(DEVICE), k.to(DEVICE)
 
 
-def _dominant_check(dtype, logp, H, dh, dW, db, h, W, b, y, g, k, check_H=True):
+def _dominant_check(dtype, logp, H, dh, dW, db, h, W, b, y, g, k, check_H=True, logits=None):
     """Relative errors vs float64 on the SAME inputs: logp (and H) per row, grad_hidden per row, grad_weight
     per vocab row, grad_bias. fp32: 1e-4 (measured ~3e-6; the bug gives ~1e-1 on grad_hidden and logp = 0
     exactly). bf16: the gradients are rounded to bf16 (2^-9 relative) and dz is rounded to bf16 before the
     dh / dW dots, as in eager PyTorch's bf16 backward, so 2e-2 (measured ~7e-3; the bug ~1.5e-1, eager
-    bf16 PyTorch ~9e-2); logp / H are fp32 outputs of exact bf16 products: 1e-4 both."""
+    bf16 PyTorch ~9e-2); logp / H are fp32 outputs of exact bf16 products: 1e-4 both. logits: the [N, V]
+    logits the op rounded to its 16-bit dtype (a chunked forward, as eager): the float64 reference is then
+    that of these logits (1 - p_y ~ 1e-7 moves by 10% with one bf16 ulp of a logit of ~20)."""
     h, W, b, y, g, k, logp, H = (None if x is None else x.cpu() for x in (h, W, b, y, g, k, logp, H))
     valid = y != IGNORE
-    logp64, H64, _ = R.linear_entropy_logprob(h, W, y, b, 1.0, IGNORE)
+    if logits is None:
+        logp64, H64, _ = R.linear_entropy_logprob(h, W, y, b, 1.0, IGNORE)
+        dh64, dW64, db64 = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.0, IGNORE)
+    else:
+        z = logits.cpu().double()
+        logp64, H64, _ = R.entropy_logprob(z, y, 1.0, IGNORE, torch.float64)
+        dz = R.entropy_logprob_backward(z, y, g, k, 1.0, IGNORE, torch.float64)
+        dh64, dW64, db64 = dz @ W.double(), dz.t() @ h.double(), None if b is None else dz.sum(0)
     q = -torch.expm1(logp64[valid])
     assert q.min() < 1e-6 and q.max() > 1e-4 and q.max() < 1e-2, q  # the regime under test
     rel = lambda got, ref: ((got.double() - ref).abs() / ref.abs()).max().item()  # noqa: E731
@@ -302,7 +311,6 @@ def _dominant_check(dtype, logp, H, dh, dW, db, h, W, b, y, g, k, check_H=True):
     assert (logp[~valid] == 0).all() and (logp[valid] < 0).all()
     if check_H:
         assert rel(H[valid], H64[valid]) < 1e-4, "H"
-    dh64, dW64, db64 = R.linear_entropy_logprob_backward(h, W, y, g, k, b, 1.0, IGNORE)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
 
     def row_rel(got, ref):
@@ -335,9 +343,18 @@ def _public_op(impl, h, W, b, y, g, k):
 @needs_triton
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
 def test_triton_dominant_label_public_op(dtype, bias):
-    """The public op (impl="triton") hands the forward's accurate logp to the backward."""
+    """The public op (impl="triton") hands the forward's accurate logp to the backward (of the 16-bit logits
+    after a chunked forward, ``HERO_KERNELS_LINEAR_FORWARD=chunked``; fp32 ones after the fused forward)."""
+    from hero_kernels.backends.triton.linear import chunked as CH
+
     h, W, b, y, g, k = _dominant_problem(dtype, bias)
-    _dominant_check(dtype, *_public_op("triton", h, W, b, y, g, k), h, W, b, y, g, k)
+    n = int((y != IGNORE).sum())
+    chunked = K.plan(n, h.shape[1], W.shape[0], dtype, has_bias=bias).forward_variant == "chunked"
+    z = None
+    if chunked and dtype != torch.float32:
+        z = torch.empty(h.shape[0], W.shape[0], dtype=dtype, device=h.device)
+        CH.logits_into(h, W, b, z)
+    _dominant_check(dtype, *_public_op("triton", h, W, b, y, g, k), h, W, b, y, g, k, logits=z)
 
 
 @needs_triton
@@ -1187,10 +1204,13 @@ def test_plan_memory_model_flagship():
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
     """impl="auto" on CUDA: the fused head's Triton or cuBLAS-chunked path, whichever plan models faster for
     the shape and GPU (pure Python, checked here with a simulated device); Triton when the CUDA extension
-    is unavailable."""
+    is unavailable. At the headline shape the two model the same (the Triton head's chunked designs write
+    16-bit logits like the CUDA path), so Triton; with its forward forced fused (environment) CUDA models
+    more than the margin faster."""
     import importlib
     from types import SimpleNamespace
 
@@ -1199,7 +1219,12 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
 
     h100 = P.GPU_SPECS["h100"]
     best, t = P.fastest_linear_impl(16384, 4096, 128256, "bf16", h100)
-    assert best == min(t, key=t.get) == "cuda" and set(t) == {"triton", "cuda"}  # 4 cuBLAS GEMMs vs L2-bound tl.dot
+    assert best == min(t, key=t.get) and set(t) == {"triton", "cuda"}
+    assert abs(t["triton"] / t["cuda"] - 1) < dispatch.AUTO_CUDA_MARGIN  # the same cuBLAS GEMMs and row passes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HERO_KERNELS_LINEAR_FORWARD", "fused")  # the L2-bound tl.dot forward: CUDA faster
+        _, t_fused = P.fastest_linear_impl(16384, 4096, 128256, "bf16", h100)
+        assert t_fused["cuda"] < (1 - dispatch.AUTO_CUDA_MARGIN) * t_fused["triton"]
     assert P.fastest_linear_impl(512, 896, 151936, "bf16", h100)[0] == "triton"  # launch-bound: fewer launches
     # fp32: both paths' GEMMs at the FMA peak (no tensor cores for either), as plan_seconds prices fp32 plans
     # (it used the tensor-core peak, so cuBLAS looked 3x faster than it runs and won every large fp32 shape)
@@ -1217,16 +1242,23 @@ def test_auto_picks_the_faster_fused_head_path_by_the_model(monkeypatch):
     dev = torch.device("cuda", 0)
     dispatch._auto_linear_impl.cache_clear()
     try:
-        assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"
+        assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "triton"
+        dispatch._auto_linear_impl.cache_clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HERO_KERNELS_LINEAR_FORWARD", "fused")
+            assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"
+        dispatch._auto_linear_impl.cache_clear()
         assert dispatch.auto_linear_impl(512, 896, 151936, torch.bfloat16, dev, False) == "triton"
         dispatch._auto_linear_impl.cache_clear()
         monkeypatch.setattr(dispatch, "_cpp_ok", lambda kind: False)
+        monkeypatch.setenv("HERO_KERNELS_LINEAR_FORWARD", "fused")
         assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "triton"
     finally:
         dispatch._auto_linear_impl.cache_clear()
 
 
 @needs_triton
+@pytest.mark.usefixtures("model_picks")
 def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
     """fp32 under torch's cuBLAS TF32 flag: every cuBLAS GEMM (all of the CUDA path's, the Triton path's
     chunked designs' logits and its backward's dh / dW) runs on tensor cores, so the plan prices it at the TF32
@@ -1273,7 +1305,7 @@ def test_auto_prices_fp32_with_torchs_tf32_flag(monkeypatch):
             assert dispatch.cublas_tf32() is flag
             assert dispatch.auto_linear_impl(*shape, torch.float32, dev, False) == "triton"
             misses.append(dispatch._auto_linear_impl.cache_info().misses)
-            assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "cuda"  # no effect
+            assert dispatch.auto_linear_impl(16384, 4096, 128256, torch.bfloat16, dev, False) == "triton"  # no effect
         assert misses == [1, 3, 3]  # fp32 off (then bf16), fp32 on: a new entry; off again: the cached one
     finally:
         matmul.allow_tf32 = before

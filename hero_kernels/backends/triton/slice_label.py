@@ -1,7 +1,7 @@
 """The label column of a row kernel run on a vocab SLICE (Triton): two one-thread-per-row kernels around it.
 
 The fused head's chunked backward (``linear/chunked.py``) runs ``entropy_logprob``'s Triton row backward on
-fp32 logits of a vocab range [v0, v0 + vc) of every row: a slice of the "vocab" loop order, or the whole
+the logits (fp32, or 16-bit with dz in place) of a vocab range [v0, v0 + vc) of every row: a slice of the "vocab" loop order, or the whole
 vocabulary of a shard whose global ids start at v0. The row kernel treats its input as whole rows, so its
 label term (1 - p_y from the sum over the row) is wrong there. As the CUDA backend's ops (csrc/hero_rowmath.h
 ``slice_col`` / ``slice_fix``, ``cpp_launch.linear_vocab_backward``):
@@ -163,7 +163,7 @@ def slice_label_fix(dz: Tensor, labels: Tensor, v0: int, x: Tensor, lse: Tensor,
 
 # ----------------------------------------------------------------------------------------------
 # compile check: these kernels, and the row backward builds only the chunked head launches (fp32 logits in,
-# 16-bit dz out: ``entropy_logprob``'s own list has same-dtype builds only)
+# 16-bit dz out after a fused forward: ``entropy_logprob``'s own list has the same-dtype, in-place builds)
 # ----------------------------------------------------------------------------------------------
 _DT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 

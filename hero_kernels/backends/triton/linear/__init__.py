@@ -2,7 +2,7 @@
 
 Modules: ``kernels.py`` (the Triton kernels), ``config.py`` (tiles, vocab splits), ``launch.py`` (``plan``
 and the launchers; every grid, split and chunk size comes from ``plan``), ``chunked.py`` (the chunked design of
-each pass: cuBLAS fp32 logits + the Triton row kernels of ``entropy_logprob``, the vocab slice's label column
+each pass: cuBLAS logits + the Triton row kernels of ``entropy_logprob``, the vocab slice's label column
 by ``..slice_label``), ``compile.py`` (compile metadata derived from the kernels' own argument lists). The fused gradient sketch (``linear_grad_sketch``) reuses the
 logits tile, vocab splits and chunked backward: ``sketch_kernels.py`` and ``sketch_launch.py`` (its ``plan``). The chunked backward's GEMM half is shared with the CUDA
 backend in ``hero_kernels.backends.gemm``.
@@ -74,30 +74,34 @@ recompute (10 N D V FLOPs).
     beyond registers and shared memory): per-tile read-modify-write again, or a D split that recomputes
     the logits D / BD times. So (a) is the default; (b) stays as ``deterministic=False``
     (``_bwd_atomic_kernel``, grouped order, relaxed atomics), its plan stating the unmodeled L2 atomics.
-Why not the row kernel in place on a bf16 logits chunk (as the CUDA backend does): the forward's lse
-comes from fp32 logits, so probabilities from the ROUNDED logits do not sum to 1 and the gradients carry a
-correlated error (measured on the tests' N=37, D=96, V=1003 bf16 problem, tau = 1.3: grad_bias 5.8e-2 vs
-eager bf16 PyTorch's 2.0e-2); refreshing lse / H from the chunk fixes the sum but keeps bf16 logits
-(dominant-label grad_weight 3.2e-2, over the 2e-2 bound) and costs three more passes over the chunk
-(row read + write, refresh read: ~3.8 ms on an H100). The dz epilogue keeps fp32 logits: grad_bias
-7.4e-3, grad_hidden 9.7e-3, grad_weight 2.2e-2 vs eager's 2.0e-2 / 2.5e-2 / 8.4e-2 on that problem
-(interpreter, which rounds bf16 by truncation).
+Which logits the backward uses: those the forward's lse / H came from. The fused forward's are fp32 (registers),
+the chunked forward's are rounded once to the 16-bit input dtype (as eager PyTorch and the CUDA path). Mixing
+them breaks the sum of the probabilities: dz from rounded logits against the lse of fp32 ones had grad_bias
+5.8e-2 vs eager bf16 PyTorch's 2.0e-2 (the tests' N=37, D=96, V=1003 bf16 problem, tau = 1.3), and refreshing
+lse / H from the chunk costs three more passes over it. So ``plan`` derives the forward's design for the
+backward (the backend API does not carry it: the same shape, dtype, bias, config and environment give the
+same pick, ``DesignPlan.backward_logits``): after a fused forward ``_bwd_dz_kernel`` keeps fp32 register logits
+and the chunked backward fp32 logits beside its dz; after a chunked 16-bit forward ``_bwd_dz_kernel`` (and the
+atomic kernel) rounds its register logits to the input dtype (``ROUND_LOGITS``, a convert pair per element,
+spill-free on sm_90a at 128 x 256: 202-204 registers) and the chunked backward writes dz in place over 16-bit
+logits. Every pairing, bf16 and fp16, stays within ~1x eager's error against float64 on the tests' problems
+(interpreter: the kernels round bf16 to nearest on the bits there, ``kernels._round_to_input``, since the
+interpreter's own casts truncate).
 
 Each pass: the fused design above or the chunked one, whichever the model prices faster
 -------------------------------------------------------------------------------------------
 ``plan`` prices both designs of each pass and runs the faster (``DesignPlan.variants``, printed by
 ``python -m benchmarks.roofline``; the config's forward_variant / backward_variant or
 ``HERO_KERNELS_LINEAR_FORWARD`` / ``_BACKWARD=fused|chunked`` force one). Chunked (``chunked.py``): the forward
-writes fp32 logits of C = 752 rows per cuBLAS GEMM (0.39 GB = 1.8 % of eager's bound) and streams them once
-through the Triton row forward: 23.3 ms of GEMM at 0.75 of the peak + 2.9 ms of HBM = 26.2 ms vs the fused
-33.6 ms on an H100 (23.9 ms on an H200). The backward runs the same loop orders; its dz producer is one cuBLAS
-GEMM of fp32 logits [n, Vc] per vocab slice (all rows), ``slice_label.py``'s label kernel, the Triton row
-backward writing bf16 dz beside them, and the label-column fix from the forward's logp; the two buffers fit
-the 2 % budget at Vc = 1536 (84 slices): 76.1 ms vs the fused 81.6 ms (70.4 vs 78.7 ms on an H200). Fwd + bwd
-102.3 ms = 1.47 x the floor on an H100 (94.2 ms = 1.35 x on an H200), 4.4 ms behind the CUDA path's in-place
-bf16 logits: the chunked logits stay fp32 so that either backward design may take either forward's stats
-(the reason below), which costs 4 bytes per element more through HBM per pass. Small shapes stay fused
-(fewer launches).
+writes bf16 logits of C = 1504 rows per cuBLAS GEMM (0.39 GB = 1.8 % of eager's bound) and streams them once
+through the Triton row forward: 23.3 ms of GEMM at 0.75 of the peak + 1.3 ms of HBM = 24.7 ms vs the fused
+33.6 ms on an H100 (22.9 ms on an H200). The backward runs the same loop orders; its dz producer is one cuBLAS
+GEMM of bf16 logits [n, Vc] per vocab slice (all rows), ``slice_label.py``'s label kernel, the Triton row
+backward writing dz in place over them, and the label-column fix from the forward's logp: Vc = 4608 (28 slices,
+0.42 GB = 2.0 %) as the fused backward's: 73.2 ms vs the fused 81.6 ms (68.0 vs 78.7 ms on an H200). Fwd + bwd
+97.9 ms = 1.41 x the floor on an H100 (90.9 ms = 1.31 x on an H200), the CUDA path's 97.9 / 90.8 ms. (After a
+fused forward the chunked backward keeps fp32 logits beside its dz: Vc = 1536, 76.1 ms.) Small shapes stay
+fused (fewer launches).
 
 Non-finite inputs: -inf logits (masked vocabulary) may fill whole tiles and whole splits, even the first
 ones (finite stand-in max, one select per row and tile); their p is 0 in the backward. NaN in a row's

@@ -1,27 +1,32 @@
-"""The chunked designs of the fused LM head on Triton: cuBLAS fp32 logits, then the Triton row kernels.
+"""The chunked designs of the fused LM head on Triton: cuBLAS logits, then the Triton row kernels.
 
 Where the fused designs' tl.dot tiles are L2 -> SM bound (``__init__``'s docstring: 85 FLOP per L2 byte at
 128 x 256), a cuBLAS GEMM runs at the tensor-core term and the row kernels stream its output once:
 
 forward (``forward_plan`` / ``forward``): per chunk of C rows (``forward_rows``: the memory budget spent on
-    the fp32 [C, V] logits) one GEMM writes the fp32 logits (16-bit operands, fp32 output: never rounded to
-    the input dtype, so the lse / H of both forward designs are those of the same fp32 logits and either
-    backward may take them), the bias added in place, then ``entropy_logprob``'s Triton forward row kernel.
+    the [C, V] logits) one GEMM writes the logits in the INPUT dtype (fp32 accumulation, the bias in the
+    GEMM's epilogue, rounded once: the logits eager PyTorch and the CUDA path see), then ``entropy_logprob``'s
+    Triton forward row kernel.
 backward (``dz_plan`` / ``DzProducer``): dz of a row chunk x vocab range (a "rows" chunk of C rows over the
     whole vocabulary, or a "vocab" slice of Vc columns over all n rows: one GEMM per slice, as the CUDA
-    backend's ``cpp_launch.linear_vocab_backward``): the fp32 logits by one GEMM, ``slice_label.py``'s
+    backend's ``cpp_launch.linear_vocab_backward``): the logits by one GEMM, ``slice_label.py``'s
     ``_slice_labels_kernel`` (each row's label moved into the range, its logit saved), the Triton row
-    backward writing dz in the input dtype into the dz buffer the cuBLAS dh / dW GEMMs read (fp32 logits in,
-    16-bit dz out: a separate fp32 buffer, 4 bytes per element more than the CUDA path's in-place 16-bit
-    logits), then ``_slice_label_fix_kernel`` rewriting the label column from the forward's logp. The label
-    ops run on "rows" chunks too: a vocab shard (``vocab_start`` > 0, ``hero_kernels.sharded``) is a slice
-    of the global vocabulary. fp32 inputs: dz in place over the fp32 logits, no second buffer.
+    backward writing dz in the input dtype into the dz buffer the cuBLAS dh / dW GEMMs read, then
+    ``_slice_label_fix_kernel`` rewriting the label column from the forward's logp. The label ops run on
+    "rows" chunks too: a vocab shard (``vocab_start`` > 0, ``hero_kernels.sharded``) is a slice of the global
+    vocabulary. Which logits: those the forward's lse / H came from. After a chunked forward (or with fp32
+    inputs) they are in the input dtype and dz is written IN PLACE over them (one buffer, as the CUDA path);
+    after a fused forward (logits in fp32 registers) they are fp32 logits beside the 16-bit dz buffer (4 bytes
+    per element more). The backend API does not say which forward ran: ``launch.plan`` derives it from the
+    forward's own pricing (``DesignPlan.backward_logits``), and the fused backward's dz kernel rounds its
+    register logits to the input dtype the same way (``kernels._round_to_input``).
 
-Why fp32 logits and not the CUDA path's 16-bit ones: dz from rounded logits against an lse of unrounded ones
-(the fused forward's) has probabilities that do not sum to 1 (grad_bias 5.8e-2 vs eager's 2.0e-2 on the
-tests' bf16 problem, ``__init__``'s docstring); fp32 logits keep every pairing of the designs consistent.
-Memory: the budget (``gemm.memory_budget``) covers both buffers (``gemm.backward_order(..., logits_elem=4)``),
-so the slices are narrower than the fused design's (Vc = 1536 vs 4608 at N = 16384, V = 128256 bf16).
+Why the logits of the forward and not one choice for all: dz from rounded logits against an lse of unrounded
+ones (or the reverse) has probabilities that do not sum to 1 (grad_bias 5.8e-2 vs eager's 2.0e-2 on the
+tests' bf16 problem, ``__init__``'s docstring). Memory: the budget (``gemm.memory_budget``) covers the buffers
+(``gemm.backward_order(..., logits_elem=4)`` after a fused forward), so at N = 16384, V = 128256 bf16 the
+slices are Vc = 4608 after a chunked forward (the fused backward's width) and 1536 after a fused one; the
+forward's 16-bit chunk holds C = 1504 rows.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from hero_kernels.options import RowOptions
 __all__ = ["chunk_sizes", "logits_chunk_plan", "logits_into", "forward_rows", "forward_plan", "dz_plan", "forward",
            "DzProducer"]
 
-_NOTE = "fp32 logits written by cuBLAS, streamed once from HBM by the row kernel (beyond 50 MB of L2)"
+_NOTE = "logits written by cuBLAS, streamed once from HBM by the row kernel (beyond 50 MB of L2)"
 
 
 def chunk_sizes(N: int, C: int) -> List[Tuple[int, int]]:

@@ -64,10 +64,12 @@ class LinearEntropyConfig:
         that many columns.
     allow_tf32: fp32 inputs only; TF32 tensor cores instead of IEEE fp32 dots (faster, ~1e-3 relative).
     forward_variant / backward_variant: the design of each pass (``VARIANTS``): "fused" (the tl.dot kernels
-        above), "chunked" (per row chunk / vocab slice a cuBLAS GEMM writes fp32 logits, the Triton row
+        above), "chunked" (per row chunk / vocab slice a cuBLAS GEMM writes the logits, the Triton row
         kernels of ``entropy_logprob`` read them; ``chunked.py``) or None: the environment variable
         ``HERO_KERNELS_LINEAR_FORWARD`` / ``_BACKWARD`` if set, else whichever ``launch.plan`` models faster.
-        Either backward takes either forward's saved stats; deterministic=False runs the atomic kernel.
+        Either backward takes either forward's saved stats, on the logits that forward used (16-bit after a
+        chunked 16-bit forward, fp32 after a fused one: ``launch.plan`` derives the forward's design from this
+        config, so pass the backward the forward's config); deterministic=False runs the atomic kernel.
     """
 
     fwd: Tile

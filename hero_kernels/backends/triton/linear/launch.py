@@ -200,10 +200,12 @@ def plan(N: int, D: int, V: int, dtype, *, pass_: str = "fwd", has_bias: bool = 
     device's configuration as ``config``. grad_hidden_dtype: the backward's grad_hidden dtype (default:
     dtype); an fp32 one needs no fp32 dh accumulator of its own. Every entry carries the memory model
     (``live_bytes``, ``hero_kernels.backends.plan.peak_extra_bytes``).
-    Each pass runs the design (``DesignPlan.variants``: "fused" above, or "chunked": cuBLAS fp32 logits and the
+    Each pass runs the design (``DesignPlan.variants``: "fused" above, or "chunked": cuBLAS logits and the
     Triton row kernels, ``chunked.py``) the roofline model prices faster on ``gpu`` (a ``GPU_SPECS`` key or a
     spec; the launchers price on the H100 at the device's SM count), unless the config's forward_variant /
     backward_variant or ``FORWARD_ENV`` / ``BACKWARD_ENV`` forces one. deterministic=False: the atomic backward.
+    A backward plan also carries the logits its forward used (``DesignPlan.backward_logits``: the input dtype
+    after a chunked 16-bit forward, else "fp32"), derived from the forward's design for the same arguments.
     tf32: fp32 plans priced with cuBLAS on TF32 tensor cores (torch's flag, ``dispatch.cublas_tf32``, which the
     launchers pass: it decides what the chunked designs' GEMMs run at, not the Triton dots).
     """
