@@ -71,10 +71,10 @@ def logits_chunk_plan(c: int, reps: int, D: int, V: int, e: int, has_bias: bool,
 
 
 def logits_into(h: Tensor, w: Tensor, bias: Optional[Tensor], z: Tensor) -> None:
-    """z [c, V] = h [c, D'] @ w [V, D']^T (+ bias) by cuBLAS with fp32 accumulation: an fp32 z (16-bit operands,
-    fp32 output) takes the bias in place after the GEMM; a z in the input dtype is written once, rounded once,
-    with the bias (cast to the input dtype, as eager F.linear needs) in the GEMM (addmm), as eager PyTorch."""
-    if bias is not None and z.dtype == h.dtype:
+    """z [c, V] = h [c, D'] @ w [V, D']^T (+ bias) by cuBLAS with fp32 accumulation: an fp32 z takes the bias in
+    place after the GEMM; a 16-bit z (the input dtype) is written once, rounded once, with the bias (cast to the
+    input dtype, as eager F.linear needs) in the GEMM (addmm), as eager PyTorch."""
+    if bias is not None and z.dtype == h.dtype != torch.float32:
         torch.addmm(bias.to(z.dtype), h, w.t(), out=z)
         return
     gemm.mm_into(h, w.t(), z)
