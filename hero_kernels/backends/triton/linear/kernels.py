@@ -19,9 +19,10 @@ Block sizes are constexpr, every shape / stride is a runtime int, offsets are in
     Dominant label (p_y -> 1): with e_y = e^{x_y - m} >= so, logp = -log1p(so / e_y) and
     log s = (x_y - m) + log1p(so / e_y); H = log s - t / s adds two non-negative terms.
 ``_bwd_dz_kernel``  1-D grid of row_blocks * vocab_blocks over ONE chunk of C rows (the deterministic
-    backward, see ``launch.py``): the logits tile in fp32 registers, dz in fp32 (the label column from the
-    forward's accurate logp), written once in the input dtype to a [C, V] buffer that cuBLAS then
-    multiplies (dh = dz @ W, dW += dz^T h). Row-block-fastest order: a W tile is shared by the wave.
+    backward, see ``launch.py``): the logits tile in fp32 registers (ROUND_LOGITS: rounded to the 16-bit input
+    dtype, the logits of a chunked forward), dz in fp32 (the label column from the forward's accurate logp),
+    written once in the input dtype to a [C, V] buffer that cuBLAS then multiplies (dh = dz @ W, dW += dz^T h).
+    Row-block-fastest order: a W tile is shared by the wave.
 ``_bwd_atomic_kernel``  (option ``deterministic=False``) 1-D grid of row_blocks * vocab_blocks in grouped
     order (GROUP_N row blocks per group): one recompute per tile, dh / dW / db through relaxed fp32
     ``atomic_add`` (order-dependent rounding).
