@@ -1151,21 +1151,28 @@ def test_backward_peak_memory_matches_the_model(monkeypatch):
     """The orchestration's allocations on CPU (dz kernel and GEMMs faked, see ``_fake_dz``) against the
     plan's memory model: the default order ("vocab", 2 slices at N=64, D=64, V=2000 bf16) peaks within its
     model + the returned gradients and never allocates an fp32 [V, D]; the "rows" order (forced chunk)
-    holds the fp32 [V, D] accumulator, as its model says."""
+    holds the fp32 [V, D] accumulator, as its model says. Each after a fused forward (the chunked design's fp32
+    logits beside its bf16 dz) and after a chunked one (dz in place over the bf16 logits: no fp32 logits buffer).
+    No bias: torch's CPU column sum of a bf16 dz upcasts it whole (a CPU-only temporary)."""
     from hero_kernels.backends.plan import peak_extra_bytes
     from hero_kernels.backends.triton.linear import launch as L
 
     N, D, V = 64, 64, 2000
     h, W, _, y, g, k = _problem(N, D, V, torch.bfloat16, bias=False, n_masked=0)
-    logp, H, lse = K.forward(h, W, None, y, RowOptions())
-    _fake_dz(monkeypatch, L)
     base = K.default_config(torch.bfloat16)
-    for cfg, order in [(replace(base, backward_variant=d), "vocab") for d in _DZ_ENTRY] + \
-            [(replace(base, chunk_rows=32, backward_variant=d), "rows") for d in _DZ_ENTRY]:
+    stats = {f: K.forward(h, W, None, y, RowOptions(), replace(base, forward_variant=f)) for f in ("fused", "chunked")}
+    _fake_dz(monkeypatch, L)
+    for fwd, cfg, order in [(f, replace(base, forward_variant=f, backward_variant=d, chunk_rows=c), o)
+                            for f in ("fused", "chunked") for d in _DZ_ENTRY for c, o in ((None, "vocab"), (32, "rows"))]:
+        logp, H, lse = stats[fwd]
         plan = K.plan(N, D, V, torch.bfloat16, pass_="bwd", config=cfg)
-        assert next(x for x in plan if x.name == _DZ_ENTRY[cfg.backward_variant]).meta["order"] == order
+        dz_entry = next(x for x in plan if x.name == _DZ_ENTRY[cfg.backward_variant])
+        assert dz_entry.meta["order"] == order and plan.round_logits == (fwd == "chunked")
         peak, out, fp32 = _measured_peak(lambda: K.backward(h, W, None, y, RowStats(logp, H, lse),
                                                             UpstreamGrads(g, k), RowOptions(), cfg))
+        rows, cols = (N, dz_entry.meta["vocab_cols"]) if order == "vocab" else (32, V)
+        if cfg.backward_variant == "chunked":  # the flat fp32 logits buffer beside dz: only after a fused forward
+            assert ((rows * cols,) in fp32) == (fwd == "fused"), (fwd, order)
         returned = sum(x.numel() * x.element_size() for x in out if x is not None)
         model = peak_extra_bytes(plan)
         assert peak <= model + returned + 4096, (order, peak, model, returned)
