@@ -1688,6 +1688,36 @@ def test_triton_16bit_logits_every_pairing_matches_reference(fwd, bwd, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("bwd", ["fused", "chunked", "atomic"])
+def test_triton_fp32_bias_of_16bit_inputs_same_logits_both_passes(bwd):
+    """The backend API takes an fp32 bias with bf16 hidden / weight (the public op does not). A chunked forward's
+    16-bit logits take the bias rounded to bf16 first (addmm needs one dtype), so every backward after it must
+    too: the fused dz and atomic kernels added the unrounded fp32 bias before rounding (grad_bias 4.3e-2 / 4.7e-2
+    vs 3.6e-3 / 1e-7 against the float64 answer of the forward's own logits here; 1.4e-1 at V=1003). N=20,
+    D=32, V=300, an fp32 bias ~ 8, +20 on every 25th column."""
+    dt = torch.bfloat16
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(20, 32, generator=gen).to(dt).to(DEVICE)
+    W = (torch.randn(300, 32, generator=gen) * 0.5).to(dt).to(DEVICE)
+    b = torch.randn(300, generator=gen) * 8
+    b[::25] += 20.03  # dominant columns whose fp32 bias is off the bf16 grid (ulp 0.125 there)
+    b = b.to(DEVICE)
+    y = torch.randint(0, 300, (20,), generator=gen).to(DEVICE)
+    y[3] = IGNORE
+    g, k = torch.randn(20, generator=gen).to(DEVICE), torch.zeros(20, device=DEVICE)
+    cfg = _small_config(dt, forward_variant="chunked", backward_variant=None if bwd == "atomic" else bwd,
+                        deterministic=bwd != "atomic", vocab_cols=128)
+    stats = K.forward(h, W, b, y, RowOptions(), cfg)
+    _, _, db = K.backward(h, W, b, y, stats, UpstreamGrads(g, k), RowOptions(), cfg)
+    assert db.dtype == torch.float32
+    z = (h.double() @ W.double().t() + b.to(dt).double()).to(dt).double().cpu()  # the forward's logits
+    y_, g_ = y.cpu(), g.cpu()
+    dz = g_[:, None] * (torch.nn.functional.one_hot(y_.clamp(min=0), 300) - torch.softmax(z, 1))
+    db64 = dz[y_ != IGNORE].sum(0)
+    assert ((db.cpu().double() - db64).abs().max() / db64.abs().max()).item() < 1e-2
+
+
+@needs_triton
 @pytest.mark.usefixtures("model_picks")
 def test_triton_forward_and_backward_agree_on_the_logits_under_every_env_override(monkeypatch):
     """The backend API tells the backward nothing of its forward's design: ``plan`` derives it from the forward's

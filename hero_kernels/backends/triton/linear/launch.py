@@ -722,6 +722,10 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Ten
     launches = plan(n, D, V, h.dtype, pass_="bwd", has_bias=b is not None, need_dh=need_dh,
                     need_dw=need_dw, config=cfg, sms=_device_sms(dev), total_rows=N, weight_copied=w is not weight,
                     grad_hidden_dtype=gh_dtype, tf32=_tf32(h.dtype))
+    if launches.round_logits and b is not None and b.dtype != h.dtype:
+        # The chunked forward's 16-bit logits took the bias in the input dtype (``chunked.logits_into``: addmm
+        # needs one dtype), so the kernels that round their register logits add that rounded bias too.
+        b = b.to(h.dtype)
     if atomic:
         dh, dW, db = _atomic_backward(h, w, b, labs, stats, opts, vocab_start,
                                       _entry(launches, "_bwd_atomic_kernel"), cfg)
