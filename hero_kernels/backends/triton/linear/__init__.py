@@ -94,7 +94,7 @@ Each pass: the fused design above or the chunked one, whichever the model prices
 ``python -m benchmarks.roofline``; the config's forward_variant / backward_variant or
 ``HERO_KERNELS_LINEAR_FORWARD`` / ``_BACKWARD=fused|chunked`` force one). Chunked (``chunked.py``): the forward
 writes bf16 logits of C = 1504 rows per cuBLAS GEMM (0.39 GB = 1.8 % of eager's bound) and streams them once
-through the Triton row forward: 23.3 ms of GEMM at 0.75 of the peak + 1.3 ms of HBM = 24.7 ms vs the fused
+through the Triton row forward: 23.3 ms of GEMM at 0.75 of the peak + 1.4 ms of HBM = 24.7 ms vs the fused
 33.6 ms on an H100 (22.9 ms on an H200). The backward runs the same loop orders; its dz producer is one cuBLAS
 GEMM of bf16 logits [n, Vc] per vocab slice (all rows), ``slice_label.py``'s label kernel, the Triton row
 backward writing dz in place over them, and the label-column fix from the forward's logp: Vc = 4608 (28 slices,
