@@ -122,8 +122,8 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, arg: str =
 
 #: impl="auto" on CUDA picks the cuBLAS-chunked CUDA path over Triton only when its plan models at least this
 #: fraction faster (the headline fused head: the same modeled time, the Triton head's chunked designs running the
-#: same cuBLAS GEMMs over 16-bit logits, so Triton; with the Triton forward forced fused: 97.9 vs 109.7 ms, 11%, so CUDA; hero_loss's
-#: 3-GEMM path, whose impls differ only in the row kernels: < 0.1%, so Triton)
+#: same cuBLAS GEMMs over 16-bit logits, so Triton; with the Triton forward forced fused: 97.9 vs 109.7 ms, 11%,
+#: so CUDA; hero_loss's 3-GEMM path, whose impls differ only in the row kernels: < 0.1%, so Triton)
 AUTO_CUDA_MARGIN = 0.02
 
 @_constant_under_compile
