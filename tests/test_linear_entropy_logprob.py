@@ -1162,8 +1162,9 @@ def test_backward_peak_memory_matches_the_model(monkeypatch):
     base = K.default_config(torch.bfloat16)
     stats = {f: K.forward(h, W, None, y, RowOptions(), replace(base, forward_variant=f)) for f in ("fused", "chunked")}
     _fake_dz(monkeypatch, L)
+    orders = ((None, "vocab"), (32, "rows"))
     for fwd, cfg, order in [(f, replace(base, forward_variant=f, backward_variant=d, chunk_rows=c), o)
-                            for f in ("fused", "chunked") for d in _DZ_ENTRY for c, o in ((None, "vocab"), (32, "rows"))]:
+                            for f in ("fused", "chunked") for d in _DZ_ENTRY for c, o in orders]:
         logp, H, lse = stats[fwd]
         plan = K.plan(N, D, V, torch.bfloat16, pass_="bwd", config=cfg)
         dz_entry = next(x for x in plan if x.name == _DZ_ENTRY[cfg.backward_variant])
