@@ -122,47 +122,56 @@ def linear_rows_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Ten
             None if db is None else db.to(bias.dtype))
 
 
+class _SliceDz:
+    """dz of a vocab slice through the whole-row C++ / CUDA kernels (``gemm.vocab_grads``' producer): the
+    logits [n, vc] = h @ W[slice].T (+ bias) by one GEMM over all n rows into the [n, cols] buffer, then in place
+    ``ops.entropy_logprob_slice_labels`` (each row's label moved into the slice: its label column when the label
+    is in the slice, else column 0; that column's logit saved before dz overwrites it),
+    ``ops.entropy_logprob_bwd`` and ``ops.entropy_logprob_slice_label_fix`` (that one column per row rewritten
+    from saved.logp: the row kernel's label term would sum p over the slice only; logp None: the old
+    1 - e^{x_y - lse}). h, y, lse (fp64), H, g, k, logp | None: [n] rows as the kernels take them."""
+
+    def __init__(self, ops, h, w, b, y, stats, opts: RowOptions, cols: int, threads):
+        self.ops, self.h, self.w, self.b, self.y, self.stats, self.threads = ops, h, w, b, y, stats, threads
+        self.inv, self.ig = float(opts.inv_temperature), opts.ignore_index
+        n, dev = h.shape[0], h.device
+        self.buf = torch.empty(n * min(cols, w.shape[0]), dtype=h.dtype, device=dev)
+        self.cols_y, self.x_y = torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float64,
+                                                                                           device=dev)
+
+    def view(self, rows: int, cols: int) -> Tensor:
+        return self.buf[:rows * cols].view(rows, cols)
+
+    def fill(self, z: Tensor, s: int, e: int, v0: int, v1: int) -> None:
+        # the producer of whole slices (gemm.vocab_grads with C = n): s = 0, e = n
+        w_s, (lse, H, g, k, lp), inv, ig = self.w[v0:v1], self.stats, self.inv, self.ig
+        if self.b is not None:
+            torch.addmm(self.b[v0:v1], self.h, w_s.t(), out=z)
+        else:
+            torch.mm(self.h, w_s.t(), out=z)
+        # The row kernel sees slice-local labels in [0, vc) and -1 (its ignore_index here) on masked rows: the
+        # user's ignore_index may itself lie in [0, vc) (e.g. a pad id), where it would zero real rows.
+        self.ops.entropy_logprob_slice_labels(z, self.y, v0, inv, ig, self.cols_y, self.x_y)
+        self.ops.entropy_logprob_bwd(z, self.cols_y, lse, H, g, k, inv, -1, z, self.threads(v1 - v0))
+        self.ops.entropy_logprob_slice_label_fix(z, self.y, v0, self.x_y, lse, H, g, k, lp, inv, ig)
+
+
 def linear_vocab_backward(ops, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                           saved: RowStats, grads: UpstreamGrads, opts: RowOptions, cols: int, *, need_dh: bool,
                           need_dw: bool, threads, rows: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """The "vocab" loop order (``hero_kernels.backends.gemm``) through the whole-row kernels: per slice of
-    ``cols`` vocab rows, logits [n, vc] = h @ W[slice].T (one GEMM over all n valid rows), dz in place by
-    ``ops.entropy_logprob_bwd`` on the slice with each row's label moved into it (its label column when
-    the label is in the slice, else column 0; ``ops.entropy_logprob_slice_labels``, which also saves that
-    column's logit before dz overwrites it), that one column per row then rewritten by
-    ``ops.entropy_logprob_slice_label_fix`` from saved.logp (the kernel's label term would sum p over the
-    slice only; saved.logp None: the old 1 - e^{x_y - lse}): one launch on each side of the row kernel.
-    Then dW[slice] = dz^T h, ONE GEMM written once in weight.dtype, and dh += dz W[slice] into fp32 [n, D]
-    (one slice: written once). No fp32 [V, D]. threads(vc): the row kernel's threads for a slice width (0 on
-    CPU)."""
-    V, D = weight.shape
+    ``cols`` vocab rows, dz [n, vc] over all n valid rows by ``_SliceDz`` (one GEMM and three launches), then
+    ``gemm.vocab_grads``: dW[slice] = dz^T h, ONE GEMM written once in weight.dtype, and dh += dz W[slice] into
+    fp32 [n, D] (one slice: written once). No fp32 [V, D]. threads(vc): the row kernel's threads for a slice
+    width (0 on CPU)."""
     # contiguous per-row vectors, as index_select's copies (upstream grads may be stride-0 expands)
     take = (lambda t: t.contiguous()) if rows is None else (lambda t: t.index_select(0, rows))
     h, y = (hidden if rows is None else take(hidden)), take(labels)
-    lse_, H_, g, k = take(saved.lse).to(torch.float64), take(saved.H), take(grads.g), take(grads.k)
-    lp = None if saved.logp is None else take(saved.logp)
-    n, dev, inv, ig = h.shape[0], hidden.device, float(opts.inv_temperature), opts.ignore_index
-    cols_y, x_y = torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float64, device=dev)
-    buf = torch.empty(n * min(cols, V), dtype=h.dtype, device=dev)
-    acc_dtype = hidden.dtype if cols >= V else torch.float32
-    acc = torch.empty((n, D), dtype=acc_dtype, device=dev) if need_dh else None
-    dW = torch.empty((V, D), dtype=weight.dtype, device=dev) if need_dw else None
-    db = torch.empty(V, dtype=torch.float32, device=dev) if (need_dw and bias is not None) else None
-    for v0 in range(0, V, cols):
-        vc = min(cols, V - v0)
-        z, w_s = buf[:n * vc].view(n, vc), weight[v0:v0 + vc]
-        torch.addmm(bias[v0:v0 + vc], h, w_s.t(), out=z) if bias is not None else torch.mm(h, w_s.t(), out=z)
-        # The row kernel sees slice-local labels in [0, vc) and -1 (its ignore_index here) on masked rows: the
-        # user's ignore_index may itself lie in [0, vc) (e.g. a pad id), where it would zero real rows.
-        ops.entropy_logprob_slice_labels(z, y, v0, inv, ig, cols_y, x_y)
-        ops.entropy_logprob_bwd(z, cols_y, lse_, H_, g, k, inv, -1, z, threads(vc))
-        ops.entropy_logprob_slice_label_fix(z, y, v0, x_y, lse_, H_, g, k, lp, inv, ig)
-        gemm.slice_grads(z, h, w_s, acc, None if dW is None else dW[v0:v0 + vc],
-                         None if db is None else db[v0:v0 + vc], first=v0 == 0)
-    del buf, z  # before the cast (the memory model's final phase)
-    grad_hidden = None
-    if acc is not None:
-        dh = acc.to(hidden.dtype)
-        del acc
-        grad_hidden = dh if rows is None else torch.zeros_like(hidden).index_copy_(0, rows, dh)
+    stats = (take(saved.lse).to(torch.float64), take(saved.H), take(grads.g), take(grads.k),
+             None if saved.logp is None else take(saved.logp))
+    n = h.shape[0]
+    dh, dW, db = gemm.vocab_grads(h, weight, bias is not None,
+                                  lambda: _SliceDz(ops, h, weight, bias, y, stats, opts, cols, threads), n, cols,
+                                  hidden.dtype, need_dh, need_dw)
+    grad_hidden = dh if (dh is None or rows is None) else torch.zeros_like(hidden).index_copy_(0, rows, dh)
     return grad_hidden, dW, (None if db is None else db.to(bias.dtype))

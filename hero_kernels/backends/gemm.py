@@ -246,6 +246,35 @@ def slice_grads(dz: Tensor, h: Tensor, w_s: Tensor, dh: Optional[Tensor], dW_s: 
     if db_s is not None:
         torch.sum(dz, 0, dtype=torch.float32, out=db_s)
 
+def vocab_grads(h: Tensor, w: Tensor, has_bias: bool, make_dz, C: int, Vc: int, gh_dtype, need_dh: bool,
+                need_dw: bool) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The "vocab" loop order of a backward (module docstring), whatever makes dz: per slice of Vc vocab rows,
+    dz [n, vc] from the producer ``make_dz()`` (``view(rows, cols)``: its [rows, cols] dz buffer; ``fill(z, s, e,
+    v0, v1)``: dz of rows [s, e) x vocab rows [v0, v1) into z) in row chunks of C, then ``slice_grads`` over all
+    n rows: dh (+)= dz @ W[slice] into an fp32 [n, D] accumulator (gh_dtype itself when it is fp32 or there is
+    one slice), dW[slice] = dz^T h written once in w.dtype (no fp32 [V, D]), db[slice] fp32.
+    h [n, D], w [V, D]. Returns (dh [n, D] gh_dtype | None, dW [V, D] w.dtype | None, db [V] fp32 | None).
+    The producer is made here, so its buffers are freed before dh's cast (the memory model's "final" phase)."""
+    n, D = h.shape
+    V = w.shape[0]
+    dz = make_dz()
+    acc = None
+    if need_dh:
+        acc_dtype = gh_dtype if (Vc >= V or gh_dtype == torch.float32) else torch.float32
+        acc = torch.empty((n, D), dtype=acc_dtype, device=h.device)
+    dW = torch.empty((V, D), dtype=w.dtype, device=h.device) if need_dw else None
+    db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and has_bias) else None
+    for v0 in range(0, V, Vc):
+        v1 = min(V, v0 + Vc)
+        z = dz.view(n, v1 - v0)
+        for s in range(0, n, C):
+            dz.fill(z[s:min(n, s + C)], s, min(n, s + C), v0, v1)
+        slice_grads(z, h, w[v0:v1], acc, None if dW is None else dW[v0:v1], None if db is None else db[v0:v1],
+                    first=v0 == 0)
+    del dz, z
+    return (None if acc is None else acc.to(gh_dtype)), dW, db
+
+
 def _with_memory(launches: List[KernelLaunch], memory: Optional[Dict[str, int]],
                  final: str) -> List[KernelLaunch]:
     """Stamp ``backward_memory``'s phases on a backward plan: the final cast entry ``final`` gets

@@ -588,7 +588,7 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
     """The deterministic backward, in the plan's design (``DesignPlan.backward_variant``: the dz producer,
     ``_FusedDz`` or ``chunked.DzProducer``) and loop order (``gemm.backward_order``). "rows": per chunk of C
     rows, dz [C, V] (input dtype), then cuBLAS dh_c = dz @ W (written once) and dW += dz^T h_c (fp32, see
-    ``hero_kernels.backends.gemm``). "vocab": ``_vocab_backward``.
+    ``hero_kernels.backends.gemm``). "vocab": ``gemm.vocab_grads``.
     h [n, D] compact rows, w [V, D]; stats: (lse fp64, H, g, k fp32, logp fp32 | None) [n].
     Returns (dh [n, D] gh_dtype | None, dW [V, D] fp32 ("rows") or w.dtype ("vocab") | None, db fp32 [V] | None)."""
     chunked = launches.backward_variant == "chunked"
@@ -604,7 +604,7 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
                 _FusedDz(h, w, b, labs, stats, opts, vocab_start, launches, cfg, *size))
 
     if meta["order"] == "vocab":  # the producer made there: no reference here keeps its buffers past the loop
-        return _vocab_backward(h, w, b, producer, C, Vc, gh_dtype, need_dh, need_dw)
+        return gemm.vocab_grads(h, w, b is not None, producer, C, Vc, gh_dtype, need_dh, need_dw)
     dz = producer()
     dh = torch.empty((n, D), dtype=gh_dtype, device=h.device) if need_dh else None
     # The first chunk writes dW / db (beta = 0), the others accumulate: no zero-fill pass over [V, D].
@@ -616,33 +616,6 @@ def _chunked_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, 
         dz.fill(z, s, e, 0, V)
         gemm.chunk_grads(z, h[s:e], w, None if dh is None else dh[s:e], dW, db, first=s == 0)
     return dh, dW, db
-
-
-def _vocab_backward(h, w, b, make_dz, C: int, Vc: int, gh_dtype, need_dh: bool, need_dw: bool):
-    """The "vocab" order: per slice of Vc vocab rows, dz [n, Vc] from the producer ``make_dz()`` in row chunks of
-    C (the fused kernel on the slice, like a vocab shard; the chunked design: C = n), then over all n rows
-    dh (+)= dz @ W[slice] (fp32 [n, D] accumulator, cast once at the end; one slice: written once) and
-    dW[slice] = dz^T @ h, ONE GEMM over all rows, written once in w.dtype: no fp32 [V, D]. Same outputs as
-    ``_chunked_backward``."""
-    n, D = h.shape
-    V = w.shape[0]
-    one_slice = Vc >= V
-    dz = make_dz()
-    acc = None
-    if need_dh:  # fp32 accumulator across slices (the gradient itself when it is fp32 or there is one slice)
-        acc_dtype = gh_dtype if (one_slice or gh_dtype == torch.float32) else torch.float32
-        acc = torch.empty((n, D), dtype=acc_dtype, device=h.device)
-    dW = torch.empty((V, D), dtype=w.dtype, device=h.device) if need_dw else None
-    db = torch.empty((V,), dtype=torch.float32, device=h.device) if (need_dw and b is not None) else None
-    for v0 in range(0, V, Vc):
-        v1 = min(V, v0 + Vc)
-        z = dz.view(n, v1 - v0)
-        for s in range(0, n, C):
-            dz.fill(z[s:min(n, s + C)], s, min(n, s + C), v0, v1)
-        gemm.slice_grads(z, h, w[v0:v1], acc, None if dW is None else dW[v0:v1],
-                         None if db is None else db[v0:v1], first=v0 == 0)
-    del dz, z  # before the cast: the memory model's "final" phase holds only the fp32 dh
-    return (None if acc is None else acc.to(gh_dtype)), dW, db
 
 
 def _atomic_backward(h, w, b, labs, stats, opts: RowOptions, vocab_start: int, launch: KernelLaunch, cfg):
